@@ -1,0 +1,328 @@
+//! Switchyard's event bus on NATS JetStream.
+//!
+//! Owns the connection, the two streams (events and dead letters), the subject scheme
+//! ([`subject`]) and the mapping between [`Event`]s and NATS messages: CloudEvents
+//! NATS binding in binary content mode, attributes as `ce-` headers, data as the
+//! untouched payload. Every publish carries a `Nats-Msg-Id` derived from the event's
+//! `source` and `id` (the pair CloudEvents makes unique), so JetStream's duplicate
+//! window drops re-publishes. A publish is reported only after the stream's PubAck;
+//! many publishes are in flight at once, bounded by `max_publishes_in_flight`.
+
+pub mod dead_letter;
+pub mod subject;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use async_nats::{HeaderMap, connection::State};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+use switchyard_event::{Event, EventError, EventSink, PublishError, PublishReceipt, encode_header_value};
+
+pub use async_nats;
+pub use dead_letter::DeadLetter;
+pub use subject::Subjects;
+
+/// How Switchyard reaches NATS and lays out its streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// NATS server URL(s), comma-separated for a cluster.
+    #[serde(default = "default_url")]
+    pub url: String,
+    /// First token of every subject Switchyard uses.
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
+    /// Publishes awaiting their PubAck at once, per process.
+    #[serde(default = "default_max_publishes_in_flight")]
+    pub max_publishes_in_flight: usize,
+    /// How long to wait for a PubAck before reporting the bus unavailable.
+    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// The stream every event is stored in.
+    #[serde(default)]
+    pub events_stream: StreamSettings,
+    /// The stream dead letters are stored in.
+    #[serde(default)]
+    pub dead_letter_stream: StreamSettings,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            url: default_url(),
+            subject_prefix: default_subject_prefix(),
+            max_publishes_in_flight: default_max_publishes_in_flight(),
+            publish_timeout: default_publish_timeout(),
+            events_stream: StreamSettings::default(),
+            dead_letter_stream: StreamSettings::default(),
+        }
+    }
+}
+
+fn default_url() -> String {
+    "nats://127.0.0.1:4222".to_owned()
+}
+fn default_subject_prefix() -> String {
+    "switchyard".to_owned()
+}
+fn default_max_publishes_in_flight() -> usize {
+    1024
+}
+fn default_publish_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Settings of one stream. Unset values take the stream's default: names
+/// `SWITCHYARD_EVENTS` / `SWITCHYARD_DLQ`, file storage, 1 replica, max age 7 days
+/// for events and 30 days for dead letters, unlimited bytes, a 2 minute duplicate
+/// window.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    pub name: Option<String>,
+    pub storage: Option<Storage>,
+    pub replicas: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<i64>,
+    #[serde(default, with = "humantime_serde")]
+    pub duplicate_window: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    File,
+    Memory,
+}
+
+impl StreamSettings {
+    fn to_stream_config(&self, default_name: &str, default_max_age: Duration, subjects: Vec<String>) -> stream::Config {
+        stream::Config {
+            name: self.name.clone().unwrap_or_else(|| default_name.to_owned()),
+            subjects,
+            storage: match self.storage.unwrap_or(Storage::File) {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            num_replicas: self.replicas.unwrap_or(1),
+            max_age: self.max_age.unwrap_or(default_max_age),
+            max_bytes: self.max_bytes.unwrap_or(-1),
+            duplicate_window: self.duplicate_window.unwrap_or(Duration::from_secs(120)),
+            retention: stream::RetentionPolicy::Limits,
+            ..Default::default()
+        }
+    }
+}
+
+/// A failure talking to NATS, with the stage it happened in.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("connect to nats at `{url}` failed: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("set up stream `{stream}` failed: {reason}")]
+    StreamSetup { stream: String, reason: String },
+    #[error("{stage} failed: {reason}")]
+    Operation { stage: &'static str, reason: String },
+}
+
+impl BusError {
+    pub fn operation(stage: &'static str, error: impl std::fmt::Display) -> Self {
+        BusError::Operation {
+            stage,
+            reason: error.to_string(),
+        }
+    }
+}
+
+/// A connection to NATS with Switchyard's streams.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+    events_stream: String,
+    dead_letter_stream: String,
+    config: BusConfig,
+}
+
+const DEFAULT_EVENTS_STREAM: &str = "SWITCHYARD_EVENTS";
+const DEFAULT_DEAD_LETTER_STREAM: &str = "SWITCHYARD_DLQ";
+
+impl Bus {
+    /// Connects to NATS. The client keeps reconnecting on its own afterwards; while it
+    /// is disconnected, publishes fail fast with [`PublishError::Unavailable`].
+    pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("switchyard")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(config.url.as_str())
+            .await
+            .map_err(|error| BusError::Connect {
+                url: config.url.clone(),
+                reason: error.to_string(),
+            })?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(config.publish_timeout)
+            .ack_timeout(config.publish_timeout)
+            .max_ack_inflight(config.max_publishes_in_flight.max(1))
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        Ok(Bus {
+            client,
+            jetstream,
+            subjects: Subjects::new(config.subject_prefix.clone()),
+            events_stream: config
+                .events_stream
+                .name
+                .clone()
+                .unwrap_or_else(|| DEFAULT_EVENTS_STREAM.to_owned()),
+            dead_letter_stream: config
+                .dead_letter_stream
+                .name
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DEAD_LETTER_STREAM.to_owned()),
+            config: config.clone(),
+        })
+    }
+
+    /// Creates the events and dead-letter streams, or updates them to match the
+    /// configuration. Idempotent; safe to run from every process at start.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let events = self.config.events_stream.to_stream_config(
+            DEFAULT_EVENTS_STREAM,
+            Duration::from_secs(7 * 24 * 3600),
+            vec![self.subjects.all_events(), self.subjects.all_replays()],
+        );
+        let dead_letters = self.config.dead_letter_stream.to_stream_config(
+            DEFAULT_DEAD_LETTER_STREAM,
+            Duration::from_secs(30 * 24 * 3600),
+            vec![self.subjects.all_dead_letters()],
+        );
+        for config in [events, dead_letters] {
+            let name = config.name.clone();
+            self.jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(|error| BusError::StreamSetup {
+                    stream: name,
+                    reason: error.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn events_stream(&self) -> &str {
+        &self.events_stream
+    }
+
+    pub fn dead_letter_stream(&self) -> &str {
+        &self.dead_letter_stream
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Sends one event and returns the future of its PubAck.
+    pub async fn send_event(&self, event: &Event) -> Result<PublishAckFuture, PublishError> {
+        let subject = self.subjects.event(&event.source, &event.ty);
+        self.send(subject, event_headers(event, &message_id(event)), event.data.clone())
+            .await
+    }
+
+    /// Sends `event` to one trigger only, bypassing the duplicate window with a fresh
+    /// message id (used by dead-letter replay).
+    pub async fn send_replay(&self, trigger: &str, event: &Event, replay_id: &str) -> Result<PublishAckFuture, PublishError> {
+        let subject = self.subjects.replay(trigger);
+        self.send(subject, event_headers(event, replay_id), event.data.clone()).await
+    }
+
+    pub async fn send(&self, subject: String, headers: HeaderMap, payload: Bytes) -> Result<PublishAckFuture, PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::Unavailable("not connected to nats".to_owned()));
+        }
+        self.jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(classify_publish_error)
+    }
+}
+
+fn classify_publish_error(error: jetstream::context::PublishError) -> PublishError {
+    use jetstream::context::PublishErrorKind;
+    match error.kind() {
+        PublishErrorKind::StreamNotFound
+        | PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending
+        | PublishErrorKind::Other => PublishError::Unavailable(error.to_string()),
+        _ => PublishError::Rejected(error.to_string()),
+    }
+}
+
+/// The `Nats-Msg-Id` of an event: its `source` and `id`, each percent-encoded, joined
+/// by a space. CloudEvents only promises `source` + `id` to be unique, so the id alone
+/// would let two sources' events with the same id shadow each other.
+pub fn message_id(event: &Event) -> String {
+    format!("{} {}", encode_header_value(&event.source), encode_header_value(&event.id))
+}
+
+/// The NATS headers of an event in binary content mode, plus `Nats-Msg-Id`.
+pub fn event_headers(event: &Event, message_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in event.binary_headers() {
+        headers.insert(name.as_ref(), value.as_ref());
+    }
+    headers.insert("Nats-Msg-Id", message_id);
+    headers
+}
+
+/// Reads an event back from a NATS message's headers and payload.
+pub fn event_from_message(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Event, EventError> {
+    let empty = HeaderMap::new();
+    let headers = headers.unwrap_or(&empty);
+    Event::from_binary(
+        headers
+            .iter()
+            .filter_map(|(name, values)| {
+                let name = std::str::from_utf8(name.as_ref()).ok()?;
+                values.last().map(|value| (name, value.as_str()))
+            }),
+        payload,
+    )
+}
+
+#[async_trait]
+impl EventSink for Bus {
+    async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<PublishReceipt>, PublishError> {
+        let mut pending = Vec::with_capacity(events.len());
+        for event in &events {
+            pending.push(self.send_event(event).await?);
+        }
+        let mut receipts = Vec::with_capacity(events.len());
+        for (event, ack) in events.into_iter().zip(pending) {
+            let ack = ack.await.map_err(classify_publish_error)?;
+            receipts.push(PublishReceipt {
+                event_id: event.id,
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            });
+        }
+        Ok(receipts)
+    }
+}

@@ -1,0 +1,130 @@
+//! The subject scheme, which lets JetStream filter by source and type server-side.
+//!
+//! ```text
+//! <prefix>.events.<source>.<type token>.<type token>...   every ingested event
+//! <prefix>.replay.<trigger>                                a dead letter replayed to one trigger
+//! <prefix>.dlq.<trigger>                                   a trigger's dead letters
+//! ```
+//!
+//! `<source>` is the whole `source` attribute as one token; the `type` attribute is
+//! split on `.` into tokens, so `com.github.push` becomes `com.github.push` and a type
+//! prefix ending at a dot becomes a `>` wildcard. Inside a token, characters NATS
+//! reserves (`.`, `*`, `>`, whitespace), `%` and non-ASCII bytes are written as `%XX`;
+//! an empty token is written as `%`.
+
+use std::fmt::Write as _;
+
+/// Escapes one token of a subject.
+pub fn escape_token(raw: &str) -> String {
+    if raw.is_empty() {
+        return "%".to_owned();
+    }
+    let mut token = String::with_capacity(raw.len());
+    for byte in raw.bytes() {
+        match byte {
+            b'.' | b'*' | b'>' | b'%' => write!(token, "%{byte:02X}").expect("writing to a string"),
+            0x21..=0x7e => token.push(byte as char),
+            _ => write!(token, "%{byte:02X}").expect("writing to a string"),
+        }
+    }
+    token
+}
+
+/// The subjects one deployment uses, under a common prefix.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Subjects { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The subject an event with this source and type is published on.
+    pub fn event(&self, source: &str, ty: &str) -> String {
+        let mut subject = format!("{}.events.{}", self.prefix, escape_token(source));
+        for token in ty.split('.') {
+            subject.push('.');
+            subject.push_str(&escape_token(token));
+        }
+        subject
+    }
+
+    /// Every event subject; what the events stream stores.
+    pub fn all_events(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    /// Every replay subject; also stored by the events stream.
+    pub fn all_replays(&self) -> String {
+        format!("{}.replay.>", self.prefix)
+    }
+
+    pub fn replay(&self, trigger: &str) -> String {
+        format!("{}.replay.{}", self.prefix, escape_token(trigger))
+    }
+
+    pub fn dead_letter(&self, trigger: &str) -> String {
+        format!("{}.dlq.{}", self.prefix, escape_token(trigger))
+    }
+
+    pub fn all_dead_letters(&self) -> String {
+        format!("{}.dlq.>", self.prefix)
+    }
+
+    /// The narrowest server-side filter that still matches every event with the given
+    /// exact source (if any) and a type that equals `type_exact` or starts with
+    /// `type_prefix`. The dispatcher applies the full filter on top.
+    pub fn event_filter(&self, source_exact: Option<&str>, type_exact: Option<&str>, type_prefix: Option<&str>) -> String {
+        let source = source_exact.map_or_else(|| "*".to_owned(), escape_token);
+        let mut subject = format!("{}.events.{}", self.prefix, source);
+        if let Some(ty) = type_exact {
+            for token in ty.split('.') {
+                subject.push('.');
+                subject.push_str(&escape_token(token));
+            }
+            return subject;
+        }
+        if let Some(prefix) = type_prefix {
+            // Only whole tokens can be matched by the server: everything up to the
+            // last dot of the prefix.
+            if let Some(last_dot) = prefix.rfind('.') {
+                for token in prefix[..last_dot].split('.') {
+                    subject.push('.');
+                    subject.push_str(&escape_token(token));
+                }
+            }
+        }
+        subject.push_str(".>");
+        subject
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_escape_reserved_characters() {
+        let subjects = Subjects::new("sy");
+        assert_eq!(subjects.event("/hooks/github", "com.github.push"), "sy.events./hooks/github.com.github.push");
+        assert_eq!(subjects.event("https://x.io/a b", "t*"), "sy.events.https://x%2Eio/a%20b.t%2A");
+        assert_eq!(subjects.event("s", "a..b"), "sy.events.s.a.%.b");
+        assert_eq!(escape_token("ü"), "%C3%BC");
+    }
+
+    #[test]
+    fn filters_use_whole_type_tokens() {
+        let subjects = Subjects::new("sy");
+        assert_eq!(subjects.event_filter(None, None, Some("com.github.")), "sy.events.*.com.github.>");
+        assert_eq!(subjects.event_filter(None, None, Some("com.git")), "sy.events.*.com.>");
+        assert_eq!(subjects.event_filter(None, None, Some("com")), "sy.events.*.>");
+        assert_eq!(subjects.event_filter(Some("/hooks/x"), Some("a.b"), None), "sy.events./hooks/x.a.b");
+        assert_eq!(subjects.event_filter(None, None, None), "sy.events.*.>");
+    }
+}

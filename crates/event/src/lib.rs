@@ -1,0 +1,19 @@
+//! The event model every Switchyard component shares.
+//!
+//! An [`Event`] is a CloudEvents 1.0 envelope: validated context attributes plus the
+//! data as opaque bytes. The data is never parsed or re-serialized between ingest and
+//! the function; only the attributes travel as headers (binary content mode) on NATS
+//! and on HTTP. This crate also owns the traits a connector (an [`EventSink`] user)
+//! and the dispatcher's function targets ([`Target`]) see, so neither depends on the bus implementation.
+
+mod binary;
+mod event;
+mod json;
+mod sink;
+mod target;
+
+pub use binary::{BinaryHeaders, decode_header_value, encode_header_value};
+pub use event::{Event, EventError, SPEC_VERSION, is_valid_extension_name};
+pub use json::{StructuredError, parse_batch, parse_structured, to_structured_json};
+pub use sink::{EventSink, PublishError, PublishReceipt};
+pub use target::{Failure, Outcome, Target};

@@ -1,0 +1,53 @@
+//! What the dispatcher sees of a function: a [`Target`] that takes one event and
+//! answers with one [`Outcome`].
+//!
+//! The outcome vocabulary is the same end to end: `Delivered` acknowledges the event
+//! on the bus, `RetryLater` hands it back with a delay held by the bus, `Rejected`
+//! dead-letters it at once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::Event;
+
+/// The result of one invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The function processed the event. `reply` is a CloudEvent it answered with,
+    /// when it answered with one.
+    Delivered { reply: Option<Box<Event>> },
+    /// A transient failure: try again, no sooner than `not_before` when the function
+    /// said so (`Retry-After`).
+    RetryLater { not_before: Option<Duration>, failure: Failure },
+    /// A permanent failure: retrying the same event cannot succeed.
+    Rejected { failure: Failure },
+}
+
+/// What went wrong in one invocation, as recorded on a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// HTTP status of the function's answer, when there was one.
+    pub status: Option<u16>,
+    /// Lowercase, human-readable cause.
+    pub error: String,
+    /// The function asked for less load (429 or 503): shrink its concurrency.
+    pub overloaded: bool,
+}
+
+impl Failure {
+    pub fn new(status: Option<u16>, error: impl Into<String>) -> Self {
+        Failure {
+            status,
+            error: error.into(),
+            overloaded: false,
+        }
+    }
+}
+
+/// A function that events are delivered to.
+#[async_trait]
+pub trait Target: Send + Sync + 'static {
+    /// Invokes the function once with `event`; `timeout` bounds the whole call.
+    async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome;
+}
