@@ -1,1 +1,303 @@
+//! The HTTP source: CloudEvents over HTTP and plain webhooks into the bus.
+//!
+//! `POST /v1/events` takes the CloudEvents HTTP binding in binary, structured and
+//! batch modes; `POST /hooks/{name}` takes any body for a configured webhook. The
+//! answer is `202` with the event ids only after the bus acknowledged every event of
+//! the request, so a sender that saw `202` can forget the event and a sender that saw
+//! anything else knows Switchyard does not own it (and may resend: ids are
+//! deduplicated). A batch is validated whole before anything is published.
 
+pub mod config;
+pub mod signature;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use switchyard_event::{Event, EventSink, PublishError, parse_batch, parse_structured};
+
+pub use config::{HookConfig, HttpSourceConfig, SignatureConfig, SignatureEncoding};
+use signature::{AuthError, check_bearer, check_signature};
+
+/// Labels of the HTTP source's counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+/// Counters of every HTTP source in the process.
+#[derive(Clone, Default)]
+pub struct HttpSourceMetrics {
+    pub events_received: Family<SourceLabels, Counter>,
+    pub events_published: Family<SourceLabels, Counter>,
+    pub requests_rejected: Family<SourceLabels, Counter>,
+}
+
+impl HttpSourceMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("events_received", "events received by a source", self.events_received.clone());
+        registry.register(
+            "events_published",
+            "events a source published and the bus acknowledged",
+            self.events_published.clone(),
+        );
+        registry.register(
+            "requests_rejected",
+            "requests a source refused (malformed, unauthenticated, too large, bus unavailable)",
+            self.requests_rejected.clone(),
+        );
+    }
+}
+
+struct SourceState {
+    config: HttpSourceConfig,
+    hooks: HashMap<String, HookConfig>,
+    sink: Arc<dyn EventSink>,
+    metrics: HttpSourceMetrics,
+    labels: SourceLabels,
+}
+
+/// Builds the router of one HTTP source.
+pub fn router(config: HttpSourceConfig, sink: Arc<dyn EventSink>, metrics: HttpSourceMetrics) -> Router {
+    let hooks = config
+        .hooks
+        .iter()
+        .map(|hook| (hook.name.clone(), hook.clone()))
+        .collect();
+    let labels = SourceLabels {
+        source: config.name.clone(),
+    };
+    let state = Arc::new(SourceState {
+        config,
+        hooks,
+        sink,
+        metrics,
+        labels,
+    });
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/hooks/{name}", post(post_hook))
+        .with_state(state)
+}
+
+/// A refusal, answered as `{"error": "..."}` with its status.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        let status = match error {
+            AuthError::Missing(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Invalid(_) => StatusCode::FORBIDDEN,
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds the limit of {limit} bytes"),
+        )),
+        Err(error) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("reading the request body failed: {error}"))),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok())
+}
+
+fn media_type_is(content_type: Option<&str>, expected: &str) -> bool {
+    content_type
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case(expected))
+}
+
+/// Copies W3C trace context from the request onto the event (the CloudEvents
+/// distributed-tracing extension) unless the event already carries its own.
+fn carry_trace_context(headers: &HeaderMap, event: &mut Event) {
+    for name in ["traceparent", "tracestate"] {
+        if event.extensions.contains_key(name) {
+            continue;
+        }
+        if let Some(value) = headers.get(name).and_then(|value| value.to_str().ok()) {
+            event.extensions.insert(name.to_owned(), value.to_owned());
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("the current time always formats")
+}
+
+async fn post_events(State(state): State<Arc<SourceState>>, headers: HeaderMap, body: Body) -> Response {
+    match accept_events(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            state.metrics.requests_rejected.get_or_create(&state.labels).inc();
+            tracing::debug!(source = %state.config.name, status = error.status.as_u16(), error = %error.message, "request refused");
+            error.into_response()
+        }
+    }
+}
+
+async fn accept_events(state: &SourceState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    if let Some(token) = &state.config.bearer_token {
+        check_bearer(headers, token)?;
+    }
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    let content_type = content_type(headers);
+    let mut events = if media_type_is(content_type, "application/cloudevents-batch+json") {
+        parse_batch(&body).map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid batch: {error}")))?
+    } else if media_type_is(content_type, "application/cloudevents+json") {
+        vec![parse_structured(&body).map_err(|error| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid structured event: {error}"))
+        })?]
+    } else if headers.contains_key("ce-specversion") {
+        let mut pairs = Vec::new();
+        for (name, value) in headers {
+            let Ok(text) = value.to_str() else {
+                if name.as_str().starts_with("ce-") {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("header `{name}` is not visible ASCII; percent-encode attribute values"),
+                    ));
+                }
+                continue;
+            };
+            pairs.push((name.as_str(), text));
+        }
+        vec![Event::from_binary(pairs, body).map_err(|error| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid binary-mode event: {error}"))
+        })?]
+    } else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "not a cloudevent: send `ce-` headers (binary mode), `content-type: application/cloudevents+json` or `application/cloudevents-batch+json`",
+        ));
+    };
+    for event in &mut events {
+        carry_trace_context(headers, event);
+    }
+    publish(state, events).await
+}
+
+async fn post_hook(
+    State(state): State<Arc<SourceState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match accept_hook(&state, &name, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            state.metrics.requests_rejected.get_or_create(&state.labels).inc();
+            tracing::debug!(source = %state.config.name, hook = %name, status = error.status.as_u16(), error = %error.message, "request refused");
+            error.into_response()
+        }
+    }
+}
+
+async fn accept_hook(state: &SourceState, name: &str, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let hook = state
+        .hooks
+        .get(name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no webhook named `{name}`")))?;
+    if let Some(token) = &hook.bearer_token {
+        check_bearer(headers, token)?;
+    }
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    if let Some(signature) = &hook.signature {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        check_signature(signature, headers, &body, now)?;
+    }
+    let header_value = |name: &Option<String>| -> Result<Option<String>, ApiError> {
+        let Some(name) = name else { return Ok(None) };
+        match headers.get(name.as_str()) {
+            None => Ok(None),
+            Some(value) => match value.to_str() {
+                Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_owned())),
+                Ok(_) => Ok(None),
+                Err(_) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("header `{name}` is not visible ASCII"))),
+            },
+        }
+    };
+    let id = header_value(&hook.id_header)?.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let source = hook
+        .event_source
+        .clone()
+        .unwrap_or_else(|| format!("/hooks/{}", hook.name));
+    let mut event = Event::new(id, source, hook.event_type.clone());
+    event.subject = header_value(&hook.subject_header)?;
+    event.time = Some(now_rfc3339());
+    event.datacontenttype = content_type(headers)
+        .filter(|value| !value.is_empty())
+        .map(str::to_owned);
+    event.data = body;
+    carry_trace_context(headers, &mut event);
+    event
+        .validate()
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid webhook request: {error}")))?;
+    publish(state, vec![event]).await
+}
+
+async fn publish(state: &SourceState, events: Vec<Event>) -> Result<Response, ApiError> {
+    let count = events.len() as u64;
+    state.metrics.events_received.get_or_create(&state.labels).inc_by(count);
+    let receipts = state.sink.publish_all(events).await.map_err(|error| match error {
+        PublishError::Unavailable(reason) => {
+            tracing::warn!(source = %state.config.name, error = %reason, stage = "publish", "event bus unavailable");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("event bus unavailable, retry later: {reason}"))
+        }
+        PublishError::Rejected(reason) => {
+            tracing::warn!(source = %state.config.name, error = %reason, stage = "publish", "event bus rejected the publish");
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("event bus rejected the event: {reason}"))
+        }
+    })?;
+    state.metrics.events_published.get_or_create(&state.labels).inc_by(count);
+    let accepted: Vec<_> = receipts
+        .iter()
+        .map(|receipt| json!({ "id": receipt.event_id, "duplicate": receipt.duplicate }))
+        .collect();
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "accepted": accepted }))).into_response())
+}

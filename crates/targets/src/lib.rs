@@ -1,1 +1,316 @@
+//! Function targets: where the dispatcher delivers events.
+//!
+//! [`HttpTarget`] POSTs each event in CloudEvents binary mode over a pooled keep-alive
+//! client and turns the answer into an [`Outcome`] in exactly one place,
+//! [`classify_response`], which is the function contract:
+//!
+//! | answer | outcome |
+//! |---|---|
+//! | `Switchyard-Outcome: retry` / `reject` header | as the header says (with `Retry-After` for retry) |
+//! | 2xx | delivered (a CloudEvent in the answer is the reply) |
+//! | 429, 503 | retry after `Retry-After` when given, and shrink the function's concurrency |
+//! | 408, other 5xx, timeout, connection error | retry per the trigger's policy |
+//! | other 4xx, 3xx | rejected: dead-lettered at once |
+//!
+//! [`LogTarget`] prints events, for debugging and the quick start.
 
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use switchyard_event::{Event, Failure, Outcome, Target, parse_structured};
+
+/// Header a function may set to decide the outcome explicitly.
+pub const OUTCOME_HEADER: &str = "switchyard-outcome";
+
+/// Most of a function's answer kept for replies and error messages.
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// One HTTP client for every HTTP function of the process: a pool of keep-alive
+/// connections per host.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::MAX)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("the http client configuration is valid")
+}
+
+/// An HTTP function at a URL.
+pub struct HttpTarget {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    function: String,
+}
+
+impl HttpTarget {
+    pub fn new(function: impl Into<String>, url: reqwest::Url, client: reqwest::Client) -> Self {
+        HttpTarget {
+            client,
+            url,
+            function: function.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Target for HttpTarget {
+    async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome {
+        let mut request = self.client.post(self.url.clone()).timeout(timeout);
+        for (name, value) in event.binary_headers() {
+            request = request.header(name.as_ref(), value.as_ref());
+        }
+        if let Some(traceparent) = event.extensions.get("traceparent") {
+            request = request.header("traceparent", traceparent.as_str());
+        }
+        if let Some(tracestate) = event.extensions.get("tracestate") {
+            request = request.header("tracestate", tracestate.as_str());
+        }
+        let response = match request.body(event.data.clone()).send().await {
+            Ok(response) => response,
+            Err(error) => {
+                let cause = if error.is_timeout() {
+                    format!("invocation timed out after {}ms", timeout.as_millis())
+                } else if error.is_connect() {
+                    format!("connecting to function `{}` failed: {}", self.function, error_chain(&error))
+                } else {
+                    format!("calling function `{}` failed: {}", self.function, error_chain(&error))
+                };
+                return Outcome::RetryLater {
+                    not_before: None,
+                    failure: Failure::new(None, cause),
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = read_limited(response).await;
+        let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+        let answer = Answer {
+            status,
+            outcome_header: header(OUTCOME_HEADER),
+            retry_after: header("retry-after"),
+            body: body.as_ref().map(|bytes| &bytes[..]).unwrap_or_default(),
+        };
+        let mut outcome = classify_response(&answer);
+        if let Outcome::Delivered { reply } = &mut outcome
+            && let Ok(body) = body
+        {
+            *reply = reply_event(&headers, body).map(Box::new);
+        }
+        outcome
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, String> {
+    let mut collected = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if collected.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err("answer body too large".to_owned());
+                }
+                collected.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(Bytes::from(collected)),
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+}
+
+/// A CloudEvent in the function's answer, in binary or structured mode.
+fn reply_event(headers: &reqwest::header::HeaderMap, body: Bytes) -> Option<Event> {
+    let content_type = headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let result = if headers.contains_key("ce-specversion") {
+        Event::from_binary(
+            headers
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
+            body,
+        )
+        .map_err(|error| error.to_string())
+    } else if content_type.starts_with("application/cloudevents+json") {
+        parse_structured(&body).map_err(|error| error.to_string())
+    } else {
+        return None;
+    };
+    match result {
+        Ok(event) => Some(event),
+        Err(error) => {
+            tracing::warn!(%error, "function answered with an invalid cloudevent, reply ignored");
+            None
+        }
+    }
+}
+
+/// The parts of a function's answer that decide the outcome.
+pub struct Answer<'a> {
+    pub status: u16,
+    pub outcome_header: Option<&'a str>,
+    pub retry_after: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// The function contract: maps an answer to an outcome. The one place that decides
+/// what is retried and what is dead-lettered.
+pub fn classify_response(answer: &Answer<'_>) -> Outcome {
+    let status = answer.status;
+    let retry_after = answer.retry_after.and_then(parse_retry_after);
+    let detail = || {
+        let text = String::from_utf8_lossy(&answer.body[..answer.body.len().min(256)]);
+        let text = text.trim();
+        if text.is_empty() {
+            format!("function answered {status}")
+        } else {
+            format!("function answered {status}: {text}")
+        }
+    };
+    match answer.outcome_header.map(|value| value.trim().to_ascii_lowercase()) {
+        Some(value) if value == "retry" => {
+            return Outcome::RetryLater {
+                not_before: retry_after,
+                failure: Failure::new(Some(status), format!("{} (asked to retry)", detail())),
+            };
+        }
+        Some(value) if value == "reject" => {
+            return Outcome::Rejected {
+                failure: Failure::new(Some(status), format!("{} (asked to reject)", detail())),
+            };
+        }
+        _ => {}
+    }
+    match status {
+        200..=299 => Outcome::Delivered { reply: None },
+        429 | 503 => Outcome::RetryLater {
+            not_before: retry_after,
+            failure: Failure {
+                overloaded: true,
+                ..Failure::new(Some(status), detail())
+            },
+        },
+        408 | 500..=599 => Outcome::RetryLater {
+            not_before: retry_after,
+            failure: Failure::new(Some(status), detail()),
+        },
+        _ => Outcome::Rejected {
+            failure: Failure::new(Some(status), detail()),
+        },
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// Prints every event it receives; always delivers.
+pub struct LogTarget {
+    function: String,
+}
+
+impl LogTarget {
+    pub fn new(function: impl Into<String>) -> Self {
+        LogTarget {
+            function: function.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Target for LogTarget {
+    async fn invoke(&self, event: &Event, _timeout: Duration) -> Outcome {
+        let shown = &event.data[..event.data.len().min(1024)];
+        tracing::info!(
+            target: "switchyard::log",
+            function = %self.function,
+            event_id = %event.id,
+            event_source = %event.source,
+            event_type = %event.ty,
+            subject = event.subject.as_deref().unwrap_or(""),
+            datacontenttype = event.datacontenttype.as_deref().unwrap_or(""),
+            extensions = ?event.extensions,
+            data = %String::from_utf8_lossy(shown),
+            data_bytes = event.data.len(),
+            "event received"
+        );
+        Outcome::Delivered { reply: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16) -> Answer<'static> {
+        Answer {
+            status,
+            outcome_header: None,
+            retry_after: None,
+            body: b"",
+        }
+    }
+
+    #[test]
+    fn the_function_contract() {
+        assert!(matches!(classify_response(&answer(204)), Outcome::Delivered { .. }));
+        for status in [408, 500, 502, 504] {
+            assert!(
+                matches!(classify_response(&answer(status)), Outcome::RetryLater { not_before: None, ref failure } if !failure.overloaded),
+                "{status}"
+            );
+        }
+        for status in [400, 401, 404, 422, 301] {
+            assert!(matches!(classify_response(&answer(status)), Outcome::Rejected { .. }), "{status}");
+        }
+        let overloaded = Answer {
+            retry_after: Some("7"),
+            ..answer(429)
+        };
+        match classify_response(&overloaded) {
+            Outcome::RetryLater { not_before, failure } => {
+                assert_eq!(not_before, Some(Duration::from_secs(7)));
+                assert!(failure.overloaded);
+                assert_eq!(failure.status, Some(429));
+            }
+            other => panic!("{other:?}"),
+        }
+        let explicit_reject = Answer {
+            outcome_header: Some("Reject"),
+            ..answer(200)
+        };
+        assert!(matches!(classify_response(&explicit_reject), Outcome::Rejected { .. }));
+        let explicit_retry = Answer {
+            outcome_header: Some("retry"),
+            ..answer(400)
+        };
+        assert!(matches!(classify_response(&explicit_retry), Outcome::RetryLater { .. }));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,95 @@
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// An HTTP source: the CloudEvents endpoint `POST /v1/events` and the webhooks
+/// `POST /hooks/{name}` on one listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceConfig {
+    /// Name of the source, used in metrics and logs.
+    pub name: String,
+    /// Address to listen on, e.g. `0.0.0.0:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Largest request body accepted, in bytes; larger requests get `413`.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// When set, `POST /v1/events` requires `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Plain webhooks, each at `POST /hooks/{name}`.
+    #[serde(default)]
+    pub hooks: Vec<HookConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+
+/// One webhook: any body becomes the data of an event with a fixed type and source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// The path segment: the hook is served at `/hooks/{name}`.
+    pub name: String,
+    /// CloudEvents `type` of the events this hook produces.
+    pub event_type: String,
+    /// CloudEvents `source`; defaults to `/hooks/{name}`.
+    #[serde(default)]
+    pub event_source: Option<String>,
+    /// Header carrying the provider's delivery id (`X-GitHub-Delivery`,
+    /// `Idempotency-Key`, ...). When present it becomes the event id, so a
+    /// redelivery is deduplicated; otherwise an id is generated.
+    #[serde(default)]
+    pub id_header: Option<String>,
+    /// Header whose value becomes the CloudEvents `subject` (e.g. `X-GitHub-Event`).
+    #[serde(default)]
+    pub subject_header: Option<String>,
+    /// When set, requests must carry `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// When set, requests must carry a valid HMAC-SHA256 signature.
+    #[serde(default)]
+    pub signature: Option<SignatureConfig>,
+}
+
+/// How a webhook's signature is checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "scheme", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SignatureConfig {
+    /// GitHub: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>`.
+    Github { secret: String },
+    /// Any provider: `header` carries the HMAC-SHA256 (after an optional `prefix`,
+    /// hex or base64). With `timestamp_header`, the signed message is
+    /// `{timestamp}.{body}` (unix seconds) and a timestamp further than `tolerance`
+    /// from now is refused, which stops replays.
+    Hmac {
+        secret: String,
+        header: String,
+        #[serde(default)]
+        prefix: Option<String>,
+        #[serde(default)]
+        encoding: SignatureEncoding,
+        #[serde(default)]
+        timestamp_header: Option<String>,
+        #[serde(default = "default_tolerance", with = "humantime_serde")]
+        tolerance: Duration,
+    },
+}
+
+fn default_tolerance() -> Duration {
+    Duration::from_secs(300)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureEncoding {
+    #[default]
+    Hex,
+    Base64,
+}
