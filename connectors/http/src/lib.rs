@@ -47,7 +47,11 @@ pub struct HttpSourceMetrics {
 
 impl HttpSourceMetrics {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("events_received", "events received by a source", self.events_received.clone());
+        registry.register(
+            "events_received",
+            "events received by a source",
+            self.events_received.clone(),
+        );
         registry.register(
             "events_published",
             "events a source published and the bus acknowledged",
@@ -70,7 +74,11 @@ struct SourceState {
 }
 
 /// Builds the router of one HTTP source.
-pub fn router(config: HttpSourceConfig, sink: Arc<dyn EventSink>, metrics: HttpSourceMetrics) -> Router {
+pub fn router(
+    config: HttpSourceConfig,
+    sink: Arc<dyn EventSink>,
+    metrics: HttpSourceMetrics,
+) -> Router {
     let hooks = config
         .hooks
         .iter()
@@ -120,7 +128,8 @@ impl From<AuthError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        let mut response =
+            (self.status, axum::Json(json!({ "error": self.message }))).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -137,12 +146,17 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body exceeds the limit of {limit} bytes"),
         )),
-        Err(error) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("reading the request body failed: {error}"))),
+        Err(error) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("reading the request body failed: {error}"),
+        )),
     }
 }
 
 fn content_type(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok())
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
 }
 
 fn media_type_is(content_type: Option<&str>, expected: &str) -> bool {
@@ -170,28 +184,45 @@ fn now_rfc3339() -> String {
         .expect("the current time always formats")
 }
 
-async fn post_events(State(state): State<Arc<SourceState>>, headers: HeaderMap, body: Body) -> Response {
+async fn post_events(
+    State(state): State<Arc<SourceState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match accept_events(&state, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
-            state.metrics.requests_rejected.get_or_create(&state.labels).inc();
+            state
+                .metrics
+                .requests_rejected
+                .get_or_create(&state.labels)
+                .inc();
             tracing::debug!(source = %state.config.name, status = error.status.as_u16(), error = %error.message, "request refused");
             error.into_response()
         }
     }
 }
 
-async fn accept_events(state: &SourceState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn accept_events(
+    state: &SourceState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     if let Some(token) = &state.config.bearer_token {
         check_bearer(headers, token)?;
     }
     let body = read_body(body, state.config.max_body_bytes).await?;
     let content_type = content_type(headers);
     let mut events = if media_type_is(content_type, "application/cloudevents-batch+json") {
-        parse_batch(&body).map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid batch: {error}")))?
+        parse_batch(&body).map_err(|error| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid batch: {error}"))
+        })?
     } else if media_type_is(content_type, "application/cloudevents+json") {
         vec![parse_structured(&body).map_err(|error| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid structured event: {error}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid structured event: {error}"),
+            )
         })?]
     } else if headers.contains_key("ce-specversion") {
         let mut pairs = Vec::new();
@@ -200,7 +231,9 @@ async fn accept_events(state: &SourceState, headers: &HeaderMap, body: Body) -> 
                 if name.as_str().starts_with("ce-") {
                     return Err(ApiError::new(
                         StatusCode::BAD_REQUEST,
-                        format!("header `{name}` is not visible ASCII; percent-encode attribute values"),
+                        format!(
+                            "header `{name}` is not visible ASCII; percent-encode attribute values"
+                        ),
                     ));
                 }
                 continue;
@@ -208,7 +241,10 @@ async fn accept_events(state: &SourceState, headers: &HeaderMap, body: Body) -> 
             pairs.push((name.as_str(), text));
         }
         vec![Event::from_binary(pairs, body).map_err(|error| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid binary-mode event: {error}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid binary-mode event: {error}"),
+            )
         })?]
     } else {
         return Err(ApiError::new(
@@ -231,18 +267,26 @@ async fn post_hook(
     match accept_hook(&state, &name, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
-            state.metrics.requests_rejected.get_or_create(&state.labels).inc();
+            state
+                .metrics
+                .requests_rejected
+                .get_or_create(&state.labels)
+                .inc();
             tracing::debug!(source = %state.config.name, hook = %name, status = error.status.as_u16(), error = %error.message, "request refused");
             error.into_response()
         }
     }
 }
 
-async fn accept_hook(state: &SourceState, name: &str, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let hook = state
-        .hooks
-        .get(name)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no webhook named `{name}`")))?;
+async fn accept_hook(
+    state: &SourceState,
+    name: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let hook = state.hooks.get(name).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no webhook named `{name}`"))
+    })?;
     if let Some(token) = &hook.bearer_token {
         check_bearer(headers, token)?;
     }
@@ -258,7 +302,10 @@ async fn accept_hook(state: &SourceState, name: &str, headers: &HeaderMap, body:
             Some(value) => match value.to_str() {
                 Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_owned())),
                 Ok(_) => Ok(None),
-                Err(_) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("header `{name}` is not visible ASCII"))),
+                Err(_) => Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("header `{name}` is not visible ASCII"),
+                )),
             },
         }
     };
@@ -275,15 +322,22 @@ async fn accept_hook(state: &SourceState, name: &str, headers: &HeaderMap, body:
         .map(str::to_owned);
     event.data = body;
     carry_trace_context(headers, &mut event);
-    event
-        .validate()
-        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid webhook request: {error}")))?;
+    event.validate().map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid webhook request: {error}"),
+        )
+    })?;
     publish(state, vec![event]).await
 }
 
 async fn publish(state: &SourceState, events: Vec<Event>) -> Result<Response, ApiError> {
     let count = events.len() as u64;
-    state.metrics.events_received.get_or_create(&state.labels).inc_by(count);
+    state
+        .metrics
+        .events_received
+        .get_or_create(&state.labels)
+        .inc_by(count);
     let receipts = state.sink.publish_all(events).await.map_err(|error| match error {
         PublishError::Unavailable(reason) => {
             tracing::warn!(source = %state.config.name, error = %reason, stage = "publish", "event bus unavailable");
@@ -294,10 +348,18 @@ async fn publish(state: &SourceState, events: Vec<Event>) -> Result<Response, Ap
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("event bus rejected the event: {reason}"))
         }
     })?;
-    state.metrics.events_published.get_or_create(&state.labels).inc_by(count);
+    state
+        .metrics
+        .events_published
+        .get_or_create(&state.labels)
+        .inc_by(count);
     let accepted: Vec<_> = receipts
         .iter()
         .map(|receipt| json!({ "id": receipt.event_id, "duplicate": receipt.duplicate }))
         .collect();
-    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "accepted": accepted }))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "accepted": accepted })),
+    )
+        .into_response())
 }

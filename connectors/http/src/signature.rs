@@ -23,9 +23,9 @@ pub fn check_bearer(headers: &HeaderMap, expected: &str) -> Result<(), AuthError
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .ok_or_else(|| AuthError::Missing("authorization header with a bearer token".to_owned()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| AuthError::Invalid("authorization header is not a bearer token".to_owned()))?;
+    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+        AuthError::Invalid("authorization header is not a bearer token".to_owned())
+    })?;
     if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) {
         Ok(())
     } else {
@@ -45,13 +45,18 @@ fn mac(secret: &str) -> Hmac<Sha256> {
 }
 
 /// Checks a request's signature. `now_unix` is the current time in unix seconds.
-pub fn check_signature(config: &SignatureConfig, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<(), AuthError> {
+pub fn check_signature(
+    config: &SignatureConfig,
+    headers: &HeaderMap,
+    body: &[u8],
+    now_unix: i64,
+) -> Result<(), AuthError> {
     match config {
         SignatureConfig::Github { secret } => {
             let value = header_text(headers, "x-hub-signature-256")?;
-            let hex_digest = value
-                .strip_prefix("sha256=")
-                .ok_or_else(|| AuthError::Invalid("x-hub-signature-256 must start with `sha256=`".to_owned()))?;
+            let hex_digest = value.strip_prefix("sha256=").ok_or_else(|| {
+                AuthError::Invalid("x-hub-signature-256 must start with `sha256=`".to_owned())
+            })?;
             let expected = hex::decode(hex_digest)
                 .map_err(|_| AuthError::Invalid("x-hub-signature-256 is not hex".to_owned()))?;
             let mut mac = mac(secret);
@@ -69,24 +74,32 @@ pub fn check_signature(config: &SignatureConfig, headers: &HeaderMap, body: &[u8
         } => {
             let value = header_text(headers, header)?;
             let encoded = match prefix {
-                Some(prefix) => value
-                    .strip_prefix(prefix.as_str())
-                    .ok_or_else(|| AuthError::Invalid(format!("`{header}` must start with `{prefix}`")))?,
+                Some(prefix) => value.strip_prefix(prefix.as_str()).ok_or_else(|| {
+                    AuthError::Invalid(format!("`{header}` must start with `{prefix}`"))
+                })?,
                 None => value,
             };
             let expected = match encoding {
                 SignatureEncoding::Hex => hex::decode(encoded).ok(),
-                SignatureEncoding::Base64 => base64::engine::general_purpose::STANDARD.decode(encoded).ok(),
+                SignatureEncoding::Base64 => base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .ok(),
             }
-            .ok_or_else(|| AuthError::Invalid(format!("`{header}` is not valid {encoding:?}").to_lowercase()))?;
+            .ok_or_else(|| {
+                AuthError::Invalid(format!("`{header}` is not valid {encoding:?}").to_lowercase())
+            })?;
             let mut mac = mac(secret);
             if let Some(timestamp_header) = timestamp_header {
                 let timestamp_text = headers
                     .get(timestamp_header.as_str())
                     .and_then(|value| value.to_str().ok())
-                    .ok_or_else(|| AuthError::Missing(format!("timestamp header `{timestamp_header}`")))?;
+                    .ok_or_else(|| {
+                        AuthError::Missing(format!("timestamp header `{timestamp_header}`"))
+                    })?;
                 let timestamp: i64 = timestamp_text.trim().parse().map_err(|_| {
-                    AuthError::Invalid(format!("`{timestamp_header}` is not a unix timestamp in seconds"))
+                    AuthError::Invalid(format!(
+                        "`{timestamp_header}` is not a unix timestamp in seconds"
+                    ))
                 })?;
                 let skew = now_unix.abs_diff(timestamp);
                 if skew > tolerance.as_secs() {
@@ -128,15 +141,33 @@ mod tests {
 
     #[test]
     fn github_signature() {
-        let config = SignatureConfig::Github { secret: "s3cret".into() };
+        let config = SignatureConfig::Github {
+            secret: "s3cret".into(),
+        };
         let body = b"{\"zen\":\"hi\"}";
         let good = format!("sha256={}", hmac_sha256_hex("s3cret", body));
-        assert_eq!(check_signature(&config, &headers(&[("x-hub-signature-256", good.clone())]), body, 0), Ok(()));
+        assert_eq!(
+            check_signature(
+                &config,
+                &headers(&[("x-hub-signature-256", good.clone())]),
+                body,
+                0
+            ),
+            Ok(())
+        );
         assert!(matches!(
-            check_signature(&config, &headers(&[("x-hub-signature-256", good)]), b"tampered", 0),
+            check_signature(
+                &config,
+                &headers(&[("x-hub-signature-256", good)]),
+                b"tampered",
+                0
+            ),
             Err(AuthError::Invalid(_))
         ));
-        assert!(matches!(check_signature(&config, &HeaderMap::new(), body, 0), Err(AuthError::Missing(_))));
+        assert!(matches!(
+            check_signature(&config, &HeaderMap::new(), body, 0),
+            Err(AuthError::Missing(_))
+        ));
     }
 
     #[test]
@@ -150,15 +181,32 @@ mod tests {
             tolerance: Duration::from_secs(300),
         };
         let body = b"payload";
-        let signed = |ts: i64| format!("v1={}", hmac_sha256_hex("k", format!("{ts}.payload").as_bytes()));
+        let signed = |ts: i64| {
+            format!(
+                "v1={}",
+                hmac_sha256_hex("k", format!("{ts}.payload").as_bytes())
+            )
+        };
         let now = 1_700_000_000;
-        let fresh = headers(&[("x-signature", signed(now - 10)), ("x-timestamp", (now - 10).to_string())]);
+        let fresh = headers(&[
+            ("x-signature", signed(now - 10)),
+            ("x-timestamp", (now - 10).to_string()),
+        ]);
         assert_eq!(check_signature(&config, &fresh, body, now), Ok(()));
-        let stale = headers(&[("x-signature", signed(now - 301)), ("x-timestamp", (now - 301).to_string())]);
+        let stale = headers(&[
+            ("x-signature", signed(now - 301)),
+            ("x-timestamp", (now - 301).to_string()),
+        ]);
         let error = check_signature(&config, &stale, body, now).unwrap_err();
-        assert!(error.to_string().contains("outside the 300s tolerance"), "{error}");
+        assert!(
+            error.to_string().contains("outside the 300s tolerance"),
+            "{error}"
+        );
         // A valid signature for another timestamp does not pass with a fresh timestamp.
-        let swapped = headers(&[("x-signature", signed(now - 400)), ("x-timestamp", now.to_string())]);
+        let swapped = headers(&[
+            ("x-signature", signed(now - 400)),
+            ("x-timestamp", now.to_string()),
+        ]);
         assert!(check_signature(&config, &swapped, body, now).is_err());
     }
 }

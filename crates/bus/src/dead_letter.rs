@@ -9,7 +9,7 @@
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use switchyard_event::{Event, EventError, encode_header_value, decode_header_value};
+use switchyard_event::{Event, EventError, decode_header_value, encode_header_value};
 
 use crate::{event_from_message, event_headers};
 
@@ -51,19 +51,29 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn message_id(&self) -> String {
-        format!("dlq {} {}", encode_header_value(&self.trigger), self.event_sequence)
+        format!(
+            "dlq {} {}",
+            encode_header_value(&self.trigger),
+            self.event_sequence
+        )
     }
 
     pub fn to_message(&self) -> (HeaderMap, Bytes) {
         let mut headers = event_headers(&self.event, &self.message_id());
         headers.insert(HEADER_REASON, self.reason.as_str());
         headers.insert(HEADER_TRIGGER, encode_header_value(&self.trigger).as_ref());
-        headers.insert(HEADER_FUNCTION, encode_header_value(&self.function).as_ref());
+        headers.insert(
+            HEADER_FUNCTION,
+            encode_header_value(&self.function).as_ref(),
+        );
         headers.insert(HEADER_ATTEMPTS, self.attempts.to_string());
         if let Some(status) = self.last_status {
             headers.insert(HEADER_LAST_STATUS, status.to_string());
         }
-        headers.insert(HEADER_LAST_ERROR, encode_header_value(&self.last_error).as_ref());
+        headers.insert(
+            HEADER_LAST_ERROR,
+            encode_header_value(&self.last_error).as_ref(),
+        );
         if let Some(first) = &self.first_attempt_at {
             headers.insert(HEADER_FIRST_ATTEMPT, first.as_str());
         }
@@ -73,7 +83,10 @@ impl DeadLetter {
         (headers, self.event.data.clone())
     }
 
-    pub fn from_message(headers: Option<&HeaderMap>, payload: Bytes) -> Result<DeadLetter, EventError> {
+    pub fn from_message(
+        headers: Option<&HeaderMap>,
+        payload: Bytes,
+    ) -> Result<DeadLetter, EventError> {
         let event = event_from_message(headers, payload)?;
         let text = |name: &str| -> Option<String> {
             headers
@@ -90,13 +103,17 @@ impl DeadLetter {
             reason: text(HEADER_REASON).unwrap_or_default(),
             trigger: decoded(HEADER_TRIGGER),
             function: decoded(HEADER_FUNCTION),
-            attempts: text(HEADER_ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0),
+            attempts: text(HEADER_ATTEMPTS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             last_status: text(HEADER_LAST_STATUS).and_then(|v| v.parse().ok()),
             last_error: decoded(HEADER_LAST_ERROR),
             first_attempt_at: text(HEADER_FIRST_ATTEMPT),
             last_attempt_at: text(HEADER_LAST_ATTEMPT).unwrap_or_default(),
             received_at: text(HEADER_RECEIVED).unwrap_or_default(),
-            event_sequence: text(HEADER_EVENT_SEQUENCE).and_then(|v| v.parse().ok()).unwrap_or(0),
+            event_sequence: text(HEADER_EVENT_SEQUENCE)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         })
     }
 }

@@ -18,7 +18,9 @@ use async_nats::{HeaderMap, connection::State};
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Deserialize;
-use switchyard_event::{Event, EventError, EventSink, PublishError, PublishReceipt, encode_header_value};
+use switchyard_event::{
+    Event, EventError, EventSink, PublishError, PublishReceipt, encode_header_value,
+};
 
 pub use async_nats;
 pub use dead_letter::DeadLetter;
@@ -99,7 +101,12 @@ pub enum Storage {
 }
 
 impl StreamSettings {
-    fn to_stream_config(&self, default_name: &str, default_max_age: Duration, subjects: Vec<String>) -> stream::Config {
+    fn to_stream_config(
+        &self,
+        default_name: &str,
+        default_max_age: Duration,
+        subjects: Vec<String>,
+    ) -> stream::Config {
         stream::Config {
             name: self.name.clone().unwrap_or_else(|| default_name.to_owned()),
             subjects,
@@ -241,20 +248,37 @@ impl Bus {
     /// Sends one event and returns the future of its PubAck.
     pub async fn send_event(&self, event: &Event) -> Result<PublishAckFuture, PublishError> {
         let subject = self.subjects.event(&event.source, &event.ty);
-        self.send(subject, event_headers(event, &message_id(event)), event.data.clone())
-            .await
+        self.send(
+            subject,
+            event_headers(event, &message_id(event)),
+            event.data.clone(),
+        )
+        .await
     }
 
     /// Sends `event` to one trigger only, bypassing the duplicate window with a fresh
     /// message id (used by dead-letter replay).
-    pub async fn send_replay(&self, trigger: &str, event: &Event, replay_id: &str) -> Result<PublishAckFuture, PublishError> {
+    pub async fn send_replay(
+        &self,
+        trigger: &str,
+        event: &Event,
+        replay_id: &str,
+    ) -> Result<PublishAckFuture, PublishError> {
         let subject = self.subjects.replay(trigger);
-        self.send(subject, event_headers(event, replay_id), event.data.clone()).await
+        self.send(subject, event_headers(event, replay_id), event.data.clone())
+            .await
     }
 
-    pub async fn send(&self, subject: String, headers: HeaderMap, payload: Bytes) -> Result<PublishAckFuture, PublishError> {
+    pub async fn send(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<PublishAckFuture, PublishError> {
         if !self.is_connected() {
-            return Err(PublishError::Unavailable("not connected to nats".to_owned()));
+            return Err(PublishError::Unavailable(
+                "not connected to nats".to_owned(),
+            ));
         }
         self.jetstream
             .publish_with_headers(subject, headers, payload)
@@ -279,7 +303,11 @@ fn classify_publish_error(error: jetstream::context::PublishError) -> PublishErr
 /// by a space. CloudEvents only promises `source` + `id` to be unique, so the id alone
 /// would let two sources' events with the same id shadow each other.
 pub fn message_id(event: &Event) -> String {
-    format!("{} {}", encode_header_value(&event.source), encode_header_value(&event.id))
+    format!(
+        "{} {}",
+        encode_header_value(&event.source),
+        encode_header_value(&event.id)
+    )
 }
 
 /// The NATS headers of an event in binary content mode, plus `Nats-Msg-Id`.
@@ -293,16 +321,17 @@ pub fn event_headers(event: &Event, message_id: &str) -> HeaderMap {
 }
 
 /// Reads an event back from a NATS message's headers and payload.
-pub fn event_from_message(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Event, EventError> {
+pub fn event_from_message(
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+) -> Result<Event, EventError> {
     let empty = HeaderMap::new();
     let headers = headers.unwrap_or(&empty);
     Event::from_binary(
-        headers
-            .iter()
-            .filter_map(|(name, values)| {
-                let name = std::str::from_utf8(name.as_ref()).ok()?;
-                values.last().map(|value| (name, value.as_str()))
-            }),
+        headers.iter().filter_map(|(name, values)| {
+            let name = std::str::from_utf8(name.as_ref()).ok()?;
+            values.last().map(|value| (name, value.as_str()))
+        }),
         payload,
     )
 }

@@ -38,7 +38,9 @@ pub struct Subjects {
 
 impl Subjects {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Subjects { prefix: prefix.into() }
+        Subjects {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -80,7 +82,12 @@ impl Subjects {
     /// The narrowest server-side filter that still matches every event with the given
     /// exact source (if any) and a type that equals `type_exact` or starts with
     /// `type_prefix`. The dispatcher applies the full filter on top.
-    pub fn event_filter(&self, source_exact: Option<&str>, type_exact: Option<&str>, type_prefix: Option<&str>) -> String {
+    pub fn event_filter(
+        &self,
+        source_exact: Option<&str>,
+        type_exact: Option<&str>,
+        type_prefix: Option<&str>,
+    ) -> String {
         let source = source_exact.map_or_else(|| "*".to_owned(), escape_token);
         let mut subject = format!("{}.events.{}", self.prefix, source);
         if let Some(ty) = type_exact {
@@ -112,8 +119,14 @@ mod tests {
     #[test]
     fn subjects_escape_reserved_characters() {
         let subjects = Subjects::new("sy");
-        assert_eq!(subjects.event("/hooks/github", "com.github.push"), "sy.events./hooks/github.com.github.push");
-        assert_eq!(subjects.event("https://x.io/a b", "t*"), "sy.events.https://x%2Eio/a%20b.t%2A");
+        assert_eq!(
+            subjects.event("/hooks/github", "com.github.push"),
+            "sy.events./hooks/github.com.github.push"
+        );
+        assert_eq!(
+            subjects.event("https://x.io/a b", "t*"),
+            "sy.events.https://x%2Eio/a%20b.t%2A"
+        );
         assert_eq!(subjects.event("s", "a..b"), "sy.events.s.a.%.b");
         assert_eq!(escape_token("ü"), "%C3%BC");
     }
@@ -121,10 +134,22 @@ mod tests {
     #[test]
     fn filters_use_whole_type_tokens() {
         let subjects = Subjects::new("sy");
-        assert_eq!(subjects.event_filter(None, None, Some("com.github.")), "sy.events.*.com.github.>");
-        assert_eq!(subjects.event_filter(None, None, Some("com.git")), "sy.events.*.com.>");
-        assert_eq!(subjects.event_filter(None, None, Some("com")), "sy.events.*.>");
-        assert_eq!(subjects.event_filter(Some("/hooks/x"), Some("a.b"), None), "sy.events./hooks/x.a.b");
+        assert_eq!(
+            subjects.event_filter(None, None, Some("com.github.")),
+            "sy.events.*.com.github.>"
+        );
+        assert_eq!(
+            subjects.event_filter(None, None, Some("com.git")),
+            "sy.events.*.com.>"
+        );
+        assert_eq!(
+            subjects.event_filter(None, None, Some("com")),
+            "sy.events.*.>"
+        );
+        assert_eq!(
+            subjects.event_filter(Some("/hooks/x"), Some("a.b"), None),
+            "sy.events./hooks/x.a.b"
+        );
         assert_eq!(subjects.event_filter(None, None, None), "sy.events.*.>");
     }
 }

@@ -42,7 +42,10 @@ impl Event {
         let mut headers: BinaryHeaders<'_> = Vec::with_capacity(6 + self.extensions.len());
         headers.push((Cow::Borrowed("ce-specversion"), Cow::Borrowed(SPEC_VERSION)));
         headers.push((Cow::Borrowed("ce-id"), encode_header_value(&self.id)));
-        headers.push((Cow::Borrowed("ce-source"), encode_header_value(&self.source)));
+        headers.push((
+            Cow::Borrowed("ce-source"),
+            encode_header_value(&self.source),
+        ));
         headers.push((Cow::Borrowed("ce-type"), encode_header_value(&self.ty)));
         let optional = [
             ("ce-subject", &self.subject),
@@ -77,7 +80,9 @@ impl Event {
                 event.datacontenttype = Some(value.to_owned());
                 continue;
             }
-            let Some(prefix) = name.get(..3) else { continue };
+            let Some(prefix) = name.get(..3) else {
+                continue;
+            };
             if !prefix.eq_ignore_ascii_case("ce-") {
                 continue;
             }
@@ -107,16 +112,23 @@ mod tests {
         event.subject = Some("red flower.jpg".into());
         event.time = Some("2024-01-01T00:00:00Z".into());
         event.datacontenttype = Some("text/plain; charset=utf-8".into());
-        event.extensions.insert("traceparent".into(), "00-abc-def-01".into());
+        event
+            .extensions
+            .insert("traceparent".into(), "00-abc-def-01".into());
         event.data = Bytes::from_static(b"\x00\xffbinary");
         let headers = event.binary_headers();
         for (name, value) in &headers {
             if name != "content-type" {
-                assert!(value.bytes().all(|byte| (0x21..0x7f).contains(&byte)), "{name}: {value}");
+                assert!(
+                    value.bytes().all(|byte| (0x21..0x7f).contains(&byte)),
+                    "{name}: {value}"
+                );
             }
         }
         let decoded = Event::from_binary(
-            headers.iter().map(|(name, value)| (name.as_ref(), value.as_ref())),
+            headers
+                .iter()
+                .map(|(name, value)| (name.as_ref(), value.as_ref())),
             event.data.clone(),
         )
         .unwrap();
@@ -125,8 +137,11 @@ mod tests {
 
     #[test]
     fn missing_specversion_is_named() {
-        let error = Event::from_binary([("ce-id", "1"), ("ce-source", "/s"), ("ce-type", "t")], Bytes::new())
-            .unwrap_err();
+        let error = Event::from_binary(
+            [("ce-id", "1"), ("ce-source", "/s"), ("ce-type", "t")],
+            Bytes::new(),
+        )
+        .unwrap_err();
         assert_eq!(error, EventError::MissingAttribute("specversion"));
     }
 }

@@ -77,10 +77,14 @@ fn is_json_content_type(content_type: &str) -> bool {
 }
 
 fn string_member(name: &str, raw: &RawValue) -> Result<String, StructuredError> {
-    serde_json::from_str::<String>(raw.get()).map_err(|_| StructuredError::NotAString(name.to_owned()))
+    serde_json::from_str::<String>(raw.get())
+        .map_err(|_| StructuredError::NotAString(name.to_owned()))
 }
 
-fn event_from_members(body: &Bytes, members: BTreeMap<&str, &RawValue>) -> Result<Event, StructuredError> {
+fn event_from_members(
+    body: &Bytes,
+    members: BTreeMap<&str, &RawValue>,
+) -> Result<Event, StructuredError> {
     let mut event = Event::new(String::new(), String::new(), String::new());
     let mut data: Option<&RawValue> = None;
     let mut data_base64: Option<&RawValue> = None;
@@ -126,7 +130,10 @@ fn event_from_members(body: &Bytes, members: BTreeMap<&str, &RawValue>) -> Resul
             )
         }
         (Some(raw), None) => {
-            let json_data = event.datacontenttype.as_deref().is_none_or(is_json_content_type);
+            let json_data = event
+                .datacontenttype
+                .as_deref()
+                .is_none_or(is_json_content_type);
             if event.datacontenttype.is_none() {
                 // The JSON format says absent datacontenttype means application/json;
                 // binary mode downstream must say so explicitly.
@@ -166,7 +173,10 @@ pub fn to_structured_json(event: &Event) -> Vec<u8> {
         object.insert(name.clone(), value.clone().into());
     }
     if !event.data.is_empty() {
-        let json_type = event.datacontenttype.as_deref().is_none_or(is_json_content_type);
+        let json_type = event
+            .datacontenttype
+            .as_deref()
+            .is_none_or(is_json_content_type);
         let parsed = if json_type {
             serde_json::from_slice::<serde_json::Value>(&event.data).ok()
         } else {
@@ -182,7 +192,9 @@ pub fn to_structured_json(event: &Event) -> Vec<u8> {
             _ => {
                 object.insert(
                     "data_base64".into(),
-                    base64::engine::general_purpose::STANDARD.encode(&event.data).into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&event.data)
+                        .into(),
                 );
             }
         }
@@ -225,7 +237,10 @@ mod tests {
         );
         let error = parse_batch(&body).unwrap_err().to_string();
         assert_eq!(error, "event 1: missing required attribute `source`");
-        assert!(matches!(parse_batch(&Bytes::from_static(b"[]")), Err(StructuredError::EmptyBatch)));
+        assert!(matches!(
+            parse_batch(&Bytes::from_static(b"[]")),
+            Err(StructuredError::EmptyBatch)
+        ));
     }
 
     #[test]

@@ -19,7 +19,10 @@ pub enum Outcome {
     Delivered { reply: Option<Box<Event>> },
     /// A transient failure: try again, no sooner than `not_before` when the function
     /// said so (`Retry-After`).
-    RetryLater { not_before: Option<Duration>, failure: Failure },
+    RetryLater {
+        not_before: Option<Duration>,
+        failure: Failure,
+    },
     /// A permanent failure: retrying the same event cannot succeed.
     Rejected { failure: Failure },
 }

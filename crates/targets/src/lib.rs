@@ -74,9 +74,17 @@ impl Target for HttpTarget {
                 let cause = if error.is_timeout() {
                     format!("invocation timed out after {}ms", timeout.as_millis())
                 } else if error.is_connect() {
-                    format!("connecting to function `{}` failed: {}", self.function, error_chain(&error))
+                    format!(
+                        "connecting to function `{}` failed: {}",
+                        self.function,
+                        error_chain(&error)
+                    )
                 } else {
-                    format!("calling function `{}` failed: {}", self.function, error_chain(&error))
+                    format!(
+                        "calling function `{}` failed: {}",
+                        self.function,
+                        error_chain(&error)
+                    )
                 };
                 return Outcome::RetryLater {
                     not_before: None,
@@ -181,7 +189,10 @@ pub fn classify_response(answer: &Answer<'_>) -> Outcome {
             format!("function answered {status}: {text}")
         }
     };
-    match answer.outcome_header.map(|value| value.trim().to_ascii_lowercase()) {
+    match answer
+        .outcome_header
+        .map(|value| value.trim().to_ascii_lowercase())
+    {
         Some(value) if value == "retry" => {
             return Outcome::RetryLater {
                 not_before: retry_after,
@@ -221,7 +232,10 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(seconds));
     }
     let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        date.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Prints every event it receives; always delivers.
@@ -273,7 +287,10 @@ mod tests {
 
     #[test]
     fn the_function_contract() {
-        assert!(matches!(classify_response(&answer(204)), Outcome::Delivered { .. }));
+        assert!(matches!(
+            classify_response(&answer(204)),
+            Outcome::Delivered { .. }
+        ));
         for status in [408, 500, 502, 504] {
             assert!(
                 matches!(classify_response(&answer(status)), Outcome::RetryLater { not_before: None, ref failure } if !failure.overloaded),
@@ -281,14 +298,20 @@ mod tests {
             );
         }
         for status in [400, 401, 404, 422, 301] {
-            assert!(matches!(classify_response(&answer(status)), Outcome::Rejected { .. }), "{status}");
+            assert!(
+                matches!(classify_response(&answer(status)), Outcome::Rejected { .. }),
+                "{status}"
+            );
         }
         let overloaded = Answer {
             retry_after: Some("7"),
             ..answer(429)
         };
         match classify_response(&overloaded) {
-            Outcome::RetryLater { not_before, failure } => {
+            Outcome::RetryLater {
+                not_before,
+                failure,
+            } => {
                 assert_eq!(not_before, Some(Duration::from_secs(7)));
                 assert!(failure.overloaded);
                 assert_eq!(failure.status, Some(429));
@@ -299,18 +322,27 @@ mod tests {
             outcome_header: Some("Reject"),
             ..answer(200)
         };
-        assert!(matches!(classify_response(&explicit_reject), Outcome::Rejected { .. }));
+        assert!(matches!(
+            classify_response(&explicit_reject),
+            Outcome::Rejected { .. }
+        ));
         let explicit_retry = Answer {
             outcome_header: Some("retry"),
             ..answer(400)
         };
-        assert!(matches!(classify_response(&explicit_retry), Outcome::RetryLater { .. }));
+        assert!(matches!(
+            classify_response(&explicit_retry),
+            Outcome::RetryLater { .. }
+        ));
     }
 
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }
