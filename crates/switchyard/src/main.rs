@@ -1,1 +1,276 @@
-fn main() {}
+//! `switchyard`: run, validate, send test events, and manage dead letters.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use switchyard::{config, dlq};
+use switchyard_bus::Bus;
+use switchyard_event::{Event, EventSink};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Event triggers and dispatch on NATS JetStream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sources, the dispatcher and the admin listener.
+    Run {
+        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and report every mistake with file, line and field.
+    Validate {
+        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Publish one test event to the bus.
+    Send {
+        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+        config: PathBuf,
+        /// CloudEvents `type`.
+        #[arg(long = "type", default_value = "dev.switchyard.test")]
+        event_type: String,
+        /// CloudEvents `source`.
+        #[arg(long, default_value = "/switchyard/cli")]
+        source: String,
+        /// Event id; generated when absent.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        /// The data, sent as is.
+        #[arg(long, default_value = "{\"hello\":\"switchyard\"}")]
+        data: String,
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+    },
+    /// Inspect, replay and purge a trigger's dead letters.
+    Dlq {
+        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List a trigger's dead letters with their reason.
+    List {
+        #[arg(long)]
+        trigger: String,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter whole, as JSON.
+    Show {
+        #[arg(long)]
+        trigger: String,
+        sequence: u64,
+    },
+    /// Replay dead letters to their trigger: the given sequences, or all (optionally
+    /// only those with a given reason).
+    Replay {
+        #[arg(long)]
+        trigger: String,
+        sequences: Vec<u64>,
+        #[arg(long, conflicts_with = "sequences")]
+        all: bool,
+        /// With --all: only dead letters with this reason.
+        #[arg(long, requires = "all")]
+        reason: Option<String>,
+    },
+    /// Remove dead letters: the given sequences, or all of the trigger's.
+    Purge {
+        #[arg(long)]
+        trigger: String,
+        sequences: Vec<u64>,
+        #[arg(long, conflicts_with = "sequences")]
+        all: bool,
+    },
+}
+
+fn load(path: &PathBuf) -> anyhow::Result<config::Config> {
+    config::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))
+}
+
+async fn connect(config: &config::Config) -> anyhow::Result<Bus> {
+    let bus = Bus::connect(&config.nats).await?;
+    bus.ensure_streams().await?;
+    Ok(bus)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let loaded = load(&config)?;
+            switchyard::init_logging(&loaded.log);
+            tracing::info!(config = %config.display(), nats = %loaded.nats.url, "starting switchyard");
+            let running = switchyard::start(loaded).await?;
+            if let Some(admin) = running.admin {
+                tracing::info!(%admin, "admin listening (/healthz /readyz /metrics /v1/triggers)");
+            }
+            let shutdown = running.shutdown.clone();
+            let mut task = running.task;
+            tokio::select! {
+                result = &mut task => return result.context("switchyard task panicked")?,
+                () = shutdown_signal() => {}
+            }
+            tracing::info!("signal received, shutting down");
+            shutdown.cancel();
+            task.await.context("switchyard task panicked")?
+        }
+        Command::Validate { config } => {
+            let loaded = load(&config)?;
+            println!(
+                "{}: ok ({} sources, {} functions, {} triggers)",
+                config.display(),
+                loaded.sources.len(),
+                loaded.functions.len(),
+                loaded.triggers.len()
+            );
+            Ok(())
+        }
+        Command::Send {
+            config,
+            event_type,
+            source,
+            id,
+            subject,
+            data,
+            content_type,
+        } => {
+            let loaded = load(&config)?;
+            let bus = connect(&loaded).await?;
+            let mut event = Event::new(id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()), source, event_type);
+            event.subject = subject;
+            event.datacontenttype = Some(content_type);
+            event.time = Some(
+                time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            );
+            event.data = Bytes::from(data);
+            event.validate()?;
+            let receipts = bus.publish_all(vec![event]).await?;
+            for receipt in receipts {
+                println!(
+                    "published event {} (stream sequence {}{})",
+                    receipt.event_id,
+                    receipt.sequence,
+                    if receipt.duplicate { ", duplicate: already stored" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        Command::Dlq { config, action } => {
+            let loaded = load(&config)?;
+            let bus = connect(&loaded).await?;
+            match action {
+                DlqAction::List { trigger, json } => {
+                    let entries = dlq::list(&bus, &trigger).await?;
+                    if json {
+                        for entry in &entries {
+                            println!("{}", dlq::entry_json(entry));
+                        }
+                    } else {
+                        println!("{:>8}  {:<36}  {:<20}  {:>8}  {:>6}  {:>8}  error", "sequence", "event id", "reason", "attempts", "status", "replays");
+                        for entry in &entries {
+                            let dead_letter = &entry.dead_letter;
+                            println!(
+                                "{:>8}  {:<36}  {:<20}  {:>8}  {:>6}  {:>8}  {}",
+                                entry.sequence,
+                                dead_letter.event.id,
+                                dead_letter.reason,
+                                dead_letter.attempts,
+                                dead_letter.last_status.map_or("-".to_owned(), |status| status.to_string()),
+                                entry.replays.as_ref().map_or(0, |record| record.count),
+                                dead_letter.last_error
+                            );
+                        }
+                        println!("{} dead letters for trigger `{trigger}`", entries.len());
+                    }
+                    Ok(())
+                }
+                DlqAction::Show { trigger, sequence } => {
+                    let entry = dlq::show(&bus, &trigger, sequence).await?;
+                    println!("{}", serde_json::to_string_pretty(&dlq::entry_json(&entry))?);
+                    Ok(())
+                }
+                DlqAction::Replay {
+                    trigger,
+                    sequences,
+                    all,
+                    reason,
+                } => {
+                    let entries = if all {
+                        dlq::list(&bus, &trigger)
+                            .await?
+                            .into_iter()
+                            .filter(|entry| reason.as_ref().is_none_or(|reason| &entry.dead_letter.reason == reason))
+                            .collect()
+                    } else {
+                        if sequences.is_empty() {
+                            anyhow::bail!("name the dead letters to replay by sequence, or pass --all");
+                        }
+                        let mut entries = Vec::new();
+                        for sequence in sequences {
+                            entries.push(dlq::show(&bus, &trigger, sequence).await?);
+                        }
+                        entries
+                    };
+                    let replayed = dlq::replay(&bus, &trigger, &entries).await?;
+                    println!("replayed {replayed} dead letters to trigger `{trigger}`");
+                    Ok(())
+                }
+                DlqAction::Purge { trigger, sequences, all } => {
+                    if !all && sequences.is_empty() {
+                        anyhow::bail!("name the dead letters to purge by sequence, or pass --all");
+                    }
+                    let removed = dlq::purge(&bus, &trigger, if all { None } else { Some(&sequences) }).await?;
+                    println!("purged {removed} dead letters of trigger `{trigger}`");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

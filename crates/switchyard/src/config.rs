@@ -1,0 +1,512 @@
+//! The configuration file: TOML, with `${VAR}` and `${VAR:-default}` interpolated
+//! from the environment first. Every mistake is reported with the file, the line and
+//! the field; `switchyard validate` reports all the mistakes it can find at once.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use switchyard_bus::BusConfig;
+use switchyard_connector_http::HttpSourceConfig;
+use switchyard_dispatcher::{DispatcherConfig, TriggerConfig};
+use toml::Spanned;
+
+/// The whole configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// How to reach NATS and the streams' settings.
+    #[serde(default)]
+    pub nats: BusConfig,
+    /// The admin listener: health, readiness, metrics, trigger view.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub dispatcher: DispatcherConfig,
+    /// Where events come from.
+    #[serde(default)]
+    pub sources: Vec<Spanned<SourceConfig>>,
+    /// Where events go.
+    #[serde(default)]
+    pub functions: Vec<Spanned<FunctionConfig>>,
+    /// Which events go to which function.
+    #[serde(default)]
+    pub triggers: Vec<Spanned<TriggerConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; empty disables it.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `switchyard=debug,info`; `RUST_LOG`
+    /// overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A source, chosen by `type`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// CloudEvents over HTTP and webhooks.
+    Http(HttpSourceConfig),
+}
+
+impl SourceConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::Http(config) => &config.name,
+        }
+    }
+}
+
+/// A function, chosen by `type`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum FunctionConfig {
+    /// An HTTP endpoint that receives events in CloudEvents binary mode.
+    Http(HttpFunctionConfig),
+    /// Prints events to the log.
+    Log(LogFunctionConfig),
+}
+
+impl FunctionConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            FunctionConfig::Http(config) => &config.name,
+            FunctionConfig::Log(config) => &config.name,
+        }
+    }
+
+    pub fn max_concurrency(&self) -> usize {
+        match self {
+            FunctionConfig::Http(config) => config.max_concurrency,
+            FunctionConfig::Log(config) => config.max_concurrency,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFunctionConfig {
+    pub name: String,
+    /// Where events are POSTed.
+    pub url: String,
+    /// Per-invocation timeout (a trigger may override it).
+    #[serde(default = "default_function_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Invocations in flight at once in this process, over every trigger that
+    /// targets this function. Shrinks while the function answers 429/503.
+    #[serde(default = "default_function_concurrency")]
+    pub max_concurrency: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFunctionConfig {
+    pub name: String,
+    #[serde(default = "default_function_concurrency")]
+    pub max_concurrency: usize,
+}
+
+fn default_function_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_function_concurrency() -> usize {
+    64
+}
+
+/// One configuration mistake, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if let Some(field) = &self.field {
+            write!(formatter, "field `{field}`: ")?;
+        }
+        write!(formatter, "{}", self.message)
+    }
+}
+
+/// Every mistake found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.0.iter().enumerate() {
+            if index > 0 {
+                writeln!(formatter)?;
+            }
+            write!(formatter, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Line and column (1-based) of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |newline| offset - newline - 1) + 1;
+    (line, column)
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` with the environment's values; `$${` is a
+/// literal `${`. Comments are left alone.
+pub fn interpolate(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigErrors> {
+    let mut output = String::with_capacity(text.len());
+    let mut errors = Vec::new();
+    for (line_index, line) in text.split_inclusive('\n').enumerate() {
+        let comment_start = comment_start(line);
+        let (code, comment) = line.split_at(comment_start);
+        let mut rest = code;
+        while let Some(start) = rest.find('$') {
+            output.push_str(&rest[..start]);
+            let after = &rest[start..];
+            if after.starts_with("$${") {
+                output.push_str("${");
+                rest = &after[3..];
+                continue;
+            }
+            if !after.starts_with("${") {
+                output.push('$');
+                rest = &after[1..];
+                continue;
+            }
+            let Some(end) = after.find('}') else {
+                errors.push(ConfigError {
+                    file: file.to_owned(),
+                    line: line_index + 1,
+                    column: code.len() - rest.len() + start + 1,
+                    field: None,
+                    message: "unclosed `${` (write `$${` for a literal)".to_owned(),
+                });
+                output.push_str(after);
+                rest = "";
+                break;
+            };
+            let expression = &after[2..end];
+            let (name, default) = match expression.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (expression, None),
+            };
+            match (env(name).filter(|value| !value.is_empty()), default) {
+                (Some(value), _) => output.push_str(&value),
+                (None, Some(default)) => output.push_str(default),
+                (None, None) => errors.push(ConfigError {
+                    file: file.to_owned(),
+                    line: line_index + 1,
+                    column: code.len() - rest.len() + start + 1,
+                    field: None,
+                    message: format!("environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"),
+                }),
+            }
+            rest = &after[end + 1..];
+        }
+        output.push_str(rest);
+        output.push_str(comment);
+    }
+    if errors.is_empty() {
+        Ok(output)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Byte offset where a line's comment starts (outside strings), or its length.
+fn comment_start(line: &str) -> usize {
+    let mut in_basic = false;
+    let mut in_literal = false;
+    let mut escaped = false;
+    for (index, character) in line.char_indices() {
+        match character {
+            '\\' if in_basic && !escaped => {
+                escaped = true;
+                continue;
+            }
+            '"' if !in_literal && !escaped => in_basic = !in_basic,
+            '\'' if !in_basic => in_literal = !in_literal,
+            '#' if !in_basic && !in_literal => return index,
+            _ => {}
+        }
+        escaped = false;
+    }
+    line.len()
+}
+
+/// Reads, interpolates, parses and validates a configuration file.
+pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(file).map_err(|error| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            field: None,
+            message: format!("cannot read the file: {error}"),
+        }])
+    })?;
+    parse(file, &text, &|name| std::env::var(name).ok())
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let text = interpolate(file, text, env)?;
+    let config: Config = toml::from_str(&text).map_err(|error| {
+        let (line, column) = error.span().map_or((0, 0), |span| position(&text, span.start));
+        let field = error.span().and_then(|span| key_at(&text, span.clone()));
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            field,
+            message: error.message().trim().to_owned(),
+        }])
+    })?;
+    let errors = validate(file, &text, &config);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The key of the `key = value` line an error span starts on, if any.
+fn key_at(text: &str, span: Range<usize>) -> Option<String> {
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |newline| newline + 1);
+    let line_end = text[line_start..].find('\n').map_or(text.len(), |newline| line_start + newline);
+    let line = &text[line_start..line_end];
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let valid = !key.is_empty()
+        && key
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || "_-.\"".contains(character));
+    valid.then(|| key.trim_matches('"').to_owned())
+}
+
+/// Locates `field` inside the table spanning `span`: the line where `field = ...` is
+/// written, or the table's first line.
+fn locate(file: &Path, text: &str, span: Range<usize>, field: &str, message: String) -> ConfigError {
+    let table = &text[span.start.min(text.len())..span.end.min(text.len())];
+    let mut offset = span.start;
+    for line in table.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(field)
+            && rest.trim_start().starts_with('=')
+        {
+            offset += line.len() - trimmed.len();
+            break;
+        }
+        offset += line.len();
+    }
+    if offset >= span.end {
+        offset = span.start;
+    }
+    let (line, column) = position(text, offset);
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        column,
+        field: Some(field.to_owned()),
+        message,
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || character == '-' || character == '_')
+}
+
+/// Checks what parsing cannot: names, references between sections, addresses, URLs.
+fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let mut function_names = HashSet::new();
+    for function in &config.functions {
+        let span = function.span();
+        let function = function.get_ref();
+        let name = function.name();
+        if !valid_name(name) {
+            errors.push(locate(file, text, span.clone(), "name", format!("`{name}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`")));
+        }
+        if !function_names.insert(name.to_owned()) {
+            errors.push(locate(file, text, span.clone(), "name", format!("function `{name}` is defined twice")));
+        }
+        if function.max_concurrency() == 0 {
+            errors.push(locate(file, text, span.clone(), "max_concurrency", "must be at least 1".to_owned()));
+        }
+        if let FunctionConfig::Http(http) = function {
+            match reqwest::Url::parse(&http.url) {
+                Ok(url) if url.scheme() == "http" => {}
+                Ok(url) => errors.push(locate(file, text, span.clone(), "url", format!("scheme `{}` is not supported, use http://", url.scheme()))),
+                Err(error) => errors.push(locate(file, text, span.clone(), "url", format!("`{}` is not a valid URL: {error}", http.url))),
+            }
+        }
+    }
+    let mut trigger_names = HashSet::new();
+    let mut known: Vec<&str> = function_names.iter().map(String::as_str).collect();
+    known.sort_unstable();
+    for trigger in &config.triggers {
+        let span = trigger.span();
+        let trigger = trigger.get_ref();
+        if !valid_name(&trigger.name) {
+            errors.push(locate(file, text, span.clone(), "name", format!("`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`", trigger.name)));
+        }
+        if !trigger_names.insert(trigger.name.clone()) {
+            errors.push(locate(file, text, span.clone(), "name", format!("trigger `{}` is defined twice", trigger.name)));
+        }
+        if !function_names.contains(&trigger.function) {
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "function",
+                format!("trigger `{}` targets unknown function `{}` (known: {})", trigger.name, trigger.function, if known.is_empty() { "none".to_owned() } else { known.join(", ") }),
+            ));
+        }
+        if trigger.max_concurrency == 0 {
+            errors.push(locate(file, text, span.clone(), "max_concurrency", "must be at least 1".to_owned()));
+        }
+        if trigger.ack_wait < Duration::from_secs(1) {
+            errors.push(locate(file, text, span.clone(), "ack_wait", "must be at least 1s".to_owned()));
+        }
+        if trigger.retry.attempts == 0 {
+            errors.push(locate(file, text, span.clone(), "retry", "`attempts` must be at least 1".to_owned()));
+        }
+    }
+    let mut source_names = HashSet::new();
+    let mut listeners: HashMap<SocketAddr, String> = HashMap::new();
+    for source in &config.sources {
+        let span = source.span();
+        let source = source.get_ref();
+        if !valid_name(source.name()) {
+            errors.push(locate(file, text, span.clone(), "name", format!("`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`", source.name())));
+        }
+        if !source_names.insert(source.name().to_owned()) {
+            errors.push(locate(file, text, span.clone(), "name", format!("source `{}` is defined twice", source.name())));
+        }
+        match source {
+            SourceConfig::Http(http) => {
+                match http.listen.parse::<SocketAddr>() {
+                    Ok(address) => {
+                        if let Some(other) = listeners.insert(address, http.name.clone()) {
+                            errors.push(locate(file, text, span.clone(), "listen", format!("`{address}` is already the listener of source `{other}`")));
+                        }
+                    }
+                    Err(_) => errors.push(locate(file, text, span.clone(), "listen", format!("`{}` is not an address like 127.0.0.1:8080", http.listen))),
+                }
+                let mut hook_names = HashSet::new();
+                for hook in &http.hooks {
+                    if !valid_name(&hook.name) {
+                        errors.push(locate(file, text, span.clone(), "name", format!("hook `{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`", hook.name)));
+                    }
+                    if !hook_names.insert(hook.name.clone()) {
+                        errors.push(locate(file, text, span.clone(), "name", format!("hook `{}` is defined twice", hook.name)));
+                    }
+                    if hook.event_type.is_empty() {
+                        errors.push(locate(file, text, span.clone(), "event_type", format!("hook `{}` needs a non-empty event_type", hook.name)));
+                    }
+                }
+            }
+        }
+    }
+    if !config.admin.listen.is_empty() && config.admin.listen.parse::<SocketAddr>().is_err() {
+        errors.push(ConfigError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            field: Some("admin.listen".to_owned()),
+            message: format!("`{}` is not an address like 127.0.0.1:9090", config.admin.listen),
+        });
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "HOST" => Some("example.org".to_owned()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn interpolation() {
+        let file = Path::new("c.toml");
+        let text = "a = \"${HOST}\"\nb = \"${PORT:-4222}\" # ${NOT_SET}\nc = \"$${HOST} $5\"\n";
+        assert_eq!(
+            interpolate(file, text, &env).unwrap(),
+            "a = \"example.org\"\nb = \"4222\" # ${NOT_SET}\nc = \"${HOST} $5\"\n"
+        );
+        let error = interpolate(file, "\n\nx = \"${MISSING}\"", &env).unwrap_err();
+        assert_eq!(error.0[0].line, 3);
+        assert!(error.0[0].to_string().starts_with("c.toml:3:6: environment variable `MISSING` is not set"), "{error}");
+    }
+}

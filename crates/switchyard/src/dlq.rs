@@ -1,0 +1,214 @@
+//! Dead-letter operations behind `switchyard dlq`: list a trigger's dead letters,
+//! show one whole, replay some back to their trigger, purge them.
+//!
+//! A replay publishes the event to the trigger's replay subject with a fresh
+//! `Nats-Msg-Id`, so the duplicate window does not swallow it and no other trigger
+//! sees it again. The dead letter stays in place and the replay is recorded beside it
+//! (key-value bucket `SWITCHYARD_DLQ_REPLAYS`), so `list` shows what was replayed.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use switchyard_bus::async_nats::jetstream::{self, consumer::pull, kv};
+use switchyard_bus::{Bus, DeadLetter};
+
+pub const REPLAYS_BUCKET: &str = "SWITCHYARD_DLQ_REPLAYS";
+
+/// A record of a dead letter's replays.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplayRecord {
+    pub count: u64,
+    pub last_replayed_at: String,
+}
+
+/// One dead letter with its place in the dead-letter stream.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub sequence: u64,
+    pub dead_letter: DeadLetter,
+    pub replays: Option<ReplayRecord>,
+}
+
+async fn replays_bucket(bus: &Bus) -> anyhow::Result<kv::Store> {
+    bus.jetstream()
+        .create_or_update_key_value(kv::Config {
+            bucket: REPLAYS_BUCKET.to_owned(),
+            description: "replays of dead letters".to_owned(),
+            history: 1,
+            max_age: Duration::from_secs(90 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .context("opening the replays bucket")
+}
+
+fn replay_key(trigger: &str, sequence: u64) -> String {
+    format!("{trigger}.{sequence}")
+}
+
+async fn dead_letter_stream(bus: &Bus) -> anyhow::Result<jetstream::stream::Stream> {
+    bus.jetstream()
+        .get_stream(bus.dead_letter_stream())
+        .await
+        .with_context(|| format!("opening stream `{}`", bus.dead_letter_stream()))
+}
+
+/// Every dead letter of `trigger`, oldest first.
+pub async fn list(bus: &Bus, trigger: &str) -> anyhow::Result<Vec<Entry>> {
+    let stream = dead_letter_stream(bus).await?;
+    let replays = replays_bucket(bus).await?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: bus.subjects().dead_letter(trigger),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .context("reading the dead letters")?;
+    let mut remaining = consumer.cached_info().num_pending;
+    let mut entries = Vec::new();
+    while remaining > 0 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(remaining.min(512) as usize)
+            .messages()
+            .await
+            .context("reading the dead letters")?;
+        let mut received = 0;
+        while let Some(message) = batch.next().await {
+            let message = message.map_err(|error| anyhow::anyhow!("reading the dead letters: {error}"))?;
+            received += 1;
+            let sequence = message.info().map(|info| info.stream_sequence).unwrap_or_default();
+            match DeadLetter::from_message(message.headers.as_ref(), message.payload.clone()) {
+                Ok(dead_letter) => {
+                    let replays = replays
+                        .get(replay_key(trigger, sequence))
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|value| serde_json::from_slice(&value).ok());
+                    entries.push(Entry {
+                        sequence,
+                        dead_letter,
+                        replays,
+                    });
+                }
+                Err(error) => tracing::warn!(sequence, %error, "dead letter is not a valid cloudevent; use `dlq show` on it"),
+            }
+        }
+        if received == 0 {
+            break;
+        }
+        remaining = remaining.saturating_sub(received);
+    }
+    Ok(entries)
+}
+
+/// One dead letter by its sequence in the dead-letter stream.
+pub async fn show(bus: &Bus, trigger: &str, sequence: u64) -> anyhow::Result<Entry> {
+    let stream = dead_letter_stream(bus).await?;
+    let message = stream
+        .get_raw_message(sequence)
+        .await
+        .with_context(|| format!("no dead letter with sequence {sequence}"))?;
+    if message.subject.as_str() != bus.subjects().dead_letter(trigger) {
+        bail!("dead letter {sequence} belongs to another trigger (subject `{}`)", message.subject);
+    }
+    let dead_letter = DeadLetter::from_message(Some(&message.headers), message.payload.clone())
+        .with_context(|| format!("dead letter {sequence} is not a valid cloudevent"))?;
+    let replays = replays_bucket(bus)
+        .await?
+        .get(replay_key(trigger, sequence))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|value| serde_json::from_slice(&value).ok());
+    Ok(Entry {
+        sequence,
+        dead_letter,
+        replays,
+    })
+}
+
+/// Replays dead letters to their trigger, waiting for each publish to be stored, and
+/// records each replay. Returns how many were replayed.
+pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Result<usize> {
+    let replays = replays_bucket(bus).await?;
+    let now = time::OffsetDateTime::now_utc();
+    for entry in entries {
+        let replay_id = format!("replay {} {} {}", trigger, entry.sequence, now.unix_timestamp_nanos());
+        let ack = bus
+            .send_replay(trigger, &entry.dead_letter.event, &replay_id)
+            .await
+            .with_context(|| format!("replaying dead letter {}", entry.sequence))?;
+        ack.await
+            .with_context(|| format!("replaying dead letter {}", entry.sequence))?;
+        let record = ReplayRecord {
+            count: entry.replays.as_ref().map_or(0, |record| record.count) + 1,
+            last_replayed_at: now
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        };
+        replays
+            .put(replay_key(trigger, entry.sequence), serde_json::to_vec(&record)?.into())
+            .await
+            .with_context(|| format!("recording the replay of dead letter {}", entry.sequence))?;
+    }
+    Ok(entries.len())
+}
+
+/// Removes the given dead letters, or every dead letter of the trigger when
+/// `sequences` is `None`. Returns how many were removed.
+pub async fn purge(bus: &Bus, trigger: &str, sequences: Option<&[u64]>) -> anyhow::Result<u64> {
+    let stream = dead_letter_stream(bus).await?;
+    match sequences {
+        None => {
+            let response = stream
+                .purge()
+                .filter(bus.subjects().dead_letter(trigger))
+                .await
+                .context("purging dead letters")?;
+            Ok(response.purged)
+        }
+        Some(sequences) => {
+            let mut removed = 0;
+            for &sequence in sequences {
+                // Refuse to delete another trigger's dead letter by mistake.
+                show(bus, trigger, sequence).await?;
+                if stream
+                    .delete_message(sequence)
+                    .await
+                    .with_context(|| format!("deleting dead letter {sequence}"))?
+                {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        }
+    }
+}
+
+/// A dead letter as JSON, for `dlq show`.
+pub fn entry_json(entry: &Entry) -> serde_json::Value {
+    let dead_letter = &entry.dead_letter;
+    let event: serde_json::Value =
+        serde_json::from_slice(&switchyard_event::to_structured_json(&dead_letter.event)).unwrap_or_default();
+    serde_json::json!({
+        "sequence": entry.sequence,
+        "trigger": dead_letter.trigger,
+        "function": dead_letter.function,
+        "reason": dead_letter.reason,
+        "attempts": dead_letter.attempts,
+        "last_status": dead_letter.last_status,
+        "last_error": dead_letter.last_error,
+        "first_attempt_at": dead_letter.first_attempt_at,
+        "last_attempt_at": dead_letter.last_attempt_at,
+        "received_at": dead_letter.received_at,
+        "replays": entry.replays,
+        "event": event,
+    })
+}

@@ -1,0 +1,207 @@
+//! The `switchyard` binary's library: loads the configuration, connects the bus,
+//! starts the dispatcher, the sources and the admin listener, and stops them in order
+//! on shutdown (sources first, so nothing new is accepted; then the dispatcher drains).
+
+pub mod admin;
+pub mod config;
+pub mod dlq;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use switchyard_bus::Bus;
+use switchyard_connector_http::HttpSourceMetrics;
+use switchyard_dispatcher::{AdaptiveLimit, Dispatcher, DispatcherMetrics, FunctionRuntime};
+use switchyard_event::{EventSink, Target};
+use switchyard_targets::{HttpTarget, LogTarget, http_client};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, ConfigErrors};
+
+/// A running Switchyard: where it listens and how to stop it.
+pub struct Running {
+    /// Bound address of each HTTP source, by source name.
+    pub sources: HashMap<String, SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight invocations and waits until everything ended.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("switchyard task panicked")?
+    }
+}
+
+/// Connects to NATS, retrying until it answers or `shutdown` fires.
+async fn connect_bus(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<Bus>> {
+    let mut attempt: u32 = 0;
+    loop {
+        match Bus::connect(&config.nats).await {
+            Ok(bus) => return Ok(Some(bus)),
+            Err(error) => {
+                attempt += 1;
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::warn!(%error, attempt, "nats unreachable, retrying");
+                }
+                let pause = Duration::from_millis(200 * u64::from(attempt.min(10)));
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.cancelled() => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+/// Starts everything the configuration describes. Listeners are bound before this
+/// returns; the bus connection and stream setup continue in the background, and
+/// `/readyz` turns ready once they are done.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut registry = Registry::with_prefix("switchyard");
+    let source_metrics = HttpSourceMetrics::default();
+    source_metrics.register(&mut registry);
+    let dispatcher_metrics = DispatcherMetrics::default();
+    dispatcher_metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let mut source_listeners = Vec::new();
+    let mut sources = HashMap::new();
+    for source in &config.sources {
+        match source.get_ref() {
+            config::SourceConfig::Http(http) => {
+                let listener = tokio::net::TcpListener::bind(&http.listen)
+                    .await
+                    .with_context(|| format!("source `{}`: cannot listen on `{}`", http.name, http.listen))?;
+                sources.insert(http.name.clone(), listener.local_addr()?);
+                source_listeners.push((http.clone(), listener));
+            }
+        }
+    }
+    let admin_state = admin::AdminState::new(registry.clone(), ready.clone());
+    let admin_address = if config.admin.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&config.admin.listen)
+            .await
+            .with_context(|| format!("admin: cannot listen on `{}`", config.admin.listen))?;
+        let address = listener.local_addr()?;
+        let router = admin::router(admin_state.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        Some(address)
+    };
+
+    let task_shutdown = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let Some(bus) = connect_bus(&config, &task_shutdown).await? else {
+            return Ok(());
+        };
+        loop {
+            match bus.ensure_streams().await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "stream setup failed, retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = task_shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        }
+        let client = http_client();
+        let mut functions = HashMap::new();
+        for function in &config.functions {
+            let function = function.get_ref();
+            let (target, timeout): (Arc<dyn Target>, Duration) = match function {
+                config::FunctionConfig::Http(http) => (
+                    Arc::new(HttpTarget::new(
+                        http.name.clone(),
+                        reqwest::Url::parse(&http.url).with_context(|| format!("function `{}`: bad url", http.name))?,
+                        client.clone(),
+                    )),
+                    http.timeout,
+                ),
+                config::FunctionConfig::Log(log) => (Arc::new(LogTarget::new(log.name.clone())), Duration::from_secs(5)),
+            };
+            functions.insert(
+                function.name().to_owned(),
+                Arc::new(FunctionRuntime {
+                    name: function.name().to_owned(),
+                    target,
+                    timeout,
+                    limit: AdaptiveLimit::new(function.max_concurrency()),
+                }),
+            );
+        }
+        let triggers = config.triggers.iter().map(|trigger| trigger.get_ref().clone()).collect();
+        // Consumers exist before any source accepts an event, so a new trigger that
+        // starts at `new` sees every event accepted from now on.
+        let dispatcher = Dispatcher::new(bus.clone(), config.dispatcher.clone(), triggers, functions, dispatcher_metrics)
+            .await
+            .context("starting the dispatcher")?;
+        admin_state.set_dispatcher(dispatcher.view(), bus.clone());
+        let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
+        let source_shutdown = CancellationToken::new();
+        let mut servers = Vec::new();
+        for (http, listener) in source_listeners {
+            let router = switchyard_connector_http::router(http.clone(), sink.clone(), source_metrics.clone());
+            let stop = source_shutdown.clone();
+            tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
+            servers.push(tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            }));
+        }
+        ready.store(true, Ordering::SeqCst);
+        tracing::info!(triggers = config.triggers.len(), sources = config.sources.len(), "switchyard ready");
+        let dispatcher_shutdown = CancellationToken::new();
+        let dispatching = tokio::spawn(dispatcher.run(dispatcher_shutdown.clone()));
+        task_shutdown.cancelled().await;
+        ready.store(false, Ordering::SeqCst);
+        tracing::info!("shutting down: closing sources");
+        source_shutdown.cancel();
+        for server in servers {
+            let _ = server.await;
+        }
+        tracing::info!("shutting down: draining the dispatcher");
+        dispatcher_shutdown.cancel();
+        let _ = dispatching.await;
+        // Acks and NAKs sent while draining must reach the server before we leave.
+        let _ = bus.client().flush().await;
+        tracing::info!("switchyard stopped");
+        Ok(())
+    });
+    Ok(Running {
+        sources,
+        admin: admin_address,
+        shutdown,
+        task,
+    })
+}
+
+/// Installs the log subscriber described by the configuration.
+pub fn init_logging(config: &config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.format {
+        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,8 @@
+# Shared settings of Switchyard's scripts; sourced, not run.
+# Everything installed or built goes under SWITCHYARD_CACHE, outside the clone, so a
+# fresh clone on the same machine reuses it.
+SWITCHYARD_CACHE="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SWITCHYARD_CACHE/target}"
+NATS_SERVER_VERSION="2.15.1"
+NATS_SERVER_DIR="$SWITCHYARD_CACHE/nats-server-$NATS_SERVER_VERSION"
+export SWITCHYARD_NATS_SERVER="${SWITCHYARD_NATS_SERVER:-$NATS_SERVER_DIR/bin/nats-server}"
