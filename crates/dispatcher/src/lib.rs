@@ -424,13 +424,16 @@ async fn pull_loop(
                 None => break,
             }
         }
-        let batch = trigger
+        let request = trigger
             .consumer
             .batch()
             .max_messages(permits.len())
             .expires(PULL_EXPIRES)
-            .messages()
-            .await;
+            .messages();
+        let batch = tokio::select! {
+            batch = request => batch,
+            () = shutdown.cancelled() => break 'pulling,
+        };
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(error) => {
@@ -495,7 +498,11 @@ async fn lag_loop(trigger: Arc<TriggerRuntime>, shared: Arc<Shared>, shutdown: C
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        if let Ok(info) = trigger.consumer.get_info().await {
+        let info = tokio::select! {
+            info = trigger.consumer.get_info() => info,
+            () = shutdown.cancelled() => return,
+        };
+        if let Ok(info) = info {
             trigger.lag.store(info.num_pending, Ordering::Relaxed);
             shared
                 .metrics

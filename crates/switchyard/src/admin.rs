@@ -45,23 +45,41 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let connected = state.running.get().is_some_and(|(_, bus)| bus.is_connected());
+    let connected = state
+        .running
+        .get()
+        .is_some_and(|(_, bus)| bus.is_connected());
     if state.ready.load(Ordering::SeqCst) && connected {
         (StatusCode::OK, "ready\n").into_response()
     } else if !connected && state.ready.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: disconnected from nats\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: disconnected from nats\n",
+        )
+            .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: connecting to nats and setting up streams\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: connecting to nats and setting up streams\n",
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {error}\n")).into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics failed: {error}\n"),
+        )
+            .into_response();
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
         .into_response()

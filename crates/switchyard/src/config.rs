@@ -177,7 +177,13 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(formatter, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        write!(
+            formatter,
+            "{}:{}:{}: ",
+            self.file.display(),
+            self.line,
+            self.column
+        )?;
         if let Some(field) = &self.field {
             write!(formatter, "field `{field}`: ")?;
         }
@@ -208,13 +214,20 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(offset, |newline| offset - newline - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(offset, |newline| offset - newline - 1)
+        + 1;
     (line, column)
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` with the environment's values; `$${` is a
 /// literal `${`. Comments are left alone.
-pub fn interpolate(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigErrors> {
+pub fn interpolate(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigErrors> {
     let mut output = String::with_capacity(text.len());
     let mut errors = Vec::new();
     for (line_index, line) in text.split_inclusive('\n').enumerate() {
@@ -310,10 +323,16 @@ pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
-pub fn parse(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+pub fn parse(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
     let text = interpolate(file, text, env)?;
     let config: Config = toml::from_str(&text).map_err(|error| {
-        let (line, column) = error.span().map_or((0, 0), |span| position(&text, span.start));
+        let (line, column) = error
+            .span()
+            .map_or((0, 0), |span| position(&text, span.start));
         let field = error.span().and_then(|span| key_at(&text, span.clone()));
         ConfigErrors(vec![ConfigError {
             file: file.to_owned(),
@@ -335,7 +354,9 @@ pub fn parse(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
 fn key_at(text: &str, span: Range<usize>) -> Option<String> {
     let start = span.start.min(text.len());
     let line_start = text[..start].rfind('\n').map_or(0, |newline| newline + 1);
-    let line_end = text[line_start..].find('\n').map_or(text.len(), |newline| line_start + newline);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |newline| line_start + newline);
     let line = &text[line_start..line_end];
     let (key, _) = line.split_once('=')?;
     let key = key.trim();
@@ -348,7 +369,13 @@ fn key_at(text: &str, span: Range<usize>) -> Option<String> {
 
 /// Locates `field` inside the table spanning `span`: the line where `field = ...` is
 /// written, or the table's first line.
-fn locate(file: &Path, text: &str, span: Range<usize>, field: &str, message: String) -> ConfigError {
+fn locate(
+    file: &Path,
+    text: &str,
+    span: Range<usize>,
+    field: &str,
+    message: String,
+) -> ConfigError {
     let table = &text[span.start.min(text.len())..span.end.min(text.len())];
     let mut offset = span.start;
     for line in table.split_inclusive('\n') {
@@ -377,9 +404,9 @@ fn locate(file: &Path, text: &str, span: Range<usize>, field: &str, message: Str
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .chars()
-            .all(|character| character.is_ascii_alphanumeric() || character == '-' || character == '_')
+        && name.chars().all(|character| {
+            character.is_ascii_alphanumeric() || character == '-' || character == '_'
+        })
 }
 
 /// Checks what parsing cannot: names, references between sections, addresses, URLs.
@@ -391,19 +418,49 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         let function = function.get_ref();
         let name = function.name();
         if !valid_name(name) {
-            errors.push(locate(file, text, span.clone(), "name", format!("`{name}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`")));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "name",
+                format!("`{name}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`"),
+            ));
         }
         if !function_names.insert(name.to_owned()) {
-            errors.push(locate(file, text, span.clone(), "name", format!("function `{name}` is defined twice")));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "name",
+                format!("function `{name}` is defined twice"),
+            ));
         }
         if function.max_concurrency() == 0 {
-            errors.push(locate(file, text, span.clone(), "max_concurrency", "must be at least 1".to_owned()));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "max_concurrency",
+                "must be at least 1".to_owned(),
+            ));
         }
         if let FunctionConfig::Http(http) = function {
             match reqwest::Url::parse(&http.url) {
                 Ok(url) if url.scheme() == "http" => {}
-                Ok(url) => errors.push(locate(file, text, span.clone(), "url", format!("scheme `{}` is not supported, use http://", url.scheme()))),
-                Err(error) => errors.push(locate(file, text, span.clone(), "url", format!("`{}` is not a valid URL: {error}", http.url))),
+                Ok(url) => errors.push(locate(
+                    file,
+                    text,
+                    span.clone(),
+                    "url",
+                    format!("scheme `{}` is not supported, use http://", url.scheme()),
+                )),
+                Err(error) => errors.push(locate(
+                    file,
+                    text,
+                    span.clone(),
+                    "url",
+                    format!("`{}` is not a valid URL: {error}", http.url),
+                )),
             }
         }
     }
@@ -414,10 +471,25 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         let span = trigger.span();
         let trigger = trigger.get_ref();
         if !valid_name(&trigger.name) {
-            errors.push(locate(file, text, span.clone(), "name", format!("`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`", trigger.name)));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "name",
+                format!(
+                    "`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`",
+                    trigger.name
+                ),
+            ));
         }
         if !trigger_names.insert(trigger.name.clone()) {
-            errors.push(locate(file, text, span.clone(), "name", format!("trigger `{}` is defined twice", trigger.name)));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "name",
+                format!("trigger `{}` is defined twice", trigger.name),
+            ));
         }
         if !function_names.contains(&trigger.function) {
             errors.push(locate(
@@ -425,17 +497,44 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 text,
                 span.clone(),
                 "function",
-                format!("trigger `{}` targets unknown function `{}` (known: {})", trigger.name, trigger.function, if known.is_empty() { "none".to_owned() } else { known.join(", ") }),
+                format!(
+                    "trigger `{}` targets unknown function `{}` (known: {})",
+                    trigger.name,
+                    trigger.function,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
             ));
         }
         if trigger.max_concurrency == 0 {
-            errors.push(locate(file, text, span.clone(), "max_concurrency", "must be at least 1".to_owned()));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "max_concurrency",
+                "must be at least 1".to_owned(),
+            ));
         }
         if trigger.ack_wait < Duration::from_secs(1) {
-            errors.push(locate(file, text, span.clone(), "ack_wait", "must be at least 1s".to_owned()));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "ack_wait",
+                "must be at least 1s".to_owned(),
+            ));
         }
         if trigger.retry.attempts == 0 {
-            errors.push(locate(file, text, span.clone(), "retry", "`attempts` must be at least 1".to_owned()));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "retry",
+                "`attempts` must be at least 1".to_owned(),
+            ));
         }
     }
     let mut source_names = HashSet::new();
@@ -444,20 +543,47 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         let span = source.span();
         let source = source.get_ref();
         if !valid_name(source.name()) {
-            errors.push(locate(file, text, span.clone(), "name", format!("`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`", source.name())));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "name",
+                format!(
+                    "`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`",
+                    source.name()
+                ),
+            ));
         }
         if !source_names.insert(source.name().to_owned()) {
-            errors.push(locate(file, text, span.clone(), "name", format!("source `{}` is defined twice", source.name())));
+            errors.push(locate(
+                file,
+                text,
+                span.clone(),
+                "name",
+                format!("source `{}` is defined twice", source.name()),
+            ));
         }
         match source {
             SourceConfig::Http(http) => {
                 match http.listen.parse::<SocketAddr>() {
                     Ok(address) => {
                         if let Some(other) = listeners.insert(address, http.name.clone()) {
-                            errors.push(locate(file, text, span.clone(), "listen", format!("`{address}` is already the listener of source `{other}`")));
+                            errors.push(locate(
+                                file,
+                                text,
+                                span.clone(),
+                                "listen",
+                                format!("`{address}` is already the listener of source `{other}`"),
+                            ));
                         }
                     }
-                    Err(_) => errors.push(locate(file, text, span.clone(), "listen", format!("`{}` is not an address like 127.0.0.1:8080", http.listen))),
+                    Err(_) => errors.push(locate(
+                        file,
+                        text,
+                        span.clone(),
+                        "listen",
+                        format!("`{}` is not an address like 127.0.0.1:8080", http.listen),
+                    )),
                 }
                 let mut hook_names = HashSet::new();
                 for hook in &http.hooks {
@@ -465,10 +591,22 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                         errors.push(locate(file, text, span.clone(), "name", format!("hook `{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`", hook.name)));
                     }
                     if !hook_names.insert(hook.name.clone()) {
-                        errors.push(locate(file, text, span.clone(), "name", format!("hook `{}` is defined twice", hook.name)));
+                        errors.push(locate(
+                            file,
+                            text,
+                            span.clone(),
+                            "name",
+                            format!("hook `{}` is defined twice", hook.name),
+                        ));
                     }
                     if hook.event_type.is_empty() {
-                        errors.push(locate(file, text, span.clone(), "event_type", format!("hook `{}` needs a non-empty event_type", hook.name)));
+                        errors.push(locate(
+                            file,
+                            text,
+                            span.clone(),
+                            "event_type",
+                            format!("hook `{}` needs a non-empty event_type", hook.name),
+                        ));
                     }
                 }
             }
@@ -480,7 +618,10 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             line: 0,
             column: 0,
             field: Some("admin.listen".to_owned()),
-            message: format!("`{}` is not an address like 127.0.0.1:9090", config.admin.listen),
+            message: format!(
+                "`{}` is not an address like 127.0.0.1:9090",
+                config.admin.listen
+            ),
         });
     }
     errors
@@ -507,6 +648,11 @@ mod tests {
         );
         let error = interpolate(file, "\n\nx = \"${MISSING}\"", &env).unwrap_err();
         assert_eq!(error.0[0].line, 3);
-        assert!(error.0[0].to_string().starts_with("c.toml:3:6: environment variable `MISSING` is not set"), "{error}");
+        assert!(
+            error.0[0]
+                .to_string()
+                .starts_with("c.toml:3:6: environment variable `MISSING` is not set"),
+            "{error}"
+        );
     }
 }

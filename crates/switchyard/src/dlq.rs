@@ -80,9 +80,13 @@ pub async fn list(bus: &Bus, trigger: &str) -> anyhow::Result<Vec<Entry>> {
             .context("reading the dead letters")?;
         let mut received = 0;
         while let Some(message) = batch.next().await {
-            let message = message.map_err(|error| anyhow::anyhow!("reading the dead letters: {error}"))?;
+            let message =
+                message.map_err(|error| anyhow::anyhow!("reading the dead letters: {error}"))?;
             received += 1;
-            let sequence = message.info().map(|info| info.stream_sequence).unwrap_or_default();
+            let sequence = message
+                .info()
+                .map(|info| info.stream_sequence)
+                .unwrap_or_default();
             match DeadLetter::from_message(message.headers.as_ref(), message.payload.clone()) {
                 Ok(dead_letter) => {
                     let replays = replays
@@ -97,7 +101,9 @@ pub async fn list(bus: &Bus, trigger: &str) -> anyhow::Result<Vec<Entry>> {
                         replays,
                     });
                 }
-                Err(error) => tracing::warn!(sequence, %error, "dead letter is not a valid cloudevent; use `dlq show` on it"),
+                Err(error) => {
+                    tracing::warn!(sequence, %error, "dead letter is not a valid cloudevent; use `dlq show` on it")
+                }
             }
         }
         if received == 0 {
@@ -116,7 +122,10 @@ pub async fn show(bus: &Bus, trigger: &str, sequence: u64) -> anyhow::Result<Ent
         .await
         .with_context(|| format!("no dead letter with sequence {sequence}"))?;
     if message.subject.as_str() != bus.subjects().dead_letter(trigger) {
-        bail!("dead letter {sequence} belongs to another trigger (subject `{}`)", message.subject);
+        bail!(
+            "dead letter {sequence} belongs to another trigger (subject `{}`)",
+            message.subject
+        );
     }
     let dead_letter = DeadLetter::from_message(Some(&message.headers), message.payload.clone())
         .with_context(|| format!("dead letter {sequence} is not a valid cloudevent"))?;
@@ -140,7 +149,12 @@ pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Resu
     let replays = replays_bucket(bus).await?;
     let now = time::OffsetDateTime::now_utc();
     for entry in entries {
-        let replay_id = format!("replay {} {} {}", trigger, entry.sequence, now.unix_timestamp_nanos());
+        let replay_id = format!(
+            "replay {} {} {}",
+            trigger,
+            entry.sequence,
+            now.unix_timestamp_nanos()
+        );
         let ack = bus
             .send_replay(trigger, &entry.dead_letter.event, &replay_id)
             .await
@@ -154,7 +168,10 @@ pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Resu
                 .unwrap_or_default(),
         };
         replays
-            .put(replay_key(trigger, entry.sequence), serde_json::to_vec(&record)?.into())
+            .put(
+                replay_key(trigger, entry.sequence),
+                serde_json::to_vec(&record)?.into(),
+            )
             .await
             .with_context(|| format!("recording the replay of dead letter {}", entry.sequence))?;
     }
@@ -196,7 +213,8 @@ pub async fn purge(bus: &Bus, trigger: &str, sequences: Option<&[u64]>) -> anyho
 pub fn entry_json(entry: &Entry) -> serde_json::Value {
     let dead_letter = &entry.dead_letter;
     let event: serde_json::Value =
-        serde_json::from_slice(&switchyard_event::to_structured_json(&dead_letter.event)).unwrap_or_default();
+        serde_json::from_slice(&switchyard_event::to_structured_json(&dead_letter.event))
+            .unwrap_or_default();
     serde_json::json!({
         "sequence": entry.sequence,
         "trigger": dead_letter.trigger,

@@ -82,7 +82,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config::SourceConfig::Http(http) => {
                 let listener = tokio::net::TcpListener::bind(&http.listen)
                     .await
-                    .with_context(|| format!("source `{}`: cannot listen on `{}`", http.name, http.listen))?;
+                    .with_context(|| {
+                        format!("source `{}`: cannot listen on `{}`", http.name, http.listen)
+                    })?;
                 sources.insert(http.name.clone(), listener.local_addr()?);
                 source_listeners.push((http.clone(), listener));
             }
@@ -131,12 +133,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 config::FunctionConfig::Http(http) => (
                     Arc::new(HttpTarget::new(
                         http.name.clone(),
-                        reqwest::Url::parse(&http.url).with_context(|| format!("function `{}`: bad url", http.name))?,
+                        reqwest::Url::parse(&http.url)
+                            .with_context(|| format!("function `{}`: bad url", http.name))?,
                         client.clone(),
                     )),
                     http.timeout,
                 ),
-                config::FunctionConfig::Log(log) => (Arc::new(LogTarget::new(log.name.clone())), Duration::from_secs(5)),
+                config::FunctionConfig::Log(log) => (
+                    Arc::new(LogTarget::new(log.name.clone())),
+                    Duration::from_secs(5),
+                ),
             };
             functions.insert(
                 function.name().to_owned(),
@@ -148,18 +154,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }),
             );
         }
-        let triggers = config.triggers.iter().map(|trigger| trigger.get_ref().clone()).collect();
+        let triggers = config
+            .triggers
+            .iter()
+            .map(|trigger| trigger.get_ref().clone())
+            .collect();
         // Consumers exist before any source accepts an event, so a new trigger that
         // starts at `new` sees every event accepted from now on.
-        let dispatcher = Dispatcher::new(bus.clone(), config.dispatcher.clone(), triggers, functions, dispatcher_metrics)
-            .await
-            .context("starting the dispatcher")?;
+        let dispatcher = Dispatcher::new(
+            bus.clone(),
+            config.dispatcher.clone(),
+            triggers,
+            functions,
+            dispatcher_metrics,
+        )
+        .await
+        .context("starting the dispatcher")?;
         admin_state.set_dispatcher(dispatcher.view(), bus.clone());
         let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
         let source_shutdown = CancellationToken::new();
         let mut servers = Vec::new();
         for (http, listener) in source_listeners {
-            let router = switchyard_connector_http::router(http.clone(), sink.clone(), source_metrics.clone());
+            let router = switchyard_connector_http::router(
+                http.clone(),
+                sink.clone(),
+                source_metrics.clone(),
+            );
             let stop = source_shutdown.clone();
             tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
             servers.push(tokio::spawn(async move {
@@ -169,7 +189,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }));
         }
         ready.store(true, Ordering::SeqCst);
-        tracing::info!(triggers = config.triggers.len(), sources = config.sources.len(), "switchyard ready");
+        tracing::info!(
+            triggers = config.triggers.len(),
+            sources = config.sources.len(),
+            "switchyard ready"
+        );
         let dispatcher_shutdown = CancellationToken::new();
         let dispatching = tokio::spawn(dispatcher.run(dispatcher_shutdown.clone()));
         task_shutdown.cancelled().await;
@@ -183,7 +207,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         dispatcher_shutdown.cancel();
         let _ = dispatching.await;
         // Acks and NAKs sent while draining must reach the server before we leave.
-        let _ = bus.client().flush().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), bus.client().flush()).await;
         tracing::info!("switchyard stopped");
         Ok(())
     });
@@ -198,8 +222,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// Installs the log subscriber described by the configuration.
 pub fn init_logging(config: &config::LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.format {
         config::LogFormat::Text => builder.try_init(),
         config::LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -11,7 +11,11 @@ use switchyard_bus::Bus;
 use switchyard_event::{Event, EventSink};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Event triggers and dispatch on NATS JetStream")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Event triggers and dispatch on NATS JetStream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,17 +25,32 @@ struct Cli {
 enum Command {
     /// Run the sources, the dispatcher and the admin listener.
     Run {
-        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+        #[arg(
+            long,
+            short,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml"
+        )]
         config: PathBuf,
     },
     /// Check a configuration file and report every mistake with file, line and field.
     Validate {
-        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+        #[arg(
+            long,
+            short,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml"
+        )]
         config: PathBuf,
     },
     /// Publish one test event to the bus.
     Send {
-        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml")]
+        #[arg(
+            long,
+            short,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml"
+        )]
         config: PathBuf,
         /// CloudEvents `type`.
         #[arg(long = "type", default_value = "dev.switchyard.test")]
@@ -52,7 +71,13 @@ enum Command {
     },
     /// Inspect, replay and purge a trigger's dead letters.
     Dlq {
-        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "config/switchyard.toml", global = true)]
+        #[arg(
+            long,
+            short,
+            env = "SWITCHYARD_CONFIG",
+            default_value = "config/switchyard.toml",
+            global = true
+        )]
         config: PathBuf,
         #[command(subcommand)]
         action: DlqAction,
@@ -149,7 +174,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let loaded = load(&config)?;
             let bus = connect(&loaded).await?;
-            let mut event = Event::new(id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()), source, event_type);
+            let mut event = Event::new(
+                id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                source,
+                event_type,
+            );
             event.subject = subject;
             event.datacontenttype = Some(content_type);
             event.time = Some(
@@ -165,7 +194,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "published event {} (stream sequence {}{})",
                     receipt.event_id,
                     receipt.sequence,
-                    if receipt.duplicate { ", duplicate: already stored" } else { "" }
+                    if receipt.duplicate {
+                        ", duplicate: already stored"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(())
@@ -181,7 +214,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             println!("{}", dlq::entry_json(entry));
                         }
                     } else {
-                        println!("{:>8}  {:<36}  {:<20}  {:>8}  {:>6}  {:>8}  error", "sequence", "event id", "reason", "attempts", "status", "replays");
+                        println!(
+                            "{:>8}  {:<36}  {:<20}  {:>8}  {:>6}  {:>8}  error",
+                            "sequence", "event id", "reason", "attempts", "status", "replays"
+                        );
                         for entry in &entries {
                             let dead_letter = &entry.dead_letter;
                             println!(
@@ -190,7 +226,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 dead_letter.event.id,
                                 dead_letter.reason,
                                 dead_letter.attempts,
-                                dead_letter.last_status.map_or("-".to_owned(), |status| status.to_string()),
+                                dead_letter
+                                    .last_status
+                                    .map_or("-".to_owned(), |status| status.to_string()),
                                 entry.replays.as_ref().map_or(0, |record| record.count),
                                 dead_letter.last_error
                             );
@@ -201,7 +239,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 DlqAction::Show { trigger, sequence } => {
                     let entry = dlq::show(&bus, &trigger, sequence).await?;
-                    println!("{}", serde_json::to_string_pretty(&dlq::entry_json(&entry))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&dlq::entry_json(&entry))?
+                    );
                     Ok(())
                 }
                 DlqAction::Replay {
@@ -214,11 +255,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         dlq::list(&bus, &trigger)
                             .await?
                             .into_iter()
-                            .filter(|entry| reason.as_ref().is_none_or(|reason| &entry.dead_letter.reason == reason))
+                            .filter(|entry| {
+                                reason
+                                    .as_ref()
+                                    .is_none_or(|reason| &entry.dead_letter.reason == reason)
+                            })
                             .collect()
                     } else {
                         if sequences.is_empty() {
-                            anyhow::bail!("name the dead letters to replay by sequence, or pass --all");
+                            anyhow::bail!(
+                                "name the dead letters to replay by sequence, or pass --all"
+                            );
                         }
                         let mut entries = Vec::new();
                         for sequence in sequences {
@@ -230,11 +277,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("replayed {replayed} dead letters to trigger `{trigger}`");
                     Ok(())
                 }
-                DlqAction::Purge { trigger, sequences, all } => {
+                DlqAction::Purge {
+                    trigger,
+                    sequences,
+                    all,
+                } => {
                     if !all && sequences.is_empty() {
                         anyhow::bail!("name the dead letters to purge by sequence, or pass --all");
                     }
-                    let removed = dlq::purge(&bus, &trigger, if all { None } else { Some(&sequences) }).await?;
+                    let removed =
+                        dlq::purge(&bus, &trigger, if all { None } else { Some(&sequences) })
+                            .await?;
                     println!("purged {removed} dead letters of trigger `{trigger}`");
                     Ok(())
                 }
@@ -247,8 +300,9 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

@@ -1,0 +1,411 @@
+//! Shared harness of the end-to-end tests: a real `nats-server` per test, a real HTTP
+//! function server that records what it receives, and Switchyard started from a real
+//! configuration text.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// Finds the nats-server binary the project's scripts installed.
+pub fn nats_server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SWITCHYARD_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cached = Path::new(&home).join(".cache/switchyard/nats-server-2.15.1/bin/nats-server");
+    if cached.exists() {
+        return cached;
+    }
+    panic!(
+        "nats-server not found: run scripts/install-deps.sh (or scripts/test.sh), or set SWITCHYARD_NATS_SERVER"
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A nats-server with JetStream on a random port and a temporary store, stopped on
+/// drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut server = NatsServer {
+            child: None,
+            port,
+            store,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_binary())
+            .args([
+                "--jetstream",
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--store_dir",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server, keeping its store.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One request a function received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    pub fn id(&self) -> &str {
+        self.header("ce-id").unwrap_or_default()
+    }
+}
+
+/// How a function answers one call.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn ok() -> Reply {
+        Reply::status(200)
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn after(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+}
+
+/// Decides the reply from the request and how many times this event id was seen
+/// (1 for the first call).
+pub type Behaviour = Arc<dyn Fn(&Received, usize) -> Reply + Send + Sync>;
+
+struct FunctionState {
+    received: Mutex<Vec<Received>>,
+    calls_by_id: Mutex<HashMap<String, usize>>,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+    behaviour: Mutex<Behaviour>,
+}
+
+/// A real HTTP function server that records every call, its concurrency and peak.
+#[derive(Clone)]
+pub struct FunctionServer {
+    pub url: String,
+    state: Arc<FunctionState>,
+}
+
+struct InFlightGuard(Arc<FunctionState>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(
+    State(state): State<Arc<FunctionState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    let _guard = InFlightGuard(state.clone());
+    state.peak.fetch_max(now, Ordering::SeqCst);
+    let received = Received {
+        headers,
+        body,
+        at: Instant::now(),
+    };
+    let calls = {
+        let mut calls = state.calls_by_id.lock().unwrap();
+        let count = calls.entry(received.id().to_owned()).or_default();
+        *count += 1;
+        *count
+    };
+    let behaviour = state.behaviour.lock().unwrap().clone();
+    let reply = behaviour(&received, calls);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    state.received.lock().unwrap().push(received);
+    let mut response = StatusCode::from_u16(reply.status).unwrap().into_response();
+    for (name, value) in reply.headers {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    response
+}
+
+impl FunctionServer {
+    pub async fn start(
+        behaviour: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> FunctionServer {
+        let state = Arc::new(FunctionState {
+            received: Mutex::new(Vec::new()),
+            calls_by_id: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            behaviour: Mutex::new(Arc::new(behaviour)),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = axum::Router::new()
+            .route("/", axum::routing::post(handle))
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        FunctionServer {
+            url: format!("http://{address}/"),
+            state,
+        }
+    }
+
+    pub fn set_behaviour(
+        &self,
+        behaviour: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) {
+        *self.state.behaviour.lock().unwrap() = Arc::new(behaviour);
+    }
+
+    /// Completed calls, in completion order.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    pub fn calls_for(&self, id: &str) -> usize {
+        self.state
+            .calls_by_id
+            .lock()
+            .unwrap()
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.state.peak.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `count` calls completed, or panics after `timeout`.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let received = self.received();
+            if received.len() >= count {
+                return received;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "function received {} calls, expected {count} within {timeout:?}",
+                received.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A random lowercase name, to keep streams and subjects apart.
+pub fn random_name(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        uuid::Uuid::new_v4().simple().to_string().get(..10).unwrap()
+    )
+}
+
+/// The `[nats]`, `[admin]` and HTTP source sections for a test; `extra_source` is
+/// appended inside the `[[sources]]` table (hooks, bearer token, ...).
+pub fn base_config(nats_url: &str, http_port: u16, admin_port: u16) -> String {
+    let prefix = random_name("t");
+    format!(
+        r#"
+[nats]
+url = "{nats_url}"
+subject_prefix = "{prefix}"
+publish_timeout = "2s"
+events_stream = {{ name = "{upper}_EVENTS", storage = "memory", duplicate_window = "1m" }}
+dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[log]
+level = "${{SWITCHYARD_TEST_LOG:-warn}}"
+
+[dispatcher]
+shutdown_grace = "2s"
+
+[[sources]]
+type = "http"
+name = "http"
+listen = "127.0.0.1:{http_port}"
+max_body_bytes = 4096
+"#,
+        upper = prefix.to_uppercase()
+    )
+}
+
+/// Switchyard started in this process from configuration text.
+pub struct Switchyard {
+    pub running: Option<switchyard::Running>,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_text: String,
+}
+
+impl Switchyard {
+    pub async fn start(config_text: String) -> Switchyard {
+        let config = switchyard::config::parse(Path::new("test.toml"), &config_text, &|name| {
+            std::env::var(name).ok()
+        })
+        .unwrap_or_else(|errors| panic!("test config invalid:\n{errors}\n{config_text}"));
+        switchyard::init_logging(&config.log);
+        let running = switchyard::start(config).await.unwrap();
+        let http = running.sources["http"];
+        let admin = running.admin.unwrap();
+        let switchyard = Switchyard {
+            running: Some(running),
+            http,
+            admin,
+            config_text,
+        };
+        switchyard.wait_ready().await;
+        switchyard
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(response) = client
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "switchyard did not become ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub async fn bus(&self) -> switchyard_bus::Bus {
+        let config =
+            switchyard::config::parse(Path::new("test.toml"), &self.config_text, &|name| {
+                std::env::var(name).ok()
+            })
+            .unwrap();
+        switchyard_bus::Bus::connect(&config.nats).await.unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.unwrap();
+        }
+    }
+}
+
+/// A binary-mode CloudEvents POST.
+pub fn binary_event(
+    client: &reqwest::Client,
+    url: &str,
+    id: &str,
+    ty: &str,
+    body: &'static str,
+) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-source", "/tests")
+        .header("ce-type", ty)
+        .header("content-type", "text/plain")
+        .body(body)
+}
