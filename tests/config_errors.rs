@@ -1,1 +1,123 @@
+//! Configuration mistakes are reported with the file, the line and the field, by
+//! `switchyard validate` and before anything starts.
 
+use std::process::Command;
+
+fn validate(text: &str) -> (bool, String) {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("broken.toml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .env_remove("SWITCHYARD_UNSET_FOR_TEST")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr).to_string()
+        + &String::from_utf8_lossy(&output.stdout);
+    (
+        output.status.success(),
+        text.replace(&directory.path().display().to_string(), "DIR"),
+    )
+}
+
+#[test]
+fn the_default_configuration_is_valid() {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "validate",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/switchyard.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn an_unknown_field_names_file_line_and_field() {
+    let (ok, output) = validate(
+        "[nats]\nurl = \"nats://127.0.0.1:4222\"\n\n[[triggers]]\nname = \"t\"\nfunction = \"f\"\nmax_concurency = 3\n",
+    );
+    assert!(!ok);
+    assert!(
+        output.contains(
+            "DIR/broken.toml:7:1: field `max_concurency`: unknown field `max_concurency`"
+        ),
+        "{output}"
+    );
+}
+
+#[test]
+fn a_wrong_type_names_file_line_and_field() {
+    let (ok, output) = validate(
+        "[[functions]]\ntype = \"log\"\nname = \"p\"\n\n[[triggers]]\nname = \"t\"\nfunction = \"p\"\nmax_concurrency = \"lots\"\n",
+    );
+    assert!(!ok);
+    assert!(
+        output.contains(
+            "DIR/broken.toml:8:19: field `max_concurrency`: invalid type: string \"lots\""
+        ),
+        "{output}"
+    );
+}
+
+#[test]
+fn an_unknown_connector_type_lists_the_known_ones() {
+    let (ok, output) = validate("[[sources]]\ntype = \"kafak\"\nname = \"k\"\n");
+    assert!(!ok);
+    assert!(
+        output.contains(
+            "DIR/broken.toml:2:8: field `type`: unknown variant `kafak`, expected `http`"
+        ),
+        "{output}"
+    );
+}
+
+#[test]
+fn every_semantic_mistake_is_reported_at_once() {
+    let text = r#"
+[[functions]]
+type = "http"
+name = "build"
+url = "ftp://example.com/"
+
+[[triggers]]
+name = "on-push"
+function = "biuld"
+
+[[triggers]]
+name = "on-push"
+function = "build"
+max_concurrency = 0
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:5:1: field `url`: scheme `ftp` is not supported",
+        "DIR/broken.toml:9:1: field `function`: trigger `on-push` targets unknown function `biuld` (known: build)",
+        "DIR/broken.toml:12:1: field `name`: trigger `on-push` is defined twice",
+        "DIR/broken.toml:14:1: field `max_concurrency`: must be at least 1",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}
+
+#[test]
+fn an_unset_environment_variable_is_located() {
+    let (ok, output) = validate("[nats]\nurl = \"${SWITCHYARD_UNSET_FOR_TEST}\"\n");
+    assert!(!ok);
+    assert!(
+        output.contains(
+            "DIR/broken.toml:2:8: environment variable `SWITCHYARD_UNSET_FOR_TEST` is not set"
+        ),
+        "{output}"
+    );
+}

@@ -1,1 +1,296 @@
+//! End to end with the real `switchyard` binary as separate processes: crash
+//! recovery (SIGKILL), graceful shutdown (SIGTERM), and two dispatcher processes
+//! sharing one trigger.
 
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{FunctionServer, NatsServer, Reply, base_config, binary_event, free_port};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `switchyard run` process, killed on drop.
+struct Process {
+    child: Option<Child>,
+    admin: u16,
+}
+
+impl Process {
+    fn start(config: &Path, env: &[(&str, String)], admin: u16) -> Process {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null());
+        if std::env::var_os("SWITCHYARD_TEST_LOG").is_none() {
+            command.stderr(Stdio::null());
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        Process {
+            child: Some(command.spawn().expect("starting switchyard")),
+            admin,
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(response) = client
+                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
+                .send()
+                .await
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "switchyard process did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = self.child.as_ref().unwrap().id();
+        kill(Pid::from_raw(pid as i32), signal).unwrap();
+    }
+
+    /// Waits for the process to exit and returns whether it succeeded.
+    async fn wait_exit(&mut self) -> bool {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "switchyard did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn write_config(directory: &Path, text: &str) -> PathBuf {
+    let path = directory.join("switchyard.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn consumer_pending(config_text: &str, trigger: &str) -> (u64, usize) {
+    let config = switchyard::config::parse(Path::new("t.toml"), config_text, &|name| {
+        std::env::var(name).ok()
+    })
+    .unwrap();
+    let bus = switchyard_bus::Bus::connect(&config.nats).await.unwrap();
+    let stream = bus
+        .jetstream()
+        .get_stream(bus.events_stream())
+        .await
+        .unwrap();
+    let mut consumer: switchyard_bus::async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&switchyard_dispatcher::consumer_name(trigger))
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_pending, info.num_ack_pending)
+}
+
+#[tokio::test]
+async fn a_dispatcher_killed_mid_invocation_loses_nothing() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|received, call| {
+        if received.id() == "hanging" && call == 1 {
+            Reply::ok().after(Duration::from_secs(120))
+        } else if received.id() == "slow" {
+            Reply::ok().after(Duration::from_millis(1500))
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let directory = tempfile::tempdir().unwrap();
+    let (http, admin) = (free_port(), free_port());
+    let mut text = base_config(&nats.url(), http, admin);
+    text = text.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"10s\"");
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\ntimeout = \"180s\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\nack_wait = \"2s\"\n",
+        function.url
+    ));
+    let config = write_config(directory.path(), &text);
+    let first = Process::start(&config, &[], admin);
+    first.wait_ready().await;
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}/v1/events");
+    let response = binary_event(&client, &url, "hanging", "t", "precious")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let deadline = Instant::now() + WAIT;
+    while function.calls_for("hanging") == 0 {
+        assert!(Instant::now() < deadline, "the invocation never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Progress keeps the event ours well past the 2s ack wait while it runs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        function.calls_for("hanging"),
+        1,
+        "an event in progress must not be redelivered"
+    );
+    first.signal(Signal::SIGKILL);
+    drop(first);
+
+    let mut second = Process::start(&config, &[], admin);
+    second.wait_ready().await;
+    for index in 0..5 {
+        binary_event(&client, &url, &format!("after-{index}"), "t", "x")
+            .send()
+            .await
+            .unwrap();
+    }
+    let received = function.wait_for(6, WAIT).await;
+    let hanging = received
+        .iter()
+        .find(|call| call.id() == "hanging")
+        .expect("the interrupted event was delivered after restart");
+    assert_eq!(&hanging.body[..], b"precious");
+    assert_eq!(function.calls_for("hanging"), 2);
+    let deadline = Instant::now() + WAIT;
+    while consumer_pending(&text, "main").await != (0, 0) {
+        assert!(Instant::now() < deadline, "events left unacknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // SIGTERM while an invocation runs: it finishes within the grace, then the process
+    // exits cleanly.
+    binary_event(&client, &url, "slow", "t", "x")
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while function.calls_for("slow") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow invocation never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.signal(Signal::SIGTERM);
+    assert!(
+        second.wait_exit().await,
+        "switchyard exits with success on SIGTERM"
+    );
+    assert!(
+        function.received().iter().any(|call| call.id() == "slow"),
+        "the in-flight invocation completed before exit"
+    );
+    assert_eq!(consumer_pending(&text, "main").await, (0, 0));
+}
+
+#[tokio::test]
+async fn two_dispatcher_processes_share_a_trigger_within_its_limit() {
+    let nats = NatsServer::start();
+    let function =
+        FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(100))).await;
+    let directory = tempfile::tempdir().unwrap();
+    // One configuration for both processes; ports come from the environment.
+    let mut text = base_config(&nats.url(), 0, 0)
+        .replace(
+            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
+            "listen = \"127.0.0.1:${HTTP_PORT}\"\nmax_body_bytes",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT}\"",
+        );
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\nmax_concurrency = 4\n",
+        function.url
+    ));
+    let config = write_config(directory.path(), &text);
+    let (http_a, admin_a, http_b, admin_b) = (free_port(), free_port(), free_port(), free_port());
+    let a = Process::start(
+        &config,
+        &[
+            ("HTTP_PORT", http_a.to_string()),
+            ("ADMIN_PORT", admin_a.to_string()),
+        ],
+        admin_a,
+    );
+    let b = Process::start(
+        &config,
+        &[
+            ("HTTP_PORT", http_b.to_string()),
+            ("ADMIN_PORT", admin_b.to_string()),
+        ],
+        admin_b,
+    );
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let client = reqwest::Client::new();
+    for index in 0..60 {
+        let port = if index % 2 == 0 { http_a } else { http_b };
+        let response = binary_event(
+            &client,
+            &format!("http://127.0.0.1:{port}/v1/events"),
+            &format!("e{index}"),
+            "t",
+            "x",
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    function.wait_for(60, WAIT).await;
+    let metric = "switchyard_dispatch_succeeded_total{trigger=\"main\"";
+    let (by_a, by_b) = (a.metric(metric).await, b.metric(metric).await);
+    assert_eq!(
+        by_a + by_b,
+        60,
+        "every event delivered exactly once between them"
+    );
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both processes took work: {by_a} and {by_b}"
+    );
+    assert!(
+        function.peak() <= 4,
+        "together they exceeded max_concurrency: peak {}",
+        function.peak()
+    );
+    assert_eq!(function.peak(), 4, "the limit is reached");
+}

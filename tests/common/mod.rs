@@ -312,7 +312,7 @@ dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
 listen = "127.0.0.1:{admin_port}"
 
 [log]
-level = "${{SWITCHYARD_TEST_LOG:-warn}}"
+level = "${{SWITCHYARD_TEST_LOG:-error}}"
 
 [dispatcher]
 shutdown_grace = "2s"

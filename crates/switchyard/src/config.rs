@@ -237,9 +237,9 @@ pub fn interpolate(
         while let Some(start) = rest.find('$') {
             output.push_str(&rest[..start]);
             let after = &rest[start..];
-            if after.starts_with("$${") {
+            if let Some(after_escape) = after.strip_prefix("$${") {
                 output.push_str("${");
-                rest = &after[3..];
+                rest = after_escape;
                 continue;
             }
             if !after.starts_with("${") {

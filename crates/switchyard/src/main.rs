@@ -122,7 +122,7 @@ enum DlqAction {
     },
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<config::Config> {
+fn load(path: &std::path::Path) -> anyhow::Result<config::Config> {
     config::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
