@@ -22,20 +22,22 @@ fn validate(text: &str) -> (bool, String) {
 }
 
 #[test]
-fn the_default_configuration_is_valid() {
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "validate",
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/switchyard.toml"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+fn every_shipped_configuration_is_valid() {
+    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(directory).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|extension| extension == "toml") {
+            let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(["validate", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "config/ holds the default and the docker configuration");
 }
 
 #[test]
