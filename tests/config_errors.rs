@@ -27,17 +27,28 @@ fn every_shipped_configuration_is_valid() {
     let mut checked = 0;
     for entry in std::fs::read_dir(directory).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|extension| extension == "toml") {
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "toml")
+        {
             let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
                 .args(["validate", "--config"])
                 .arg(&path)
                 .output()
                 .unwrap();
-            assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+            assert!(
+                output.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
             checked += 1;
         }
     }
-    assert!(checked >= 2, "config/ holds the default and the docker configuration");
+    assert!(
+        checked >= 2,
+        "config/ holds the default and the docker configuration"
+    );
 }
 
 #[test]

@@ -1,0 +1,694 @@
+//! `switchyard-bench`: Switchyard beside bare baselines, in one run on one machine.
+//!
+//! (a) ingest: `POST /v1/events` to PubAck, Switchyard vs a bare hyper server that
+//!     publishes the same events and awaits the PubAck;
+//! (b) dispatch to a no-op HTTP function, vs a bare JetStream pull+ack loop and a bare
+//!     HTTP client hitting the same function;
+//! (c) end-to-end latency from POST to the function at a fixed 1,000 events/s, with the
+//!     real `switchyard` binary as its own process;
+//! (d) that process's RSS at idle and under the load of (c).
+//!
+//! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
+//! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use switchyard_bus::async_nats::jetstream::{self, consumer::pull};
+use switchyard_event::{Event, EventSink};
+
+const PAYLOAD: &str = r#"{"order":{"id":"A-1042","amount":129.95,"currency":"EUR","items":[{"sku":"tea-01","qty":3},{"sku":"mug-07","qty":1}]},"customer":"c-77"}"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Nats {
+    child: Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> anyhow::Result<Nats> {
+        let binary = std::env::var("SWITCHYARD_NATS_SERVER")
+            .context("set SWITCHYARD_NATS_SERVER (scripts/bench.sh does)")?;
+        let store = tempfile::tempdir()?;
+        let port = free_port();
+        let child = Command::new(binary)
+            .args([
+                "--jetstream",
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--store_dir",
+            ])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Nats {
+            child,
+            port,
+            _store: store,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_text(
+    nats_url: &str,
+    prefix: &str,
+    http_port: u16,
+    admin_port: u16,
+    function_url: Option<&str>,
+    start_all: bool,
+) -> String {
+    let mut text = format!(
+        r#"
+[nats]
+url = "{nats_url}"
+subject_prefix = "{prefix}"
+events_stream = {{ name = "{upper}_EVENTS" }}
+dead_letter_stream = {{ name = "{upper}_DLQ" }}
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[log]
+level = "error"
+[[sources]]
+type = "http"
+name = "http"
+listen = "127.0.0.1:{http_port}"
+"#,
+        upper = prefix.to_uppercase()
+    );
+    if let Some(url) = function_url {
+        text.push_str(&format!(
+            "[[functions]]\ntype = \"http\"\nname = \"noop\"\nurl = \"{url}\"\nmax_concurrency = 64\n[[triggers]]\nname = \"bench\"\nfunction = \"noop\"\nmax_concurrency = 64\nstart = \"{}\"\n",
+            if start_all { "all" } else { "new" }
+        ));
+    }
+    text
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    let client = reqwest::Client::new();
+    loop {
+        if let Ok(response) = client.get(format!("http://{admin}/readyz")).send().await
+            && response.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A no-op function: answers 200 at once, counts calls, and (when asked) records when
+/// each event id arrived.
+#[derive(Clone)]
+struct NoopFunction {
+    address: SocketAddr,
+    count: Arc<AtomicU64>,
+    arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl NoopFunction {
+    async fn start(record: bool) -> NoopFunction {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let function = NoopFunction {
+            address: listener.local_addr().unwrap(),
+            count: Arc::new(AtomicU64::new(0)),
+            arrivals: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let state = function.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move {
+                            if record
+                                && let Some(id) = request
+                                    .headers()
+                                    .get("ce-id")
+                                    .and_then(|value| value.to_str().ok())
+                            {
+                                state
+                                    .arrivals
+                                    .lock()
+                                    .unwrap()
+                                    .insert(id.to_owned(), Instant::now());
+                            }
+                            let _ = request.into_body().collect().await;
+                            state.count.fetch_add(1, Ordering::Relaxed);
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        function
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/", self.address)
+    }
+}
+
+/// A bare hyper server that publishes each binary-mode request to JetStream and
+/// answers 202 after the PubAck: the floor Switchyard's ingest is compared with.
+async fn start_bare_ingest(context: jetstream::Context, subject: String) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let context = context.clone();
+            let subject = subject.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let context = context.clone();
+                    let subject = subject.clone();
+                    async move {
+                        let mut headers = switchyard_bus::async_nats::HeaderMap::new();
+                        for (name, value) in request.headers() {
+                            if name.as_str().starts_with("ce-") || name == "content-type" {
+                                headers.insert(name.as_str(), value.to_str().unwrap_or_default());
+                            }
+                        }
+                        let id = headers
+                            .get("ce-id")
+                            .map(|value| value.as_str().to_owned())
+                            .unwrap_or_default();
+                        headers.insert("Nats-Msg-Id", id.as_str());
+                        let body = request
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|body| body.to_bytes())
+                            .unwrap_or_default();
+                        let status =
+                            match context.publish_with_headers(subject, headers, body).await {
+                                Ok(ack) => match ack.await {
+                                    Ok(_) => 202,
+                                    Err(_) => 503,
+                                },
+                                Err(_) => 503,
+                            };
+                        let mut response =
+                            Response::new(Full::new(Bytes::from(format!("{{\"id\":\"{id}\"}}"))));
+                        *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::MAX)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap()
+}
+
+fn binary_request(client: &reqwest::Client, url: &str, id: &str) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-source", "/bench")
+        .header("ce-type", "com.example.bench.order")
+        .header("content-type", "application/json")
+        .body(PAYLOAD)
+}
+
+/// Sends `count` events from `concurrency` connections; returns the elapsed time and
+/// each request's latency.
+async fn drive(
+    url: &str,
+    count: usize,
+    concurrency: usize,
+    id_prefix: &str,
+) -> (Duration, Vec<Duration>) {
+    let client = client();
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let next = next.clone();
+        let url = url.to_owned();
+        let id_prefix = id_prefix.to_owned();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if index >= count {
+                    return latencies;
+                }
+                let sent = Instant::now();
+                let response = binary_request(&client, &url, &format!("{id_prefix}-{index}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202);
+                let _ = response.bytes().await;
+                latencies.push(sent.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    (started.elapsed(), latencies)
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * fraction).round() as usize]
+}
+
+fn milliseconds(duration: Duration) -> String {
+    format!("{:.2}", duration.as_secs_f64() * 1000.0)
+}
+
+struct Throughput {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn summarize(count: usize, elapsed: Duration, mut latencies: Vec<Duration>) -> Throughput {
+    latencies.sort_unstable();
+    Throughput {
+        rate: count as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    }
+}
+
+async fn bench_ingest(
+    nats: &Nats,
+    count: usize,
+    concurrency: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let prefix = "benchingest";
+    let (http_port, admin_port) = (free_port(), free_port());
+    let text = config_text(&nats.url(), prefix, http_port, admin_port, None, false);
+    let config = switchyard::config::parse(Path::new("bench.toml"), &text, &|_| None)
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    let running = switchyard::start(config).await?;
+    wait_ready(running.admin.unwrap()).await;
+    let switchyard_url = format!("http://127.0.0.1:{http_port}/v1/events");
+
+    let client = switchyard_bus::async_nats::connect(nats.url()).await?;
+    let context = jetstream::ContextBuilder::new()
+        .max_ack_inflight(1024)
+        .backpressure_on_inflight(true)
+        .build(client);
+    let bare = start_bare_ingest(
+        context,
+        format!("{prefix}.events.bare.com.example.bench.order"),
+    )
+    .await;
+    let bare_url = format!("http://{bare}/");
+
+    drive(&switchyard_url, 2000, concurrency, "warm-sy").await;
+    drive(&bare_url, 2000, concurrency, "warm-bare").await;
+    let mut best_switchyard: Option<Throughput> = None;
+    let mut best_bare: Option<Throughput> = None;
+    for round in 0..rounds {
+        let (elapsed, latencies) =
+            drive(&switchyard_url, count, concurrency, &format!("sy-{round}")).await;
+        let result = summarize(count, elapsed, latencies);
+        println!(
+            "  round {round}: switchyard {:.0}/s p50 {} ms p99 {} ms",
+            result.rate,
+            milliseconds(result.p50),
+            milliseconds(result.p99)
+        );
+        if best_switchyard
+            .as_ref()
+            .is_none_or(|best| result.rate > best.rate)
+        {
+            best_switchyard = Some(result);
+        }
+        let (elapsed, latencies) =
+            drive(&bare_url, count, concurrency, &format!("bare-{round}")).await;
+        let result = summarize(count, elapsed, latencies);
+        println!(
+            "  round {round}: bare hyper {:.0}/s p50 {} ms p99 {} ms",
+            result.rate,
+            milliseconds(result.p50),
+            milliseconds(result.p99)
+        );
+        if best_bare
+            .as_ref()
+            .is_none_or(|best| result.rate > best.rate)
+        {
+            best_bare = Some(result);
+        }
+    }
+    let (sy, bare) = (best_switchyard.unwrap(), best_bare.unwrap());
+    println!(
+        "\n### (a) ingest: POST /v1/events to PubAck ({count} events, {concurrency} connections, best of {rounds})\n"
+    );
+    println!("| server | events/s | p50 ms | p99 ms |\n|---|---|---|---|");
+    println!(
+        "| switchyard HTTP source | {:.0} | {} | {} |",
+        sy.rate,
+        milliseconds(sy.p50),
+        milliseconds(sy.p99)
+    );
+    println!(
+        "| bare hyper + publish + PubAck | {:.0} | {} | {} |",
+        bare.rate,
+        milliseconds(bare.p50),
+        milliseconds(bare.p99)
+    );
+    println!(
+        "\nratio: {:.0}% of the bare server (target >= 80%)\n",
+        100.0 * sy.rate / bare.rate
+    );
+    running.stop().await?;
+    Ok(())
+}
+
+async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow::Result<()> {
+    let prefix = "benchdispatch";
+    let function = NoopFunction::start(false).await;
+    let (http_port, admin_port) = (free_port(), free_port());
+    let text = config_text(
+        &nats.url(),
+        prefix,
+        http_port,
+        admin_port,
+        Some(&function.url()),
+        true,
+    );
+    let config = switchyard::config::parse(Path::new("bench.toml"), &text, &|_| None)
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+
+    // Store the events first, so every contender reads the same stored events.
+    let bus = switchyard_bus::Bus::connect(&config.nats).await?;
+    bus.ensure_streams().await?;
+    let mut index = 0;
+    while index < count {
+        let chunk: Vec<Event> = (index..(index + 1000).min(count))
+            .map(|index| {
+                let mut event =
+                    Event::new(format!("d-{index}"), "/bench", "com.example.bench.order");
+                event.datacontenttype = Some("application/json".into());
+                event.data = Bytes::from_static(PAYLOAD.as_bytes());
+                event
+            })
+            .collect();
+        index += chunk.len();
+        bus.publish_all(chunk).await?;
+    }
+
+    // Bare JetStream: pull and ack every event.
+    let stream = bus.jetstream().get_stream(bus.events_stream()).await?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("bare-pull".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut received = 0;
+    while received < count {
+        let mut batch = consumer.fetch().max_messages(256).messages().await?;
+        while let Some(message) = batch.next().await {
+            message
+                .map_err(|error| anyhow::anyhow!("{error}"))?
+                .ack()
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            received += 1;
+        }
+    }
+    let bare_pull = started.elapsed();
+
+    // Bare HTTP client: POST the same event to the function, `concurrency` at a time.
+    let client = client();
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let next = next.clone();
+        let url = function.url();
+        workers.push(tokio::spawn(async move {
+            while (next.fetch_add(1, Ordering::Relaxed) as usize) < count {
+                let response = binary_request(&client, &url, "bare").send().await.unwrap();
+                let _ = response.bytes().await;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await?;
+    }
+    let bare_http = started.elapsed();
+    function.count.store(0, Ordering::SeqCst);
+
+    // Switchyard: a trigger reading the same stored events.
+    let started = Instant::now();
+    let running = switchyard::start(config).await?;
+    while (function.count.load(Ordering::Relaxed) as usize) < count {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let dispatched = started.elapsed();
+    running.stop().await?;
+
+    let rate = |elapsed: Duration| count as f64 / elapsed.as_secs_f64();
+    let slower = rate(bare_pull).min(rate(bare_http));
+    println!(
+        "### (b) dispatch to a no-op HTTP function ({count} stored events, concurrency {concurrency})\n"
+    );
+    println!("| loop | events/s |\n|---|---|");
+    println!(
+        "| switchyard dispatcher (pull, filter, invoke, ack) | {:.0} |",
+        rate(dispatched)
+    );
+    println!("| bare JetStream pull + ack | {:.0} |", rate(bare_pull));
+    println!("| bare HTTP client -> function | {:.0} |", rate(bare_http));
+    println!(
+        "\nratio: {:.0}% of the slower bare loop (target >= 70%)\n",
+        100.0 * rate(dispatched) / slower
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|value| value.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn bench_latency_and_memory(
+    nats: &Nats,
+    binary: &Path,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let prefix = "benchlatency";
+    let function = NoopFunction::start(true).await;
+    let (http_port, admin_port) = (free_port(), free_port());
+    let text = config_text(
+        &nats.url(),
+        prefix,
+        http_port,
+        admin_port,
+        Some(&function.url()),
+        false,
+    );
+    let directory = tempfile::tempdir()?;
+    let config_path = directory.path().join("bench.toml");
+    std::fs::write(&config_path, text)?;
+    let mut child = Command::new(binary)
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let pid = child.id();
+    wait_ready(format!("127.0.0.1:{admin_port}").parse()?).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss = rss_kib(pid);
+
+    let peak_rss = Arc::new(AtomicU64::new(idle_rss));
+    let sampling = {
+        let peak_rss = peak_rss.clone();
+        tokio::spawn(async move {
+            loop {
+                peak_rss.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let client = client();
+    let url = format!("http://127.0.0.1:{http_port}/v1/events");
+    for index in 0..200 {
+        let _ = binary_request(&client, &url, &format!("warm-{index}"))
+            .send()
+            .await;
+    }
+    let total = rate * seconds;
+    let sent_at = Arc::new(Mutex::new(HashMap::with_capacity(total as usize)));
+    let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut requests = Vec::with_capacity(total as usize);
+    let started = Instant::now();
+    for index in 0..total {
+        ticker.tick().await;
+        let client = client.clone();
+        let url = url.clone();
+        let sent_at = sent_at.clone();
+        requests.push(tokio::spawn(async move {
+            let id = format!("l-{index}");
+            sent_at.lock().unwrap().insert(id.clone(), Instant::now());
+            let response = binary_request(&client, &url, &id).send().await.unwrap();
+            assert_eq!(response.status(), 202);
+        }));
+    }
+    let offered = total as f64 / started.elapsed().as_secs_f64();
+    for request in requests {
+        request.await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while function
+        .arrivals
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|id| id.starts_with("l-"))
+        .count()
+        < total as usize
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not every event reached the function"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sampling.abort();
+    let arrivals = function.arrivals.lock().unwrap();
+    let sent_at = sent_at.lock().unwrap();
+    let mut latencies: Vec<Duration> = sent_at
+        .iter()
+        .map(|(id, sent)| arrivals[id].saturating_duration_since(*sent))
+        .collect();
+    latencies.sort_unstable();
+    println!(
+        "### (c) end-to-end latency, POST -> function, {total} events at {rate}/s (offered {offered:.0}/s), switchyard as its own process\n"
+    );
+    println!("| p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} |",
+        milliseconds(percentile(&latencies, 0.5)),
+        milliseconds(percentile(&latencies, 0.9)),
+        milliseconds(percentile(&latencies, 0.99)),
+        milliseconds(*latencies.last().unwrap())
+    );
+    println!("\ntarget: p99 < 10 ms\n");
+    println!("### (d) resident memory of the switchyard process (VmRSS)\n");
+    println!("| idle | peak under (c) |\n|---|---|");
+    println!(
+        "| {:.1} MiB | {:.1} MiB |",
+        idle_rss as f64 / 1024.0,
+        peak_rss.load(Ordering::Relaxed) as f64 / 1024.0
+    );
+    println!("\ntarget: idle < 30 MB\n");
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let arguments: Vec<String> = std::env::args().collect();
+    let quick = arguments.iter().any(|argument| argument == "--quick");
+    let binary: PathBuf = std::env::current_exe()?.with_file_name("switchyard");
+    // Two workers, the machine's cores; the load generators share them, as they would
+    // on a 2-core host.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let nats = Nats::start()?;
+        let (count, rounds) = if quick { (2_000, 1) } else { (20_000, 3) };
+        println!(
+            "## run: {} cores, nats-server file storage on 127.0.0.1\n",
+            std::thread::available_parallelism().map_or(0, |cores| cores.get())
+        );
+        bench_ingest(&nats, count, 64, rounds).await?;
+        bench_dispatch(&nats, count, 64).await?;
+        bench_latency_and_memory(&nats, &binary, 1000, if quick { 2 } else { 10 }).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Benchmarks Switchyard beside bare baselines in one run (see docs/BENCHMARKS.md).
+# Pass --quick for a short smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+scripts/install-deps.sh
+cargo build --release --locked -p switchyard -p switchyard-bench
+"$CARGO_TARGET_DIR/release/switchyard-bench" "$@"
