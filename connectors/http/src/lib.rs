@@ -343,6 +343,7 @@ async fn publish(state: &SourceState, events: Vec<Event>) -> Result<Response, Ap
             tracing::warn!(source = %state.config.name, error = %reason, stage = "publish", "event bus unavailable");
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("event bus unavailable, retry later: {reason}"))
         }
+        PublishError::TooLarge(reason) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, reason),
         PublishError::Rejected(reason) => {
             tracing::warn!(source = %state.config.name, error = %reason, stage = "publish", "event bus rejected the publish");
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("event bus rejected the event: {reason}"))

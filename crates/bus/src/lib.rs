@@ -9,8 +9,10 @@
 //! many publishes are in flight at once, bounded by `max_publishes_in_flight`.
 
 pub mod dead_letter;
+pub mod retry_state;
 pub mod subject;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
@@ -24,6 +26,7 @@ use switchyard_event::{
 
 pub use async_nats;
 pub use dead_letter::DeadLetter;
+pub use retry_state::RetryState;
 pub use subject::Subjects;
 
 /// How Switchyard reaches NATS and lays out its streams.
@@ -119,6 +122,9 @@ impl StreamSettings {
             max_bytes: self.max_bytes.unwrap_or(-1),
             duplicate_window: self.duplicate_window.unwrap_or(Duration::from_secs(120)),
             retention: stream::RetentionPolicy::Limits,
+            // A full stream refuses new events (the sender sees 503) rather than
+            // evicting stored ones nobody has consumed yet.
+            discard: stream::DiscardPolicy::New,
             ..Default::default()
         }
     }
@@ -153,7 +159,15 @@ pub struct Bus {
     events_stream: String,
     dead_letter_stream: String,
     config: BusConfig,
+    /// Bounds publishes awaiting their PubAck. A batch takes its permits all at once,
+    /// so concurrent batches can never hold part of the budget each and wait on each
+    /// other.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Room kept under the server's max payload for the headers a dead letter adds, so an
+/// accepted event can always be dead-lettered.
+pub const DEAD_LETTER_HEADROOM: usize = 8 * 1024;
 
 const DEFAULT_EVENTS_STREAM: &str = "SWITCHYARD_EVENTS";
 const DEFAULT_DEAD_LETTER_STREAM: &str = "SWITCHYARD_DLQ";
@@ -171,10 +185,14 @@ impl Bus {
                 url: config.url.clone(),
                 reason: error.to_string(),
             })?;
+        let in_flight = config.max_publishes_in_flight.max(1);
+        // async-nats' own bound sits above ours, which leaves room for the dispatcher's
+        // single publishes (dead letters, retries, replies) and never blocks a batch
+        // half-way.
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(config.publish_timeout)
             .ack_timeout(config.publish_timeout)
-            .max_ack_inflight(config.max_publishes_in_flight.max(1))
+            .max_ack_inflight(in_flight * 2 + 64)
             .backpressure_on_inflight(true)
             .build(client.clone());
         Ok(Bus {
@@ -192,6 +210,7 @@ impl Bus {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_DEAD_LETTER_STREAM.to_owned()),
             config: config.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
         })
     }
 
@@ -201,7 +220,11 @@ impl Bus {
         let events = self.config.events_stream.to_stream_config(
             DEFAULT_EVENTS_STREAM,
             Duration::from_secs(7 * 24 * 3600),
-            vec![self.subjects.all_events(), self.subjects.all_replays()],
+            vec![
+                self.subjects.all_events(),
+                self.subjects.all_direct(),
+                self.subjects.all_retries(),
+            ],
         );
         let dead_letters = self.config.dead_letter_stream.to_stream_config(
             DEFAULT_DEAD_LETTER_STREAM,
@@ -245,28 +268,57 @@ impl Bus {
         self.client.connection_state() == State::Connected
     }
 
+    /// The largest event payload plus headers this bus accepts: the server's max
+    /// payload less the room a dead letter needs.
+    pub fn max_event_bytes(&self) -> usize {
+        self.client
+            .server_info()
+            .max_payload
+            .saturating_sub(DEAD_LETTER_HEADROOM)
+    }
+
+    fn check_size(&self, event: &Event, headers: &HeaderMap) -> Result<(), PublishError> {
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(name, values)| {
+                let name: &[u8] = name.as_ref();
+                values
+                    .iter()
+                    .map(|value| name.len() + value.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum();
+        let size = event.data.len() + header_bytes;
+        let limit = self.max_event_bytes();
+        if limit > 0 && size > limit {
+            return Err(PublishError::TooLarge(format!(
+                "event `{}` is {size} bytes with its attributes, over the bus limit of {limit} bytes (the nats server's max_payload less {DEAD_LETTER_HEADROOM} bytes kept for dead-letter records)",
+                event.id
+            )));
+        }
+        Ok(())
+    }
+
     /// Sends one event and returns the future of its PubAck.
     pub async fn send_event(&self, event: &Event) -> Result<PublishAckFuture, PublishError> {
         let subject = self.subjects.event(&event.source, &event.ty);
-        self.send(
-            subject,
-            event_headers(event, &message_id(event)),
-            event.data.clone(),
-        )
-        .await
+        let headers = event_headers(event, &message_id(event));
+        self.check_size(event, &headers)?;
+        self.send(subject, headers, event.data.clone()).await
     }
 
     /// Sends `event` to one trigger only, bypassing the duplicate window with a fresh
     /// message id (used by dead-letter replay).
-    pub async fn send_replay(
+    pub async fn send_direct(
         &self,
         trigger: &str,
         event: &Event,
-        replay_id: &str,
+        message_id: &str,
     ) -> Result<PublishAckFuture, PublishError> {
-        let subject = self.subjects.replay(trigger);
-        self.send(subject, event_headers(event, replay_id), event.data.clone())
-            .await
+        let subject = self.subjects.direct(trigger);
+        let headers = event_headers(event, message_id);
+        self.check_size(event, &headers)?;
+        self.send(subject, headers, event.data.clone()).await
     }
 
     pub async fn send(
@@ -290,6 +342,7 @@ impl Bus {
 fn classify_publish_error(error: jetstream::context::PublishError) -> PublishError {
     use jetstream::context::PublishErrorKind;
     match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(error.to_string()),
         PublishErrorKind::StreamNotFound
         | PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
@@ -336,21 +389,44 @@ pub fn event_from_message(
     )
 }
 
+/// Events of one batch sent before their PubAcks are awaited.
+const PUBLISH_CHUNK: usize = 256;
+
 #[async_trait]
 impl EventSink for Bus {
     async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<PublishReceipt>, PublishError> {
-        let mut pending = Vec::with_capacity(events.len());
-        for event in &events {
-            pending.push(self.send_event(event).await?);
-        }
         let mut receipts = Vec::with_capacity(events.len());
-        for (event, ack) in events.into_iter().zip(pending) {
-            let ack = ack.await.map_err(classify_publish_error)?;
-            receipts.push(PublishReceipt {
-                event_id: event.id,
-                sequence: ack.sequence,
-                duplicate: ack.duplicate,
-            });
+        let chunk_size = PUBLISH_CHUNK.min(self.config.max_publishes_in_flight.max(1));
+        for chunk in events.chunks(chunk_size) {
+            let publishing = async {
+                let _permits = self
+                    .in_flight
+                    .acquire_many(chunk.len() as u32)
+                    .await
+                    .map_err(|_| PublishError::Unavailable("bus closed".to_owned()))?;
+                let mut pending = Vec::with_capacity(chunk.len());
+                for event in chunk {
+                    pending.push(self.send_event(event).await?);
+                }
+                let mut stored = Vec::with_capacity(chunk.len());
+                for (event, ack) in chunk.iter().zip(pending) {
+                    let ack = ack.await.map_err(classify_publish_error)?;
+                    stored.push(PublishReceipt {
+                        event_id: event.id.clone(),
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Ok::<_, PublishError>(stored)
+            };
+            // Waiting for room counts against the publish timeout too: a sender is
+            // never left hanging.
+            let stored = tokio::time::timeout(self.config.publish_timeout * 2, publishing)
+                .await
+                .map_err(|_| {
+                    PublishError::Unavailable("timed out waiting for the event bus".to_owned())
+                })??;
+            receipts.extend(stored);
         }
         Ok(receipts)
     }

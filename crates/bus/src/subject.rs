@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! <prefix>.events.<source>.<type token>.<type token>...   every ingested event
-//! <prefix>.replay.<trigger>                                a dead letter replayed to one trigger
+//! <prefix>.direct.<trigger>                                an event for one trigger only: a due retry or a replayed dead letter
+//! <prefix>.retry.<trigger>                                 a failed event waiting out its retry delay
 //! <prefix>.dlq.<trigger>                                   a trigger's dead letters
 //! ```
 //!
@@ -62,13 +63,24 @@ impl Subjects {
         format!("{}.events.>", self.prefix)
     }
 
-    /// Every replay subject; also stored by the events stream.
-    pub fn all_replays(&self) -> String {
-        format!("{}.replay.>", self.prefix)
+    /// Every direct subject; also stored by the events stream.
+    pub fn all_direct(&self) -> String {
+        format!("{}.direct.>", self.prefix)
     }
 
-    pub fn replay(&self, trigger: &str) -> String {
-        format!("{}.replay.{}", self.prefix, escape_token(trigger))
+    /// Events for one trigger only: due retries and replayed dead letters.
+    pub fn direct(&self, trigger: &str) -> String {
+        format!("{}.direct.{}", self.prefix, escape_token(trigger))
+    }
+
+    /// Every retry subject; also stored by the events stream.
+    pub fn all_retries(&self) -> String {
+        format!("{}.retry.>", self.prefix)
+    }
+
+    /// Failed events of one trigger waiting out their retry delay.
+    pub fn retry(&self, trigger: &str) -> String {
+        format!("{}.retry.{}", self.prefix, escape_token(trigger))
     }
 
     pub fn dead_letter(&self, trigger: &str) -> String {

@@ -5,10 +5,12 @@
 //! `max_ack_pending` (set to the trigger's `max_concurrency`) bounds it across all of
 //! them. Within a process, a trigger pulls only after taking a permit from its own
 //! budget, its function's adaptive budget and the global budget, so a slow function
-//! leaves events in JetStream. The delivery contract is in `design.md` beside this
-//! crate: every event is acknowledged only after its function accepted it, or after
-//! it was stored in the dead-letter stream; retries wait in JetStream (NAK with
-//! delay), so nothing pending lives only in this process's memory.
+//! leaves events in JetStream. A failed event waits out its retry delay on a second
+//! consumer per trigger (a NAK with delay there), so waiting retries never occupy the
+//! trigger's concurrency. The delivery contract is in `design.md` beside this crate:
+//! every event is acknowledged only after its function accepted it, after its retry
+//! copy was stored, or after its dead letter was stored; nothing pending lives only in
+//! this process's memory.
 
 pub mod filter;
 pub mod limit;
@@ -21,14 +23,18 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
-use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull, kv};
+use switchyard_bus::async_nats::HeaderMap;
+use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
 use switchyard_bus::dead_letter::{
     DeadLetter, REASON_ATTEMPTS_EXHAUSTED, REASON_MALFORMED, REASON_MAX_AGE_EXCEEDED,
     REASON_REJECTED,
 };
-use switchyard_bus::{Bus, BusError, event_from_message};
-use switchyard_event::{Event, Failure, Outcome, Target};
+use switchyard_bus::{Bus, BusError, RetryState, event_from_message, event_headers};
+use switchyard_event::{Event, Failure, Outcome, PublishError, Target};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -146,23 +152,40 @@ pub struct TriggerStatus {
     pub in_flight: i64,
     /// Events the trigger's consumer has not delivered yet.
     pub lag: u64,
+    /// Failed events waiting for their retry.
+    pub retrying: u64,
     pub function_concurrency_limit: usize,
+}
+
+/// Metric handles of one trigger, resolved once.
+struct TriggerMetrics {
+    dispatched: Counter,
+    succeeded: Counter,
+    retried: Counter,
+    rejected: Counter,
+    filtered: Counter,
+    in_flight: Gauge,
+    duration: Histogram,
+    function_limit: Gauge,
 }
 
 struct TriggerRuntime {
     config: TriggerConfig,
     function: Arc<FunctionRuntime>,
     permits: Arc<Semaphore>,
-    consumer: jetstream::consumer::Consumer<pull::Config>,
-    replay_subject: String,
-    labels: TriggerLabels,
+    stream: jetstream::stream::Stream,
+    consumer_config: pull::Config,
+    retry_consumer_config: pull::Config,
+    direct_subject: String,
+    retry_subject: String,
+    metrics: TriggerMetrics,
     in_flight: AtomicI64,
     lag: AtomicU64,
+    retrying: AtomicU64,
 }
 
 struct Shared {
     bus: Bus,
-    attempts: kv::Store,
     metrics: DispatcherMetrics,
     global: Arc<Semaphore>,
 }
@@ -190,22 +213,32 @@ impl DispatcherView {
                 max_concurrency: trigger.config.max_concurrency,
                 in_flight: trigger.in_flight.load(Ordering::Relaxed),
                 lag: trigger.lag.load(Ordering::Relaxed),
+                retrying: trigger.retrying.load(Ordering::Relaxed),
                 function_concurrency_limit: trigger.function.limit.limit(),
             })
             .collect()
     }
 }
 
-/// Name of the key-value bucket that remembers when a retried event was first
-/// attempted (written only on the failure path).
-pub const ATTEMPTS_BUCKET: &str = "SWITCHYARD_ATTEMPTS";
-
 /// The durable consumer name of a trigger.
 pub fn consumer_name(trigger: &str) -> String {
     format!("switchyard-{trigger}")
 }
 
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The durable consumer that holds a trigger's failed events until their retry is due.
+pub fn retry_consumer_name(trigger: &str) -> String {
+    format!("switchyard-{trigger}-retry")
+}
+
+/// How long a pull waits for events. Short, so an idle trigger soon gives back the
+/// shared permits it took for its pull.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// Retries that may wait at once per trigger; more wait in the stream until room frees.
+const MAX_WAITING_RETRIES: i64 = 100_000;
+
+/// Longest error text kept on a retry or dead letter.
+const MAX_ERROR_BYTES: usize = 1024;
 
 fn now_rfc3339() -> String {
     format_time(time::OffsetDateTime::now_utc())
@@ -216,8 +249,39 @@ fn format_time(at: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+fn parse_time(text: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+}
+
+fn truncate(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+async fn create_consumer(
+    stream: &jetstream::stream::Stream,
+    config: &pull::Config,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+    stream
+        .create_consumer(config.clone())
+        .await
+        .map_err(|error| BusError::Operation {
+            stage: "create trigger consumer",
+            reason: format!(
+                "consumer `{}`: {error}",
+                config.durable_name.as_deref().unwrap_or_default()
+            ),
+        })
+}
+
 impl Dispatcher {
-    /// Creates (or updates) every trigger's durable consumer.
+    /// Creates (or updates) every trigger's durable consumers.
     pub async fn new(
         bus: Bus,
         config: DispatcherConfig,
@@ -230,17 +294,6 @@ impl Dispatcher {
             .get_stream(bus.events_stream())
             .await
             .map_err(|error| BusError::operation("open events stream", error))?;
-        let attempts = bus
-            .jetstream()
-            .create_or_update_key_value(kv::Config {
-                bucket: ATTEMPTS_BUCKET.to_owned(),
-                description: "first attempt time of events being retried".to_owned(),
-                history: 1,
-                max_age: Duration::from_secs(30 * 24 * 3600),
-                ..Default::default()
-            })
-            .await
-            .map_err(|error| BusError::operation("create attempts bucket", error))?;
         let mut runtimes = Vec::with_capacity(triggers.len());
         for trigger in triggers {
             let function = functions.get(&trigger.function).cloned().ok_or_else(|| {
@@ -251,7 +304,8 @@ impl Dispatcher {
             })?;
             let subjects = bus.subjects();
             let hints = trigger.filter.subject_hints();
-            let replay_subject = subjects.replay(&trigger.name);
+            let direct_subject = subjects.direct(&trigger.name);
+            let retry_subject = subjects.retry(&trigger.name);
             let consumer_config = pull::Config {
                 durable_name: Some(consumer_name(&trigger.name)),
                 description: Some(format!(
@@ -260,7 +314,7 @@ impl Dispatcher {
                 )),
                 filter_subjects: vec![
                     subjects.event_filter(hints.source_exact, hints.type_exact, hints.type_prefix),
-                    replay_subject.clone(),
+                    direct_subject.clone(),
                 ],
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: trigger.ack_wait,
@@ -272,37 +326,64 @@ impl Dispatcher {
                 },
                 ..Default::default()
             };
-            let consumer = stream
-                .create_consumer(consumer_config)
-                .await
-                .map_err(|error| BusError::Operation {
-                    stage: "create trigger consumer",
-                    reason: format!("trigger `{}`: {error}", trigger.name),
-                })?;
-            metrics
+            let retry_consumer_config = pull::Config {
+                durable_name: Some(retry_consumer_name(&trigger.name)),
+                description: Some(format!(
+                    "switchyard trigger `{}`: events waiting to be retried",
+                    trigger.name
+                )),
+                filter_subject: retry_subject.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                max_ack_pending: MAX_WAITING_RETRIES,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            };
+            create_consumer(&stream, &consumer_config).await?;
+            create_consumer(&stream, &retry_consumer_config).await?;
+            let labels = TriggerLabels {
+                trigger: trigger.name.clone(),
+                function: function.name.clone(),
+            };
+            let function_limit = metrics
                 .function_concurrency_limit
                 .get_or_create(&FunctionLabels {
                     function: function.name.clone(),
                 })
-                .set(function.limit.limit() as i64);
+                .clone();
+            function_limit.set(function.limit.limit() as i64);
+            let trigger_metrics = TriggerMetrics {
+                dispatched: metrics.events_dispatched.get_or_create(&labels).clone(),
+                succeeded: metrics.dispatch_succeeded.get_or_create(&labels).clone(),
+                retried: metrics.dispatch_retried.get_or_create(&labels).clone(),
+                rejected: metrics.dispatch_rejected.get_or_create(&labels).clone(),
+                filtered: metrics.events_filtered.get_or_create(&labels).clone(),
+                in_flight: metrics.events_in_flight.get_or_create(&labels).clone(),
+                duration: metrics
+                    .invocation_duration_seconds
+                    .get_or_create(&labels)
+                    .clone(),
+                function_limit,
+            };
             runtimes.push(Arc::new(TriggerRuntime {
-                labels: TriggerLabels {
-                    trigger: trigger.name.clone(),
-                    function: function.name.clone(),
-                },
+                metrics: trigger_metrics,
                 permits: Arc::new(Semaphore::new(trigger.max_concurrency.max(1))),
                 config: trigger,
                 function,
-                consumer,
-                replay_subject,
+                stream: stream.clone(),
+                consumer_config,
+                retry_consumer_config,
+                direct_subject,
+                retry_subject,
                 in_flight: AtomicI64::new(0),
                 lag: AtomicU64::new(0),
+                retrying: AtomicU64::new(0),
             }));
         }
         Ok(Dispatcher {
             shared: Arc::new(Shared {
                 bus,
-                attempts,
                 metrics,
                 global: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             }),
@@ -332,6 +413,11 @@ impl Dispatcher {
                 shutdown.clone(),
                 abandon.clone(),
             )));
+            loops.push(tokio::spawn(retry_loop(
+                trigger.clone(),
+                self.shared.clone(),
+                shutdown.clone(),
+            )));
             loops.push(tokio::spawn(lag_loop(
                 trigger.clone(),
                 self.shared.clone(),
@@ -360,7 +446,7 @@ impl Dispatcher {
                 "shutdown grace over, handing in-flight events back to jetstream"
             );
             abandon.cancel();
-            tracker.wait().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
     }
 }
@@ -404,6 +490,48 @@ fn try_acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Option<Perm
     })
 }
 
+/// Sleeps for a backoff that grows with consecutive failures; false if shut down.
+async fn pause_after_failure(failures: u32, shutdown: &CancellationToken) -> bool {
+    let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
+    tokio::select! {
+        () = tokio::time::sleep(pause) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
+
+fn log_failure(
+    trigger: &TriggerRuntime,
+    failures: u32,
+    stage: &'static str,
+    error: &dyn std::fmt::Display,
+) {
+    // Once, then at powers of two: a long outage is visible without flooding the log.
+    if failures == 1 || failures.is_power_of_two() {
+        tracing::warn!(trigger = %trigger.config.name, %error, failures, stage, "trigger consumer failing, retrying");
+    }
+}
+
+/// Creates (or re-creates) a consumer, retrying until it works or shutdown.
+async fn open_consumer(
+    trigger: &TriggerRuntime,
+    config: &pull::Config,
+    shutdown: &CancellationToken,
+) -> Option<jetstream::consumer::Consumer<pull::Config>> {
+    let mut failures = 0;
+    loop {
+        match create_consumer(&trigger.stream, config).await {
+            Ok(consumer) => return Some(consumer),
+            Err(error) => {
+                failures += 1;
+                log_failure(trigger, failures, "create consumer", &error);
+                if !pause_after_failure(failures, shutdown).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 async fn pull_loop(
     trigger: Arc<TriggerRuntime>,
     shared: Arc<Shared>,
@@ -411,8 +539,25 @@ async fn pull_loop(
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
+    let Some(mut consumer) = open_consumer(&trigger, &trigger.consumer_config, &shutdown).await
+    else {
+        return;
+    };
     let mut failures: u32 = 0;
     'pulling: loop {
+        if failures > 0 {
+            if !pause_after_failure(failures, &shutdown).await {
+                break;
+            }
+            if failures >= 3 {
+                // The consumer may have been deleted or lost with a server: creating
+                // it again is idempotent.
+                match open_consumer(&trigger, &trigger.consumer_config, &shutdown).await {
+                    Some(recreated) => consumer = recreated,
+                    None => break,
+                }
+            }
+        }
         let first = tokio::select! {
             permits = acquire_permits(&trigger, &shared) => permits,
             () = shutdown.cancelled() => break 'pulling,
@@ -424,43 +569,35 @@ async fn pull_loop(
                 None => break,
             }
         }
-        let request = trigger
-            .consumer
+        let request = consumer
             .batch()
             .max_messages(permits.len())
             .expires(PULL_EXPIRES)
             .messages();
-        let batch = tokio::select! {
-            batch = request => batch,
+        let mut batch = tokio::select! {
+            batch = request => match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    failures += 1;
+                    log_failure(&trigger, failures, "pull", &error);
+                    continue 'pulling;
+                }
+            },
             () = shutdown.cancelled() => break 'pulling,
-        };
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(error) => {
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(trigger = %trigger.config.name, %error, failures, stage = "pull", "pulling events failed, retrying");
-                }
-                drop(permits);
-                let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => continue 'pulling,
-                    () = shutdown.cancelled() => break 'pulling,
-                }
-            }
         };
         loop {
             let next = tokio::select! {
                 next = batch.next() => next,
                 () = shutdown.cancelled() => {
-                    // Events already sent to us are handed back at once rather than
-                    // left to wait out their ack wait.
+                    // Events the server already sent for this pull are handed back at
+                    // once rather than left to wait out their ack wait. The pull ends
+                    // on the server within PULL_EXPIRES.
                     let drain = async {
                         while let Some(Ok(message)) = batch.next().await {
                             let _ = message.ack_with(AckKind::Nak(None)).await;
                         }
                     };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                    let _ = tokio::time::timeout(PULL_EXPIRES + Duration::from_millis(500), drain).await;
                     break 'pulling;
                 }
             };
@@ -481,9 +618,7 @@ async fn pull_loop(
                 }
                 Some(Err(error)) => {
                     failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(trigger = %trigger.config.name, %error, failures, stage = "pull", "receiving events failed");
-                    }
+                    log_failure(&trigger, failures, "receive", &error);
                     break;
                 }
             }
@@ -491,63 +626,210 @@ async fn pull_loop(
     }
 }
 
+/// Holds a trigger's failed events until their retry is due, then sends each to the
+/// trigger's direct subject. The wait is a NAK with delay on this consumer, so it
+/// survives restarts and never occupies the trigger's own consumer.
+async fn retry_loop(
+    trigger: Arc<TriggerRuntime>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let Some(mut consumer) =
+        open_consumer(&trigger, &trigger.retry_consumer_config, &shutdown).await
+    else {
+        return;
+    };
+    let forwarding = Arc::new(Semaphore::new(256));
+    let mut failures: u32 = 0;
+    'pulling: loop {
+        if failures > 0 {
+            if !pause_after_failure(failures, &shutdown).await {
+                break;
+            }
+            if failures >= 3 {
+                match open_consumer(&trigger, &trigger.retry_consumer_config, &shutdown).await {
+                    Some(recreated) => consumer = recreated,
+                    None => break,
+                }
+            }
+        }
+        let request = consumer
+            .batch()
+            .max_messages(256)
+            .expires(PULL_EXPIRES)
+            .messages();
+        let mut batch = tokio::select! {
+            batch = request => match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    failures += 1;
+                    log_failure(&trigger, failures, "pull retries", &error);
+                    continue 'pulling;
+                }
+            },
+            () = shutdown.cancelled() => break 'pulling,
+        };
+        loop {
+            let next = tokio::select! {
+                next = batch.next() => next,
+                () = shutdown.cancelled() => break 'pulling,
+            };
+            let message = match next {
+                None => break,
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    failures += 1;
+                    log_failure(&trigger, failures, "receive retries", &error);
+                    break;
+                }
+            };
+            failures = 0;
+            let state = RetryState::from_headers(message.headers.as_ref());
+            let now_ms =
+                (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+            let due_in = state.retry_at_unix_ms.unwrap_or(0) - now_ms;
+            if due_in > 2 {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(due_in as u64))))
+                    .await;
+                continue;
+            }
+            let permit = forwarding
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            let shared = shared.clone();
+            let trigger = trigger.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                forward_due_retry(&trigger, &shared, message).await;
+            });
+        }
+    }
+}
+
+async fn forward_due_retry(trigger: &TriggerRuntime, shared: &Shared, message: jetstream::Message) {
+    let sequence = message
+        .info()
+        .map(|info| info.stream_sequence)
+        .unwrap_or_default();
+    let mut headers = message.headers.clone().unwrap_or_default();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("due {} {sequence}", trigger.config.name),
+    );
+    let subject = trigger.direct_subject.clone();
+    let stored = match shared
+        .bus
+        .send(subject, headers, message.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match stored {
+        Ok(()) => {
+            let _ = message.ack().await;
+        }
+        Err(error) => {
+            tracing::warn!(trigger = %trigger.config.name, %error, stage = "retry", "sending a due retry failed, trying again shortly");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
+
 async fn lag_loop(trigger: Arc<TriggerRuntime>, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    let name = consumer_name(&trigger.config.name);
+    let retry_name = retry_consumer_name(&trigger.config.name);
+    let gauge = shared
+        .metrics
+        .consumer_lag
+        .get_or_create(&TriggerOnlyLabels {
+            trigger: trigger.config.name.clone(),
+        })
+        .clone();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let info = tokio::select! {
-            info = trigger.consumer.get_info() => info,
+        let infos = async {
+            let main = trigger.stream.get_consumer::<pull::Config>(&name).await;
+            let retry = trigger
+                .stream
+                .get_consumer::<pull::Config>(&retry_name)
+                .await;
+            (main, retry)
+        };
+        let (main, retry) = tokio::select! {
+            infos = infos => infos,
             () = shutdown.cancelled() => return,
         };
-        if let Ok(info) = info {
-            trigger.lag.store(info.num_pending, Ordering::Relaxed);
-            shared
-                .metrics
-                .consumer_lag
-                .get_or_create(&TriggerOnlyLabels {
-                    trigger: trigger.config.name.clone(),
-                })
-                .set(info.num_pending as i64);
+        if let Ok(main) = main {
+            let pending = main.cached_info().num_pending;
+            trigger.lag.store(pending, Ordering::Relaxed);
+            gauge.set(pending as i64);
+        }
+        if let Ok(retry) = retry {
+            let info = retry.cached_info();
+            trigger.retrying.store(
+                info.num_pending + info.num_ack_pending as u64,
+                Ordering::Relaxed,
+            );
         }
     }
 }
 
 struct InFlight<'a> {
     trigger: &'a TriggerRuntime,
-    shared: &'a Shared,
 }
 
 impl<'a> InFlight<'a> {
-    fn start(trigger: &'a TriggerRuntime, shared: &'a Shared) -> Self {
+    fn start(trigger: &'a TriggerRuntime) -> Self {
         trigger.in_flight.fetch_add(1, Ordering::Relaxed);
-        shared
-            .metrics
-            .events_in_flight
-            .get_or_create(&trigger.labels)
-            .inc();
-        InFlight { trigger, shared }
+        trigger.metrics.in_flight.inc();
+        InFlight { trigger }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.trigger.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.shared
-            .metrics
-            .events_in_flight
-            .get_or_create(&self.trigger.labels)
-            .dec();
+        self.trigger.metrics.in_flight.dec();
     }
 }
 
-/// Facts about one delivery of a message.
+/// Everything known about one delivery of an event to a trigger.
 struct Delivery {
+    /// 1-based number of this attempt, over every copy of the event.
     attempt: u64,
+    /// Sequence of this copy (original, or a due retry) in the events stream.
     sequence: u64,
+    /// Sequence of the original event.
+    event_sequence: u64,
     received_at: time::OffsetDateTime,
+    state: RetryState,
+}
+
+impl Delivery {
+    fn last_failure(&self) -> Option<Failure> {
+        let error = self.state.last_error.clone()?;
+        Some(Failure::new(self.state.last_status, error))
+    }
+}
+
+/// Sends progress for `message` every `every` until dropped, so JetStream does not
+/// redeliver an event that is still being handled.
+async fn keep_in_progress(message: &jetstream::Message, every: Duration) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        ticker.tick().await;
+        let _ = message.ack_with(AckKind::Progress).await;
+    }
 }
 
 async fn handle_message(
@@ -558,13 +840,35 @@ async fn handle_message(
     abandon: CancellationToken,
 ) {
     let _permits = permits;
-    let _in_flight = InFlight::start(&trigger, &shared);
+    let _in_flight = InFlight::start(&trigger);
+    let every = (trigger.config.ack_wait / 3).max(Duration::from_millis(100));
+    tokio::select! {
+        () = handle(&trigger, &shared, &message, &abandon) => {}
+        () = keep_in_progress(&message, every) => {}
+    }
+}
+
+async fn handle(
+    trigger: &TriggerRuntime,
+    shared: &Shared,
+    message: &jetstream::Message,
+    abandon: &CancellationToken,
+) {
     let delivery = match message.info() {
-        Ok(info) => Delivery {
-            attempt: info.delivered.max(1) as u64,
-            sequence: info.stream_sequence,
-            received_at: info.published,
-        },
+        Ok(info) => {
+            let state = RetryState::from_headers(message.headers.as_ref());
+            Delivery {
+                attempt: state.attempts + info.delivered.max(1) as u64,
+                sequence: info.stream_sequence,
+                event_sequence: state.event_sequence.unwrap_or(info.stream_sequence),
+                received_at: state
+                    .received_at
+                    .as_deref()
+                    .and_then(parse_time)
+                    .unwrap_or(info.published),
+                state,
+            }
+        }
         Err(error) => {
             tracing::error!(trigger = %trigger.config.name, %error, stage = "dispatch", "message without jetstream metadata, handing back");
             let _ = message
@@ -577,118 +881,125 @@ async fn handle_message(
         Ok(event) => event,
         Err(error) => {
             let failure = Failure::new(None, format!("not a valid cloudevent: {error}"));
-            dead_letter_raw(&trigger, &shared, &message, &delivery, &failure).await;
+            dead_letter_raw(trigger, shared, message, &delivery, &failure).await;
             return;
         }
     };
-    let replayed = message.subject.as_str() == trigger.replay_subject;
-    if !replayed && !trigger.config.filter.matches(&event) {
-        shared
-            .metrics
-            .events_filtered
-            .get_or_create(&trigger.labels)
-            .inc();
+    let direct = message.subject.as_str() == trigger.direct_subject;
+    if !direct && !trigger.config.filter.matches(&event) {
+        trigger.metrics.filtered.inc();
         let _ = message.ack().await;
         return;
     }
     let policy = &trigger.config.retry;
-    let now = time::OffsetDateTime::now_utc();
+    if delivery.attempt > policy.max_attempts() {
+        // Only reachable when an earlier delivery could not settle the event (its
+        // dead letter or retry could not be stored): settle it now, without invoking.
+        let failure = delivery
+            .last_failure()
+            .unwrap_or_else(|| Failure::new(None, "attempts exhausted"));
+        let attempts = delivery.attempt - 1;
+        dead_letter(
+            trigger,
+            shared,
+            message,
+            event,
+            &delivery,
+            REASON_ATTEMPTS_EXHAUSTED,
+            attempts,
+            &failure,
+            None,
+        )
+        .await;
+        return;
+    }
     if let Some(max_age) = policy.max_age {
-        let age = (now - delivery.received_at).max(time::Duration::ZERO);
+        let age =
+            (time::OffsetDateTime::now_utc() - delivery.received_at).max(time::Duration::ZERO);
         if age > max_age && delivery.attempt > 1 {
-            let failure = Failure::new(
-                None,
-                format!(
-                    "event is {}s old, older than max_age {}s",
-                    age.whole_seconds(),
-                    max_age.as_secs()
-                ),
-            );
-            let failure = last_failure(&shared, &trigger, &delivery)
-                .await
-                .unwrap_or(failure);
+            let failure = delivery.last_failure().unwrap_or_else(|| {
+                Failure::new(
+                    None,
+                    format!(
+                        "event is {}s old, older than max_age {}s",
+                        age.whole_seconds(),
+                        max_age.as_secs()
+                    ),
+                )
+            });
+            let attempts = delivery.attempt - 1;
             dead_letter(
-                &trigger,
-                &shared,
-                &message,
+                trigger,
+                shared,
+                message,
                 event,
                 &delivery,
                 REASON_MAX_AGE_EXCEEDED,
+                attempts,
                 &failure,
+                None,
             )
             .await;
             return;
         }
     }
     let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
-    shared
-        .metrics
-        .events_dispatched
-        .get_or_create(&trigger.labels)
-        .inc();
-    let span_attempt = delivery.attempt;
-    tracing::debug!(event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name, attempt = span_attempt, "invoking function");
+    trigger.metrics.dispatched.inc();
+    tracing::debug!(event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name, attempt = delivery.attempt, "invoking function");
+    let attempt_started_at = time::OffsetDateTime::now_utc();
     let started = Instant::now();
     let outcome = {
         let invocation = trigger.function.target.invoke(&event, timeout);
-        tokio::pin!(invocation);
-        let progress_every = (trigger.config.ack_wait / 3).max(Duration::from_millis(100));
-        let mut progress =
-            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
-        // The guard timeout only fires if a target ignores its own timeout.
-        let hard_deadline = tokio::time::sleep(timeout + Duration::from_secs(1));
-        tokio::pin!(hard_deadline);
-        loop {
-            tokio::select! {
-                outcome = &mut invocation => break outcome,
-                _ = progress.tick() => {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-                () = &mut hard_deadline => {
-                    break Outcome::RetryLater {
-                        not_before: None,
-                        failure: Failure::new(None, format!("invocation timed out after {}ms", timeout.as_millis())),
-                    };
-                }
-                () = abandon.cancelled() => {
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                    return;
-                }
+        // The guard only fires if a target ignores its own timeout.
+        let guard = tokio::time::sleep(timeout + Duration::from_secs(1));
+        tokio::select! {
+            outcome = invocation => outcome,
+            () = guard => Outcome::RetryLater {
+                not_before: None,
+                failure: Failure::new(None, format!("invocation timed out after {}ms", timeout.as_millis())),
+            },
+            () = abandon.cancelled() => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                return;
             }
         }
     };
-    shared
+    trigger
         .metrics
-        .invocation_duration_seconds
-        .get_or_create(&trigger.labels)
+        .duration
         .observe(started.elapsed().as_secs_f64());
-    match outcome {
-        Outcome::Delivered { reply } => {
-            trigger.function.limit.record_success();
-            if trigger.config.publish_replies
-                && let Some(reply) = reply
-                && let Err(error) = publish_reply(&shared, &reply).await
-            {
-                // The function's answer must not be lost: try the whole event again.
-                tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "publish", "publishing the function's reply failed, retrying the event");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(policy.delay(delivery.attempt))))
-                    .await;
-                return;
+    let outcome = match outcome {
+        Outcome::Delivered { reply: Some(reply) } if trigger.config.publish_replies => {
+            match publish_reply(shared, &reply).await {
+                Ok(()) => Outcome::Delivered { reply: None },
+                Err(PublishError::Unavailable(error)) => Outcome::RetryLater {
+                    not_before: None,
+                    failure: Failure::new(
+                        None,
+                        format!("publishing the function's reply failed: {error}"),
+                    ),
+                },
+                Err(error) => Outcome::Rejected {
+                    failure: Failure::new(
+                        None,
+                        format!("the function's reply cannot be published: {error}"),
+                    ),
+                },
             }
-            shared
-                .metrics
-                .dispatch_succeeded
-                .get_or_create(&trigger.labels)
-                .inc();
+        }
+        other => other,
+    };
+    let first_attempt_at = delivery
+        .state
+        .first_attempt_at
+        .clone()
+        .unwrap_or_else(|| format_time(attempt_started_at));
+    match outcome {
+        Outcome::Delivered { .. } => {
+            trigger.function.limit.record_success();
+            trigger.metrics.succeeded.inc();
             if let Err(error) = message.ack().await {
                 tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "ack", "acknowledging failed; the event may be delivered again");
-            }
-            if delivery.attempt > 1 {
-                let _ = shared
-                    .attempts
-                    .delete(attempts_key(&trigger.config.name, delivery.sequence))
-                    .await;
             }
         }
         Outcome::RetryLater {
@@ -698,23 +1009,22 @@ async fn handle_message(
             if failure.overloaded {
                 trigger.function.limit.decrease();
             }
-            shared
+            trigger
                 .metrics
-                .function_concurrency_limit
-                .get_or_create(&FunctionLabels {
-                    function: trigger.function.name.clone(),
-                })
+                .function_limit
                 .set(trigger.function.limit.limit() as i64);
             if delivery.attempt >= policy.max_attempts() {
-                remember_failure(&shared, &trigger, &delivery, &failure, started).await;
+                let attempts = delivery.attempt;
                 dead_letter(
-                    &trigger,
-                    &shared,
-                    &message,
+                    trigger,
+                    shared,
+                    message,
                     event,
                     &delivery,
                     REASON_ATTEMPTS_EXHAUSTED,
+                    attempts,
                     &failure,
+                    Some(first_attempt_at),
                 )
                 .await;
                 return;
@@ -730,111 +1040,104 @@ async fn handle_message(
                     Duration::try_from(remaining).unwrap_or_default() + Duration::from_millis(10),
                 );
             }
-            remember_failure(&shared, &trigger, &delivery, &failure, started).await;
-            shared
-                .metrics
-                .dispatch_retried
-                .get_or_create(&trigger.labels)
-                .inc();
+            trigger.metrics.retried.inc();
             tracing::info!(
                 event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name,
                 attempt = delivery.attempt, status = failure.status, error = %failure.error, delay_ms = delay.as_millis() as u64,
                 "invocation failed, retrying later"
             );
-            if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
-                tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "ack", "nak failed; jetstream redelivers after the ack wait");
-            }
+            schedule_retry(
+                trigger,
+                shared,
+                message,
+                &event,
+                &delivery,
+                &failure,
+                first_attempt_at,
+                delay,
+            )
+            .await;
         }
         Outcome::Rejected { failure } => {
-            shared
-                .metrics
-                .dispatch_rejected
-                .get_or_create(&trigger.labels)
-                .inc();
-            if delivery.attempt == 1 {
-                remember_failure(&shared, &trigger, &delivery, &failure, started).await;
-            }
+            trigger.metrics.rejected.inc();
+            let attempts = delivery.attempt;
             dead_letter(
-                &trigger,
-                &shared,
-                &message,
+                trigger,
+                shared,
+                message,
                 event,
                 &delivery,
                 REASON_REJECTED,
+                attempts,
                 &failure,
+                Some(first_attempt_at),
             )
             .await;
         }
     }
 }
 
-async fn publish_reply(shared: &Shared, reply: &Event) -> Result<(), String> {
-    let ack = shared
-        .bus
-        .send_event(reply)
-        .await
-        .map_err(|error| error.to_string())?;
-    ack.await.map_err(|error| error.to_string())?;
+async fn publish_reply(shared: &Shared, reply: &Event) -> Result<(), PublishError> {
+    let ack = shared.bus.send_event(reply).await?;
+    ack.await
+        .map_err(|error| PublishError::Unavailable(error.to_string()))?;
     Ok(())
 }
 
-fn attempts_key(trigger: &str, sequence: u64) -> String {
-    format!("{trigger}.{sequence}")
-}
-
-/// What the attempts bucket keeps of a retried event: when it was first attempted
-/// and how its latest attempt failed.
-#[derive(Serialize, Deserialize)]
-struct AttemptRecord {
-    first_attempt_at: String,
-    last_status: Option<u16>,
-    last_error: String,
-}
-
-async fn remember_failure(
-    shared: &Shared,
+/// Stores a copy of the event with its attempt history on the trigger's retry subject,
+/// due after `delay`, then acknowledges this copy. If the copy cannot be stored, this
+/// copy is NAKed with the delay instead, so the event stays in JetStream either way.
+#[allow(clippy::too_many_arguments)]
+async fn schedule_retry(
     trigger: &TriggerRuntime,
+    shared: &Shared,
+    message: &jetstream::Message,
+    event: &Event,
     delivery: &Delivery,
     failure: &Failure,
-    started: Instant,
+    first_attempt_at: String,
+    delay: Duration,
 ) {
-    let key = attempts_key(&trigger.config.name, delivery.sequence);
-    let first_attempt_at = match read_attempt(shared, &key).await {
-        Some(record) => record.first_attempt_at,
-        None => format_time(time::OffsetDateTime::now_utc() - started.elapsed()),
-    };
-    let record = AttemptRecord {
-        first_attempt_at,
+    let due = time::OffsetDateTime::now_utc() + delay;
+    let state = RetryState {
+        attempts: delivery.attempt,
+        first_attempt_at: Some(first_attempt_at),
+        received_at: Some(format_time(delivery.received_at)),
         last_status: failure.status,
-        last_error: failure.error.clone(),
+        last_error: Some(truncate(&failure.error, MAX_ERROR_BYTES)),
+        event_sequence: Some(delivery.event_sequence),
+        retry_at_unix_ms: Some((due.unix_timestamp_nanos() / 1_000_000) as i64),
     };
-    let value = serde_json::to_vec(&record).expect("the record serializes");
-    if let Err(error) = shared.attempts.put(key, value.into()).await {
-        tracing::debug!(%error, "recording the attempt failed; the dead letter will lack its first attempt time");
+    let mut headers: HeaderMap = event_headers(
+        event,
+        &format!("retry {} {}", trigger.config.name, delivery.sequence),
+    );
+    state.write_headers(&mut headers);
+    let stored = match shared
+        .bus
+        .send(trigger.retry_subject.clone(), headers, event.data.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match stored {
+        Ok(()) => {
+            if let Err(error) = message.ack().await {
+                tracing::warn!(event_id = %event.id, %error, stage = "ack", "acknowledging a scheduled retry failed; the event may be attempted again");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "retry", "storing the retry failed, holding the event on the trigger instead");
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+        }
     }
-}
-
-async fn read_attempt(shared: &Shared, key: &str) -> Option<AttemptRecord> {
-    let value = shared.attempts.get(key).await.ok()??;
-    serde_json::from_slice(&value).ok()
-}
-
-async fn last_failure(
-    shared: &Shared,
-    trigger: &TriggerRuntime,
-    delivery: &Delivery,
-) -> Option<Failure> {
-    let record = read_attempt(
-        shared,
-        &attempts_key(&trigger.config.name, delivery.sequence),
-    )
-    .await?;
-    Some(Failure::new(record.last_status, record.last_error))
 }
 
 /// Stores the event in the dead-letter stream, then terminates it on the trigger's
 /// consumer. If the dead-letter publish fails, the event is handed back instead, so it
 /// is always in one of the two streams.
+#[allow(clippy::too_many_arguments)]
 async fn dead_letter(
     trigger: &TriggerRuntime,
     shared: &Shared,
@@ -842,24 +1145,20 @@ async fn dead_letter(
     event: Event,
     delivery: &Delivery,
     reason: &str,
+    attempts: u64,
     failure: &Failure,
+    first_attempt_at: Option<String>,
 ) {
-    let key = attempts_key(&trigger.config.name, delivery.sequence);
-    let record = read_attempt(shared, &key).await;
     let event_id = event.id.clone();
     let dead_letter = DeadLetter {
         event,
         reason: reason.to_owned(),
         trigger: trigger.config.name.clone(),
         function: trigger.function.name.clone(),
-        attempts: if reason == REASON_MAX_AGE_EXCEEDED {
-            delivery.attempt - 1
-        } else {
-            delivery.attempt
-        },
+        attempts,
         last_status: failure.status,
-        last_error: failure.error.clone(),
-        first_attempt_at: record.map(|record| record.first_attempt_at),
+        last_error: truncate(&failure.error, MAX_ERROR_BYTES),
+        first_attempt_at: first_attempt_at.or_else(|| delivery.state.first_attempt_at.clone()),
         last_attempt_at: now_rfc3339(),
         received_at: format_time(delivery.received_at),
         event_sequence: delivery.sequence,
@@ -889,7 +1188,6 @@ async fn dead_letter(
             if let Err(error) = message.ack_with(AckKind::Term).await {
                 tracing::warn!(event_id = %event_id, %error, stage = "ack", "terminating a dead-lettered event failed; it may be dead-lettered again (deduplicated)");
             }
-            let _ = shared.attempts.delete(key).await;
         }
         Err(error) => {
             tracing::error!(event_id = %event_id, trigger = %trigger.config.name, %error, stage = "dead_letter", "storing the dead letter failed, handing the event back");
@@ -901,7 +1199,7 @@ async fn dead_letter(
 }
 
 /// Dead-letters a message that is not a valid CloudEvent, headers and payload as they
-/// were, with the reason.
+/// were (less NATS control headers), with the reason.
 async fn dead_letter_raw(
     trigger: &TriggerRuntime,
     shared: &Shared,
@@ -909,7 +1207,18 @@ async fn dead_letter_raw(
     delivery: &Delivery,
     failure: &Failure,
 ) {
-    let mut headers = message.headers.clone().unwrap_or_default();
+    let mut headers = HeaderMap::new();
+    if let Some(original) = &message.headers {
+        for (name, values) in original.iter() {
+            let name_text = std::str::from_utf8(name.as_ref()).unwrap_or_default();
+            if name_text.to_ascii_lowercase().starts_with("nats-") {
+                continue;
+            }
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
     headers.insert(
         "Nats-Msg-Id",
         format!("dlq {} {}", trigger.config.name, delivery.sequence),

@@ -15,14 +15,18 @@ pub struct PublishReceipt {
     pub duplicate: bool,
 }
 
-/// Why a publish did not complete. Every variant is retryable by the sender: nothing
-/// was acknowledged, and re-publishing the same ids is deduplicated.
+/// Why a publish did not complete. `Unavailable` is retryable by the sender (nothing
+/// was acknowledged, and re-publishing the same ids is deduplicated); `Rejected` and
+/// `TooLarge` are permanent.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("event bus unavailable: {0}")]
     Unavailable(String),
     #[error("event bus rejected the publish: {0}")]
     Rejected(String),
+    /// The event is larger than the bus accepts; permanent.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// A durable destination for events.

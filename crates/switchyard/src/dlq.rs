@@ -1,7 +1,7 @@
 //! Dead-letter operations behind `switchyard dlq`: list a trigger's dead letters,
 //! show one whole, replay some back to their trigger, purge them.
 //!
-//! A replay publishes the event to the trigger's replay subject with a fresh
+//! A replay publishes the event to the trigger's direct subject with a fresh
 //! `Nats-Msg-Id`, so the duplicate window does not swallow it and no other trigger
 //! sees it again. The dead letter stays in place and the replay is recorded beside it
 //! (key-value bucket `SWITCHYARD_DLQ_REPLAYS`), so `list` shows what was replayed.
@@ -156,7 +156,7 @@ pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Resu
             now.unix_timestamp_nanos()
         );
         let ack = bus
-            .send_replay(trigger, &entry.dead_letter.event, &replay_id)
+            .send_direct(trigger, &entry.dead_letter.event, &replay_id)
             .await
             .with_context(|| format!("replaying dead letter {}", entry.sequence))?;
         ack.await
