@@ -887,3 +887,211 @@ async fn dead_letters_can_be_replayed_and_purged() {
     );
     switchyard.stop().await;
 }
+
+#[tokio::test]
+async fn events_waiting_for_a_retry_do_not_hold_the_trigger() {
+    let function = FunctionServer::start(|received, _| {
+        if received.id().starts_with("later") {
+            Reply::status(503).with_header("retry-after", "60")
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let (_nats, switchyard) = start(&function, "", "max_concurrency = 2").await;
+    let client = reqwest::Client::new();
+    for id in ["later-1", "later-2"] {
+        binary_event(&client, &switchyard.url("/v1/events"), id, "t", "x")
+            .send()
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while function.calls_for("later-1") + function.calls_for("later-2") < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both of the trigger's two slots had an event that now waits 60s for its retry;
+    // new events must still flow at once.
+    for index in 0..6 {
+        binary_event(
+            &client,
+            &switchyard.url("/v1/events"),
+            &format!("now-{index}"),
+            "t",
+            "x",
+        )
+        .send()
+        .await
+        .unwrap();
+    }
+    function.wait_for(8, Duration::from_secs(10)).await;
+    assert_eq!(
+        function.calls_for("later-1"),
+        1,
+        "the retry waits for its Retry-After"
+    );
+    let triggers: serde_json::Value = serde_json::from_str(
+        &client
+            .get(format!("http://{}/v1/triggers", switchyard.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(triggers["triggers"][0]["name"], "main");
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_over_the_bus_limit_is_refused_with_413() {
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), free_port(), free_port())
+        .replace("max_body_bytes = 4096", "max_body_bytes = 4194304");
+    text.push_str(&function_section("fn", &function.url, 8));
+    text.push_str(&trigger_section("main", "fn", ""));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    let large = "x".repeat(1024 * 1024 - 4096);
+    let response = client
+        .post(switchyard.url("/v1/events"))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "huge")
+        .header("ce-source", "/tests")
+        .header("ce-type", "t")
+        .body(large)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("over the bus limit"), "{text}");
+    // Just under the limit passes, and can still be dead-lettered if it fails.
+    let fits = "y".repeat(1024 * 1024 - 16 * 1024);
+    let response = binary_event(&client, &switchyard.url("/v1/events"), "fits", "t", "")
+        .body(fits.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let received = function.wait_for(1, WAIT).await;
+    assert_eq!(received[0].body.len(), fits.len());
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn a_function_reply_is_published_and_reaches_the_next_trigger() {
+    let first = FunctionServer::start(|received, _| {
+        Reply::ok()
+            .with_header("ce-specversion", "1.0")
+            .with_header("ce-id", format!("reply-to-{}", received.id()))
+            .with_header("ce-source", "/functions/first")
+            .with_header("ce-type", "com.example.step2")
+            .with_header("content-type", "application/json")
+            .with_body("{\"step\":2}")
+    })
+    .await;
+    let second = FunctionServer::start(|_, _| Reply::ok()).await;
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&function_section("first", &first.url, 8));
+    text.push_str(&function_section("second", &second.url, 8));
+    text.push_str(&trigger_section(
+        "step1",
+        "first",
+        "publish_replies = true\nfilter = { type = { exact = \"com.example.step1\" } }",
+    ));
+    text.push_str(&trigger_section(
+        "step2",
+        "second",
+        "filter = { type = { exact = \"com.example.step2\" } }",
+    ));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    binary_event(
+        &client,
+        &switchyard.url("/v1/events"),
+        "chain-1",
+        "com.example.step1",
+        "start",
+    )
+    .send()
+    .await
+    .unwrap();
+    let received = second.wait_for(1, WAIT).await;
+    assert_eq!(received[0].id(), "reply-to-chain-1");
+    assert_eq!(received[0].header("ce-source"), Some("/functions/first"));
+    assert_eq!(&received[0].body[..], b"{\"step\":2}");
+    assert_eq!(
+        first.received().len(),
+        1,
+        "the reply does not loop back to the first trigger"
+    );
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn an_overloaded_function_gets_less_concurrency_then_recovers() {
+    let function = FunctionServer::start(|received, call| {
+        if received.id().starts_with("push") && call == 1 {
+            Reply::status(429)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&function_section("fn", &function.url, 8));
+    text.push_str(&trigger_section(
+        "main",
+        "fn",
+        "retry = { policy = \"fixed\", initial = \"50ms\", attempts = 5 }",
+    ));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    let limit = || async {
+        let body = client
+            .get(format!("http://{}/v1/triggers", switchyard.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+        view["triggers"][0]["function_concurrency_limit"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(limit().await, 8);
+    binary_event(&client, &switchyard.url("/v1/events"), "push-0", "t", "x")
+        .send()
+        .await
+        .unwrap();
+    function.wait_for(2, WAIT).await;
+    assert_eq!(limit().await, 4, "a 429 halves the function's concurrency");
+    for index in 0..40 {
+        binary_event(
+            &client,
+            &switchyard.url("/v1/events"),
+            &format!("ok-{index}"),
+            "t",
+            "x",
+        )
+        .send()
+        .await
+        .unwrap();
+    }
+    function.wait_for(42, WAIT).await;
+    assert_eq!(
+        limit().await,
+        8,
+        "successes bring it back to the configured maximum"
+    );
+    switchyard.stop().await;
+}

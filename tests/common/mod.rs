@@ -133,6 +133,7 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub delay: Duration,
+    pub body: Bytes,
 }
 
 impl Reply {
@@ -141,6 +142,7 @@ impl Reply {
             status,
             headers: Vec::new(),
             delay: Duration::ZERO,
+            body: Bytes::new(),
         }
     }
 
@@ -150,6 +152,11 @@ impl Reply {
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
         self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn with_body(mut self, body: &'static str) -> Reply {
+        self.body = Bytes::from_static(body.as_bytes());
         self
     }
 
@@ -211,7 +218,7 @@ async fn handle(
         tokio::time::sleep(reply.delay).await;
     }
     state.received.lock().unwrap().push(received);
-    let mut response = StatusCode::from_u16(reply.status).unwrap().into_response();
+    let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     for (name, value) in reply.headers {
         response.headers_mut().insert(name, value.parse().unwrap());
     }
