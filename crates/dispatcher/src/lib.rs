@@ -27,8 +27,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
-use switchyard_bus::async_nats::HeaderMap;
 use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
+use switchyard_bus::async_nats::{HeaderMap, StatusCode};
 use switchyard_bus::dead_letter::{
     DeadLetter, REASON_ATTEMPTS_EXHAUSTED, REASON_MALFORMED, REASON_MAX_AGE_EXCEEDED,
     REASON_REJECTED,
@@ -320,6 +320,8 @@ impl Dispatcher {
                 ack_wait: trigger.ack_wait,
                 max_deliver: -1,
                 max_ack_pending: trigger.max_concurrency as i64,
+                // One pull request per free permit can be waiting at worst.
+                max_waiting: (trigger.max_concurrency as i64 + 64).max(512),
                 deliver_policy: match trigger.start {
                     StartPosition::New => jetstream::consumer::DeliverPolicy::New,
                     StartPosition::All => jetstream::consumer::DeliverPolicy::All,
@@ -532,6 +534,28 @@ async fn open_consumer(
     }
 }
 
+/// Permits kept for events a trigger has asked JetStream for, and how many are still
+/// to come.
+struct Requested {
+    permits: Vec<Permits>,
+}
+
+impl Requested {
+    fn outstanding(&self) -> usize {
+        self.permits.len()
+    }
+
+    /// The server will send `count` fewer events than asked: give their permits back.
+    fn release(&mut self, count: usize) {
+        let keep = self.permits.len().saturating_sub(count);
+        self.permits.truncate(keep);
+    }
+}
+
+/// The pull loop of a trigger: one subscription for its whole life, and pull requests
+/// sized to the permits taken, so an event is asked for only when it can start at
+/// once. (async-nats' `batch()` opens a subscription per request, which costs more
+/// than the event itself under load.)
 async fn pull_loop(
     trigger: Arc<TriggerRuntime>,
     shared: Arc<Shared>,
@@ -539,13 +563,36 @@ async fn pull_loop(
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
+    let client = shared.bus.client().clone();
+    let context = shared.bus.jetstream().clone();
     let Some(mut consumer) = open_consumer(&trigger, &trigger.consumer_config, &shutdown).await
     else {
         return;
     };
+    let inbox = client.new_inbox();
+    let mut subscription = loop {
+        match client.subscribe(inbox.clone()).await {
+            Ok(subscription) => break subscription,
+            Err(error) => {
+                log_failure(&trigger, 1, "subscribe", &error);
+                if !pause_after_failure(10, &shutdown).await {
+                    return;
+                }
+            }
+        }
+    };
+    let max = trigger.config.max_concurrency.max(1);
+    let mut requested = Requested {
+        permits: Vec::with_capacity(max),
+    };
+    let mut unrequested: Vec<Permits> = Vec::new();
     let mut failures: u32 = 0;
-    'pulling: loop {
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
         if failures > 0 {
+            // Whatever was asked for is in doubt: let it expire on the server.
+            requested.release(usize::MAX);
+            unrequested.clear();
             if !pause_after_failure(failures, &shutdown).await {
                 break;
             }
@@ -557,73 +604,135 @@ async fn pull_loop(
                     None => break,
                 }
             }
+            failures = 0;
         }
-        let first = tokio::select! {
-            permits = acquire_permits(&trigger, &shared) => permits,
-            () = shutdown.cancelled() => break 'pulling,
-        };
-        let mut permits = vec![first];
-        while permits.len() < trigger.config.max_concurrency.max(1) {
+        while requested.outstanding() + unrequested.len() < max {
             match try_acquire_permits(&trigger, &shared) {
-                Some(more) => permits.push(more),
+                Some(permits) => unrequested.push(permits),
                 None => break,
             }
         }
-        let request = consumer
-            .batch()
-            .max_messages(permits.len())
-            .expires(PULL_EXPIRES)
-            .messages();
-        let mut batch = tokio::select! {
-            batch = request => match batch {
-                Ok(batch) => batch,
+        if !unrequested.is_empty() {
+            let request = pull::BatchConfig {
+                batch: unrequested.len(),
+                expires: Some(PULL_EXPIRES),
+                ..Default::default()
+            };
+            match consumer.request_batch(request, inbox.clone().into()).await {
+                Ok(()) => {
+                    if requested.outstanding() == 0 {
+                        last_heard = tokio::time::Instant::now();
+                    }
+                    requested.permits.append(&mut unrequested);
+                }
                 Err(error) => {
                     failures += 1;
                     log_failure(&trigger, failures, "pull", &error);
-                    continue 'pulling;
-                }
-            },
-            () = shutdown.cancelled() => break 'pulling,
-        };
-        loop {
-            let next = tokio::select! {
-                next = batch.next() => next,
-                () = shutdown.cancelled() => {
-                    // Events the server already sent for this pull are handed back at
-                    // once rather than left to wait out their ack wait. The pull ends
-                    // on the server within PULL_EXPIRES.
-                    let drain = async {
-                        while let Some(Ok(message)) = batch.next().await {
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
-                        }
-                    };
-                    let _ = tokio::time::timeout(PULL_EXPIRES + Duration::from_millis(500), drain).await;
-                    break 'pulling;
-                }
-            };
-            match next {
-                None => break,
-                Some(Ok(message)) => {
-                    failures = 0;
-                    let permit = permits
-                        .pop()
-                        .expect("the batch never exceeds the permits taken");
-                    tracker.spawn(handle_message(
-                        trigger.clone(),
-                        shared.clone(),
-                        message,
-                        permit,
-                        abandon.clone(),
-                    ));
-                }
-                Some(Err(error)) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "receive", &error);
-                    break;
+                    continue;
                 }
             }
         }
+        let can_take_more = requested.outstanding() < max;
+        let silent_for = last_heard + PULL_EXPIRES * 3;
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            message = subscription.next() => {
+                let Some(message) = message else {
+                    failures += 1;
+                    log_failure(&trigger, failures, "receive", &"subscription closed");
+                    match client.subscribe(inbox.clone()).await {
+                        Ok(renewed) => subscription = renewed,
+                        Err(error) => log_failure(&trigger, failures, "subscribe", &error),
+                    }
+                    continue;
+                };
+                last_heard = tokio::time::Instant::now();
+                match message.status {
+                    None | Some(StatusCode::OK) => {
+                        let Some(permits) = requested.permits.pop() else {
+                            // More than asked for (a request thought lost came back):
+                            // hand it back for another pull.
+                            let _ = jetstream::Message { message, context: context.clone() }
+                                .ack_with(AckKind::Nak(None))
+                                .await;
+                            continue;
+                        };
+                        tracker.spawn(handle_message(
+                            trigger.clone(),
+                            shared.clone(),
+                            jetstream::Message { message, context: context.clone() },
+                            permits,
+                            abandon.clone(),
+                        ));
+                    }
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED) => {
+                        let unfulfilled = message
+                            .headers
+                            .as_ref()
+                            .and_then(|headers| headers.get("Nats-Pending-Messages"))
+                            .and_then(|value| value.as_str().parse::<usize>().ok());
+                        match unfulfilled {
+                            Some(count) => requested.release(count),
+                            None => {
+                                // A 409 without accounting: the consumer was deleted
+                                // or its leader changed.
+                                failures += 1;
+                                log_failure(&trigger, failures, "pull", &message.description.as_deref().unwrap_or("pull request terminated"));
+                            }
+                        }
+                    }
+                    Some(status) => {
+                        failures += 1;
+                        let description = message.description.clone().unwrap_or_default();
+                        log_failure(&trigger, failures, "pull", &format!("status {status}: {description}"));
+                    }
+                }
+            }
+            permits = acquire_permits(&trigger, &shared), if can_take_more => {
+                unrequested.push(permits);
+            }
+            () = tokio::time::sleep_until(silent_for), if requested.outstanding() > 0 => {
+                // No answer, not even the expiry, for three times the pull's life: the
+                // requests were lost (a reconnect); stop counting on them.
+                requested.release(usize::MAX);
+            }
+        }
     }
+    // Events the server still sends for requests in flight are handed back at once
+    // rather than left to wait out their ack wait.
+    drop(unrequested);
+    let drain = async {
+        while requested.outstanding() > 0 {
+            let Some(message) = subscription.next().await else {
+                break;
+            };
+            match message.status {
+                None | Some(StatusCode::OK) => {
+                    requested.release(1);
+                    let _ = jetstream::Message {
+                        message,
+                        context: context.clone(),
+                    }
+                    .ack_with(AckKind::Nak(None))
+                    .await;
+                }
+                Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED) => {
+                    let unfulfilled = message
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| headers.get("Nats-Pending-Messages"))
+                        .and_then(|value| value.as_str().parse::<usize>().ok())
+                        .unwrap_or(usize::MAX);
+                    requested.release(unfulfilled);
+                }
+                _ => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(PULL_EXPIRES + Duration::from_millis(500), drain).await;
+    let _ = subscription.unsubscribe().await;
 }
 
 /// Holds a trigger's failed events until their retry is due, then sends each to the
