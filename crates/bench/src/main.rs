@@ -470,6 +470,7 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
             ..Default::default()
         })
         .await?;
+    let cpu_before_pull = cpu_both(nats);
     let started = Instant::now();
     let mut received = 0;
     while received < count {
@@ -484,10 +485,12 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
         }
     }
     let bare_pull = started.elapsed();
+    let cpu_pull = cpu_both(nats) - cpu_before_pull;
 
     // Bare HTTP client: POST the same event to the function, `concurrency` at a time.
     let client = client();
     let next = Arc::new(AtomicU64::new(0));
+    let cpu_before_http = cpu_both(nats);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
@@ -505,15 +508,18 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
         worker.await?;
     }
     let bare_http = started.elapsed();
+    let cpu_http = cpu_both(nats) - cpu_before_http;
     function.count.store(0, Ordering::SeqCst);
 
     // Switchyard: a trigger reading the same stored events.
+    let cpu_before_dispatch = cpu_both(nats);
     let started = Instant::now();
     let running = switchyard::start(config).await?;
     while (function.count.load(Ordering::Relaxed) as usize) < count {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let dispatched = started.elapsed();
+    let cpu_dispatch = cpu_both(nats) - cpu_before_dispatch;
     running.stop().await?;
 
     let rate = |elapsed: Duration| count as f64 / elapsed.as_secs_f64();
@@ -521,18 +527,39 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
     println!(
         "### (b) dispatch to a no-op HTTP function ({count} stored events, concurrency {concurrency})\n"
     );
-    println!("| loop | events/s |\n|---|---|");
+    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / count as f64;
+    println!("| loop | events/s | CPU µs per event (bench process + nats-server) |\n|---|---|---|");
     println!(
-        "| switchyard dispatcher (pull, filter, invoke, ack) | {:.0} |",
-        rate(dispatched)
+        "| switchyard dispatcher (pull, filter, invoke, ack) | {:.0} | {:.1} |",
+        rate(dispatched),
+        per_event(cpu_dispatch)
     );
-    println!("| bare JetStream pull + ack | {:.0} |", rate(bare_pull));
-    println!("| bare HTTP client -> function | {:.0} |", rate(bare_http));
+    println!("| bare JetStream pull + ack | {:.0} | {:.1} |", rate(bare_pull), per_event(cpu_pull));
+    println!("| bare HTTP client -> function | {:.0} | {:.1} |", rate(bare_http), per_event(cpu_http));
+    println!(
+        "\nthe two bare loops together cost {:.1} µs of CPU per event; the dispatcher does both jobs",
+        per_event(cpu_pull) + per_event(cpu_http)
+    );
     println!(
         "\nratio: {:.0}% of the slower bare loop (target >= 70%)\n",
         100.0 * rate(dispatched) / slower
     );
     Ok(())
+}
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let per_second = 100; // USER_HZ on Linux
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// CPU used by this process and the nats-server together.
+fn cpu_both(nats: &Nats) -> Duration {
+    cpu_time(std::process::id()) + cpu_time(nats.child.id())
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -682,6 +709,11 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let nats = Nats::start()?;
         let (count, rounds) = if quick { (2_000, 1) } else { (20_000, 3) };
+        if arguments.iter().any(|argument| argument == "--dispatch-only") {
+            // For profiling one part alone.
+            bench_dispatch(&nats, 50_000, 64).await?;
+            return Ok(());
+        }
         println!(
             "## run: {} cores, nats-server file storage on 127.0.0.1\n",
             std::thread::available_parallelism().map_or(0, |cores| cores.get())

@@ -612,7 +612,10 @@ async fn pull_loop(
                 None => break,
             }
         }
-        if !unrequested.is_empty() {
+        // Ask in batches of a quarter of the limit (or at once when nothing is on its
+        // way): a pull request per freed permit would cost more than the event itself.
+        let worth_asking = requested.outstanding() == 0 || unrequested.len() >= (max / 4).max(1);
+        if !unrequested.is_empty() && worth_asking {
             let request = pull::BatchConfig {
                 batch: unrequested.len(),
                 expires: Some(PULL_EXPIRES),
@@ -632,7 +635,7 @@ async fn pull_loop(
                 }
             }
         }
-        let can_take_more = requested.outstanding() < max;
+        let can_take_more = requested.outstanding() + unrequested.len() < max;
         let silent_for = last_heard + PULL_EXPIRES * 3;
         tokio::select! {
             biased;
