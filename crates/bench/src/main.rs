@@ -534,8 +534,16 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
         rate(dispatched),
         per_event(cpu_dispatch)
     );
-    println!("| bare JetStream pull + ack | {:.0} | {:.1} |", rate(bare_pull), per_event(cpu_pull));
-    println!("| bare HTTP client -> function | {:.0} | {:.1} |", rate(bare_http), per_event(cpu_http));
+    println!(
+        "| bare JetStream pull + ack | {:.0} | {:.1} |",
+        rate(bare_pull),
+        per_event(cpu_pull)
+    );
+    println!(
+        "| bare HTTP client -> function | {:.0} | {:.1} |",
+        rate(bare_http),
+        per_event(cpu_http)
+    );
     println!(
         "\nthe two bare loops together cost {:.1} µs of CPU per event; the dispatcher does both jobs",
         per_event(cpu_pull) + per_event(cpu_http)
@@ -551,8 +559,14 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     let per_second = 100; // USER_HZ on Linux
     Duration::from_millis(ticks * 1000 / per_second)
 }
@@ -709,7 +723,10 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let nats = Nats::start()?;
         let (count, rounds) = if quick { (2_000, 1) } else { (20_000, 3) };
-        if arguments.iter().any(|argument| argument == "--dispatch-only") {
+        if arguments
+            .iter()
+            .any(|argument| argument == "--dispatch-only")
+        {
             // For profiling one part alone.
             bench_dispatch(&nats, 50_000, 64).await?;
             return Ok(());
