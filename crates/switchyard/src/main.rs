@@ -172,6 +172,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             content_type,
         } => {
+            let is_json = content_type.split(';').next().is_some_and(|essence| {
+                let essence = essence.trim();
+                essence == "application/json" || essence.ends_with("+json")
+            });
+            if is_json && serde_json::from_str::<serde_json::Value>(&data).is_err() {
+                anyhow::bail!(
+                    "--data is not valid JSON but --content-type is `{content_type}`; pass --content-type text/plain (or another type) for other data"
+                );
+            }
             let loaded = load(&config)?;
             let bus = connect(&loaded).await?;
             let mut event = Event::new(

@@ -1,0 +1,246 @@
+//! The `switchyard` commands operators use, run as processes: `send`, `dlq list`,
+//! `dlq show`, `dlq replay`, `dlq purge`; and `/metrics` of a running process.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config, free_port};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn switchyard(config: &Path, arguments: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(arguments)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn send_and_dead_letter_commands_work_against_a_live_bus() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|received, _| {
+        if received.header("ce-type") == Some("com.example.poison") {
+            Reply::status(422)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n",
+        function.url
+    ));
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("switchyard.toml");
+    std::fs::write(&config, &text).unwrap();
+    let running = Switchyard::start(text).await;
+
+    let (ok, output) = switchyard(
+        &config,
+        &[
+            "send",
+            "--type",
+            "com.example.test",
+            "--id",
+            "cli-1",
+            "--data",
+            "{\"n\":1}",
+        ],
+    );
+    assert!(ok, "{output}");
+    assert!(output.contains("published event cli-1"), "{output}");
+    let (ok, output) = switchyard(
+        &config,
+        &["send", "--type", "com.example.test", "--data", "not json"],
+    );
+    assert!(
+        !ok && output.contains("--data is not valid JSON"),
+        "{output}"
+    );
+    let (ok, output) = switchyard(
+        &config,
+        &["send", "--type", "com.example.test", "--id", "cli-1"],
+    );
+    assert!(
+        ok && output.contains("duplicate"),
+        "the same id again is reported as a duplicate: {output}"
+    );
+    let received = function.wait_for(1, WAIT).await;
+    assert_eq!(received[0].id(), "cli-1");
+    assert_eq!(&received[0].body[..], b"{\"n\":1}");
+
+    for id in ["bad-1", "bad-2"] {
+        let (ok, output) = switchyard(
+            &config,
+            &[
+                "send",
+                "--type",
+                "com.example.poison",
+                "--id",
+                id,
+                "--data",
+                "poison",
+                "--content-type",
+                "text/plain",
+            ],
+        );
+        assert!(ok, "{output}");
+    }
+    let deadline = Instant::now() + WAIT;
+    let listing = loop {
+        let (ok, output) = switchyard(&config, &["dlq", "list", "--trigger", "main", "--json"]);
+        assert!(ok, "{output}");
+        if output.lines().count() == 2 {
+            break output;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead letters did not appear: {output}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let entries: Vec<serde_json::Value> = listing
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .all(|entry| entry["reason"] == "rejected" && entry["last_status"] == 422)
+    );
+    let first = entries
+        .iter()
+        .find(|entry| entry["event"]["id"] == "bad-1")
+        .unwrap();
+    let sequence = first["sequence"].as_u64().unwrap().to_string();
+
+    let (ok, output) = switchyard(&config, &["dlq", "list", "--trigger", "main"]);
+    assert!(
+        ok && output.contains("2 dead letters for trigger `main`")
+            && output.contains("function answered 422"),
+        "{output}"
+    );
+    let (ok, output) = switchyard(&config, &["dlq", "show", "--trigger", "main", &sequence]);
+    assert!(ok, "{output}");
+    let shown: serde_json::Value = serde_json::from_str(&output).unwrap();
+    assert_eq!(shown["event"]["id"], "bad-1");
+    assert_eq!(shown["event"]["data"], "poison");
+    assert_eq!(shown["attempts"], 1);
+
+    function.set_behaviour(|_, _| Reply::ok());
+    let (ok, output) = switchyard(&config, &["dlq", "replay", "--trigger", "main", &sequence]);
+    assert!(ok && output.contains("replayed 1 dead letters"), "{output}");
+    let deadline = Instant::now() + WAIT;
+    while function
+        .received()
+        .iter()
+        .filter(|call| call.id() == "bad-1")
+        .count()
+        < 1
+    {
+        assert!(Instant::now() < deadline, "the replay was not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, output) = switchyard(&config, &["dlq", "list", "--trigger", "main", "--json"]);
+    let replayed: Vec<serde_json::Value> = output
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let record = replayed
+        .iter()
+        .find(|entry| entry["event"]["id"] == "bad-1")
+        .unwrap();
+    assert_eq!(record["replays"]["count"], 1);
+
+    let (ok, output) = switchyard(&config, &["dlq", "purge", "--trigger", "main", "--all"]);
+    assert!(ok && output.contains("purged 2 dead letters"), "{output}");
+    let (ok, output) = switchyard(&config, &["dlq", "list", "--trigger", "main", "--json"]);
+    assert!(ok && output.trim().is_empty(), "{output}");
+    let (ok, output) = switchyard(&config, &["dlq", "show", "--trigger", "main", &sequence]);
+    assert!(
+        !ok && output.contains(&format!("no dead letter with sequence {sequence}")),
+        "{output}"
+    );
+
+    // The running process counted all of it (the function answers before the
+    // dispatcher counts, so give it a moment).
+    let expected = [
+        "switchyard_dispatch_succeeded_total{trigger=\"main\",function=\"fn\"} 2",
+        "switchyard_dispatch_rejected_total{trigger=\"main\",function=\"fn\"} 2",
+        "switchyard_events_dead_lettered_total{trigger=\"main\",function=\"fn\",reason=\"rejected\"} 2",
+        "switchyard_invocation_duration_seconds_count{trigger=\"main\",function=\"fn\"} 4",
+        "switchyard_events_in_flight{trigger=\"main\",function=\"fn\"} 0",
+    ];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = reqwest::get(format!("http://{}/metrics", running.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|line| !metrics.contains(**line))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing {missing:?} in\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_function_that_times_out_is_retried_then_dead_lettered() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok().after(Duration::from_secs(5))).await;
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\ntimeout = \"200ms\"\nretry = {{ policy = \"fixed\", initial = \"50ms\", attempts = 2 }}\n",
+        function.url
+    ));
+    let running = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    common::binary_event(&client, &running.url("/v1/events"), "slow-1", "t", "x")
+        .send()
+        .await
+        .unwrap();
+    let bus = running.bus().await;
+    let deadline = Instant::now() + WAIT;
+    let dead = loop {
+        let dead = switchyard::dlq::list(&bus, "main").await.unwrap();
+        if !dead.is_empty() {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out event was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let dead_letter = &dead[0].dead_letter;
+    assert_eq!(dead_letter.reason, "attempts_exhausted");
+    assert_eq!(dead_letter.attempts, 2);
+    assert_eq!(dead_letter.last_status, None);
+    assert!(
+        dead_letter.last_error.contains("timed out after 200ms"),
+        "{}",
+        dead_letter.last_error
+    );
+    assert_eq!(function.calls_for("slow-1"), 2);
+    running.stop().await;
+}
