@@ -460,6 +460,18 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
         bus.publish_all(chunk).await?;
     }
 
+    let only_switchyard = std::env::args().any(|argument| argument == "--switchyard-only");
+    if only_switchyard {
+        let started = Instant::now();
+        let running = switchyard::start(config).await?;
+        while (function.count.load(Ordering::Relaxed) as usize) < count {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        println!("switchyard alone: {:.0} events/s", count as f64 / started.elapsed().as_secs_f64());
+        running.stop().await?;
+        return Ok(());
+    }
+
     // Bare JetStream: pull and ack every event.
     let stream = bus.jetstream().get_stream(bus.events_stream()).await?;
     let consumer = stream
