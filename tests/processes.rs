@@ -294,3 +294,91 @@ async fn two_dispatcher_processes_share_a_trigger_within_its_limit() {
     );
     assert_eq!(function.peak(), 4, "the limit is reached");
 }
+
+#[tokio::test]
+async fn a_function_limit_holds_across_processes_and_triggers() {
+    let nats = NatsServer::start();
+    let function =
+        FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(100))).await;
+    let directory = tempfile::tempdir().unwrap();
+    let mut text = base_config(&nats.url(), 0, 0)
+        .replace(
+            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
+            "listen = \"127.0.0.1:${HTTP_PORT}\"\nmax_body_bytes",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT}\"",
+        );
+    text.push_str(&format!(
+        r#"
+[[functions]]
+type = "http"
+name = "fn"
+url = "{}"
+max_concurrency = 3
+
+[[triggers]]
+name = "orders"
+function = "fn"
+max_concurrency = 8
+filter = {{ type = {{ exact = "orders" }} }}
+
+[[triggers]]
+name = "refunds"
+function = "fn"
+max_concurrency = 8
+filter = {{ type = {{ exact = "refunds" }} }}
+"#,
+        function.url
+    ));
+    let config = write_config(directory.path(), &text);
+    let (http_a, admin_a, http_b, admin_b) = (free_port(), free_port(), free_port(), free_port());
+    let a = Process::start(
+        &config,
+        &[
+            ("HTTP_PORT", http_a.to_string()),
+            ("ADMIN_PORT", admin_a.to_string()),
+        ],
+        admin_a,
+    );
+    let b = Process::start(
+        &config,
+        &[
+            ("HTTP_PORT", http_b.to_string()),
+            ("ADMIN_PORT", admin_b.to_string()),
+        ],
+        admin_b,
+    );
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let client = reqwest::Client::new();
+    for index in 0..40 {
+        let port = if index % 2 == 0 { http_a } else { http_b };
+        let ty = if index % 4 < 2 { "orders" } else { "refunds" };
+        let response = binary_event(
+            &client,
+            &format!("http://127.0.0.1:{port}/v1/events"),
+            &format!("e{index}"),
+            ty,
+            "x",
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    function.wait_for(40, WAIT).await;
+    let metric = "switchyard_dispatch_succeeded_total{";
+    let (by_a, by_b) = (a.metric(metric).await, b.metric(metric).await);
+    assert_eq!(by_a + by_b, 40);
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both processes took work: {by_a} and {by_b}"
+    );
+    assert_eq!(
+        function.peak(),
+        3,
+        "two processes and two triggers together reach and never exceed the function's limit"
+    );
+}

@@ -467,7 +467,10 @@ async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow
         while (function.count.load(Ordering::Relaxed) as usize) < count {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        println!("switchyard alone: {:.0} events/s", count as f64 / started.elapsed().as_secs_f64());
+        println!(
+            "switchyard alone: {:.0} events/s",
+            count as f64 / started.elapsed().as_secs_f64()
+        );
         running.stop().await?;
         return Ok(());
     }

@@ -16,6 +16,7 @@ pub mod filter;
 pub mod limit;
 pub mod metrics;
 pub mod retry;
+pub mod slots;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub use filter::{Filter, Matcher};
 pub use limit::{AdaptiveLimit, AdaptivePermit};
 pub use metrics::DispatcherMetrics;
 pub use retry::{BackoffKind, RetryPolicy};
+pub use slots::FunctionSlots;
+use slots::SlotPermit;
 
 use metrics::{DeadLetterLabels, FunctionLabels, TriggerLabels, TriggerOnlyLabels};
 
@@ -131,8 +134,11 @@ pub struct FunctionRuntime {
     pub target: Arc<dyn Target>,
     pub timeout: Duration,
     /// One budget shared by every trigger that targets this function, in this
-    /// process.
+    /// process; shrinks while the function is overloaded.
     pub limit: Arc<AdaptiveLimit>,
+    /// When set, the function's `max_concurrency` also holds across every dispatcher
+    /// process, through slots leased from JetStream ([`slots`]).
+    pub cluster_slots: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +178,7 @@ struct TriggerMetrics {
 struct TriggerRuntime {
     config: TriggerConfig,
     function: Arc<FunctionRuntime>,
+    slots: Option<Arc<FunctionSlots>>,
     permits: Arc<Semaphore>,
     stream: jetstream::stream::Stream,
     consumer_config: pull::Config,
@@ -194,6 +201,7 @@ struct Shared {
 pub struct Dispatcher {
     shared: Arc<Shared>,
     triggers: Vec<Arc<TriggerRuntime>>,
+    slots: Vec<Arc<FunctionSlots>>,
     config: DispatcherConfig,
 }
 
@@ -294,6 +302,13 @@ impl Dispatcher {
             .get_stream(bus.events_stream())
             .await
             .map_err(|error| BusError::operation("open events stream", error))?;
+        let mut slots_by_function: HashMap<String, Arc<FunctionSlots>> = HashMap::new();
+        for function in functions.values() {
+            if let Some(count) = function.cluster_slots {
+                let slots = FunctionSlots::open(&bus, &function.name, count.max(1)).await?;
+                slots_by_function.insert(function.name.clone(), slots);
+            }
+        }
         let mut runtimes = Vec::with_capacity(triggers.len());
         for trigger in triggers {
             let function = functions.get(&trigger.function).cloned().ok_or_else(|| {
@@ -371,6 +386,7 @@ impl Dispatcher {
             runtimes.push(Arc::new(TriggerRuntime {
                 metrics: trigger_metrics,
                 permits: Arc::new(Semaphore::new(trigger.max_concurrency.max(1))),
+                slots: slots_by_function.get(&function.name).cloned(),
                 config: trigger,
                 function,
                 stream: stream.clone(),
@@ -390,6 +406,7 @@ impl Dispatcher {
                 global: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             }),
             triggers: runtimes,
+            slots: slots_by_function.into_values().collect(),
             config,
         })
     }
@@ -406,6 +423,15 @@ impl Dispatcher {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let abandon = CancellationToken::new();
+        // Slots outlive the in-flight invocations that hold them.
+        let slots_shutdown = CancellationToken::new();
+        let mut slot_tasks = Vec::new();
+        for slots in &self.slots {
+            slot_tasks.push(tokio::spawn(
+                slots.clone().lease_loop(slots_shutdown.clone()),
+            ));
+            slot_tasks.push(tokio::spawn(slots.clone().maintain(slots_shutdown.clone())));
+        }
         let mut loops = Vec::new();
         for trigger in &self.triggers {
             loops.push(tokio::spawn(pull_loop(
@@ -450,6 +476,10 @@ impl Dispatcher {
             abandon.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
+        slots_shutdown.cancel();
+        for task in slot_tasks {
+            let _ = task.await;
+        }
     }
 }
 
@@ -457,6 +487,7 @@ impl Dispatcher {
 struct Permits {
     _trigger: OwnedSemaphorePermit,
     _function: AdaptivePermit,
+    _slot: Option<SlotPermit>,
     _global: OwnedSemaphorePermit,
 }
 
@@ -468,6 +499,10 @@ async fn acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Permits {
         .await
         .expect("never closed");
     let function_permit = trigger.function.limit.acquire().await;
+    let slot = match &trigger.slots {
+        Some(slots) => Some(slots.acquire().await),
+        None => None,
+    };
     let global_permit = shared
         .global
         .clone()
@@ -477,6 +512,7 @@ async fn acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Permits {
     Permits {
         _trigger: trigger_permit,
         _function: function_permit,
+        _slot: slot,
         _global: global_permit,
     }
 }
@@ -484,10 +520,15 @@ async fn acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Permits {
 fn try_acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Option<Permits> {
     let trigger_permit = trigger.permits.clone().try_acquire_owned().ok()?;
     let function_permit = trigger.function.limit.try_acquire()?;
+    let slot = match &trigger.slots {
+        Some(slots) => Some(slots.try_acquire()?),
+        None => None,
+    };
     let global_permit = shared.global.clone().try_acquire_owned().ok()?;
     Some(Permits {
         _trigger: trigger_permit,
         _function: function_permit,
+        _slot: slot,
         _global: global_permit,
     })
 }
@@ -614,7 +655,12 @@ async fn pull_loop(
         }
         // Ask in batches of a quarter of the limit (or at once when nothing is on its
         // way): a pull request per freed permit would cost more than the event itself.
-        let worth_asking = requested.outstanding() == 0 || unrequested.len() >= (max / 4).max(1);
+        // The limit is the tightest of the trigger's and the function's.
+        let effective = max
+            .min(trigger.function.limit.limit())
+            .min(trigger.function.cluster_slots.unwrap_or(usize::MAX));
+        let worth_asking =
+            requested.outstanding() == 0 || unrequested.len() >= (effective / 4).max(1);
         if !unrequested.is_empty() && worth_asking {
             let request = pull::BatchConfig {
                 batch: unrequested.len(),

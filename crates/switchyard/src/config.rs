@@ -133,6 +133,13 @@ impl FunctionConfig {
             FunctionConfig::Log(config) => config.max_concurrency,
         }
     }
+
+    pub fn concurrency_scope(&self) -> ConcurrencyScope {
+        match self {
+            FunctionConfig::Http(config) => config.concurrency_scope,
+            FunctionConfig::Log(config) => config.concurrency_scope,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +155,10 @@ pub struct HttpFunctionConfig {
     /// targets this function. Shrinks while the function answers 429/503.
     #[serde(default = "default_function_concurrency")]
     pub max_concurrency: usize,
+    /// Where `max_concurrency` holds: across every dispatcher process (`cluster`) or
+    /// in each process (`process`).
+    #[serde(default)]
+    pub concurrency_scope: ConcurrencyScope,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +167,23 @@ pub struct LogFunctionConfig {
     pub name: String,
     #[serde(default = "default_function_concurrency")]
     pub max_concurrency: usize,
+    #[serde(default = "process_scope")]
+    pub concurrency_scope: ConcurrencyScope,
+}
+
+/// Where a function's `max_concurrency` is enforced.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrencyScope {
+    /// Across every dispatcher process, through slots leased from JetStream.
+    #[default]
+    Cluster,
+    /// In each process on its own.
+    Process,
+}
+
+fn process_scope() -> ConcurrencyScope {
+    ConcurrencyScope::Process
 }
 
 fn default_function_timeout() -> Duration {

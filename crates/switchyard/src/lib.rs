@@ -151,6 +151,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     target,
                     timeout,
                     limit: AdaptiveLimit::new(function.max_concurrency()),
+                    cluster_slots: (function.concurrency_scope()
+                        == config::ConcurrencyScope::Cluster)
+                        .then_some(function.max_concurrency()),
                 }),
             );
         }
