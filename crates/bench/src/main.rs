@@ -115,8 +115,9 @@ listen = "127.0.0.1:{http_port}"
     );
     if let Some(url) = function_url {
         text.push_str(&format!(
-            "[[functions]]\ntype = \"http\"\nname = \"noop\"\nurl = \"{url}\"\nmax_concurrency = 64\n[[triggers]]\nname = \"bench\"\nfunction = \"noop\"\nmax_concurrency = 64\nstart = \"{}\"\n",
-            if start_all { "all" } else { "new" }
+            "[[functions]]\ntype = \"http\"\nname = \"noop\"\nurl = \"{url}\"\nmax_concurrency = 64\nconcurrency_scope = \"{scope}\"\n[[triggers]]\nname = \"bench\"\nfunction = \"noop\"\nmax_concurrency = 64\nstart = \"{}\"\n",
+            if start_all { "all" } else { "new" },
+            scope = if std::env::args().any(|argument| argument == "--process-scope") { "process" } else { "cluster" }
         ));
     }
     text

@@ -48,6 +48,8 @@ pub struct FunctionSlots {
     /// Another process is waiting for a slot: give slots back as soon as they are
     /// free instead of caching them, so the processes share the function.
     contended: AtomicBool,
+    /// The lease loop has a pull request waiting on the server.
+    pulling: AtomicBool,
 }
 
 /// Counts an acquirer as waiting until it returns or is cancelled.
@@ -153,6 +155,7 @@ impl FunctionSlots {
             demand: Notify::new(),
             available: Notify::new(),
             contended: AtomicBool::new(false),
+            pulling: AtomicBool::new(false),
         }))
     }
 
@@ -206,6 +209,7 @@ impl FunctionSlots {
                 .max_messages(wanted)
                 .expires(Duration::from_millis(500))
                 .messages();
+            self.pulling.store(true, Ordering::SeqCst);
             let mut batch = tokio::select! {
                 batch = request => match batch {
                     Ok(batch) => batch,
@@ -214,6 +218,7 @@ impl FunctionSlots {
                         if failures == 1 || failures.is_power_of_two() {
                             tracing::warn!(function = %self.function, %error, stage = "lease slot", "leasing concurrency slots failed");
                         }
+                        self.pulling.store(false, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
                         continue;
                     }
@@ -235,6 +240,8 @@ impl FunctionSlots {
                 }
                 self.available.notify_waiters();
             }
+            // The pull has ended on the server (fulfilled or expired).
+            self.pulling.store(false, Ordering::SeqCst);
         }
     }
 
@@ -260,7 +267,7 @@ impl FunctionSlots {
                 () = shutdown.cancelled() => break,
             };
             if let Ok(info) = info {
-                let ours = usize::from(self.wanted.load(Ordering::SeqCst) > 0);
+                let ours = usize::from(self.pulling.load(Ordering::SeqCst));
                 self.contended
                     .store(info.num_waiting > ours, Ordering::Relaxed);
             }
