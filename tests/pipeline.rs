@@ -1095,3 +1095,51 @@ async fn an_overloaded_function_gets_less_concurrency_then_recovers() {
     );
     switchyard.stop().await;
 }
+
+#[tokio::test]
+async fn idle_triggers_leave_their_function_budget_to_busy_ones() {
+    let function =
+        FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(150))).await;
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&function_section("shared", &function.url, 2));
+    for name in ["quiet-1", "quiet-2", "quiet-3"] {
+        text.push_str(&trigger_section(
+            name,
+            "shared",
+            &format!("filter = {{ type = {{ exact = \"{name}\" }} }}"),
+        ));
+    }
+    text.push_str(&trigger_section(
+        "busy",
+        "shared",
+        "max_concurrency = 8\nfilter = { type = { exact = \"busy\" } }",
+    ));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    for index in 0..12 {
+        binary_event(
+            &client,
+            &switchyard.url("/v1/events"),
+            &format!("b{index}"),
+            "busy",
+            "x",
+        )
+        .send()
+        .await
+        .unwrap();
+    }
+    function.wait_for(12, WAIT).await;
+    assert_eq!(
+        function.peak(),
+        2,
+        "three idle triggers must not hold the function's two slots"
+    );
+    // And a quiet trigger still gets its event promptly.
+    binary_event(&client, &switchyard.url("/v1/events"), "q1", "quiet-2", "x")
+        .send()
+        .await
+        .unwrap();
+    function.wait_for(13, Duration::from_secs(5)).await;
+    switchyard.stop().await;
+}

@@ -486,18 +486,20 @@ impl Dispatcher {
 /// The permits one invocation holds; released on drop.
 struct Permits {
     _trigger: OwnedSemaphorePermit,
+    /// Taken before the pull, except for an idle trigger's single waiting pull, which
+    /// takes them once its event arrived (see [`pull_loop`]).
+    shared: Option<SharedPermits>,
+}
+
+/// The permits an invocation shares with other triggers: its function's (adaptive,
+/// and a cluster slot) and the process's.
+struct SharedPermits {
     _function: AdaptivePermit,
     _slot: Option<SlotPermit>,
     _global: OwnedSemaphorePermit,
 }
 
-async fn acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Permits {
-    let trigger_permit = trigger
-        .permits
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("never closed");
+async fn acquire_shared_permits(trigger: &TriggerRuntime, shared: &Shared) -> SharedPermits {
     let function_permit = trigger.function.limit.acquire().await;
     let slot = match &trigger.slots {
         Some(slots) => Some(slots.acquire().await),
@@ -509,16 +511,43 @@ async fn acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Permits {
         .acquire_owned()
         .await
         .expect("never closed");
-    Permits {
-        _trigger: trigger_permit,
+    SharedPermits {
         _function: function_permit,
         _slot: slot,
         _global: global_permit,
     }
 }
 
-fn try_acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Option<Permits> {
+async fn acquire_permits(trigger: &TriggerRuntime, shared: &Shared, with_shared: bool) -> Permits {
+    let trigger_permit = trigger
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("never closed");
+    let shared = if with_shared {
+        Some(acquire_shared_permits(trigger, shared).await)
+    } else {
+        None
+    };
+    Permits {
+        _trigger: trigger_permit,
+        shared,
+    }
+}
+
+fn try_acquire_permits(
+    trigger: &TriggerRuntime,
+    shared: &Shared,
+    with_shared: bool,
+) -> Option<Permits> {
     let trigger_permit = trigger.permits.clone().try_acquire_owned().ok()?;
+    if !with_shared {
+        return Some(Permits {
+            _trigger: trigger_permit,
+            shared: None,
+        });
+    }
     let function_permit = trigger.function.limit.try_acquire()?;
     let slot = match &trigger.slots {
         Some(slots) => Some(slots.try_acquire()?),
@@ -527,9 +556,11 @@ fn try_acquire_permits(trigger: &TriggerRuntime, shared: &Shared) -> Option<Perm
     let global_permit = shared.global.clone().try_acquire_owned().ok()?;
     Some(Permits {
         _trigger: trigger_permit,
-        _function: function_permit,
-        _slot: slot,
-        _global: global_permit,
+        shared: Some(SharedPermits {
+            _function: function_permit,
+            _slot: slot,
+            _global: global_permit,
+        }),
     })
 }
 
@@ -647,8 +678,15 @@ async fn pull_loop(
             }
             failures = 0;
         }
-        while requested.outstanding() + unrequested.len() < max {
-            match try_acquire_permits(&trigger, &shared) {
+        // An idle trigger waits for its next event holding only its own permit, so
+        // idle triggers do not sit on the function's and the process's shared budget;
+        // that one event takes its shared permits when it arrives (at most one event
+        // per trigger waits so, with progress acks). Once events flow, every pull is
+        // covered by all permits beforehand.
+        let idle = trigger.in_flight.load(Ordering::Relaxed) == 0 && requested.outstanding() == 0;
+        let wanted = if idle { 1 } else { max };
+        while requested.outstanding() + unrequested.len() < wanted {
+            match try_acquire_permits(&trigger, &shared, !idle) {
                 Some(permits) => unrequested.push(permits),
                 None => break,
             }
@@ -681,7 +719,7 @@ async fn pull_loop(
                 }
             }
         }
-        let can_take_more = requested.outstanding() + unrequested.len() < max;
+        let can_take_more = requested.outstanding() + unrequested.len() < wanted;
         let silent_for = last_heard + PULL_EXPIRES * 3;
         tokio::select! {
             biased;
@@ -739,7 +777,7 @@ async fn pull_loop(
                     }
                 }
             }
-            permits = acquire_permits(&trigger, &shared), if can_take_more => {
+            permits = acquire_permits(&trigger, &shared, !idle), if can_take_more => {
                 unrequested.push(permits);
             }
             () = tokio::time::sleep_until(silent_for), if requested.outstanding() > 0 => {
@@ -997,9 +1035,21 @@ async fn handle_message(
     permits: Permits,
     abandon: CancellationToken,
 ) {
-    let _permits = permits;
+    let mut permits = permits;
     let _in_flight = InFlight::start(&trigger);
     let every = (trigger.config.ack_wait / 3).max(Duration::from_millis(100));
+    if permits.shared.is_none() {
+        // The event of an idle trigger's pull: take the shared permits now.
+        tokio::select! {
+            taken = acquire_shared_permits(&trigger, &shared) => permits.shared = Some(taken),
+            () = keep_in_progress(&message, every) => {}
+            () = abandon.cancelled() => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                return;
+            }
+        }
+    }
+    let _permits = permits;
     tokio::select! {
         () = handle(&trigger, &shared, &message, &abandon) => {}
         () = keep_in_progress(&message, every) => {}
