@@ -220,18 +220,7 @@ async fn a_function_that_times_out_is_retried_then_dead_lettered() {
         .await
         .unwrap();
     let bus = running.bus().await;
-    let deadline = Instant::now() + WAIT;
-    let dead = loop {
-        let dead = switchyard::dlq::list(&bus, "main").await.unwrap();
-        if !dead.is_empty() {
-            break dead;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the timed-out event was not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = common::wait_for_dead_letters(&bus, "main", 1, WAIT).await;
     let dead_letter = &dead[0].dead_letter;
     assert_eq!(dead_letter.reason, "attempts_exhausted");
     assert_eq!(dead_letter.attempts, 2);

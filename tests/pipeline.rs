@@ -552,14 +552,7 @@ async fn exhausted_retries_and_rejections_end_in_the_dead_letter_stream() {
     }
     function.wait_for(5, WAIT).await;
     let bus = switchyard.bus().await;
-    let deadline = std::time::Instant::now() + WAIT;
-    let dead = loop {
-        let dead = switchyard::dlq::list(&bus, "main").await.unwrap();
-        if dead.len() == 3 || std::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = common::wait_for_dead_letters(&bus, "main", 3, WAIT).await;
     assert_eq!(dead.len(), 3);
     let find = |id: &str| {
         &dead
@@ -820,18 +813,7 @@ async fn dead_letters_can_be_replayed_and_purged() {
             .unwrap();
     }
     let bus = switchyard.bus().await;
-    let deadline = std::time::Instant::now() + WAIT;
-    let dead = loop {
-        let dead = switchyard::dlq::list(&bus, "main").await.unwrap();
-        if dead.len() == 2 {
-            break dead;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "events were not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = common::wait_for_dead_letters(&bus, "main", 2, WAIT).await;
     accept.store(true, Ordering::SeqCst);
     let first: Vec<_> = dead
         .iter()

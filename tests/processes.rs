@@ -108,6 +108,52 @@ fn write_config(directory: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// Two `switchyard run` processes on one configuration (`sections` appended to the
+/// base), their HTTP and admin ports given through the environment.
+struct Pair {
+    a: Process,
+    b: Process,
+    http_a: u16,
+    http_b: u16,
+    _directory: tempfile::TempDir,
+}
+
+async fn start_pair(nats: &NatsServer, sections: &str) -> Pair {
+    let directory = tempfile::tempdir().unwrap();
+    let mut text = base_config(&nats.url(), 0, 0)
+        .replace(
+            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
+            "listen = \"127.0.0.1:${HTTP_PORT}\"\nmax_body_bytes",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT}\"",
+        );
+    text.push_str(sections);
+    let config = write_config(directory.path(), &text);
+    let (http_a, admin_a, http_b, admin_b) = (free_port(), free_port(), free_port(), free_port());
+    let start = |http: u16, admin: u16| {
+        Process::start(
+            &config,
+            &[
+                ("HTTP_PORT", http.to_string()),
+                ("ADMIN_PORT", admin.to_string()),
+            ],
+            admin,
+        )
+    };
+    let (a, b) = (start(http_a, admin_a), start(http_b, admin_b));
+    a.wait_ready().await;
+    b.wait_ready().await;
+    Pair {
+        a,
+        b,
+        http_a,
+        http_b,
+        _directory: directory,
+    }
+}
+
 async fn consumer_pending(config_text: &str, trigger: &str) -> (u64, usize) {
     let config = switchyard::config::parse(Path::new("t.toml"), config_text, &|name| {
         std::env::var(name).ok()
@@ -225,41 +271,18 @@ async fn two_dispatcher_processes_share_a_trigger_within_its_limit() {
     let nats = NatsServer::start();
     let function =
         FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(100))).await;
-    let directory = tempfile::tempdir().unwrap();
-    // One configuration for both processes; ports come from the environment.
-    let mut text = base_config(&nats.url(), 0, 0)
-        .replace(
-            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
-            "listen = \"127.0.0.1:${HTTP_PORT}\"\nmax_body_bytes",
-        )
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"",
-            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT}\"",
-        );
-    text.push_str(&format!(
+    let pair = start_pair(&nats, &format!(
         "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\nmax_concurrency = 4\n",
         function.url
-    ));
-    let config = write_config(directory.path(), &text);
-    let (http_a, admin_a, http_b, admin_b) = (free_port(), free_port(), free_port(), free_port());
-    let a = Process::start(
-        &config,
-        &[
-            ("HTTP_PORT", http_a.to_string()),
-            ("ADMIN_PORT", admin_a.to_string()),
-        ],
-        admin_a,
-    );
-    let b = Process::start(
-        &config,
-        &[
-            ("HTTP_PORT", http_b.to_string()),
-            ("ADMIN_PORT", admin_b.to_string()),
-        ],
-        admin_b,
-    );
-    a.wait_ready().await;
-    b.wait_ready().await;
+    )).await;
+    let Pair {
+        a,
+        b,
+        http_a,
+        http_b,
+        ..
+    } = &pair;
+    let (http_a, http_b) = (*http_a, *http_b);
     let client = reqwest::Client::new();
     for index in 0..60 {
         let port = if index % 2 == 0 { http_a } else { http_b };
@@ -300,18 +323,10 @@ async fn a_function_limit_holds_across_processes_and_triggers() {
     let nats = NatsServer::start();
     let function =
         FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(100))).await;
-    let directory = tempfile::tempdir().unwrap();
-    let mut text = base_config(&nats.url(), 0, 0)
-        .replace(
-            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
-            "listen = \"127.0.0.1:${HTTP_PORT}\"\nmax_body_bytes",
-        )
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"",
-            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT}\"",
-        );
-    text.push_str(&format!(
-        r#"
+    let pair = start_pair(
+        &nats,
+        &format!(
+            r#"
 [[functions]]
 type = "http"
 name = "fn"
@@ -330,28 +345,18 @@ function = "fn"
 max_concurrency = 8
 filter = {{ type = {{ exact = "refunds" }} }}
 "#,
-        function.url
-    ));
-    let config = write_config(directory.path(), &text);
-    let (http_a, admin_a, http_b, admin_b) = (free_port(), free_port(), free_port(), free_port());
-    let a = Process::start(
-        &config,
-        &[
-            ("HTTP_PORT", http_a.to_string()),
-            ("ADMIN_PORT", admin_a.to_string()),
-        ],
-        admin_a,
-    );
-    let b = Process::start(
-        &config,
-        &[
-            ("HTTP_PORT", http_b.to_string()),
-            ("ADMIN_PORT", admin_b.to_string()),
-        ],
-        admin_b,
-    );
-    a.wait_ready().await;
-    b.wait_ready().await;
+            function.url
+        ),
+    )
+    .await;
+    let Pair {
+        a,
+        b,
+        http_a,
+        http_b,
+        ..
+    } = &pair;
+    let (http_a, http_b) = (*http_a, *http_b);
     let client = reqwest::Client::new();
     for index in 0..40 {
         let port = if index % 2 == 0 { http_a } else { http_b };

@@ -294,6 +294,28 @@ impl FunctionServer {
     }
 }
 
+/// Waits until `trigger` has at least `count` dead letters, or panics after `timeout`.
+pub async fn wait_for_dead_letters(
+    bus: &switchyard_bus::Bus,
+    trigger: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<switchyard::dlq::Entry> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let dead = switchyard::dlq::list(bus, trigger).await.unwrap();
+        if dead.len() >= count {
+            return dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trigger `{trigger}` has {} dead letters, expected {count} within {timeout:?}",
+            dead.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A random lowercase name, to keep streams and subjects apart.
 pub fn random_name(prefix: &str) -> String {
     format!(

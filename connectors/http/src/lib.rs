@@ -191,16 +191,25 @@ async fn post_events(
 ) -> Response {
     match accept_events(&state, &headers, body).await {
         Ok(response) => response,
-        Err(error) => {
-            state
-                .metrics
-                .requests_rejected
-                .get_or_create(&state.labels)
-                .inc();
-            tracing::debug!(source = %state.config.name, status = error.status.as_u16(), error = %error.message, "request refused");
-            error.into_response()
-        }
+        Err(error) => refuse(&state, None, error),
     }
+}
+
+/// Counts and logs a refused request, and answers it.
+fn refuse(state: &SourceState, hook: Option<&str>, error: ApiError) -> Response {
+    state
+        .metrics
+        .requests_rejected
+        .get_or_create(&state.labels)
+        .inc();
+    tracing::debug!(
+        source = %state.config.name,
+        hook = hook.unwrap_or(""),
+        status = error.status.as_u16(),
+        error = %error.message,
+        "request refused"
+    );
+    error.into_response()
 }
 
 async fn accept_events(
@@ -266,15 +275,7 @@ async fn post_hook(
 ) -> Response {
     match accept_hook(&state, &name, &headers, body).await {
         Ok(response) => response,
-        Err(error) => {
-            state
-                .metrics
-                .requests_rejected
-                .get_or_create(&state.labels)
-                .inc();
-            tracing::debug!(source = %state.config.name, hook = %name, status = error.status.as_u16(), error = %error.message, "request refused");
-            error.into_response()
-        }
+        Err(error) => refuse(&state, Some(&name), error),
     }
 }
 

@@ -339,6 +339,22 @@ impl Bus {
     }
 }
 
+impl Bus {
+    /// Publishes and waits for the PubAck: the message is stored when this returns
+    /// `Ok`.
+    pub async fn store(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck, PublishError> {
+        self.send(subject, headers, payload)
+            .await?
+            .await
+            .map_err(classify_publish_error)
+    }
+}
+
 fn classify_publish_error(error: jetstream::context::PublishError) -> PublishError {
     use jetstream::context::PublishErrorKind;
     match error.kind() {

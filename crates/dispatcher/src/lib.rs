@@ -628,6 +628,28 @@ impl Requested {
 /// sized to the permits taken, so an event is asked for only when it can start at
 /// once. (async-nats' `batch()` opens a subscription per request, which costs more
 /// than the event itself under load.)
+/// After consecutive failures: waits a growing pause and, from the third failure on,
+/// creates the consumer again (it may have been deleted or lost with a server; creating
+/// it is idempotent). False when shut down meanwhile.
+async fn recover(
+    trigger: &TriggerRuntime,
+    config: &pull::Config,
+    failures: u32,
+    shutdown: &CancellationToken,
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+) -> bool {
+    if !pause_after_failure(failures, shutdown).await {
+        return false;
+    }
+    if failures >= 3 {
+        match open_consumer(trigger, config, shutdown).await {
+            Some(recreated) => *consumer = recreated,
+            None => return false,
+        }
+    }
+    true
+}
+
 async fn pull_loop(
     trigger: Arc<TriggerRuntime>,
     shared: Arc<Shared>,
@@ -665,16 +687,9 @@ async fn pull_loop(
             // Whatever was asked for is in doubt: let it expire on the server.
             requested.release(usize::MAX);
             unrequested.clear();
-            if !pause_after_failure(failures, &shutdown).await {
+            let config = &trigger.consumer_config;
+            if !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
                 break;
-            }
-            if failures >= 3 {
-                // The consumer may have been deleted or lost with a server: creating
-                // it again is idempotent.
-                match open_consumer(&trigger, &trigger.consumer_config, &shutdown).await {
-                    Some(recreated) => consumer = recreated,
-                    None => break,
-                }
             }
             failures = 0;
         }
@@ -839,14 +854,9 @@ async fn retry_loop(
     let mut failures: u32 = 0;
     'pulling: loop {
         if failures > 0 {
-            if !pause_after_failure(failures, &shutdown).await {
+            let config = &trigger.retry_consumer_config;
+            if !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
                 break;
-            }
-            if failures >= 3 {
-                match open_consumer(&trigger, &trigger.retry_consumer_config, &shutdown).await {
-                    Some(recreated) => consumer = recreated,
-                    None => break,
-                }
             }
         }
         let request = consumer
@@ -916,14 +926,11 @@ async fn forward_due_retry(trigger: &TriggerRuntime, shared: &Shared, message: j
         format!("due {} {sequence}", trigger.config.name),
     );
     let subject = trigger.direct_subject.clone();
-    let stored = match shared
+    let stored = shared
         .bus
-        .send(subject, headers, message.payload.clone())
+        .store(subject, headers, message.payload.clone())
         .await
-    {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
-        Err(error) => Err(error.to_string()),
-    };
+        .map(|_| ());
     match stored {
         Ok(()) => {
             let _ = message.ack().await;
@@ -1321,14 +1328,11 @@ async fn schedule_retry(
         &format!("retry {} {}", trigger.config.name, delivery.sequence),
     );
     state.write_headers(&mut headers);
-    let stored = match shared
+    let stored = shared
         .bus
-        .send(trigger.retry_subject.clone(), headers, event.data.clone())
+        .store(trigger.retry_subject.clone(), headers, event.data.clone())
         .await
-    {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
-        Err(error) => Err(error.to_string()),
-    };
+        .map(|_| ());
     match stored {
         Ok(()) => {
             if let Err(error) = message.ack().await {
@@ -1373,10 +1377,11 @@ async fn dead_letter(
     };
     let (headers, payload) = dead_letter.to_message();
     let subject = shared.bus.subjects().dead_letter(&trigger.config.name);
-    let stored = match shared.bus.send(subject, headers, payload).await {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
-        Err(error) => Err(error.to_string()),
-    };
+    let stored = shared
+        .bus
+        .store(subject, headers, payload)
+        .await
+        .map(|_| ());
     match stored {
         Ok(()) => {
             shared
@@ -1443,14 +1448,11 @@ async fn dead_letter_raw(
         delivery.sequence.to_string(),
     );
     let subject = shared.bus.subjects().dead_letter(&trigger.config.name);
-    let stored = match shared
+    let stored = shared
         .bus
-        .send(subject, headers, message.payload.clone())
+        .store(subject, headers, message.payload.clone())
         .await
-    {
-        Ok(ack) => ack.await.is_ok(),
-        Err(_) => false,
-    };
+        .is_ok();
     if stored {
         tracing::error!(trigger = %trigger.config.name, sequence = delivery.sequence, error = %failure.error, "malformed message dead-lettered");
         let _ = message.ack_with(AckKind::Term).await;
