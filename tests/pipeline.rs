@@ -1125,3 +1125,46 @@ async fn idle_triggers_leave_their_function_budget_to_busy_ones() {
     function.wait_for(13, Duration::from_secs(5)).await;
     switchyard.stop().await;
 }
+
+#[tokio::test]
+async fn streams_are_created_then_updated_to_match_the_configuration() {
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&function_section("fn", &function.url, 4));
+    text.push_str(&trigger_section("main", "fn", ""));
+    let first = Switchyard::start(text.clone()).await;
+    let bus = first.bus().await;
+    let mut stream = bus
+        .jetstream()
+        .get_stream(bus.events_stream())
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(60));
+    assert_eq!(info.config.max_age, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(
+        info.config.discard,
+        switchyard_bus::async_nats::jetstream::stream::DiscardPolicy::New
+    );
+    first.stop().await;
+
+    // Same streams, new settings: updated in place, events kept.
+    let changed = text.replace(
+        "duplicate_window = \"1m\"",
+        "duplicate_window = \"30s\", max_age = \"2d\"",
+    );
+    assert_ne!(changed, text);
+    let second = Switchyard::start(changed).await;
+    let client = reqwest::Client::new();
+    let response = binary_event(&client, &second.url("/v1/events"), "after-update", "t", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    function.wait_for(1, WAIT).await;
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(30));
+    assert_eq!(info.config.max_age, Duration::from_secs(2 * 24 * 3600));
+    second.stop().await;
+}
