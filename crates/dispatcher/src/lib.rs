@@ -480,6 +480,11 @@ impl Dispatcher {
         for task in slot_tasks {
             let _ = task.await;
         }
+        // Only now that nothing can lease or use a slot: give them all back, so other
+        // processes need not wait out the lease timeout.
+        for slots in &self.slots {
+            slots.return_all().await;
+        }
     }
 }
 
@@ -500,17 +505,18 @@ struct SharedPermits {
 }
 
 async fn acquire_shared_permits(trigger: &TriggerRuntime, shared: &Shared) -> SharedPermits {
+    // The cluster slot last, so it is never held while waiting for a local permit.
     let function_permit = trigger.function.limit.acquire().await;
-    let slot = match &trigger.slots {
-        Some(slots) => Some(slots.acquire().await),
-        None => None,
-    };
     let global_permit = shared
         .global
         .clone()
         .acquire_owned()
         .await
         .expect("never closed");
+    let slot = match &trigger.slots {
+        Some(slots) => Some(slots.acquire().await),
+        None => None,
+    };
     SharedPermits {
         _function: function_permit,
         _slot: slot,
@@ -549,11 +555,11 @@ fn try_acquire_permits(
         });
     }
     let function_permit = trigger.function.limit.try_acquire()?;
+    let global_permit = shared.global.clone().try_acquire_owned().ok()?;
     let slot = match &trigger.slots {
         Some(slots) => Some(slots.try_acquire()?),
         None => None,
     };
-    let global_permit = shared.global.clone().try_acquire_owned().ok()?;
     Some(Permits {
         _trigger: trigger_permit,
         shared: Some(SharedPermits {
@@ -606,28 +612,26 @@ async fn open_consumer(
     }
 }
 
-/// Permits kept for events a trigger has asked JetStream for, and how many are still
-/// to come.
-struct Requested {
+/// The one pull request a trigger has waiting on the server, with the permits of the
+/// events it may still bring. One at a time keeps the accounting exact: events carry
+/// no trace of the request they answer (only the request's end does, on its own reply
+/// subject), so with several requests in flight a lost or late end could not be told
+/// apart from another request's events.
+struct PullRequest {
+    id: u64,
     permits: Vec<Permits>,
+    /// After this, the request has certainly ended on the server, answered or not.
+    give_up_at: tokio::time::Instant,
 }
 
-impl Requested {
-    fn outstanding(&self) -> usize {
-        self.permits.len()
-    }
+/// How long after a request's expiry its end may still be reported.
+const PULL_SLACK: Duration = Duration::from_secs(2);
 
-    /// The server will send `count` fewer events than asked: give their permits back.
-    fn release(&mut self, count: usize) {
-        let keep = self.permits.len().saturating_sub(count);
-        self.permits.truncate(keep);
-    }
+/// The id of the pull request a status answers: the last token of its subject.
+fn request_id(subject: &str) -> Option<u64> {
+    subject.rsplit('.').next()?.parse().ok()
 }
 
-/// The pull loop of a trigger: one subscription for its whole life, and pull requests
-/// sized to the permits taken, so an event is asked for only when it can start at
-/// once. (async-nats' `batch()` opens a subscription per request, which costs more
-/// than the event itself under load.)
 /// After consecutive failures: waits a growing pause and, from the third failure on,
 /// creates the consumer again (it may have been deleted or lost with a server; creating
 /// it is idempotent). False when shut down meanwhile.
@@ -650,6 +654,10 @@ async fn recover(
     true
 }
 
+/// The pull loop of a trigger: one subscription for its whole life, and pull requests
+/// sized to the permits taken, so an event is asked for only when it can start at
+/// once. (async-nats' `batch()` opens a subscription per request, which costs more
+/// than the event itself under load.)
 async fn pull_loop(
     trigger: Arc<TriggerRuntime>,
     shared: Arc<Shared>,
@@ -665,7 +673,7 @@ async fn pull_loop(
     };
     let inbox = client.new_inbox();
     let mut subscription = loop {
-        match client.subscribe(inbox.clone()).await {
+        match client.subscribe(format!("{inbox}.*")).await {
             Ok(subscription) => break subscription,
             Err(error) => {
                 log_failure(&trigger, 1, "subscribe", &error);
@@ -676,16 +684,24 @@ async fn pull_loop(
         }
     };
     let max = trigger.config.max_concurrency.max(1);
-    let mut requested = Requested {
-        permits: Vec::with_capacity(max),
-    };
+    let mut current: Option<PullRequest> = None;
+    let mut next_id: u64 = 0;
     let mut unrequested: Vec<Permits> = Vec::new();
     let mut failures: u32 = 0;
-    let mut last_heard = tokio::time::Instant::now();
+    let nak = |message: switchyard_bus::async_nats::Message| {
+        let message = jetstream::Message {
+            message,
+            context: context.clone(),
+        };
+        async move {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+    };
     loop {
         if failures > 0 {
-            // Whatever was asked for is in doubt: let it expire on the server.
-            requested.release(usize::MAX);
+            // Whatever was asked for is in doubt: forget it (late events are handed
+            // back when no permit waits for them).
+            current = None;
             unrequested.clear();
             let config = &trigger.consumer_config;
             if !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
@@ -693,49 +709,49 @@ async fn pull_loop(
             }
             failures = 0;
         }
+        if current
+            .as_ref()
+            .is_some_and(|request| request.give_up_at <= tokio::time::Instant::now())
+        {
+            // Its end was never reported (lost while disconnected): stop counting on it.
+            current = None;
+        }
+        let outstanding = current.as_ref().map_or(0, |request| request.permits.len());
         // An idle trigger waits for its next event holding only its own permit, so
         // idle triggers do not sit on the function's and the process's shared budget;
         // that one event takes its shared permits when it arrives (at most one event
         // per trigger waits so, with progress acks). Once events flow, every pull is
         // covered by all permits beforehand.
-        let idle = trigger.in_flight.load(Ordering::Relaxed) == 0 && requested.outstanding() == 0;
+        let idle = trigger.in_flight.load(Ordering::Relaxed) == 0 && outstanding == 0;
         let wanted = if idle { 1 } else { max };
-        while requested.outstanding() + unrequested.len() < wanted {
+        while outstanding + unrequested.len() < wanted {
             match try_acquire_permits(&trigger, &shared, !idle) {
                 Some(permits) => unrequested.push(permits),
                 None => break,
             }
         }
-        // Ask in batches of a quarter of the limit (or at once when nothing is on its
-        // way): a pull request per freed permit would cost more than the event itself.
-        // The limit is the tightest of the trigger's and the function's.
-        let effective = max
-            .min(trigger.function.limit.limit())
-            .min(trigger.function.cluster_slots.unwrap_or(usize::MAX));
-        let worth_asking =
-            requested.outstanding() == 0 || unrequested.len() >= (effective / 4).max(1);
-        if !unrequested.is_empty() && worth_asking {
+        if current.is_none() && !unrequested.is_empty() {
+            next_id += 1;
             let request = pull::BatchConfig {
                 batch: unrequested.len(),
                 expires: Some(PULL_EXPIRES),
                 ..Default::default()
             };
-            match consumer.request_batch(request, inbox.clone().into()).await {
-                Ok(()) => {
-                    if requested.outstanding() == 0 {
-                        last_heard = tokio::time::Instant::now();
-                    }
-                    requested.permits.append(&mut unrequested);
-                }
-                Err(error) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "pull", &error);
-                    continue;
-                }
+            let reply = format!("{inbox}.{next_id}");
+            if let Err(error) = consumer.request_batch(request, reply.into()).await {
+                failures += 1;
+                log_failure(&trigger, failures, "pull", &error);
+                continue;
             }
+            current = Some(PullRequest {
+                id: next_id,
+                permits: std::mem::take(&mut unrequested),
+                give_up_at: tokio::time::Instant::now() + PULL_EXPIRES + PULL_SLACK,
+            });
         }
-        let can_take_more = requested.outstanding() + unrequested.len() < wanted;
-        let silent_for = last_heard + PULL_EXPIRES * 3;
+        let outstanding = current.as_ref().map_or(0, |request| request.permits.len());
+        let can_take_more = outstanding + unrequested.len() < wanted;
+        let give_up = current.as_ref().map(|request| request.give_up_at);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
@@ -743,93 +759,86 @@ async fn pull_loop(
                 let Some(message) = message else {
                     failures += 1;
                     log_failure(&trigger, failures, "receive", &"subscription closed");
-                    match client.subscribe(inbox.clone()).await {
+                    match client.subscribe(format!("{inbox}.*")).await {
                         Ok(renewed) => subscription = renewed,
                         Err(error) => log_failure(&trigger, failures, "subscribe", &error),
                     }
                     continue;
                 };
-                last_heard = tokio::time::Instant::now();
                 match message.status {
                     None | Some(StatusCode::OK) => {
-                        let Some(permits) = requested.permits.pop() else {
-                            // More than asked for (a request thought lost came back):
-                            // hand it back for another pull.
-                            let _ = jetstream::Message { message, context: context.clone() }
-                                .ack_with(AckKind::Nak(None))
-                                .await;
-                            continue;
-                        };
-                        tracker.spawn(handle_message(
-                            trigger.clone(),
-                            shared.clone(),
-                            jetstream::Message { message, context: context.clone() },
-                            permits,
-                            abandon.clone(),
-                        ));
-                    }
-                    Some(StatusCode::IDLE_HEARTBEAT) => {}
-                    Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED) => {
-                        let unfulfilled = message
-                            .headers
-                            .as_ref()
-                            .and_then(|headers| headers.get("Nats-Pending-Messages"))
-                            .and_then(|value| value.as_str().parse::<usize>().ok());
-                        match unfulfilled {
-                            Some(count) => requested.release(count),
-                            None => {
-                                // A 409 without accounting: the consumer was deleted
-                                // or its leader changed.
-                                failures += 1;
-                                log_failure(&trigger, failures, "pull", &message.description.as_deref().unwrap_or("pull request terminated"));
+                        let permits = current.as_mut().and_then(|request| request.permits.pop());
+                        if current.as_ref().is_some_and(|request| request.permits.is_empty()) {
+                            // Fulfilled: the server sends nothing more for it.
+                            current = None;
+                        }
+                        match permits {
+                            Some(permits) => {
+                                tracker.spawn(handle_message(
+                                    trigger.clone(),
+                                    shared.clone(),
+                                    jetstream::Message { message, context: context.clone() },
+                                    permits,
+                                    shutdown.clone(),
+                                    abandon.clone(),
+                                ));
                             }
+                            // An event of a request already given up on: hand it
+                            // back for another pull.
+                            None => nak(message).await,
                         }
                     }
-                    Some(status) => {
-                        failures += 1;
-                        let description = message.description.clone().unwrap_or_default();
-                        log_failure(&trigger, failures, "pull", &format!("status {status}: {description}"));
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    status => {
+                        // The request ended (expired, or terminated by the server):
+                        // its remaining permits come back. An end of an older request
+                        // is ignored.
+                        let id = request_id(message.subject.as_str());
+                        if current.as_ref().is_some_and(|request| Some(request.id) == id) {
+                            current = None;
+                        }
+                        let accounted = matches!(status, Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED))
+                            && message
+                                .headers
+                                .as_ref()
+                                .is_some_and(|headers| headers.get("Nats-Pending-Messages").is_some());
+                        if !accounted {
+                            // No responders, a deleted consumer, a leader change.
+                            failures += 1;
+                            let description = message.description.clone().unwrap_or_default();
+                            log_failure(&trigger, failures, "pull", &format!("status {status:?}: {description}"));
+                        }
                     }
                 }
             }
             permits = acquire_permits(&trigger, &shared, !idle), if can_take_more => {
                 unrequested.push(permits);
             }
-            () = tokio::time::sleep_until(silent_for), if requested.outstanding() > 0 => {
-                // No answer, not even the expiry, for three times the pull's life: the
-                // requests were lost (a reconnect); stop counting on them.
-                requested.release(usize::MAX);
+            () = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => {
+                // The loop's top forgets the request.
             }
         }
     }
-    // Events the server still sends for requests in flight are handed back at once
+    // Events the server still sends for the request in flight are handed back at once
     // rather than left to wait out their ack wait.
     drop(unrequested);
     let drain = async {
-        while requested.outstanding() > 0 {
+        while current
+            .as_ref()
+            .is_some_and(|request| !request.permits.is_empty())
+        {
             let Some(message) = subscription.next().await else {
                 break;
             };
             match message.status {
                 None | Some(StatusCode::OK) => {
-                    requested.release(1);
-                    let _ = jetstream::Message {
-                        message,
-                        context: context.clone(),
+                    if let Some(request) = current.as_mut() {
+                        drop(request.permits.pop());
                     }
-                    .ack_with(AckKind::Nak(None))
-                    .await;
+                    nak(message).await;
                 }
-                Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED) => {
-                    let unfulfilled = message
-                        .headers
-                        .as_ref()
-                        .and_then(|headers| headers.get("Nats-Pending-Messages"))
-                        .and_then(|value| value.as_str().parse::<usize>().ok())
-                        .unwrap_or(usize::MAX);
-                    requested.release(unfulfilled);
-                }
-                _ => {}
+                Some(StatusCode::IDLE_HEARTBEAT) => {}
+                _ => current = None,
             }
         }
     };
@@ -866,7 +875,10 @@ async fn retry_loop(
             .messages();
         let mut batch = tokio::select! {
             batch = request => match batch {
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    failures = 0;
+                    batch
+                }
                 Err(error) => {
                     failures += 1;
                     log_failure(&trigger, failures, "pull retries", &error);
@@ -1040,6 +1052,7 @@ async fn handle_message(
     shared: Arc<Shared>,
     message: jetstream::Message,
     permits: Permits,
+    shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
     let mut permits = permits;
@@ -1050,7 +1063,8 @@ async fn handle_message(
         tokio::select! {
             taken = acquire_shared_permits(&trigger, &shared) => permits.shared = Some(taken),
             () = keep_in_progress(&message, every) => {}
-            () = abandon.cancelled() => {
+            () = shutdown.cancelled() => {
+                // Not started yet: hand it back at once for another process.
                 let _ = message.ack_with(AckKind::Nak(None)).await;
                 return;
             }
@@ -1107,7 +1121,9 @@ async fn handle(
         return;
     }
     let policy = &trigger.config.retry;
-    if delivery.attempt > policy.max_attempts() {
+    // Only when an earlier attempt's failure is on record: deliveries that were handed
+    // back without being attempted (shutdown, a lost pull) also raise the count.
+    if delivery.attempt > policy.max_attempts() && delivery.state.last_error.is_some() {
         // Only reachable when an earlier delivery could not settle the event (its
         // dead letter or retry could not be stored): settle it now, without invoking.
         let failure = delivery
@@ -1131,7 +1147,7 @@ async fn handle(
     if let Some(max_age) = policy.max_age {
         let age =
             (time::OffsetDateTime::now_utc() - delivery.received_at).max(time::Duration::ZERO);
-        if age > max_age && delivery.attempt > 1 {
+        if age > max_age {
             let failure = delivery.last_failure().unwrap_or_else(|| {
                 Failure::new(
                     None,

@@ -39,6 +39,8 @@ struct Leases {
 /// The slots of one function, as seen by this process.
 pub struct FunctionSlots {
     function: String,
+    stream: jetstream::stream::Stream,
+    consumer_config: pull::Config,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     leases: Mutex<Leases>,
     /// Acquirers waiting for a slot; the lease loop asks the cluster for this many.
@@ -78,6 +80,8 @@ impl Drop for SlotPermit {
             }
         } else if leases.held.contains_key(&self.sequence) {
             leases.free.push((self.sequence, Instant::now()));
+            drop(leases);
+            self.slots.available.notify_waiters();
         }
     }
 }
@@ -128,24 +132,27 @@ impl FunctionSlots {
         for ack in pending {
             let _ = ack.await;
         }
+        let consumer_config = pull::Config {
+            durable_name: Some(format!(
+                "switchyard-slots-{}-{count}",
+                escape_token(function).replace('%', "_")
+            )),
+            description: Some(format!("concurrency slots of function `{function}`")),
+            filter_subject: format!("{base}.*"),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: LEASE_TIMEOUT,
+            max_deliver: -1,
+            max_ack_pending: count as i64,
+            ..Default::default()
+        };
         let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(format!(
-                    "switchyard-slots-{}-{count}",
-                    escape_token(function).replace('%', "_")
-                )),
-                description: Some(format!("concurrency slots of function `{function}`")),
-                filter_subject: format!("{base}.*"),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: LEASE_TIMEOUT,
-                max_deliver: -1,
-                max_ack_pending: count as i64,
-                ..Default::default()
-            })
+            .create_consumer(consumer_config.clone())
             .await
             .map_err(|error| BusError::operation("create slots consumer", error))?;
         Ok(Arc::new(FunctionSlots {
             function: function.to_owned(),
+            stream,
+            consumer_config,
             consumer,
             leases: Mutex::new(Leases {
                 held: HashMap::new(),
@@ -194,6 +201,7 @@ impl FunctionSlots {
     /// Leases slots from the cluster while acquirers wait, until `shutdown`.
     pub async fn lease_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        let mut consumer = self.consumer.clone();
         loop {
             if self.wanted.load(Ordering::SeqCst) == 0 {
                 tokio::select! {
@@ -202,9 +210,24 @@ impl FunctionSlots {
                 }
                 continue;
             }
+            if failures > 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                if failures >= 3 {
+                    // The consumer may have been deleted or lost with a server.
+                    if let Ok(recreated) = self
+                        .stream
+                        .create_consumer(self.consumer_config.clone())
+                        .await
+                    {
+                        consumer = recreated;
+                    }
+                }
+            }
             let wanted = self.wanted.load(Ordering::SeqCst).max(1);
-            let request = self
-                .consumer
+            let request = consumer
                 .batch()
                 .max_messages(wanted)
                 .expires(Duration::from_millis(500))
@@ -219,7 +242,6 @@ impl FunctionSlots {
                             tracing::warn!(function = %self.function, %error, stage = "lease slot", "leasing concurrency slots failed");
                         }
                         self.pulling.store(false, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
                         continue;
                     }
                 },
@@ -228,7 +250,16 @@ impl FunctionSlots {
             // Not raced with shutdown: a slot delivered to this pull must be recorded,
             // so it can be given back.
             while let Some(message) = batch.next().await {
-                let Ok(message) = message else { break };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_power_of_two() {
+                            tracing::warn!(function = %self.function, %error, stage = "lease slot", "leasing concurrency slots failed");
+                        }
+                        break;
+                    }
+                };
                 let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
                     continue;
                 };
@@ -251,7 +282,7 @@ impl FunctionSlots {
     }
 
     /// Returns slots idle longer than [`IDLE_RETURN`] and keeps the others alive,
-    /// until `shutdown`; then returns every slot.
+    /// until `shutdown`. [`Self::return_all`] gives the rest back afterwards.
     pub async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(IDLE_RETURN / 2);
         let mut last_renewal = Instant::now();
@@ -299,8 +330,11 @@ impl FunctionSlots {
                 let _ = lease.ack_with(AckKind::Progress).await;
             }
         }
-        // Give every slot back at once, so other processes need not wait for the
-        // lease timeout. Slots still in use by abandoned invocations go back too.
+    }
+
+    /// Gives every slot back to the cluster. Called once leasing and invocations have
+    /// stopped.
+    pub async fn return_all(&self) {
         let all: Vec<_> = {
             let mut leases = self.leases.lock().expect("slot lock");
             leases.free.clear();
