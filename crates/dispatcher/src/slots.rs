@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 /// A slot idle this long goes back to the cluster.
 pub const IDLE_RETURN: Duration = Duration::from_millis(200);
 /// A dead process's slots come back after this.
-pub const LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Leases {
     /// Every slot this process holds, free or in use, by stream sequence.
