@@ -387,3 +387,86 @@ filter = {{ type = {{ exact = "refunds" }} }}
         "two processes and two triggers together reach and never exceed the function's limit"
     );
 }
+
+#[tokio::test]
+async fn slots_held_by_a_killed_process_come_back() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|received, call| {
+        if received.id().starts_with("hang") && call == 1 {
+            Reply::ok().after(Duration::from_secs(120))
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let pair = start_pair(
+        &nats,
+        &format!(
+            "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\ntimeout = \"180s\"\nmax_concurrency = 2\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\nack_wait = \"2s\"\n",
+            function.url
+        ),
+    )
+    .await;
+    let Pair {
+        a,
+        b,
+        http_a,
+        http_b,
+        ..
+    } = pair;
+    let client = reqwest::Client::new();
+    for id in ["hang-1", "hang-2"] {
+        let response = binary_event(
+            &client,
+            &format!("http://127.0.0.1:{http_a}/v1/events"),
+            id,
+            "t",
+            "x",
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let deadline = Instant::now() + WAIT;
+    while function.calls_for("hang-1") + function.calls_for("hang-2") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the two invocations never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Kill a process that holds a slot (its invocation is in flight), keep the other.
+    let in_flight = "switchyard_events_in_flight{";
+    let a_holds = a.metric(in_flight).await > 0;
+    let (survivor, killed, survivor_http) = if a_holds {
+        (b, a, http_b)
+    } else {
+        (a, b, http_a)
+    };
+    killed.signal(Signal::SIGKILL);
+    drop(killed);
+    let response = binary_event(
+        &client,
+        &format!("http://127.0.0.1:{survivor_http}/v1/events"),
+        "after",
+        "t",
+        "x",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 202);
+    // The survivor gets the dead process's slot back after the lease timeout (10 s),
+    // its event after the trigger's ack wait (2 s), and delivers both events.
+    let received = function.wait_for(2, WAIT).await;
+    assert!(
+        received.iter().any(|call| call.id() == "after"),
+        "the new event was delivered"
+    );
+    assert!(
+        received.iter().any(|call| call.id().starts_with("hang")),
+        "the killed process's event was delivered by the survivor"
+    );
+    drop(survivor);
+}
