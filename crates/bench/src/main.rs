@@ -733,7 +733,12 @@ fn main() -> anyhow::Result<()> {
     // Two workers, the machine's cores; the load generators share them, as they would
     // on a 2-core host.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("SWITCHYARD_BENCH_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()?;
     runtime.block_on(async {

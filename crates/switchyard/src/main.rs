@@ -17,6 +17,10 @@ use switchyard_event::{Event, EventSink};
     about = "Event triggers and dispatch on NATS JetStream"
 )]
 struct Cli {
+    /// Worker threads of the runtime (default: one per core). On a small host shared
+    /// with nats-server, 1 can use less CPU per event (docs/BENCHMARKS.md).
+    #[arg(long, env = "SWITCHYARD_THREADS", global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -325,7 +329,11 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.threads.filter(|threads| *threads > 0) {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .expect("building the tokio runtime");
