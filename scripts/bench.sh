@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-scripts/install-deps.sh
+scripts/install-deps.sh nats
 cargo build --release --locked -p switchyard -p switchyard-bench
 "$CARGO_TARGET_DIR/release/switchyard-bench" "$@"

