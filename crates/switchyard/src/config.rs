@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use switchyard_bus::BusConfig;
 use switchyard_connector_http::HttpSourceConfig;
+use switchyard_connector_nats::NatsSourceConfig;
 use switchyard_dispatcher::{DispatcherConfig, TriggerConfig};
 use toml::Spanned;
 
@@ -99,12 +100,15 @@ pub enum LogFormat {
 pub enum SourceConfig {
     /// CloudEvents over HTTP and webhooks.
     Http(HttpSourceConfig),
+    /// Core NATS subjects or an existing JetStream stream.
+    Nats(NatsSourceConfig),
 }
 
 impl SourceConfig {
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::Http(config) => &config.name,
+            SourceConfig::Nats(config) => &config.name,
         }
     }
 }
@@ -592,6 +596,20 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             ));
         }
         match source {
+            SourceConfig::Nats(nats) => {
+                if nats.subjects.is_empty() == nats.stream.is_none() {
+                    errors.push(locate(file, text, span.clone(), "subjects", format!("source `{}` needs either `subjects` (core NATS) or `stream` (JetStream), not both", nats.name)));
+                }
+                if nats.event_type.is_empty() {
+                    errors.push(locate(
+                        file,
+                        text,
+                        span.clone(),
+                        "event_type",
+                        "must not be empty".to_owned(),
+                    ));
+                }
+            }
             SourceConfig::Http(http) => {
                 match http.listen.parse::<SocketAddr>() {
                     Ok(address) => {

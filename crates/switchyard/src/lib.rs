@@ -76,9 +76,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let registry = Arc::new(registry);
 
     let mut source_listeners = Vec::new();
+    let mut nats_sources = Vec::new();
     let mut sources = HashMap::new();
     for source in &config.sources {
         match source.get_ref() {
+            config::SourceConfig::Nats(nats) => nats_sources.push(nats.clone()),
             config::SourceConfig::Http(http) => {
                 let listener = tokio::net::TcpListener::bind(&http.listen)
                     .await
@@ -189,6 +191,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await
+            }));
+        }
+        for nats in nats_sources {
+            tracing::info!(source = %nats.name, "nats source consuming");
+            servers.push(tokio::spawn({
+                let bus = bus.clone();
+                let stop = source_shutdown.clone();
+                async move {
+                    switchyard_connector_nats::run(nats, bus, stop).await;
+                    Ok(())
+                }
             }));
         }
         ready.store(true, Ordering::SeqCst);

@@ -1,0 +1,263 @@
+//! The NATS source: messages on core NATS subjects, or in an existing JetStream
+//! stream, become CloudEvents in the events stream.
+//!
+//! A message that already is a CloudEvent (NATS binding, binary mode: `ce-` headers)
+//! keeps its attributes; any other message becomes the data of an event with the
+//! configured type and source, the NATS subject as `subject`, and its `Content-Type`
+//! header as `datacontenttype`.
+//!
+//! Delivery: JetStream input is acknowledged only after the event is persisted (PubAck);
+//! if the bus is unavailable the input is NAKed and comes back later. Its event id is
+//! derived from the input's stream and sequence, so a re-read after a crash is dropped
+//! by the duplicate window. Core NATS has no redelivery: a message is persisted or, if
+//! the bus is unavailable, reported and lost upstream; a request (message with a reply
+//! subject) is answered `ok <id>` only after the event is persisted, or with an error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use switchyard_bus::async_nats::HeaderMap;
+use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
+use switchyard_bus::{Bus, event_from_message};
+use switchyard_event::{Event, EventError, EventSink};
+use tokio_util::sync::CancellationToken;
+
+/// A NATS source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSourceConfig {
+    /// Name of the source, used in logs and in the default event source.
+    pub name: String,
+    /// Core NATS subjects to subscribe to (wildcards allowed).
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// Queue group of the subscriptions, so several processes share the messages;
+    /// `switchyard-<name>` by default.
+    #[serde(default)]
+    pub queue_group: Option<String>,
+    /// An existing JetStream stream to consume instead of core subjects.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// With `stream`: only its messages on this subject.
+    #[serde(default)]
+    pub filter_subject: Option<String>,
+    /// CloudEvents `type` of messages that are not CloudEvents.
+    pub event_type: String,
+    /// CloudEvents `source` of messages that are not CloudEvents; `/nats/<name>` by
+    /// default.
+    #[serde(default)]
+    pub event_source: Option<String>,
+}
+
+impl NatsSourceConfig {
+    fn source(&self) -> String {
+        self.event_source
+            .clone()
+            .unwrap_or_else(|| format!("/nats/{}", self.name))
+    }
+
+    /// The durable consumer of a JetStream input.
+    pub fn consumer_name(&self) -> String {
+        format!("switchyard-source-{}", self.name)
+    }
+}
+
+/// Turns a NATS message into an event: its own CloudEvent when it carries one, else
+/// the payload as data. `id` is used for messages that are not CloudEvents.
+pub fn normalize(
+    config: &NatsSourceConfig,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    id: String,
+) -> Result<Event, EventError> {
+    if headers.is_some_and(|headers| headers.get("ce-specversion").is_some()) {
+        return event_from_message(headers, payload);
+    }
+    let mut event = Event::new(id, config.source(), config.event_type.clone());
+    event.subject = Some(subject.to_owned());
+    event.datacontenttype = headers
+        .and_then(|headers| headers.get("Content-Type"))
+        .map(|value| value.as_str().to_owned())
+        .filter(|value| !value.is_empty());
+    event.data = payload;
+    event.validate()?;
+    Ok(event)
+}
+
+/// Runs the source until `shutdown`.
+pub async fn run(config: NatsSourceConfig, bus: Bus, shutdown: CancellationToken) {
+    let config = Arc::new(config);
+    if config.stream.is_some() {
+        run_jetstream(config, bus, shutdown).await;
+    } else {
+        run_core(config, bus, shutdown).await;
+    }
+}
+
+async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: CancellationToken) {
+    let client = bus.client().clone();
+    let group = config
+        .queue_group
+        .clone()
+        .unwrap_or_else(|| format!("switchyard-{}", config.name));
+    let mut subscriptions = Vec::new();
+    for subject in &config.subjects {
+        match client.queue_subscribe(subject.clone(), group.clone()).await {
+            Ok(subscription) => subscriptions.push(subscription),
+            Err(error) => {
+                tracing::error!(source = %config.name, subject, %error, stage = "subscribe", "subscribing failed");
+            }
+        }
+    }
+    let mut messages = futures::stream::select_all(subscriptions);
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => match message {
+                Some(message) => message,
+                None => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let id = uuid::Uuid::now_v7().to_string();
+        let outcome = match normalize(
+            &config,
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            message.payload.clone(),
+            id,
+        ) {
+            Ok(event) => {
+                let event_id = event.id.clone();
+                bus.publish_all(vec![event])
+                    .await
+                    .map(|_| event_id)
+                    .map_err(|error| error.to_string())
+            }
+            Err(error) => Err(format!("not a valid cloudevent: {error}")),
+        };
+        if let Err(error) = &outcome {
+            tracing::error!(source = %config.name, subject = %message.subject, %error, stage = "publish", "nats message not accepted");
+        }
+        if let Some(reply) = message.reply {
+            let answer = match outcome {
+                Ok(id) => format!("ok {id}"),
+                Err(error) => format!("error {error}"),
+            };
+            let _ = client.publish(reply, answer.into()).await;
+        }
+    }
+}
+
+async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: CancellationToken) {
+    let stream_name = config.stream.clone().unwrap_or_default();
+    let mut failures: u32 = 0;
+    'consuming: loop {
+        if failures > 0 {
+            let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+        let consumer = async {
+            let stream = bus
+                .jetstream()
+                .get_stream(&stream_name)
+                .await
+                .map_err(|error| error.to_string())?;
+            stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(config.consumer_name()),
+                    description: Some(format!("switchyard source `{}`", config.name)),
+                    filter_subject: config.filter_subject.clone().unwrap_or_default(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_deliver: -1,
+                    max_ack_pending: 1024,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|error| error.to_string())
+        };
+        let consumer = match consumer.await {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(source = %config.name, stream = %stream_name, %error, stage = "consume", "opening the input stream failed, retrying");
+                }
+                continue;
+            }
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(source = %config.name, %error, stage = "consume", "consuming the input stream failed, retrying");
+                continue;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                () = shutdown.cancelled() => return,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    failures += 1;
+                    tracing::warn!(source = %config.name, %error, stage = "consume", "receiving from the input stream failed");
+                    continue 'consuming;
+                }
+                None => continue 'consuming,
+            };
+            failures = 0;
+            forward_jetstream(&config, &bus, &stream_name, message).await;
+        }
+    }
+}
+
+/// Persists one JetStream input message as an event, then acknowledges the input.
+async fn forward_jetstream(
+    config: &NatsSourceConfig,
+    bus: &Bus,
+    stream_name: &str,
+    message: jetstream::Message,
+) {
+    let sequence = message
+        .info()
+        .map(|info| info.stream_sequence)
+        .unwrap_or_default();
+    // Derived from the input's coordinates, so a re-read is deduplicated.
+    let id = format!("{stream_name}-{sequence}");
+    let event = match normalize(
+        config,
+        message.subject.as_str(),
+        message.headers.as_ref(),
+        message.payload.clone(),
+        id,
+    ) {
+        Ok(event) => event,
+        Err(error) => {
+            // It stays in the input stream; redelivering cannot make it valid.
+            tracing::error!(source = %config.name, stream = %stream_name, sequence, %error, stage = "receive", "input message is not a valid cloudevent, not forwarded");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    match bus.publish_all(vec![event]).await {
+        Ok(_) => {
+            let _ = message.ack().await;
+        }
+        Err(error) => {
+            tracing::warn!(source = %config.name, stream = %stream_name, sequence, %error, stage = "publish", "event bus unavailable, input handed back");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The NATS source against a real nats-server: core NATS subjects and an existing
+//! JetStream stream reach the function; JetStream input is acknowledged only after the
+//! event is persisted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config, free_port, random_name};
+use switchyard_bus::async_nats::{self, HeaderMap, jetstream};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(nats: &NatsServer, function: &FunctionServer, source: &str) -> String {
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(source);
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n",
+        function.url
+    ));
+    text
+}
+
+#[tokio::test]
+async fn core_nats_messages_reach_the_function() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let subject = random_name("orders");
+    let source = format!(
+        "\n[[sources]]\ntype = \"nats\"\nname = \"orders\"\nsubjects = [\"{subject}.>\"]\nevent_type = \"com.example.order\"\n"
+    );
+    let switchyard = Switchyard::start(config(&nats, &function, &source)).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+
+    let mut headers = HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    client
+        .publish_with_headers(
+            format!("{subject}.created"),
+            headers,
+            "{\"order\":1}".into(),
+        )
+        .await
+        .unwrap();
+    // A request is answered once the event is persisted.
+    let answer = client
+        .request(format!("{subject}.paid"), "\u{0}binary".into())
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer.payload).to_string();
+    assert!(answer.starts_with("ok "), "{answer}");
+    // A message that is a CloudEvent keeps its attributes.
+    let mut cloudevent = HeaderMap::new();
+    for (name, value) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "ce-1"),
+        ("ce-source", "/upstream"),
+        ("ce-type", "com.example.native"),
+    ] {
+        cloudevent.insert(name, value);
+    }
+    client
+        .publish_with_headers(format!("{subject}.native"), cloudevent, "native".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+
+    let received = function.wait_for(3, WAIT).await;
+    let created = received
+        .iter()
+        .find(|call| call.header("ce-subject") == Some(&format!("{subject}.created")))
+        .expect("the plain message arrived");
+    assert_eq!(created.header("ce-type"), Some("com.example.order"));
+    assert_eq!(created.header("ce-source"), Some("/nats/orders"));
+    assert_eq!(created.header("content-type"), Some("application/json"));
+    assert_eq!(&created.body[..], b"{\"order\":1}");
+    let paid = received
+        .iter()
+        .find(|call| call.header("ce-subject") == Some(&format!("{subject}.paid")))
+        .unwrap();
+    assert_eq!(&paid.body[..], b"\x00binary");
+    assert_eq!(answer, format!("ok {}", paid.id()));
+    let native = received.iter().find(|call| call.id() == "ce-1").unwrap();
+    assert_eq!(native.header("ce-source"), Some("/upstream"));
+    assert_eq!(native.header("ce-type"), Some("com.example.native"));
+    assert_eq!(&native.body[..], b"native");
+    switchyard.stop().await;
+}
+
+async fn input_consumer_state(
+    client: &async_nats::Client,
+    stream: &str,
+    consumer: &str,
+) -> (u64, usize) {
+    let context = jetstream::new(client.clone());
+    let stream = context.get_stream(stream).await.unwrap();
+    let consumer: jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await.unwrap();
+    let info = consumer.cached_info();
+    (info.num_pending, info.num_ack_pending)
+}
+
+#[tokio::test]
+async fn jetstream_input_is_acknowledged_only_after_the_event_is_persisted() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let context = jetstream::new(client.clone());
+    let input = random_name("INPUT").to_uppercase();
+    context
+        .create_stream(jetstream::stream::Config {
+            name: input.clone(),
+            subjects: vec![format!("{input}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for index in 0..10 {
+        context
+            .publish(
+                format!("{input}.item"),
+                format!("payload-{index}-{}", "x".repeat(400)).into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let source = format!(
+        "\n[[sources]]\ntype = \"nats\"\nname = \"input\"\nstream = \"{input}\"\nevent_type = \"com.example.item\"\n"
+    );
+    // The events stream holds only about four of these events: the rest cannot be
+    // persisted, so they must stay unacknowledged in the input stream.
+    let text = config(&nats, &function, &source).replace(
+        "duplicate_window = \"1m\"",
+        "duplicate_window = \"1m\", max_bytes = 3000",
+    );
+    let switchyard = Switchyard::start(text).await;
+    let received = function.wait_for(1, WAIT).await;
+    assert!(
+        received[0].id().starts_with(&format!("{input}-")),
+        "the id comes from the input's coordinates"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered = function.received().len();
+    assert!(delivered < 10, "the events stream cannot hold all ten");
+    let (pending, ack_pending) =
+        input_consumer_state(&client, &input, "switchyard-source-input").await;
+    assert_eq!(
+        pending as usize + ack_pending,
+        10 - delivered,
+        "every input that was not persisted is still owed by the input stream"
+    );
+    switchyard.stop().await;
+
+    // With room in the events stream (a new deployment's streams, same input), the
+    // rest goes through and the input is drained: nothing was lost.
+    let switchyard = Switchyard::start(config(&nats, &function, &source)).await;
+    function.wait_for(10, WAIT).await;
+    let mut ids: Vec<_> = function
+        .received()
+        .iter()
+        .map(|call| call.id().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "each of the ten inputs delivered: {ids:?}");
+    let deadline = Instant::now() + WAIT;
+    while input_consumer_state(&client, &input, "switchyard-source-input").await != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the input stream was not drained"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    switchyard.stop().await;
+}
