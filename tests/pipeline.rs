@@ -1168,3 +1168,34 @@ async fn streams_are_created_then_updated_to_match_the_configuration() {
     assert_eq!(info.config.max_age, Duration::from_secs(2 * 24 * 3600));
     second.stop().await;
 }
+
+#[tokio::test]
+async fn a_retry_never_waits_longer_than_the_stream_keeps_it() {
+    // Retry-After asks for 10 minutes, but the events stream keeps messages 4 s: the
+    // retry copy must come back before the stream would delete it.
+    let function = FunctionServer::start(|_, call| {
+        if call == 1 {
+            Reply::status(503).with_header("retry-after", "600")
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), free_port(), free_port()).replace(
+        "duplicate_window = \"1m\"",
+        "duplicate_window = \"1s\", max_age = \"4s\"",
+    );
+    text.push_str(&function_section("fn", &function.url, 4));
+    text.push_str(&trigger_section("main", "fn", ""));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    let response = binary_event(&client, &switchyard.url("/v1/events"), "patient", "t", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    function.wait_for(2, WAIT).await;
+    assert_eq!(function.calls_for("patient"), 2);
+    switchyard.stop().await;
+}

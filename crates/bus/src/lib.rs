@@ -170,6 +170,7 @@ pub struct Bus {
 pub const DEAD_LETTER_HEADROOM: usize = 8 * 1024;
 
 const DEFAULT_EVENTS_STREAM: &str = "SWITCHYARD_EVENTS";
+const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_DEAD_LETTER_STREAM: &str = "SWITCHYARD_DLQ";
 
 impl Bus {
@@ -219,7 +220,7 @@ impl Bus {
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         let events = self.config.events_stream.to_stream_config(
             DEFAULT_EVENTS_STREAM,
-            Duration::from_secs(7 * 24 * 3600),
+            DEFAULT_EVENTS_MAX_AGE,
             vec![
                 self.subjects.all_events(),
                 self.subjects.all_direct(),
@@ -254,6 +255,16 @@ impl Bus {
 
     pub fn subjects(&self) -> &Subjects {
         &self.subjects
+    }
+
+    /// How long the events stream keeps a message (event, retry copy) before it is
+    /// removed, delivered or not.
+    pub fn events_max_age(&self) -> Duration {
+        self.config
+            .events_stream
+            .max_age
+            .filter(|age| !age.is_zero())
+            .unwrap_or(DEFAULT_EVENTS_MAX_AGE)
     }
 
     pub fn events_stream(&self) -> &str {

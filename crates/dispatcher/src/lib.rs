@@ -1260,9 +1260,13 @@ async fn handle(
                 .await;
                 return;
             }
+            // A retry copy lives in the events stream: a wait longer than the stream
+            // keeps messages (a huge Retry-After) would let the stream delete it.
+            let longest_wait = shared.bus.events_max_age() / 2;
             let mut delay = policy
                 .delay(delivery.attempt)
-                .max(not_before.unwrap_or_default());
+                .max(not_before.unwrap_or_default())
+                .min(longest_wait);
             if let Some(max_age) = policy.max_age {
                 // Come back no later than when the event expires, to dead-letter it then.
                 let remaining = (delivery.received_at + max_age - time::OffsetDateTime::now_utc())
