@@ -214,11 +214,7 @@ async fn a_function_that_times_out_is_retried_then_dead_lettered() {
         function.url
     ));
     let running = Switchyard::start(text).await;
-    let client = reqwest::Client::new();
-    common::binary_event(&client, &running.url("/v1/events"), "slow-1", "t", "x")
-        .send()
-        .await
-        .unwrap();
+    common::post_event(&running.url("/v1/events"), "slow-1", "t", "x").await;
     let bus = running.bus().await;
     let dead = common::wait_for_dead_letters(&bus, "main", 1, WAIT).await;
     let dead_letter = &dead[0].dead_letter;

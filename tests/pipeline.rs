@@ -14,6 +14,7 @@ use cloudevents::message::BinaryDeserializer as _;
 use cloudevents::{AttributesReader, EventBuilder, EventBuilderV10};
 use common::{
     FunctionServer, NatsServer, Received, Reply, Switchyard, base_config, binary_event, free_port,
+    post_event,
 };
 use hmac::Mac;
 
@@ -420,10 +421,7 @@ async fn malformed_and_oversize_requests_get_a_clear_error() {
     );
 
     // Nothing of a refused batch was published: the valid first event never arrives.
-    let good = binary_event(&client, &switchyard.url("/v1/events"), "after", "t", "b")
-        .send()
-        .await
-        .unwrap();
+    let good = post_event(&switchyard.url("/v1/events"), "after", "t", "b").await;
     assert_eq!(good.status(), 202);
     function.wait_for(1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -443,16 +441,7 @@ async fn the_same_event_or_delivery_id_twice_is_delivered_once() {
     let (_nats, switchyard) = start(&function, hooks, "").await;
     let client = reqwest::Client::new();
     for _ in 0..2 {
-        let response = binary_event(
-            &client,
-            &switchyard.url("/v1/events"),
-            "same-id",
-            "t",
-            "once",
-        )
-        .send()
-        .await
-        .unwrap();
+        let response = post_event(&switchyard.url("/v1/events"), "same-id", "t", "once").await;
         assert_eq!(response.status(), 202);
     }
     let mut duplicates = Vec::new();
@@ -506,11 +495,7 @@ async fn a_failing_function_is_retried_until_it_succeeds() {
     .await;
     let retry = r#"retry = { policy = "fixed", initial = "100ms", attempts = 5, jitter = false }"#;
     let (_nats, switchyard) = start(&function, "", retry).await;
-    let client = reqwest::Client::new();
-    binary_event(&client, &switchyard.url("/v1/events"), "flaky", "t", "x")
-        .send()
-        .await
-        .unwrap();
+    post_event(&switchyard.url("/v1/events"), "flaky", "t", "x").await;
     function.wait_for(3, WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -537,18 +522,8 @@ async fn exhausted_retries_and_rejections_end_in_the_dead_letter_stream() {
     let retry =
         r#"retry = { policy = "exponential", initial = "50ms", max = "200ms", attempts = 3 }"#;
     let (_nats, switchyard) = start(&function, "", retry).await;
-    let client = reqwest::Client::new();
     for id in ["always-500", "bad-request", "says-reject"] {
-        binary_event(
-            &client,
-            &switchyard.url("/v1/events"),
-            id,
-            "t",
-            "payload-bytes",
-        )
-        .send()
-        .await
-        .unwrap();
+        post_event(&switchyard.url("/v1/events"), id, "t", "payload-bytes").await;
     }
     function.wait_for(5, WAIT).await;
     let bus = switchyard.bus().await;
@@ -616,21 +591,8 @@ async fn retry_after_is_honoured_and_max_age_dead_letters() {
         "filter = { type = { exact = \"old\" } }\nretry = { policy = \"fixed\", initial = \"100ms\", attempts = 1000, max_age = \"1s\", jitter = false }",
     ));
     let switchyard = Switchyard::start(text).await;
-    let client = reqwest::Client::new();
-    binary_event(&client, &switchyard.url("/v1/events"), "busy", "busy", "x")
-        .send()
-        .await
-        .unwrap();
-    binary_event(
-        &client,
-        &switchyard.url("/v1/events"),
-        "too-old",
-        "old",
-        "x",
-    )
-    .send()
-    .await
-    .unwrap();
+    post_event(&switchyard.url("/v1/events"), "busy", "busy", "x").await;
+    post_event(&switchyard.url("/v1/events"), "too-old", "old", "x").await;
     let bus = switchyard.bus().await;
     let deadline = std::time::Instant::now() + WAIT;
     while function.calls_for("busy") < 2
@@ -675,18 +637,14 @@ async fn trigger_concurrency_is_reached_and_never_exceeded() {
     let function =
         FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(150))).await;
     let (_nats, switchyard) = start(&function, "", "max_concurrency = 3").await;
-    let client = reqwest::Client::new();
     for index in 0..24 {
-        let response = binary_event(
-            &client,
+        let response = post_event(
             &switchyard.url("/v1/events"),
             &format!("c{index}"),
             "t",
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
         assert_eq!(response.status(), 202);
     }
     function.wait_for(24, WAIT).await;
@@ -716,23 +674,19 @@ async fn function_concurrency_is_shared_by_its_triggers() {
         "max_concurrency = 8\nfilter = { type = { exact = \"com.example.refunds.created\" } }",
     ));
     let switchyard = Switchyard::start(text).await;
-    let client = reqwest::Client::new();
     for index in 0..10 {
         for ty in [
             "com.example.orders.created",
             "com.example.refunds.created",
             "com.example.other",
         ] {
-            binary_event(
-                &client,
+            post_event(
                 &switchyard.url("/v1/events"),
                 &format!("{ty}-{index}"),
                 ty,
                 "x",
             )
-            .send()
-            .await
-            .unwrap();
+            .await;
         }
     }
     let received = function.wait_for(20, WAIT).await;
@@ -760,24 +714,18 @@ async fn nats_unreachable_answers_503_never_202() {
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
     let (mut nats, switchyard) = start(&function, "", "").await;
     let client = reqwest::Client::new();
-    let response = binary_event(&client, &switchyard.url("/v1/events"), "before", "t", "x")
-        .send()
-        .await
-        .unwrap();
+    let response = post_event(&switchyard.url("/v1/events"), "before", "t", "x").await;
     assert_eq!(response.status(), 202);
     function.wait_for(1, WAIT).await;
     nats.stop();
     for index in 0..3 {
-        let response = binary_event(
-            &client,
+        let response = post_event(
             &switchyard.url("/v1/events"),
             &format!("during-{index}"),
             "t",
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
         assert_eq!(response.status(), 503);
         assert!(response.headers().contains_key("retry-after"));
         let text = response.text().await.unwrap();
@@ -805,12 +753,8 @@ async fn dead_letters_can_be_replayed_and_purged() {
     })
     .await;
     let (_nats, switchyard) = start(&function, "", "").await;
-    let client = reqwest::Client::new();
     for id in ["r1", "r2"] {
-        binary_event(&client, &switchyard.url("/v1/events"), id, "t", "keep-me")
-            .send()
-            .await
-            .unwrap();
+        post_event(&switchyard.url("/v1/events"), id, "t", "keep-me").await;
     }
     let bus = switchyard.bus().await;
     let dead = common::wait_for_dead_letters(&bus, "main", 2, WAIT).await;
@@ -883,10 +827,7 @@ async fn events_waiting_for_a_retry_do_not_hold_the_trigger() {
     let (_nats, switchyard) = start(&function, "", "max_concurrency = 2").await;
     let client = reqwest::Client::new();
     for id in ["later-1", "later-2"] {
-        binary_event(&client, &switchyard.url("/v1/events"), id, "t", "x")
-            .send()
-            .await
-            .unwrap();
+        post_event(&switchyard.url("/v1/events"), id, "t", "x").await;
     }
     let deadline = std::time::Instant::now() + WAIT;
     while function.calls_for("later-1") + function.calls_for("later-2") < 2 {
@@ -896,16 +837,13 @@ async fn events_waiting_for_a_retry_do_not_hold_the_trigger() {
     // Both of the trigger's two slots had an event that now waits 60s for its retry;
     // new events must still flow at once.
     for index in 0..6 {
-        binary_event(
-            &client,
+        post_event(
             &switchyard.url("/v1/events"),
             &format!("now-{index}"),
             "t",
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     }
     function.wait_for(8, Duration::from_secs(10)).await;
     assert_eq!(
@@ -993,17 +931,13 @@ async fn a_function_reply_is_published_and_reaches_the_next_trigger() {
         "filter = { type = { exact = \"com.example.step2\" } }",
     ));
     let switchyard = Switchyard::start(text).await;
-    let client = reqwest::Client::new();
-    binary_event(
-        &client,
+    post_event(
         &switchyard.url("/v1/events"),
         "chain-1",
         "com.example.step1",
         "start",
     )
-    .send()
-    .await
-    .unwrap();
+    .await;
     let received = second.wait_for(1, WAIT).await;
     assert_eq!(received[0].id(), "reply-to-chain-1");
     assert_eq!(received[0].header("ce-source"), Some("/functions/first"));
@@ -1051,23 +985,17 @@ async fn an_overloaded_function_gets_less_concurrency_then_recovers() {
             .unwrap()
     };
     assert_eq!(limit().await, 8);
-    binary_event(&client, &switchyard.url("/v1/events"), "push-0", "t", "x")
-        .send()
-        .await
-        .unwrap();
+    post_event(&switchyard.url("/v1/events"), "push-0", "t", "x").await;
     function.wait_for(2, WAIT).await;
     assert_eq!(limit().await, 4, "a 429 halves the function's concurrency");
     for index in 0..40 {
-        binary_event(
-            &client,
+        post_event(
             &switchyard.url("/v1/events"),
             &format!("ok-{index}"),
             "t",
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     }
     function.wait_for(42, WAIT).await;
     assert_eq!(
@@ -1098,18 +1026,14 @@ async fn idle_triggers_leave_their_function_budget_to_busy_ones() {
         "max_concurrency = 8\nfilter = { type = { exact = \"busy\" } }",
     ));
     let switchyard = Switchyard::start(text).await;
-    let client = reqwest::Client::new();
     for index in 0..12 {
-        binary_event(
-            &client,
+        post_event(
             &switchyard.url("/v1/events"),
             &format!("b{index}"),
             "busy",
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     }
     function.wait_for(12, WAIT).await;
     assert_eq!(
@@ -1118,10 +1042,7 @@ async fn idle_triggers_leave_their_function_budget_to_busy_ones() {
         "three idle triggers must not hold the function's two slots"
     );
     // And a quiet trigger still gets its event promptly.
-    binary_event(&client, &switchyard.url("/v1/events"), "q1", "quiet-2", "x")
-        .send()
-        .await
-        .unwrap();
+    post_event(&switchyard.url("/v1/events"), "q1", "quiet-2", "x").await;
     function.wait_for(13, Duration::from_secs(5)).await;
     switchyard.stop().await;
 }
@@ -1156,11 +1077,7 @@ async fn streams_are_created_then_updated_to_match_the_configuration() {
     );
     assert_ne!(changed, text);
     let second = Switchyard::start(changed).await;
-    let client = reqwest::Client::new();
-    let response = binary_event(&client, &second.url("/v1/events"), "after-update", "t", "x")
-        .send()
-        .await
-        .unwrap();
+    let response = post_event(&second.url("/v1/events"), "after-update", "t", "x").await;
     assert_eq!(response.status(), 202);
     function.wait_for(1, WAIT).await;
     let info = stream.info().await.unwrap().clone();
@@ -1189,11 +1106,7 @@ async fn a_retry_never_waits_longer_than_the_stream_keeps_it() {
     text.push_str(&function_section("fn", &function.url, 4));
     text.push_str(&trigger_section("main", "fn", ""));
     let switchyard = Switchyard::start(text).await;
-    let client = reqwest::Client::new();
-    let response = binary_event(&client, &switchyard.url("/v1/events"), "patient", "t", "x")
-        .send()
-        .await
-        .unwrap();
+    let response = post_event(&switchyard.url("/v1/events"), "patient", "t", "x").await;
     assert_eq!(response.status(), 202);
     function.wait_for(2, WAIT).await;
     assert_eq!(function.calls_for("patient"), 2);

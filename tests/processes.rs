@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{FunctionServer, NatsServer, Reply, base_config, binary_event, free_port};
+use common::{FunctionServer, NatsServer, Reply, base_config, free_port, post_event};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -197,12 +197,8 @@ async fn a_dispatcher_killed_mid_invocation_loses_nothing() {
     let config = write_config(directory.path(), &text);
     let first = Process::start(&config, &[], admin);
     first.wait_ready().await;
-    let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}/v1/events");
-    let response = binary_event(&client, &url, "hanging", "t", "precious")
-        .send()
-        .await
-        .unwrap();
+    let response = post_event(&url, "hanging", "t", "precious").await;
     assert_eq!(response.status(), 202);
     let deadline = Instant::now() + WAIT;
     while function.calls_for("hanging") == 0 {
@@ -222,10 +218,7 @@ async fn a_dispatcher_killed_mid_invocation_loses_nothing() {
     let mut second = Process::start(&config, &[], admin);
     second.wait_ready().await;
     for index in 0..5 {
-        binary_event(&client, &url, &format!("after-{index}"), "t", "x")
-            .send()
-            .await
-            .unwrap();
+        post_event(&url, &format!("after-{index}"), "t", "x").await;
     }
     let received = function.wait_for(6, WAIT).await;
     let hanging = received
@@ -242,10 +235,7 @@ async fn a_dispatcher_killed_mid_invocation_loses_nothing() {
 
     // SIGTERM while an invocation runs: it finishes within the grace, then the process
     // exits cleanly.
-    binary_event(&client, &url, "slow", "t", "x")
-        .send()
-        .await
-        .unwrap();
+    post_event(&url, "slow", "t", "x").await;
     let deadline = Instant::now() + WAIT;
     while function.calls_for("slow") == 0 {
         assert!(
@@ -283,19 +273,15 @@ async fn two_dispatcher_processes_share_a_trigger_within_its_limit() {
         ..
     } = &pair;
     let (http_a, http_b) = (*http_a, *http_b);
-    let client = reqwest::Client::new();
     for index in 0..60 {
         let port = if index % 2 == 0 { http_a } else { http_b };
-        let response = binary_event(
-            &client,
+        let response = post_event(
             &format!("http://127.0.0.1:{port}/v1/events"),
             &format!("e{index}"),
             "t",
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
         assert_eq!(response.status(), 202);
     }
     function.wait_for(60, WAIT).await;
@@ -357,20 +343,16 @@ filter = {{ type = {{ exact = "refunds" }} }}
         ..
     } = &pair;
     let (http_a, http_b) = (*http_a, *http_b);
-    let client = reqwest::Client::new();
     for index in 0..40 {
         let port = if index % 2 == 0 { http_a } else { http_b };
         let ty = if index % 4 < 2 { "orders" } else { "refunds" };
-        let response = binary_event(
-            &client,
+        let response = post_event(
             &format!("http://127.0.0.1:{port}/v1/events"),
             &format!("e{index}"),
             ty,
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
         assert_eq!(response.status(), 202);
     }
     function.wait_for(40, WAIT).await;
@@ -414,18 +396,14 @@ async fn slots_held_by_a_killed_process_come_back() {
         http_b,
         ..
     } = pair;
-    let client = reqwest::Client::new();
     for id in ["hang-1", "hang-2"] {
-        let response = binary_event(
-            &client,
+        let response = post_event(
             &format!("http://127.0.0.1:{http_a}/v1/events"),
             id,
             "t",
             "x",
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
         assert_eq!(response.status(), 202);
     }
     let deadline = Instant::now() + WAIT;
@@ -446,16 +424,13 @@ async fn slots_held_by_a_killed_process_come_back() {
     };
     killed.signal(Signal::SIGKILL);
     drop(killed);
-    let response = binary_event(
-        &client,
+    let response = post_event(
         &format!("http://127.0.0.1:{survivor_http}/v1/events"),
         "after",
         "t",
         "x",
     )
-    .send()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(response.status(), 202);
     // The survivor gets the dead process's slot back after the lease timeout (10 s),
     // its event after the trigger's ack wait (2 s), and delivers both events.

@@ -421,6 +421,17 @@ impl Switchyard {
     }
 }
 
+/// POSTs one binary-mode CloudEvent to `url` (an HTTP source's `/v1/events`) from a
+/// shared client.
+pub async fn post_event(url: &str, id: &str, ty: &str, body: &'static str) -> reqwest::Response {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(reqwest::Client::new);
+    binary_event(client, url, id, ty, body)
+        .send()
+        .await
+        .expect("posting an event")
+}
+
 /// A binary-mode CloudEvents POST.
 pub fn binary_event(
     client: &reqwest::Client,

@@ -26,6 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::json;
+use switchyard_event::timestamp::now_rfc3339;
 use switchyard_event::{Event, EventSink, PublishError, parse_batch, parse_structured};
 
 pub use config::{HookConfig, HttpSourceConfig, SignatureConfig, SignatureEncoding};
@@ -176,12 +177,6 @@ fn carry_trace_context(headers: &HeaderMap, event: &mut Event) {
             event.extensions.insert(name.to_owned(), value.to_owned());
         }
     }
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("the current time always formats")
 }
 
 async fn post_events(

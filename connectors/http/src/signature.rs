@@ -118,8 +118,9 @@ pub fn check_signature(
     }
 }
 
-/// Computes a hex HMAC-SHA256, for tests and for `switchyard send`.
-pub fn hmac_sha256_hex(secret: &str, message: &[u8]) -> String {
+/// Computes a hex HMAC-SHA256, as a sender would.
+#[cfg(test)]
+fn hmac_sha256_hex(secret: &str, message: &[u8]) -> String {
     let mut mac = mac(secret);
     mac.update(message);
     hex::encode(mac.finalize().into_bytes())

@@ -369,40 +369,32 @@ async fn bench_ingest(
 
     drive(&switchyard_url, 2000, concurrency, "warm-sy").await;
     drive(&bare_url, 2000, concurrency, "warm-bare").await;
-    let mut best_switchyard: Option<Throughput> = None;
-    let mut best_bare: Option<Throughput> = None;
+    // Rounds alternate the two servers; the best round of each counts.
+    let contenders = [
+        ("switchyard", &switchyard_url, "sy"),
+        ("bare hyper", &bare_url, "bare"),
+    ];
+    let mut best: [Option<Throughput>; 2] = [None, None];
     for round in 0..rounds {
-        let (elapsed, latencies) =
-            drive(&switchyard_url, count, concurrency, &format!("sy-{round}")).await;
-        let result = summarize(count, elapsed, latencies);
-        println!(
-            "  round {round}: switchyard {:.0}/s p50 {} ms p99 {} ms",
-            result.rate,
-            milliseconds(result.p50),
-            milliseconds(result.p99)
-        );
-        if best_switchyard
-            .as_ref()
-            .is_none_or(|best| result.rate > best.rate)
-        {
-            best_switchyard = Some(result);
-        }
-        let (elapsed, latencies) =
-            drive(&bare_url, count, concurrency, &format!("bare-{round}")).await;
-        let result = summarize(count, elapsed, latencies);
-        println!(
-            "  round {round}: bare hyper {:.0}/s p50 {} ms p99 {} ms",
-            result.rate,
-            milliseconds(result.p50),
-            milliseconds(result.p99)
-        );
-        if best_bare
-            .as_ref()
-            .is_none_or(|best| result.rate > best.rate)
-        {
-            best_bare = Some(result);
+        for (index, (label, url, id_prefix)) in contenders.iter().enumerate() {
+            let (elapsed, latencies) =
+                drive(url, count, concurrency, &format!("{id_prefix}-{round}")).await;
+            let result = summarize(count, elapsed, latencies);
+            println!(
+                "  round {round}: {label} {:.0}/s p50 {} ms p99 {} ms",
+                result.rate,
+                milliseconds(result.p50),
+                milliseconds(result.p99)
+            );
+            if best[index]
+                .as_ref()
+                .is_none_or(|best| result.rate > best.rate)
+            {
+                best[index] = Some(result);
+            }
         }
     }
+    let [best_switchyard, best_bare] = best;
     let (sy, bare) = (best_switchyard.unwrap(), best_bare.unwrap());
     println!(
         "\n### (a) ingest: POST /v1/events to PubAck ({count} events, {concurrency} connections, best of {rounds})\n"

@@ -282,9 +282,10 @@ impl Bus {
     /// The largest event payload plus headers this bus accepts: the server's max
     /// payload less the room a dead letter needs.
     pub fn max_event_bytes(&self) -> usize {
+        // An atomic read, unlike `server_info()`, which clones the whole server info:
+        // this runs for every event.
         self.client
-            .server_info()
-            .max_payload
+            .max_payload()
             .saturating_sub(DEAD_LETTER_HEADROOM)
     }
 

@@ -35,7 +35,8 @@ use switchyard_bus::dead_letter::{
     REASON_REJECTED,
 };
 use switchyard_bus::{Bus, BusError, RetryState, event_from_message, event_headers};
-use switchyard_event::{Event, Failure, Outcome, PublishError, Target};
+use switchyard_event::timestamp::{now_rfc3339, parse_rfc3339, rfc3339};
+use switchyard_event::{Event, EventSink, Failure, Outcome, PublishError, Target};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -247,19 +248,6 @@ const MAX_WAITING_RETRIES: i64 = 100_000;
 
 /// Longest error text kept on a retry or dead letter.
 const MAX_ERROR_BYTES: usize = 1024;
-
-fn now_rfc3339() -> String {
-    format_time(time::OffsetDateTime::now_utc())
-}
-
-fn format_time(at: time::OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-fn parse_time(text: &str) -> Option<time::OffsetDateTime> {
-    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
-}
 
 fn truncate(text: &str, limit: usize) -> String {
     if text.len() <= limit {
@@ -1093,7 +1081,7 @@ async fn handle(
                 received_at: state
                     .received_at
                     .as_deref()
-                    .and_then(parse_time)
+                    .and_then(parse_rfc3339)
                     .unwrap_or(info.published),
                 state,
             }
@@ -1106,11 +1094,18 @@ async fn handle(
             return;
         }
     };
+    let handling = Handling {
+        trigger,
+        shared,
+        message,
+        delivery,
+    };
+    let delivery = &handling.delivery;
     let event = match event_from_message(message.headers.as_ref(), message.payload.clone()) {
         Ok(event) => event,
         Err(error) => {
             let failure = Failure::new(None, format!("not a valid cloudevent: {error}"));
-            dead_letter_raw(trigger, shared, message, &delivery, &failure).await;
+            handling.dead_letter_raw(&failure).await;
             return;
         }
     };
@@ -1130,18 +1125,9 @@ async fn handle(
             .last_failure()
             .unwrap_or_else(|| Failure::new(None, "attempts exhausted"));
         let attempts = delivery.attempt - 1;
-        dead_letter(
-            trigger,
-            shared,
-            message,
-            event,
-            &delivery,
-            REASON_ATTEMPTS_EXHAUSTED,
-            attempts,
-            &failure,
-            None,
-        )
-        .await;
+        handling
+            .dead_letter(event, REASON_ATTEMPTS_EXHAUSTED, attempts, &failure, None)
+            .await;
         return;
     }
     if let Some(max_age) = policy.max_age {
@@ -1159,18 +1145,9 @@ async fn handle(
                 )
             });
             let attempts = delivery.attempt - 1;
-            dead_letter(
-                trigger,
-                shared,
-                message,
-                event,
-                &delivery,
-                REASON_MAX_AGE_EXCEEDED,
-                attempts,
-                &failure,
-                None,
-            )
-            .await;
+            handling
+                .dead_letter(event, REASON_MAX_AGE_EXCEEDED, attempts, &failure, None)
+                .await;
             return;
         }
     }
@@ -1201,8 +1178,8 @@ async fn handle(
         .observe(started.elapsed().as_secs_f64());
     let outcome = match outcome {
         Outcome::Delivered { reply: Some(reply) } if trigger.config.publish_replies => {
-            match publish_reply(shared, &reply).await {
-                Ok(()) => Outcome::Delivered { reply: None },
+            match shared.bus.publish_all(vec![*reply]).await {
+                Ok(_) => Outcome::Delivered { reply: None },
                 Err(PublishError::Unavailable(error)) => Outcome::RetryLater {
                     not_before: None,
                     failure: Failure::new(
@@ -1224,7 +1201,7 @@ async fn handle(
         .state
         .first_attempt_at
         .clone()
-        .unwrap_or_else(|| format_time(attempt_started_at));
+        .unwrap_or_else(|| rfc3339(attempt_started_at));
     match outcome {
         Outcome::Delivered { .. } => {
             trigger.function.limit.record_success();
@@ -1246,18 +1223,15 @@ async fn handle(
                 .set(trigger.function.limit.limit() as i64);
             if delivery.attempt >= policy.max_attempts() {
                 let attempts = delivery.attempt;
-                dead_letter(
-                    trigger,
-                    shared,
-                    message,
-                    event,
-                    &delivery,
-                    REASON_ATTEMPTS_EXHAUSTED,
-                    attempts,
-                    &failure,
-                    Some(first_attempt_at),
-                )
-                .await;
+                handling
+                    .dead_letter(
+                        event,
+                        REASON_ATTEMPTS_EXHAUSTED,
+                        attempts,
+                        &failure,
+                        Some(first_attempt_at),
+                    )
+                    .await;
                 return;
             }
             // A retry copy lives in the events stream: a wait longer than the stream
@@ -1281,204 +1255,185 @@ async fn handle(
                 attempt = delivery.attempt, status = failure.status, error = %failure.error, delay_ms = delay.as_millis() as u64,
                 "invocation failed, retrying later"
             );
-            schedule_retry(
-                trigger,
-                shared,
-                message,
-                &event,
-                &delivery,
-                &failure,
-                first_attempt_at,
-                delay,
-            )
-            .await;
+            handling
+                .schedule_retry(&event, &failure, first_attempt_at, delay)
+                .await;
         }
         Outcome::Rejected { failure } => {
             trigger.metrics.rejected.inc();
             let attempts = delivery.attempt;
-            dead_letter(
-                trigger,
-                shared,
-                message,
-                event,
-                &delivery,
-                REASON_REJECTED,
-                attempts,
-                &failure,
-                Some(first_attempt_at),
-            )
-            .await;
-        }
-    }
-}
-
-async fn publish_reply(shared: &Shared, reply: &Event) -> Result<(), PublishError> {
-    let ack = shared.bus.send_event(reply).await?;
-    ack.await
-        .map_err(|error| PublishError::Unavailable(error.to_string()))?;
-    Ok(())
-}
-
-/// Stores a copy of the event with its attempt history on the trigger's retry subject,
-/// due after `delay`, then acknowledges this copy. If the copy cannot be stored, this
-/// copy is NAKed with the delay instead, so the event stays in JetStream either way.
-#[allow(clippy::too_many_arguments)]
-async fn schedule_retry(
-    trigger: &TriggerRuntime,
-    shared: &Shared,
-    message: &jetstream::Message,
-    event: &Event,
-    delivery: &Delivery,
-    failure: &Failure,
-    first_attempt_at: String,
-    delay: Duration,
-) {
-    let due = time::OffsetDateTime::now_utc() + delay;
-    let state = RetryState {
-        attempts: delivery.attempt,
-        first_attempt_at: Some(first_attempt_at),
-        received_at: Some(format_time(delivery.received_at)),
-        last_status: failure.status,
-        last_error: Some(truncate(&failure.error, MAX_ERROR_BYTES)),
-        event_sequence: Some(delivery.event_sequence),
-        retry_at_unix_ms: Some((due.unix_timestamp_nanos() / 1_000_000) as i64),
-    };
-    let mut headers: HeaderMap = event_headers(
-        event,
-        &format!("retry {} {}", trigger.config.name, delivery.sequence),
-    );
-    state.write_headers(&mut headers);
-    let stored = shared
-        .bus
-        .store(trigger.retry_subject.clone(), headers, event.data.clone())
-        .await
-        .map(|_| ());
-    match stored {
-        Ok(()) => {
-            if let Err(error) = message.ack().await {
-                tracing::warn!(event_id = %event.id, %error, stage = "ack", "acknowledging a scheduled retry failed; the event may be attempted again");
-            }
-        }
-        Err(error) => {
-            tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "retry", "storing the retry failed, holding the event on the trigger instead");
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-        }
-    }
-}
-
-/// Stores the event in the dead-letter stream, then terminates it on the trigger's
-/// consumer. If the dead-letter publish fails, the event is handed back instead, so it
-/// is always in one of the two streams.
-#[allow(clippy::too_many_arguments)]
-async fn dead_letter(
-    trigger: &TriggerRuntime,
-    shared: &Shared,
-    message: &jetstream::Message,
-    event: Event,
-    delivery: &Delivery,
-    reason: &str,
-    attempts: u64,
-    failure: &Failure,
-    first_attempt_at: Option<String>,
-) {
-    let event_id = event.id.clone();
-    let dead_letter = DeadLetter {
-        event,
-        reason: reason.to_owned(),
-        trigger: trigger.config.name.clone(),
-        function: trigger.function.name.clone(),
-        attempts,
-        last_status: failure.status,
-        last_error: truncate(&failure.error, MAX_ERROR_BYTES),
-        first_attempt_at: first_attempt_at.or_else(|| delivery.state.first_attempt_at.clone()),
-        last_attempt_at: now_rfc3339(),
-        received_at: format_time(delivery.received_at),
-        event_sequence: delivery.sequence,
-    };
-    let (headers, payload) = dead_letter.to_message();
-    let subject = shared.bus.subjects().dead_letter(&trigger.config.name);
-    let stored = shared
-        .bus
-        .store(subject, headers, payload)
-        .await
-        .map(|_| ());
-    match stored {
-        Ok(()) => {
-            shared
-                .metrics
-                .events_dead_lettered
-                .get_or_create(&DeadLetterLabels {
-                    trigger: trigger.config.name.clone(),
-                    function: trigger.function.name.clone(),
-                    reason: reason.to_owned(),
-                })
-                .inc();
-            tracing::warn!(
-                event_id = %event_id, trigger = %trigger.config.name, function = %trigger.function.name,
-                attempt = delivery.attempt, reason, status = failure.status, error = %failure.error,
-                "event dead-lettered"
-            );
-            if let Err(error) = message.ack_with(AckKind::Term).await {
-                tracing::warn!(event_id = %event_id, %error, stage = "ack", "terminating a dead-lettered event failed; it may be dead-lettered again (deduplicated)");
-            }
-        }
-        Err(error) => {
-            tracing::error!(event_id = %event_id, trigger = %trigger.config.name, %error, stage = "dead_letter", "storing the dead letter failed, handing the event back");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+            handling
+                .dead_letter(
+                    event,
+                    REASON_REJECTED,
+                    attempts,
+                    &failure,
+                    Some(first_attempt_at),
+                )
                 .await;
         }
     }
 }
 
-/// Dead-letters a message that is not a valid CloudEvent, headers and payload as they
-/// were (less NATS control headers), with the reason.
-async fn dead_letter_raw(
-    trigger: &TriggerRuntime,
-    shared: &Shared,
-    message: &jetstream::Message,
-    delivery: &Delivery,
-    failure: &Failure,
-) {
-    let mut headers = HeaderMap::new();
-    if let Some(original) = &message.headers {
-        for (name, values) in original.iter() {
-            let name_text = std::str::from_utf8(name.as_ref()).unwrap_or_default();
-            if name_text.to_ascii_lowercase().starts_with("nats-") {
-                continue;
+/// One delivery being handled: what every step that settles it needs.
+struct Handling<'a> {
+    trigger: &'a TriggerRuntime,
+    shared: &'a Shared,
+    message: &'a jetstream::Message,
+    delivery: Delivery,
+}
+
+impl Handling<'_> {
+    /// Stores a copy of the event with its attempt history on the trigger's retry
+    /// subject, due after `delay`, then acknowledges this copy. If the copy cannot be
+    /// stored, this copy is NAKed with the delay instead, so the event stays in
+    /// JetStream either way.
+    async fn schedule_retry(
+        &self,
+        event: &Event,
+        failure: &Failure,
+        first_attempt_at: String,
+        delay: Duration,
+    ) {
+        let (trigger, delivery) = (self.trigger, &self.delivery);
+        let due = time::OffsetDateTime::now_utc() + delay;
+        let state = RetryState {
+            attempts: delivery.attempt,
+            first_attempt_at: Some(first_attempt_at),
+            received_at: Some(rfc3339(delivery.received_at)),
+            last_status: failure.status,
+            last_error: Some(truncate(&failure.error, MAX_ERROR_BYTES)),
+            event_sequence: Some(delivery.event_sequence),
+            retry_at_unix_ms: Some((due.unix_timestamp_nanos() / 1_000_000) as i64),
+        };
+        let mut headers: HeaderMap = event_headers(
+            event,
+            &format!("retry {} {}", trigger.config.name, delivery.sequence),
+        );
+        state.write_headers(&mut headers);
+        let stored = self
+            .shared
+            .bus
+            .store(trigger.retry_subject.clone(), headers, event.data.clone())
+            .await;
+        match stored {
+            Ok(_) => {
+                if let Err(error) = self.message.ack().await {
+                    tracing::warn!(event_id = %event.id, %error, stage = "ack", "acknowledging a scheduled retry failed; the event may be attempted again");
+                }
             }
-            for value in values {
-                headers.append(name.clone(), value.clone());
+            Err(error) => {
+                tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "retry", "storing the retry failed, holding the event on the trigger instead");
+                let _ = self.message.ack_with(AckKind::Nak(Some(delay))).await;
             }
         }
     }
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dlq {} {}", trigger.config.name, delivery.sequence),
-    );
-    headers.insert("Switchyard-Dlq-Reason", REASON_MALFORMED);
-    headers.insert("Switchyard-Dlq-Trigger", trigger.config.name.as_str());
-    headers.insert("Switchyard-Dlq-Function", trigger.function.name.as_str());
-    headers.insert(
-        "Switchyard-Dlq-Last-Error",
-        switchyard_event::encode_header_value(&failure.error).as_ref(),
-    );
-    headers.insert(
-        "Switchyard-Dlq-Event-Sequence",
-        delivery.sequence.to_string(),
-    );
-    let subject = shared.bus.subjects().dead_letter(&trigger.config.name);
-    let stored = shared
-        .bus
-        .store(subject, headers, message.payload.clone())
-        .await
-        .is_ok();
-    if stored {
-        tracing::error!(trigger = %trigger.config.name, sequence = delivery.sequence, error = %failure.error, "malformed message dead-lettered");
-        let _ = message.ack_with(AckKind::Term).await;
-    } else {
-        let _ = message
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-            .await;
+
+    /// Stores the event in the dead-letter stream, then terminates it on the trigger's
+    /// consumer. `first_attempt_at` defaults to the one on record.
+    async fn dead_letter(
+        &self,
+        event: Event,
+        reason: &str,
+        attempts: u64,
+        failure: &Failure,
+        first_attempt_at: Option<String>,
+    ) {
+        let (trigger, delivery) = (self.trigger, &self.delivery);
+        let event_id = event.id.clone();
+        let dead_letter = DeadLetter {
+            event,
+            reason: reason.to_owned(),
+            trigger: trigger.config.name.clone(),
+            function: trigger.function.name.clone(),
+            attempts,
+            last_status: failure.status,
+            last_error: truncate(&failure.error, MAX_ERROR_BYTES),
+            first_attempt_at: first_attempt_at.or_else(|| delivery.state.first_attempt_at.clone()),
+            last_attempt_at: now_rfc3339(),
+            received_at: rfc3339(delivery.received_at),
+            event_sequence: delivery.sequence,
+        };
+        let (headers, payload) = dead_letter.to_message();
+        if !self.store_dead_letter(headers, payload).await {
+            return;
+        }
+        self.shared
+            .metrics
+            .events_dead_lettered
+            .get_or_create(&DeadLetterLabels {
+                trigger: trigger.config.name.clone(),
+                function: trigger.function.name.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        tracing::warn!(
+            event_id = %event_id, trigger = %trigger.config.name, function = %trigger.function.name,
+            attempt = delivery.attempt, reason, status = failure.status, error = %failure.error,
+            "event dead-lettered"
+        );
+    }
+
+    /// Dead-letters a message that is not a valid CloudEvent, headers and payload as
+    /// they were (less NATS control headers), with the reason.
+    async fn dead_letter_raw(&self, failure: &Failure) {
+        let (trigger, sequence) = (self.trigger, self.delivery.sequence);
+        let mut headers = HeaderMap::new();
+        if let Some(original) = &self.message.headers {
+            for (name, values) in original.iter() {
+                let name_text = std::str::from_utf8(name.as_ref()).unwrap_or_default();
+                if name_text.to_ascii_lowercase().starts_with("nats-") {
+                    continue;
+                }
+                for value in values {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("dlq {} {sequence}", trigger.config.name),
+        );
+        headers.insert("Switchyard-Dlq-Reason", REASON_MALFORMED);
+        headers.insert("Switchyard-Dlq-Trigger", trigger.config.name.as_str());
+        headers.insert("Switchyard-Dlq-Function", trigger.function.name.as_str());
+        headers.insert(
+            "Switchyard-Dlq-Last-Error",
+            switchyard_event::encode_header_value(&failure.error).as_ref(),
+        );
+        headers.insert("Switchyard-Dlq-Event-Sequence", sequence.to_string());
+        if self
+            .store_dead_letter(headers, self.message.payload.clone())
+            .await
+        {
+            tracing::error!(trigger = %trigger.config.name, sequence, error = %failure.error, "malformed message dead-lettered");
+        }
+    }
+
+    /// Stores a dead letter, then terminates this copy. If the store fails, the copy is
+    /// handed back instead, so the event is always in one of the two streams. True when
+    /// stored.
+    async fn store_dead_letter(&self, headers: HeaderMap, payload: bytes::Bytes) -> bool {
+        let subject = self
+            .shared
+            .bus
+            .subjects()
+            .dead_letter(&self.trigger.config.name);
+        match self.shared.bus.store(subject, headers, payload).await {
+            Ok(_) => {
+                if let Err(error) = self.message.ack_with(AckKind::Term).await {
+                    tracing::warn!(trigger = %self.trigger.config.name, %error, stage = "ack", "terminating a dead-lettered event failed; it may be dead-lettered again (deduplicated)");
+                }
+                true
+            }
+            Err(error) => {
+                tracing::error!(trigger = %self.trigger.config.name, %error, stage = "dead_letter", "storing the dead letter failed, handing the event back");
+                let _ = self
+                    .message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
+                false
+            }
+        }
     }
 }

@@ -88,10 +88,6 @@ impl AdaptiveLimit {
         self.state.lock().expect("limit state lock").limit
     }
 
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// The function is overloaded: halve the limit.
     pub fn decrease(&self) {
         let mut state = self.state.lock().expect("limit state lock");

@@ -276,11 +276,6 @@ impl FunctionSlots {
         }
     }
 
-    /// Slots leased by this process now (free or in use).
-    pub fn held(&self) -> usize {
-        self.leases.lock().expect("slot lock").held.len()
-    }
-
     /// Returns slots idle longer than [`IDLE_RETURN`] and keeps the others alive,
     /// until `shutdown`. [`Self::return_all`] gives the rest back afterwards.
     pub async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
@@ -292,15 +287,20 @@ impl FunctionSlots {
                 () = shutdown.cancelled() => break,
             }
             // Pull requests waiting on the slots beyond our own mean another process
-            // wants one.
-            let info = tokio::select! {
-                info = self.consumer.get_info() => info,
-                () = shutdown.cancelled() => break,
-            };
-            if let Ok(info) = info {
-                let ours = usize::from(self.pulling.load(Ordering::SeqCst));
-                self.contended
-                    .store(info.num_waiting > ours, Ordering::Relaxed);
+            // wants one. Only worth asking while this process holds slots.
+            let holding = !self.leases.lock().expect("slot lock").held.is_empty();
+            if holding {
+                let info = tokio::select! {
+                    info = self.consumer.get_info() => info,
+                    () = shutdown.cancelled() => break,
+                };
+                if let Ok(info) = info {
+                    let ours = usize::from(self.pulling.load(Ordering::SeqCst));
+                    self.contended
+                        .store(info.num_waiting > ours, Ordering::Relaxed);
+                }
+            } else {
+                self.contended.store(false, Ordering::Relaxed);
             }
             let contended = self.contended.load(Ordering::Relaxed);
             let (returned, renew) = {

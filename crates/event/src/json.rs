@@ -66,7 +66,8 @@ pub fn parse_batch(body: &Bytes) -> Result<Vec<Event>, StructuredError> {
         .collect()
 }
 
-fn is_json_content_type(content_type: &str) -> bool {
+/// `application/json`, `text/json` or any `+json` media type, parameters ignored.
+pub fn is_json_content_type(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()

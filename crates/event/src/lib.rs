@@ -11,9 +11,12 @@ mod event;
 mod json;
 mod sink;
 mod target;
+pub mod timestamp;
 
 pub use binary::{BinaryHeaders, decode_header_value, encode_header_value};
 pub use event::{Event, EventError, SPEC_VERSION, is_valid_extension_name};
-pub use json::{StructuredError, parse_batch, parse_structured, to_structured_json};
+pub use json::{
+    StructuredError, is_json_content_type, parse_batch, parse_structured, to_structured_json,
+};
 pub use sink::{EventSink, PublishError, PublishReceipt};
 pub use target::{Failure, Outcome, Target};

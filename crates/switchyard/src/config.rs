@@ -441,58 +441,75 @@ fn valid_name(name: &str) -> bool {
         })
 }
 
+/// Collects located mistakes.
+struct Checker<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    /// A mistake in `field` of the table at `span`.
+    fn error(&mut self, span: Range<usize>, field: &str, message: String) {
+        self.errors
+            .push(locate(self.file, self.text, span, field, message));
+    }
+
+    /// The `name` of a `kind` (function, trigger, ...) must be valid and unique among
+    /// `seen`.
+    fn name(&mut self, span: &Range<usize>, kind: &str, name: &str, seen: &mut HashSet<String>) {
+        if !valid_name(name) {
+            self.error(
+                span.clone(),
+                "name",
+                format!(
+                    "{kind} `{name}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`"
+                ),
+            );
+        }
+        if !seen.insert(name.to_owned()) {
+            self.error(
+                span.clone(),
+                "name",
+                format!("{kind} `{name}` is defined twice"),
+            );
+        }
+    }
+}
+
 /// Checks what parsing cannot: names, references between sections, addresses, URLs.
 fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
-    let mut errors = Vec::new();
+    let mut check = Checker {
+        file,
+        text,
+        errors: Vec::new(),
+    };
     let mut function_names = HashSet::new();
     for function in &config.functions {
         let span = function.span();
         let function = function.get_ref();
         let name = function.name();
-        if !valid_name(name) {
-            errors.push(locate(
-                file,
-                text,
-                span.clone(),
-                "name",
-                format!("`{name}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`"),
-            ));
-        }
-        if !function_names.insert(name.to_owned()) {
-            errors.push(locate(
-                file,
-                text,
-                span.clone(),
-                "name",
-                format!("function `{name}` is defined twice"),
-            ));
-        }
+        check.name(&span, "function", name, &mut function_names);
         if function.max_concurrency() == 0 {
-            errors.push(locate(
-                file,
-                text,
+            check.error(
                 span.clone(),
                 "max_concurrency",
                 "must be at least 1".to_owned(),
-            ));
+            );
         }
         if let FunctionConfig::Http(http) = function {
             match reqwest::Url::parse(&http.url) {
                 Ok(url) if url.scheme() == "http" => {}
-                Ok(url) => errors.push(locate(
-                    file,
-                    text,
+                Ok(url) => check.error(
                     span.clone(),
                     "url",
                     format!("scheme `{}` is not supported, use http://", url.scheme()),
-                )),
-                Err(error) => errors.push(locate(
-                    file,
-                    text,
+                ),
+                Err(error) => check.error(
                     span.clone(),
                     "url",
                     format!("`{}` is not a valid URL: {error}", http.url),
-                )),
+                ),
             }
         }
     }
@@ -502,31 +519,9 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
     for trigger in &config.triggers {
         let span = trigger.span();
         let trigger = trigger.get_ref();
-        if !valid_name(&trigger.name) {
-            errors.push(locate(
-                file,
-                text,
-                span.clone(),
-                "name",
-                format!(
-                    "`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`",
-                    trigger.name
-                ),
-            ));
-        }
-        if !trigger_names.insert(trigger.name.clone()) {
-            errors.push(locate(
-                file,
-                text,
-                span.clone(),
-                "name",
-                format!("trigger `{}` is defined twice", trigger.name),
-            ));
-        }
+        check.name(&span, "trigger", &trigger.name, &mut trigger_names);
         if !function_names.contains(&trigger.function) {
-            errors.push(locate(
-                file,
-                text,
+            check.error(
                 span.clone(),
                 "function",
                 format!(
@@ -539,34 +534,24 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                         known.join(", ")
                     }
                 ),
-            ));
+            );
         }
         if trigger.max_concurrency == 0 {
-            errors.push(locate(
-                file,
-                text,
+            check.error(
                 span.clone(),
                 "max_concurrency",
                 "must be at least 1".to_owned(),
-            ));
+            );
         }
         if trigger.ack_wait < Duration::from_secs(1) {
-            errors.push(locate(
-                file,
-                text,
-                span.clone(),
-                "ack_wait",
-                "must be at least 1s".to_owned(),
-            ));
+            check.error(span.clone(), "ack_wait", "must be at least 1s".to_owned());
         }
         if trigger.retry.attempts == 0 {
-            errors.push(locate(
-                file,
-                text,
+            check.error(
                 span.clone(),
                 "retry",
                 "`attempts` must be at least 1".to_owned(),
-            ));
+            );
         }
     }
     let mut source_names = HashSet::new();
@@ -574,92 +559,49 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
     for source in &config.sources {
         let span = source.span();
         let source = source.get_ref();
-        if !valid_name(source.name()) {
-            errors.push(locate(
-                file,
-                text,
-                span.clone(),
-                "name",
-                format!(
-                    "`{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`",
-                    source.name()
-                ),
-            ));
-        }
-        if !source_names.insert(source.name().to_owned()) {
-            errors.push(locate(
-                file,
-                text,
-                span.clone(),
-                "name",
-                format!("source `{}` is defined twice", source.name()),
-            ));
-        }
+        check.name(&span, "source", source.name(), &mut source_names);
         match source {
             SourceConfig::Nats(nats) => {
                 if nats.subjects.is_empty() == nats.stream.is_none() {
-                    errors.push(locate(file, text, span.clone(), "subjects", format!("source `{}` needs either `subjects` (core NATS) or `stream` (JetStream), not both", nats.name)));
+                    check.error(span.clone(), "subjects", format!("source `{}` needs either `subjects` (core NATS) or `stream` (JetStream), not both", nats.name));
                 }
                 if nats.event_type.is_empty() {
-                    errors.push(locate(
-                        file,
-                        text,
-                        span.clone(),
-                        "event_type",
-                        "must not be empty".to_owned(),
-                    ));
+                    check.error(span.clone(), "event_type", "must not be empty".to_owned());
                 }
             }
             SourceConfig::Http(http) => {
                 match http.listen.parse::<SocketAddr>() {
                     Ok(address) => {
                         if let Some(other) = listeners.insert(address, http.name.clone()) {
-                            errors.push(locate(
-                                file,
-                                text,
+                            check.error(
                                 span.clone(),
                                 "listen",
                                 format!("`{address}` is already the listener of source `{other}`"),
-                            ));
+                            );
                         }
                     }
-                    Err(_) => errors.push(locate(
-                        file,
-                        text,
+                    Err(_) => check.error(
                         span.clone(),
                         "listen",
                         format!("`{}` is not an address like 127.0.0.1:8080", http.listen),
-                    )),
+                    ),
                 }
                 let mut hook_names = HashSet::new();
                 for hook in &http.hooks {
-                    if !valid_name(&hook.name) {
-                        errors.push(locate(file, text, span.clone(), "name", format!("hook `{}` is not a valid name: use 1 to 64 letters, digits, `-` or `_`", hook.name)));
-                    }
-                    if !hook_names.insert(hook.name.clone()) {
-                        errors.push(locate(
-                            file,
-                            text,
-                            span.clone(),
-                            "name",
-                            format!("hook `{}` is defined twice", hook.name),
-                        ));
-                    }
+                    check.name(&span, "hook", &hook.name, &mut hook_names);
                     if hook.event_type.is_empty() {
-                        errors.push(locate(
-                            file,
-                            text,
+                        check.error(
                             span.clone(),
                             "event_type",
                             format!("hook `{}` needs a non-empty event_type", hook.name),
-                        ));
+                        );
                     }
                 }
             }
         }
     }
     if !config.admin.listen.is_empty() && config.admin.listen.parse::<SocketAddr>().is_err() {
-        errors.push(ConfigError {
+        check.errors.push(ConfigError {
             file: file.to_owned(),
             line: 0,
             column: 0,
@@ -670,7 +612,7 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             ),
         });
     }
-    errors
+    check.errors
 }
 
 #[cfg(test)]

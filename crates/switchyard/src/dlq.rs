@@ -163,9 +163,7 @@ pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Resu
             .with_context(|| format!("replaying dead letter {}", entry.sequence))?;
         let record = ReplayRecord {
             count: entry.replays.as_ref().map_or(0, |record| record.count) + 1,
-            last_replayed_at: now
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            last_replayed_at: switchyard_event::timestamp::rfc3339(now),
         };
         replays
             .put(

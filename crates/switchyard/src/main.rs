@@ -17,6 +17,15 @@ use switchyard_event::{Event, EventSink};
     about = "Event triggers and dispatch on NATS JetStream"
 )]
 struct Cli {
+    /// The configuration file, for every command.
+    #[arg(
+        long,
+        short,
+        env = "SWITCHYARD_CONFIG",
+        default_value = "config/switchyard.toml",
+        global = true
+    )]
+    config: PathBuf,
     /// Worker threads of the runtime (default: one per core). On a small host shared
     /// with nats-server, 1 can use less CPU per event (docs/BENCHMARKS.md).
     #[arg(long, env = "SWITCHYARD_THREADS", global = true)]
@@ -28,34 +37,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sources, the dispatcher and the admin listener.
-    Run {
-        #[arg(
-            long,
-            short,
-            env = "SWITCHYARD_CONFIG",
-            default_value = "config/switchyard.toml"
-        )]
-        config: PathBuf,
-    },
+    Run,
     /// Check a configuration file and report every mistake with file, line and field.
-    Validate {
-        #[arg(
-            long,
-            short,
-            env = "SWITCHYARD_CONFIG",
-            default_value = "config/switchyard.toml"
-        )]
-        config: PathBuf,
-    },
+    Validate,
     /// Publish one test event to the bus.
     Send {
-        #[arg(
-            long,
-            short,
-            env = "SWITCHYARD_CONFIG",
-            default_value = "config/switchyard.toml"
-        )]
-        config: PathBuf,
         /// CloudEvents `type`.
         #[arg(long = "type", default_value = "dev.switchyard.test")]
         event_type: String,
@@ -75,14 +61,6 @@ enum Command {
     },
     /// Inspect, replay and purge a trigger's dead letters.
     Dlq {
-        #[arg(
-            long,
-            short,
-            env = "SWITCHYARD_CONFIG",
-            default_value = "config/switchyard.toml",
-            global = true
-        )]
-        config: PathBuf,
         #[command(subcommand)]
         action: DlqAction,
     },
@@ -137,8 +115,9 @@ async fn connect(config: &config::Config) -> anyhow::Result<Bus> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config;
     match cli.command {
-        Command::Run { config } => {
+        Command::Run => {
             let loaded = load(&config)?;
             switchyard::init_logging(&loaded.log);
             tracing::info!(config = %config.display(), nats = %loaded.nats.url, "starting switchyard");
@@ -156,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown.cancel();
             task.await.context("switchyard task panicked")?
         }
-        Command::Validate { config } => {
+        Command::Validate => {
             let loaded = load(&config)?;
             println!(
                 "{}: ok ({} sources, {} functions, {} triggers)",
@@ -168,7 +147,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Send {
-            config,
             event_type,
             source,
             id,
@@ -176,10 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             content_type,
         } => {
-            let is_json = content_type.split(';').next().is_some_and(|essence| {
-                let essence = essence.trim();
-                essence == "application/json" || essence.ends_with("+json")
-            });
+            let is_json = switchyard_event::is_json_content_type(&content_type);
             if is_json && serde_json::from_str::<serde_json::Value>(&data).is_err() {
                 anyhow::bail!(
                     "--data is not valid JSON but --content-type is `{content_type}`; pass --content-type text/plain (or another type) for other data"
@@ -194,11 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             event.subject = subject;
             event.datacontenttype = Some(content_type);
-            event.time = Some(
-                time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
-            );
+            event.time = Some(switchyard_event::timestamp::now_rfc3339());
             event.data = Bytes::from(data);
             event.validate()?;
             let receipts = bus.publish_all(vec![event]).await?;
@@ -216,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Dlq { config, action } => {
+        Command::Dlq { action } => {
             let loaded = load(&config)?;
             let bus = connect(&loaded).await?;
             match action {

@@ -68,7 +68,7 @@ impl Target for HttpTarget {
         if let Some(tracestate) = event.extensions.get("tracestate") {
             request = request.header("tracestate", tracestate.as_str());
         }
-        let response = match request.body(event.data.clone()).send().await {
+        let mut response = match request.body(event.data.clone()).send().await {
             Ok(response) => response,
             Err(error) => {
                 let cause = if error.is_timeout() {
@@ -93,7 +93,8 @@ impl Target for HttpTarget {
             }
         };
         let status = response.status().as_u16();
-        let headers = response.headers().clone();
+        // Taken, not cloned: the body is read without them.
+        let headers = std::mem::take(response.headers_mut());
         let body = read_limited(response).await;
         let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
         let answer = Answer {
