@@ -4,109 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{FunctionServer, NatsServer, Reply, base_config, free_port, post_event};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A `switchyard run` process, killed on drop.
-struct Process {
-    child: Option<Child>,
-    admin: u16,
-}
-
-impl Process {
-    fn start(config: &Path, env: &[(&str, String)], admin: u16) -> Process {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        command
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null());
-        if std::env::var_os("SWITCHYARD_TEST_LOG").is_none() {
-            command.stderr(Stdio::null());
-        }
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        Process {
-            child: Some(command.spawn().expect("starting switchyard")),
-            admin,
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(response) = client
-                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
-                .send()
-                .await
-                && response.status() == 200
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "switchyard process did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn signal(&self, signal: Signal) {
-        let pid = self.child.as_ref().unwrap().id();
-        kill(Pid::from_raw(pid as i32), signal).unwrap();
-    }
-
-    /// Waits for the process to exit and returns whether it succeeded.
-    async fn wait_exit(&mut self) -> bool {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.success();
-            }
-            assert!(Instant::now() < deadline, "switchyard did not exit");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|line| line.starts_with(name))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|value| value as u64)
-            .sum()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn write_config(directory: &Path, text: &str) -> PathBuf {
-    let path = directory.join("switchyard.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use common::{
+    FunctionServer, NatsServer, Process, Reply, WAIT, base_config, free_port, post_event,
+    write_config,
+};
+use nix::sys::signal::Signal;
 
 /// Two `switchyard run` processes on one configuration (`sections` appended to the
 /// base), their HTTP and admin ports given through the environment.

@@ -16,6 +16,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// Finds the nats-server binary the project's scripts installed.
 pub fn nats_server_binary() -> PathBuf {
@@ -107,6 +109,102 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A `switchyard run` process, killed on drop.
+pub struct Process {
+    pub admin: u16,
+    child: Option<Child>,
+}
+
+impl Process {
+    pub fn start(config: &Path, env: &[(&str, String)], admin: u16) -> Process {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null());
+        if std::env::var_os("SWITCHYARD_TEST_LOG").is_none() {
+            command.stderr(Stdio::null());
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        Process {
+            child: Some(command.spawn().expect("starting switchyard")),
+            admin,
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(response) = client
+                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
+                .send()
+                .await
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "switchyard process did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.child.as_ref().unwrap().id();
+        kill(Pid::from_raw(pid as i32), signal).unwrap();
+    }
+
+    /// Waits for the process to exit and returns whether it succeeded.
+    pub async fn wait_exit(&mut self) -> bool {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "switchyard did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn write_config(directory: &Path, text: &str) -> PathBuf {
+    let path = directory.join("switchyard.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// One request a function received.
@@ -421,6 +519,16 @@ impl Switchyard {
     }
 }
 
+impl Drop for Switchyard {
+    fn drop(&mut self) {
+        // A test that panicked before `stop`: stop the sources, so the runtime's
+        // shutdown does not wait forever on a Kafka consumer thread.
+        if let Some(running) = &self.running {
+            running.shutdown.cancel();
+        }
+    }
+}
+
 /// POSTs one binary-mode CloudEvent to `url` (an HTTP source's `/v1/events`) from a
 /// shared client.
 pub async fn post_event(url: &str, id: &str, ty: &str, body: &'static str) -> reqwest::Response {
@@ -484,6 +592,7 @@ pub fn kafka_tool(class: &str, arguments: &[&str]) -> (bool, String) {
 pub struct KafkaBroker {
     child: Option<Child>,
     pub port: u16,
+    properties: PathBuf,
     _directory: tempfile::TempDir,
 }
 
@@ -504,6 +613,7 @@ impl KafkaBroker {
                  listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
                  log.dirs={}\n\
                  offsets.topic.replication.factor=1\n\
+                 offsets.topic.num.partitions=4\n\
                  transaction.state.log.replication.factor=1\n\
                  transaction.state.log.min.isr=1\n\
                  group.initial.rebalance.delay.ms=0\n\
@@ -528,38 +638,72 @@ impl KafkaBroker {
             formatted,
             "formatting the kafka log directory failed:\n{output}"
         );
+        let mut broker = KafkaBroker {
+            child: None,
+            port,
+            properties,
+            _directory: directory,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
         let child = Command::new("java")
             .args(["-Xmx512m", "-XX:+UseSerialGC", "-cp"])
             .arg(format!("{}/*", kafka_lib().display()))
             .arg("kafka.Kafka")
-            .arg(&properties)
+            .arg(&self.properties)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting the kafka broker");
-        let broker = KafkaBroker {
-            child: Some(child),
-            port,
-            _directory: directory,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "the kafka broker did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        broker
+    }
+
+    /// Kills the broker (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
     }
 
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// Creates a topic with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        let (created, output) = kafka_tool(
+            "org.apache.kafka.tools.TopicCommand",
+            &[
+                "--bootstrap-server",
+                &self.bootstrap(),
+                "--create",
+                "--topic",
+                topic,
+                "--partitions",
+                &partitions.to_string(),
+            ],
+        );
+        assert!(created, "creating topic {topic} failed:\n{output}");
+    }
 }
 
 impl Drop for KafkaBroker {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
     }
 }

@@ -367,6 +367,48 @@ impl Bus {
     }
 }
 
+impl Bus {
+    /// Stores an input that a source could not turn into a storable event (not a
+    /// valid CloudEvent, or larger than the bus accepts) as a dead letter of
+    /// `source:<name>`, with why, so it is listed by `switchyard dlq list
+    /// source:<name>` instead of being dropped. Storing it twice keeps one copy.
+    pub async fn dead_letter_input(
+        &self,
+        source_name: &str,
+        event: Event,
+        reason: &str,
+        error: &str,
+    ) -> Result<(), PublishError> {
+        let trigger = format!("source:{source_name}");
+        let now = switchyard_event::timestamp::now_rfc3339();
+        let dead_letter = DeadLetter {
+            event,
+            reason: reason.to_owned(),
+            trigger: trigger.clone(),
+            function: String::new(),
+            attempts: 0,
+            last_status: None,
+            last_error: error.to_owned(),
+            first_attempt_at: None,
+            last_attempt_at: now.clone(),
+            received_at: now,
+            event_sequence: 0,
+        };
+        let (mut headers, payload) = dead_letter.to_message();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!(
+                "dlq {} {}",
+                encode_header_value(&trigger),
+                message_id(&dead_letter.event)
+            ),
+        );
+        self.store(self.subjects.dead_letter(&trigger), headers, payload)
+            .await
+            .map(|_| ())
+    }
+}
+
 fn classify_publish_error(error: jetstream::context::PublishError) -> PublishError {
     use jetstream::context::PublishErrorKind;
     match error.kind() {
@@ -423,6 +465,17 @@ const PUBLISH_CHUNK: usize = 256;
 #[async_trait]
 impl EventSink for Bus {
     async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<PublishReceipt>, PublishError> {
+        self.publish_events(&events).await
+    }
+}
+
+impl Bus {
+    /// [`EventSink::publish_all`] on borrowed events, so a caller that may have to
+    /// publish them again keeps them without a copy.
+    pub async fn publish_events(
+        &self,
+        events: &[Event],
+    ) -> Result<Vec<PublishReceipt>, PublishError> {
         let mut receipts = Vec::with_capacity(events.len());
         let chunk_size = PUBLISH_CHUNK.min(self.config.max_publishes_in_flight.max(1));
         for chunk in events.chunks(chunk_size) {

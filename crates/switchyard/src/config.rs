@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use switchyard_bus::BusConfig;
 use switchyard_connector_http::HttpSourceConfig;
+#[cfg(feature = "kafka")]
+use switchyard_connector_kafka::KafkaSourceConfig;
 use switchyard_connector_nats::NatsSourceConfig;
 use switchyard_dispatcher::{DispatcherConfig, TriggerConfig};
 use toml::Spanned;
@@ -102,6 +104,9 @@ pub enum SourceConfig {
     Http(HttpSourceConfig),
     /// Core NATS subjects or an existing JetStream stream.
     Nats(NatsSourceConfig),
+    /// A Kafka consumer group.
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaSourceConfig),
 }
 
 impl SourceConfig {
@@ -109,6 +114,8 @@ impl SourceConfig {
         match self {
             SourceConfig::Http(config) => &config.name,
             SourceConfig::Nats(config) => &config.name,
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(config) => &config.name,
         }
     }
 }
@@ -561,6 +568,12 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         let source = source.get_ref();
         check.name(&span, "source", source.name(), &mut source_names);
         match source {
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(kafka) => {
+                for problem in kafka.problems() {
+                    check.error(span.clone(), problem.field, problem.message);
+                }
+            }
             SourceConfig::Nats(nats) => {
                 if nats.subjects.is_empty() == nats.stream.is_none() {
                     check.error(span.clone(), "subjects", format!("source `{}` needs either `subjects` (core NATS) or `stream` (JetStream), not both", nats.name));

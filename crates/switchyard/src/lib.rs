@@ -71,16 +71,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut registry = Registry::with_prefix("switchyard");
     let source_metrics = HttpSourceMetrics::default();
     source_metrics.register(&mut registry);
+    #[cfg(feature = "kafka")]
+    let kafka_metrics = switchyard_connector_kafka::KafkaSourceMetrics::default();
+    #[cfg(feature = "kafka")]
+    kafka_metrics.register(&mut registry);
     let dispatcher_metrics = DispatcherMetrics::default();
     dispatcher_metrics.register(&mut registry);
     let registry = Arc::new(registry);
 
     let mut source_listeners = Vec::new();
     let mut nats_sources = Vec::new();
+    #[cfg(feature = "kafka")]
+    let mut kafka_sources = Vec::new();
     let mut sources = HashMap::new();
     for source in &config.sources {
         match source.get_ref() {
             config::SourceConfig::Nats(nats) => nats_sources.push(nats.clone()),
+            #[cfg(feature = "kafka")]
+            config::SourceConfig::Kafka(kafka) => kafka_sources.push(kafka.clone()),
             config::SourceConfig::Http(http) => {
                 let listener = tokio::net::TcpListener::bind(&http.listen)
                     .await
@@ -200,6 +208,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 let stop = source_shutdown.clone();
                 async move {
                     switchyard_connector_nats::run(nats, bus, stop).await;
+                    Ok(())
+                }
+            }));
+        }
+        #[cfg(feature = "kafka")]
+        for kafka in kafka_sources {
+            servers.push(tokio::spawn({
+                let bus = bus.clone();
+                let stop = source_shutdown.clone();
+                let metrics = kafka_metrics.clone();
+                async move {
+                    if let Err(error) =
+                        switchyard_connector_kafka::run(kafka, bus, metrics, stop).await
+                    {
+                        tracing::error!(%error, "kafka source stopped");
+                    }
                     Ok(())
                 }
             }));

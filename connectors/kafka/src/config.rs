@@ -1,0 +1,214 @@
+//! The Kafka source's configuration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+/// A Kafka source: a consumer group over topics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Name of the source, used in logs, metrics and the default group id.
+    pub name: String,
+    /// Bootstrap brokers, `host:port` separated by commas.
+    pub brokers: String,
+    /// Topics to consume.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Instead of `topics`: every topic matching this regular expression (librdkafka
+    /// syntax; a leading `^` is added when missing).
+    #[serde(default)]
+    pub topic_pattern: Option<String>,
+    /// Consumer group; `switchyard-<name>` by default. Processes with the same group
+    /// share the partitions.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Where a group without committed offsets starts: `latest` or `earliest`.
+    #[serde(default)]
+    pub start: StartAt,
+    /// Name of the cluster in the events' `source` (`kafka://<cluster>/<topic>`);
+    /// the source's name by default.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// CloudEvents `type` of records that are not CloudEvents.
+    #[serde(default = "default_event_type")]
+    pub event_type: String,
+    /// Per-topic `type`, overriding `event_type`.
+    #[serde(default)]
+    pub types: BTreeMap<String, String>,
+    /// Records read but not yet persisted, at most; past it the partitions are paused
+    /// until half of them are persisted.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// librdkafka properties passed through as they are (`security.protocol`,
+    /// `sasl.mechanisms`, `client.id`, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// A librdkafka property value as TOML spells it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Text(String),
+    Integer(i64),
+    Boolean(bool),
+}
+
+impl fmt::Display for PropertyValue {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PropertyValue::Text(text) => formatter.write_str(text),
+            PropertyValue::Integer(number) => write!(formatter, "{number}"),
+            PropertyValue::Boolean(flag) => write!(formatter, "{flag}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartAt {
+    #[default]
+    Latest,
+    Earliest,
+}
+
+fn default_event_type() -> String {
+    "dev.switchyard.kafka.record".to_owned()
+}
+
+fn default_max_in_flight() -> usize {
+    10_000
+}
+
+/// Properties Switchyard sets itself, and the field to use instead where there is one.
+const MANAGED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use the `brokers` field"),
+    ("metadata.broker.list", "use the `brokers` field"),
+    ("group.id", "use the `group_id` field"),
+    ("auto.offset.reset", "use the `start` field"),
+    (
+        "enable.auto.offset.store",
+        "Switchyard stores an offset only once every record before it is persisted",
+    ),
+    (
+        "enable.auto.commit",
+        "Switchyard commits stored offsets itself, periodically and on rebalance",
+    ),
+];
+
+/// One mistake in a Kafka source's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl KafkaSourceConfig {
+    pub fn group_id(&self) -> String {
+        self.group_id
+            .clone()
+            .unwrap_or_else(|| format!("switchyard-{}", self.name))
+    }
+
+    /// The `source` of a plain record's event.
+    pub fn event_source(&self, topic: &str) -> String {
+        format!(
+            "kafka://{}/{topic}",
+            self.cluster.as_deref().unwrap_or(&self.name)
+        )
+    }
+
+    /// The `type` of a plain record's event.
+    pub fn event_type(&self, topic: &str) -> String {
+        self.types
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| self.event_type.clone())
+    }
+
+    /// What the consumer subscribes to.
+    pub fn subscription(&self) -> Vec<String> {
+        match &self.topic_pattern {
+            Some(pattern) if pattern.starts_with('^') => vec![pattern.clone()],
+            Some(pattern) => vec![format!("^{pattern}")],
+            None => self.topics.clone(),
+        }
+    }
+
+    /// The librdkafka configuration of the consumer.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        for (name, value) in &self.properties {
+            client.set(name, value.to_string());
+        }
+        client
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", self.group_id())
+            .set(
+                "auto.offset.reset",
+                match self.start {
+                    StartAt::Latest => "latest",
+                    StartAt::Earliest => "earliest",
+                },
+            )
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false");
+        if !self.properties.contains_key("client.id") {
+            client.set("client.id", format!("switchyard-{}", self.name));
+        }
+        client
+    }
+
+    /// Everything wrong with this source's settings, librdkafka's property checks
+    /// included (no connection is made).
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        if self.brokers.trim().is_empty() {
+            problems.push(ConfigProblem {
+                field: "brokers",
+                message: "must name at least one broker, like `127.0.0.1:9092`".to_owned(),
+            });
+        }
+        if self.topics.is_empty() == self.topic_pattern.is_none() {
+            problems.push(ConfigProblem {
+                field: "topics",
+                message: format!(
+                    "source `{}` needs either `topics` or `topic_pattern`, not both",
+                    self.name
+                ),
+            });
+        }
+        if self.event_type.is_empty() || self.types.values().any(String::is_empty) {
+            problems.push(ConfigProblem {
+                field: "event_type",
+                message: "an event type must not be empty".to_owned(),
+            });
+        }
+        if self.max_in_flight == 0 {
+            problems.push(ConfigProblem {
+                field: "max_in_flight",
+                message: "must be at least 1".to_owned(),
+            });
+        }
+        for (name, why) in MANAGED {
+            if self.properties.contains_key(*name) {
+                problems.push(ConfigProblem {
+                    field: "properties",
+                    message: format!("`{name}` is managed by Switchyard: {why}"),
+                });
+            }
+        }
+        if problems.is_empty()
+            && let Err(error) = self.client_config().create_native_config()
+        {
+            problems.push(ConfigProblem {
+                field: "properties",
+                message: format!("librdkafka refused the configuration: {error}"),
+            });
+        }
+        problems
+    }
+}

@@ -1,0 +1,598 @@
+//! The Kafka source: a consumer group whose records become CloudEvents in the events
+//! stream, with offsets committed only behind the bus's acknowledgements.
+//!
+//! Two halves share a [`tracker::Tracker`]:
+//! - the consumer thread owns the librdkafka consumer: it polls records, converts
+//!   them (see [`record`]), hands them to the publisher, stores the offsets the
+//!   tracker releases (librdkafka commits stored offsets every
+//!   `auto.commit.interval.ms`), pauses every assigned partition while too many
+//!   records are in flight, and on a revocation waits for the revoked partitions'
+//!   records to be persisted, then commits synchronously before giving them up;
+//! - the publisher (a task) persists records in the order they were read, retrying
+//!   while the bus is unavailable, and reports each persisted record to the tracker.
+//!
+//! An offset is stored only when every record read before it in its partition is
+//! persisted, so a crash at any point re-reads from the last such record; re-read
+//! records keep their ids and are dropped by the bus's duplicate window.
+
+pub mod config;
+pub mod record;
+mod tracker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::TopicPartitionList;
+use switchyard_bus::Bus;
+use switchyard_event::{Event, PublishError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ConfigProblem, KafkaSourceConfig, StartAt};
+pub use rdkafka;
+use tracker::{Ticket, Tracker};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+/// Counters and gauges of every Kafka source in the process.
+#[derive(Clone, Default)]
+pub struct KafkaSourceMetrics {
+    pub records_read: Family<SourceLabels, Counter>,
+    pub records_persisted: Family<SourceLabels, Counter>,
+    pub records_dead_lettered: Family<SourceLabels, Counter>,
+    pub records_in_flight: Family<SourceLabels, Gauge>,
+    pub paused: Family<SourceLabels, Gauge>,
+}
+
+impl KafkaSourceMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kafka_records_read",
+            "records a Kafka source read",
+            self.records_read.clone(),
+        );
+        registry.register(
+            "kafka_records_persisted",
+            "records a Kafka source persisted as events",
+            self.records_persisted.clone(),
+        );
+        registry.register(
+            "kafka_records_dead_lettered",
+            "records that could not become events (malformed, too large), dead-lettered",
+            self.records_dead_lettered.clone(),
+        );
+        registry.register(
+            "kafka_records_in_flight",
+            "records read and not yet persisted",
+            self.records_in_flight.clone(),
+        );
+        registry.register(
+            "kafka_paused",
+            "1 while a Kafka source has paused its partitions for backpressure",
+            self.paused.clone(),
+        );
+    }
+}
+
+/// How long a revocation or a shutdown waits for in-flight records to be persisted
+/// before giving the partitions up anyway (the next owner re-reads what was not).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the same kind of error is logged, at most.
+const REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs errors once per kind and interval, with how many were suppressed, and says
+/// when things work again.
+struct Reporter {
+    source: String,
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+    troubled: AtomicBool,
+}
+
+impl Reporter {
+    fn new(source: &str) -> Reporter {
+        Reporter {
+            source: source.to_owned(),
+            seen: Mutex::new(HashMap::new()),
+            troubled: AtomicBool::new(false),
+        }
+    }
+
+    fn report(&self, kind: &str, stage: &str, message: &dyn std::fmt::Display) {
+        self.troubled.store(true, Ordering::Relaxed);
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        let entry = seen
+            .entry(kind.to_owned())
+            .or_insert((now - REPORT_EVERY * 2, 0));
+        if now.duration_since(entry.0) >= REPORT_EVERY {
+            let suppressed = entry.1;
+            *entry = (now, 0);
+            tracing::warn!(source = %self.source, stage, kind, suppressed, "{message}");
+        } else {
+            entry.1 += 1;
+        }
+    }
+
+    fn recovered(&self, stage: &str) {
+        if self.troubled.swap(false, Ordering::Relaxed) {
+            self.seen
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
+            tracing::info!(source = %self.source, stage, "kafka source working again");
+        }
+    }
+}
+
+/// The consumer's librdkafka context: logging, errors, rebalances and commits.
+struct SourceContext {
+    name: String,
+    tracker: Arc<Tracker>,
+    reporter: Arc<Reporter>,
+    assignment_changed: AtomicBool,
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                self.reporter.report(facility, "librdkafka", &message);
+            }
+            _ => tracing::debug!(source = %self.name, facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| "error".to_owned(), |code| format!("{code:?}"));
+        self.reporter
+            .report(&kind, "kafka", &format_args!("{error}: {reason}"));
+    }
+}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<(String, i32)> {
+    list.elements()
+        .iter()
+        .map(|element| (element.topic().to_owned(), element.partition()))
+        .collect()
+}
+
+/// Stores, for commit, the offsets the tracker released.
+fn store_offsets(consumer: &BaseConsumer<SourceContext>, tracker: &Tracker) {
+    for (topic, partition, offset) in tracker.take_to_store() {
+        // librdkafka commits `offset + 1`: the next record to read.
+        if let Err(error) = consumer.store_offset(&topic, partition, offset) {
+            // Only fails for a partition no longer assigned; its next owner re-reads.
+            tracing::debug!(source = %consumer.context().name, topic = %topic, partition, offset, %error, "offset not stored");
+        }
+    }
+}
+
+fn commit(consumer: &BaseConsumer<SourceContext>, why: &str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::debug!(source = %consumer.context().name, why, "offsets committed"),
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(error) => consumer.context().reporter.report(
+            "commit",
+            why,
+            &format_args!("committing offsets failed: {error}"),
+        ),
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let partitions = partitions_of(list);
+                let drained = self
+                    .tracker
+                    .wait_drained(Some(&partitions), Instant::now() + DRAIN_TIMEOUT);
+                store_offsets(consumer, &self.tracker);
+                if !consumer.assignment_lost() {
+                    commit(consumer, "revoke");
+                }
+                let abandoned = self.tracker.release(&partitions);
+                tracing::info!(source = %self.name, partitions = ?partitions, drained, abandoned, "partitions revoked after committing what is persisted");
+            }
+            Rebalance::Assign(list) => {
+                tracing::info!(source = %self.name, partitions = ?partitions_of(list), "partitions assigned");
+            }
+            Rebalance::Error(error) => {
+                self.reporter.report(
+                    "rebalance",
+                    "rebalance",
+                    &format_args!("rebalance failed: {error}"),
+                );
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+        self.assignment_changed.store(true, Ordering::SeqCst);
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => self.reporter.report(
+                "commit",
+                "commit",
+                &format_args!("committing offsets failed (retried at the next commit): {error}"),
+            ),
+        }
+    }
+}
+
+/// A record on its way to the bus.
+enum Item {
+    Event(Event),
+    /// Could not become a valid event: dead-lettered with why.
+    Invalid {
+        event: Event,
+        error: String,
+    },
+}
+
+/// Runs the source until `shutdown`, then persists what was read (for up to
+/// [`DRAIN_TIMEOUT`]), commits and leaves the group.
+pub async fn run(
+    config: KafkaSourceConfig,
+    bus: Bus,
+    metrics: KafkaSourceMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let config = Arc::new(config);
+    let labels = SourceLabels {
+        source: config.name.clone(),
+    };
+    let tracker = Arc::new(Tracker::default());
+    let reporter = Arc::new(Reporter::new(&config.name));
+    let context = SourceContext {
+        name: config.name.clone(),
+        tracker: tracker.clone(),
+        reporter: reporter.clone(),
+        assignment_changed: AtomicBool::new(false),
+    };
+    let consumer: BaseConsumer<SourceContext> = config
+        .client_config()
+        .create_with_context(context)
+        .map_err(|error| format!("source `{}`: creating the consumer: {error}", config.name))?;
+    let topics = config.subscription();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topic_refs).map_err(|error| {
+        format!(
+            "source `{}`: subscribing to {topics:?}: {error}",
+            config.name
+        )
+    })?;
+    tracing::info!(source = %config.name, topics = ?topics, group = %config.group_id(), "kafka source consuming");
+
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let abandoned = CancellationToken::new();
+    let consuming = tokio::task::spawn_blocking({
+        let (config, tracker, shutdown, abandoned) = (
+            config.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+            abandoned.clone(),
+        );
+        let meters = Meters::new(&metrics, &labels);
+        move || {
+            consume(&config, consumer, &tracker, &meters, &sender, &shutdown);
+            drop(sender);
+            abandoned.cancel();
+        }
+    });
+    let meters = Meters::new(&metrics, &labels);
+    publish(
+        &config, &bus, &tracker, &reporter, &meters, receiver, &abandoned,
+    )
+    .await;
+    consuming
+        .await
+        .map_err(|error| format!("source `{}`: consumer thread failed: {error}", config.name))
+}
+
+/// One source's metrics.
+struct Meters {
+    read: Counter,
+    persisted: Counter,
+    dead_lettered: Counter,
+    in_flight: Gauge,
+    paused: Gauge,
+}
+
+impl Meters {
+    fn new(metrics: &KafkaSourceMetrics, labels: &SourceLabels) -> Meters {
+        Meters {
+            read: metrics.records_read.get_or_create(labels).clone(),
+            persisted: metrics.records_persisted.get_or_create(labels).clone(),
+            dead_lettered: metrics.records_dead_lettered.get_or_create(labels).clone(),
+            in_flight: metrics.records_in_flight.get_or_create(labels).clone(),
+            paused: metrics.paused.get_or_create(labels).clone(),
+        }
+    }
+}
+
+/// The consumer thread's loop.
+fn consume(
+    config: &KafkaSourceConfig,
+    consumer: BaseConsumer<SourceContext>,
+    tracker: &Tracker,
+    meters: &Meters,
+    sender: &mpsc::UnboundedSender<(Ticket, Item)>,
+    shutdown: &CancellationToken,
+) {
+    let context = consumer.context();
+    let resume_below = config.max_in_flight / 2;
+    let mut paused = false;
+    while !shutdown.is_cancelled() {
+        store_offsets(&consumer, tracker);
+        let in_flight = tracker.in_flight();
+        meters.in_flight.set(in_flight as i64);
+        let assignment_changed = context.assignment_changed.swap(false, Ordering::SeqCst);
+        let pause = in_flight >= config.max_in_flight && (!paused || assignment_changed);
+        if pause || (paused && in_flight <= resume_below) {
+            match consumer.assignment() {
+                Ok(assignment) => {
+                    let result = if pause {
+                        consumer.pause(&assignment)
+                    } else {
+                        consumer.resume(&assignment)
+                    };
+                    match result {
+                        Ok(()) => {
+                            if pause != paused {
+                                tracing::debug!(source = %config.name, in_flight, paused = pause, "backpressure");
+                            }
+                            paused = pause;
+                            meters.paused.set(i64::from(pause));
+                        }
+                        Err(error) => context.reporter.report(
+                            "pause",
+                            "backpressure",
+                            &format_args!("pausing or resuming partitions failed: {error}"),
+                        ),
+                    }
+                }
+                Err(error) => context.reporter.report(
+                    "assignment",
+                    "backpressure",
+                    &format_args!("reading the assignment failed: {error}"),
+                ),
+            }
+        }
+        let message = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(error)) => {
+                context.reporter.report(
+                    "consume",
+                    "consume",
+                    &format_args!("consuming failed: {error}"),
+                );
+                continue;
+            }
+            Some(Ok(message)) => message,
+        };
+        context.reporter.recovered("consume");
+        meters.read.inc();
+        let ticket = tracker.read(message.topic(), message.partition(), message.offset());
+        let headers: Vec<(&str, Option<&[u8]>)> = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| (header.key, header.value))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let record = record::Record {
+            at: record::Coordinates {
+                topic: message.topic(),
+                partition: message.partition(),
+                offset: message.offset(),
+            },
+            key: message.key(),
+            headers,
+            timestamp: message.timestamp().to_millis(),
+            payload: message.payload(),
+        };
+        let item = match record::to_event(config, &record) {
+            Ok(event) => Item::Event(event),
+            Err(error) => Item::Invalid {
+                event: record::fallback_event(config, &record),
+                error: error.to_string(),
+            },
+        };
+        if sender.send((ticket, item)).is_err() {
+            break;
+        }
+    }
+    // Shutting down: stop reading, let the publisher persist what was read, commit.
+    let drained = tracker.wait_drained(None, Instant::now() + DRAIN_TIMEOUT);
+    store_offsets(&consumer, tracker);
+    commit(&consumer, "shutdown");
+    tracing::info!(source = %config.name, drained, "kafka source stopped reading; leaving the group");
+    // Dropping the consumer leaves the group (a final revocation, nothing left to wait
+    // for).
+}
+
+/// Persists records in the order they were read.
+async fn publish(
+    config: &KafkaSourceConfig,
+    bus: &Bus,
+    tracker: &Tracker,
+    reporter: &Reporter,
+    meters: &Meters,
+    mut receiver: mpsc::UnboundedReceiver<(Ticket, Item)>,
+    abandoned: &CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(1024);
+    while receiver.recv_many(&mut batch, 1024).await > 0 {
+        let mut tickets = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        let mut invalid = Vec::new();
+        for (ticket, item) in batch.drain(..) {
+            tickets.push(ticket);
+            match item {
+                Item::Event(event) => events.push(event),
+                Item::Invalid { event, error } => invalid.push((event, error)),
+            }
+        }
+        let mut too_large = Vec::new();
+        if !persist(bus, reporter, &events, &mut too_large, abandoned).await {
+            return;
+        }
+        for (event, error) in invalid {
+            if !dead_letter(config, bus, reporter, event, "malformed", error, abandoned).await {
+                return;
+            }
+            meters.dead_lettered.inc();
+        }
+        for (mut event, error) in too_large {
+            // Keep what fits: the attributes and where to find the record.
+            event.data = bytes::Bytes::new();
+            event.extensions.clear();
+            if !dead_letter(config, bus, reporter, event, "too_large", error, abandoned).await {
+                return;
+            }
+            meters.dead_lettered.inc();
+        }
+        reporter.recovered("publish");
+        meters.persisted.inc_by(events.len() as u64);
+        for ticket in &tickets {
+            tracker.done(ticket);
+        }
+    }
+}
+
+/// Sleeps for the `attempt`th retry pause; false when the consumer gave up first.
+async fn pause(attempt: u32, abandoned: &CancellationToken) -> bool {
+    let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = abandoned.cancelled() => false,
+    }
+}
+
+/// Persists `events` in order, retrying while the bus is unavailable. Events larger
+/// than the bus accepts are set aside in `too_large`. False when the consumer gave up
+/// waiting (shutdown): nothing is lost, the offsets were not committed.
+async fn persist(
+    bus: &Bus,
+    reporter: &Reporter,
+    events: &[Event],
+    too_large: &mut Vec<(Event, String)>,
+    abandoned: &CancellationToken,
+) -> bool {
+    if events.is_empty() {
+        return true;
+    }
+    let mut attempt = 0;
+    loop {
+        match bus.publish_events(events).await {
+            Ok(_) => return true,
+            Err(PublishError::TooLarge(_)) => break,
+            Err(error) => {
+                reporter.report(
+                    "publish",
+                    "publish",
+                    &format_args!("persisting records failed, retrying: {error}"),
+                );
+                attempt += 1;
+                if !pause(attempt, abandoned).await {
+                    return false;
+                }
+            }
+        }
+    }
+    // One of them is too large: publish one by one, in order, to find it.
+    for event in events {
+        let mut attempt = 0;
+        loop {
+            match bus.publish_events(std::slice::from_ref(event)).await {
+                Ok(_) => break,
+                Err(PublishError::TooLarge(error)) => {
+                    too_large.push((event.clone(), error));
+                    break;
+                }
+                Err(error) => {
+                    reporter.report(
+                        "publish",
+                        "publish",
+                        &format_args!("persisting records failed, retrying: {error}"),
+                    );
+                    attempt += 1;
+                    if !pause(attempt, abandoned).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    true
+}
+
+async fn dead_letter(
+    config: &KafkaSourceConfig,
+    bus: &Bus,
+    reporter: &Reporter,
+    event: Event,
+    reason: &str,
+    error: String,
+    abandoned: &CancellationToken,
+) -> bool {
+    tracing::error!(source = %config.name, event_id = %event.id, reason, %error, "record cannot become an event; dead-lettered");
+    let mut attempt = 0;
+    loop {
+        match bus
+            .dead_letter_input(&config.name, event.clone(), reason, &error)
+            .await
+        {
+            Ok(()) => return true,
+            Err(PublishError::TooLarge(failure)) => {
+                tracing::error!(source = %config.name, event_id = %event.id, error = %failure, "dead letter of a record is itself too large; record skipped");
+                return true;
+            }
+            Err(failure) => {
+                reporter.report(
+                    "dead_letter",
+                    "dead_letter",
+                    &format_args!("storing a dead letter failed, retrying: {failure}"),
+                );
+                attempt += 1;
+                if !pause(attempt, abandoned).await {
+                    return false;
+                }
+            }
+        }
+    }
+}

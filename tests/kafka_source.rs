@@ -1,0 +1,508 @@
+//! The Kafka source against a real Apache Kafka broker (KRaft) and a real nats-server:
+//! records reach the function intact; a connector killed mid-stream, a second
+//! connector in the group, and a broker restart lose nothing.
+//!
+//! Tests in this file run one at a time (each starts its own broker; two JVMs at once
+//! on two cores only slow both down).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{
+    FunctionServer, KafkaBroker, NatsServer, Process, Reply, Switchyard, base_config, free_port,
+    random_name, wait_for_dead_letters, write_config,
+};
+use nix::sys::signal::Signal;
+use switchyard_connector_kafka::rdkafka::ClientConfig;
+use switchyard_connector_kafka::rdkafka::message::{Header, OwnedHeaders};
+use switchyard_connector_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+static ONE_BROKER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn producer(broker: &KafkaBroker) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("message.timeout.ms", "120000")
+        .set("linger.ms", "5")
+        .create()
+        .expect("creating a kafka producer")
+}
+
+/// Produces `count` records `<prefix>-<n>` keyed `key-<n % 7>`, all acknowledged by
+/// the broker before this returns.
+async fn produce_numbered(
+    producer: &FutureProducer,
+    topic: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) {
+    let sends = range.map(|number| {
+        let payload = format!("{prefix}-{number}");
+        let key = format!("key-{}", number % 7);
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).key(&key).payload(&payload),
+                    Duration::from_secs(120),
+                )
+                .await
+                .map_err(|(error, _)| error)
+                .expect("producing a record");
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+/// The config of a Kafka source `orders` on `topic` (from the earliest offset), a
+/// function and a trigger; `admin`/`http` ports as given.
+fn config(
+    nats: &NatsServer,
+    broker: &KafkaBroker,
+    function: &FunctionServer,
+    topic: &str,
+    http: u16,
+    admin: u16,
+) -> String {
+    let mut text = base_config(&nats.url(), http, admin);
+    text.push_str(&format!(
+        r#"
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = "{brokers}"
+topics = ["{topic}"]
+start = "earliest"
+cluster = "test"
+types = {{ "{topic}" = "com.example.order" }}
+properties = {{ "session.timeout.ms" = 6000, "heartbeat.interval.ms" = 500, "auto.commit.interval.ms" = 200, "topic.metadata.refresh.interval.ms" = 1000 }}
+
+[[functions]]
+type = "http"
+name = "fn"
+url = "{url}"
+max_concurrency = 32
+
+[[triggers]]
+name = "main"
+function = "fn"
+max_concurrency = 32
+"#,
+        brokers = broker.bootstrap(),
+        url = function.url,
+    ));
+    text
+}
+
+/// Distinct record payloads the function received, and how many calls repeated one.
+fn delivered(function: &FunctionServer) -> (HashSet<String>, usize) {
+    let received = function.received();
+    let distinct: HashSet<String> = received
+        .iter()
+        .map(|call| String::from_utf8_lossy(&call.body).into_owned())
+        .collect();
+    let repeats = received.len() - distinct.len();
+    (distinct, repeats)
+}
+
+async fn wait_delivered(function: &FunctionServer, expected: usize, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (distinct, repeats) = delivered(function);
+        if distinct.len() >= expected {
+            return repeats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {expected} records delivered within {timeout:?}",
+            distinct.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many messages the events stream holds: a record persisted twice would count
+/// twice.
+async fn events_stored(config_text: &str) -> u64 {
+    let config = switchyard::config::parse(Path::new("t.toml"), config_text, &|name| {
+        std::env::var(name).ok()
+    })
+    .unwrap();
+    let bus = switchyard_bus::Bus::connect(&config.nats).await.unwrap();
+    let mut stream = bus
+        .jetstream()
+        .get_stream(bus.events_stream())
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// The group's committed offset per partition, read with a consumer that does not
+/// join the group.
+fn committed(broker: &KafkaBroker, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    use switchyard_connector_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    use switchyard_connector_kafka::rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, partition);
+    }
+    let offsets = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    offsets
+        .elements()
+        .iter()
+        .map(|element| {
+            let offset = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => -1,
+            };
+            (element.partition(), offset)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn records_reach_the_function_with_key_headers_and_bytes_intact() {
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let nats = NatsServer::start();
+    let broker = KafkaBroker::start();
+    let topic = random_name("orders");
+    broker.create_topic(&topic, 3);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let switchyard = Switchyard::start(config(
+        &nats,
+        &broker,
+        &function,
+        &topic,
+        free_port(),
+        free_port(),
+    ))
+    .await;
+    let producer = producer(&broker);
+
+    const BINARY: &[u8] = b"\x00\xff\x10{\x80";
+    let send = |key: Option<&'static str>, headers: OwnedHeaders, payload: &'static [u8]| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            let mut record = FutureRecord::<str, [u8]>::to(&topic)
+                .payload(payload)
+                .headers(headers);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(error, _)| error)
+                .unwrap()
+        }
+    };
+    let plain = send(
+        Some("user-1"),
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "X-Trace-Id",
+                value: Some("abc 123"),
+            })
+            .insert(Header {
+                key: "raw",
+                value: Some(&[0xff, 0xfe][..]),
+            }),
+        BINARY,
+    )
+    .await;
+    send(
+        Some("user-2"),
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_specversion",
+                value: Some("1.0"),
+            })
+            .insert(Header {
+                key: "ce_id",
+                value: Some("order-77"),
+            })
+            .insert(Header {
+                key: "ce_source",
+                value: Some("/shop"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("com.example.native"),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            }),
+        b"{\"total\":12}",
+    )
+    .await;
+    send(
+        None,
+        OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/cloudevents+json"),
+        }),
+        br#"{"specversion":"1.0","id":"s-1","source":"/structured","type":"com.example.structured","data":{"ok":true}}"#,
+    )
+    .await;
+    // CloudEvents headers without a source: not a valid event; dead-lettered, with why.
+    send(
+        Some("user-3"),
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_specversion",
+                value: Some("1.0"),
+            })
+            .insert(Header {
+                key: "ce_id",
+                value: Some("broken"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("t"),
+            }),
+        b"kept",
+    )
+    .await;
+
+    let received = function.wait_for(3, WAIT).await;
+    let by_type = |ty: &str| {
+        received
+            .iter()
+            .find(|call| call.header("ce-type") == Some(ty))
+            .unwrap_or_else(|| panic!("no event of type {ty}"))
+    };
+    let (partition, offset) = (plain.partition, plain.offset);
+    let plain = by_type("com.example.order");
+    assert_eq!(plain.id(), format!("{topic}-{partition}-{offset}"));
+    assert_eq!(
+        plain.header("ce-source"),
+        Some(format!("kafka://test/{topic}").as_str())
+    );
+    assert_eq!(plain.header("ce-partitionkey"), Some("user-1"));
+    assert_eq!(plain.header("ce-subject"), Some("user-1"));
+    assert_eq!(plain.header("ce-xtraceid"), Some("abc%20123"));
+    assert_eq!(plain.header("ce-raw"), Some("//4="));
+    assert!(
+        plain
+            .header("ce-time")
+            .is_some_and(|time| time.starts_with("20"))
+    );
+    assert_eq!(&plain.body[..], BINARY);
+
+    let native = by_type("com.example.native");
+    assert_eq!(native.id(), "order-77");
+    assert_eq!(native.header("ce-source"), Some("/shop"));
+    assert_eq!(native.header("ce-partitionkey"), Some("user-2"));
+    assert_eq!(native.header("content-type"), Some("application/json"));
+    assert_eq!(&native.body[..], b"{\"total\":12}");
+
+    let structured = by_type("com.example.structured");
+    assert_eq!(structured.id(), "s-1");
+    assert_eq!(&structured.body[..], b"{\"ok\":true}");
+
+    let bus = switchyard.bus().await;
+    let dead = wait_for_dead_letters(&bus, "source:orders", 1, WAIT).await;
+    assert_eq!(dead[0].dead_letter.reason, "malformed");
+    assert!(
+        dead[0].dead_letter.last_error.contains("source"),
+        "{}",
+        dead[0].dead_letter.last_error
+    );
+    assert_eq!(&dead[0].dead_letter.event.data[..], b"kept");
+    assert_eq!(
+        dead[0].dead_letter.event.attribute("partitionkey"),
+        Some("user-3")
+    );
+
+    // Every record is persisted or dead-lettered, so the committed offsets reach the
+    // end of every partition.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let offsets = committed(&broker, "switchyard-orders", &topic, 3);
+        if offsets.values().map(|offset| (*offset).max(0)).sum::<i64>() == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed offsets stuck at {offsets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn a_connector_killed_mid_stream_loses_nothing() {
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let nats = NatsServer::start();
+    let broker = KafkaBroker::start();
+    let topic = random_name("stream");
+    broker.create_topic(&topic, 3);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let admin = free_port();
+    let text = config(&nats, &broker, &function, &topic, free_port(), admin);
+    let directory = tempfile::tempdir().unwrap();
+    let path = write_config(directory.path(), &text);
+    let producer = producer(&broker);
+    const TOTAL: usize = 3000;
+
+    let mut process = Process::start(&path, &[], admin);
+    process.wait_ready().await;
+    // Produce steadily while the connector runs, and kill it mid-stream.
+    let producing = {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        tokio::spawn(async move {
+            for chunk in 0..30 {
+                produce_numbered(&producer, &topic, "r", chunk * 100..(chunk + 1) * 100).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    while delivered(&function).0.len() < 600 {
+        assert!(Instant::now() < deadline, "the connector did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let read_before_kill = process.metric("switchyard_kafka_records_read_total").await;
+    process.signal(Signal::SIGKILL);
+    assert!(!process.wait_exit().await);
+    let delivered_at_kill = delivered(&function).0.len();
+    producing.await.unwrap();
+    assert!(
+        delivered_at_kill < TOTAL,
+        "the kill came after the stream ended"
+    );
+
+    let process = Process::start(&path, &[], admin);
+    process.wait_ready().await;
+    let repeats = wait_delivered(&function, TOTAL, WAIT).await;
+    let stored = events_stored(&text).await;
+    eprintln!(
+        "SIGKILL mid-stream: {TOTAL} records, {read_before_kill} read and {delivered_at_kill} delivered before the kill; \
+         after restart all {TOTAL} delivered; events stored {stored} (a record persisted twice would be more); \
+         function calls repeating a record: {repeats}"
+    );
+    assert_eq!(stored, TOTAL as u64, "a re-read record was persisted twice");
+    let (distinct, _) = delivered(&function);
+    for number in 0..TOTAL {
+        assert!(
+            distinct.contains(&format!("r-{number}")),
+            "record r-{number} lost"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_connectors_split_the_partitions_and_one_takes_over() {
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let nats = NatsServer::start();
+    let broker = KafkaBroker::start();
+    let topic = random_name("shared");
+    broker.create_topic(&topic, 4);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let text = config(&nats, &broker, &function, &topic, 0, 0)
+        .replace(
+            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
+            "listen = \"127.0.0.1:${HTTP_PORT:-0}\"\nmax_body_bytes",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT:-0}\"",
+        );
+    let directory = tempfile::tempdir().unwrap();
+    let path = write_config(directory.path(), &text);
+    let start = || {
+        let admin = free_port();
+        Process::start(
+            &path,
+            &[
+                ("HTTP_PORT", free_port().to_string()),
+                ("ADMIN_PORT", admin.to_string()),
+            ],
+            admin,
+        )
+    };
+    let (mut a, b) = (start(), start());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let producer = producer(&broker);
+
+    // Both members get partitions: each reads some of the records.
+    let deadline = Instant::now() + WAIT;
+    let mut produced = 0;
+    loop {
+        produce_numbered(&producer, &topic, "s", produced..produced + 200).await;
+        produced += 200;
+        wait_delivered(&function, produced, WAIT).await;
+        let read_a = a.metric("switchyard_kafka_records_read_total").await;
+        let read_b = b.metric("switchyard_kafka_records_read_total").await;
+        if read_a > 0 && read_b > 0 {
+            eprintln!("split: a read {read_a}, b read {read_b} of {produced}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one connector never got partitions (a {read_a}, b {read_b})"
+        );
+    }
+
+    // A dies; B takes its partitions over after the session timeout.
+    let b_before = b.metric("switchyard_kafka_records_read_total").await;
+    a.signal(Signal::SIGKILL);
+    assert!(!a.wait_exit().await);
+    produce_numbered(&producer, &topic, "s", produced..produced + 400).await;
+    produced += 400;
+    let repeats = wait_delivered(&function, produced, WAIT).await;
+    let b_after = b.metric("switchyard_kafka_records_read_total").await;
+    eprintln!(
+        "takeover: b read {} more; function calls repeating a record: {repeats}",
+        b_after - b_before
+    );
+    assert!(
+        b_after - b_before >= 400,
+        "b read {} records after a died",
+        b_after - b_before
+    );
+    assert_eq!(events_stored(&text).await, produced as u64);
+}
+
+#[tokio::test]
+async fn the_broker_restarted_mid_stream_loses_nothing() {
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let nats = NatsServer::start();
+    let mut broker = KafkaBroker::start();
+    let topic = random_name("restart");
+    broker.create_topic(&topic, 2);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let text = config(&nats, &broker, &function, &topic, free_port(), free_port());
+    let switchyard = Switchyard::start(text.clone()).await;
+
+    let first = producer(&broker);
+    produce_numbered(&first, &topic, "b", 0..500).await;
+    wait_delivered(&function, 500, WAIT).await;
+    drop(first);
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.restart();
+    let second = producer(&broker);
+    produce_numbered(&second, &topic, "b", 500..1000).await;
+    let repeats = wait_delivered(&function, 1000, WAIT).await;
+    eprintln!(
+        "broker restart: 1000 records delivered; function calls repeating a record: {repeats}"
+    );
+    assert_eq!(events_stored(&text).await, 1000);
+    switchyard.stop().await;
+}
