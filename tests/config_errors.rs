@@ -85,7 +85,7 @@ fn an_unknown_connector_type_lists_the_known_ones() {
     assert!(!ok);
     assert!(
         output.contains(
-            "DIR/broken.toml:2:8: field `type`: unknown variant `kafak`, expected `http`"
+            "DIR/broken.toml:2:8: field `type`: unknown variant `kafak`, expected one of `http`, `nats`"
         ),
         "{output}"
     );
@@ -131,6 +131,52 @@ fn an_unset_environment_variable_is_located() {
         output.contains(
             "DIR/broken.toml:2:8: environment variable `SWITCHYARD_UNSET_FOR_TEST` is not set"
         ),
+        "{output}"
+    );
+}
+
+#[cfg(feature = "kafka")]
+#[test]
+fn kafka_source_mistakes_are_located() {
+    let (ok, output) = validate(
+        r#"
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = "127.0.0.1:9092"
+topics = ["orders"]
+topic_pattern = "orders-.*"
+max_in_flight = 0
+properties = { "group.id" = "mine", "no.such.property" = "1" }
+"#,
+    );
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:6:1: field `topics`: source `orders` needs either `topics` or `topic_pattern`, not both",
+        "DIR/broken.toml:8:1: field `max_in_flight`: must be at least 1",
+        "DIR/broken.toml:9:1: field `properties`: `group.id` is managed by Switchyard: use the `group_id` field",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+    // librdkafka's own check, once the rest is right.
+    let (ok, output) = validate(
+        r#"
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = "127.0.0.1:9092"
+topics = ["orders"]
+properties = { "no.such.property" = "1" }
+"#,
+    );
+    assert!(!ok);
+    assert!(
+        output.contains(
+            "DIR/broken.toml:7:1: field `properties`: librdkafka refused the configuration"
+        ) && output.contains("no.such.property"),
         "{output}"
     );
 }
