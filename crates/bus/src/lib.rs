@@ -27,7 +27,7 @@ use switchyard_event::{
 pub use async_nats;
 pub use dead_letter::DeadLetter;
 pub use retry_state::RetryState;
-pub use subject::Subjects;
+pub use subject::{KEY_BUCKETS, Subjects, key_bucket};
 
 /// How Switchyard reaches NATS and lays out its streams.
 #[derive(Debug, Clone, Deserialize)]
@@ -313,7 +313,10 @@ impl Bus {
 
     /// Sends one event and returns the future of its PubAck.
     pub async fn send_event(&self, event: &Event) -> Result<PublishAckFuture, PublishError> {
-        let subject = self.subjects.event(&event.source, &event.ty);
+        let key = event.extensions.get("partitionkey").unwrap_or(&event.id);
+        let subject = self
+            .subjects
+            .event(subject::key_bucket(key), &event.source, &event.ty);
         let headers = event_headers(event, &message_id(event));
         self.check_size(event, &headers)?;
         self.send(subject, headers, event.data.clone()).await

@@ -1,13 +1,16 @@
 //! The subject scheme, which lets JetStream filter by source and type server-side.
 //!
 //! ```text
-//! <prefix>.events.<source>.<type token>.<type token>...   every ingested event
+//! <prefix>.events.<bucket>.<source>.<type token>...       every ingested event
 //! <prefix>.direct.<trigger>                                an event for one trigger only: a due retry or a replayed dead letter
 //! <prefix>.retry.<trigger>                                 a failed event waiting out its retry delay
 //! <prefix>.dlq.<trigger>                                   a trigger's dead letters
 //! ```
 //!
-//! `<source>` is the whole `source` attribute as one token; the `type` attribute is
+//! `<bucket>` is the event's key bucket, `00` to `63`: a hash of its `partitionkey`
+//! extension (of its `id` when it has none), so ordered triggers can split the key
+//! space among dispatcher processes server-side. `<source>` is the whole `source`
+//! attribute as one token; the `type` attribute is
 //! split on `.` into tokens, so `com.github.push` becomes `com.github.push` and a type
 //! prefix ending at a dot becomes a `>` wildcard. Inside a token, characters NATS
 //! reserves (`.`, `*`, `>`, whitespace), `%` and non-ASCII bytes are written as `%XX`;
@@ -31,6 +34,22 @@ pub fn escape_token(raw: &str) -> String {
     token
 }
 
+/// How many key buckets events are spread over.
+pub const KEY_BUCKETS: u32 = 64;
+
+/// The key bucket of an event with this `partitionkey` (or, without one, this id):
+/// 32-bit FNV-1a of its bytes, modulo [`KEY_BUCKETS`]. Stable across versions and
+/// processes; it decides which dispatcher process delivers a key of an ordered
+/// trigger. (Eight lines, so no hashing crate.)
+pub fn key_bucket(key: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % KEY_BUCKETS
+}
+
 /// The subjects one deployment uses, under a common prefix.
 #[derive(Debug, Clone)]
 pub struct Subjects {
@@ -48,9 +67,14 @@ impl Subjects {
         &self.prefix
     }
 
-    /// The subject an event with this source and type is published on.
-    pub fn event(&self, source: &str, ty: &str) -> String {
-        let mut subject = format!("{}.events.{}", self.prefix, escape_token(source));
+    /// The subject an event in key bucket `bucket` with this source and type is
+    /// published on.
+    pub fn event(&self, bucket: u32, source: &str, ty: &str) -> String {
+        let mut subject = format!(
+            "{}.events.{bucket:02}.{}",
+            self.prefix,
+            escape_token(source)
+        );
         for token in ty.split('.') {
             subject.push('.');
             subject.push_str(&escape_token(token));
@@ -91,17 +115,20 @@ impl Subjects {
         format!("{}.dlq.>", self.prefix)
     }
 
-    /// The narrowest server-side filter that still matches every event with the given
-    /// exact source (if any) and a type that equals `type_exact` or starts with
-    /// `type_prefix`. The dispatcher applies the full filter on top.
+    /// The narrowest server-side filter that still matches every event in key bucket
+    /// `bucket` (any when `None`) with the given exact source (if any) and a type that
+    /// equals `type_exact` or starts with `type_prefix`. The dispatcher applies the
+    /// full filter on top.
     pub fn event_filter(
         &self,
+        bucket: Option<u32>,
         source_exact: Option<&str>,
         type_exact: Option<&str>,
         type_prefix: Option<&str>,
     ) -> String {
         let source = source_exact.map_or_else(|| "*".to_owned(), escape_token);
-        let mut subject = format!("{}.events.{}", self.prefix, source);
+        let bucket = bucket.map_or_else(|| "*".to_owned(), |bucket| format!("{bucket:02}"));
+        let mut subject = format!("{}.events.{bucket}.{source}", self.prefix);
         if let Some(ty) = type_exact {
             for token in ty.split('.') {
                 subject.push('.');
@@ -132,14 +159,14 @@ mod tests {
     fn subjects_escape_reserved_characters() {
         let subjects = Subjects::new("sy");
         assert_eq!(
-            subjects.event("/hooks/github", "com.github.push"),
-            "sy.events./hooks/github.com.github.push"
+            subjects.event(3, "/hooks/github", "com.github.push"),
+            "sy.events.03./hooks/github.com.github.push"
         );
         assert_eq!(
-            subjects.event("https://x.io/a b", "t*"),
-            "sy.events.https://x%2Eio/a%20b.t%2A"
+            subjects.event(42, "https://x.io/a b", "t*"),
+            "sy.events.42.https://x%2Eio/a%20b.t%2A"
         );
-        assert_eq!(subjects.event("s", "a..b"), "sy.events.s.a.%.b");
+        assert_eq!(subjects.event(0, "s", "a..b"), "sy.events.00.s.a.%.b");
         assert_eq!(escape_token("ü"), "%C3%BC");
     }
 
@@ -147,21 +174,35 @@ mod tests {
     fn filters_use_whole_type_tokens() {
         let subjects = Subjects::new("sy");
         assert_eq!(
-            subjects.event_filter(None, None, Some("com.github.")),
-            "sy.events.*.com.github.>"
+            subjects.event_filter(None, None, None, Some("com.github.")),
+            "sy.events.*.*.com.github.>"
         );
         assert_eq!(
-            subjects.event_filter(None, None, Some("com.git")),
-            "sy.events.*.com.>"
+            subjects.event_filter(None, None, None, Some("com.git")),
+            "sy.events.*.*.com.>"
         );
         assert_eq!(
-            subjects.event_filter(None, None, Some("com")),
-            "sy.events.*.>"
+            subjects.event_filter(None, None, None, Some("com")),
+            "sy.events.*.*.>"
         );
         assert_eq!(
-            subjects.event_filter(Some("/hooks/x"), Some("a.b"), None),
-            "sy.events./hooks/x.a.b"
+            subjects.event_filter(Some(7), Some("/hooks/x"), Some("a.b"), None),
+            "sy.events.07./hooks/x.a.b"
         );
-        assert_eq!(subjects.event_filter(None, None, None), "sy.events.*.>");
+        assert_eq!(
+            subjects.event_filter(None, None, None, None),
+            "sy.events.*.*.>"
+        );
+    }
+
+    #[test]
+    fn key_buckets_are_stable_and_spread() {
+        // FNV-1a test vectors: "" -> 0x811c9dc5, "a" -> 0xe40c292c.
+        assert_eq!(key_bucket(""), 0x811c_9dc5 % KEY_BUCKETS);
+        assert_eq!(key_bucket("a"), 0xe40c_292c % KEY_BUCKETS);
+        let used: std::collections::HashSet<u32> = (0..1000)
+            .map(|n| key_bucket(&format!("customer-{n}")))
+            .collect();
+        assert_eq!(used.len(), KEY_BUCKETS as usize);
     }
 }

@@ -14,7 +14,9 @@
 
 pub mod filter;
 pub mod limit;
+pub mod members;
 pub mod metrics;
+pub mod ordered;
 pub mod retry;
 pub mod slots;
 
@@ -120,6 +122,28 @@ pub struct TriggerConfig {
     pub publish_replies: bool,
     #[serde(default)]
     pub start: StartPosition,
+    /// `key`: events sharing a `partitionkey` are delivered one at a time, in order.
+    #[serde(default)]
+    pub ordering: OrderingMode,
+    /// With `ordering = "key"`: how many parts the key space is split into, each
+    /// delivered by one dispatcher process at a time (1 to 64).
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+}
+
+/// Whether a trigger keeps events in order.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderingMode {
+    /// Events are delivered in parallel, retries wait aside.
+    #[default]
+    None,
+    /// Per `partitionkey`: one at a time, in arrival order; retries hold the key.
+    Key,
+}
+
+fn default_partitions() -> u32 {
+    8
 }
 
 fn default_trigger_concurrency() -> usize {
@@ -184,6 +208,8 @@ struct TriggerRuntime {
     stream: jetstream::stream::Stream,
     consumer_config: pull::Config,
     retry_consumer_config: pull::Config,
+    /// With `ordering = "key"`: one consumer per key partition.
+    partition_configs: Vec<pull::Config>,
     direct_subject: String,
     retry_subject: String,
     metrics: TriggerMetrics,
@@ -245,6 +271,10 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
 /// Retries that may wait at once per trigger; more wait in the stream until room frees.
 const MAX_WAITING_RETRIES: i64 = 100_000;
+
+/// Events one partition of an ordered trigger holds at most (unacknowledged, queued
+/// behind their key's head).
+const ORDERED_BUFFER: i64 = 512;
 
 /// Longest error text kept on a retry or dead letter.
 const MAX_ERROR_BYTES: usize = 1024;
@@ -315,10 +345,21 @@ impl Dispatcher {
                     "switchyard trigger `{}` -> `{}`",
                     trigger.name, trigger.function
                 )),
-                filter_subjects: vec![
-                    subjects.event_filter(hints.source_exact, hints.type_exact, hints.type_prefix),
-                    direct_subject.clone(),
-                ],
+                // An ordered trigger takes its events through its partitions; this
+                // consumer then only carries replays, which bypass the order.
+                filter_subjects: if trigger.ordering == OrderingMode::Key {
+                    vec![direct_subject.clone()]
+                } else {
+                    vec![
+                        subjects.event_filter(
+                            None,
+                            hints.source_exact,
+                            hints.type_exact,
+                            hints.type_prefix,
+                        ),
+                        direct_subject.clone(),
+                    ]
+                },
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: trigger.ack_wait,
                 max_deliver: -1,
@@ -347,6 +388,45 @@ impl Dispatcher {
             };
             create_consumer(&stream, &consumer_config).await?;
             create_consumer(&stream, &retry_consumer_config).await?;
+            let mut partition_configs = Vec::new();
+            if trigger.ordering == OrderingMode::Key {
+                let partitions = trigger.partitions.clamp(1, switchyard_bus::KEY_BUCKETS);
+                for index in 0..partitions {
+                    let config = pull::Config {
+                        durable_name: Some(ordered::partition_consumer_name(
+                            &trigger.name,
+                            index,
+                            partitions,
+                        )),
+                        description: Some(format!(
+                            "switchyard trigger `{}`: key partition {index} of {partitions}",
+                            trigger.name
+                        )),
+                        filter_subjects: (0..switchyard_bus::KEY_BUCKETS)
+                            .filter(|bucket| bucket % partitions == index)
+                            .map(|bucket| {
+                                subjects.event_filter(
+                                    Some(bucket),
+                                    hints.source_exact,
+                                    hints.type_exact,
+                                    hints.type_prefix,
+                                )
+                            })
+                            .collect(),
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ack_wait: trigger.ack_wait,
+                        max_deliver: -1,
+                        max_ack_pending: ORDERED_BUFFER,
+                        deliver_policy: consumer_config.deliver_policy,
+                        priority_groups: vec![ordered::OWNER_GROUP.to_owned()],
+                        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+                        priority_timeout: ordered::OWNER_TIMEOUT,
+                        ..Default::default()
+                    };
+                    create_consumer(&stream, &config).await?;
+                    partition_configs.push(config);
+                }
+            }
             let labels = TriggerLabels {
                 trigger: trigger.name.clone(),
                 function: function.name.clone(),
@@ -380,6 +460,7 @@ impl Dispatcher {
                 stream: stream.clone(),
                 consumer_config,
                 retry_consumer_config,
+                partition_configs,
                 direct_subject,
                 retry_subject,
                 in_flight: AtomicI64::new(0),
@@ -421,6 +502,12 @@ impl Dispatcher {
             slot_tasks.push(tokio::spawn(slots.clone().maintain(slots_shutdown.clone())));
         }
         let mut loops = Vec::new();
+        let members_shutdown = CancellationToken::new();
+        let members = self
+            .triggers
+            .iter()
+            .any(|trigger| !trigger.partition_configs.is_empty())
+            .then(|| members::start(self.shared.bus.clone(), members_shutdown.clone()));
         for trigger in &self.triggers {
             loops.push(tokio::spawn(pull_loop(
                 trigger.clone(),
@@ -429,6 +516,18 @@ impl Dispatcher {
                 shutdown.clone(),
                 abandon.clone(),
             )));
+            for index in 0..trigger.partition_configs.len() {
+                let (members, _) = members.as_ref().expect("started for ordered triggers");
+                loops.push(tokio::spawn(ordered::partition_loop(
+                    trigger.clone(),
+                    self.shared.clone(),
+                    index,
+                    members.clone(),
+                    tracker.clone(),
+                    shutdown.clone(),
+                    abandon.clone(),
+                )));
+            }
             loops.push(tokio::spawn(retry_loop(
                 trigger.clone(),
                 self.shared.clone(),
@@ -463,6 +562,11 @@ impl Dispatcher {
             );
             abandon.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        // Leaving the members only now: partitions were released above.
+        members_shutdown.cancel();
+        if let Some((_, task)) = members {
+            let _ = task.await;
         }
         slots_shutdown.cancel();
         for task in slot_tasks {
@@ -1060,9 +1164,28 @@ async fn handle_message(
     }
     let _permits = permits;
     tokio::select! {
-        () = handle(&trigger, &shared, &message, &abandon) => {}
+        _ = handle(&trigger, &shared, &message, &abandon, None) => {}
         () = keep_in_progress(&message, every) => {}
     }
+}
+
+/// How a handled delivery ended, for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Acknowledged, retried through the retry subject, dead-lettered or handed back.
+    Done,
+    /// Only with in-place retries (ordered triggers): the event is still held,
+    /// unacknowledged; invoke it again after this delay.
+    RetryIn(Duration),
+}
+
+/// The attempt history of an event retried in place (held by an ordered trigger,
+/// never acknowledged in between), which its headers cannot carry.
+#[derive(Debug, Default, Clone)]
+struct InPlace {
+    attempts: u64,
+    first_attempt_at: Option<String>,
+    last_failure: Option<Failure>,
 }
 
 async fn handle(
@@ -1070,12 +1193,24 @@ async fn handle(
     shared: &Shared,
     message: &jetstream::Message,
     abandon: &CancellationToken,
-) {
+    in_place: Option<&mut InPlace>,
+) -> Settled {
     let delivery = match message.info() {
         Ok(info) => {
-            let state = RetryState::from_headers(message.headers.as_ref());
+            let mut state = RetryState::from_headers(message.headers.as_ref());
+            let mut earlier = 0;
+            if let Some(held) = in_place.as_deref() {
+                earlier = held.attempts;
+                if held.first_attempt_at.is_some() {
+                    state.first_attempt_at.clone_from(&held.first_attempt_at);
+                }
+                if let Some(failure) = &held.last_failure {
+                    state.last_status = failure.status;
+                    state.last_error = Some(failure.error.clone());
+                }
+            }
             Delivery {
-                attempt: state.attempts + info.delivered.max(1) as u64,
+                attempt: state.attempts + earlier + info.delivered.max(1) as u64,
                 sequence: info.stream_sequence,
                 event_sequence: state.event_sequence.unwrap_or(info.stream_sequence),
                 received_at: state
@@ -1091,7 +1226,7 @@ async fn handle(
             let _ = message
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
-            return;
+            return Settled::Done;
         }
     };
     let handling = Handling {
@@ -1106,14 +1241,14 @@ async fn handle(
         Err(error) => {
             let failure = Failure::new(None, format!("not a valid cloudevent: {error}"));
             handling.dead_letter_raw(&failure).await;
-            return;
+            return Settled::Done;
         }
     };
     let direct = message.subject.as_str() == trigger.direct_subject;
     if !direct && !trigger.config.filter.matches(&event) {
         trigger.metrics.filtered.inc();
         let _ = message.ack().await;
-        return;
+        return Settled::Done;
     }
     let policy = &trigger.config.retry;
     // Only when an earlier attempt's failure is on record: deliveries that were handed
@@ -1128,7 +1263,7 @@ async fn handle(
         handling
             .dead_letter(event, REASON_ATTEMPTS_EXHAUSTED, attempts, &failure, None)
             .await;
-        return;
+        return Settled::Done;
     }
     if let Some(max_age) = policy.max_age {
         let age =
@@ -1148,7 +1283,7 @@ async fn handle(
             handling
                 .dead_letter(event, REASON_MAX_AGE_EXCEEDED, attempts, &failure, None)
                 .await;
-            return;
+            return Settled::Done;
         }
     }
     let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
@@ -1168,7 +1303,7 @@ async fn handle(
             },
             () = abandon.cancelled() => {
                 let _ = message.ack_with(AckKind::Nak(None)).await;
-                return;
+                return Settled::Done;
             }
         }
     };
@@ -1232,7 +1367,7 @@ async fn handle(
                         Some(first_attempt_at),
                     )
                     .await;
-                return;
+                return Settled::Done;
             }
             // A retry copy lives in the events stream: a wait longer than the stream
             // keeps messages (a huge Retry-After) would let the stream delete it.
@@ -1255,6 +1390,13 @@ async fn handle(
                 attempt = delivery.attempt, status = failure.status, error = %failure.error, delay_ms = delay.as_millis() as u64,
                 "invocation failed, retrying later"
             );
+            if let Some(held) = in_place {
+                // Held in place: the key's later events wait behind it.
+                held.attempts += 1;
+                held.first_attempt_at = Some(first_attempt_at);
+                held.last_failure = Some(failure);
+                return Settled::RetryIn(delay);
+            }
             handling
                 .schedule_retry(&event, &failure, first_attempt_at, delay)
                 .await;
@@ -1273,6 +1415,7 @@ async fn handle(
                 .await;
         }
     }
+    Settled::Done
 }
 
 /// One delivery being handled: what every step that settles it needs.

@@ -553,6 +553,16 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         if trigger.ack_wait < Duration::from_secs(1) {
             check.error(span.clone(), "ack_wait", "must be at least 1s".to_owned());
         }
+        if !(1..=switchyard_bus::KEY_BUCKETS).contains(&trigger.partitions) {
+            check.error(
+                span.clone(),
+                "partitions",
+                format!(
+                    "must be between 1 and {} (the bus's key buckets)",
+                    switchyard_bus::KEY_BUCKETS
+                ),
+            );
+        }
         if trigger.retry.attempts == 0 {
             check.error(
                 span.clone(),

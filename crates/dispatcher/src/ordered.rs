@@ -1,0 +1,308 @@
+//! Ordered triggers (`ordering = "key"`): events that share a `partitionkey` are
+//! delivered one at a time, in the order the bus stored them; different keys run in
+//! parallel up to the trigger's `max_concurrency`.
+//!
+//! The key space is split into the trigger's `partitions`: every event's subject
+//! carries its key bucket (see the bus's subject scheme), and partition `i` is a
+//! durable consumer over the buckets `b` with `b % partitions == i`. Each partition
+//! consumer has a pinned priority group, so JetStream hands it to one dispatcher
+//! process at a time and moves it to another when that process stops pulling; the
+//! partitions spread over the processes.
+//!
+//! Inside the process that holds a partition, events wait in one queue per key,
+//! sorted by stream sequence, unacknowledged (with progress acks). Only a key's head
+//! is invoked. A failed head is retried in place after its backoff: it stays
+//! unacknowledged at the head, so the key's later events wait behind it while other
+//! keys keep flowing; once it is delivered or dead-lettered the key moves on.
+//!
+//! Taking a partition over: the previous holder may still hold events (it is finishing,
+//! or it died and JetStream will redeliver them after `ack_wait`). The new holder
+//! queues what it receives but invokes nothing until the consumer's acknowledgement-
+//! pending count is all its own, so a redelivered earlier event is never passed by a
+//! later one of the same key.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
+use switchyard_event::decode_header_value;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::time::DelayQueue;
+
+use crate::members::Members;
+use crate::{
+    InFlight, InPlace, PULL_EXPIRES, Settled, Shared, TriggerRuntime, acquire_permits, handle,
+    keep_in_progress, log_failure, open_consumer, pause_after_failure,
+};
+
+/// The priority group every process pulls a partition consumer with.
+pub const OWNER_GROUP: &str = "owner";
+/// How long a partition stays with a process that stopped pulling.
+pub const OWNER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The durable consumer of one partition of an ordered trigger.
+pub fn partition_consumer_name(trigger: &str, index: u32, partitions: u32) -> String {
+    format!("switchyard-{trigger}-p{index}of{partitions}")
+}
+
+/// An event held by its key's queue.
+struct Held {
+    message: jetstream::Message,
+    sequence: u64,
+    in_place: InPlace,
+}
+
+/// The ordering key of a message: its `partitionkey`, else its id.
+fn key_of(message: &jetstream::Message) -> String {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .map(|value| decode_header_value(name, value.as_str()).unwrap_or_default())
+    };
+    header("ce-partitionkey")
+        .map(|key| format!("k:{key}"))
+        .or_else(|| header("ce-id").map(|id| format!("i:{id}")))
+        .unwrap_or_default()
+}
+
+/// Runs one partition of an ordered trigger until `shutdown`: holds it while this
+/// process is its preferred member, and lets it go when another one is.
+pub(crate) async fn partition_loop(
+    trigger: Arc<TriggerRuntime>,
+    shared: Arc<Shared>,
+    index: usize,
+    members: Members,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    abandon: CancellationToken,
+) {
+    let mut live = members.live.clone();
+    // Decide once the members are known (or after a few seconds without).
+    let _ = tokio::time::timeout(
+        crate::members::HEARTBEAT * 3,
+        live.wait_for(Option::is_some),
+    )
+    .await;
+    loop {
+        while !members.prefers_me(&trigger.config.name, index) {
+            tokio::select! {
+                changed = live.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        }
+        hold_partition(
+            &trigger, &shared, index, &members, &tracker, &shutdown, &abandon,
+        )
+        .await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Consumes one partition until `shutdown` or until another member is preferred.
+async fn hold_partition(
+    trigger: &Arc<TriggerRuntime>,
+    shared: &Arc<Shared>,
+    index: usize,
+    members: &Members,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    abandon: &CancellationToken,
+) {
+    let mut live = members.live.clone();
+    let mut live_open = true;
+    let config: pull::Config = trigger.partition_configs[index].clone();
+    let name = config.durable_name.clone().unwrap_or_default();
+    let Some(consumer) = open_consumer(trigger, &config, shutdown).await else {
+        return;
+    };
+    let every = (trigger.config.ack_wait / 3).max(Duration::from_millis(100));
+    let mut queues: HashMap<String, VecDeque<Held>> = HashMap::new();
+    let mut ready: VecDeque<String> = VecDeque::new();
+    let mut running: HashSet<String> = HashSet::new();
+    let mut waiting: DelayQueue<String> = DelayQueue::new();
+    let mut invocations: JoinSet<(String, Settled, InPlace)> = JoinSet::new();
+    let mut held: usize = 0;
+    // Nothing is invoked until events held by an earlier holder are settled.
+    let mut settled_handover = false;
+    let mut owner_pin: Option<String> = None;
+    let mut progress = tokio::time::interval(every);
+    let mut handover_check = tokio::time::interval(Duration::from_millis(250));
+    let mut failures: u32 = 0;
+    'consuming: loop {
+        if failures > 0 && !pause_after_failure(failures, shutdown).await {
+            break;
+        }
+        let stream = consumer
+            .stream()
+            .group(OWNER_GROUP)
+            .max_messages_per_batch(64)
+            .expires(PULL_EXPIRES * 5)
+            .heartbeat(PULL_EXPIRES * 2)
+            .messages()
+            .await;
+        let mut messages = match stream {
+            Ok(messages) => messages,
+            Err(error) => {
+                failures += 1;
+                log_failure(trigger, failures, "ordered pull", &error);
+                continue;
+            }
+        };
+        loop {
+            let can_start = settled_handover && !ready.is_empty();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break 'consuming,
+                Some(finished) = invocations.join_next(), if !invocations.is_empty() => {
+                    let Ok((key, settled, in_place)) = finished else { continue };
+                    running.remove(&key);
+                    match settled {
+                        Settled::Done => {
+                            let queue = queues.get_mut(&key).expect("a running key has a queue");
+                            queue.pop_front();
+                            held -= 1;
+                            if queue.is_empty() {
+                                queues.remove(&key);
+                            } else {
+                                ready.push_back(key);
+                            }
+                        }
+                        Settled::RetryIn(delay) => {
+                            if let Some(head) = queues.get_mut(&key).and_then(VecDeque::front_mut) {
+                                head.in_place = in_place;
+                            }
+                            waiting.insert(key, delay);
+                        }
+                    }
+                }
+                Some(expired) = std::future::poll_fn(|context| waiting.poll_expired(context)), if !waiting.is_empty() => {
+                    ready.push_back(expired.into_inner());
+                }
+                changed = live.changed(), if live_open => {
+                    if changed.is_err() {
+                        live_open = false;
+                    } else if !members.prefers_me(&trigger.config.name, index) {
+                        break 'consuming;
+                    }
+                }
+                permits = acquire_permits(trigger, shared, true), if can_start => {
+                    let Some(key) = ready.pop_front() else { continue };
+                    let Some(head) = queues.get(&key).and_then(VecDeque::front) else { continue };
+                    running.insert(key.clone());
+                    let (message, mut in_place) = (head.message.clone(), head.in_place.clone());
+                    let (trigger, shared) = (trigger.clone(), shared.clone());
+                    let (shutdown, abandon) = (shutdown.clone(), abandon.clone());
+                    invocations.spawn(tracker.track_future(async move {
+                        let _permits = permits;
+                        let _in_flight = InFlight::start(&trigger);
+                        let settled = tokio::select! {
+                            settled = handle(&trigger, &shared, &message, &abandon, Some(&mut in_place)) => settled,
+                            () = keep_in_progress(&message, every) => Settled::Done,
+                        };
+                        if settled != Settled::Done && shutdown.is_cancelled() {
+                            // Nobody waits for this answer any more: hand it back.
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                        }
+                        (key, settled, in_place)
+                    }));
+                }
+                message = messages.next() => {
+                    let message = match message {
+                        Some(Ok(message)) => message,
+                        Some(Err(error)) => {
+                            failures += 1;
+                            log_failure(trigger, failures, "ordered receive", &error);
+                            continue 'consuming;
+                        }
+                        None => {
+                            failures += 1;
+                            continue 'consuming;
+                        }
+                    };
+                    failures = 0;
+                    let Ok(info) = message.info() else {
+                        let _ = message.ack_with(AckKind::Term).await;
+                        continue;
+                    };
+                    let sequence = info.stream_sequence;
+                    let pin = message
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| headers.get("Nats-Pin-Id"))
+                        .map(|value| value.as_str().to_owned());
+                    if pin.is_some() && pin != owner_pin {
+                        // (Re)gained the partition: wait out an earlier holder again.
+                        owner_pin = pin;
+                        settled_handover = false;
+                    }
+                    let key = key_of(&message);
+                    let queue = queues.entry(key.clone()).or_default();
+                    match queue.binary_search_by_key(&sequence, |held| held.sequence) {
+                        // A redelivery of an event already held: keep the newer handle.
+                        Ok(position) => queue[position].message = message,
+                        Err(position) => {
+                            let was_empty = queue.is_empty();
+                            queue.insert(position, Held { message, sequence, in_place: InPlace::default() });
+                            held += 1;
+                            if was_empty {
+                                ready.push_back(key);
+                            }
+                        }
+                    }
+                }
+                _ = handover_check.tick(), if !settled_handover => {
+                    if let Ok(info) = consumer.get_info().await
+                        && info.num_ack_pending <= held
+                    {
+                        settled_handover = true;
+                    }
+                }
+                _ = progress.tick() => {
+                    for queue in queues.values() {
+                        for event in queue.iter() {
+                            let _ = event.message.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Shutting down: hand back what waits, let what runs finish (or be abandoned),
+    // then give the partition up so another process takes it at once.
+    let mut handed_back = 0;
+    for (key, queue) in &queues {
+        for (position, event) in queue.iter().enumerate() {
+            if position == 0 && running.contains(key) {
+                continue;
+            }
+            let _ = event.message.ack_with(AckKind::Nak(None)).await;
+            handed_back += 1;
+        }
+    }
+    if shutdown.is_cancelled() {
+        // The dispatcher's shutdown grace bounds what still runs (the tasks are
+        // tracked); they hand their event back themselves if it is not settled.
+        invocations.detach_all();
+    } else {
+        while let Some(finished) = invocations.join_next().await {
+            if let Ok((key, Settled::RetryIn(_), _)) = finished
+                && let Some(head) = queues.get(&key).and_then(VecDeque::front)
+            {
+                let _ = head.message.ack_with(AckKind::Nak(None)).await;
+                handed_back += 1;
+            }
+        }
+    }
+    if let Err(error) = trigger.stream.unpin_consumer(&name, OWNER_GROUP).await {
+        tracing::debug!(trigger = %trigger.config.name, consumer = %name, %error, "unpinning the partition failed; it moves after the owner timeout");
+    }
+    tracing::debug!(trigger = %trigger.config.name, consumer = %name, handed_back, "ordered partition released");
+}
