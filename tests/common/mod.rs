@@ -253,8 +253,8 @@ impl Reply {
         self
     }
 
-    pub fn with_body(mut self, body: &'static str) -> Reply {
-        self.body = Bytes::from_static(body.as_bytes());
+    pub fn with_body(mut self, body: impl Into<Bytes>) -> Reply {
+        self.body = body.into();
         self
     }
 

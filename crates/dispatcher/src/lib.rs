@@ -12,6 +12,7 @@
 //! copy was stored, or after its dead letter was stored; nothing pending lives only in
 //! this process's memory.
 
+pub mod batch;
 pub mod filter;
 pub mod limit;
 pub mod members;
@@ -43,6 +44,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use batch::BatchSettings;
 pub use filter::{Filter, Matcher};
 pub use limit::{AdaptiveLimit, AdaptivePermit};
 pub use metrics::DispatcherMetrics;
@@ -129,6 +131,9 @@ pub struct TriggerConfig {
     /// delivered by one dispatcher process at a time (1 to 64).
     #[serde(default = "default_partitions")]
     pub partitions: u32,
+    /// Deliver events in batches, one invocation per batch.
+    #[serde(default)]
+    pub batch: Option<BatchSettings>,
 }
 
 /// Whether a trigger keeps events in order.
@@ -363,7 +368,13 @@ impl Dispatcher {
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: trigger.ack_wait,
                 max_deliver: -1,
-                max_ack_pending: trigger.max_concurrency as i64,
+                // Events in flight: one per invocation, or a batch's worth.
+                max_ack_pending: (trigger.max_concurrency
+                    * trigger
+                        .batch
+                        .as_ref()
+                        .map_or(1, |batch| batch.max_events.max(1)))
+                    as i64,
                 // One pull request per free permit can be waiting at worst.
                 max_waiting: (trigger.max_concurrency as i64 + 64).max(512),
                 deliver_policy: match trigger.start {
@@ -509,13 +520,23 @@ impl Dispatcher {
             .any(|trigger| !trigger.partition_configs.is_empty())
             .then(|| members::start(self.shared.bus.clone(), members_shutdown.clone()));
         for trigger in &self.triggers {
-            loops.push(tokio::spawn(pull_loop(
-                trigger.clone(),
-                self.shared.clone(),
-                tracker.clone(),
-                shutdown.clone(),
-                abandon.clone(),
-            )));
+            if trigger.config.batch.is_some() {
+                loops.push(tokio::spawn(batch::batch_loop(
+                    trigger.clone(),
+                    self.shared.clone(),
+                    tracker.clone(),
+                    shutdown.clone(),
+                    abandon.clone(),
+                )));
+            } else {
+                loops.push(tokio::spawn(pull_loop(
+                    trigger.clone(),
+                    self.shared.clone(),
+                    tracker.clone(),
+                    shutdown.clone(),
+                    abandon.clone(),
+                )));
+            }
             for index in 0..trigger.partition_configs.len() {
                 let (members, _) = members.as_ref().expect("started for ordered triggers");
                 loops.push(tokio::spawn(ordered::partition_loop(
@@ -1188,18 +1209,20 @@ struct InPlace {
     last_failure: Option<Failure>,
 }
 
-async fn handle(
-    trigger: &TriggerRuntime,
-    shared: &Shared,
-    message: &jetstream::Message,
-    abandon: &CancellationToken,
-    in_place: Option<&mut InPlace>,
-) -> Settled {
+/// Reads what is known of a delivery and settles, without invoking, what must not be
+/// invoked: a malformed message, an event the filter refuses, an event out of attempts
+/// or past its max age. Returns the event to invoke otherwise.
+async fn prepare<'a>(
+    trigger: &'a TriggerRuntime,
+    shared: &'a Shared,
+    message: &'a jetstream::Message,
+    in_place: Option<&InPlace>,
+) -> Option<(Handling<'a>, Event)> {
     let delivery = match message.info() {
         Ok(info) => {
             let mut state = RetryState::from_headers(message.headers.as_ref());
             let mut earlier = 0;
-            if let Some(held) = in_place.as_deref() {
+            if let Some(held) = in_place {
                 earlier = held.attempts;
                 if held.first_attempt_at.is_some() {
                     state.first_attempt_at.clone_from(&held.first_attempt_at);
@@ -1226,7 +1249,7 @@ async fn handle(
             let _ = message
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
-            return Settled::Done;
+            return None;
         }
     };
     let handling = Handling {
@@ -1241,14 +1264,14 @@ async fn handle(
         Err(error) => {
             let failure = Failure::new(None, format!("not a valid cloudevent: {error}"));
             handling.dead_letter_raw(&failure).await;
-            return Settled::Done;
+            return None;
         }
     };
     let direct = message.subject.as_str() == trigger.direct_subject;
     if !direct && !trigger.config.filter.matches(&event) {
         trigger.metrics.filtered.inc();
         let _ = message.ack().await;
-        return Settled::Done;
+        return None;
     }
     let policy = &trigger.config.retry;
     // Only when an earlier attempt's failure is on record: deliveries that were handed
@@ -1263,7 +1286,7 @@ async fn handle(
         handling
             .dead_letter(event, REASON_ATTEMPTS_EXHAUSTED, attempts, &failure, None)
             .await;
-        return Settled::Done;
+        return None;
     }
     if let Some(max_age) = policy.max_age {
         let age =
@@ -1283,29 +1306,60 @@ async fn handle(
             handling
                 .dead_letter(event, REASON_MAX_AGE_EXCEEDED, attempts, &failure, None)
                 .await;
-            return Settled::Done;
+            return None;
         }
     }
+    Some((handling, event))
+}
+
+/// Invokes `invocation` bounded by `timeout` (plus a second, should a target ignore
+/// its own timeout); `None` when abandoned at shutdown.
+async fn bounded<T>(
+    invocation: impl std::future::Future<Output = T>,
+    timeout: Duration,
+    timed_out: impl FnOnce(Failure) -> T,
+    abandon: &CancellationToken,
+) -> Option<T> {
+    let guard = tokio::time::sleep(timeout + Duration::from_secs(1));
+    tokio::select! {
+        outcome = invocation => Some(outcome),
+        () = guard => Some(timed_out(Failure::new(
+            None,
+            format!("invocation timed out after {}ms", timeout.as_millis()),
+        ))),
+        () = abandon.cancelled() => None,
+    }
+}
+
+async fn handle(
+    trigger: &TriggerRuntime,
+    shared: &Shared,
+    message: &jetstream::Message,
+    abandon: &CancellationToken,
+    in_place: Option<&mut InPlace>,
+) -> Settled {
+    let Some((handling, event)) = prepare(trigger, shared, message, in_place.as_deref()).await
+    else {
+        return Settled::Done;
+    };
     let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
     trigger.metrics.dispatched.inc();
-    tracing::debug!(event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name, attempt = delivery.attempt, "invoking function");
+    tracing::debug!(event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name, attempt = handling.delivery.attempt, "invoking function");
     let attempt_started_at = time::OffsetDateTime::now_utc();
     let started = Instant::now();
-    let outcome = {
-        let invocation = trigger.function.target.invoke(&event, timeout);
-        // The guard only fires if a target ignores its own timeout.
-        let guard = tokio::time::sleep(timeout + Duration::from_secs(1));
-        tokio::select! {
-            outcome = invocation => outcome,
-            () = guard => Outcome::RetryLater {
-                not_before: None,
-                failure: Failure::new(None, format!("invocation timed out after {}ms", timeout.as_millis())),
-            },
-            () = abandon.cancelled() => {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-                return Settled::Done;
-            }
-        }
+    let Some(outcome) = bounded(
+        trigger.function.target.invoke(&event, timeout),
+        timeout,
+        |failure| Outcome::RetryLater {
+            not_before: None,
+            failure,
+        },
+        abandon,
+    )
+    .await
+    else {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        return Settled::Done;
     };
     trigger
         .metrics
@@ -1332,90 +1386,9 @@ async fn handle(
         }
         other => other,
     };
-    let first_attempt_at = delivery
-        .state
-        .first_attempt_at
-        .clone()
-        .unwrap_or_else(|| rfc3339(attempt_started_at));
-    match outcome {
-        Outcome::Delivered { .. } => {
-            trigger.function.limit.record_success();
-            trigger.metrics.succeeded.inc();
-            if let Err(error) = message.ack().await {
-                tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "ack", "acknowledging failed; the event may be delivered again");
-            }
-        }
-        Outcome::RetryLater {
-            not_before,
-            failure,
-        } => {
-            if failure.overloaded {
-                trigger.function.limit.decrease();
-            }
-            trigger
-                .metrics
-                .function_limit
-                .set(trigger.function.limit.limit() as i64);
-            if delivery.attempt >= policy.max_attempts() {
-                let attempts = delivery.attempt;
-                handling
-                    .dead_letter(
-                        event,
-                        REASON_ATTEMPTS_EXHAUSTED,
-                        attempts,
-                        &failure,
-                        Some(first_attempt_at),
-                    )
-                    .await;
-                return Settled::Done;
-            }
-            // A retry copy lives in the events stream: a wait longer than the stream
-            // keeps messages (a huge Retry-After) would let the stream delete it.
-            let longest_wait = shared.bus.events_max_age() / 2;
-            let mut delay = policy
-                .delay(delivery.attempt)
-                .max(not_before.unwrap_or_default())
-                .min(longest_wait);
-            if let Some(max_age) = policy.max_age {
-                // Come back no later than when the event expires, to dead-letter it then.
-                let remaining = (delivery.received_at + max_age - time::OffsetDateTime::now_utc())
-                    .max(time::Duration::ZERO);
-                delay = delay.min(
-                    Duration::try_from(remaining).unwrap_or_default() + Duration::from_millis(10),
-                );
-            }
-            trigger.metrics.retried.inc();
-            tracing::info!(
-                event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name,
-                attempt = delivery.attempt, status = failure.status, error = %failure.error, delay_ms = delay.as_millis() as u64,
-                "invocation failed, retrying later"
-            );
-            if let Some(held) = in_place {
-                // Held in place: the key's later events wait behind it.
-                held.attempts += 1;
-                held.first_attempt_at = Some(first_attempt_at);
-                held.last_failure = Some(failure);
-                return Settled::RetryIn(delay);
-            }
-            handling
-                .schedule_retry(&event, &failure, first_attempt_at, delay)
-                .await;
-        }
-        Outcome::Rejected { failure } => {
-            trigger.metrics.rejected.inc();
-            let attempts = delivery.attempt;
-            handling
-                .dead_letter(
-                    event,
-                    REASON_REJECTED,
-                    attempts,
-                    &failure,
-                    Some(first_attempt_at),
-                )
-                .await;
-        }
-    }
-    Settled::Done
+    handling
+        .settle(event, outcome, attempt_started_at, in_place)
+        .await
 }
 
 /// One delivery being handled: what every step that settles it needs.
@@ -1427,6 +1400,104 @@ struct Handling<'a> {
 }
 
 impl Handling<'_> {
+    /// Settles an attempt by its outcome: acknowledge, retry (through the retry
+    /// subject, or in place when `in_place` is given), or dead-letter.
+    async fn settle(
+        &self,
+        event: Event,
+        outcome: Outcome,
+        attempt_started_at: time::OffsetDateTime,
+        in_place: Option<&mut InPlace>,
+    ) -> Settled {
+        let (trigger, shared, delivery) = (self.trigger, self.shared, &self.delivery);
+        let policy = &trigger.config.retry;
+        let first_attempt_at = delivery
+            .state
+            .first_attempt_at
+            .clone()
+            .unwrap_or_else(|| rfc3339(attempt_started_at));
+        match outcome {
+            Outcome::Delivered { .. } => {
+                trigger.function.limit.record_success();
+                trigger.metrics.succeeded.inc();
+                if let Err(error) = self.message.ack().await {
+                    tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "ack", "acknowledging failed; the event may be delivered again");
+                }
+            }
+            Outcome::RetryLater {
+                not_before,
+                failure,
+            } => {
+                if failure.overloaded {
+                    trigger.function.limit.decrease();
+                }
+                trigger
+                    .metrics
+                    .function_limit
+                    .set(trigger.function.limit.limit() as i64);
+                if delivery.attempt >= policy.max_attempts() {
+                    let attempts = delivery.attempt;
+                    self.dead_letter(
+                        event,
+                        REASON_ATTEMPTS_EXHAUSTED,
+                        attempts,
+                        &failure,
+                        Some(first_attempt_at),
+                    )
+                    .await;
+                    return Settled::Done;
+                }
+                // A retry copy lives in the events stream: a wait longer than the
+                // stream keeps messages (a huge Retry-After) would let the stream
+                // delete it.
+                let longest_wait = shared.bus.events_max_age() / 2;
+                let mut delay = policy
+                    .delay(delivery.attempt)
+                    .max(not_before.unwrap_or_default())
+                    .min(longest_wait);
+                if let Some(max_age) = policy.max_age {
+                    // Come back no later than when the event expires, to dead-letter
+                    // it then.
+                    let remaining = (delivery.received_at + max_age
+                        - time::OffsetDateTime::now_utc())
+                    .max(time::Duration::ZERO);
+                    delay = delay.min(
+                        Duration::try_from(remaining).unwrap_or_default()
+                            + Duration::from_millis(10),
+                    );
+                }
+                trigger.metrics.retried.inc();
+                tracing::info!(
+                    event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name,
+                    attempt = delivery.attempt, status = failure.status, error = %failure.error, delay_ms = delay.as_millis() as u64,
+                    "invocation failed, retrying later"
+                );
+                if let Some(held) = in_place {
+                    // Held in place: the key's later events wait behind it.
+                    held.attempts += 1;
+                    held.first_attempt_at = Some(first_attempt_at);
+                    held.last_failure = Some(failure);
+                    return Settled::RetryIn(delay);
+                }
+                self.schedule_retry(&event, &failure, first_attempt_at, delay)
+                    .await;
+            }
+            Outcome::Rejected { failure } => {
+                trigger.metrics.rejected.inc();
+                let attempts = delivery.attempt;
+                self.dead_letter(
+                    event,
+                    REASON_REJECTED,
+                    attempts,
+                    &failure,
+                    Some(first_attempt_at),
+                )
+                .await;
+            }
+        }
+        Settled::Done
+    }
+
     /// Stores a copy of the event with its attempt history on the trigger's retry
     /// subject, due after `delay`, then acknowledges this copy. If the copy cannot be
     /// stored, this copy is NAKed with the delay instead, so the event stays in

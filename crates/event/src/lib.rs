@@ -19,4 +19,4 @@ pub use json::{
     StructuredError, is_json_content_type, parse_batch, parse_structured, to_structured_json,
 };
 pub use sink::{EventSink, PublishError, PublishReceipt};
-pub use target::{Failure, Outcome, Target};
+pub use target::{BatchOutcome, Failure, Outcome, Target};

@@ -48,9 +48,31 @@ impl Failure {
     }
 }
 
+/// The result of one invocation with a batch of events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// The same outcome for every event of the batch.
+    All(Outcome),
+    /// The function handled the batch and named the events that failed (by id); the
+    /// others are delivered.
+    Partial { failed: Vec<String> },
+}
+
 /// A function that events are delivered to.
 #[async_trait]
 pub trait Target: Send + Sync + 'static {
     /// Invokes the function once with `event`; `timeout` bounds the whole call.
     async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome;
+
+    /// Invokes the function once with a batch. By default, one invocation per event,
+    /// one after the other, and the failed ones reported.
+    async fn invoke_batch(&self, events: &[Event], timeout: Duration) -> BatchOutcome {
+        let mut failed = Vec::new();
+        for event in events {
+            if !matches!(self.invoke(event, timeout).await, Outcome::Delivered { .. }) {
+                failed.push(event.id.clone());
+            }
+        }
+        BatchOutcome::Partial { failed }
+    }
 }

@@ -563,6 +563,43 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 ),
             );
         }
+        if let Some(batch) = &trigger.batch {
+            if !(1..=10_000).contains(&batch.max_events) {
+                check.error(
+                    span.clone(),
+                    "batch",
+                    "`max_events` must be between 1 and 10000".to_owned(),
+                );
+            }
+            if batch.max_bytes == 0 {
+                check.error(
+                    span.clone(),
+                    "batch",
+                    "`max_bytes` must be at least 1".to_owned(),
+                );
+            }
+            if batch.window < Duration::from_millis(10) || batch.window > Duration::from_secs(300) {
+                check.error(
+                    span.clone(),
+                    "batch",
+                    "`window` must be between 10ms and 300s".to_owned(),
+                );
+            }
+            if trigger.ordering == switchyard_dispatcher::OrderingMode::Key {
+                check.error(
+                    span.clone(),
+                    "batch",
+                    "batching and `ordering = \"key\"` cannot be combined yet".to_owned(),
+                );
+            }
+            if trigger.publish_replies {
+                check.error(
+                    span.clone(),
+                    "publish_replies",
+                    "a batched trigger has no single reply to publish".to_owned(),
+                );
+            }
+        }
         if trigger.retry.attempts == 0 {
             check.error(
                 span.clone(),

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use switchyard_event::{Event, Failure, Outcome, Target, parse_structured};
+use switchyard_event::{
+    BatchOutcome, Event, Failure, Outcome, Target, parse_structured, to_structured_json,
+};
 
 /// Header a function may set to decide the outcome explicitly.
 pub const OUTCOME_HEADER: &str = "switchyard-outcome";
@@ -55,20 +57,64 @@ impl HttpTarget {
     }
 }
 
-#[async_trait]
-impl Target for HttpTarget {
-    async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome {
-        let mut request = self.client.post(self.url.clone()).timeout(timeout);
-        for (name, value) in event.binary_headers() {
-            request = request.header(name.as_ref(), value.as_ref());
-        }
-        if let Some(traceparent) = event.extensions.get("traceparent") {
-            request = request.header("traceparent", traceparent.as_str());
-        }
-        if let Some(tracestate) = event.extensions.get("tracestate") {
-            request = request.header("tracestate", tracestate.as_str());
-        }
-        let mut response = match request.body(event.data.clone()).send().await {
+/// A function's answer to a batch: `{"batchItemFailures":[{"itemIdentifier":"<id>"}]}`
+/// (AWS Lambda's partial batch response).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BatchResponse {
+    batch_item_failures: Vec<BatchItemFailure>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BatchItemFailure {
+    item_identifier: String,
+}
+
+/// What a batch answer that is delivered says: every event delivered, or the ids
+/// that failed. Ids the batch did not hold make the whole answer a failure (retried).
+pub fn classify_batch_answer(events: &[Event], status: u16, body: &[u8]) -> BatchOutcome {
+    let Ok(answer) = serde_json::from_slice::<BatchResponse>(body) else {
+        return BatchOutcome::All(Outcome::Delivered { reply: None });
+    };
+    let failed: Vec<String> = answer
+        .batch_item_failures
+        .into_iter()
+        .map(|failure| failure.item_identifier)
+        .collect();
+    let unknown: Vec<&str> = failed
+        .iter()
+        .filter(|id| !events.iter().any(|event| &event.id == *id))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return BatchOutcome::All(Outcome::RetryLater {
+            not_before: None,
+            failure: Failure::new(
+                Some(status),
+                format!(
+                    "batchItemFailures names ids that were not in the batch: {}",
+                    unknown.join(", ")
+                ),
+            ),
+        });
+    }
+    if failed.is_empty() {
+        BatchOutcome::All(Outcome::Delivered { reply: None })
+    } else {
+        BatchOutcome::Partial { failed }
+    }
+}
+
+impl HttpTarget {
+    /// Sends a request and classifies the answer; the body is returned with a
+    /// delivered outcome.
+    async fn call(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> (Outcome, reqwest::header::HeaderMap, Option<Bytes>) {
+        let mut response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
                 let cause = if error.is_timeout() {
@@ -86,10 +132,11 @@ impl Target for HttpTarget {
                         error_chain(&error)
                     )
                 };
-                return Outcome::RetryLater {
+                let outcome = Outcome::RetryLater {
                     not_before: None,
                     failure: Failure::new(None, cause),
                 };
+                return (outcome, reqwest::header::HeaderMap::new(), None);
             }
         };
         let status = response.status().as_u16();
@@ -103,13 +150,68 @@ impl Target for HttpTarget {
             retry_after: header("retry-after"),
             body: body.as_ref().map(|bytes| &bytes[..]).unwrap_or_default(),
         };
-        let mut outcome = classify_response(&answer);
+        let outcome = classify_response(&answer);
+        (outcome, headers, body.ok())
+    }
+}
+
+#[async_trait]
+impl Target for HttpTarget {
+    async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome {
+        let mut request = self.client.post(self.url.clone()).timeout(timeout);
+        for (name, value) in event.binary_headers() {
+            request = request.header(name.as_ref(), value.as_ref());
+        }
+        if let Some(traceparent) = event.extensions.get("traceparent") {
+            request = request.header("traceparent", traceparent.as_str());
+        }
+        if let Some(tracestate) = event.extensions.get("tracestate") {
+            request = request.header("tracestate", tracestate.as_str());
+        }
+        let (mut outcome, headers, body) =
+            self.call(request.body(event.data.clone()), timeout).await;
         if let Outcome::Delivered { reply } = &mut outcome
-            && let Ok(body) = body
+            && let Some(body) = body
         {
             *reply = reply_event(&headers, body).map(Box::new);
         }
         outcome
+    }
+
+    /// One POST of a JSON array of structured events
+    /// (`application/cloudevents-batch+json`).
+    async fn invoke_batch(&self, events: &[Event], timeout: Duration) -> BatchOutcome {
+        let mut body = Vec::with_capacity(
+            events
+                .iter()
+                .map(|event| event.data.len() + 256)
+                .sum::<usize>()
+                + 2,
+        );
+        body.push(b'[');
+        for (index, event) in events.iter().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&to_structured_json(event));
+        }
+        body.push(b']');
+        let request = self
+            .client
+            .post(self.url.clone())
+            .timeout(timeout)
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(body);
+        let (outcome, headers, body) = self.call(request, timeout).await;
+        drop(headers);
+        match outcome {
+            Outcome::Delivered { .. } => classify_batch_answer(
+                events,
+                200,
+                body.as_ref().map(|bytes| &bytes[..]).unwrap_or_default(),
+            ),
+            other => BatchOutcome::All(other),
+        }
     }
 }
 
@@ -334,6 +436,33 @@ mod tests {
         assert!(matches!(
             classify_response(&explicit_retry),
             Outcome::RetryLater { .. }
+        ));
+    }
+
+    #[test]
+    fn partial_batch_answers() {
+        let events = [Event::new("a", "/s", "t"), Event::new("b", "/s", "t")];
+        assert_eq!(
+            classify_batch_answer(&events, 200, b""),
+            BatchOutcome::All(Outcome::Delivered { reply: None })
+        );
+        assert_eq!(
+            classify_batch_answer(&events, 200, br#"{"batchItemFailures":[]}"#),
+            BatchOutcome::All(Outcome::Delivered { reply: None })
+        );
+        assert_eq!(
+            classify_batch_answer(
+                &events,
+                200,
+                br#"{"batchItemFailures":[{"itemIdentifier":"b"}]}"#
+            ),
+            BatchOutcome::Partial {
+                failed: vec!["b".to_owned()]
+            }
+        );
+        assert!(matches!(
+            classify_batch_answer(&events, 200, br#"{"batchItemFailures":[{"itemIdentifier":"zz"}]}"#),
+            BatchOutcome::All(Outcome::RetryLater { failure, .. }) if failure.error.contains("zz")
         ));
     }
 

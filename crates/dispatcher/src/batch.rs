@@ -1,0 +1,230 @@
+//! Batched triggers (`batch = { max_events, max_bytes, window }`): one invocation
+//! carries up to `max_events` events (and `max_bytes`), or what arrived within
+//! `window` of asking, as a JSON array of CloudEvents.
+//!
+//! A batch is one pull request of that size and expiry, taken while holding one of the
+//! trigger's permits (so `max_concurrency` counts batches in flight). Every event of it
+//! is settled on its own, as a single event would be: the function may name the ones
+//! that failed (`{"batchItemFailures":[{"itemIdentifier":"<id>"}]}`), and only those
+//! are retried (through the trigger's retry subject, so they come back in a later
+//! batch) or dead-lettered when out of attempts; the others are acknowledged. An
+//! answer that fails the whole batch settles every event with that outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Deserialize;
+use switchyard_bus::async_nats::jetstream::{self, AckKind};
+use switchyard_event::{BatchOutcome, Event, Failure, Outcome};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    InFlight, Shared, TriggerRuntime, acquire_shared_permits, bounded, log_failure, open_consumer,
+    prepare, recover,
+};
+
+/// How a trigger batches.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Events per invocation, at most.
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    /// Bytes of event messages per invocation, at most.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// How long a batch waits to fill up.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+}
+
+fn default_max_events() -> usize {
+    10
+}
+fn default_max_bytes() -> usize {
+    1024 * 1024
+}
+fn default_window() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Sends progress for every message until dropped.
+async fn keep_all_in_progress(messages: &[jetstream::Message], every: Duration) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        ticker.tick().await;
+        for message in messages {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+async fn hand_back(messages: &[jetstream::Message]) {
+    for message in messages {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// The pull loop of a batched trigger.
+pub(crate) async fn batch_loop(
+    trigger: Arc<TriggerRuntime>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    abandon: CancellationToken,
+) {
+    let settings = trigger
+        .config
+        .batch
+        .clone()
+        .expect("batch_loop runs for batched triggers");
+    let config = &trigger.consumer_config;
+    let Some(mut consumer) = open_consumer(&trigger, config, &shutdown).await else {
+        return;
+    };
+    let mut failures: u32 = 0;
+    'pulling: loop {
+        if failures > 0 && !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
+            break;
+        }
+        // Only the trigger's own permit while waiting for events; the shared ones
+        // (function, process, cluster slot) are taken once a batch is in hand.
+        let permit = tokio::select! {
+            permit = trigger.permits.clone().acquire_owned() => permit.expect("never closed"),
+            () = shutdown.cancelled() => break,
+        };
+        let request = consumer
+            .batch()
+            .max_messages(settings.max_events)
+            .max_bytes(settings.max_bytes)
+            .expires(settings.window)
+            .messages();
+        let mut batch = tokio::select! {
+            batch = request => match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    failures += 1;
+                    log_failure(&trigger, failures, "pull batch", &error);
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let mut messages = Vec::with_capacity(settings.max_events);
+        loop {
+            let next = tokio::select! {
+                next = batch.next() => next,
+                () = shutdown.cancelled() => {
+                    hand_back(&messages).await;
+                    break 'pulling;
+                }
+            };
+            match next {
+                None => {
+                    failures = 0;
+                    break;
+                }
+                Some(Ok(message)) => messages.push(message),
+                Some(Err(error)) => {
+                    failures += 1;
+                    log_failure(&trigger, failures, "receive batch", &error);
+                    break;
+                }
+            }
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        tracker.spawn(handle_batch(
+            trigger.clone(),
+            shared.clone(),
+            messages,
+            permit,
+            shutdown.clone(),
+            abandon.clone(),
+        ));
+    }
+}
+
+async fn handle_batch(
+    trigger: Arc<TriggerRuntime>,
+    shared: Arc<Shared>,
+    messages: Vec<jetstream::Message>,
+    _permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+    abandon: CancellationToken,
+) {
+    let _in_flight = InFlight::start(&trigger);
+    let every = (trigger.config.ack_wait / 3).max(Duration::from_millis(100));
+    let work = async {
+        let _shared_permits = tokio::select! {
+            taken = acquire_shared_permits(&trigger, &shared) => taken,
+            () = shutdown.cancelled() => {
+                hand_back(&messages).await;
+                return;
+            }
+        };
+        let mut prepared = Vec::with_capacity(messages.len());
+        for message in &messages {
+            if let Some(ready) = prepare(&trigger, &shared, message, None).await {
+                prepared.push(ready);
+            }
+        }
+        if prepared.is_empty() {
+            return;
+        }
+        let events: Vec<Event> = prepared.iter().map(|(_, event)| event.clone()).collect();
+        let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
+        trigger.metrics.dispatched.inc_by(events.len() as u64);
+        tracing::debug!(trigger = %trigger.config.name, function = %trigger.function.name, events = events.len(), "invoking function with a batch");
+        let attempt_started_at = time::OffsetDateTime::now_utc();
+        let started = Instant::now();
+        let outcome = bounded(
+            trigger.function.target.invoke_batch(&events, timeout),
+            timeout,
+            |failure| {
+                BatchOutcome::All(Outcome::RetryLater {
+                    not_before: None,
+                    failure,
+                })
+            },
+            &abandon,
+        )
+        .await;
+        let Some(outcome) = outcome else {
+            for (handling, _) in &prepared {
+                let _ = handling.message.ack_with(AckKind::Nak(None)).await;
+            }
+            return;
+        };
+        trigger
+            .metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        for (handling, event) in prepared {
+            let outcome = match &outcome {
+                BatchOutcome::All(outcome) => outcome.clone(),
+                BatchOutcome::Partial { failed } if failed.contains(&event.id) => {
+                    Outcome::RetryLater {
+                        not_before: None,
+                        failure: Failure::new(
+                            None,
+                            "the function reported this event failed (batchItemFailures)",
+                        ),
+                    }
+                }
+                BatchOutcome::Partial { .. } => Outcome::Delivered { reply: None },
+            };
+            handling
+                .settle(event, outcome, attempt_started_at, None)
+                .await;
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = keep_all_in_progress(&messages, every) => {}
+    }
+}
