@@ -506,3 +506,146 @@ async fn the_broker_restarted_mid_stream_loses_nothing() {
     assert_eq!(events_stored(&text).await, 1000);
     switchyard.stop().await;
 }
+
+/// Reads `count` records from `topic` (from the start), off the runtime's threads.
+async fn read_topic(
+    broker: &KafkaBroker,
+    topic: &str,
+    count: usize,
+) -> Vec<switchyard_connector_kafka::rdkafka::message::OwnedMessage> {
+    use switchyard_connector_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", random_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + WAIT;
+        let mut records = Vec::new();
+        while records.len() < count {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {count} records on the topic",
+                records.len()
+            );
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                records.push(message.detach());
+            }
+        }
+        records
+    })
+    .await
+    .unwrap()
+}
+
+fn header_of<'a>(
+    record: &'a switchyard_connector_kafka::rdkafka::message::OwnedMessage,
+    name: &str,
+) -> Option<&'a str> {
+    use switchyard_connector_kafka::rdkafka::Message;
+    use switchyard_connector_kafka::rdkafka::message::Headers;
+    let headers = record.headers()?;
+    headers
+        .iter()
+        .find(|header| header.key == name)
+        .and_then(|header| std::str::from_utf8(header.value?).ok())
+}
+
+#[tokio::test]
+async fn results_and_dead_letters_land_on_kafka_topics() {
+    use switchyard_connector_kafka::rdkafka::Message;
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let nats = NatsServer::start();
+    let broker = KafkaBroker::start();
+    let (input, results, failures) = (
+        random_name("in"),
+        random_name("results"),
+        random_name("failures"),
+    );
+    for topic in [&input, &results, &failures] {
+        broker.create_topic(topic, 1);
+    }
+    // `bad` records are rejected (dead-lettered at once); `reply` answers with a
+    // CloudEvent; the others answer with a JSON body.
+    let function = FunctionServer::start(|received, _| match &received.body[..] {
+        b"bad" => Reply::status(422).with_body("cannot use this"),
+        b"reply" => Reply::ok()
+            .with_header("ce-specversion", "1.0")
+            .with_header("ce-id", "reply-1")
+            .with_header("ce-source", "/fn")
+            .with_header("ce-type", "com.example.answer")
+            .with_body("answered"),
+        _ => Reply::ok()
+            .with_header("content-type", "application/json")
+            .with_body("{\"ok\":true}"),
+    })
+    .await;
+    // The trigger is the configuration's last table: its destinations go at the end.
+    let text = config(&nats, &broker, &function, &input, free_port(), free_port())
+        + &format!(
+            "on_success = {{ type = \"kafka\", brokers = \"{b}\", topic = \"{results}\" }}\non_failure = {{ type = \"kafka\", brokers = \"{b}\", topic = \"{failures}\" }}\n",
+            b = broker.bootstrap()
+        );
+    let switchyard = Switchyard::start(text).await;
+    let producer = producer(&broker);
+    for (key, payload) in [("a", "good"), ("b", "bad"), ("c", "reply")] {
+        producer
+            .send(
+                FutureRecord::to(&input).key(key).payload(payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .unwrap();
+    }
+
+    let records = read_topic(&broker, &results, 2).await;
+    let result = records
+        .iter()
+        .find(|record| header_of(record, "ce_type") == Some("dev.switchyard.function.result"))
+        .expect("the result of the JSON answer");
+    assert_eq!(
+        header_of(result, "ce_id"),
+        Some(format!("{input}-0-0").as_str())
+    );
+    assert_eq!(
+        header_of(result, "ce_source"),
+        Some("/switchyard/triggers/main")
+    );
+    assert_eq!(
+        header_of(result, "ce_originsource"),
+        Some(format!("kafka://test/{input}").as_str())
+    );
+    assert_eq!(header_of(result, "content-type"), Some("application/json"));
+    assert_eq!(result.payload(), Some(&b"{\"ok\":true}"[..]));
+    assert_eq!(result.key(), Some(&b"a"[..]));
+    let reply = records
+        .iter()
+        .find(|record| header_of(record, "ce_type") == Some("com.example.answer"))
+        .expect("the CloudEvent reply");
+    assert_eq!(header_of(reply, "ce_id"), Some("reply-1"));
+    assert_eq!(reply.payload(), Some(&b"answered"[..]));
+
+    let dead = read_topic(&broker, &failures, 1).await;
+    assert_eq!(
+        header_of(&dead[0], "ce_id"),
+        Some(format!("{input}-0-1").as_str())
+    );
+    assert_eq!(
+        header_of(&dead[0], "Switchyard-Dlq-Reason"),
+        Some("rejected")
+    );
+    assert_eq!(
+        header_of(&dead[0], "Switchyard-Dlq-Last-Status"),
+        Some("422")
+    );
+    assert_eq!(dead[0].payload(), Some(&b"bad"[..]));
+    assert_eq!(dead[0].key(), Some(&b"b"[..]));
+    // The dead letter is in the dead-letter stream too.
+    let bus = switchyard.bus().await;
+    assert_eq!(wait_for_dead_letters(&bus, "main", 1, WAIT).await.len(), 1);
+    switchyard.stop().await;
+}

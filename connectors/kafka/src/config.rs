@@ -1,10 +1,10 @@
 //! The Kafka source's configuration.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use rdkafka::ClientConfig;
 use serde::Deserialize;
+pub use switchyard_event::PropertyValue;
 
 /// A Kafka source: a consumer group over topics.
 #[derive(Debug, Clone, Deserialize)]
@@ -46,25 +46,6 @@ pub struct KafkaSourceConfig {
     /// `sasl.mechanisms`, `client.id`, ...).
     #[serde(default)]
     pub properties: BTreeMap<String, PropertyValue>,
-}
-
-/// A librdkafka property value as TOML spells it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum PropertyValue {
-    Text(String),
-    Integer(i64),
-    Boolean(bool),
-}
-
-impl fmt::Display for PropertyValue {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PropertyValue::Text(text) => formatter.write_str(text),
-            PropertyValue::Integer(number) => write!(formatter, "{number}"),
-            PropertyValue::Boolean(flag) => write!(formatter, "{flag}"),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -16,6 +16,7 @@
 //! records keep their ids and are dropped by the bus's duplicate window.
 
 pub mod config;
+pub mod destination;
 pub mod record;
 mod tracker;
 
@@ -40,7 +41,8 @@ use switchyard_event::{Event, PublishError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ConfigProblem, KafkaSourceConfig, StartAt};
+pub use config::{ConfigProblem, KafkaSourceConfig, PropertyValue, StartAt};
+pub use destination::KafkaDestination;
 pub use rdkafka;
 use tracker::{Ticket, Tracker};
 

@@ -58,28 +58,46 @@ impl DeadLetter {
         )
     }
 
+    /// The `Switchyard-Dlq-*` headers of the record (values percent-encoded where
+    /// free text), and the `Nats-Msg-Id`.
+    pub fn record_headers(&self) -> Vec<(String, String)> {
+        let mut headers = vec![
+            (HEADER_REASON.to_owned(), self.reason.clone()),
+            (
+                HEADER_TRIGGER.to_owned(),
+                encode_header_value(&self.trigger).into_owned(),
+            ),
+            (
+                HEADER_FUNCTION.to_owned(),
+                encode_header_value(&self.function).into_owned(),
+            ),
+            (HEADER_ATTEMPTS.to_owned(), self.attempts.to_string()),
+        ];
+        if let Some(status) = self.last_status {
+            headers.push((HEADER_LAST_STATUS.to_owned(), status.to_string()));
+        }
+        headers.push((
+            HEADER_LAST_ERROR.to_owned(),
+            encode_header_value(&self.last_error).into_owned(),
+        ));
+        if let Some(first) = &self.first_attempt_at {
+            headers.push((HEADER_FIRST_ATTEMPT.to_owned(), first.clone()));
+        }
+        headers.push((HEADER_LAST_ATTEMPT.to_owned(), self.last_attempt_at.clone()));
+        headers.push((HEADER_RECEIVED.to_owned(), self.received_at.clone()));
+        headers.push((
+            HEADER_EVENT_SEQUENCE.to_owned(),
+            self.event_sequence.to_string(),
+        ));
+        headers.push(("Nats-Msg-Id".to_owned(), self.message_id()));
+        headers
+    }
+
     pub fn to_message(&self) -> (HeaderMap, Bytes) {
         let mut headers = event_headers(&self.event, &self.message_id());
-        headers.insert(HEADER_REASON, self.reason.as_str());
-        headers.insert(HEADER_TRIGGER, encode_header_value(&self.trigger).as_ref());
-        headers.insert(
-            HEADER_FUNCTION,
-            encode_header_value(&self.function).as_ref(),
-        );
-        headers.insert(HEADER_ATTEMPTS, self.attempts.to_string());
-        if let Some(status) = self.last_status {
-            headers.insert(HEADER_LAST_STATUS, status.to_string());
+        for (name, value) in self.record_headers() {
+            headers.insert(name.as_str(), value.as_str());
         }
-        headers.insert(
-            HEADER_LAST_ERROR,
-            encode_header_value(&self.last_error).as_ref(),
-        );
-        if let Some(first) = &self.first_attempt_at {
-            headers.insert(HEADER_FIRST_ATTEMPT, first.as_str());
-        }
-        headers.insert(HEADER_LAST_ATTEMPT, self.last_attempt_at.as_str());
-        headers.insert(HEADER_RECEIVED, self.received_at.as_str());
-        headers.insert(HEADER_EVENT_SEQUENCE, self.event_sequence.to_string());
         (headers, self.event.data.clone())
     }
 

@@ -412,6 +412,65 @@ impl Bus {
     }
 }
 
+/// A NATS subject as a trigger's destination. Published through JetStream (and
+/// acknowledged) when a stream captures the subject, with core NATS otherwise.
+pub struct NatsDestination {
+    bus: Bus,
+    subject: String,
+}
+
+impl NatsDestination {
+    pub fn new(bus: Bus, subject: impl Into<String>) -> NatsDestination {
+        NatsDestination {
+            bus,
+            subject: subject.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl switchyard_event::Destination for NatsDestination {
+    fn describe(&self) -> String {
+        format!("nats subject {}", self.subject)
+    }
+
+    async fn publish(&self, event: &Event, extra: &[(String, String)]) -> Result<(), String> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in event.binary_headers() {
+            headers.insert(name.as_ref(), value.as_ref());
+        }
+        for (name, value) in extra {
+            headers.insert(name.as_str(), value.as_str());
+        }
+        let published = self
+            .bus
+            .jetstream
+            .publish_with_headers(self.subject.clone(), headers.clone(), event.data.clone())
+            .await;
+        let acknowledged = match published {
+            Ok(ack) => ack.await,
+            Err(error) => Err(error),
+        };
+        match acknowledged {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                // No stream captures the subject: core NATS, at most once.
+                self.bus
+                    .client
+                    .publish_with_headers(self.subject.clone(), headers, event.data.clone())
+                    .await
+                    .map_err(|error| error.to_string())?;
+                self.bus
+                    .client
+                    .flush()
+                    .await
+                    .map_err(|error| error.to_string())
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
 fn classify_publish_error(error: jetstream::context::PublishError) -> PublishError {
     use jetstream::context::PublishErrorKind;
     match error.kind() {

@@ -216,7 +216,7 @@ async fn handle_batch(
                         ),
                     }
                 }
-                BatchOutcome::Partial { .. } => Outcome::Delivered { reply: None },
+                BatchOutcome::Partial { .. } => Outcome::delivered(),
             };
             handling
                 .settle(event, outcome, attempt_started_at, None)

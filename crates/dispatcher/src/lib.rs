@@ -39,7 +39,9 @@ use switchyard_bus::dead_letter::{
 };
 use switchyard_bus::{Bus, BusError, RetryState, event_from_message, event_headers};
 use switchyard_event::timestamp::{now_rfc3339, parse_rfc3339, rfc3339};
-use switchyard_event::{Event, EventSink, Failure, Outcome, PublishError, Target};
+use switchyard_event::{
+    Destination, Event, Failure, FunctionAnswer, Outcome, PublishError, Target,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -134,6 +136,35 @@ pub struct TriggerConfig {
     /// Deliver events in batches, one invocation per batch.
     #[serde(default)]
     pub batch: Option<BatchSettings>,
+    /// Where the function's results are also published.
+    #[serde(default)]
+    pub on_success: Option<DestinationConfig>,
+    /// Where dead letters are also published (beside the dead-letter stream).
+    #[serde(default)]
+    pub on_failure: Option<DestinationConfig>,
+}
+
+/// A NATS subject or a Kafka topic that results or dead letters are published to.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DestinationConfig {
+    Nats {
+        subject: String,
+    },
+    Kafka {
+        brokers: String,
+        topic: String,
+        /// librdkafka producer properties passed through.
+        #[serde(default)]
+        properties: std::collections::BTreeMap<String, switchyard_event::PropertyValue>,
+    },
+}
+
+/// A trigger's destinations, built by the caller from its [`DestinationConfig`]s.
+#[derive(Clone, Default)]
+pub struct Destinations {
+    pub on_success: Option<Arc<dyn Destination>>,
+    pub on_failure: Option<Arc<dyn Destination>>,
 }
 
 /// Whether a trigger keeps events in order.
@@ -207,6 +238,7 @@ struct TriggerMetrics {
 
 struct TriggerRuntime {
     config: TriggerConfig,
+    destinations: Destinations,
     function: Arc<FunctionRuntime>,
     slots: Option<Arc<FunctionSlots>>,
     permits: Arc<Semaphore>,
@@ -318,6 +350,7 @@ impl Dispatcher {
         config: DispatcherConfig,
         triggers: Vec<TriggerConfig>,
         functions: HashMap<String, Arc<FunctionRuntime>>,
+        mut destinations: HashMap<String, Destinations>,
         metrics: DispatcherMetrics,
     ) -> Result<Dispatcher, DispatchError> {
         let stream = bus
@@ -463,6 +496,7 @@ impl Dispatcher {
                 function_limit,
             };
             runtimes.push(Arc::new(TriggerRuntime {
+                destinations: destinations.remove(&trigger.name).unwrap_or_default(),
                 metrics: trigger_metrics,
                 permits: Arc::new(Semaphore::new(trigger.max_concurrency.max(1))),
                 slots: slots_by_function.get(&function.name).cloned(),
@@ -1366,9 +1400,18 @@ async fn handle(
         .duration
         .observe(started.elapsed().as_secs_f64());
     let outcome = match outcome {
-        Outcome::Delivered { reply: Some(reply) } if trigger.config.publish_replies => {
-            match shared.bus.publish_all(vec![*reply]).await {
-                Ok(_) => Outcome::Delivered { reply: None },
+        Outcome::Delivered {
+            reply: Some(reply), ..
+        } if trigger.config.publish_replies => {
+            match shared
+                .bus
+                .publish_events(std::slice::from_ref(&reply))
+                .await
+            {
+                Ok(_) => Outcome::Delivered {
+                    reply: Some(reply),
+                    answer: None,
+                },
                 Err(PublishError::Unavailable(error)) => Outcome::RetryLater {
                     not_before: None,
                     failure: Failure::new(
@@ -1416,6 +1459,31 @@ impl Handling<'_> {
             .first_attempt_at
             .clone()
             .unwrap_or_else(|| rfc3339(attempt_started_at));
+        let outcome = match (outcome, &trigger.destinations.on_success) {
+            (Outcome::Delivered { reply, answer }, Some(destination)) => {
+                let record =
+                    reply.map_or_else(|| self.result_event(&event, answer), |reply| *reply);
+                let id = vec![(
+                    "Nats-Msg-Id".to_owned(),
+                    format!("result {} {}", trigger.config.name, delivery.sequence),
+                )];
+                match destination.publish(&record, &id).await {
+                    Ok(()) => Outcome::delivered(),
+                    // Like a failed invocation: retried, so the function may run again.
+                    Err(error) => Outcome::RetryLater {
+                        not_before: None,
+                        failure: Failure::new(
+                            None,
+                            format!(
+                                "publishing the result to {} failed: {error}",
+                                destination.describe()
+                            ),
+                        ),
+                    },
+                }
+            }
+            (outcome, _) => outcome,
+        };
         match outcome {
             Outcome::Delivered { .. } => {
                 trigger.function.limit.record_success();
@@ -1498,6 +1566,35 @@ impl Handling<'_> {
         Settled::Done
     }
 
+    /// The success record of a function that did not answer with a CloudEvent: its
+    /// answer (possibly empty) as the data of a `dev.switchyard.function.result` event
+    /// that names the event it answered.
+    fn result_event(&self, event: &Event, answer: Option<Box<FunctionAnswer>>) -> Event {
+        let mut result = Event::new(
+            event.id.clone(),
+            format!("/switchyard/triggers/{}", self.trigger.config.name),
+            "dev.switchyard.function.result",
+        );
+        result.subject.clone_from(&event.subject);
+        result.time = Some(now_rfc3339());
+        if let Some(answer) = answer {
+            result.data = answer.body;
+            result.datacontenttype = answer.content_type;
+        }
+        result
+            .extensions
+            .insert("originsource".to_owned(), event.source.clone());
+        result
+            .extensions
+            .insert("origintype".to_owned(), event.ty.clone());
+        if let Some(key) = event.extensions.get("partitionkey") {
+            result
+                .extensions
+                .insert("partitionkey".to_owned(), key.clone());
+        }
+        result
+    }
+
     /// Stores a copy of the event with its attempt history on the trigger's retry
     /// subject, due after `delay`, then acknowledges this copy. If the copy cannot be
     /// stored, this copy is NAKed with the delay instead, so the event stays in
@@ -1569,7 +1666,10 @@ impl Handling<'_> {
             event_sequence: delivery.sequence,
         };
         let (headers, payload) = dead_letter.to_message();
-        if !self.store_dead_letter(headers, payload).await {
+        if !self
+            .store_dead_letter(headers, payload, Some(&dead_letter))
+            .await
+        {
             return;
         }
         self.shared
@@ -1617,7 +1717,7 @@ impl Handling<'_> {
         );
         headers.insert("Switchyard-Dlq-Event-Sequence", sequence.to_string());
         if self
-            .store_dead_letter(headers, self.message.payload.clone())
+            .store_dead_letter(headers, self.message.payload.clone(), None)
             .await
         {
             tracing::error!(trigger = %trigger.config.name, sequence, error = %failure.error, "malformed message dead-lettered");
@@ -1627,7 +1727,12 @@ impl Handling<'_> {
     /// Stores a dead letter, then terminates this copy. If the store fails, the copy is
     /// handed back instead, so the event is always in one of the two streams. True when
     /// stored.
-    async fn store_dead_letter(&self, headers: HeaderMap, payload: bytes::Bytes) -> bool {
+    async fn store_dead_letter(
+        &self,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+        record: Option<&DeadLetter>,
+    ) -> bool {
         let subject = self
             .shared
             .bus
@@ -1635,6 +1740,22 @@ impl Handling<'_> {
             .dead_letter(&self.trigger.config.name);
         match self.shared.bus.store(subject, headers, payload).await {
             Ok(_) => {
+                if let (Some(destination), Some(record)) =
+                    (&self.trigger.destinations.on_failure, record)
+                    && let Err(error) = destination
+                        .publish(&record.event, &record.record_headers())
+                        .await
+                {
+                    // Stored, but not yet where it should also go: hand the event
+                    // back; it comes back out of attempts and is dead-lettered again
+                    // (the stored copy is deduplicated) and published again.
+                    tracing::error!(trigger = %self.trigger.config.name, destination = %destination.describe(), %error, stage = "dead_letter", "publishing the dead letter to its destination failed, retrying");
+                    let _ = self
+                        .message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                        .await;
+                    return false;
+                }
                 if let Err(error) = self.message.ack_with(AckKind::Term).await {
                     tracing::warn!(trigger = %self.trigger.config.name, %error, stage = "ack", "terminating a dead-lettered event failed; it may be dead-lettered again (deduplicated)");
                 }

@@ -18,5 +18,5 @@ pub use event::{Event, EventError, SPEC_VERSION, is_valid_extension_name};
 pub use json::{
     StructuredError, is_json_content_type, parse_batch, parse_structured, to_structured_json,
 };
-pub use sink::{EventSink, PublishError, PublishReceipt};
-pub use target::{BatchOutcome, Failure, Outcome, Target};
+pub use sink::{Destination, EventSink, PropertyValue, PublishError, PublishReceipt};
+pub use target::{BatchOutcome, Failure, FunctionAnswer, Outcome, Target};

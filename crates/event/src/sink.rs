@@ -37,3 +37,36 @@ pub trait EventSink: Send + Sync + 'static {
     /// are deduplicated.
     async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<PublishReceipt>, PublishError>;
 }
+
+/// Where a trigger also publishes its results (`on_success`) or its dead letters
+/// (`on_failure`): a NATS subject or a Kafka topic.
+#[async_trait]
+pub trait Destination: Send + Sync + 'static {
+    /// For logs and errors, e.g. `kafka topic orders-done`.
+    fn describe(&self) -> String;
+
+    /// Publishes `event` in binary mode, with `headers` beside its attributes (a dead
+    /// letter's record; `Nats-Msg-Id` for NATS deduplication). `Ok` once the
+    /// destination acknowledged it, where it acknowledges.
+    async fn publish(&self, event: &Event, headers: &[(String, String)]) -> Result<(), String>;
+}
+
+/// A client property (librdkafka, ...) as a configuration file spells it: text, an
+/// integer or a boolean, passed on as text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Text(String),
+    Integer(i64),
+    Boolean(bool),
+}
+
+impl std::fmt::Display for PropertyValue {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropertyValue::Text(text) => formatter.write_str(text),
+            PropertyValue::Integer(number) => write!(formatter, "{number}"),
+            PropertyValue::Boolean(flag) => write!(formatter, "{flag}"),
+        }
+    }
+}

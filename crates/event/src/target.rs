@@ -15,8 +15,11 @@ use crate::Event;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The function processed the event. `reply` is a CloudEvent it answered with,
-    /// when it answered with one.
-    Delivered { reply: Option<Box<Event>> },
+    /// when it answered with one; `answer` is any other non-empty answer it gave.
+    Delivered {
+        reply: Option<Box<Event>>,
+        answer: Option<Box<FunctionAnswer>>,
+    },
     /// A transient failure: try again, no sooner than `not_before` when the function
     /// said so (`Retry-After`).
     RetryLater {
@@ -25,6 +28,23 @@ pub enum Outcome {
     },
     /// A permanent failure: retrying the same event cannot succeed.
     Rejected { failure: Failure },
+}
+
+/// A function's answer that is not a CloudEvent: its body and content type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionAnswer {
+    pub body: bytes::Bytes,
+    pub content_type: Option<String>,
+}
+
+impl Outcome {
+    /// Delivered, with nothing to pass on.
+    pub fn delivered() -> Outcome {
+        Outcome::Delivered {
+            reply: None,
+            answer: None,
+        }
+    }
 }
 
 /// What went wrong in one invocation, as recorded on a dead letter.

@@ -484,6 +484,40 @@ impl Checker<'_> {
     }
 }
 
+/// What is wrong with a trigger destination, if anything.
+fn destination_problem(destination: &switchyard_dispatcher::DestinationConfig) -> Option<String> {
+    use switchyard_dispatcher::DestinationConfig;
+    match destination {
+        DestinationConfig::Nats { subject } => {
+            let valid = !subject.is_empty()
+                && !subject.contains(char::is_whitespace)
+                && subject.split('.').all(|token| !token.is_empty());
+            (!valid).then(|| format!("`{subject}` is not a NATS subject like `results.orders`"))
+        }
+        DestinationConfig::Kafka {
+            brokers,
+            topic,
+            properties,
+        } => {
+            if brokers.trim().is_empty() || topic.trim().is_empty() {
+                return Some("a kafka destination needs `brokers` and `topic`".to_owned());
+            }
+            #[cfg(feature = "kafka")]
+            {
+                switchyard_connector_kafka::destination::producer_config(brokers, properties)
+                    .create_native_config()
+                    .err()
+                    .map(|error| format!("librdkafka refused the configuration: {error}"))
+            }
+            #[cfg(not(feature = "kafka"))]
+            {
+                let _ = properties;
+                Some("this build has no Kafka support (the `kafka` feature)".to_owned())
+            }
+        }
+    }
+}
+
 /// Checks what parsing cannot: names, references between sections, addresses, URLs.
 fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
     let mut check = Checker {
@@ -598,6 +632,16 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     "publish_replies",
                     "a batched trigger has no single reply to publish".to_owned(),
                 );
+            }
+        }
+        for (field, destination) in [
+            ("on_success", &trigger.on_success),
+            ("on_failure", &trigger.on_failure),
+        ] {
+            if let Some(destination) = destination
+                && let Some(problem) = destination_problem(destination)
+            {
+                check.error(span.clone(), field, problem);
             }
         }
         if trigger.retry.attempts == 0 {

@@ -16,8 +16,11 @@ use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use switchyard_bus::Bus;
 use switchyard_connector_http::HttpSourceMetrics;
-use switchyard_dispatcher::{AdaptiveLimit, Dispatcher, DispatcherMetrics, FunctionRuntime};
-use switchyard_event::{EventSink, Target};
+use switchyard_dispatcher::{
+    AdaptiveLimit, DestinationConfig, Destinations, Dispatcher, DispatcherMetrics, FunctionRuntime,
+    TriggerConfig,
+};
+use switchyard_event::{Destination, EventSink, Target};
 use switchyard_targets::{HttpTarget, LogTarget, http_client};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -167,11 +170,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }),
             );
         }
-        let triggers = config
+        let triggers: Vec<TriggerConfig> = config
             .triggers
             .iter()
             .map(|trigger| trigger.get_ref().clone())
             .collect();
+        let mut destinations = HashMap::new();
+        for trigger in &triggers {
+            let build = |destination: &Option<DestinationConfig>| {
+                destination
+                    .as_ref()
+                    .map(|destination| build_destination(&bus, destination))
+                    .transpose()
+            };
+            destinations.insert(
+                trigger.name.clone(),
+                Destinations {
+                    on_success: build(&trigger.on_success)
+                        .with_context(|| format!("trigger `{}`: on_success", trigger.name))?,
+                    on_failure: build(&trigger.on_failure)
+                        .with_context(|| format!("trigger `{}`: on_failure", trigger.name))?,
+                },
+            );
+        }
         // Consumers exist before any source accepts an event, so a new trigger that
         // starts at `new` sees every event accepted from now on.
         let dispatcher = Dispatcher::new(
@@ -179,6 +200,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.dispatcher.clone(),
             triggers,
             functions,
+            destinations,
             dispatcher_metrics,
         )
         .await
@@ -257,6 +279,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// A trigger destination from its configuration.
+fn build_destination(
+    bus: &Bus,
+    config: &DestinationConfig,
+) -> anyhow::Result<Arc<dyn Destination>> {
+    match config {
+        DestinationConfig::Nats { subject } => Ok(Arc::new(switchyard_bus::NatsDestination::new(
+            bus.clone(),
+            subject.clone(),
+        ))),
+        #[cfg(feature = "kafka")]
+        DestinationConfig::Kafka {
+            brokers,
+            topic,
+            properties,
+        } => Ok(Arc::new(
+            switchyard_connector_kafka::KafkaDestination::new(brokers, topic, properties)
+                .map_err(anyhow::Error::msg)?,
+        )),
+        #[cfg(not(feature = "kafka"))]
+        DestinationConfig::Kafka { .. } => {
+            anyhow::bail!("this build has no Kafka support (the `kafka` feature)")
+        }
+    }
 }
 
 /// Installs the log subscriber described by the configuration.

@@ -19,7 +19,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use switchyard_event::{
-    BatchOutcome, Event, Failure, Outcome, Target, parse_structured, to_structured_json,
+    BatchOutcome, Event, Failure, FunctionAnswer, Outcome, Target, parse_structured,
+    to_structured_json,
 };
 
 /// Header a function may set to decide the outcome explicitly.
@@ -75,7 +76,7 @@ struct BatchItemFailure {
 /// that failed. Ids the batch did not hold make the whole answer a failure (retried).
 pub fn classify_batch_answer(events: &[Event], status: u16, body: &[u8]) -> BatchOutcome {
     let Ok(answer) = serde_json::from_slice::<BatchResponse>(body) else {
-        return BatchOutcome::All(Outcome::Delivered { reply: None });
+        return BatchOutcome::All(Outcome::delivered());
     };
     let failed: Vec<String> = answer
         .batch_item_failures
@@ -100,7 +101,7 @@ pub fn classify_batch_answer(events: &[Event], status: u16, body: &[u8]) -> Batc
         });
     }
     if failed.is_empty() {
-        BatchOutcome::All(Outcome::Delivered { reply: None })
+        BatchOutcome::All(Outcome::delivered())
     } else {
         BatchOutcome::Partial { failed }
     }
@@ -170,10 +171,19 @@ impl Target for HttpTarget {
         }
         let (mut outcome, headers, body) =
             self.call(request.body(event.data.clone()), timeout).await;
-        if let Outcome::Delivered { reply } = &mut outcome
+        if let Outcome::Delivered { reply, answer } = &mut outcome
             && let Some(body) = body
         {
-            *reply = reply_event(&headers, body).map(Box::new);
+            *reply = reply_event(&headers, &body).map(Box::new);
+            if reply.is_none() && !body.is_empty() {
+                *answer = Some(Box::new(FunctionAnswer {
+                    body,
+                    content_type: headers
+                        .get(reqwest::header::CONTENT_TYPE)
+                        .and_then(|value| value.to_str().ok())
+                        .map(str::to_owned),
+                }));
+            }
         }
         outcome
     }
@@ -243,7 +253,7 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, String> 
 }
 
 /// A CloudEvent in the function's answer, in binary or structured mode.
-fn reply_event(headers: &reqwest::header::HeaderMap, body: Bytes) -> Option<Event> {
+fn reply_event(headers: &reqwest::header::HeaderMap, body: &Bytes) -> Option<Event> {
     let content_type = headers
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -253,11 +263,11 @@ fn reply_event(headers: &reqwest::header::HeaderMap, body: Bytes) -> Option<Even
             headers
                 .iter()
                 .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
-            body,
+            body.clone(),
         )
         .map_err(|error| error.to_string())
     } else if content_type.starts_with("application/cloudevents+json") {
-        parse_structured(&body).map_err(|error| error.to_string())
+        parse_structured(body).map_err(|error| error.to_string())
     } else {
         return None;
     };
@@ -310,7 +320,7 @@ pub fn classify_response(answer: &Answer<'_>) -> Outcome {
         _ => {}
     }
     match status {
-        200..=299 => Outcome::Delivered { reply: None },
+        200..=299 => Outcome::delivered(),
         429 | 503 => Outcome::RetryLater {
             not_before: retry_after,
             failure: Failure {
@@ -371,7 +381,7 @@ impl Target for LogTarget {
             data_bytes = event.data.len(),
             "event received"
         );
-        Outcome::Delivered { reply: None }
+        Outcome::delivered()
     }
 }
 
@@ -444,11 +454,11 @@ mod tests {
         let events = [Event::new("a", "/s", "t"), Event::new("b", "/s", "t")];
         assert_eq!(
             classify_batch_answer(&events, 200, b""),
-            BatchOutcome::All(Outcome::Delivered { reply: None })
+            BatchOutcome::All(Outcome::delivered())
         );
         assert_eq!(
             classify_batch_answer(&events, 200, br#"{"batchItemFailures":[]}"#),
-            BatchOutcome::All(Outcome::Delivered { reply: None })
+            BatchOutcome::All(Outcome::delivered())
         );
         assert_eq!(
             classify_batch_answer(
