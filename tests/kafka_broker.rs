@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{KafkaBroker, kafka_tool, random_name};
+use common::random_name;
+use switchyard_testkit::{KafkaBroker, kafka_tool};
 
 #[test]
 fn a_kraft_broker_starts_and_serves_topics() {

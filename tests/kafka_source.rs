@@ -12,13 +12,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    FunctionServer, KafkaBroker, NatsServer, Process, Reply, Switchyard, base_config, free_port,
-    random_name, wait_for_dead_letters, write_config,
+    FunctionServer, NatsServer, Process, Reply, Switchyard, base_config, free_port, random_name,
+    wait_for_dead_letters, write_config,
 };
 use nix::sys::signal::Signal;
 use switchyard_connector_kafka::rdkafka::ClientConfig;
 use switchyard_connector_kafka::rdkafka::message::{Header, OwnedHeaders};
 use switchyard_connector_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use switchyard_testkit::KafkaBroker;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -1,0 +1,166 @@
+//! Real servers for Switchyard's tests and benchmarks: a single-node Apache Kafka
+//! broker in KRaft mode, from the jars the project's scripts install.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Kafka broker's jars the project's scripts installed.
+pub fn kafka_lib() -> PathBuf {
+    if let Ok(path) = std::env::var("SWITCHYARD_KAFKA_LIB") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cached = Path::new(&home).join(".cache/switchyard/kafka-4.1.1/lib");
+    if cached.exists() {
+        return cached;
+    }
+    panic!(
+        "the kafka broker is not installed: run scripts/install-deps.sh (or scripts/test.sh), or set SWITCHYARD_KAFKA_LIB"
+    );
+}
+
+/// Runs a Kafka (Java) tool class with the broker's jars; returns success and output.
+pub fn kafka_tool(class: &str, arguments: &[&str]) -> (bool, String) {
+    let output = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/*", kafka_lib().display()))
+        .arg(class)
+        .args(arguments)
+        .output()
+        .expect("running java");
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+/// A single-node Apache Kafka broker in KRaft mode (broker and controller in one JVM)
+/// on random ports with a temporary log directory, stopped on drop.
+pub struct KafkaBroker {
+    child: Option<Child>,
+    pub port: u16,
+    properties: PathBuf,
+    _directory: tempfile::TempDir,
+}
+
+impl KafkaBroker {
+    pub fn start() -> KafkaBroker {
+        let directory = tempfile::tempdir().unwrap();
+        let (port, controller_port) = (free_port(), free_port());
+        let properties = directory.path().join("server.properties");
+        std::fs::write(
+            &properties,
+            format!(
+                "process.roles=broker,controller\n\
+                 node.id=1\n\
+                 controller.quorum.voters=1@127.0.0.1:{controller_port}\n\
+                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+                 controller.listener.names=CONTROLLER\n\
+                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 log.dirs={}\n\
+                 offsets.topic.replication.factor=1\n\
+                 offsets.topic.num.partitions=4\n\
+                 transaction.state.log.replication.factor=1\n\
+                 transaction.state.log.min.isr=1\n\
+                 group.initial.rebalance.delay.ms=0\n\
+                 num.partitions=1\n",
+                directory.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let properties_text = properties.display().to_string();
+        let cluster_id = uuid::Uuid::new_v4().simple().to_string()[..22].to_owned();
+        let (formatted, output) = kafka_tool(
+            "kafka.tools.StorageTool",
+            &[
+                "format",
+                "--cluster-id",
+                &cluster_id,
+                "--config",
+                &properties_text,
+            ],
+        );
+        assert!(
+            formatted,
+            "formatting the kafka log directory failed:\n{output}"
+        );
+        let mut broker = KafkaBroker {
+            child: None,
+            port,
+            properties,
+            _directory: directory,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("java")
+            .args(["-Xmx512m", "-XX:+UseSerialGC", "-cp"])
+            .arg(format!("{}/*", kafka_lib().display()))
+            .arg("kafka.Kafka")
+            .arg(&self.properties)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the kafka broker");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "the kafka broker did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the broker (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a topic with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        let (created, output) = kafka_tool(
+            "org.apache.kafka.tools.TopicCommand",
+            &[
+                "--bootstrap-server",
+                &self.bootstrap(),
+                "--create",
+                "--topic",
+                topic,
+                "--partitions",
+                &partitions.to_string(),
+            ],
+        );
+        assert!(created, "creating topic {topic} failed:\n{output}");
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
