@@ -38,8 +38,8 @@ pub struct KafkaSourceConfig {
     /// Per-topic `type`, overriding `event_type`.
     #[serde(default)]
     pub types: BTreeMap<String, String>,
-    /// Records read but not yet persisted, at most; past it the partitions are paused
-    /// until half of them are persisted.
+    /// Records read but not yet persisted, at most: reading waits for room (and the
+    /// partitions are paused if that takes more than 2 s).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// librdkafka properties passed through as they are (`security.protocol`,
@@ -137,6 +137,11 @@ impl KafkaSourceConfig {
             )
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false");
+        // librdkafka's own read-ahead is the second half of the memory bound: 16 MiB
+        // per source instead of its 64 MiB default, unless set.
+        if !self.properties.contains_key("queued.max.messages.kbytes") {
+            client.set("queued.max.messages.kbytes", "16384");
+        }
         if !self.properties.contains_key("client.id") {
             client.set("client.id", format!("switchyard-{}", self.name));
         }

@@ -94,6 +94,9 @@ impl KafkaSourceMetrics {
 /// How long a revocation or a shutdown waits for in-flight records to be persisted
 /// before giving the partitions up anyway (the next owner re-reads what was not).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the records in flight may stay at `max_in_flight` before the partitions
+/// are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// How often the same kind of error is logged, at most.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 
@@ -354,45 +357,63 @@ fn consume(
     shutdown: &CancellationToken,
 ) {
     let context = consumer.context();
-    let resume_below = config.max_in_flight / 2;
     let mut paused = false;
+    let mut full_since: Option<Instant> = None;
+    let set_paused = |pause: bool| -> bool {
+        let result = consumer.assignment().and_then(|assignment| {
+            if pause {
+                consumer.pause(&assignment)
+            } else {
+                consumer.resume(&assignment)
+            }
+        });
+        match result {
+            Ok(()) => {
+                tracing::debug!(source = %config.name, paused = pause, "backpressure");
+                meters.paused.set(i64::from(pause));
+                true
+            }
+            Err(error) => {
+                context.reporter.report(
+                    "pause",
+                    "backpressure",
+                    &format_args!("pausing or resuming partitions failed: {error}"),
+                );
+                false
+            }
+        }
+    };
     while !shutdown.is_cancelled() {
         store_offsets(&consumer, tracker);
         let in_flight = tracker.in_flight();
         meters.in_flight.set(in_flight as i64);
         let assignment_changed = context.assignment_changed.swap(false, Ordering::SeqCst);
-        let pause = in_flight >= config.max_in_flight && (!paused || assignment_changed);
-        if pause || (paused && in_flight <= resume_below) {
-            match consumer.assignment() {
-                Ok(assignment) => {
-                    let result = if pause {
-                        consumer.pause(&assignment)
-                    } else {
-                        consumer.resume(&assignment)
-                    };
-                    match result {
-                        Ok(()) => {
-                            if pause != paused {
-                                tracing::debug!(source = %config.name, in_flight, paused = pause, "backpressure");
-                            }
-                            paused = pause;
-                            meters.paused.set(i64::from(pause));
-                        }
-                        Err(error) => context.reporter.report(
-                            "pause",
-                            "backpressure",
-                            &format_args!("pausing or resuming partitions failed: {error}"),
-                        ),
-                    }
-                }
-                Err(error) => context.reporter.report(
-                    "assignment",
-                    "backpressure",
-                    &format_args!("reading the assignment failed: {error}"),
-                ),
+        let wait = if in_flight >= config.max_in_flight {
+            // Full. First just stop reading: librdkafka's queue fills up and it stops
+            // fetching on its own, and reading resumes the moment there is room
+            // (pausing would drop what it prefetched and cost a fetch backoff, up to a
+            // second, on resume). Only a stall longer than PAUSE_AFTER pauses the
+            // partitions, so a long outage holds no more than the queue.
+            let since = *full_since.get_or_insert_with(Instant::now);
+            if (!paused || assignment_changed) && since.elapsed() >= PAUSE_AFTER {
+                paused = set_paused(true);
             }
-        }
-        let message = match consumer.poll(Duration::from_millis(100)) {
+            tracker.wait_at_most(config.max_in_flight - 1, Duration::from_millis(100));
+            if tracker.in_flight() >= config.max_in_flight {
+                // Still full: serve rebalances and errors; a record this returns is
+                // taken (at most one per wait).
+                Duration::ZERO
+            } else {
+                continue;
+            }
+        } else {
+            full_since = None;
+            if paused && set_paused(false) {
+                paused = false;
+            }
+            Duration::from_millis(100)
+        };
+        let message = match consumer.poll(wait) {
             None => continue,
             Some(Err(error)) => {
                 context.reporter.report(

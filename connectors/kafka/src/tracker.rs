@@ -118,6 +118,15 @@ impl Tracker {
         self.lock().in_flight
     }
 
+    /// Waits up to `timeout` for the records in flight to fall to `limit` or below.
+    pub fn wait_at_most(&self, limit: usize, timeout: std::time::Duration) {
+        let state = self.lock();
+        let _ = self
+            .changed
+            .wait_timeout_while(state, timeout, |state| state.in_flight > limit)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+
     /// Takes the offsets ready to be stored: (topic, partition, last persisted
     /// offset of the contiguous run).
     pub fn take_to_store(&self) -> Vec<(Arc<str>, i32, i64)> {

@@ -6,10 +6,13 @@
 //!     HTTP client hitting the same function;
 //! (c) end-to-end latency from POST to the function at a fixed 1,000 events/s, with the
 //!     real `switchyard` binary as its own process;
-//! (d) that process's RSS at idle and under the load of (c).
+//! (d) that process's RSS at idle and under the load of (c);
+//! (e) Kafka -> function beside bare rdkafka loops (see `kafka.rs`), with `--kafka`.
 //!
 //! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
+
+mod kafka;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -32,13 +35,7 @@ use switchyard_event::{Event, EventSink};
 
 const PAYLOAD: &str = r#"{"order":{"id":"A-1042","amount":129.95,"currency":"EUR","items":[{"sku":"tea-01","qty":3},{"sku":"mug-07","qty":1}]},"customer":"c-77"}"#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use switchyard_testkit::free_port;
 
 struct Nats {
     child: Child,
@@ -142,6 +139,8 @@ struct NoopFunction {
     address: SocketAddr,
     count: Arc<AtomicU64>,
     arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+    /// With `record`: how long after its `time` attribute each event arrived.
+    lags: Arc<Mutex<Vec<Duration>>>,
 }
 
 impl NoopFunction {
@@ -151,6 +150,7 @@ impl NoopFunction {
             address: listener.local_addr().unwrap(),
             count: Arc::new(AtomicU64::new(0)),
             arrivals: Arc::new(Mutex::new(HashMap::new())),
+            lags: Arc::new(Mutex::new(Vec::new())),
         };
         let state = function.clone();
         tokio::spawn(async move {
@@ -176,8 +176,44 @@ impl NoopFunction {
                                     .unwrap()
                                     .insert(id.to_owned(), Instant::now());
                             }
-                            let _ = request.into_body().collect().await;
-                            state.count.fetch_add(1, Ordering::Relaxed);
+                            if record
+                                && let Some(time) = request
+                                    .headers()
+                                    .get("ce-time")
+                                    .and_then(|value| value.to_str().ok())
+                                    .and_then(|value| {
+                                        time::OffsetDateTime::parse(
+                                            value,
+                                            &time::format_description::well_known::Rfc3339,
+                                        )
+                                        .ok()
+                                    })
+                            {
+                                let lag = time::OffsetDateTime::now_utc() - time;
+                                state
+                                    .lags
+                                    .lock()
+                                    .unwrap()
+                                    .push(Duration::try_from(lag).unwrap_or_default());
+                            }
+                            let batch =
+                                request.headers().get("content-type").is_some_and(|value| {
+                                    value
+                                        .as_bytes()
+                                        .starts_with(b"application/cloudevents-batch+json")
+                                });
+                            let body = request.into_body().collect().await;
+                            // A batch counts its events.
+                            let events = match body {
+                                Ok(body) if batch => {
+                                    serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(
+                                        &body.to_bytes(),
+                                    )
+                                    .map_or(1, |events| events.len() as u64)
+                                }
+                                _ => 1,
+                            };
+                            state.count.fetch_add(events, Ordering::Relaxed);
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
                         }
                     });
@@ -736,6 +772,10 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let nats = Nats::start()?;
         let (count, rounds) = if quick { (2_000, 1) } else { (20_000, 3) };
+        if arguments.iter().any(|argument| argument == "--kafka-only") {
+            kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
+            return Ok(());
+        }
         if arguments
             .iter()
             .any(|argument| argument == "--dispatch-only")
@@ -751,6 +791,7 @@ fn main() -> anyhow::Result<()> {
         bench_ingest(&nats, count, 64, rounds).await?;
         bench_dispatch(&nats, count, 64).await?;
         bench_latency_and_memory(&nats, &binary, 1000, if quick { 2 } else { 10 }).await?;
+        kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
         Ok(())
     })
 }

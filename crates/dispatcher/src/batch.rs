@@ -72,6 +72,7 @@ async fn hand_back(messages: &[jetstream::Message]) {
 pub(crate) async fn batch_loop(
     trigger: Arc<TriggerRuntime>,
     shared: Arc<Shared>,
+    consumer_config: jetstream::consumer::pull::Config,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     abandon: CancellationToken,
@@ -81,7 +82,8 @@ pub(crate) async fn batch_loop(
         .batch
         .clone()
         .expect("batch_loop runs for batched triggers");
-    let config = &trigger.consumer_config;
+    let config = &consumer_config;
+    let direct = config.filter_subject == trigger.direct_subject;
     let Some(mut consumer) = open_consumer(&trigger, config, &shutdown).await else {
         return;
     };
@@ -91,10 +93,15 @@ pub(crate) async fn batch_loop(
             break;
         }
         // Only the trigger's own permit while waiting for events; the shared ones
-        // (function, process, cluster slot) are taken once a batch is in hand.
-        let permit = tokio::select! {
-            permit = trigger.permits.clone().acquire_owned() => permit.expect("never closed"),
-            () = shutdown.cancelled() => break,
+        // (function, process, cluster slot) are taken once a batch is in hand. The
+        // direct consumer (due retries, replays) waits holding nothing.
+        let permit = if direct {
+            None
+        } else {
+            tokio::select! {
+                permit = trigger.permits.clone().acquire_owned() => Some(permit.expect("never closed")),
+                () = shutdown.cancelled() => break,
+            }
         };
         let request = consumer
             .batch()
@@ -153,13 +160,23 @@ async fn handle_batch(
     trigger: Arc<TriggerRuntime>,
     shared: Arc<Shared>,
     messages: Vec<jetstream::Message>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
     let _in_flight = InFlight::start(&trigger);
     let every = (trigger.config.ack_wait / 3).max(Duration::from_millis(100));
     let work = async {
+        let _permit = match permit {
+            Some(permit) => permit,
+            None => tokio::select! {
+                taken = trigger.permits.clone().acquire_owned() => taken.expect("never closed"),
+                () = shutdown.cancelled() => {
+                    hand_back(&messages).await;
+                    return;
+                }
+            },
+        };
         let _shared_permits = tokio::select! {
             taken = acquire_shared_permits(&trigger, &shared) => taken,
             () = shutdown.cancelled() => {
