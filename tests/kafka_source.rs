@@ -650,3 +650,63 @@ async fn results_and_dead_letters_land_on_kafka_topics() {
     assert_eq!(wait_for_dead_letters(&bus, "main", 1, WAIT).await.len(), 1);
     switchyard.stop().await;
 }
+
+#[tokio::test]
+async fn nats_down_mid_stream_holds_the_records_and_loses_nothing() {
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let mut nats = NatsServer::start();
+    let broker = KafkaBroker::start();
+    let topic = random_name("outage");
+    broker.create_topic(&topic, 2);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    // File storage, so the events stream outlives the nats-server restart; a small
+    // in-flight bound, so the source fills up, waits, then pauses its partitions.
+    let text = config(&nats, &broker, &function, &topic, free_port(), free_port())
+        .replace("storage = \"memory\"", "storage = \"file\"")
+        .replace(
+            "start = \"earliest\"",
+            "start = \"earliest\"\nmax_in_flight = 50",
+        );
+    let switchyard = Switchyard::start(text.clone()).await;
+    let producer = producer(&broker);
+    produce_numbered(&producer, &topic, "n", 0..300).await;
+    wait_delivered(&function, 300, WAIT).await;
+
+    nats.stop();
+    produce_numbered(&producer, &topic, "n", 300..600).await;
+    // Longer than the source waits before pausing its partitions.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let delivered_while_down = delivered(&function).0.len();
+    // Backpressure held: the partitions are paused, with at most the bound read ahead,
+    // plus the one record each 100 ms wait may take before the pause (2 s).
+    let metrics = reqwest::get(switchyard.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(gauge("switchyard_kafka_paused{"), 1.0, "{metrics}");
+    let in_flight = gauge("switchyard_kafka_records_in_flight{");
+    assert!(
+        (50.0..=71.0).contains(&in_flight),
+        "{in_flight} records in flight"
+    );
+    nats.restart();
+    let repeats = wait_delivered(&function, 600, WAIT).await;
+    eprintln!(
+        "nats outage: {delivered_while_down} of 600 delivered while nats was down, all 600 after; function calls repeating a record: {repeats}"
+    );
+    assert_eq!(
+        delivered_while_down, 300,
+        "nothing can be delivered while nats is down"
+    );
+    assert_eq!(events_stored(&text).await, 600);
+    switchyard.stop().await;
+}

@@ -498,6 +498,10 @@ impl Switchyard {
         format!("http://{}{path}", self.http)
     }
 
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
     pub async fn bus(&self) -> switchyard_bus::Bus {
         let config =
             switchyard::config::parse(Path::new("test.toml"), &self.config_text, &|name| {

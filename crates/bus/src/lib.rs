@@ -313,10 +313,13 @@ impl Bus {
 
     /// Sends one event and returns the future of its PubAck.
     pub async fn send_event(&self, event: &Event) -> Result<PublishAckFuture, PublishError> {
-        let key = event.extensions.get("partitionkey").unwrap_or(&event.id);
-        let subject = self
-            .subjects
-            .event(subject::key_bucket(key), &event.source, &event.ty);
+        // Events without a key share bucket 0: spreading them would multiply the
+        // subjects the stream tracks (and JetStream's work per message) for nothing.
+        let bucket = event
+            .extensions
+            .get("partitionkey")
+            .map_or(0, |key| subject::key_bucket(key));
+        let subject = self.subjects.event(bucket, &event.source, &event.ty);
         let headers = event_headers(event, &message_id(event));
         self.check_size(event, &headers)?;
         self.send(subject, headers, event.data.clone()).await

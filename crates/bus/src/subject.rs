@@ -8,8 +8,8 @@
 //! ```
 //!
 //! `<bucket>` is the event's key bucket, `00` to `63`: a hash of its `partitionkey`
-//! extension (of its `id` when it has none), so ordered triggers can split the key
-//! space among dispatcher processes server-side. `<source>` is the whole `source`
+//! extension (`00` when it has none), so ordered triggers can split the key space
+//! among dispatcher processes server-side. `<source>` is the whole `source`
 //! attribute as one token; the `type` attribute is
 //! split on `.` into tokens, so `com.github.push` becomes `com.github.push` and a type
 //! prefix ending at a dot becomes a `>` wildcard. Inside a token, characters NATS
@@ -37,7 +37,7 @@ pub fn escape_token(raw: &str) -> String {
 /// How many key buckets events are spread over.
 pub const KEY_BUCKETS: u32 = 64;
 
-/// The key bucket of an event with this `partitionkey` (or, without one, this id):
+/// The key bucket of an event with this `partitionkey`:
 /// 32-bit FNV-1a of its bytes, modulo [`KEY_BUCKETS`]. Stable across versions and
 /// processes; it decides which dispatcher process delivers a key of an ordered
 /// trigger. (Eight lines, so no hashing crate.)
