@@ -19,20 +19,7 @@ use axum::response::{IntoResponse, Response};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// Finds the nats-server binary the project's scripts installed.
-pub fn nats_server_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("SWITCHYARD_NATS_SERVER") {
-        return PathBuf::from(path);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cached = Path::new(&home).join(".cache/switchyard/nats-server-2.15.1/bin/nats-server");
-    if cached.exists() {
-        return cached;
-    }
-    panic!(
-        "nats-server not found: run scripts/install-deps.sh (or scripts/test.sh), or set SWITCHYARD_NATS_SERVER"
-    );
-}
+pub use switchyard_testkit::nats_server_binary;
 
 #[allow(unused_imports)]
 pub use switchyard_testkit::free_port;

@@ -539,11 +539,36 @@ async fn persist(
     if events.is_empty() {
         return true;
     }
+    match publish_retrying(bus, reporter, events, abandoned).await {
+        None => return false,
+        Some(Ok(())) => return true,
+        Some(Err(_)) => {}
+    }
+    // One of them is too large: publish one by one, in order, to find it.
+    for event in events {
+        match publish_retrying(bus, reporter, std::slice::from_ref(event), abandoned).await {
+            None => return false,
+            Some(Ok(())) => {}
+            Some(Err(error)) => too_large.push((event.clone(), error)),
+        }
+    }
+    true
+}
+
+/// Publishes `events` in order, retrying while the bus is unavailable: `Ok` once
+/// stored, `Err` with why when one is larger than the bus accepts, `None` when the
+/// consumer gave up waiting.
+async fn publish_retrying(
+    bus: &Bus,
+    reporter: &Reporter,
+    events: &[Event],
+    abandoned: &CancellationToken,
+) -> Option<Result<(), String>> {
     let mut attempt = 0;
     loop {
         match bus.publish_events(events).await {
-            Ok(_) => return true,
-            Err(PublishError::TooLarge(_)) => break,
+            Ok(_) => return Some(Ok(())),
+            Err(PublishError::TooLarge(error)) => return Some(Err(error)),
             Err(error) => {
                 reporter.report(
                     "publish",
@@ -552,36 +577,11 @@ async fn persist(
                 );
                 attempt += 1;
                 if !pause(attempt, abandoned).await {
-                    return false;
+                    return None;
                 }
             }
         }
     }
-    // One of them is too large: publish one by one, in order, to find it.
-    for event in events {
-        let mut attempt = 0;
-        loop {
-            match bus.publish_events(std::slice::from_ref(event)).await {
-                Ok(_) => break,
-                Err(PublishError::TooLarge(error)) => {
-                    too_large.push((event.clone(), error));
-                    break;
-                }
-                Err(error) => {
-                    reporter.report(
-                        "publish",
-                        "publish",
-                        &format_args!("persisting records failed, retrying: {error}"),
-                    );
-                    attempt += 1;
-                    if !pause(attempt, abandoned).await {
-                        return false;
-                    }
-                }
-            }
-        }
-    }
-    true
 }
 
 async fn dead_letter(

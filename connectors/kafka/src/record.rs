@@ -18,7 +18,9 @@
 
 use base64::Engine as _;
 use bytes::Bytes;
-use switchyard_event::{Event, EventError, StructuredError, parse_structured, timestamp};
+use switchyard_event::{
+    CORE_ATTRIBUTES, Event, EventError, StructuredError, parse_structured, timestamp,
+};
 
 use crate::config::KafkaSourceConfig;
 
@@ -60,19 +62,6 @@ pub enum RecordError {
     Event(#[from] EventError),
 }
 
-const CORE: &[&str] = &[
-    "id",
-    "source",
-    "specversion",
-    "type",
-    "subject",
-    "time",
-    "datacontenttype",
-    "dataschema",
-    "data",
-    "database64",
-];
-
 /// The extension name a Kafka header travels under.
 pub fn extension_name(header: &str) -> String {
     let mut name: String = header
@@ -82,7 +71,11 @@ pub fn extension_name(header: &str) -> String {
             (lower.is_ascii_lowercase() || lower.is_ascii_digit()).then_some(lower)
         })
         .collect();
-    if name.is_empty() || CORE.contains(&name.as_str()) {
+    // `data` and `data_base64` are taken in the JSON format too.
+    if name.is_empty()
+        || CORE_ATTRIBUTES.contains(&name.as_str())
+        || ["data", "database64"].contains(&name.as_str())
+    {
         name.insert_str(0, "kafka");
     }
     name.truncate(20);

@@ -7,7 +7,8 @@ pub const SPEC_VERSION: &str = "1.0";
 
 /// Attribute names defined by the CloudEvents core specification; an extension may
 /// not reuse them.
-pub(crate) const CORE_ATTRIBUTES: [&str; 8] = [
+/// The CloudEvents 1.0 context attributes an extension may not be named after.
+pub const CORE_ATTRIBUTES: [&str; 8] = [
     "id",
     "source",
     "specversion",

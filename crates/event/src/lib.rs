@@ -14,7 +14,7 @@ mod target;
 pub mod timestamp;
 
 pub use binary::{BinaryHeaders, decode_header_value, encode_header_value};
-pub use event::{Event, EventError, SPEC_VERSION, is_valid_extension_name};
+pub use event::{CORE_ATTRIBUTES, Event, EventError, SPEC_VERSION, is_valid_extension_name};
 pub use json::{
     StructuredError, is_json_content_type, parse_batch, parse_structured, to_structured_json,
 };

@@ -15,19 +15,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The Kafka broker's jars the project's scripts installed.
-pub fn kafka_lib() -> PathBuf {
-    if let Ok(path) = std::env::var("SWITCHYARD_KAFKA_LIB") {
+/// Where the project's scripts installed something: `$variable` if set, else
+/// `~/.cache/switchyard/<cached>`; panics with how to install it otherwise.
+pub fn installed(variable: &str, cached: &str, what: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(variable) {
         return PathBuf::from(path);
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    let cached = Path::new(&home).join(".cache/switchyard/kafka-4.1.1/lib");
+    let cached = Path::new(&home).join(".cache/switchyard").join(cached);
     if cached.exists() {
         return cached;
     }
     panic!(
-        "the kafka broker is not installed: run scripts/install-deps.sh (or scripts/test.sh), or set SWITCHYARD_KAFKA_LIB"
+        "{what} is not installed: run scripts/install-deps.sh (or scripts/test.sh), or set {variable}"
     );
+}
+
+/// The Kafka broker's jars the project's scripts installed.
+pub fn kafka_lib() -> PathBuf {
+    installed(
+        "SWITCHYARD_KAFKA_LIB",
+        "kafka-4.1.1/lib",
+        "the kafka broker",
+    )
+}
+
+/// The nats-server binary the project's scripts installed.
+pub fn nats_server_binary() -> PathBuf {
+    installed(
+        "SWITCHYARD_NATS_SERVER",
+        "nats-server-2.15.1/bin/nats-server",
+        "nats-server",
+    )
 }
 
 /// Runs a Kafka (Java) tool class with the broker's jars; returns success and output.
