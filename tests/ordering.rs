@@ -191,27 +191,38 @@ async fn two_processes_share_the_key_partitions_and_keep_the_order_when_one_dies
     let keys: Vec<String> = (0..16).map(|key| format!("key{key}")).collect();
     let url_b = format!("http://127.0.0.1:{http_b}/v1/events");
 
-    post_keyed(&url_b, &keys, 0..10).await;
+    // The partitions spread once both processes see each other (one heartbeat a
+    // second): post rounds until both have delivered some.
     let deadline = Instant::now() + WAIT;
-    while function.received().len() < 160 {
+    let mut posted = 0;
+    loop {
+        post_keyed(&url_b, &keys, posted..posted + 5).await;
+        posted += 5;
+        while function.received().len() < 16 * posted {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} delivered",
+                function.received().len(),
+                16 * posted
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dispatched_a = a.metric("switchyard_events_dispatched_total").await;
+        let dispatched_b = b.metric("switchyard_events_dispatched_total").await;
+        if dispatched_a > 0 && dispatched_b > 0 {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "{} of 160 delivered",
-            function.received().len()
+            "the partitions never spread over both processes (a {dispatched_a}, b {dispatched_b})"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let dispatched_a = a.metric("switchyard_events_dispatched_total").await;
-    let dispatched_b = b.metric("switchyard_events_dispatched_total").await;
-    assert!(
-        dispatched_a > 0 && dispatched_b > 0,
-        "both processes hold partitions (a {dispatched_a}, b {dispatched_b})"
-    );
 
     // A dies mid-stream; B takes its partitions and keeps every key in order.
     let posting = tokio::spawn({
         let (url, keys) = (url_b.clone(), keys.clone());
-        async move { post_keyed(&url, &keys, 10..30).await }
+        async move { post_keyed(&url, &keys, posted..posted + 20).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.signal(Signal::SIGKILL);
@@ -223,15 +234,15 @@ async fn two_processes_share_the_key_partitions_and_keep_the_order_when_one_dies
         let by_key = assert_in_order(&calls);
         let complete = keys.iter().all(|key| {
             by_key.get(key).is_some_and(|numbers| {
-                numbers.last() == Some(&29) && {
+                numbers.last() == Some(&(posted + 19)) && {
                     let mut distinct = numbers.clone();
                     distinct.dedup();
-                    distinct == (0..30).collect::<Vec<_>>()
+                    distinct == (0..posted + 20).collect::<Vec<_>>()
                 }
             })
         });
         if complete {
-            let repeats = calls.len() - 16 * 30;
+            let repeats = calls.len() - 16 * (posted + 20);
             eprintln!(
                 "after the kill: every key complete and in order; calls repeating an event: {repeats}"
             );
