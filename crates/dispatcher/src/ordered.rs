@@ -83,12 +83,18 @@ pub(crate) async fn partition_loop(
     abandon: CancellationToken,
 ) {
     let mut live = members.live.clone();
-    // Decide once the members are known (or after a few seconds without).
+    // Decide once the members are known (or after a few seconds without), and a
+    // heartbeat later, so processes started together see each other before taking
+    // partitions rather than handing them over right after.
     let _ = tokio::time::timeout(
         crate::members::HEARTBEAT * 3,
         live.wait_for(Option::is_some),
     )
     .await;
+    tokio::select! {
+        () = tokio::time::sleep(crate::members::HEARTBEAT + crate::members::HEARTBEAT / 2) => {}
+        () = shutdown.cancelled() => return,
+    }
     loop {
         while !members.prefers_me(&trigger.config.name, index) {
             tokio::select! {
