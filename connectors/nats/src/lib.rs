@@ -204,7 +204,19 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
         loop {
             let message = tokio::select! {
                 message = messages.next() => message,
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    // Messages already delivered to this client but not yet taken
+                    // would otherwise wait out the ack wait (30 s) before another
+                    // process gets them: hand them back now.
+                    // (For a moment only: what is handed back comes straight back.)
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+                    while let Ok(Some(Ok(message))) =
+                        tokio::time::timeout_at(deadline, messages.next()).await
+                    {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                    }
+                    return;
+                }
             };
             let message = match message {
                 Some(Ok(message)) => message,
