@@ -155,7 +155,9 @@ async fn jetstream_input_is_acknowledged_only_after_the_event_is_persisted() {
     // With room in the events stream (a new deployment's streams, same input), the
     // rest goes through and the input is drained: nothing was lost.
     let switchyard = Switchyard::start(config(&nats, &function, &source)).await;
-    function.wait_for(10, WAIT).await;
+    // An input the first process held when it stopped comes back within seconds, at
+    // worst after the input consumer's ack wait (30 s).
+    function.wait_for(10, Duration::from_secs(45)).await;
     let mut ids: Vec<_> = function
         .received()
         .iter()

@@ -193,7 +193,14 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
                 continue;
             }
         };
-        let mut messages = match consumer.messages().await {
+        // Short pull requests: after a shutdown, the server forgets this process's
+        // requests within a second and hands what it returned to the next process.
+        let mut messages = match consumer
+            .stream()
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+        {
             Ok(messages) => messages,
             Err(error) => {
                 failures += 1;
@@ -208,12 +215,14 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
                     // Messages already delivered to this client but not yet taken
                     // would otherwise wait out the ack wait (30 s) before another
                     // process gets them: hand them back now.
-                    // (For a moment only: what is handed back comes straight back.)
+                    // Delayed past this process's pull requests, so they go to the next.
                     let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
                     while let Ok(Some(Ok(message))) =
                         tokio::time::timeout_at(deadline, messages.next()).await
                     {
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                            .await;
                     }
                     return;
                 }
