@@ -235,7 +235,11 @@ async fn hold_partition(
                     };
                     failures = 0;
                     let Ok(info) = message.info() else {
-                        let _ = message.ack_with(AckKind::Term).await;
+                        // Without its stream sequence it cannot be queued in order:
+                        // hand it back rather than drop it.
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
                         continue;
                     };
                     let sequence = info.stream_sequence;
