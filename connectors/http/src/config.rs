@@ -37,8 +37,19 @@ fn default_max_body_bytes() -> usize {
 pub struct HookConfig {
     /// The path segment: the hook is served at `/hooks/{name}`.
     pub name: String,
-    /// CloudEvents `type` of the events this hook produces.
-    pub event_type: String,
+    /// What the body is: `raw` (default) makes it the data of one event; `s3` reads
+    /// it as an S3/MinIO event notification (MinIO's webhook target, or an SNS HTTP
+    /// subscription) and makes one event per object record.
+    #[serde(default)]
+    pub format: HookFormat,
+    /// With `format = "s3"`: how the store writes keys in its notifications, `url`
+    /// (AWS, MinIO: `red+flower.jpg` is `red flower.jpg`) or `none` (versitygw).
+    #[serde(default)]
+    pub key_encoding: switchyard_connector_s3::KeyEncoding,
+
+    /// CloudEvents `type` of the events this hook produces (required for `raw`).
+    #[serde(default)]
+    pub event_type: Option<String>,
     /// CloudEvents `source`; defaults to `/hooks/{name}`.
     #[serde(default)]
     pub event_source: Option<String>,
@@ -56,6 +67,15 @@ pub struct HookConfig {
     /// When set, requests must carry a valid HMAC-SHA256 signature.
     #[serde(default)]
     pub signature: Option<SignatureConfig>,
+}
+
+/// What a webhook's body is.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HookFormat {
+    #[default]
+    Raw,
+    S3,
 }
 
 /// How a webhook's signature is checked.

@@ -29,7 +29,7 @@ use serde_json::json;
 use switchyard_event::timestamp::now_rfc3339;
 use switchyard_event::{Event, EventSink, PublishError, parse_batch, parse_structured};
 
-pub use config::{HookConfig, HttpSourceConfig, SignatureConfig, SignatureEncoding};
+pub use config::{HookConfig, HookFormat, HttpSourceConfig, SignatureConfig, SignatureEncoding};
 use signature::{AuthError, check_bearer, check_signature};
 
 /// Labels of the HTTP source's counters.
@@ -291,6 +291,9 @@ async fn accept_hook(
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         check_signature(signature, headers, &body, now)?;
     }
+    if hook.format == HookFormat::S3 {
+        return accept_notification(state, hook, headers, body).await;
+    }
     let header_value = |name: &Option<String>| -> Result<Option<String>, ApiError> {
         let Some(name) = name else { return Ok(None) };
         match headers.get(name.as_str()) {
@@ -310,7 +313,7 @@ async fn accept_hook(
         .event_source
         .clone()
         .unwrap_or_else(|| format!("/hooks/{}", hook.name));
-    let mut event = Event::new(id, source, hook.event_type.clone());
+    let mut event = Event::new(id, source, hook.event_type.clone().unwrap_or_default());
     event.subject = header_value(&hook.subject_header)?;
     event.time = Some(now_rfc3339());
     event.datacontenttype = content_type(headers)
@@ -325,6 +328,31 @@ async fn accept_hook(
         )
     })?;
     publish(state, vec![event]).await
+}
+
+/// An S3 event notification: one event per record, all published or none answered
+/// `202`. A store's test message is answered `200` with nothing accepted.
+async fn accept_notification(
+    state: &SourceState,
+    hook: &HookConfig,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let mut events = switchyard_connector_s3::object_events_with(&body, hook.key_encoding)
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid S3 event notification: {error}"),
+            )
+        })?;
+    if events.is_empty() {
+        tracing::info!(source = %state.config.name, hook = %hook.name, "store's test notification received");
+        return Ok((StatusCode::OK, axum::Json(json!({ "accepted": [] }))).into_response());
+    }
+    for event in &mut events {
+        carry_trace_context(headers, event);
+    }
+    publish(state, events).await
 }
 
 async fn publish(state: &SourceState, events: Vec<Event>) -> Result<Response, ApiError> {

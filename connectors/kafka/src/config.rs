@@ -35,6 +35,16 @@ pub struct KafkaSourceConfig {
     /// CloudEvents `type` of records that are not CloudEvents.
     #[serde(default = "default_event_type")]
     pub event_type: String,
+    /// `s3`: every record is an S3 event notification (MinIO's Kafka target), one
+    /// event per object record; the default takes CloudEvents as they are and any
+    /// other record as data.
+    #[serde(default)]
+    pub format: switchyard_connector_s3::MessageFormat,
+    /// With `format = "s3"`: how the store writes keys in its notifications, `url`
+    /// (AWS, MinIO: `red+flower.jpg` is `red flower.jpg`) or `none` (versitygw).
+    #[serde(default)]
+    pub key_encoding: switchyard_connector_s3::KeyEncoding,
+
     /// Per-topic `type`, overriding `event_type`.
     #[serde(default)]
     pub types: BTreeMap<String, String>,

@@ -258,12 +258,10 @@ impl ConsumerContext for SourceContext {
 
 /// A record on its way to the bus.
 enum Item {
-    Event(Event),
+    /// The events of one record (none for a store's test notification).
+    Events(Vec<Event>),
     /// Could not become a valid event: dead-lettered with why.
-    Invalid {
-        event: Event,
-        error: String,
-    },
+    Invalid { event: Box<Event>, error: String },
 }
 
 /// Runs the source until `shutdown`, then persists what was read (for up to
@@ -448,10 +446,10 @@ fn consume(
             timestamp: message.timestamp().to_millis(),
             payload: message.payload(),
         };
-        let item = match record::to_event(config, &record) {
-            Ok(event) => Item::Event(event),
+        let item = match record::to_events(config, &record) {
+            Ok(events) => Item::Events(events),
             Err(error) => Item::Invalid {
-                event: record::fallback_event(config, &record),
+                event: Box::new(record::fallback_event(config, &record)),
                 error: error.to_string(),
             },
         };
@@ -483,10 +481,14 @@ async fn publish(
         let mut tickets = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         let mut invalid = Vec::new();
+        let mut records = 0;
         for (ticket, item) in batch.drain(..) {
             tickets.push(ticket);
             match item {
-                Item::Event(event) => events.push(event),
+                Item::Events(mut more) => {
+                    records += 1;
+                    events.append(&mut more);
+                }
                 Item::Invalid { event, error } => invalid.push((event, error)),
             }
         }
@@ -495,7 +497,7 @@ async fn publish(
             return;
         }
         for (event, error) in invalid {
-            if !dead_letter(config, bus, reporter, event, "malformed", error, abandoned).await {
+            if !dead_letter(config, bus, reporter, *event, "malformed", error, abandoned).await {
                 return;
             }
             meters.dead_lettered.inc();
@@ -510,7 +512,7 @@ async fn publish(
             meters.dead_lettered.inc();
         }
         reporter.recovered("publish");
-        meters.persisted.inc_by(events.len() as u64);
+        meters.persisted.inc_by(records);
         for ticket in &tickets {
             tracker.done(ticket);
         }

@@ -60,6 +60,8 @@ pub enum RecordError {
     Structured(StructuredError),
     #[error("{0}")]
     Event(#[from] EventError),
+    #[error("record is not a valid S3 event notification: {0}")]
+    Notification(switchyard_connector_s3::NotificationError),
 }
 
 /// The extension name a Kafka header travels under.
@@ -96,6 +98,22 @@ fn header<'a>(record: &Record<'a>, name: &str) -> Option<&'a [u8]> {
         .rev()
         .find(|(header, _)| header.eq_ignore_ascii_case(name))
         .and_then(|(_, value)| *value)
+}
+
+/// Turns a record into its events: one, or with `format = "s3"` one per object record
+/// of the notification it carries.
+pub fn to_events(
+    config: &KafkaSourceConfig,
+    record: &Record<'_>,
+) -> Result<Vec<Event>, RecordError> {
+    match config.format {
+        switchyard_connector_s3::MessageFormat::Cloudevents => Ok(vec![to_event(config, record)?]),
+        switchyard_connector_s3::MessageFormat::S3 => switchyard_connector_s3::object_events_with(
+            record.payload.unwrap_or_default(),
+            config.key_encoding,
+        )
+        .map_err(RecordError::Notification),
+    }
 }
 
 /// Turns a record into an event; see the module documentation.

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use switchyard_bus::async_nats::HeaderMap;
 use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
 use switchyard_bus::{Bus, event_from_message};
+use switchyard_connector_s3::MessageFormat;
 use switchyard_event::{Event, EventError, EventSink};
 use tokio_util::sync::CancellationToken;
 
@@ -44,12 +45,27 @@ pub struct NatsSourceConfig {
     /// With `stream`: only its messages on this subject.
     #[serde(default)]
     pub filter_subject: Option<String>,
+    /// `s3`: every message is an S3 event notification (MinIO's and versitygw's NATS
+    /// targets), one event per object record; by default CloudEvents are taken as
+    /// they are and any other message becomes data.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// With `format = "s3"`: how the store writes keys in its notifications, `url`
+    /// (AWS, MinIO: `red+flower.jpg` is `red flower.jpg`) or `none` (versitygw).
+    #[serde(default)]
+    pub key_encoding: switchyard_connector_s3::KeyEncoding,
+
     /// CloudEvents `type` of messages that are not CloudEvents.
+    #[serde(default = "default_event_type")]
     pub event_type: String,
     /// CloudEvents `source` of messages that are not CloudEvents; `/nats/<name>` by
     /// default.
     #[serde(default)]
     pub event_source: Option<String>,
+}
+
+fn default_event_type() -> String {
+    "dev.switchyard.nats.message".to_owned()
 }
 
 impl NatsSourceConfig {
@@ -62,6 +78,26 @@ impl NatsSourceConfig {
     /// The durable consumer of a JetStream input.
     pub fn consumer_name(&self) -> String {
         format!("switchyard-source-{}", self.name)
+    }
+}
+
+/// Turns a NATS message into its events: with `format = "s3"` one per object record
+/// of the notification it carries, else the one of [`normalize`].
+pub fn normalize_all(
+    config: &NatsSourceConfig,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    id: String,
+) -> Result<Vec<Event>, String> {
+    match config.format {
+        MessageFormat::Cloudevents => normalize(config, subject, headers, payload, id)
+            .map(|event| vec![event])
+            .map_err(|error| format!("not a valid cloudevent: {error}")),
+        MessageFormat::S3 => {
+            switchyard_connector_s3::object_events_with(&payload, config.key_encoding)
+                .map_err(|error| format!("not a valid S3 event notification: {error}"))
+        }
     }
 }
 
@@ -123,21 +159,25 @@ async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancellatio
             () = shutdown.cancelled() => return,
         };
         let id = uuid::Uuid::now_v7().to_string();
-        let outcome = match normalize(
+        let outcome = match normalize_all(
             &config,
             message.subject.as_str(),
             message.headers.as_ref(),
             message.payload.clone(),
             id,
         ) {
-            Ok(event) => {
-                let event_id = event.id.clone();
-                bus.publish_all(vec![event])
+            Ok(events) => {
+                let ids = events
+                    .iter()
+                    .map(|event| event.id.clone())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                bus.publish_all(events)
                     .await
-                    .map(|_| event_id)
+                    .map(|_| ids)
                     .map_err(|error| error.to_string())
             }
-            Err(error) => Err(format!("not a valid cloudevent: {error}")),
+            Err(error) => Err(error),
         };
         if let Err(error) = &outcome {
             tracing::error!(source = %config.name, subject = %message.subject, %error, stage = "publish", "nats message not accepted");
@@ -255,22 +295,22 @@ async fn forward_jetstream(
         .unwrap_or_default();
     // Derived from the input's coordinates, so a re-read is deduplicated.
     let id = format!("{stream_name}-{sequence}");
-    let event = match normalize(
+    let events = match normalize_all(
         config,
         message.subject.as_str(),
         message.headers.as_ref(),
         message.payload.clone(),
         id,
     ) {
-        Ok(event) => event,
+        Ok(events) => events,
         Err(error) => {
             // It stays in the input stream; redelivering cannot make it valid.
-            tracing::error!(source = %config.name, stream = %stream_name, sequence, %error, stage = "receive", "input message is not a valid cloudevent, not forwarded");
+            tracing::error!(source = %config.name, stream = %stream_name, sequence, %error, stage = "receive", "input message cannot become events, not forwarded (it stays in its stream)");
             let _ = message.ack_with(AckKind::Term).await;
             return;
         }
     };
-    match bus.publish_all(vec![event]).await {
+    match bus.publish_all(events).await {
         Ok(_) => {
             let _ = message.ack().await;
         }

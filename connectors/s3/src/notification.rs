@@ -11,17 +11,18 @@
 //! | data | the record's `s3` member, `application/json`, with the key decoded |
 //!
 //! The `id` is not the adapter's (request ids differ between a notification and a
-//! poll of the same object): it is derived from the object, `<bucket>/<key>@<version>`,
-//! where `<version>` is the version id when the bucket is versioned, else the ETag,
-//! else (a deletion in an unversioned bucket) the notification's sequencer. So the
-//! same upload noticed twice, by a notification and by a poll, is one event.
+//! poll of the same object): it is derived from the object, see [`crate::object`].
 //! Extensions carry what triggers filter on: `s3bucket`, `s3key`, `s3size`, `s3etag`,
 //! `s3versionid`, `s3sequencer`.
+//!
+//! The test message a store sends when notifications are configured
+//! (`{"Event": "s3:TestEvent", ...}`) is recognised and yields no event.
 
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
-use switchyard_event::{Event, EventError};
+use switchyard_event::Event;
+
+use crate::object::{ObjectNotice, bare_etag};
 
 /// Why a notification body was refused; nothing of it was accepted.
 #[derive(Debug, thiserror::Error)]
@@ -30,18 +31,14 @@ pub enum NotificationError {
     Json(#[from] serde_json::Error),
     #[error("record {index}: {reason}")]
     Record { index: usize, reason: String },
-    #[error("record {index}: {source}")]
-    Event {
-        index: usize,
-        #[source]
-        source: EventError,
-    },
 }
 
 #[derive(Deserialize)]
 struct Notification {
     #[serde(rename = "Records")]
-    records: Vec<Value>,
+    records: Option<Vec<Value>>,
+    #[serde(rename = "Event")]
+    event: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +72,17 @@ struct Object {
     sequencer: Option<String>,
 }
 
+/// How a store writes object keys in its notifications.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyEncoding {
+    /// URL-encoded, spaces as `+` (AWS, MinIO).
+    #[default]
+    Url,
+    /// As they are (versitygw).
+    None,
+}
+
 /// An S3 object key as notifications write it (URL-encoded, spaces as `+`), decoded.
 pub fn decode_key(raw: &str) -> String {
     let spaced = raw.replace('+', " ");
@@ -83,82 +91,70 @@ pub fn decode_key(raw: &str) -> String {
         .into_owned()
 }
 
-/// The id of an object event: see the module documentation.
-pub fn object_event_id(bucket: &str, key: &str, version: &str) -> String {
-    format!("{bucket}/{key}@{version}")
+/// The events of a notification body. Every record is checked before any event is
+/// returned: a body is accepted whole or not at all. A store's test message yields
+/// no event.
+pub fn object_events(body: &[u8]) -> Result<Vec<Event>, NotificationError> {
+    object_events_with(body, KeyEncoding::Url)
 }
 
-/// The events of a notification body. Every record is checked before any event is
-/// returned: a body is accepted whole or not at all.
-pub fn object_events(body: &[u8]) -> Result<Vec<Event>, NotificationError> {
+/// [`object_events`] for a store that writes keys as they are (`KeyEncoding::None`).
+pub fn object_events_with(body: &[u8], keys: KeyEncoding) -> Result<Vec<Event>, NotificationError> {
     let notification: Notification = serde_json::from_slice(body)?;
-    notification
-        .records
+    let Some(records) = notification.records else {
+        if notification.event.as_deref() == Some("s3:TestEvent") {
+            return Ok(Vec::new());
+        }
+        return Err(NotificationError::Record {
+            index: 0,
+            reason: "the body has no `Records` array".to_owned(),
+        });
+    };
+    records
         .into_iter()
         .enumerate()
-        .map(|(index, raw)| record_event(index, raw))
+        .map(|(index, raw)| record_event(index, raw, keys))
         .collect()
 }
 
-fn record_event(index: usize, mut raw: Value) -> Result<Event, NotificationError> {
+fn record_event(
+    index: usize,
+    mut raw: Value,
+    keys: KeyEncoding,
+) -> Result<Event, NotificationError> {
     let record: Record =
         serde_json::from_value(raw.clone()).map_err(|error| NotificationError::Record {
             index,
             reason: error.to_string(),
         })?;
     let object = &record.s3.object;
-    let bucket = &record.s3.bucket.name;
-    let key = decode_key(&object.key);
-    let etag = object.e_tag.as_deref().map(|etag| etag.trim_matches('"'));
-    let version = object
-        .version_id
-        .as_deref()
-        .filter(|version| !version.is_empty() && *version != "null")
-        .or(etag.filter(|etag| !etag.is_empty()))
-        .or(object.sequencer.as_deref())
-        .ok_or_else(|| NotificationError::Record {
-            index,
-            reason: "the object has no version id, ETag or sequencer to identify it".to_owned(),
-        })?;
-    let name = record
+    let key = match keys {
+        KeyEncoding::Url => decode_key(&object.key),
+        KeyEncoding::None => object.key.clone(),
+    };
+    let event_name = record
         .event_name
         .strip_prefix("s3:")
         .unwrap_or(&record.event_name);
-    let mut event = Event::new(
-        object_event_id(bucket, &key, version),
-        format!(
-            "{}.{}.{}",
-            record.event_source.as_deref().unwrap_or("aws:s3"),
-            record.aws_region.as_deref().unwrap_or_default(),
-            bucket
-        ),
-        format!("com.amazonaws.s3.{name}"),
-    );
-    event.subject = Some(key.clone());
-    event.time = record.event_time.clone();
-    event.datacontenttype = Some("application/json".to_owned());
-    let extensions = [
-        ("s3bucket", Some(bucket.clone())),
-        ("s3key", Some(key.clone())),
-        ("s3size", object.size.map(|size| size.to_string())),
-        ("s3etag", etag.map(str::to_owned)),
-        ("s3versionid", object.version_id.clone()),
-        ("s3sequencer", object.sequencer.clone()),
-    ];
-    for (name, value) in extensions {
-        if let Some(value) = value.filter(|value| !value.is_empty()) {
-            event.extensions.insert(name.to_owned(), value);
-        }
-    }
+    let notice = ObjectNotice {
+        event_source: record.event_source.as_deref().unwrap_or("aws:s3"),
+        region: record.aws_region.as_deref().unwrap_or_default(),
+        bucket: &record.s3.bucket.name,
+        key: &key,
+        event_name,
+        time: record.event_time.as_deref(),
+        size: object.size,
+        etag: object.e_tag.as_deref().map(bare_etag),
+        version_id: object.version_id.as_deref(),
+        sequencer: object.sequencer.as_deref(),
+    };
     if let Some(object) = raw.pointer_mut("/s3/object/key") {
-        *object = Value::String(key);
+        *object = Value::String(key.clone());
     }
     let data = raw.get("s3").cloned().unwrap_or(Value::Null);
-    event.data = Bytes::from(serde_json::to_vec(&data).expect("a JSON value serializes"));
-    event
-        .validate()
-        .map_err(|source| NotificationError::Event { index, source })?;
-    Ok(event)
+    notice
+        .event(&data)
+        .map_err(|reason| NotificationError::Record { index, reason })
 }
 
 #[cfg(test)]
@@ -191,7 +187,7 @@ mod tests {
         assert_eq!(event.subject.as_deref(), Some("photos/red floweré (2).jpg"));
         assert_eq!(
             event.id,
-            "mybucket/photos/red floweré (2).jpg@096fKKXTRTtl3on89fVO.nfljtsv6qko"
+            "mybucket/photos/red floweré (2).jpg@d41d8cd98f00b204e9800998ecf8427e"
         );
         assert_eq!(event.time.as_deref(), Some("1970-01-01T00:00:00.000Z"));
         assert_eq!(event.attribute("s3size"), Some("1024"));
@@ -238,6 +234,14 @@ mod tests {
         let good = two["Records"][0].clone();
         two["Records"] = Value::Array(vec![good, serde_json::json!({"eventName": "y"})]);
         assert!(object_events(two.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_test_message_yields_nothing_and_a_body_without_records_is_refused() {
+        let test = br#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-11-27T10:00:00.000Z","Bucket":"b"}"#;
+        assert!(object_events(test).unwrap().is_empty());
+        let error = object_events(br#"{"hello": 1}"#).unwrap_err();
+        assert!(error.to_string().contains("no `Records` array"), "{error}");
     }
 
     #[test]

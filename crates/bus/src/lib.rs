@@ -267,6 +267,19 @@ impl Bus {
             .unwrap_or(DEFAULT_EVENTS_MAX_AGE)
     }
 
+    /// Replicas of the events stream; state kept next to it (KV buckets) uses as many.
+    pub fn replicas(&self) -> usize {
+        self.config.events_stream.replicas.unwrap_or(1)
+    }
+
+    /// How long the events stream remembers an event's id to drop a second copy.
+    pub fn duplicate_window(&self) -> Duration {
+        self.config
+            .events_stream
+            .duplicate_window
+            .unwrap_or(Duration::from_secs(120))
+    }
+
     pub fn events_stream(&self) -> &str {
         &self.events_stream
     }

@@ -2,7 +2,7 @@
 //! from the environment first. Every mistake is reported with the file, the line and
 //! the field; `switchyard validate` reports all the mistakes it can find at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -15,6 +15,9 @@ use switchyard_connector_http::HttpSourceConfig;
 #[cfg(feature = "kafka")]
 use switchyard_connector_kafka::KafkaSourceConfig;
 use switchyard_connector_nats::NatsSourceConfig;
+#[cfg(feature = "s3")]
+use switchyard_connector_s3::poll::S3PollSourceConfig;
+pub use switchyard_connector_s3::store::StoreConfig;
 use switchyard_dispatcher::{DispatcherConfig, TriggerConfig};
 use toml::Spanned;
 
@@ -32,6 +35,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub dispatcher: DispatcherConfig,
+    /// Object stores, by name, for `s3` poll sources and enriching triggers.
+    #[serde(default)]
+    pub stores: BTreeMap<String, Spanned<StoreConfig>>,
     /// Where events come from.
     #[serde(default)]
     pub sources: Vec<Spanned<SourceConfig>>,
@@ -107,6 +113,9 @@ pub enum SourceConfig {
     /// A Kafka consumer group.
     #[cfg(feature = "kafka")]
     Kafka(KafkaSourceConfig),
+    /// Buckets of an object store, listed at an interval.
+    #[cfg(feature = "s3")]
+    S3(S3PollSourceConfig),
 }
 
 impl SourceConfig {
@@ -116,6 +125,8 @@ impl SourceConfig {
             SourceConfig::Nats(config) => &config.name,
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(config) => &config.name,
+            #[cfg(feature = "s3")]
+            SourceConfig::S3(config) => &config.name,
         }
     }
 }
@@ -525,6 +536,11 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         text,
         errors: Vec::new(),
     };
+    for store in config.stores.values() {
+        for (field, message) in store.get_ref().problems() {
+            check.error(store.span(), field, message);
+        }
+    }
     let mut function_names = HashSet::new();
     for function in &config.functions {
         let span = function.span();
@@ -665,6 +681,29 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     check.error(span.clone(), problem.field, problem.message);
                 }
             }
+            #[cfg(feature = "s3")]
+            SourceConfig::S3(poll) => {
+                for (field, message) in poll.problems() {
+                    check.error(span.clone(), field, message);
+                }
+                if !config.stores.contains_key(&poll.store) {
+                    let known: Vec<&str> = config.stores.keys().map(String::as_str).collect();
+                    check.error(
+                        span.clone(),
+                        "store",
+                        format!(
+                            "no store named `{}` (add a `[stores.{}]` table; known: {})",
+                            poll.store,
+                            poll.store,
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                }
+            }
             SourceConfig::Nats(nats) => {
                 if nats.subjects.is_empty() == nats.stream.is_none() {
                     check.error(span.clone(), "subjects", format!("source `{}` needs either `subjects` (core NATS) or `stream` (JetStream), not both", nats.name));
@@ -693,11 +732,19 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 let mut hook_names = HashSet::new();
                 for hook in &http.hooks {
                     check.name(&span, "hook", &hook.name, &mut hook_names);
-                    if hook.event_type.is_empty() {
+                    let raw = hook.format == switchyard_connector_http::HookFormat::Raw;
+                    if raw && hook.event_type.as_deref().is_none_or(str::is_empty) {
                         check.error(
                             span.clone(),
                             "event_type",
                             format!("hook `{}` needs a non-empty event_type", hook.name),
+                        );
+                    }
+                    if !raw && hook.event_type.is_some() {
+                        check.error(
+                            span.clone(),
+                            "event_type",
+                            format!("hook `{}` reads S3 notifications (`format = \"s3\"`), whose events take their type from each record; remove event_type", hook.name),
                         );
                     }
                 }

@@ -80,18 +80,34 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     kafka_metrics.register(&mut registry);
     let dispatcher_metrics = DispatcherMetrics::default();
     dispatcher_metrics.register(&mut registry);
+    #[cfg(feature = "s3")]
+    let poll_metrics = switchyard_connector_s3::poll::PollMetrics::default();
+    #[cfg(feature = "s3")]
+    poll_metrics.register(&mut registry);
     let registry = Arc::new(registry);
 
     let mut source_listeners = Vec::new();
     let mut nats_sources = Vec::new();
     #[cfg(feature = "kafka")]
     let mut kafka_sources = Vec::new();
+    #[cfg(feature = "s3")]
+    let mut poll_sources = Vec::new();
     let mut sources = HashMap::new();
     for source in &config.sources {
         match source.get_ref() {
             config::SourceConfig::Nats(nats) => nats_sources.push(nats.clone()),
             #[cfg(feature = "kafka")]
             config::SourceConfig::Kafka(kafka) => kafka_sources.push(kafka.clone()),
+            #[cfg(feature = "s3")]
+            config::SourceConfig::S3(poll) => {
+                let store = config
+                    .stores
+                    .get(&poll.store)
+                    .with_context(|| format!("source `{}`: no store `{}`", poll.name, poll.store))?
+                    .get_ref()
+                    .clone();
+                poll_sources.push((poll.clone(), store));
+            }
             config::SourceConfig::Http(http) => {
                 let listener = tokio::net::TcpListener::bind(&http.listen)
                     .await
@@ -246,6 +262,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     {
                         tracing::error!(%error, "kafka source stopped");
                     }
+                    Ok(())
+                }
+            }));
+        }
+        #[cfg(feature = "s3")]
+        for (poll, store) in poll_sources {
+            tracing::info!(source = %poll.name, buckets = ?poll.buckets, "s3 poll source started");
+            servers.push(tokio::spawn({
+                let bus = bus.clone();
+                let stop = source_shutdown.clone();
+                let metrics = poll_metrics.clone();
+                async move {
+                    switchyard_connector_s3::poll::run(poll, store, bus, metrics, stop).await;
                     Ok(())
                 }
             }));

@@ -1,5 +1,8 @@
 //! Real servers for Switchyard's tests and benchmarks: a single-node Apache Kafka
-//! broker in KRaft mode, from the jars the project's scripts install.
+//! broker in KRaft mode, from the jars the project's scripts install, and an
+//! S3-compatible object store ([`object_store`]).
+
+pub mod object_store;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

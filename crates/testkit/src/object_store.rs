@@ -1,0 +1,145 @@
+//! A real S3-compatible object store for tests: versitygw (Apache-2.0), built from its
+//! Go module by the project's scripts, serving a temporary directory (its POSIX
+//! backend) on a random port, with its bucket event notifications pointed where a
+//! test asks. See docs/TESTING.md for why it is versitygw and not MinIO.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{free_port, installed};
+
+pub const ACCESS_KEY: &str = "switchyard";
+pub const SECRET_KEY: &str = "switchyard-secret";
+pub const REGION: &str = "us-east-1";
+
+/// The versitygw binary the project's scripts installed.
+pub fn object_store_binary() -> PathBuf {
+    installed(
+        "SWITCHYARD_S3_SERVER",
+        "versitygw-1.8.0/bin/versitygw",
+        "the S3 test server (versitygw)",
+    )
+}
+
+/// Where the store sends its event notifications (one sink per store).
+#[derive(Debug, Clone)]
+pub enum Notifications {
+    None,
+    /// POSTs every notification to this URL (must be listening when the store starts).
+    Webhook(String),
+    /// Publishes every notification on this core NATS subject.
+    Nats {
+        url: String,
+        subject: String,
+    },
+    /// Produces every notification to this Kafka topic.
+    Kafka {
+        brokers: String,
+        topic: String,
+    },
+}
+
+/// A running object store, stopped on drop; its data survives `stop`/`restart`.
+pub struct ObjectStore {
+    child: Option<Child>,
+    pub port: u16,
+    notifications: Notifications,
+    data: tempfile::TempDir,
+}
+
+impl ObjectStore {
+    pub fn start(notifications: Notifications) -> ObjectStore {
+        ObjectStore::start_later(notifications).run()
+    }
+
+    /// A store whose port and endpoint are known but that is not running yet (start it
+    /// with [`ObjectStore::run`]), for a webhook that must be up before it starts.
+    pub fn start_later(notifications: Notifications) -> ObjectStore {
+        ObjectStore {
+            child: None,
+            port: free_port(),
+            notifications,
+            data: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn run(mut self) -> ObjectStore {
+        self.spawn();
+        self
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(object_store_binary());
+        command
+            .env("ROOT_ACCESS_KEY", ACCESS_KEY)
+            .env("ROOT_SECRET_KEY", SECRET_KEY)
+            .args(["--port", &format!("127.0.0.1:{}", self.port)])
+            .args(["--region", REGION]);
+        match &self.notifications {
+            Notifications::None => {}
+            Notifications::Webhook(url) => {
+                command.args(["--event-webhook-url", url]);
+            }
+            Notifications::Nats { url, subject } => {
+                command.args(["--event-nats-url", url, "--event-nats-topic", subject]);
+            }
+            Notifications::Kafka { brokers, topic } => {
+                command.args(["--event-kafka-url", brokers, "--event-kafka-topic", topic]);
+            }
+        }
+        let log = std::fs::File::create(self.data.path().with_extension("log")).unwrap();
+        let child = command
+            .arg("posix")
+            .arg(self.data.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting versitygw");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let log = std::fs::read_to_string(self.data.path().with_extension("log"))
+                    .unwrap_or_default();
+                panic!("versitygw exited with {status}:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "versitygw did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the store (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A `[stores.<name>]` table for this store.
+    pub fn config_table(&self, name: &str) -> String {
+        format!(
+            "\n[stores.{name}]\nendpoint = \"{}\"\nregion = \"{REGION}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n",
+            self.endpoint()
+        )
+    }
+}
+
+impl Drop for ObjectStore {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

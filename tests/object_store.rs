@@ -1,0 +1,576 @@
+//! The object-store connector against a real S3-compatible store (versitygw, see
+//! docs/TESTING.md) and a real nats-server: uploads by a real S3 client (aws-sdk-s3)
+//! reach the function through the store's bucket notifications (webhook, NATS) and
+//! through polling; one object is one event whichever path noticed it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use common::{
+    FunctionServer, NatsServer, Received, Reply, Switchyard, base_config, free_port, random_name,
+};
+use futures::StreamExt;
+use serde_json::Value;
+use switchyard_connector_s3::store::StoreConfig;
+use switchyard_testkit::object_store::{self, Notifications, ObjectStore};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn client(store: &ObjectStore) -> aws_sdk_s3::Client {
+    StoreConfig {
+        endpoint: Some(store.endpoint()),
+        region: object_store::REGION.to_owned(),
+        path_style: None,
+        access_key_id: Some(object_store::ACCESS_KEY.to_owned()),
+        secret_access_key: Some(object_store::SECRET_KEY.to_owned()),
+        session_token: None,
+        event_source: "aws:s3".to_owned(),
+        event_region: None,
+    }
+    .client()
+    .await
+}
+
+async fn create_bucket(client: &aws_sdk_s3::Client) -> String {
+    let bucket = random_name("bkt");
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    bucket
+}
+
+/// Uploads `body` under `key`; returns the ETag without quotes.
+async fn put(client: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) -> String {
+    let output = client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "put {key}: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&error)
+            )
+        });
+    output.e_tag().unwrap().trim_matches('"').to_owned()
+}
+
+/// A header a function received, percent-decoded (the HTTP binding encodes non-ASCII).
+fn decoded(received: &Received, name: &str) -> Option<String> {
+    received.header(name).map(|value| {
+        percent_encoding::percent_decode_str(value)
+            .decode_utf8_lossy()
+            .into_owned()
+    })
+}
+
+/// Calls per object key, by `ce-subject`.
+fn calls_by_key(function: &FunctionServer) -> HashMap<String, Vec<Received>> {
+    let mut calls: HashMap<String, Vec<Received>> = HashMap::new();
+    for received in function.received() {
+        calls
+            .entry(decoded(&received, "ce-subject").unwrap_or_default())
+            .or_default()
+            .push(received);
+    }
+    calls
+}
+
+fn function_config(function: &FunctionServer) -> String {
+    format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\nmax_concurrency = 64\n\n[[triggers]]\nname = \"objects\"\nfunction = \"fn\"\nfilter = {{ type = {{ prefix = \"com.amazonaws.s3.\" }} }}\n",
+        function.url
+    )
+}
+
+/// The base config with a `format = "s3"` hook at `/hooks/s3` on the HTTP source.
+fn hook_config(nats: &NatsServer, http_port: u16) -> String {
+    let mut text = base_config(&nats.url(), http_port, free_port())
+        .replace("max_body_bytes = 4096", "max_body_bytes = 65536");
+    text.push_str("\n[[sources.hooks]]\nname = \"s3\"\nformat = \"s3\"\nkey_encoding = \"none\"\n");
+    text
+}
+
+fn poll_source(store: &ObjectStore, bucket: &str, extra: &str) -> String {
+    let interval = if extra.contains("interval") {
+        ""
+    } else {
+        "interval = \"500ms\"\n"
+    };
+    format!(
+        "{}\n[[sources]]\ntype = \"s3\"\nname = \"poll\"\nstore = \"test\"\nbuckets = [\"{bucket}\"]\n{interval}{extra}\n",
+        store.config_table("test")
+    )
+}
+
+async fn metric(switchyard: &Switchyard, name: &str) -> f64 {
+    let text = reqwest::get(switchyard.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `condition` holds or panics with `what`.
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn uploads_reach_the_function_through_the_stores_webhook() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let http_port = free_port();
+    let mut text = hook_config(&nats, http_port);
+    text.push_str(&function_config(&function));
+    let switchyard = Switchyard::start(text).await;
+    // The store sends a test notification when it starts: the hook must be up.
+    let store = ObjectStore::start(Notifications::Webhook(format!(
+        "http://127.0.0.1:{http_port}/hooks/s3"
+    )));
+    let client = client(&store).await;
+    let bucket = create_bucket(&client).await;
+
+    let keys = [
+        "plain.txt",
+        "with space.txt",
+        "red+flower.jpg",
+        "日本/写真 (1)+é.png",
+    ];
+    let mut etags = HashMap::new();
+    for (index, key) in keys.iter().enumerate() {
+        let body = vec![b'x'; 10 + index];
+        etags.insert(
+            key.to_string(),
+            (put(&client, &bucket, key, body).await, 10 + index),
+        );
+    }
+    // A multipart upload: two parts of 5 MiB and a bit.
+    let key = "big/multi part.bin";
+    let upload = client
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let upload_id = upload.upload_id().unwrap();
+    let mut parts = Vec::new();
+    for (number, size) in [(1, 5 * 1024 * 1024), (2, 1024)] {
+        let part = client
+            .upload_part()
+            .bucket(&bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(vec![b'm'; size]))
+            .send()
+            .await
+            .unwrap();
+        parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .e_tag(part.e_tag().unwrap())
+                .build(),
+        );
+    }
+    let completed = client
+        .complete_multipart_upload()
+        .bucket(&bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    etags.insert(
+        key.to_owned(),
+        (
+            completed.e_tag().unwrap().trim_matches('"').to_owned(),
+            5 * 1024 * 1024 + 1024,
+        ),
+    );
+
+    function.wait_for(keys.len() + 1, WAIT).await;
+    let calls = calls_by_key(&function);
+    for (key, (etag, size)) in &etags {
+        let received = calls
+            .get(key)
+            .unwrap_or_else(|| panic!("no call for `{key}`; got {:?}", calls.keys()));
+        assert_eq!(received.len(), 1, "{key}");
+        let received = &received[0];
+        assert!(
+            received
+                .header("ce-type")
+                .unwrap()
+                .starts_with("com.amazonaws.s3.ObjectCreated:"),
+            "{:?}",
+            received.header("ce-type")
+        );
+        assert_eq!(
+            received.header("ce-source").unwrap(),
+            format!("aws:s3.{}.{bucket}", object_store::REGION)
+        );
+        assert_eq!(
+            decoded(received, "ce-s3bucket").as_deref(),
+            Some(bucket.as_str())
+        );
+        assert_eq!(decoded(received, "ce-s3key").as_deref(), Some(key.as_str()));
+        assert_eq!(
+            decoded(received, "ce-s3etag").as_deref(),
+            Some(etag.as_str())
+        );
+        if key.starts_with("big/") {
+            // versitygw 1.8.0 leaves the size out of its CompleteMultipartUpload
+            // notifications (s3api/controllers/object-post.go sets no ObjectSize), so
+            // the record says 0; AWS and MinIO send it. The type says what it was.
+            assert_eq!(
+                received.header("ce-type"),
+                Some("com.amazonaws.s3.ObjectCreated:CompleteMultipartUpload")
+            );
+            assert!(etag.ends_with("-2"), "{etag}");
+        } else {
+            assert_eq!(
+                received.header("ce-s3size"),
+                Some(size.to_string().as_str())
+            );
+        }
+        assert_eq!(
+            decoded(received, "ce-id"),
+            Some(format!("{bucket}/{key}@{etag}"))
+        );
+        let data: Value = serde_json::from_slice(&received.body).unwrap();
+        assert_eq!(data["object"]["key"], key.as_str(), "{data}");
+        assert_eq!(data["bucket"]["name"], bucket.as_str());
+    }
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_reach_the_function_through_nats_notifications() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let subject = random_name("bucketevents");
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&format!(
+        "\n[[sources]]\ntype = \"nats\"\nname = \"store-events\"\nsubjects = [\"{subject}\"]\nformat = \"s3\"\nkey_encoding = \"none\"\n"
+    ));
+    text.push_str(&function_config(&function));
+    let switchyard = Switchyard::start(text).await;
+    let store = ObjectStore::start(Notifications::Nats {
+        url: nats.url(),
+        subject: subject.clone(),
+    });
+    let client = client(&store).await;
+    let bucket = create_bucket(&client).await;
+    let etag = put(&client, &bucket, "report 2026.csv", b"a,b\n1,2\n".to_vec()).await;
+
+    let received = function.wait_for(1, WAIT).await;
+    assert_eq!(
+        decoded(&received[0], "ce-subject").as_deref(),
+        Some("report 2026.csv")
+    );
+    assert_eq!(decoded(&received[0], "ce-s3etag"), Some(etag));
+    assert_eq!(received[0].header("ce-s3size"), Some("8"));
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_notification_is_refused_with_the_reason_and_a_test_message_accepted() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let http_port = free_port();
+    let mut text = hook_config(&nats, http_port);
+    text.push_str(&function_config(&function));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    let url = switchyard.url("/hooks/s3");
+    let post = |body: &'static str| client.post(&url).body(body).send();
+
+    let response = post("{\"Records\": [").await.unwrap();
+    assert_eq!(response.status(), 400);
+    let message = response.text().await.unwrap();
+    assert!(
+        message.contains("invalid S3 event notification"),
+        "{message}"
+    );
+
+    // One good record and one without `s3`: nothing of it is accepted.
+    let response = post(
+        r#"{"Records":[{"eventName":"ObjectCreated:Put","eventSource":"aws:s3","awsRegion":"us-east-1",
+        "s3":{"bucket":{"name":"b1"},"object":{"key":"good.txt","size":1,"eTag":"e1"}}},
+        {"eventName":"ObjectCreated:Put"}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 400);
+    let message = response.text().await.unwrap();
+    assert!(
+        message.contains("record 1: missing field `s3`"),
+        "{message}"
+    );
+
+    let response = post(r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"b1"}"#)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // The same good record alone is accepted and delivered: the refused body left
+    // nothing behind (the function sees exactly one call).
+    let response = post(
+        r#"{"Records":[{"eventName":"ObjectCreated:Put","eventSource":"aws:s3","awsRegion":"us-east-1",
+        "s3":{"bucket":{"name":"b1"},"object":{"key":"good.txt","size":1,"eTag":"e1"}}}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 202);
+    function.wait_for(1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(function.received().len(), 1);
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn the_poller_resumes_after_a_restart_and_emits_each_object_once() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let store = ObjectStore::start(Notifications::None);
+    let client = client(&store).await;
+    let bucket = create_bucket(&client).await;
+    let mut etags = HashMap::new();
+    for index in 0..3 {
+        let key = format!("in/{index}.txt");
+        etags.insert(
+            key.clone(),
+            put(&client, &bucket, &key, vec![b'a'; index + 1]).await,
+        );
+    }
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&poll_source(&store, &bucket, "page_size = 2"));
+    text.push_str(&function_config(&function));
+    let switchyard = Switchyard::start(text.clone()).await;
+    function.wait_for(3, WAIT).await;
+    switchyard.stop().await;
+
+    // While Switchyard is stopped: five new objects, one changed, two untouched.
+    for index in 3..8 {
+        let key = format!("in/{index}.txt");
+        etags.insert(
+            key.clone(),
+            put(&client, &bucket, &key, vec![b'b'; index + 1]).await,
+        );
+    }
+    let changed = "in/1.txt";
+    let new_etag = put(&client, &bucket, changed, b"changed".to_vec()).await;
+    assert_ne!(etags[changed], new_etag);
+
+    let switchyard = Switchyard::start(text).await;
+    function.wait_for(3 + 6, WAIT).await;
+    // Several more scans pass; none re-emits anything.
+    let scans = metric(&switchyard, "switchyard_s3_poll_scans_total").await;
+    let deadline = Instant::now() + WAIT;
+    while metric(&switchyard, "switchyard_s3_poll_scans_total").await < scans + 3.0 {
+        assert!(Instant::now() < deadline, "the poller stopped scanning");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = calls_by_key(&function);
+    assert_eq!(function.received().len(), 9, "{:?}", calls.keys());
+    for index in 0..8 {
+        let key = format!("in/{index}.txt");
+        let expected = if key == changed { 2 } else { 1 };
+        assert_eq!(calls[&key].len(), expected, "{key}");
+    }
+    let etags_seen: Vec<_> = calls[changed]
+        .iter()
+        .map(|received| decoded(received, "ce-s3etag").unwrap())
+        .collect();
+    assert_eq!(etags_seen, vec![etags[changed].clone(), new_etag]);
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn a_notification_and_a_poll_of_the_same_upload_deliver_it_once() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let http_port = free_port();
+    // The poller starts before the bucket exists (it retries); the hook must be up
+    // before the store starts (the store tests it then).
+    let bucket = random_name("bkt");
+    let mut text = hook_config(&nats, http_port);
+    text.push_str(&function_config(&function));
+    let store = ObjectStore::start_later(Notifications::Webhook(format!(
+        "http://127.0.0.1:{http_port}/hooks/s3"
+    )));
+    text.push_str(&poll_source(&store, &bucket, ""));
+    let switchyard = Switchyard::start(text).await;
+    let store = store.run();
+    let client = client(&store).await;
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+
+    let keys: Vec<String> = (0..20)
+        .map(|index| format!("both/{index:02}.dat"))
+        .collect();
+    for key in &keys {
+        put(&client, &bucket, key, key.as_bytes().to_vec()).await;
+    }
+    function.wait_for(keys.len(), WAIT).await;
+    // Both paths have noticed every object: the hook at once, the poller within a
+    // scan; wait for two more complete scans after the uploads.
+    let scans = metric(&switchyard, "switchyard_s3_poll_scans_total").await;
+    let deadline = Instant::now() + WAIT;
+    while metric(&switchyard, "switchyard_s3_poll_scans_total").await < scans + 2.0 {
+        assert!(Instant::now() < deadline, "the poller stopped scanning");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let polled = metric(&switchyard, "switchyard_s3_poll_events_total").await;
+    assert!(polled >= keys.len() as f64, "the poller emitted {polled}");
+    let calls = calls_by_key(&function);
+    for key in &keys {
+        assert_eq!(calls.get(key).map(Vec::len), Some(1), "{key}");
+    }
+    assert_eq!(function.received().len(), keys.len());
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_events() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let store = ObjectStore::start(Notifications::None);
+    let client = client(&store).await;
+    let bucket = create_bucket(&client).await;
+    const OBJECTS: usize = 10_000;
+    futures::stream::iter(0..OBJECTS)
+        .for_each_concurrent(32, |index| {
+            let client = client.clone();
+            let bucket = bucket.clone();
+            async move {
+                put(
+                    &client,
+                    &bucket,
+                    &format!("many/{index:05}"),
+                    index.to_string().into_bytes(),
+                )
+                .await;
+            }
+        })
+        .await;
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&poll_source(
+        &store,
+        &bucket,
+        "interval = \"1s\"\ndeletions = true",
+    ));
+    text.push_str(&function_config(&function));
+    let switchyard = Switchyard::start(text).await;
+    function.wait_for(OBJECTS, Duration::from_secs(120)).await;
+    let held = metric(&switchyard, "switchyard_s3_poll_objects_held_max").await;
+    assert!(
+        held > 0.0 && held <= 2000.0,
+        "one scan held {held} objects at once (a page is 1000)"
+    );
+
+    // One changed, one deleted, the rest untouched: two events.
+    let changed = "many/04321";
+    let etag = put(&client, &bucket, changed, b"new bytes".to_vec()).await;
+    client
+        .delete_object()
+        .bucket(&bucket)
+        .key("many/00007")
+        .send()
+        .await
+        .unwrap();
+    function.wait_for(OBJECTS + 2, WAIT).await;
+    let scans = metric(&switchyard, "switchyard_s3_poll_scans_total").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&switchyard, "switchyard_s3_poll_scans_total").await < scans + 2.0 {
+        assert!(Instant::now() < deadline, "the poller stopped scanning");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let received = function.received();
+    assert_eq!(received.len(), OBJECTS + 2);
+    let tail: Vec<(String, String)> = received[OBJECTS..]
+        .iter()
+        .map(|received| {
+            (
+                received.header("ce-type").unwrap().to_owned(),
+                decoded(received, "ce-subject").unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        tail.contains(&(
+            "com.amazonaws.s3.ObjectCreated:Put".to_owned(),
+            changed.to_owned()
+        )),
+        "{tail:?}"
+    );
+    assert!(
+        tail.contains(&(
+            "com.amazonaws.s3.ObjectRemoved:Delete".to_owned(),
+            "many/00007".to_owned()
+        )),
+        "{tail:?}"
+    );
+    let changed_call = received[OBJECTS..]
+        .iter()
+        .find(|received| decoded(received, "ce-subject").as_deref() == Some(changed))
+        .unwrap();
+    assert_eq!(decoded(changed_call, "ce-s3etag"), Some(etag));
+    let held = metric(&switchyard, "switchyard_s3_poll_objects_held_max").await;
+    assert!(held <= 2000.0, "a rescan held {held} objects at once");
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn the_poller_retries_while_the_store_is_down_and_catches_up() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let mut store = ObjectStore::start(Notifications::None);
+    let client = client(&store).await;
+    let bucket = create_bucket(&client).await;
+    put(&client, &bucket, "before.txt", b"1".to_vec()).await;
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&poll_source(&store, &bucket, ""));
+    text.push_str(&function_config(&function));
+    let switchyard = Switchyard::start(text).await;
+    function.wait_for(1, WAIT).await;
+
+    store.stop();
+    let deadline = Instant::now() + WAIT;
+    while metric(&switchyard, "switchyard_s3_poll_errors_total").await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed scan reported while the store is down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.restart();
+    for key in ["after-1.txt", "after-2.txt"] {
+        put(&client, &bucket, key, key.as_bytes().to_vec()).await;
+    }
+    function.wait_for(3, WAIT).await;
+    let calls = calls_by_key(&function);
+    for key in ["before.txt", "after-1.txt", "after-2.txt"] {
+        assert_eq!(calls.get(key).map(Vec::len), Some(1), "{key}");
+    }
+    until("nothing else", || function.received().len() == 3).await;
+    switchyard.stop().await;
+}
