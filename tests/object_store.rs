@@ -574,3 +574,86 @@ async fn the_poller_retries_while_the_store_is_down_and_catches_up() {
     until("nothing else", || function.received().len() == 3).await;
     switchyard.stop().await;
 }
+
+#[tokio::test]
+async fn a_trigger_enriches_object_events_with_a_presigned_url_metadata_tags_and_content() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let store = ObjectStore::start(Notifications::None);
+    let client = client(&store).await;
+    let bucket = create_bucket(&client).await;
+    let small = b"small enough to inline".to_vec();
+    client
+        .put_object()
+        .bucket(&bucket)
+        .key("docs/small note.txt")
+        .content_type("text/plain")
+        .metadata("owner", "alice")
+        .tagging("team=vision&stage=raw")
+        .body(ByteStream::from(small.clone()))
+        .send()
+        .await
+        .unwrap();
+    let large = vec![b'L'; 4096];
+    put(&client, &bucket, "docs/large.bin", large.clone()).await;
+
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&poll_source(&store, &bucket, ""));
+    text.push_str(&function_config(&function));
+    text.push_str("enrich = { store = \"test\", presign = \"5m\", metadata = true, tags = true, content_max_bytes = 1024 }\n");
+    let switchyard = Switchyard::start(text).await;
+    function.wait_for(2, WAIT).await;
+    let calls = calls_by_key(&function);
+
+    let note = &calls["docs/small note.txt"][0];
+    let data: Value = serde_json::from_slice(&note.body).unwrap();
+    let object = &data["object"];
+    assert_eq!(object["key"], "docs/small note.txt", "{data}");
+    assert_eq!(object["contentType"], "text/plain", "{data}");
+    assert_eq!(object["metadata"]["owner"], "alice", "{data}");
+    assert_eq!(object["tags"]["team"], "vision", "{data}");
+    assert_eq!(object["tags"]["stage"], "raw", "{data}");
+    assert_eq!(object["contentEncoding"], "base64");
+    use base64::Engine;
+    let inline = base64::engine::general_purpose::STANDARD
+        .decode(object["content"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(inline, small);
+    // The presigned URL works without credentials.
+    let url = decoded(note, "ce-s3url").expect("a presigned url");
+    let fetched = reqwest::get(&url).await.unwrap();
+    assert_eq!(fetched.status(), 200, "{url}");
+    assert_eq!(fetched.bytes().await.unwrap().to_vec(), small);
+
+    let big = &calls["docs/large.bin"][0];
+    let data: Value = serde_json::from_slice(&big.body).unwrap();
+    assert!(
+        data["object"]["content"].is_null(),
+        "over the limit: {data}"
+    );
+    assert_eq!(data["object"]["size"], 4096);
+    let url = decoded(big, "ce-s3url").expect("a presigned url");
+    assert_eq!(
+        reqwest::get(&url)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .len(),
+        4096
+    );
+
+    // What was stored is the event as accepted: enrichment is per invocation.
+    let bus = switchyard.bus().await;
+    let mut stream = bus
+        .jetstream()
+        .get_stream(bus.events_stream())
+        .await
+        .unwrap();
+    let first = stream.info().await.unwrap().state.first_sequence;
+    let stored = stream.get_raw_message(first).await.unwrap();
+    let stored_data: Value = serde_json::from_slice(&stored.payload).unwrap();
+    assert!(stored_data["object"]["metadata"].is_null(), "{stored_data}");
+    switchyard.stop().await;
+}

@@ -11,6 +11,8 @@
 //!
 //! Both paths build events with [`object::ObjectNotice`], so one object is one event.
 
+#[cfg(feature = "store")]
+pub mod enrich;
 pub mod notification;
 pub mod object;
 #[cfg(feature = "store")]

@@ -199,8 +199,27 @@ async fn handle_batch(
         tracing::debug!(trigger = %trigger.config.name, function = %trigger.function.name, events = events.len(), "invoking function with a batch");
         let attempt_started_at = time::OffsetDateTime::now_utc();
         let started = Instant::now();
+        let invocation = async {
+            let Some(enricher) = &trigger.destinations.enricher else {
+                return trigger.function.target.invoke_batch(&events, timeout).await;
+            };
+            let mut enriched = events.clone();
+            for event in &mut enriched {
+                if let Err(failure) = enricher.enrich(event).await {
+                    return BatchOutcome::All(Outcome::RetryLater {
+                        not_before: None,
+                        failure,
+                    });
+                }
+            }
+            trigger
+                .function
+                .target
+                .invoke_batch(&enriched, timeout)
+                .await
+        };
         let outcome = bounded(
-            trigger.function.target.invoke_batch(&events, timeout),
+            invocation,
             timeout,
             |failure| {
                 BatchOutcome::All(Outcome::RetryLater {

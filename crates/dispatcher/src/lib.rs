@@ -40,7 +40,7 @@ use switchyard_bus::dead_letter::{
 use switchyard_bus::{Bus, BusError, RetryState, event_from_message, event_headers};
 use switchyard_event::timestamp::{now_rfc3339, parse_rfc3339, rfc3339};
 use switchyard_event::{
-    Destination, Event, Failure, FunctionAnswer, Outcome, PublishError, Target,
+    Destination, Enricher, Event, Failure, FunctionAnswer, Outcome, PublishError, Target,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -142,6 +142,34 @@ pub struct TriggerConfig {
     /// Where dead letters are also published (beside the dead-letter stream).
     #[serde(default)]
     pub on_failure: Option<DestinationConfig>,
+    /// Object events (from the S3 connector) get what is asked here from the object
+    /// store just before the function sees them.
+    #[serde(default)]
+    pub enrich: Option<EnrichConfig>,
+}
+
+/// What a trigger adds to object events before its function sees them; see the S3
+/// connector's `enrich` module. Nothing is stored: a retry enriches afresh (a new
+/// presigned URL, the object's current metadata).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// The `[stores.<name>]` the objects are in.
+    pub store: String,
+    /// A presigned GET URL valid this long, in the `s3url` extension.
+    #[serde(default, with = "humantime_serde")]
+    pub presign: Option<Duration>,
+    /// The object's content type, user metadata and last-modified time (HeadObject),
+    /// in the data's `object` member.
+    #[serde(default)]
+    pub metadata: bool,
+    /// The object's tags, in the data's `object.tags`.
+    #[serde(default)]
+    pub tags: bool,
+    /// Objects up to this many bytes are read and put inline, base64, in the data's
+    /// `object.content`.
+    #[serde(default)]
+    pub content_max_bytes: Option<u64>,
 }
 
 /// A NATS subject or a Kafka topic that results or dead letters are published to.
@@ -160,11 +188,14 @@ pub enum DestinationConfig {
     },
 }
 
-/// A trigger's destinations, built by the caller from its [`DestinationConfig`]s.
+/// What a trigger is attached to besides its function, built by the caller: its
+/// destinations (from its [`DestinationConfig`]s) and its enricher (from `enrich`).
 #[derive(Clone, Default)]
 pub struct Destinations {
     pub on_success: Option<Arc<dyn Destination>>,
     pub on_failure: Option<Arc<dyn Destination>>,
+    /// Adds to each event before the function sees it (`enrich`).
+    pub enricher: Option<Arc<dyn Enricher>>,
 }
 
 /// Whether a trigger keeps events in order.
@@ -1463,8 +1494,23 @@ async fn handle(
     tracing::debug!(event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name, attempt = handling.delivery.attempt, "invoking function");
     let attempt_started_at = time::OffsetDateTime::now_utc();
     let started = Instant::now();
+    let invocation = async {
+        match &trigger.destinations.enricher {
+            None => trigger.function.target.invoke(&event, timeout).await,
+            Some(enricher) => {
+                let mut enriched = event.clone();
+                if let Err(failure) = enricher.enrich(&mut enriched).await {
+                    return Outcome::RetryLater {
+                        not_before: None,
+                        failure,
+                    };
+                }
+                trigger.function.target.invoke(&enriched, timeout).await
+            }
+        }
+    };
     let Some(outcome) = bounded(
-        trigger.function.target.invoke(&event, timeout),
+        invocation,
         timeout,
         |failure| Outcome::RetryLater {
             not_before: None,

@@ -19,4 +19,4 @@ pub use json::{
     StructuredError, is_json_content_type, parse_batch, parse_structured, to_structured_json,
 };
 pub use sink::{Destination, EventSink, PropertyValue, PublishError, PublishReceipt};
-pub use target::{BatchOutcome, Failure, FunctionAnswer, Outcome, Target};
+pub use target::{BatchOutcome, Enricher, Failure, FunctionAnswer, Outcome, Target};

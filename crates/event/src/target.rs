@@ -78,6 +78,16 @@ pub enum BatchOutcome {
     Partial { failed: Vec<String> },
 }
 
+/// Adds to an event what a trigger asked for (an object's presigned URL, metadata,
+/// content, ...) just before its function sees it. Nothing it adds is stored: retries
+/// and dead letters carry the event as it was accepted.
+#[async_trait]
+pub trait Enricher: Send + Sync + 'static {
+    /// Enriches `event` in place; an error fails this attempt (retried per the
+    /// trigger's policy).
+    async fn enrich(&self, event: &mut Event) -> Result<(), Failure>;
+}
+
 /// A function that events are delivered to.
 #[async_trait]
 pub trait Target: Send + Sync + 'static {

@@ -660,6 +660,35 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 check.error(span.clone(), field, problem);
             }
         }
+        if let Some(enrich) = &trigger.enrich {
+            if !config.stores.contains_key(&enrich.store) {
+                check.error(
+                    span.clone(),
+                    "enrich",
+                    format!(
+                        "no store named `{}` (add a `[stores.{}]` table)",
+                        enrich.store, enrich.store
+                    ),
+                );
+            }
+            if enrich
+                .presign
+                .is_some_and(|valid| valid.is_zero() || valid > Duration::from_secs(7 * 24 * 3600))
+            {
+                check.error(
+                    span.clone(),
+                    "enrich",
+                    "`presign` must be more than zero and at most 7 days (S3's limit)".to_owned(),
+                );
+            }
+            if !cfg!(feature = "s3") {
+                check.error(
+                    span.clone(),
+                    "enrich",
+                    "this build has no object-store support (the `s3` feature)".to_owned(),
+                );
+            }
+        }
         if trigger.retry.attempts == 0 {
             check.error(
                 span.clone(),

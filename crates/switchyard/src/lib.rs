@@ -199,9 +199,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     .map(|destination| build_destination(&bus, destination))
                     .transpose()
             };
+            let enricher = match &trigger.enrich {
+                None => None,
+                Some(enrich) => Some(
+                    build_enricher(&config, enrich)
+                        .await
+                        .with_context(|| format!("trigger `{}`: enrich", trigger.name))?,
+                ),
+            };
             destinations.insert(
                 trigger.name.clone(),
                 Destinations {
+                    enricher,
                     on_success: build(&trigger.on_success)
                         .with_context(|| format!("trigger `{}`: on_success", trigger.name))?,
                     on_failure: build(&trigger.on_failure)
@@ -348,4 +357,33 @@ pub fn init_logging(config: &config::LogConfig) {
         config::LogFormat::Text => builder.try_init(),
         config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// The enricher of a trigger's `enrich`.
+#[cfg(feature = "s3")]
+async fn build_enricher(
+    config: &Config,
+    enrich: &switchyard_dispatcher::EnrichConfig,
+) -> anyhow::Result<Arc<dyn switchyard_event::Enricher>> {
+    let store = config
+        .stores
+        .get(&enrich.store)
+        .with_context(|| format!("no store `{}`", enrich.store))?;
+    Ok(Arc::new(
+        switchyard_connector_s3::enrich::ObjectEnricher::new(
+            store.get_ref().client().await,
+            enrich.presign,
+            enrich.metadata,
+            enrich.tags,
+            enrich.content_max_bytes,
+        ),
+    ))
+}
+
+#[cfg(not(feature = "s3"))]
+async fn build_enricher(
+    _config: &Config,
+    _enrich: &switchyard_dispatcher::EnrichConfig,
+) -> anyhow::Result<Arc<dyn switchyard_event::Enricher>> {
+    anyhow::bail!("this build has no object-store support (the `s3` feature)")
 }
