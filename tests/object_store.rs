@@ -657,3 +657,178 @@ async fn a_trigger_enriches_object_events_with_a_presigned_url_metadata_tags_and
     assert!(stored_data["object"]["metadata"].is_null(), "{stored_data}");
     switchyard.stop().await;
 }
+
+/// A signing key and certificate made by openssl, and a server for the certificate and
+/// the subscription confirmation URL (SNS stands in for itself on loopback).
+struct SnsFixture {
+    directory: tempfile::TempDir,
+    base: String,
+    confirmations: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SnsFixture {
+    async fn start() -> SnsFixture {
+        let directory = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=sns.test",
+            ])
+            .arg("-keyout")
+            .arg(directory.path().join("key.pem"))
+            .arg("-out")
+            .arg(directory.path().join("cert.pem"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("running openssl");
+        assert!(status.success());
+        let certificate = std::fs::read(directory.path().join("cert.pem")).unwrap();
+        let confirmations = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = confirmations.clone();
+        let router = axum::Router::new()
+            .route(
+                "/cert.pem",
+                axum::routing::get(move || {
+                    let certificate = certificate.clone();
+                    async move { certificate }
+                }),
+            )
+            .route(
+                "/confirm",
+                axum::routing::get(move || {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { "<ConfirmSubscriptionResponse/>" }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        SnsFixture {
+            directory,
+            base,
+            confirmations,
+        }
+    }
+
+    /// Base64 RSA signature of `text` with SHA1 (`SignatureVersion` 1) or SHA256 (2).
+    fn sign(&self, text: &str, version: u8) -> String {
+        let input = self.directory.path().join("input");
+        std::fs::write(&input, text).unwrap();
+        let digest = if version == 1 { "-sha1" } else { "-sha256" };
+        let output = std::process::Command::new("openssl")
+            .args(["dgst", digest, "-sign"])
+            .arg(self.directory.path().join("key.pem"))
+            .arg(&input)
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(output.stdout)
+    }
+}
+
+const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:uploads";
+
+#[tokio::test]
+async fn sns_subscriptions_are_confirmed_and_signed_notifications_delivered_after_verification() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let sns = SnsFixture::start().await;
+    let mut text = hook_config(&nats, free_port()).replace("key_encoding = \"none\"\n", "");
+    text.push_str(&format!(
+        "sns_topics = [\"{TOPIC}\"]\nsns_trusted_urls = [\"{}\"]\n",
+        sns.base
+    ));
+    text.push_str(&function_config(&function));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    let post = |kind: &'static str, body: Value| {
+        client
+            .post(switchyard.url("/hooks/s3"))
+            .header("x-amz-sns-message-type", kind)
+            .header("content-type", "text/plain; charset=UTF-8")
+            .body(body.to_string())
+            .send()
+    };
+    let cert_url = format!("{}cert.pem", sns.base);
+
+    // The subscription handshake: verified (SHA1), then confirmed.
+    let subscribe_url = format!("{}confirm?Token=tok-1", sns.base);
+    let timestamp = "2026-11-27T10:00:00.000Z";
+    let canonical = format!(
+        "Message\nYou have chosen to subscribe.\nMessageId\nm-1\nSubscribeURL\n{subscribe_url}\nTimestamp\n{timestamp}\nToken\ntok-1\nTopicArn\n{TOPIC}\nType\nSubscriptionConfirmation\n"
+    );
+    let confirmation = serde_json::json!({
+        "Type": "SubscriptionConfirmation", "MessageId": "m-1", "Token": "tok-1", "TopicArn": TOPIC,
+        "Message": "You have chosen to subscribe.", "SubscribeURL": subscribe_url,
+        "Timestamp": timestamp, "SignatureVersion": "1", "Signature": sns.sign(&canonical, 1),
+        "SigningCertURL": cert_url,
+    });
+    let response = post("SubscriptionConfirmation", confirmation.clone())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    assert_eq!(
+        sns.confirmations.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // A notification carrying an S3 record (AWS encodes the key), signed with SHA256.
+    let s3 = serde_json::json!({"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","awsRegion":"us-east-1",
+        "eventTime":"2026-11-27T10:00:01.000Z","eventName":"ObjectCreated:Put",
+        "s3":{"s3SchemaVersion":"1.0","bucket":{"name":"photos","arn":"arn:aws:s3:::photos"},
+              "object":{"key":"red+flower.jpg","size":7,"eTag":"abc123","sequencer":"01"}}}]})
+    .to_string();
+    let canonical = format!(
+        "Message\n{s3}\nMessageId\nm-2\nSubject\nAmazon S3 Notification\nTimestamp\n{timestamp}\nTopicArn\n{TOPIC}\nType\nNotification\n"
+    );
+    let notification = serde_json::json!({
+        "Type": "Notification", "MessageId": "m-2", "TopicArn": TOPIC, "Subject": "Amazon S3 Notification",
+        "Message": s3, "Timestamp": timestamp, "SignatureVersion": "2",
+        "Signature": sns.sign(&canonical, 2), "SigningCertURL": cert_url,
+    });
+    // Tampered: the message changed after signing.
+    let mut tampered = notification.clone();
+    tampered["Message"] = Value::String(s3.replace("red+flower", "evil"));
+    let response = post("Notification", tampered).await.unwrap();
+    assert_eq!(response.status(), 403);
+    let message = response.text().await.unwrap();
+    assert!(message.contains("signature does not match"), "{message}");
+    // A certificate from anywhere else is not fetched.
+    let mut elsewhere = notification.clone();
+    elsewhere["SigningCertURL"] = Value::String("https://sns.example.com/cert.pem".to_owned());
+    let response = post("Notification", elsewhere).await.unwrap();
+    assert_eq!(response.status(), 403);
+    assert!(response.text().await.unwrap().contains("SigningCertURL"));
+    // Another topic is refused.
+    let mut other_topic = notification.clone();
+    other_topic["TopicArn"] = Value::String("arn:aws:sns:us-east-1:123456789012:other".to_owned());
+    let response = post("Notification", other_topic).await.unwrap();
+    assert_eq!(response.status(), 403);
+
+    let response = post("Notification", notification).await.unwrap();
+    assert_eq!(response.status(), 202, "{:?}", response.text().await);
+    let received = function.wait_for(1, WAIT).await;
+    assert_eq!(
+        decoded(&received[0], "ce-subject").as_deref(),
+        Some("red flower.jpg")
+    );
+    assert_eq!(
+        decoded(&received[0], "ce-id").as_deref(),
+        Some("photos/red flower.jpg@abc123")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        function.received().len(),
+        1,
+        "only the verified notification is delivered"
+    );
+    switchyard.stop().await;
+}

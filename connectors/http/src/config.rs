@@ -47,6 +47,15 @@ pub struct HookConfig {
     #[serde(default)]
     pub key_encoding: switchyard_connector_s3::KeyEncoding,
 
+    /// With `format = "s3"`: SNS topics (ARNs) whose messages are accepted; any topic
+    /// when empty. SNS messages are always signature-checked.
+    #[serde(default)]
+    pub sns_topics: Vec<String>,
+    /// URL prefixes trusted for SNS signing certificates and subscription
+    /// confirmation instead of `https://sns.<region>.amazonaws.com/` (a private
+    /// SNS-compatible service, or a test).
+    #[serde(default)]
+    pub sns_trusted_urls: Vec<String>,
     /// CloudEvents `type` of the events this hook produces (required for `raw`).
     #[serde(default)]
     pub event_type: Option<String>,

@@ -26,6 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::json;
+use switchyard_connector_s3::sns::{SnsError, SnsVerifier};
 use switchyard_event::timestamp::now_rfc3339;
 use switchyard_event::{Event, EventSink, PublishError, parse_batch, parse_structured};
 
@@ -69,6 +70,8 @@ impl HttpSourceMetrics {
 struct SourceState {
     config: HttpSourceConfig,
     hooks: HashMap<String, HookConfig>,
+    /// SNS verification of `format = "s3"` hooks, by hook name.
+    sns: HashMap<String, SnsVerifier>,
     sink: Arc<dyn EventSink>,
     metrics: HttpSourceMetrics,
     labels: SourceLabels,
@@ -88,9 +91,29 @@ pub fn router(
     let labels = SourceLabels {
         source: config.name.clone(),
     };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client with rustls builds");
+    let sns = config
+        .hooks
+        .iter()
+        .filter(|hook| hook.format == HookFormat::S3)
+        .map(|hook| {
+            (
+                hook.name.clone(),
+                SnsVerifier::new(
+                    hook.sns_topics.clone(),
+                    hook.sns_trusted_urls.clone(),
+                    client.clone(),
+                ),
+            )
+        })
+        .collect();
     let state = Arc::new(SourceState {
         config,
         hooks,
+        sns,
         sink,
         metrics,
         labels,
@@ -338,6 +361,43 @@ async fn accept_notification(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let mut body = body;
+    if headers.contains_key("x-amz-sns-message-type") {
+        let verifier = &state.sns[&hook.name];
+        let message = verifier.verify(&body).await.map_err(|error| match error {
+            SnsError::Json(_) | SnsError::Kind(_) | SnsError::Version(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid SNS message: {error}"),
+            ),
+            SnsError::Certificate(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot verify the SNS message yet: {error}"),
+            ),
+            _ => ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("SNS message refused: {error}"),
+            ),
+        })?;
+        match message.kind.as_str() {
+            "SubscriptionConfirmation" => {
+                verifier
+                    .confirm(&message)
+                    .await
+                    .map_err(|error| ApiError::new(StatusCode::BAD_GATEWAY, error.to_string()))?;
+                tracing::info!(source = %state.config.name, hook = %hook.name, topic = %message.topic_arn, "SNS subscription confirmed");
+                return Ok((
+                    StatusCode::OK,
+                    axum::Json(json!({ "confirmed": message.topic_arn })),
+                )
+                    .into_response());
+            }
+            "UnsubscribeConfirmation" => {
+                tracing::warn!(source = %state.config.name, hook = %hook.name, topic = %message.topic_arn, "SNS subscription removed");
+                return Ok((StatusCode::OK, axum::Json(json!({ "accepted": [] }))).into_response());
+            }
+            _ => body = Bytes::from(message.message),
+        }
+    }
     let mut events = switchyard_connector_s3::object_events_with(&body, hook.key_encoding)
         .map_err(|error| {
             ApiError::new(

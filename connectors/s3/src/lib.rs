@@ -17,6 +17,7 @@ pub mod notification;
 pub mod object;
 #[cfg(feature = "store")]
 pub mod poll;
+pub mod sns;
 pub mod store;
 
 pub use notification::{
