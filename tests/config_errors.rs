@@ -180,3 +180,59 @@ properties = { "no.such.property" = "1" }
         "{output}"
     );
 }
+
+#[cfg(feature = "s3")]
+#[test]
+fn object_store_mistakes_are_located() {
+    let (ok, output) = validate(
+        r#"
+[stores.minio]
+endpoint = "127.0.0.1:9000"
+access_key_id = "key-without-secret"
+
+[[sources]]
+type = "s3"
+name = "uploads"
+store = "nowhere"
+buckets = ["Bad_Bucket"]
+page_size = 0
+listing = "start_after"
+deletions = true
+
+[[sources]]
+type = "http"
+name = "http"
+
+[[sources.hooks]]
+name = "s3"
+format = "s3"
+event_type = "com.example.upload"
+
+[[functions]]
+type = "log"
+name = "fn"
+
+[[triggers]]
+name = "t"
+function = "fn"
+enrich = { store = "elsewhere", presign = "30d" }
+"#,
+    );
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:3:1: field `endpoint`: `127.0.0.1:9000` is not a URL like http://127.0.0.1:9000",
+        "DIR/broken.toml:4:1: field `access_key_id`: set both access_key_id and secret_access_key",
+        "DIR/broken.toml:9:1: field `store`: no store named `nowhere` (add a `[stores.nowhere]` table; known: minio)",
+        "DIR/broken.toml:10:1: field `buckets`: `Bad_Bucket` is not a bucket name",
+        "DIR/broken.toml:11:1: field `page_size`: must be between 1 and 1000",
+        "DIR/broken.toml:13:1: field `deletions`: `listing = \"start_after\"` never sees deletions",
+        "field `event_type`: hook `s3` reads S3 notifications",
+        "field `enrich`: no store named `elsewhere`",
+        "field `enrich`: `presign` must be more than zero and at most 7 days",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

@@ -710,3 +710,97 @@ async fn nats_down_mid_stream_holds_the_records_and_loses_nothing() {
     assert_eq!(events_stored(&text).await, 600);
     switchyard.stop().await;
 }
+
+#[tokio::test]
+async fn s3_notifications_on_a_kafka_topic_become_object_events() {
+    use switchyard_testkit::object_store::{Notifications, ObjectStore};
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let nats = NatsServer::start();
+    let broker = KafkaBroker::start();
+    let topic = random_name("bucketevents");
+    broker.create_topic(&topic, 2);
+    // The store produces its notifications to the topic (versitygw's Kafka target).
+    let store = ObjectStore::start(Notifications::Kafka {
+        brokers: broker.bootstrap(),
+        topic: topic.clone(),
+    });
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&format!(
+        r#"
+[[sources]]
+type = "kafka"
+name = "bucket"
+brokers = "{brokers}"
+topics = ["{topic}"]
+start = "earliest"
+format = "s3"
+key_encoding = "none"
+
+[[functions]]
+type = "http"
+name = "fn"
+url = "{url}"
+
+[[triggers]]
+name = "main"
+function = "fn"
+"#,
+        brokers = broker.bootstrap(),
+        url = function.url,
+    ));
+    let switchyard = Switchyard::start(text).await;
+    let client = store.client().await;
+    let bucket = random_name("bkt");
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    for key in ["in/a b.txt", "in/c+d.txt"] {
+        client
+            .put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(key.as_bytes().to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    // A record on the topic that is not a notification is dead-lettered, not skipped.
+    producer(&broker)
+        .send(
+            FutureRecord::<(), _>::to(&topic).payload("{\"Records\": 5}"),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(error, _)| error)
+        .unwrap();
+
+    let received = function.wait_for(2, WAIT).await;
+    let mut subjects: Vec<String> = received
+        .iter()
+        .map(|call| {
+            percent_encoding::percent_decode_str(call.header("ce-subject").unwrap())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["in/a b.txt", "in/c+d.txt"]);
+    for call in &received {
+        assert_eq!(
+            call.header("ce-type"),
+            Some("com.amazonaws.s3.ObjectCreated:Put")
+        );
+        assert_eq!(call.header("ce-s3bucket"), Some(bucket.as_str()));
+    }
+    let bus = switchyard.bus().await;
+    let letters = wait_for_dead_letters(&bus, "source:bucket", 1, WAIT).await;
+    assert_eq!(letters[0].dead_letter.reason, "malformed");
+    assert!(
+        letters[0]
+            .dead_letter
+            .last_error
+            .contains("not a valid S3 event notification"),
+        "{}",
+        letters[0].dead_letter.last_error
+    );
+    switchyard.stop().await;
+}

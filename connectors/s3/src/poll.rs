@@ -345,7 +345,7 @@ impl Poller {
                     failures = 0;
                     self.config.interval
                 }
-                Err(ScanError::Shutdown) => return,
+                Err(ScanError::Shutdown) => break,
                 Err(ScanError::NotOwner) => {
                     // Try again when the holder's lease could have lapsed.
                     self.config.interval.min(self.lease_time() / 2)
@@ -365,8 +365,23 @@ impl Poller {
             };
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
-                () = self.shutdown.cancelled() => return,
+                () = self.shutdown.cancelled() => break,
             }
+        }
+        // Hand the bucket over now rather than when the lease lapses, so a restarted
+        // or another process polls it at once.
+        if let Some(state) = &state {
+            self.release(state).await;
+        }
+    }
+
+    async fn release(&self, state: &kv::Store) {
+        let key = self.key("lease");
+        if let Ok(Some(entry)) = state.entry(&key).await
+            && let Ok(holder) = serde_json::from_slice::<Lease>(&entry.value)
+            && holder.owner == self.owner
+        {
+            let _ = state.update(&key, Vec::new().into(), entry.revision).await;
         }
     }
 

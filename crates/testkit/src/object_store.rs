@@ -129,6 +129,25 @@ impl ObjectStore {
         self.spawn();
     }
 
+    /// This store as Switchyard's config describes it.
+    pub fn store_config(&self) -> switchyard_connector_s3::store::StoreConfig {
+        switchyard_connector_s3::store::StoreConfig {
+            endpoint: Some(self.endpoint()),
+            region: REGION.to_owned(),
+            path_style: None,
+            access_key_id: Some(ACCESS_KEY.to_owned()),
+            secret_access_key: Some(SECRET_KEY.to_owned()),
+            session_token: None,
+            event_source: "aws:s3".to_owned(),
+            event_region: None,
+        }
+    }
+
+    /// An S3 client (aws-sdk-s3) for this store.
+    pub async fn client(&self) -> aws_sdk_s3::Client {
+        self.store_config().client().await
+    }
+
     /// A `[stores.<name>]` table for this store.
     pub fn config_table(&self, name: &str) -> String {
         format!(
