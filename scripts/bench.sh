@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks Switchyard beside bare baselines in one run (see docs/BENCHMARKS.md).
-# Pass --quick for a short smoke run, --kafka-only for the Kafka part (e) alone.
+# Pass --quick for a short smoke run, --kafka-only for the Kafka part (e) alone, --objects-only for the object-store part (f).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

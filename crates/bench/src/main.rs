@@ -13,6 +13,7 @@
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
 
 mod kafka;
+mod objects;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -772,6 +773,14 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let nats = Nats::start()?;
         let (count, rounds) = if quick { (2_000, 1) } else { (20_000, 3) };
+        if arguments
+            .iter()
+            .any(|argument| argument == "--objects-only")
+        {
+            let (notified, polled) = if quick { (500, 2_000) } else { (2_000, 20_000) };
+            objects::bench_objects(&nats, notified, polled).await?;
+            return Ok(());
+        }
         if arguments.iter().any(|argument| argument == "--kafka-only") {
             kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
             return Ok(());
@@ -792,6 +801,8 @@ fn main() -> anyhow::Result<()> {
         bench_dispatch(&nats, count, 64).await?;
         bench_latency_and_memory(&nats, &binary, 1000, if quick { 2 } else { 10 }).await?;
         kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
+        let (notified, polled) = if quick { (500, 2_000) } else { (2_000, 20_000) };
+        objects::bench_objects(&nats, notified, polled).await?;
         Ok(())
     })
 }
