@@ -95,17 +95,15 @@ fn poll_source(store: &ObjectStore, bucket: &str, extra: &str) -> String {
     )
 }
 
-async fn metric(switchyard: &Switchyard, name: &str) -> f64 {
-    let text = reqwest::get(switchyard.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// Waits for `more` complete poll scans after now (so every object uploaded before
+/// has been seen by at least one whole scan when `more` >= 2).
+async fn wait_scans(switchyard: &Switchyard, more: f64) {
+    let scans = switchyard.metric("switchyard_s3_poll_scans_total").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while switchyard.metric("switchyard_s3_poll_scans_total").await < scans + more {
+        assert!(Instant::now() < deadline, "the poller stopped scanning");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until `condition` holds or panics with `what`.
@@ -372,12 +370,7 @@ async fn the_poller_resumes_after_a_restart_and_emits_each_object_once() {
     let switchyard = Switchyard::start(text).await;
     function.wait_for(3 + 6, WAIT).await;
     // Several more scans pass; none re-emits anything.
-    let scans = metric(&switchyard, "switchyard_s3_poll_scans_total").await;
-    let deadline = Instant::now() + WAIT;
-    while metric(&switchyard, "switchyard_s3_poll_scans_total").await < scans + 3.0 {
-        assert!(Instant::now() < deadline, "the poller stopped scanning");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_scans(&switchyard, 3.0).await;
     let calls = calls_by_key(&function);
     assert_eq!(function.received().len(), 9, "{:?}", calls.keys());
     for index in 0..8 {
@@ -421,13 +414,8 @@ async fn a_notification_and_a_poll_of_the_same_upload_deliver_it_once() {
     function.wait_for(keys.len(), WAIT).await;
     // Both paths have noticed every object: the hook at once, the poller within a
     // scan; wait for two more complete scans after the uploads.
-    let scans = metric(&switchyard, "switchyard_s3_poll_scans_total").await;
-    let deadline = Instant::now() + WAIT;
-    while metric(&switchyard, "switchyard_s3_poll_scans_total").await < scans + 2.0 {
-        assert!(Instant::now() < deadline, "the poller stopped scanning");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let polled = metric(&switchyard, "switchyard_s3_poll_events_total").await;
+    wait_scans(&switchyard, 2.0).await;
+    let polled = switchyard.metric("switchyard_s3_poll_events_total").await;
     assert!(polled >= keys.len() as f64, "the poller emitted {polled}");
     let calls = calls_by_key(&function);
     for key in &keys {
@@ -469,7 +457,9 @@ async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_
     text.push_str(&function_config(&function));
     let switchyard = Switchyard::start(text).await;
     function.wait_for(OBJECTS, Duration::from_secs(120)).await;
-    let held = metric(&switchyard, "switchyard_s3_poll_objects_held_max").await;
+    let held = switchyard
+        .metric("switchyard_s3_poll_objects_held_max")
+        .await;
     assert!(
         held > 0.0 && held <= 2000.0,
         "one scan held {held} objects at once (a page is 1000)"
@@ -486,12 +476,7 @@ async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_
         .await
         .unwrap();
     function.wait_for(OBJECTS + 2, WAIT).await;
-    let scans = metric(&switchyard, "switchyard_s3_poll_scans_total").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&switchyard, "switchyard_s3_poll_scans_total").await < scans + 2.0 {
-        assert!(Instant::now() < deadline, "the poller stopped scanning");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_scans(&switchyard, 2.0).await;
     let received = function.received();
     assert_eq!(received.len(), OBJECTS + 2);
     let tail: Vec<(String, String)> = received[OBJECTS..]
@@ -522,7 +507,9 @@ async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_
         .find(|received| decoded(received, "ce-subject").as_deref() == Some(changed))
         .unwrap();
     assert_eq!(decoded(changed_call, "ce-s3etag"), Some(etag));
-    let held = metric(&switchyard, "switchyard_s3_poll_objects_held_max").await;
+    let held = switchyard
+        .metric("switchyard_s3_poll_objects_held_max")
+        .await;
     assert!(held <= 2000.0, "a rescan held {held} objects at once");
     switchyard.stop().await;
 }
@@ -543,7 +530,7 @@ async fn the_poller_retries_while_the_store_is_down_and_catches_up() {
 
     store.stop();
     let deadline = Instant::now() + WAIT;
-    while metric(&switchyard, "switchyard_s3_poll_errors_total").await < 2.0 {
+    while switchyard.metric("switchyard_s3_poll_errors_total").await < 2.0 {
         assert!(
             Instant::now() < deadline,
             "no failed scan reported while the store is down"
@@ -855,12 +842,7 @@ async fn a_start_after_listing_emits_only_keys_after_its_cursor_across_restarts(
     put(&client, &bucket, "other/ignored.log", b"x".to_vec()).await;
     let switchyard = Switchyard::start(text).await;
     function.wait_for(3, WAIT).await;
-    let scans = metric(&switchyard, "switchyard_s3_poll_scans_total").await;
-    let deadline = Instant::now() + WAIT;
-    while metric(&switchyard, "switchyard_s3_poll_scans_total").await < scans + 2.0 {
-        assert!(Instant::now() < deadline, "the poller stopped scanning");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_scans(&switchyard, 2.0).await;
     let mut keys: Vec<String> = function
         .received()
         .iter()
@@ -876,4 +858,50 @@ async fn a_start_after_listing_emits_only_keys_after_its_cursor_across_restarts(
         ]
     );
     switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_polls_a_bucket_at_a_time_and_another_takes_over_when_it_stops() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let store = ObjectStore::start(Notifications::None);
+    let client = client(&store).await;
+    let bucket = create_bucket(&client).await;
+    for index in 0..20 {
+        put(&client, &bucket, &format!("a/{index:02}"), b"1".to_vec()).await;
+    }
+    // Two instances of one configuration (the same streams and poll state), apart only
+    // in their listeners.
+    let mut text = base_config(&nats.url(), free_port(), free_port());
+    text.push_str(&poll_source(&store, &bucket, ""));
+    text.push_str(&function_config(&function));
+    let first = Switchyard::start(text.clone()).await;
+    function.wait_for(20, WAIT).await;
+    let second_text = text
+        .replace(
+            &format!("127.0.0.1:{}", first.http.port()),
+            &format!("127.0.0.1:{}", free_port()),
+        )
+        .replace(
+            &format!("127.0.0.1:{}", first.admin.port()),
+            &format!("127.0.0.1:{}", free_port()),
+        );
+    let second = Switchyard::start(second_text).await;
+    wait_scans(&first, 3.0).await;
+    assert_eq!(
+        second.metric("switchyard_s3_poll_scans_total").await,
+        0.0,
+        "the second process scanned while the first held the bucket"
+    );
+    first.stop().await;
+    // The first handed the bucket over at shutdown: the second polls it now.
+    for index in 20..30 {
+        put(&client, &bucket, &format!("a/{index:02}"), b"1".to_vec()).await;
+    }
+    function.wait_for(30, WAIT).await;
+    wait_scans(&second, 2.0).await;
+    let calls = calls_by_key(&function);
+    assert_eq!(function.received().len(), 30, "{:?}", calls.keys());
+    assert!(calls.values().all(|calls| calls.len() == 1));
+    second.stop().await;
 }

@@ -27,44 +27,41 @@ pub use switchyard_testkit::free_port;
 /// A nats-server with JetStream on a random port and a temporary store, stopped on
 /// drop.
 pub struct NatsServer {
-    child: Option<Child>,
+    server: switchyard_testkit::ServerProcess,
     pub port: u16,
-    store: tempfile::TempDir,
+    _store: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        let store = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(tempfile::tempdir().unwrap());
         let port = free_port();
-        let mut server = NatsServer {
-            child: None,
+        let directory = store.clone();
+        let server = switchyard_testkit::ServerProcess::start(
+            "nats-server",
             port,
-            store,
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(nats_server_binary())
-            .args([
-                "--jetstream",
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--store_dir",
-            ])
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nats-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
+            Duration::from_secs(10),
+            move || {
+                let mut command = Command::new(nats_server_binary());
+                command
+                    .args([
+                        "--jetstream",
+                        "--addr",
+                        "127.0.0.1",
+                        "--port",
+                        &port.to_string(),
+                        "--store_dir",
+                    ])
+                    .arg(directory.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                command
+            },
+        );
+        NatsServer {
+            server,
+            port,
+            _store: store,
         }
     }
 
@@ -74,22 +71,12 @@ impl NatsServer {
 
     /// Stops the server, keeping its store.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.stop();
     }
 
     /// Starts it again on the same port with the same store.
     pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.restart();
     }
 }
 
@@ -160,17 +147,7 @@ impl Process {
     }
 
     pub async fn metric(&self, name: &str) -> u64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|line| line.starts_with(name))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|value| value as u64)
-            .sum()
+        metric_at(&format!("http://127.0.0.1:{}/metrics", self.admin), name).await as u64
     }
 }
 
@@ -436,6 +413,15 @@ max_body_bytes = 4096
     )
 }
 
+/// The sum of a metric's samples (every label set) at a `/metrics` URL.
+pub async fn metric_at(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Switchyard started in this process from configuration text.
 pub struct Switchyard {
     pub running: Option<switchyard::Running>,
@@ -487,6 +473,11 @@ impl Switchyard {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// The sum of a metric's samples on this instance's `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_at(&self.admin_url("/metrics"), name).await
     }
 
     pub async fn bus(&self) -> switchyard_bus::Bus {

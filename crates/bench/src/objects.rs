@@ -57,6 +57,12 @@ max_concurrency = 64
     )
 }
 
+async fn start(text: &str) -> anyhow::Result<switchyard::Running> {
+    let config = switchyard::config::parse(Path::new("bench.toml"), text, &|_| None)
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    switchyard::start(config).await
+}
+
 async fn upload(client: &aws_sdk_s3::Client, bucket: &str, range: std::ops::Range<usize>) {
     futures::stream::iter(range)
         .for_each_concurrent(32, |index| {
@@ -122,9 +128,7 @@ pub async fn bench_objects(nats: &Nats, count: usize, poll_count: usize) -> anyh
     let notified = {
         let http_port = free_port();
         let text = config_text(nats, http_port, &function.url(), "notify", "");
-        let config = switchyard::config::parse(Path::new("bench.toml"), &text, &|_| None)
-            .map_err(|errors| anyhow::anyhow!("{errors}"))?;
-        let running = switchyard::start(config).await?;
+        let running = start(&text).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let store = ObjectStore::start(Notifications::Webhook(format!(
             "http://127.0.0.1:{http_port}/hooks/s3"
@@ -147,9 +151,7 @@ pub async fn bench_objects(nats: &Nats, count: usize, poll_count: usize) -> anyh
     let hook_direct = {
         let http_port = free_port();
         let text = config_text(nats, http_port, &function.url(), "hook", "");
-        let config = switchyard::config::parse(Path::new("bench.toml"), &text, &|_| None)
-            .map_err(|errors| anyhow::anyhow!("{errors}"))?;
-        let running = switchyard::start(config).await?;
+        let running = start(&text).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         function.count.store(0, Ordering::SeqCst);
         let http = client();
@@ -247,11 +249,9 @@ pub async fn bench_objects(nats: &Nats, count: usize, poll_count: usize) -> anyh
             store.config_table("bench")
         );
         let text = config_text(nats, free_port(), &function.url(), "poll", &extra);
-        let config = switchyard::config::parse(Path::new("bench.toml"), &text, &|_| None)
-            .map_err(|errors| anyhow::anyhow!("{errors}"))?;
         function.count.store(0, Ordering::SeqCst);
         let started = Instant::now();
-        let running = switchyard::start(config).await?;
+        let running = start(&text).await?;
         let done = wait_count(&function, poll_count, Duration::from_secs(300)).await;
         let elapsed = done.map(|done| done - started);
         running.stop().await?;

@@ -69,9 +69,8 @@ pub fn kafka_tool(class: &str, arguments: &[&str]) -> (bool, String) {
 /// A single-node Apache Kafka broker in KRaft mode (broker and controller in one JVM)
 /// on random ports with a temporary log directory, stopped on drop.
 pub struct KafkaBroker {
-    child: Option<Child>,
+    server: ServerProcess,
     pub port: u16,
-    properties: PathBuf,
     _directory: tempfile::TempDir,
 }
 
@@ -117,46 +116,37 @@ impl KafkaBroker {
             formatted,
             "formatting the kafka log directory failed:\n{output}"
         );
-        let mut broker = KafkaBroker {
-            child: None,
+        let server = ServerProcess::start(
+            "the kafka broker",
             port,
-            properties,
+            Duration::from_secs(60),
+            move || {
+                let mut command = Command::new("java");
+                command
+                    .args(["-Xmx512m", "-XX:+UseSerialGC", "-cp"])
+                    .arg(format!("{}/*", kafka_lib().display()))
+                    .arg("kafka.Kafka")
+                    .arg(&properties)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                command
+            },
+        );
+        KafkaBroker {
+            server,
+            port,
             _directory: directory,
-        };
-        broker.spawn();
-        broker
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("java")
-            .args(["-Xmx512m", "-XX:+UseSerialGC", "-cp"])
-            .arg(format!("{}/*", kafka_lib().display()))
-            .arg("kafka.Kafka")
-            .arg(&self.properties)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the kafka broker");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "the kafka broker did not start");
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Kills the broker (SIGKILL), keeping its data.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.stop();
     }
 
     /// Starts it again on the same ports with the same data.
     pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
+        self.server.restart();
     }
 
     pub fn bootstrap(&self) -> String {
@@ -181,7 +171,73 @@ impl KafkaBroker {
     }
 }
 
-impl Drop for KafkaBroker {
+/// A server run as a child process on a known loopback port: started and waited for
+/// (the port answers), killed and started again with the same arguments (and so the
+/// same data), killed on drop.
+pub struct ServerProcess {
+    name: &'static str,
+    port: u16,
+    command: Box<dyn Fn() -> Command + Send + Sync>,
+    ready_within: Duration,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// Runs `command()` and waits until `port` accepts connections.
+    pub fn start(
+        name: &'static str,
+        port: u16,
+        ready_within: Duration,
+        command: impl Fn() -> Command + Send + Sync + 'static,
+    ) -> ServerProcess {
+        let mut server = ServerProcess {
+            name,
+            port,
+            command: Box::new(command),
+            ready_within,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = (self.command)()
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting {}: {error}", self.name));
+        self.child = Some(child);
+        let deadline = Instant::now() + self.ready_within;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("{} exited with {status} before it listened", self.name);
+            }
+            assert!(Instant::now() < deadline, "{} did not start", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL); its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, same port, same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop();
     }

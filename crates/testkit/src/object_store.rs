@@ -4,10 +4,10 @@
 //! test asks. See docs/TESTING.md for why it is versitygw and not MinIO.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use crate::{free_port, installed};
+use crate::{ServerProcess, free_port, installed};
 
 pub const ACCESS_KEY: &str = "switchyard";
 pub const SECRET_KEY: &str = "switchyard-secret";
@@ -42,10 +42,10 @@ pub enum Notifications {
 
 /// A running object store, stopped on drop; its data survives `stop`/`restart`.
 pub struct ObjectStore {
-    child: Option<Child>,
+    server: Option<ServerProcess>,
     pub port: u16,
     notifications: Notifications,
-    data: tempfile::TempDir,
+    data: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl ObjectStore {
@@ -57,58 +57,48 @@ impl ObjectStore {
     /// with [`ObjectStore::run`]), for a webhook that must be up before it starts.
     pub fn start_later(notifications: Notifications) -> ObjectStore {
         ObjectStore {
-            child: None,
+            server: None,
             port: free_port(),
             notifications,
-            data: tempfile::tempdir().unwrap(),
+            data: std::sync::Arc::new(tempfile::tempdir().unwrap()),
         }
     }
 
     pub fn run(mut self) -> ObjectStore {
-        self.spawn();
+        let (port, notifications, data) =
+            (self.port, self.notifications.clone(), self.data.clone());
+        self.server = Some(ServerProcess::start(
+            "versitygw",
+            port,
+            Duration::from_secs(30),
+            move || {
+                let mut command = Command::new(object_store_binary());
+                command
+                    .env("ROOT_ACCESS_KEY", ACCESS_KEY)
+                    .env("ROOT_SECRET_KEY", SECRET_KEY)
+                    .args(["--port", &format!("127.0.0.1:{port}")])
+                    .args(["--region", REGION]);
+                match &notifications {
+                    Notifications::None => {}
+                    Notifications::Webhook(url) => {
+                        command.args(["--event-webhook-url", url]);
+                    }
+                    Notifications::Nats { url, subject } => {
+                        command.args(["--event-nats-url", url, "--event-nats-topic", subject]);
+                    }
+                    Notifications::Kafka { brokers, topic } => {
+                        command.args(["--event-kafka-url", brokers, "--event-kafka-topic", topic]);
+                    }
+                }
+                command
+                    .arg("posix")
+                    .arg(data.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                command
+            },
+        ));
         self
-    }
-
-    fn spawn(&mut self) {
-        let mut command = Command::new(object_store_binary());
-        command
-            .env("ROOT_ACCESS_KEY", ACCESS_KEY)
-            .env("ROOT_SECRET_KEY", SECRET_KEY)
-            .args(["--port", &format!("127.0.0.1:{}", self.port)])
-            .args(["--region", REGION]);
-        match &self.notifications {
-            Notifications::None => {}
-            Notifications::Webhook(url) => {
-                command.args(["--event-webhook-url", url]);
-            }
-            Notifications::Nats { url, subject } => {
-                command.args(["--event-nats-url", url, "--event-nats-topic", subject]);
-            }
-            Notifications::Kafka { brokers, topic } => {
-                command.args(["--event-kafka-url", brokers, "--event-kafka-topic", topic]);
-            }
-        }
-        let log = std::fs::File::create(self.data.path().with_extension("log")).unwrap();
-        let child = command
-            .arg("posix")
-            .arg(self.data.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting versitygw");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(child) = &mut self.child
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                let log = std::fs::read_to_string(self.data.path().with_extension("log"))
-                    .unwrap_or_default();
-                panic!("versitygw exited with {status}:\n{log}");
-            }
-            assert!(Instant::now() < deadline, "versitygw did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -117,16 +107,16 @@ impl ObjectStore {
 
     /// Kills the store (SIGKILL), keeping its data.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(server) = &mut self.server {
+            server.stop();
         }
     }
 
     /// Starts it again on the same port with the same data.
     pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
+        if let Some(server) = &mut self.server {
+            server.restart();
+        }
     }
 
     /// This store as Switchyard's config describes it.
@@ -154,11 +144,5 @@ impl ObjectStore {
             "\n[stores.{name}]\nendpoint = \"{}\"\nregion = \"{REGION}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n",
             self.endpoint()
         )
-    }
-}
-
-impl Drop for ObjectStore {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
