@@ -106,6 +106,42 @@ async fn wait_scans(switchyard: &Switchyard, more: f64) {
     }
 }
 
+/// A bucket in a store without notifications, a nats-server and a function: what
+/// every polling test starts from.
+struct Polled {
+    nats: NatsServer,
+    function: FunctionServer,
+    store: ObjectStore,
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl Polled {
+    async fn start() -> Polled {
+        let nats = NatsServer::start();
+        let function = FunctionServer::start(|_, _| Reply::ok()).await;
+        let store = ObjectStore::start(Notifications::None);
+        let client = client(&store).await;
+        let bucket = create_bucket(&client).await;
+        Polled {
+            nats,
+            function,
+            store,
+            client,
+            bucket,
+        }
+    }
+
+    /// A config polling the bucket (every 500 ms unless `extra` sets an interval) into
+    /// the function.
+    fn config(&self, extra: &str) -> String {
+        let mut text = base_config(&self.nats.url(), free_port(), free_port());
+        text.push_str(&poll_source(&self.store, &self.bucket, extra));
+        text.push_str(&function_config(&self.function));
+        text
+    }
+}
+
 /// Waits until `condition` holds or panics with `what`.
 async fn until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -335,22 +371,17 @@ async fn a_malformed_notification_is_refused_with_the_reason_and_a_test_message_
 
 #[tokio::test]
 async fn the_poller_resumes_after_a_restart_and_emits_each_object_once() {
-    let nats = NatsServer::start();
-    let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let store = ObjectStore::start(Notifications::None);
-    let client = client(&store).await;
-    let bucket = create_bucket(&client).await;
+    let setup = Polled::start().await;
+    let (function, client, bucket) = (&setup.function, &setup.client, &setup.bucket);
     let mut etags = HashMap::new();
     for index in 0..3 {
         let key = format!("in/{index}.txt");
         etags.insert(
             key.clone(),
-            put(&client, &bucket, &key, vec![b'a'; index + 1]).await,
+            put(client, bucket, &key, vec![b'a'; index + 1]).await,
         );
     }
-    let mut text = base_config(&nats.url(), free_port(), free_port());
-    text.push_str(&poll_source(&store, &bucket, "page_size = 2"));
-    text.push_str(&function_config(&function));
+    let text = setup.config("page_size = 2");
     let switchyard = Switchyard::start(text.clone()).await;
     function.wait_for(3, WAIT).await;
     switchyard.stop().await;
@@ -360,18 +391,18 @@ async fn the_poller_resumes_after_a_restart_and_emits_each_object_once() {
         let key = format!("in/{index}.txt");
         etags.insert(
             key.clone(),
-            put(&client, &bucket, &key, vec![b'b'; index + 1]).await,
+            put(client, bucket, &key, vec![b'b'; index + 1]).await,
         );
     }
     let changed = "in/1.txt";
-    let new_etag = put(&client, &bucket, changed, b"changed".to_vec()).await;
+    let new_etag = put(client, bucket, changed, b"changed".to_vec()).await;
     assert_ne!(etags[changed], new_etag);
 
     let switchyard = Switchyard::start(text).await;
     function.wait_for(3 + 6, WAIT).await;
     // Several more scans pass; none re-emits anything.
     wait_scans(&switchyard, 3.0).await;
-    let calls = calls_by_key(&function);
+    let calls = calls_by_key(function);
     assert_eq!(function.received().len(), 9, "{:?}", calls.keys());
     for index in 0..8 {
         let key = format!("in/{index}.txt");
@@ -427,11 +458,8 @@ async fn a_notification_and_a_poll_of_the_same_upload_deliver_it_once() {
 
 #[tokio::test]
 async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_events() {
-    let nats = NatsServer::start();
-    let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let store = ObjectStore::start(Notifications::None);
-    let client = client(&store).await;
-    let bucket = create_bucket(&client).await;
+    let setup = Polled::start().await;
+    let (function, client, bucket) = (&setup.function, &setup.client, &setup.bucket);
     const OBJECTS: usize = 10_000;
     futures::stream::iter(0..OBJECTS)
         .for_each_concurrent(32, |index| {
@@ -448,13 +476,7 @@ async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_
             }
         })
         .await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
-    text.push_str(&poll_source(
-        &store,
-        &bucket,
-        "interval = \"1s\"\ndeletions = true",
-    ));
-    text.push_str(&function_config(&function));
+    let text = setup.config("interval = \"1s\"\ndeletions = true");
     let switchyard = Switchyard::start(text).await;
     function.wait_for(OBJECTS, Duration::from_secs(120)).await;
     let held = switchyard
@@ -467,10 +489,10 @@ async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_
 
     // One changed, one deleted, the rest untouched: two events.
     let changed = "many/04321";
-    let etag = put(&client, &bucket, changed, b"new bytes".to_vec()).await;
+    let etag = put(client, bucket, changed, b"new bytes".to_vec()).await;
     client
         .delete_object()
-        .bucket(&bucket)
+        .bucket(bucket)
         .key("many/00007")
         .send()
         .await
@@ -516,19 +538,18 @@ async fn ten_thousand_objects_are_listed_in_bounded_memory_and_only_changes_are_
 
 #[tokio::test]
 async fn the_poller_retries_while_the_store_is_down_and_catches_up() {
-    let nats = NatsServer::start();
-    let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let mut store = ObjectStore::start(Notifications::None);
-    let client = client(&store).await;
-    let bucket = create_bucket(&client).await;
+    let mut setup = Polled::start().await;
+    let (function, client, bucket) = (
+        setup.function.clone(),
+        setup.client.clone(),
+        setup.bucket.clone(),
+    );
     put(&client, &bucket, "before.txt", b"1".to_vec()).await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
-    text.push_str(&poll_source(&store, &bucket, ""));
-    text.push_str(&function_config(&function));
+    let text = setup.config("");
     let switchyard = Switchyard::start(text).await;
     function.wait_for(1, WAIT).await;
 
-    store.stop();
+    setup.store.stop();
     let deadline = Instant::now() + WAIT;
     while switchyard.metric("switchyard_s3_poll_errors_total").await < 2.0 {
         assert!(
@@ -537,7 +558,7 @@ async fn the_poller_retries_while_the_store_is_down_and_catches_up() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    store.restart();
+    setup.store.restart();
     for key in ["after-1.txt", "after-2.txt"] {
         put(&client, &bucket, key, key.as_bytes().to_vec()).await;
     }
@@ -552,15 +573,12 @@ async fn the_poller_retries_while_the_store_is_down_and_catches_up() {
 
 #[tokio::test]
 async fn a_trigger_enriches_object_events_with_a_presigned_url_metadata_tags_and_content() {
-    let nats = NatsServer::start();
-    let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let store = ObjectStore::start(Notifications::None);
-    let client = client(&store).await;
-    let bucket = create_bucket(&client).await;
+    let setup = Polled::start().await;
+    let (function, client, bucket) = (&setup.function, &setup.client, &setup.bucket);
     let small = b"small enough to inline".to_vec();
     client
         .put_object()
-        .bucket(&bucket)
+        .bucket(bucket)
         .key("docs/small note.txt")
         .content_type("text/plain")
         .metadata("owner", "alice")
@@ -570,15 +588,13 @@ async fn a_trigger_enriches_object_events_with_a_presigned_url_metadata_tags_and
         .await
         .unwrap();
     let large = vec![b'L'; 4096];
-    put(&client, &bucket, "docs/large.bin", large.clone()).await;
+    put(client, bucket, "docs/large.bin", large.clone()).await;
 
-    let mut text = base_config(&nats.url(), free_port(), free_port());
-    text.push_str(&poll_source(&store, &bucket, ""));
-    text.push_str(&function_config(&function));
+    let mut text = setup.config("");
     text.push_str("enrich = { store = \"test\", presign = \"5m\", metadata = true, tags = true, content_max_bytes = 1024 }\n");
     let switchyard = Switchyard::start(text).await;
     function.wait_for(2, WAIT).await;
-    let calls = calls_by_key(&function);
+    let calls = calls_by_key(function);
 
     let note = &calls["docs/small note.txt"][0];
     let data: Value = serde_json::from_slice(&note.body).unwrap();
@@ -810,36 +826,27 @@ async fn sns_subscriptions_are_confirmed_and_signed_notifications_delivered_afte
 
 #[tokio::test]
 async fn a_start_after_listing_emits_only_keys_after_its_cursor_across_restarts() {
-    let nats = NatsServer::start();
-    let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let store = ObjectStore::start(Notifications::None);
-    let client = client(&store).await;
-    let bucket = create_bucket(&client).await;
+    let setup = Polled::start().await;
+    let (function, client, bucket) = (&setup.function, &setup.client, &setup.bucket);
     for key in ["logs/2026-11-27T10.log", "logs/2026-11-27T11.log"] {
-        put(&client, &bucket, key, b"x".to_vec()).await;
+        put(client, bucket, key, b"x".to_vec()).await;
     }
-    let mut text = base_config(&nats.url(), free_port(), free_port());
-    text.push_str(&poll_source(
-        &store,
-        &bucket,
-        "listing = \"start_after\"\nprefix = \"logs/\"",
-    ));
-    text.push_str(&function_config(&function));
+    let text = setup.config("listing = \"start_after\"\nprefix = \"logs/\"");
     let switchyard = Switchyard::start(text.clone()).await;
     function.wait_for(2, WAIT).await;
     switchyard.stop().await;
 
     // While stopped: a new key after the cursor, and a rewrite of an old one (before
     // the cursor: this listing mode does not see it, as documented).
-    put(&client, &bucket, "logs/2026-11-27T12.log", b"x".to_vec()).await;
+    put(client, bucket, "logs/2026-11-27T12.log", b"x".to_vec()).await;
     put(
-        &client,
-        &bucket,
+        client,
+        bucket,
         "logs/2026-11-27T10.log",
         b"rewritten".to_vec(),
     )
     .await;
-    put(&client, &bucket, "other/ignored.log", b"x".to_vec()).await;
+    put(client, bucket, "other/ignored.log", b"x".to_vec()).await;
     let switchyard = Switchyard::start(text).await;
     function.wait_for(3, WAIT).await;
     wait_scans(&switchyard, 2.0).await;
@@ -862,19 +869,14 @@ async fn a_start_after_listing_emits_only_keys_after_its_cursor_across_restarts(
 
 #[tokio::test]
 async fn one_process_polls_a_bucket_at_a_time_and_another_takes_over_when_it_stops() {
-    let nats = NatsServer::start();
-    let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let store = ObjectStore::start(Notifications::None);
-    let client = client(&store).await;
-    let bucket = create_bucket(&client).await;
+    let setup = Polled::start().await;
+    let (function, client, bucket) = (&setup.function, &setup.client, &setup.bucket);
     for index in 0..20 {
-        put(&client, &bucket, &format!("a/{index:02}"), b"1".to_vec()).await;
+        put(client, bucket, &format!("a/{index:02}"), b"1".to_vec()).await;
     }
     // Two instances of one configuration (the same streams and poll state), apart only
     // in their listeners.
-    let mut text = base_config(&nats.url(), free_port(), free_port());
-    text.push_str(&poll_source(&store, &bucket, ""));
-    text.push_str(&function_config(&function));
+    let text = setup.config("");
     let first = Switchyard::start(text.clone()).await;
     function.wait_for(20, WAIT).await;
     let second_text = text
@@ -896,11 +898,11 @@ async fn one_process_polls_a_bucket_at_a_time_and_another_takes_over_when_it_sto
     first.stop().await;
     // The first handed the bucket over at shutdown: the second polls it now.
     for index in 20..30 {
-        put(&client, &bucket, &format!("a/{index:02}"), b"1".to_vec()).await;
+        put(client, bucket, &format!("a/{index:02}"), b"1".to_vec()).await;
     }
     function.wait_for(30, WAIT).await;
     wait_scans(&second, 2.0).await;
-    let calls = calls_by_key(&function);
+    let calls = calls_by_key(function);
     assert_eq!(function.received().len(), 30, "{:?}", calls.keys());
     assert!(calls.values().all(|calls| calls.len() == 1));
     second.stop().await;
