@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use common::{
-    FunctionServer, NatsServer, Received, Reply, Switchyard, base_config, free_port, random_name,
+    FunctionServer, NatsServer, Process, Received, Reply, Switchyard, base_config, free_port,
+    random_name, write_config,
 };
 use futures::StreamExt;
 use serde_json::Value;
@@ -132,10 +133,21 @@ impl Polled {
         }
     }
 
+    async fn put_keys(&self, keys: &[&str]) {
+        for key in keys {
+            put(&self.client, &self.bucket, key, key.as_bytes().to_vec()).await;
+        }
+    }
+
     /// A config polling the bucket (every 500 ms unless `extra` sets an interval) into
     /// the function.
     fn config(&self, extra: &str) -> String {
-        let mut text = base_config(&self.nats.url(), free_port(), free_port());
+        self.config_at(free_port(), extra)
+    }
+
+    /// [`Polled::config`] with the admin listener on `admin`.
+    fn config_at(&self, admin: u16, extra: &str) -> String {
+        let mut text = base_config(&self.nats.url(), free_port(), admin);
         text.push_str(&poll_source(&self.store, &self.bucket, extra));
         text.push_str(&function_config(&self.function));
         text
@@ -906,4 +918,39 @@ async fn one_process_polls_a_bucket_at_a_time_and_another_takes_over_when_it_sto
     assert_eq!(function.received().len(), 30, "{:?}", calls.keys());
     assert!(calls.values().all(|calls| calls.len() == 1));
     second.stop().await;
+}
+
+#[tokio::test]
+async fn the_real_binary_polls_with_credentials_from_the_standard_aws_chain() {
+    let setup = Polled::start().await;
+    setup.put_keys(&["chain/1.txt", "chain/2.txt"]).await;
+    // A store without credentials in the config: the binary takes them from the
+    // environment (the first link of the standard AWS chain).
+    let admin = free_port();
+    let text = setup.config_at(admin, "").replace(
+        &format!(
+            "access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            object_store::ACCESS_KEY,
+            object_store::SECRET_KEY
+        ),
+        "",
+    );
+    assert!(!text.contains("secret_access_key"), "{text}");
+    let directory = tempfile::tempdir().unwrap();
+    let config = write_config(directory.path(), &text);
+    let process = Process::start(
+        &config,
+        &[
+            ("AWS_ACCESS_KEY_ID", object_store::ACCESS_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", object_store::SECRET_KEY.to_owned()),
+            ("AWS_CONFIG_FILE", "/nonexistent".to_owned()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".to_owned()),
+        ],
+        admin,
+    );
+    process.wait_ready().await;
+    setup.function.wait_for(2, WAIT).await;
+    let calls = calls_by_key(&setup.function);
+    assert_eq!(calls.len(), 2, "{:?}", calls.keys());
+    assert!(calls.contains_key("chain/1.txt") && calls.contains_key("chain/2.txt"));
 }
