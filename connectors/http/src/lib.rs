@@ -91,21 +91,29 @@ pub fn router(
     let labels = SourceLabels {
         source: config.name.clone(),
     };
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client with rustls builds");
-    let sns = config
+    // Only `format = "s3"` hooks fetch SNS certificates: the client (and its TLS root
+    // store) exists only when one is configured.
+    let s3_hooks: Vec<&HookConfig> = config
         .hooks
         .iter()
         .filter(|hook| hook.format == HookFormat::S3)
-        .map(|hook| {
+        .collect();
+    let client = (!s3_hooks.is_empty()).then(|| {
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client with rustls builds")
+    });
+    let sns = s3_hooks
+        .into_iter()
+        .filter_map(|hook| Some((hook, client.clone()?)))
+        .map(|(hook, client)| {
             (
                 hook.name.clone(),
                 SnsVerifier::new(
                     hook.sns_topics.clone(),
                     hook.sns_trusted_urls.clone(),
-                    client.clone(),
+                    client,
                 ),
             )
         })
