@@ -603,10 +603,34 @@ async fn a_trigger_enriches_object_events_with_a_presigned_url_metadata_tags_and
     put(client, bucket, "docs/large.bin", large.clone()).await;
 
     let mut text = setup.config("");
-    text.push_str("enrich = { store = \"test\", presign = \"5m\", metadata = true, tags = true, content_max_bytes = 1024 }\n");
+    text.push_str(&format!("enrich = {{ store = \"test\", buckets = [\"{bucket}\"], presign = \"5m\", metadata = true, tags = true, content_max_bytes = 1024 }}\n"));
     let switchyard = Switchyard::start(text).await;
     function.wait_for(2, WAIT).await;
+    // An object event naming another bucket (anyone who can post events can write
+    // one) is delivered unenriched: the store is not read for it.
+    let response = reqwest::Client::new()
+        .post(switchyard.url("/v1/events"))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "forged-1")
+        .header("ce-source", "aws:s3.us-east-1.private")
+        .header("ce-type", "com.amazonaws.s3.ObjectCreated:Put")
+        .header("ce-subject", "secrets.txt")
+        .header("ce-s3bucket", "private")
+        .header("ce-s3key", "secrets.txt")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    function.wait_for(3, WAIT).await;
     let calls = calls_by_key(function);
+    let forged = &calls["secrets.txt"][0];
+    assert_eq!(forged.header("ce-s3url"), None);
+    assert_eq!(
+        decoded(forged, "ce-s3enrichment").as_deref(),
+        Some("bucket not in this trigger's enrich.buckets")
+    );
 
     let note = &calls["docs/small note.txt"][0];
     let data: Value = serde_json::from_slice(&note.body).unwrap();
@@ -815,6 +839,39 @@ async fn sns_subscriptions_are_confirmed_and_signed_notifications_delivered_afte
     other_topic["TopicArn"] = Value::String("arn:aws:sns:us-east-1:123456789012:other".to_owned());
     let response = post("Notification", other_topic).await.unwrap();
     assert_eq!(response.status(), 403);
+
+    // With sns_topics set, only signed SNS messages: a plain notification body (no
+    // SNS headers) is refused, and so is SNS raw delivery (unsigned).
+    let response = client
+        .post(switchyard.url("/hooks/s3"))
+        .body(s3.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("only signed SNS messages")
+    );
+    let response = client
+        .post(switchyard.url("/hooks/s3"))
+        .header("x-amz-sns-message-type", "Notification")
+        .header("x-amz-sns-rawdelivery", "true")
+        .body(s3.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("raw message delivery")
+    );
 
     let response = post("Notification", notification).await.unwrap();
     assert_eq!(response.status(), 202, "{:?}", response.text().await);

@@ -101,6 +101,8 @@ pub fn router(
     let client = (!s3_hooks.is_empty()).then(|| {
         reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
+            // A trusted certificate URL must not lead anywhere else.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client with rustls builds")
     });
@@ -370,8 +372,37 @@ async fn accept_notification(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mut body = body;
-    if headers.contains_key("x-amz-sns-message-type") {
-        let verifier = &state.sns[&hook.name];
+    let verifier = &state.sns[&hook.name];
+    if headers
+        .get("x-amz-sns-rawdelivery")
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SNS raw message delivery carries no signature and is not accepted: turn raw delivery off for this subscription",
+        ));
+    }
+    let sns = headers.contains_key("x-amz-sns-message-type")
+        || switchyard_connector_s3::sns::looks_like_sns(&body);
+    if sns && !verifier.accepts_sns() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "SNS message refused: hook `{}` has no sns_topics (the topic ARNs to accept)",
+                hook.name
+            ),
+        ));
+    }
+    if !sns && verifier.accepts_sns() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "hook `{}` takes only signed SNS messages from its sns_topics",
+                hook.name
+            ),
+        ));
+    }
+    if sns {
         let message = verifier.verify(&body).await.map_err(|error| match error {
             SnsError::Json(_) | SnsError::Kind(_) | SnsError::Version(_) => ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -414,7 +445,7 @@ async fn accept_notification(
             )
         })?;
     if events.is_empty() {
-        tracing::info!(source = %state.config.name, hook = %hook.name, "store's test notification received");
+        tracing::info!(source = %state.config.name, hook = %hook.name, "notification without object records (a store's test message) received");
         return Ok((StatusCode::OK, axum::Json(json!({ "accepted": [] }))).into_response());
     }
     for event in &mut events {

@@ -22,9 +22,12 @@ use base64::Engine;
 use serde_json::{Value, json};
 use switchyard_event::{Enricher, Event, Failure};
 
+const REPLACED: &str = "object replaced since the event (its ETag differs); nothing added";
+
 /// What to add, and from which store.
 pub struct ObjectEnricher {
     client: aws_sdk_s3::Client,
+    buckets: Vec<String>,
     presign: Option<Duration>,
     metadata: bool,
     tags: bool,
@@ -32,8 +35,10 @@ pub struct ObjectEnricher {
 }
 
 impl ObjectEnricher {
+    /// `buckets`: only objects in these are enriched (any when empty).
     pub fn new(
         client: aws_sdk_s3::Client,
+        buckets: Vec<String>,
         presign: Option<Duration>,
         metadata: bool,
         tags: bool,
@@ -41,6 +46,7 @@ impl ObjectEnricher {
     ) -> ObjectEnricher {
         ObjectEnricher {
             client,
+            buckets,
             presign,
             metadata,
             tags,
@@ -82,7 +88,15 @@ impl Enricher for ObjectEnricher {
         ) else {
             return Ok(());
         };
+        if !self.buckets.is_empty() && !self.buckets.contains(&bucket) {
+            event.extensions.insert(
+                "s3enrichment".to_owned(),
+                "bucket not in this trigger's enrich.buckets".to_owned(),
+            );
+            return Ok(());
+        }
         let etag = event.extensions.get("s3etag").cloned();
+        let if_match = etag.as_ref().map(|etag| format!("\"{etag}\""));
         let mut data: Value = serde_json::from_slice(&event.data).unwrap_or_else(|_| json!({}));
         if !data.is_object() {
             data = json!({});
@@ -135,6 +149,9 @@ impl Enricher for ObjectEnricher {
                 Err(error) if is_code(&error, &["NotFound", "NoSuchKey"]) => {
                     missing = Some("object not found");
                 }
+                Err(error) if is_code(&error, &["PreconditionFailed"]) => {
+                    missing = Some(REPLACED);
+                }
                 Err(error) => return Err(store_failure("HeadObject", error)),
             }
         }
@@ -165,10 +182,15 @@ impl Enricher for ObjectEnricher {
             && let Some(limit) = self.content_max_bytes
             && size.is_some_and(|size| size <= limit)
         {
-            let mut request = self.client.get_object().bucket(&bucket).key(&key);
-            if let Some(etag) = &etag {
-                request = request.if_match(format!("\"{etag}\""));
-            }
+            // At most one byte more than the limit, whatever the event says the
+            // size is: a larger object is not inlined.
+            let request = self
+                .client
+                .get_object()
+                .bucket(&bucket)
+                .key(&key)
+                .set_if_match(if_match.clone())
+                .range(format!("bytes=0-{limit}"));
             match request.send().await {
                 Ok(object) => {
                     let bytes = object
@@ -182,9 +204,13 @@ impl Enricher for ObjectEnricher {
                             )
                         })?
                         .into_bytes();
-                    data["object"]["content"] =
-                        json!(base64::engine::general_purpose::STANDARD.encode(&bytes));
-                    data["object"]["contentEncoding"] = json!("base64");
+                    if bytes.len() as u64 > limit {
+                        missing = Some("object larger than content_max_bytes; content not inlined");
+                    } else {
+                        data["object"]["content"] =
+                            json!(base64::engine::general_purpose::STANDARD.encode(&bytes));
+                        data["object"]["contentEncoding"] = json!("base64");
+                    }
                 }
                 Err(error) if is_code(&error, &["NotFound", "NoSuchKey"]) => {
                     missing = Some("object not found");
@@ -196,7 +222,7 @@ impl Enricher for ObjectEnricher {
                 Err(error) => return Err(store_failure("GetObject", error)),
             }
         }
-        if missing.is_none()
+        if missing.is_none_or(|why| why != REPLACED && why != "object not found")
             && let Some(valid) = self.presign
         {
             let config = PresigningConfig::expires_in(valid)

@@ -3,10 +3,12 @@
 //! `source` and `id` and the bus's duplicate window keeps only the first.
 //!
 //! - `source` is the AWS S3 adapter's `{eventSource}.{awsRegion}.{bucket}`.
-//! - `id` of a created object is `<bucket>/<key>@<ETag>` (the ETag without quotes; the
-//!   version id when a record has no ETag). A listing and a notification both know
-//!   the ETag, and a new upload of different bytes has a new one.
-//! - `id` of anything else (removals, restores, ...) is
+//! - `id` of new content (`ObjectCreated:Put`, `:Post`, `:Copy`,
+//!   `:CompleteMultipartUpload`) is `<bucket>/<key>@<ETag>` (the ETag without quotes;
+//!   the version id when there is no ETag; `t<time>:<size>` when there is neither). A
+//!   listing and a notification both know the ETag, and a new upload of different
+//!   bytes has a new one.
+//! - `id` of anything else (removals, restores, tagging, ...) is
 //!   `<bucket>/<key>#<eventName>@<version id, sequencer or ETag>/<time>`: only the path
 //!   that noticed it deduplicates it (a notification of a deletion carries no ETag).
 
@@ -35,6 +37,20 @@ pub struct ObjectNotice<'a> {
     pub sequencer: Option<&'a str>,
 }
 
+/// Whether an event name is new content under a key (an upload, a copy, a completed
+/// multipart upload), identified by its ETag. Other `ObjectCreated:*` events
+/// (`PutTagging`, `PutRetention`, `PutLegalHold`, ...) keep the upload's ETag and are
+/// identified like removals, so they are not taken for the upload.
+fn is_upload(event_name: &str) -> bool {
+    matches!(
+        event_name,
+        "ObjectCreated:Put"
+            | "ObjectCreated:Post"
+            | "ObjectCreated:Copy"
+            | "ObjectCreated:CompleteMultipartUpload"
+    )
+}
+
 /// The CloudEvents `source` of a bucket's object events.
 pub fn object_source(event_source: &str, region: &str, bucket: &str) -> String {
     format!("{event_source}.{region}.{bucket}")
@@ -53,11 +69,19 @@ impl ObjectNotice<'_> {
     /// The event id: see the module documentation.
     pub fn id(&self) -> Result<String, String> {
         let (bucket, key) = (self.bucket, self.key);
-        if self.event_name.starts_with("ObjectCreated:") {
-            let version = present(self.etag)
-                .or(present(self.version_id))
-                .ok_or("a created object without an ETag or a version id cannot be identified")?;
-            return Ok(format!("{bucket}/{key}@{version}"));
+        if is_upload(self.event_name) {
+            if let Some(version) = present(self.etag).or(present(self.version_id)) {
+                return Ok(format!("{bucket}/{key}@{version}"));
+            }
+            // No ETag (some stores omit it for objects written behind their back):
+            // the modification time and size identify this content well enough.
+            if let (Some(time), Some(size)) = (self.time, self.size) {
+                return Ok(format!("{bucket}/{key}@t{time}:{size}"));
+            }
+            return Err(
+                "a created object without an ETag, a version id or a time cannot be identified"
+                    .to_owned(),
+            );
         }
         let version = present(self.version_id)
             .or(present(self.sequencer))
@@ -157,6 +181,19 @@ mod tests {
         assert_eq!(
             notice("ObjectCreated:Put", None).id().unwrap(),
             "images/a b+c.jpg@v1"
+        );
+        // Tagging keeps the upload's ETag but is not the upload.
+        assert_eq!(
+            notice("ObjectCreated:PutTagging", Some("abc"))
+                .id()
+                .unwrap(),
+            "images/a b+c.jpg#ObjectCreated:PutTagging@v1/2026-11-27T10:00:00Z"
+        );
+        let mut bare = notice("ObjectCreated:Put", None);
+        bare.version_id = None;
+        assert_eq!(
+            bare.id().unwrap(),
+            "images/a b+c.jpg@t2026-11-27T10:00:00Z:3"
         );
         assert_eq!(
             notice("ObjectRemoved:Delete", None).id().unwrap(),

@@ -183,11 +183,16 @@ impl PollMetrics {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct Entry(String, String, u64);
 
-/// A bucket's scan state.
+/// A bucket's scan state. It is written with compare-and-set on its revision, so a
+/// process that lost the bucket to another (a stall past its lease) cannot overwrite
+/// the other's progress; manifest chunks carry the id of the scan that wrote them, so
+/// it cannot overwrite the other's chunks either.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Head {
-    /// The last complete manifest and its number of chunks.
-    generation: u64,
+    /// The last complete manifest: its id and number of chunks.
+    #[serde(default)]
+    manifest: String,
+    #[serde(default)]
     chunks: u32,
     /// A scan under way: the manifest it is writing, chunks written, last key covered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,11 +200,15 @@ struct Head {
     /// `start_after` listings: the last key seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     after: Option<String>,
+    /// When the last scan completed (unix ms): the next is due an interval later,
+    /// whichever process runs it.
+    #[serde(default)]
+    completed_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Scan {
-    generation: u64,
+    manifest: String,
     chunks: u32,
     cursor: String,
 }
@@ -216,8 +225,12 @@ enum ScanError {
     Store(String),
     State(String),
     Bus(String),
-    /// Another process holds the bucket's lease.
+    /// Another process holds the bucket's lease (or wrote its state meanwhile).
     NotOwner,
+    /// The next scan is due in this long (another process, or this one, scanned).
+    NotDue(Duration),
+    /// A chunk of the previous manifest is gone or unreadable.
+    ManifestLost(String),
     Shutdown,
 }
 
@@ -228,6 +241,8 @@ impl std::fmt::Display for ScanError {
             ScanError::State(error) => write!(formatter, "poll state (NATS KV): {error}"),
             ScanError::Bus(error) => write!(formatter, "event bus: {error}"),
             ScanError::NotOwner => write!(formatter, "another process polls this bucket"),
+            ScanError::NotDue(_) => write!(formatter, "not due yet"),
+            ScanError::ManifestLost(error) => write!(formatter, "previous manifest lost: {error}"),
             ScanError::Shutdown => write!(formatter, "shutting down"),
         }
     }
@@ -315,8 +330,15 @@ impl Poller {
         format!("{}.{}.{suffix}", self.config.name, self.bucket)
     }
 
-    fn chunk_key(&self, generation: u64, chunk: u32) -> String {
-        self.key(&format!("g{generation}.c{chunk}"))
+    fn chunk_key(&self, manifest: &str, chunk: u32) -> String {
+        self.key(&format!("m{manifest}.c{chunk}"))
+    }
+
+    /// Whether `key` is one of this bucket's manifest chunks, and which: exactly
+    /// `<source>.<bucket>.m<id>.c<n>` (another bucket's keys, `logs.gz` beside `logs`,
+    /// never match).
+    fn parse_chunk_key<'k>(&self, key: &'k str) -> Option<(&'k str, u32)> {
+        parse_chunk_key(&self.key(""), key)
     }
 
     fn lease_time(&self) -> Duration {
@@ -346,6 +368,7 @@ impl Poller {
                     self.config.interval
                 }
                 Err(ScanError::Shutdown) => break,
+                Err(ScanError::NotDue(remaining)) => remaining,
                 Err(ScanError::NotOwner) => {
                     // Try again when the holder's lease could have lapsed.
                     self.config.interval.min(self.lease_time() / 2)
@@ -353,11 +376,12 @@ impl Poller {
                 Err(error) => {
                     failures += 1;
                     self.metrics.errors.get_or_create(&self.labels).inc();
-                    // Backoff: 1 s doubling, at most the interval (and 60 s).
+                    // Backoff: 1 s doubling, at most 32 s and the interval.
                     let backoff = Duration::from_secs(1 << failures.min(6).saturating_sub(1))
-                        .min(self.config.interval.max(Duration::from_secs(1)))
-                        .min(Duration::from_secs(60));
-                    if failures == 1 || failures.is_power_of_two() {
+                        .min(self.config.interval.max(Duration::from_secs(1)));
+                    if let ScanError::ManifestLost(_) = error {
+                        tracing::error!(source = %self.config.name, bucket = %self.bucket, %error, "the previous scan's manifest is lost; the next scan starts from an empty one (every object is emitted again with its own id; the duplicate window drops what it still remembers)");
+                    } else if failures == 1 || failures.is_power_of_two() {
                         tracing::warn!(source = %self.config.name, bucket = %self.bucket, %error, failures, retry_in = ?backoff, "poll failed; it resumes from its checkpoint");
                     }
                     backoff
@@ -397,8 +421,8 @@ impl Poller {
             .entry(&key)
             .await
             .map_err(|error| ScanError::State(error.to_string()))?;
-        let result = match entry {
-            Some(entry) if !entry.value.is_empty() => {
+        let written = match entry {
+            Some(entry) => {
                 let holder: Option<Lease> = serde_json::from_slice(&entry.value).ok();
                 if let Some(holder) = holder
                     && holder.owner != self.owner
@@ -409,45 +433,62 @@ impl Poller {
                 state
                     .update(&key, mine.into(), entry.revision)
                     .await
-                    .map(|_| ())
-                    .map_err(|error| error.to_string())
+                    .is_ok()
             }
-            Some(entry) => state
-                .update(&key, mine.into(), entry.revision)
-                .await
-                .map(|_| ())
-                .map_err(|error| error.to_string()),
-            None => state
-                .create(&key, mine.into())
-                .await
-                .map(|_| ())
-                .map_err(|error| error.to_string()),
+            None => state.create(&key, mine.into()).await.is_ok(),
         };
-        // Losing a race for the lease means another process has it.
-        result.map_err(|_| ScanError::NotOwner)
+        if written {
+            return Ok(());
+        }
+        // Lost a race for it, or KV failed: which one?
+        state
+            .entry(&key)
+            .await
+            .map_err(|error| ScanError::State(error.to_string()))?;
+        Err(ScanError::NotOwner)
     }
 
-    async fn read_head(&self, state: &kv::Store) -> Result<Head, ScanError> {
+    /// The head and its revision (`None`: never written).
+    async fn read_head(&self, state: &kv::Store) -> Result<(Head, Option<u64>), ScanError> {
         match state
-            .get(self.key("head"))
+            .entry(self.key("head"))
             .await
             .map_err(|error| ScanError::State(error.to_string()))?
         {
-            Some(value) => serde_json::from_slice(&value)
+            Some(entry) if !entry.value.is_empty() => serde_json::from_slice(&entry.value)
+                .map(|head| (head, Some(entry.revision)))
                 .map_err(|error| ScanError::State(format!("unreadable head: {error}"))),
-            None => Ok(Head::default()),
+            Some(entry) => Ok((Head::default(), Some(entry.revision))),
+            None => Ok((Head::default(), None)),
         }
     }
 
-    async fn write_head(&self, state: &kv::Store, head: &Head) -> Result<(), ScanError> {
-        state
-            .put(
-                self.key("head"),
-                serde_json::to_vec(head).expect("a head serializes").into(),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|error| ScanError::State(error.to_string()))
+    /// Writes the head if nobody else did since `revision`; returns the new revision.
+    async fn write_head(
+        &self,
+        state: &kv::Store,
+        head: &Head,
+        revision: Option<u64>,
+    ) -> Result<u64, ScanError> {
+        let value: bytes::Bytes = serde_json::to_vec(head).expect("a head serializes").into();
+        let key = self.key("head");
+        let written = match revision {
+            Some(revision) => state.update(&key, value, revision).await.ok(),
+            None => state.create(&key, value).await.ok(),
+        };
+        match written {
+            Some(revision) => Ok(revision),
+            None => {
+                // Someone else wrote it (a process that took the bucket over), or KV
+                // failed: which one?
+                let (_, now) = self.read_head(state).await?;
+                if now != revision {
+                    Err(ScanError::NotOwner)
+                } else {
+                    Err(ScanError::State("writing the head failed".to_owned()))
+                }
+            }
+        }
     }
 
     fn check_shutdown(&self) -> Result<(), ScanError> {
@@ -510,7 +551,8 @@ impl Poller {
         Ok(event)
     }
 
-    /// One listing page: the entries (filtered) and where the next page starts.
+    /// One listing page: the entries (filtered, in strictly increasing key order) and
+    /// where the next page starts.
     async fn page(
         &self,
         start_after: Option<&str>,
@@ -539,10 +581,18 @@ impl Poller {
             })?,
             () = self.shutdown.cancelled() => return Err(ScanError::Shutdown),
         };
-        let mut last_key = None;
+        let mut last_key: Option<String> =
+            start_after.filter(|_| token.is_none()).map(str::to_owned);
         let mut entries = Vec::new();
         for object in output.contents() {
             let Some(key) = object.key() else { continue };
+            // The merge with the previous manifest needs S3's order (UTF-8 bytes).
+            if last_key.as_deref().is_some_and(|last| key <= last) {
+                return Err(ScanError::Store(format!(
+                    "the store lists `{key}` after `{}`: not in key order, which polling needs",
+                    last_key.unwrap_or_default()
+                )));
+            }
             last_key = Some(key.to_owned());
             self.metrics
                 .objects_listed
@@ -575,29 +625,41 @@ impl Poller {
         Ok((entries, next, last_key))
     }
 
-    /// Persists events, retrying while the bus is unavailable.
+    /// Persists events, retrying while the bus is unavailable. An event larger than
+    /// the bus accepts is stored as a dead letter; the others go on.
     async fn persist(&self, events: Vec<Event>) -> Result<(), ScanError> {
         if events.is_empty() {
             return Ok(());
         }
         let count = events.len() as u64;
-        let mut attempt = 0u32;
-        loop {
-            match self.bus.publish_events(&events).await {
-                Ok(_) => break,
-                Err(PublishError::TooLarge(error)) => {
-                    // Object events are small; one that is not is stored as a dead letter.
-                    for event in events {
-                        if let Err(failure) = self
-                            .bus
+        match self.publish_retrying(&events).await? {
+            Ok(()) => {}
+            Err(_) => {
+                // One is too large: one by one, in order, to find it.
+                for event in events {
+                    if let Err(error) = self.publish_retrying(std::slice::from_ref(&event)).await? {
+                        self.bus
                             .dead_letter_input(&self.config.name, event, "too_large", &error)
                             .await
-                        {
-                            return Err(ScanError::Bus(failure.to_string()));
-                        }
+                            .map_err(|failure| ScanError::Bus(failure.to_string()))?;
                     }
-                    break;
                 }
+            }
+        }
+        self.metrics
+            .events
+            .get_or_create(&self.labels)
+            .inc_by(count);
+        Ok(())
+    }
+
+    /// `Ok(Ok)` once stored, `Ok(Err(why))` when one is too large.
+    async fn publish_retrying(&self, events: &[Event]) -> Result<Result<(), String>, ScanError> {
+        let mut attempt = 0u32;
+        loop {
+            match self.bus.publish_events(events).await {
+                Ok(_) => return Ok(Ok(())),
+                Err(PublishError::TooLarge(error)) => return Ok(Err(error)),
                 Err(error) => {
                     attempt += 1;
                     if attempt >= 5 {
@@ -610,25 +672,49 @@ impl Poller {
                 }
             }
         }
-        self.metrics
-            .events
-            .get_or_create(&self.labels)
-            .inc_by(count);
-        Ok(())
     }
 
     async fn scan(&self, state: &kv::Store) -> Result<(), ScanError> {
         self.lease(state).await?;
+        let (head, revision) = self.read_head(state).await?;
+        // Not before an interval after the last complete scan, whoever ran it (a
+        // process that takes the bucket over between scans waits too).
+        if head.scan.is_none() && head.completed_ms > 0 {
+            let due = head.completed_ms
+                + i64::try_from(self.config.interval.as_millis()).unwrap_or(i64::MAX);
+            let now = now_ms();
+            if now < due {
+                return Err(ScanError::NotDue(Duration::from_millis(
+                    u64::try_from(due - now).unwrap_or(0),
+                )));
+            }
+        }
         match self.config.listing {
-            Listing::Full => self.full_scan(state).await?,
-            Listing::StartAfter => self.scan_after(state).await?,
+            Listing::Full => match self.full_scan(state, head.clone(), revision).await {
+                Err(ScanError::ManifestLost(error)) => {
+                    // Start over from an empty manifest, if the head is still the one
+                    // that pointed at the lost chunks.
+                    let fresh = Head {
+                        completed_ms: head.completed_ms,
+                        ..Head::default()
+                    };
+                    self.write_head(state, &fresh, revision).await?;
+                    return Err(ScanError::ManifestLost(error));
+                }
+                other => other?,
+            },
+            Listing::StartAfter => self.scan_after(state, head, revision).await?,
         }
         self.metrics.scans.get_or_create(&self.labels).inc();
         Ok(())
     }
 
-    async fn scan_after(&self, state: &kv::Store) -> Result<(), ScanError> {
-        let mut head = self.read_head(state).await?;
+    async fn scan_after(
+        &self,
+        state: &kv::Store,
+        mut head: Head,
+        mut revision: Option<u64>,
+    ) -> Result<(), ScanError> {
         let mut token: Option<String> = None;
         loop {
             self.check_shutdown()?;
@@ -642,10 +728,15 @@ impl Poller {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             self.persist(events).await?;
-            if let Some(last) = last_key {
-                head.after = Some(last);
+            if next.is_none() {
+                head.completed_ms = now_ms();
+            }
+            if last_key.is_some() || next.is_none() {
+                if let Some(last) = last_key {
+                    head.after = Some(last);
+                }
                 self.lease(state).await?;
-                self.write_head(state, &head).await?;
+                revision = Some(self.write_head(state, &head, revision).await?);
             }
             match next {
                 Some(next) => token = Some(next),
@@ -654,16 +745,24 @@ impl Poller {
         }
     }
 
-    async fn full_scan(&self, state: &kv::Store) -> Result<(), ScanError> {
-        let head = self.read_head(state).await?;
-        let (generation, mut written, cursor) = match &head.scan {
-            Some(scan) => (scan.generation, scan.chunks, Some(scan.cursor.clone())),
-            None => (head.generation + 1, 0, None),
+    async fn full_scan(
+        &self,
+        state: &kv::Store,
+        head: Head,
+        mut revision: Option<u64>,
+    ) -> Result<(), ScanError> {
+        let (manifest, mut written, cursor) = match &head.scan {
+            Some(scan) => (
+                scan.manifest.clone(),
+                scan.chunks,
+                Some(scan.cursor.clone()),
+            ),
+            None => (new_manifest_id(), 0, None),
         };
         let mut old = Manifest {
             poller: self,
             state,
-            generation: head.generation,
+            manifest: head.manifest.clone(),
             chunks: head.chunks,
             next_chunk: 0,
             entries: VecDeque::new(),
@@ -671,6 +770,10 @@ impl Poller {
         if let Some(cursor) = &cursor {
             old.skip_through(cursor).await?;
         }
+        let chunk_limit = CHUNK_BYTES.min(self.bus.max_event_bytes() / 2);
+        let flush_at = usize::try_from(self.config.page_size)
+            .unwrap_or(1000)
+            .max(1);
         let now = switchyard_event::timestamp::now_rfc3339();
         let mut token: Option<String> = None;
         let mut cursor = cursor;
@@ -686,6 +789,11 @@ impl Poller {
                     let gone = old.pop().expect("peeked");
                     if self.config.deletions {
                         events.push(self.removed_event(&gone, &now)?);
+                        if events.len() >= flush_at {
+                            // Removal ids do not depend on when they are noticed: a
+                            // crash after this re-emits the same ones.
+                            self.persist(std::mem::take(&mut events)).await?;
+                        }
                     }
                 }
                 let unchanged = match old.peek().await? {
@@ -708,18 +816,24 @@ impl Poller {
                 while let Some(gone) = old.next_entry().await? {
                     if self.config.deletions {
                         events.push(self.removed_event(&gone, &now)?);
+                        if events.len() >= flush_at {
+                            self.persist(std::mem::take(&mut events)).await?;
+                        }
                     }
                 }
             }
-            self.note_held(entries.len() + old.entries.len());
+            self.note_held(entries.len() + old.entries.len() + events.len());
             self.persist(events).await?;
-            // Then the page's part of the new manifest, then the cursor.
+            // Then the page's part of the new manifest (under this scan's id, so a
+            // process that lost the bucket meanwhile writes only its own chunks),
+            // then the cursor.
+            self.lease(state).await?;
             let page: Vec<Entry> = entries.into_iter().map(|(entry, _)| entry).collect();
-            for chunk in split_chunks(page) {
+            for chunk in split_chunks(page, chunk_limit) {
                 let last = chunk.last().map(|entry| entry.0.clone());
                 state
                     .put(
-                        self.chunk_key(generation, written),
+                        self.chunk_key(&manifest, written),
                         serde_json::to_vec(&chunk)
                             .expect("a chunk serializes")
                             .into(),
@@ -731,22 +845,24 @@ impl Poller {
                     cursor = Some(last);
                 }
             }
-            self.lease(state).await?;
             if next.is_some()
                 && let Some(cursor) = &cursor
             {
-                self.write_head(
-                    state,
-                    &Head {
-                        scan: Some(Scan {
-                            generation,
-                            chunks: written,
-                            cursor: cursor.clone(),
-                        }),
-                        ..head.clone()
-                    },
-                )
-                .await?;
+                revision = Some(
+                    self.write_head(
+                        state,
+                        &Head {
+                            scan: Some(Scan {
+                                manifest: manifest.clone(),
+                                chunks: written,
+                                cursor: cursor.clone(),
+                            }),
+                            ..head.clone()
+                        },
+                        revision,
+                    )
+                    .await?,
+                );
             }
             match next {
                 Some(next) => token = Some(next),
@@ -756,36 +872,31 @@ impl Poller {
         self.write_head(
             state,
             &Head {
-                generation,
+                manifest: manifest.clone(),
                 chunks: written,
                 scan: None,
                 after: None,
+                completed_ms: now_ms(),
             },
+            revision,
         )
         .await?;
-        self.collect_garbage(state, generation, written).await;
+        // Only after the head moved to the new manifest (and nobody else had written
+        // it): the old one and any abandoned scan's chunks go.
+        self.collect_garbage(state, &manifest, written).await;
         Ok(())
     }
 
-    /// Removes manifest chunks other than the current generation's.
-    async fn collect_garbage(&self, state: &kv::Store, generation: u64, chunks: u32) {
-        let prefix = self.key("g");
-        let keep = |key: &str| -> bool {
-            let Some(rest) = key.strip_prefix(&prefix) else {
-                return true;
-            };
-            let Some((gen_text, chunk_text)) = rest.split_once(".c") else {
-                return true;
-            };
-            gen_text.parse::<u64>().ok() == Some(generation)
-                && chunk_text.parse::<u32>().is_ok_and(|chunk| chunk < chunks)
-        };
+    /// Removes this bucket's manifest chunks other than the current manifest's.
+    async fn collect_garbage(&self, state: &kv::Store, manifest: &str, chunks: u32) {
         let Ok(mut keys) = state.keys().await else {
             return;
         };
         let mut stale = Vec::new();
         while let Some(Ok(key)) = keys.next().await {
-            if key.starts_with(&prefix) && !keep(&key) {
+            if let Some((id, chunk)) = self.parse_chunk_key(&key)
+                && (id != manifest || chunk >= chunks)
+            {
                 stale.push(key);
             }
         }
@@ -793,6 +904,27 @@ impl Poller {
             let _ = state.purge(&key).await;
         }
     }
+}
+
+/// `(manifest id, chunk)` of a key `<prefix>m<id>.c<n>`, where `prefix` is
+/// `<source>.<bucket>.`; `None` for anything else.
+fn parse_chunk_key<'k>(prefix: &str, key: &'k str) -> Option<(&'k str, u32)> {
+    let rest = key.strip_prefix(prefix)?;
+    let (manifest, chunk) = rest.strip_prefix('m')?.split_once(".c")?;
+    let valid = !manifest.is_empty()
+        && manifest
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric());
+    valid.then_some(())?;
+    Some((manifest, chunk.parse().ok()?))
+}
+
+/// A fresh manifest id: unique per scan, letters and digits.
+fn new_manifest_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{:x}{:x}", now.as_nanos(), std::process::id())
 }
 
 fn created_name(etag: &str) -> &'static str {
@@ -804,16 +936,16 @@ fn created_name(etag: &str) -> &'static str {
     }
 }
 
-/// Splits a page's entries into chunks of at most [`CHUNK_BYTES`].
-fn split_chunks(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
+/// Splits a page's entries into chunks whose JSON is at most `limit` bytes.
+fn split_chunks(entries: Vec<Entry>, limit: usize) -> Vec<Vec<Entry>> {
     let mut chunks = Vec::new();
     let mut chunk = Vec::new();
-    let mut bytes = 0;
+    let mut bytes = 2;
     for entry in entries {
-        let size = entry.0.len() + entry.1.len() + 32;
-        if !chunk.is_empty() && bytes + size > CHUNK_BYTES {
+        let size = serde_json::to_vec(&entry).map_or(0, |json| json.len()) + 1;
+        if !chunk.is_empty() && bytes + size > limit {
             chunks.push(std::mem::take(&mut chunk));
-            bytes = 0;
+            bytes = 2;
         }
         bytes += size;
         chunk.push(entry);
@@ -828,7 +960,7 @@ fn split_chunks(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
 struct Manifest<'a> {
     poller: &'a Poller,
     state: &'a kv::Store,
-    generation: u64,
+    manifest: String,
     chunks: u32,
     next_chunk: u32,
     entries: VecDeque<Entry>,
@@ -837,15 +969,15 @@ struct Manifest<'a> {
 impl Manifest<'_> {
     async fn fill(&mut self) -> Result<(), ScanError> {
         while self.entries.is_empty() && self.next_chunk < self.chunks {
-            let key = self.poller.chunk_key(self.generation, self.next_chunk);
+            let key = self.poller.chunk_key(&self.manifest, self.next_chunk);
             let value = self
                 .state
                 .get(&key)
                 .await
                 .map_err(|error| ScanError::State(error.to_string()))?
-                .ok_or_else(|| ScanError::State(format!("manifest chunk `{key}` is missing")))?;
+                .ok_or_else(|| ScanError::ManifestLost(format!("chunk `{key}` is missing")))?;
             let chunk: Vec<Entry> = serde_json::from_slice(&value)
-                .map_err(|error| ScanError::State(format!("manifest chunk `{key}`: {error}")))?;
+                .map_err(|error| ScanError::ManifestLost(format!("chunk `{key}`: {error}")))?;
             self.entries.extend(chunk);
             self.next_chunk += 1;
         }
@@ -887,16 +1019,38 @@ mod tests {
         let entries: Vec<Entry> = (0..3000)
             .map(|index| Entry(format!("{index:0>200}"), "e".repeat(32), 1))
             .collect();
-        let chunks = split_chunks(entries.clone());
+        let chunks = split_chunks(entries.clone(), CHUNK_BYTES);
         assert!(chunks.len() >= 3, "{}", chunks.len());
         for chunk in &chunks {
-            let bytes: usize = chunk
-                .iter()
-                .map(|entry| entry.0.len() + entry.1.len() + 32)
-                .sum();
-            assert!(bytes <= CHUNK_BYTES);
+            assert!(serde_json::to_vec(chunk).unwrap().len() <= CHUNK_BYTES);
         }
         assert_eq!(chunks.concat(), entries);
+        // Keys that JSON escapes (control characters: six bytes each) still fit.
+        let escaped: Vec<Entry> = (0..400)
+            .map(|index| {
+                Entry(
+                    format!("{index:04}{}", "\u{1}".repeat(1000)),
+                    "e".repeat(32),
+                    1,
+                )
+            })
+            .collect();
+        for chunk in split_chunks(escaped, CHUNK_BYTES) {
+            assert!(serde_json::to_vec(&chunk).unwrap().len() <= CHUNK_BYTES);
+        }
+    }
+
+    #[test]
+    fn chunk_keys_are_recognised_exactly() {
+        assert_eq!(
+            parse_chunk_key("src.logs.", "src.logs.mab12.c3"),
+            Some(("ab12", 3))
+        );
+        // Another bucket's keys (`logs.gz` beside `logs`) are not this bucket's.
+        assert_eq!(parse_chunk_key("src.logs.", "src.logs.gz.mab12.c3"), None);
+        assert_eq!(parse_chunk_key("src.logs.", "src.logs.head"), None);
+        assert_eq!(parse_chunk_key("src.logs.", "src.logs.m.c3"), None);
+        assert_eq!(parse_chunk_key("src.logs.", "src.logs.mab12.cx"), None);
     }
 
     #[test]

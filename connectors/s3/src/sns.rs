@@ -76,6 +76,33 @@ pub struct SnsVerifier {
     keys: Mutex<HashMap<String, Vec<u8>>>,
 }
 
+/// Whether `url` is under `prefix`: same scheme, host and port, and a path that
+/// starts with the prefix's path (compared parsed, so `https://sns.example.com` does
+/// not admit `https://sns.example.com.evil.net/` or `https://sns.example.com@evil/`).
+fn under_prefix(url: &str, prefix: &str) -> bool {
+    let (Ok(url), Ok(prefix)) = (reqwest::Url::parse(url), reqwest::Url::parse(prefix)) else {
+        return false;
+    };
+    url.scheme() == prefix.scheme()
+        && url.host_str() == prefix.host_str()
+        && url.port_or_known_default() == prefix.port_or_known_default()
+        && url.username().is_empty()
+        && url.path().starts_with(prefix.path())
+}
+
+/// Whether a body looks like an SNS message (whatever its headers say).
+pub fn looks_like_sns(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "Type")]
+        kind: Option<String>,
+        #[serde(rename = "TopicArn")]
+        topic: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(body)
+        .is_ok_and(|probe| probe.kind.is_some() && probe.topic.is_some())
+}
+
 /// Whether `url` is an SNS endpoint: `https://sns.<region>.amazonaws.com[.cn]/...`.
 fn is_aws_sns_url(url: &str) -> bool {
     let Ok(url) = reqwest::Url::parse(url) else {
@@ -100,8 +127,10 @@ fn is_aws_sns_url(url: &str) -> bool {
 }
 
 impl SnsVerifier {
-    /// `topics`: accepted topic ARNs (any when empty). `url_prefixes`: URLs trusted
-    /// for certificates and subscription confirmation instead of AWS's.
+    /// `topics`: accepted topic ARNs (SNS messages are refused when empty: any AWS
+    /// account could otherwise subscribe its own topic, and its messages would be
+    /// validly signed). `url_prefixes`: URLs trusted for certificates and subscription
+    /// confirmation instead of AWS's.
     pub fn new(
         topics: Vec<String>,
         url_prefixes: Vec<String>,
@@ -121,14 +150,19 @@ impl SnsVerifier {
         } else {
             self.url_prefixes
                 .iter()
-                .any(|prefix| url.starts_with(prefix.as_str()))
+                .any(|prefix| under_prefix(url, prefix))
         }
+    }
+
+    /// Whether this hook accepts SNS at all: only for the topics it names.
+    pub fn accepts_sns(&self) -> bool {
+        !self.topics.is_empty()
     }
 
     /// Parses and verifies an SNS message.
     pub async fn verify(&self, body: &[u8]) -> Result<SnsMessage, SnsError> {
         let message: SnsMessage = serde_json::from_slice(body)?;
-        if !self.topics.is_empty() && !self.topics.contains(&message.topic_arn) {
+        if !self.topics.contains(&message.topic_arn) {
             return Err(SnsError::Topic(message.topic_arn));
         }
         if !self.trusted(&message.signing_cert_url) {
@@ -270,6 +304,30 @@ mod tests {
         assert!(!is_aws_sns_url(
             "https://sns.us-east-1.amazonaws.com:8443/x.pem"
         ));
+    }
+
+    #[test]
+    fn configured_prefixes_are_compared_parsed() {
+        let prefix = "https://sns.example.com/certs/";
+        assert!(under_prefix("https://sns.example.com/certs/a.pem", prefix));
+        assert!(!under_prefix(
+            "https://sns.example.com.evil.net/certs/a.pem",
+            prefix
+        ));
+        assert!(!under_prefix(
+            "https://sns.example.com@evil.net/certs/a.pem",
+            prefix
+        ));
+        assert!(!under_prefix("http://sns.example.com/certs/a.pem", prefix));
+        assert!(!under_prefix(
+            "https://sns.example.com:8443/certs/a.pem",
+            prefix
+        ));
+        assert!(!under_prefix("https://sns.example.com/other/a.pem", prefix));
+        assert!(looks_like_sns(
+            br#"{"Type":"Notification","TopicArn":"arn:x","Message":"{}"}"#
+        ));
+        assert!(!looks_like_sns(br#"{"Records":[]}"#));
     }
 
     #[test]

@@ -156,6 +156,11 @@ pub struct TriggerConfig {
 pub struct EnrichConfig {
     /// The `[stores.<name>]` the objects are in.
     pub store: String,
+    /// Only objects in these buckets are enriched (any when empty): the bucket and key
+    /// come from the event, so this bounds what an event's sender can make
+    /// Switchyard read with the store's credentials.
+    #[serde(default)]
+    pub buckets: Vec<String>,
     /// A presigned GET URL valid this long, in the `s3url` extension.
     #[serde(default, with = "humantime_serde")]
     pub presign: Option<Duration>,

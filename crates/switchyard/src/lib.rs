@@ -372,6 +372,7 @@ async fn build_enricher(
     Ok(Arc::new(
         switchyard_connector_s3::enrich::ObjectEnricher::new(
             store.get_ref().client().await,
+            enrich.buckets.clone(),
             enrich.presign,
             enrich.metadata,
             enrich.tags,
