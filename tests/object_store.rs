@@ -1011,3 +1011,43 @@ async fn the_real_binary_polls_with_credentials_from_the_standard_aws_chain() {
     assert_eq!(calls.len(), 2, "{:?}", calls.keys());
     assert!(calls.contains_key("chain/1.txt") && calls.contains_key("chain/2.txt"));
 }
+
+#[tokio::test]
+async fn a_lost_manifest_is_logged_and_the_poller_starts_over_instead_of_stalling() {
+    let setup = Polled::start().await;
+    let keys: Vec<String> = (0..5).map(|index| format!("m/{index}")).collect();
+    for key in &keys {
+        put(&setup.client, &setup.bucket, key, b"1".to_vec()).await;
+    }
+    let text = setup.config("");
+    let switchyard = Switchyard::start(text).await;
+    setup.function.wait_for(5, WAIT).await;
+    wait_scans(&switchyard, 1.0).await;
+    // Lose the manifest: purge every chunk of the poll state.
+    let bus = switchyard.bus().await;
+    let state = bus
+        .jetstream()
+        .get_key_value(format!("{}_S3_POLL", bus.events_stream()))
+        .await
+        .unwrap();
+    let mut names = state.keys().await.unwrap();
+    let mut purged = 0;
+    while let Some(Ok(name)) = names.next().await {
+        if name.contains(".m") && name.contains(".c") {
+            state.purge(&name).await.unwrap();
+            purged += 1;
+        }
+    }
+    assert!(purged > 0, "no manifest chunk found to purge");
+    // The poller notices, starts from an empty manifest, and keeps polling: a new
+    // object arrives; the old ones are emitted again with their ids and dropped by
+    // the duplicate window, so each key is still delivered once.
+    put(&setup.client, &setup.bucket, "m/new", b"2".to_vec()).await;
+    setup.function.wait_for(6, WAIT).await;
+    wait_scans(&switchyard, 2.0).await;
+    assert!(switchyard.metric("switchyard_s3_poll_errors_total").await >= 1.0);
+    let calls = calls_by_key(&setup.function);
+    assert_eq!(setup.function.received().len(), 6, "{:?}", calls.keys());
+    assert!(calls.values().all(|calls| calls.len() == 1));
+    switchyard.stop().await;
+}
