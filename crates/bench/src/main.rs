@@ -781,6 +781,15 @@ fn main() -> anyhow::Result<()> {
             objects::bench_objects(&nats, notified, polled).await?;
             return Ok(());
         }
+        if arguments.iter().any(|argument| argument == "--poll-memory") {
+            let sizes: &[usize] = if quick {
+                &[1_000, 10_000]
+            } else {
+                &[10_000, 100_000]
+            };
+            objects::bench_poll_memory(&nats, &binary, sizes).await?;
+            return Ok(());
+        }
         if arguments.iter().any(|argument| argument == "--kafka-only") {
             kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
             return Ok(());

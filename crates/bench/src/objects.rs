@@ -312,3 +312,85 @@ pub async fn bench_objects(nats: &Nats, count: usize, poll_count: usize) -> anyh
     }
     Ok(())
 }
+
+/// Peak resident memory of the real `switchyard` binary while it polls buckets of
+/// growing size (first scan: every object is new), from `/proc/<pid>/status` VmHWM.
+/// Bounded memory means the peak does not grow with the bucket.
+pub async fn bench_poll_memory(
+    nats: &Nats,
+    binary: &std::path::Path,
+    sizes: &[usize],
+) -> anyhow::Result<()> {
+    let function = NoopFunction::start(false).await;
+    let store = ObjectStore::start(Notifications::None);
+    let s3 = store.client().await;
+    println!(
+        "| objects in the bucket | delivered in | peak RSS (VmHWM) of the switchyard process |\n|---|---|---|"
+    );
+    for (index, &size) in sizes.iter().enumerate() {
+        let bucket = format!("memory{index}");
+        s3.create_bucket().bucket(&bucket).send().await?;
+        upload(&s3, &bucket, 0..size).await;
+        let admin = free_port();
+        let extra = format!(
+            "{}\n[[sources]]\ntype = \"s3\"\nname = \"poll\"\nstore = \"bench\"\nbuckets = [\"{bucket}\"]\ninterval = \"5s\"\n",
+            store.config_table("bench")
+        );
+        let text = set_admin(
+            &config_text(
+                nats,
+                free_port(),
+                &function.url(),
+                &format!("mem{index}"),
+                &extra,
+            ),
+            admin,
+        );
+        let directory = tempfile::tempdir()?;
+        let path = directory.path().join("bench.toml");
+        std::fs::write(&path, text)?;
+        function.count.store(0, Ordering::SeqCst);
+        let started = Instant::now();
+        let mut child = std::process::Command::new(binary)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let done = wait_count(&function, size, Duration::from_secs(600)).await;
+        let peak = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|line| line.starts_with("VmHWM:"))
+                    .and_then(|line| line.split_whitespace().nth(1))
+                    .and_then(|value| value.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        let _ = child.kill();
+        let _ = child.wait();
+        match done {
+            Some(done) => println!(
+                "| {size} | {:.1} s | {:.1} MiB |",
+                (done - started).as_secs_f64(),
+                peak as f64 / 1024.0
+            ),
+            None => println!(
+                "| {size} | not all within 600 s | {:.1} MiB |",
+                peak as f64 / 1024.0
+            ),
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// The config text with its admin listener on `admin`.
+fn set_admin(text: &str, admin: u16) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if let Some(index) = lines.iter().position(|line| line.trim() == "[admin]") {
+        lines[index + 1] = format!("listen = \"127.0.0.1:{admin}\"");
+    }
+    lines.join("\n")
+}
