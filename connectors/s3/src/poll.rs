@@ -40,6 +40,7 @@ use switchyard_bus::async_nats::jetstream::kv;
 use switchyard_event::{Event, PublishError};
 use tokio_util::sync::CancellationToken;
 
+use crate::notification::decode_key;
 use crate::object::{ObjectNotice, bare_etag};
 use crate::store::StoreConfig;
 
@@ -562,7 +563,11 @@ impl Poller {
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
-            .max_keys(self.config.page_size);
+            .max_keys(self.config.page_size)
+            // Keys come back URL-encoded, so a key with characters XML 1.0 cannot carry
+            // does not make the page unreadable (stores that ignore this answer
+            // without `EncodingType` and plain keys).
+            .encoding_type(aws_sdk_s3::types::EncodingType::Url);
         if let Some(prefix) = &self.config.prefix {
             request = request.prefix(prefix);
         }
@@ -584,8 +589,12 @@ impl Poller {
         let mut last_key: Option<String> =
             start_after.filter(|_| token.is_none()).map(str::to_owned);
         let mut entries = Vec::new();
+        let encoded = output.encoding_type() == Some(&aws_sdk_s3::types::EncodingType::Url);
         for object in output.contents() {
             let Some(key) = object.key() else { continue };
+            // Decoded as the SDKs do (`+` is a space, then percent-decoding).
+            let decoded = encoded.then(|| decode_key(key));
+            let key = decoded.as_deref().unwrap_or(key);
             // The merge with the previous manifest needs S3's order (UTF-8 bytes).
             if last_key.as_deref().is_some_and(|last| key <= last) {
                 return Err(ScanError::Store(format!(
