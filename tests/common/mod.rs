@@ -19,66 +19,8 @@ use axum::response::{IntoResponse, Response};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-pub use switchyard_testkit::nats_server_binary;
-
 #[allow(unused_imports)]
-pub use switchyard_testkit::free_port;
-
-/// A nats-server with JetStream on a random port and a temporary store, stopped on
-/// drop.
-pub struct NatsServer {
-    server: switchyard_testkit::ServerProcess,
-    pub port: u16,
-    _store: std::sync::Arc<tempfile::TempDir>,
-}
-
-impl NatsServer {
-    pub fn start() -> NatsServer {
-        let store = std::sync::Arc::new(tempfile::tempdir().unwrap());
-        let port = free_port();
-        let directory = store.clone();
-        let server = switchyard_testkit::ServerProcess::start(
-            "nats-server",
-            port,
-            Duration::from_secs(10),
-            move || {
-                let mut command = Command::new(nats_server_binary());
-                command
-                    .args([
-                        "--jetstream",
-                        "--addr",
-                        "127.0.0.1",
-                        "--port",
-                        &port.to_string(),
-                        "--store_dir",
-                    ])
-                    .arg(directory.path())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-                command
-            },
-        );
-        NatsServer {
-            server,
-            port,
-            _store: store,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server, keeping its store.
-    pub fn stop(&mut self) {
-        self.server.stop();
-    }
-
-    /// Starts it again on the same port with the same store.
-    pub fn restart(&mut self) {
-        self.server.restart();
-    }
-}
+pub use switchyard_testkit::{NatsServer, free_port};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 

@@ -122,11 +122,11 @@ fn record_event(
     mut raw: Value,
     keys: KeyEncoding,
 ) -> Result<Event, NotificationError> {
-    let record: Record =
-        serde_json::from_value(raw.clone()).map_err(|error| NotificationError::Record {
-            index,
-            reason: error.to_string(),
-        })?;
+    // Read through a reference: the record is not copied to be parsed.
+    let record = Record::deserialize(&raw).map_err(|error| NotificationError::Record {
+        index,
+        reason: error.to_string(),
+    })?;
     let object = &record.s3.object;
     let key = match keys {
         KeyEncoding::Url => decode_key(&object.key),
@@ -151,7 +151,7 @@ fn record_event(
     if let Some(object) = raw.pointer_mut("/s3/object/key") {
         *object = Value::String(key.clone());
     }
-    let data = raw.get("s3").cloned().unwrap_or(Value::Null);
+    let data = raw.get_mut("s3").map(Value::take).unwrap_or(Value::Null);
     notice
         .event(&data)
         .map_err(|reason| NotificationError::Record { index, reason })

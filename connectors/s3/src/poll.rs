@@ -24,7 +24,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::DateTimeFormat;
@@ -274,36 +274,24 @@ pub async fn run(
     let client = store.client().await;
     let config = Arc::new(config);
     let store = Arc::new(store);
-    let owner = uuid_like();
+    let owner = uuid::Uuid::now_v7().simple().to_string();
     let mut tasks = Vec::new();
     for bucket in config.buckets.clone() {
         let poller = Poller {
-            labels: PollLabels {
-                source: config.name.clone(),
-                bucket: bucket.clone(),
-            },
+            meters: Meters::new(&metrics, &config.name, &bucket),
             config: config.clone(),
             store: store.clone(),
             client: client.clone(),
             bus: bus.clone(),
-            metrics: metrics.clone(),
             shutdown: shutdown.clone(),
             owner: owner.clone(),
             bucket,
-            held: Arc::new(AtomicI64::new(0)),
         };
         tasks.push(tokio::spawn(poller.run()));
     }
     for task in tasks {
         let _ = task.await;
     }
-}
-
-fn uuid_like() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}-{}", std::process::id(), now.as_nanos())
 }
 
 fn now_ms() -> i64 {
@@ -313,17 +301,40 @@ fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// One bucket's metrics, looked up once.
+struct Meters {
+    listed: Counter,
+    events: Counter,
+    scans: Counter,
+    errors: Counter,
+    held_max: Gauge,
+}
+
+impl Meters {
+    fn new(metrics: &PollMetrics, source: &str, bucket: &str) -> Meters {
+        let labels = PollLabels {
+            source: source.to_owned(),
+            bucket: bucket.to_owned(),
+        };
+        Meters {
+            listed: metrics.objects_listed.get_or_create(&labels).clone(),
+            events: metrics.events.get_or_create(&labels).clone(),
+            scans: metrics.scans.get_or_create(&labels).clone(),
+            errors: metrics.errors.get_or_create(&labels).clone(),
+            held_max: metrics.objects_held_max.get_or_create(&labels).clone(),
+        }
+    }
+}
+
 struct Poller {
     config: Arc<S3PollSourceConfig>,
     store: Arc<StoreConfig>,
     client: aws_sdk_s3::Client,
     bus: Bus,
-    metrics: PollMetrics,
-    labels: PollLabels,
+    meters: Meters,
     shutdown: CancellationToken,
     owner: String,
     bucket: String,
-    held: Arc<AtomicI64>,
 }
 
 impl Poller {
@@ -376,7 +387,7 @@ impl Poller {
                 }
                 Err(error) => {
                     failures += 1;
-                    self.metrics.errors.get_or_create(&self.labels).inc();
+                    self.meters.errors.inc();
                     // Backoff: 1 s doubling, at most 32 s and the interval.
                     let backoff = Duration::from_secs(1 << failures.min(6).saturating_sub(1))
                         .min(self.config.interval.max(Duration::from_secs(1)));
@@ -509,12 +520,10 @@ impl Poller {
 
     fn note_held(&self, held: usize) {
         let held = i64::try_from(held).unwrap_or(i64::MAX);
-        if held > self.held.fetch_max(held, Ordering::Relaxed) {
-            self.metrics
-                .objects_held_max
-                .get_or_create(&self.labels)
-                .set(held);
-        }
+        self.meters
+            .held_max
+            .inner()
+            .fetch_max(held, Ordering::Relaxed);
     }
 
     /// The event of an object this scan noticed.
@@ -603,10 +612,7 @@ impl Poller {
                 )));
             }
             last_key = Some(key.to_owned());
-            self.metrics
-                .objects_listed
-                .get_or_create(&self.labels)
-                .inc();
+            self.meters.listed.inc();
             if !self.matches(key) {
                 continue;
             }
@@ -655,10 +661,7 @@ impl Poller {
                 }
             }
         }
-        self.metrics
-            .events
-            .get_or_create(&self.labels)
-            .inc_by(count);
+        self.meters.events.inc_by(count);
         Ok(())
     }
 
@@ -714,7 +717,7 @@ impl Poller {
             },
             Listing::StartAfter => self.scan_after(state, head, revision).await?,
         }
-        self.metrics.scans.get_or_create(&self.labels).inc();
+        self.meters.scans.inc();
         Ok(())
     }
 
@@ -766,7 +769,8 @@ impl Poller {
                 scan.chunks,
                 Some(scan.cursor.clone()),
             ),
-            None => (new_manifest_id(), 0, None),
+            // Letters and digits only: it is part of KV keys.
+            None => (uuid::Uuid::now_v7().simple().to_string(), 0, None),
         };
         let mut old = Manifest {
             poller: self,
@@ -926,14 +930,6 @@ fn parse_chunk_key<'k>(prefix: &str, key: &'k str) -> Option<(&'k str, u32)> {
             .all(|character| character.is_ascii_alphanumeric());
     valid.then_some(())?;
     Some((manifest, chunk.parse().ok()?))
-}
-
-/// A fresh manifest id: unique per scan, letters and digits.
-fn new_manifest_id() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{:x}{:x}", now.as_nanos(), std::process::id())
 }
 
 fn created_name(etag: &str) -> &'static str {

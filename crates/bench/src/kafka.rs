@@ -19,7 +19,9 @@ use switchyard_connector_kafka::rdkafka::message::Message;
 use switchyard_connector_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use switchyard_testkit::KafkaBroker;
 
-use crate::{Nats, NoopFunction, PAYLOAD, client, free_port, milliseconds, percentile};
+use crate::{
+    Nats, NoopFunction, PAYLOAD, client, config_header, free_port, milliseconds, percentile,
+};
 
 fn consumer_config(broker: &KafkaBroker, group: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -57,18 +59,9 @@ fn config_text(
     start: &str,
 ) -> String {
     let prefix = format!("bench{}", group.replace('-', ""));
-    format!(
-        r#"
-[nats]
-url = "{nats}"
-subject_prefix = "{prefix}"
-events_stream = {{ name = "{upper}_EVENTS" }}
-dead_letter_stream = {{ name = "{upper}_DLQ" }}
-[admin]
-listen = "127.0.0.1:{admin}"
-[log]
-level = "error"
-[[sources]]
+    config_header(&nats.url(), &prefix, free_port())
+        + &format!(
+            r#"[[sources]]
 type = "kafka"
 name = "bench"
 brokers = "{brokers}"
@@ -87,17 +80,14 @@ function = "noop"
 max_concurrency = {concurrency}
 {batch}
 "#,
-        nats = nats.url(),
-        upper = prefix.to_uppercase(),
-        admin = free_port(),
-        brokers = broker.bootstrap(),
-        concurrency = if batch { 8 } else { 64 },
-        batch = if batch {
-            "batch = { max_events = 100, window = \"20ms\" }"
-        } else {
-            ""
-        },
-    )
+            brokers = broker.bootstrap(),
+            concurrency = if batch { 8 } else { 64 },
+            batch = if batch {
+                "batch = { max_events = 100, window = \"20ms\" }"
+            } else {
+                ""
+            },
+        )
 }
 
 async fn run_switchyard(

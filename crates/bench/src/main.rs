@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,62 +38,14 @@ const PAYLOAD: &str = r#"{"order":{"id":"A-1042","amount":129.95,"currency":"EUR
 
 use switchyard_testkit::free_port;
 
-struct Nats {
-    child: Child,
-    port: u16,
-    _store: tempfile::TempDir,
-}
+/// The nats-server of the run (file storage, random port), from the project's
+/// install (`SWITCHYARD_NATS_SERVER`, set by scripts/bench.sh).
+type Nats = switchyard_testkit::NatsServer;
 
-impl Nats {
-    fn start() -> anyhow::Result<Nats> {
-        let binary = std::env::var("SWITCHYARD_NATS_SERVER")
-            .context("set SWITCHYARD_NATS_SERVER (scripts/bench.sh does)")?;
-        let store = tempfile::tempdir()?;
-        let port = free_port();
-        let child = Command::new(binary)
-            .args([
-                "--jetstream",
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--store_dir",
-            ])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Nats {
-            child,
-            port,
-            _store: store,
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config_text(
-    nats_url: &str,
-    prefix: &str,
-    http_port: u16,
-    admin_port: u16,
-    function_url: Option<&str>,
-    start_all: bool,
-) -> String {
-    let mut text = format!(
+/// The `[nats]` (streams named after `prefix`, so runs do not meet), `[admin]` and
+/// `[log]` sections every bench configuration starts with.
+fn config_header(nats_url: &str, prefix: &str, admin_port: u16) -> String {
+    format!(
         r#"
 [nats]
 url = "{nats_url}"
@@ -104,13 +56,27 @@ dead_letter_stream = {{ name = "{upper}_DLQ" }}
 listen = "127.0.0.1:{admin_port}"
 [log]
 level = "error"
-[[sources]]
+"#,
+        upper = prefix.to_uppercase()
+    )
+}
+
+fn config_text(
+    nats_url: &str,
+    prefix: &str,
+    http_port: u16,
+    admin_port: u16,
+    function_url: Option<&str>,
+    start_all: bool,
+) -> String {
+    let mut text = config_header(nats_url, prefix, admin_port);
+    text.push_str(&format!(
+        r#"[[sources]]
 type = "http"
 name = "http"
 listen = "127.0.0.1:{http_port}"
-"#,
-        upper = prefix.to_uppercase()
-    );
+"#
+    ));
     if let Some(url) = function_url {
         text.push_str(&format!(
             "[[functions]]\ntype = \"http\"\nname = \"noop\"\nurl = \"{url}\"\nmax_concurrency = 64\nconcurrency_scope = \"{scope}\"\n[[triggers]]\nname = \"bench\"\nfunction = \"noop\"\nmax_concurrency = 64\nstart = \"{}\"\n",
@@ -618,7 +584,7 @@ fn cpu_time(pid: u32) -> Duration {
 
 /// CPU used by this process and the nats-server together.
 fn cpu_both(nats: &Nats) -> Duration {
-    cpu_time(std::process::id()) + cpu_time(nats.child.id())
+    cpu_time(std::process::id()) + nats.pid().map_or(Duration::ZERO, cpu_time)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -771,7 +737,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let nats = Nats::start()?;
+        let nats = Nats::start();
         let (count, rounds) = if quick { (2_000, 1) } else { (20_000, 3) };
         if arguments
             .iter()

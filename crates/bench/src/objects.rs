@@ -16,22 +16,21 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use switchyard_testkit::object_store::{Notifications, ObjectStore};
 
-use crate::{Nats, NoopFunction, client, free_port};
+use crate::{Nats, NoopFunction, client, config_header, free_port};
 
-fn config_text(nats: &Nats, http_port: u16, function: &str, name: &str, extra: &str) -> String {
-    let prefix = format!("bench{name}");
-    format!(
-        r#"
-[nats]
-url = "{nats}"
-subject_prefix = "{prefix}"
-events_stream = {{ name = "{upper}_EVENTS" }}
-dead_letter_stream = {{ name = "{upper}_DLQ" }}
-[admin]
-listen = "127.0.0.1:{admin}"
-[log]
-level = "error"
-[[sources]]
+/// An HTTP source with a `format = "s3"` hook at `/hooks/s3`, `extra` (stores, a poll
+/// source), and one trigger to the no-op function.
+fn config_text(
+    nats: &Nats,
+    admin_port: u16,
+    http_port: u16,
+    function: &str,
+    name: &str,
+    extra: &str,
+) -> String {
+    config_header(&nats.url(), &format!("bench{name}"), admin_port)
+        + &format!(
+            r#"[[sources]]
 type = "http"
 name = "http"
 listen = "127.0.0.1:{http_port}"
@@ -50,11 +49,8 @@ concurrency_scope = "process"
 name = "bench"
 function = "noop"
 max_concurrency = 64
-"#,
-        nats = nats.url(),
-        upper = prefix.to_uppercase(),
-        admin = free_port(),
-    )
+"#
+        )
 }
 
 async fn start(text: &str) -> anyhow::Result<switchyard::Running> {
@@ -127,7 +123,7 @@ pub async fn bench_objects(nats: &Nats, count: usize, poll_count: usize) -> anyh
     // Notifications: upload -> store webhook -> hook -> JetStream -> trigger -> function.
     let notified = {
         let http_port = free_port();
-        let text = config_text(nats, http_port, &function.url(), "notify", "");
+        let text = config_text(nats, free_port(), http_port, &function.url(), "notify", "");
         let running = start(&text).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let store = ObjectStore::start(Notifications::Webhook(format!(
@@ -150,7 +146,7 @@ pub async fn bench_objects(nats: &Nats, count: usize, poll_count: usize) -> anyh
     // is not the limit.
     let hook_direct = {
         let http_port = free_port();
-        let text = config_text(nats, http_port, &function.url(), "hook", "");
+        let text = config_text(nats, free_port(), http_port, &function.url(), "hook", "");
         let running = start(&text).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         function.count.store(0, Ordering::SeqCst);
@@ -248,7 +244,14 @@ pub async fn bench_objects(nats: &Nats, count: usize, poll_count: usize) -> anyh
             "{}\n[[sources]]\ntype = \"s3\"\nname = \"poll\"\nstore = \"bench\"\nbuckets = [\"polled\"]\ninterval = \"1s\"\n",
             store.config_table("bench")
         );
-        let text = config_text(nats, free_port(), &function.url(), "poll", &extra);
+        let text = config_text(
+            nats,
+            free_port(),
+            free_port(),
+            &function.url(),
+            "poll",
+            &extra,
+        );
         function.count.store(0, Ordering::SeqCst);
         let started = Instant::now();
         let running = start(&text).await?;
@@ -336,15 +339,13 @@ pub async fn bench_poll_memory(
             "{}\n[[sources]]\ntype = \"s3\"\nname = \"poll\"\nstore = \"bench\"\nbuckets = [\"{bucket}\"]\ninterval = \"5s\"\n",
             store.config_table("bench")
         );
-        let text = set_admin(
-            &config_text(
-                nats,
-                free_port(),
-                &function.url(),
-                &format!("mem{index}"),
-                &extra,
-            ),
+        let text = config_text(
+            nats,
             admin,
+            free_port(),
+            &function.url(),
+            &format!("mem{index}"),
+            &extra,
         );
         let directory = tempfile::tempdir()?;
         let path = directory.path().join("bench.toml");
@@ -384,13 +385,4 @@ pub async fn bench_poll_memory(
     }
     println!();
     Ok(())
-}
-
-/// The config text with its admin listener on `admin`.
-fn set_admin(text: &str, admin: u16) -> String {
-    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    if let Some(index) = lines.iter().position(|line| line.trim() == "[admin]") {
-        lines[index + 1] = format!("listen = \"127.0.0.1:{admin}\"");
-    }
-    lines.join("\n")
 }

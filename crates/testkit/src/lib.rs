@@ -1,6 +1,6 @@
-//! Real servers for Switchyard's tests and benchmarks: a single-node Apache Kafka
-//! broker in KRaft mode, from the jars the project's scripts install, and an
-//! S3-compatible object store ([`object_store`]).
+//! Real servers for Switchyard's tests and benchmarks: nats-server with JetStream, a
+//! single-node Apache Kafka broker in KRaft mode, from the jars the project's scripts
+//! install, and an S3-compatible object store ([`object_store`]).
 
 pub mod object_store;
 
@@ -222,6 +222,11 @@ impl ServerProcess {
         self.port
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server (SIGKILL); its data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -240,5 +245,62 @@ impl ServerProcess {
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A nats-server with JetStream on a random port and a temporary store, stopped on
+/// drop.
+pub struct NatsServer {
+    server: ServerProcess,
+    pub port: u16,
+    _store: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        let port = free_port();
+        let directory = store.clone();
+        let server =
+            ServerProcess::start("nats-server", port, Duration::from_secs(10), move || {
+                let mut command = Command::new(nats_server_binary());
+                command
+                    .args([
+                        "--jetstream",
+                        "--addr",
+                        "127.0.0.1",
+                        "--port",
+                        &port.to_string(),
+                        "--store_dir",
+                    ])
+                    .arg(directory.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                command
+            });
+        NatsServer {
+            server,
+            port,
+            _store: store,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
+    /// Stops the server, keeping its store.
+    pub fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.server.restart();
     }
 }
