@@ -123,6 +123,44 @@ max_concurrency = 0
     }
 }
 
+/// A trigger named like another trigger's consumer (`orders-direct` is the name of
+/// `orders`' direct consumer) would rewrite that consumer at start: refused.
+#[test]
+fn trigger_names_that_would_share_a_consumer_are_refused() {
+    let text = r#"
+[[functions]]
+type = "http"
+name = "f"
+url = "http://127.0.0.1:9/"
+
+[[triggers]]
+name = "orders"
+function = "f"
+
+[[triggers]]
+name = "orders-direct"
+function = "f"
+
+[[triggers]]
+name = "orders-retry"
+function = "f"
+
+[[triggers]]
+name = "orders-p0of8"
+function = "f"
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for (line, suffix) in [(12, "-direct"), (16, "-retry"), (20, "-p<i>of<n>")] {
+        let expected = format!("DIR/broken.toml:{line}:1: field `name`: trigger `");
+        assert!(
+            output.contains(&expected) && output.contains(&format!("ends in `{suffix}`")),
+            "missing `{expected}...{suffix}` in:\n{output}"
+        );
+    }
+    assert!(!output.contains("trigger `orders` "), "{output}");
+}
+
 #[test]
 fn an_unset_environment_variable_is_located() {
     let (ok, output) = validate("[nats]\nurl = \"${SWITCHYARD_UNSET_FOR_TEST}\"\n");

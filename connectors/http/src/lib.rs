@@ -67,8 +67,44 @@ impl HttpSourceMetrics {
     }
 }
 
+/// Event sources that belong to a door of their own (a webhook, a connector, a
+/// polled bucket). `POST /v1/events` refuses events that claim one, so nobody can
+/// forge an event of an authenticated webhook, nor spend its id first to make the
+/// real delivery a "duplicate".
+#[derive(Debug, Clone, Default)]
+pub struct ReservedSources {
+    exact: HashMap<String, String>,
+    prefixes: Vec<(String, String)>,
+}
+
+impl ReservedSources {
+    /// `source` belongs to `owner` (said in refusals, e.g. "webhook `github`").
+    pub fn reserve(&mut self, source: impl Into<String>, owner: impl Into<String>) {
+        self.exact
+            .entry(source.into())
+            .or_insert_with(|| owner.into());
+    }
+
+    /// Every source starting with `prefix` belongs to `owner`.
+    pub fn reserve_prefix(&mut self, prefix: impl Into<String>, owner: impl Into<String>) {
+        self.prefixes.push((prefix.into(), owner.into()));
+    }
+
+    /// Who `source` belongs to, if it is reserved.
+    pub fn owner(&self, source: &str) -> Option<&str> {
+        if let Some(owner) = self.exact.get(source) {
+            return Some(owner);
+        }
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| source.starts_with(prefix.as_str()))
+            .map(|(_, owner)| owner.as_str())
+    }
+}
+
 struct SourceState {
     config: HttpSourceConfig,
+    reserved: Arc<ReservedSources>,
     hooks: HashMap<String, HookConfig>,
     /// SNS verification of `format = "s3"` hooks, by hook name.
     sns: HashMap<String, SnsVerifier>,
@@ -82,6 +118,7 @@ pub fn router(
     config: HttpSourceConfig,
     sink: Arc<dyn EventSink>,
     metrics: HttpSourceMetrics,
+    reserved: Arc<ReservedSources>,
 ) -> Router {
     let hooks = config
         .hooks
@@ -122,6 +159,7 @@ pub fn router(
         .collect();
     let state = Arc::new(SourceState {
         config,
+        reserved,
         hooks,
         sns,
         sink,
@@ -289,10 +327,38 @@ async fn accept_events(
             "not a cloudevent: send `ce-` headers (binary mode), `content-type: application/cloudevents+json` or `application/cloudevents-batch+json`",
         ));
     };
-    for event in &mut events {
+    for (index, event) in events.iter_mut().enumerate() {
+        if let Some(owner) = state.reserved.owner(&event.source) {
+            let which =
+                if index > 0 || media_type_is(content_type, "application/cloudevents-batch+json") {
+                    format!("event {index} of the batch: ")
+                } else {
+                    String::new()
+                };
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{which}source `{}` belongs to {owner}: events with it are accepted only through it",
+                    shorten(&event.source)
+                ),
+            ));
+        }
         carry_trace_context(headers, event);
     }
     publish(state, events).await
+}
+
+/// A source cut short for an error message.
+fn shorten(text: &str) -> String {
+    let mut end = text.len().min(200);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < text.len() {
+        format!("{}...", &text[..end])
+    } else {
+        text.to_owned()
+    }
 }
 
 async fn post_hook(

@@ -69,7 +69,7 @@ fn default_event_type() -> String {
 }
 
 impl NatsSourceConfig {
-    fn source(&self) -> String {
+    pub fn source(&self) -> String {
         self.event_source
             .clone()
             .unwrap_or_else(|| format!("/nats/{}", self.name))

@@ -11,7 +11,20 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use switchyard_event::{Event, EventError, decode_header_value, encode_header_value};
 
+use crate::limits::{self, MAX_HEADER_BYTES, header_block_bytes};
 use crate::{event_from_message, event_headers};
+
+/// Longest error text a dead letter keeps.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// How a dead letter's event is stored when its headers would not fit:
+/// `structured` = the whole event as structured JSON in the body (the `ce-` headers
+/// are cut short, for listing only); `Switchyard-Dlq-Data-Dropped` says the data was
+/// left out (its size) when even that did not fit.
+const HEADER_STORED_AS: &str = "Switchyard-Dlq-Stored-As";
+const HEADER_DATA_DROPPED: &str = "Switchyard-Dlq-Data-Dropped";
+/// The longest attribute value kept in a cut-short header.
+const CUT_ATTRIBUTE_BYTES: usize = 256;
 
 /// Why an event was dead-lettered.
 pub const REASON_ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
@@ -78,7 +91,7 @@ impl DeadLetter {
         }
         headers.push((
             HEADER_LAST_ERROR.to_owned(),
-            encode_header_value(&self.last_error).into_owned(),
+            encode_header_value(&limits::shorten(&self.last_error, MAX_ERROR_BYTES)).into_owned(),
         ));
         if let Some(first) = &self.first_attempt_at {
             headers.push((HEADER_FIRST_ATTEMPT.to_owned(), first.clone()));
@@ -101,11 +114,61 @@ impl DeadLetter {
         (headers, self.event.data.clone())
     }
 
+    /// The message of this dead letter, fitted under JetStream's header limit and
+    /// `max_payload`, so it can always be stored: the event's headers and payload as
+    /// they are when they fit; otherwise the whole event as structured JSON in the
+    /// body with its `ce-` headers cut short; and if even that is too large, without
+    /// its data (`Switchyard-Dlq-Data-Dropped` gives its size).
+    pub fn to_message_within(&self, max_payload: usize) -> (HeaderMap, Bytes) {
+        let (headers, payload) = self.to_message();
+        let header_bytes = header_block_bytes(&headers);
+        if header_bytes <= MAX_HEADER_BYTES && header_bytes + payload.len() <= max_payload {
+            return (headers, payload);
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in self.event.binary_headers() {
+            headers.insert(name.as_ref(), cut_encoded(&value, CUT_ATTRIBUTE_BYTES));
+        }
+        for (name, value) in self.record_headers() {
+            headers.insert(name.as_str(), value.as_str());
+        }
+        headers.insert(HEADER_STORED_AS, "structured");
+        let mut body = switchyard_event::to_structured_json(&self.event);
+        if header_block_bytes(&headers) + body.len() > max_payload {
+            let mut without_data = self.event.clone();
+            without_data.data = Bytes::new();
+            headers.insert(HEADER_DATA_DROPPED, self.event.data.len().to_string());
+            body = switchyard_event::to_structured_json(&without_data);
+            if header_block_bytes(&headers) + body.len() > max_payload {
+                // Attributes alone over the payload limit: keep the cut-short headers.
+                body = Vec::new();
+            }
+        }
+        (headers, Bytes::from(body))
+    }
+
     pub fn from_message(
         headers: Option<&HeaderMap>,
         payload: Bytes,
     ) -> Result<DeadLetter, EventError> {
-        let event = event_from_message(headers, payload)?;
+        let structured = headers
+            .and_then(|headers| headers.get(HEADER_STORED_AS))
+            .is_some_and(|value| value.as_str() == "structured")
+            && !payload.is_empty();
+        let event = if structured {
+            switchyard_event::parse_structured(&payload).map_err(|error| {
+                EventError::InvalidAttribute {
+                    name: "data".to_owned(),
+                    reason: format!("stored structured event unreadable: {error}"),
+                }
+            })?
+        } else {
+            let mut event = event_from_message(headers, payload)?;
+            if structured {
+                event.data = Bytes::new();
+            }
+            event
+        };
         let text = |name: &str| -> Option<String> {
             headers
                 .and_then(|headers| headers.get(name))
@@ -134,4 +197,16 @@ impl DeadLetter {
                 .unwrap_or(0),
         })
     }
+}
+
+/// A percent-encoded value cut to at most `limit` bytes, never inside a `%XX`.
+fn cut_encoded(value: &str, limit: usize) -> String {
+    if value.len() <= limit {
+        return value.to_owned();
+    }
+    let mut end = limit;
+    if let Some(percent) = value[end.saturating_sub(2)..end].find('%') {
+        end = end - 2 + percent;
+    }
+    value[..end].to_owned()
 }

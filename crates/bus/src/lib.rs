@@ -9,6 +9,7 @@
 //! many publishes are in flight at once, bounded by `max_publishes_in_flight`.
 
 pub mod dead_letter;
+pub mod limits;
 pub mod retry_state;
 pub mod subject;
 
@@ -19,6 +20,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use async_nats::{HeaderMap, connection::State};
 use async_trait::async_trait;
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use switchyard_event::{
     Event, EventError, EventSink, PublishError, PublishReceipt, encode_header_value,
@@ -177,8 +179,36 @@ impl Bus {
     /// Connects to NATS. The client keeps reconnecting on its own afterwards; while it
     /// is disconnected, publishes fail fast with [`PublishError::Unavailable`].
     pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
+        Bus::connect_counting(config, Counter::default()).await
+    }
+
+    /// [`Bus::connect`], counting in `disconnections` every time the connection is
+    /// lost (`switchyard_nats_disconnections_total`): a server that closed it, a
+    /// network failure. The client reconnects on its own.
+    pub async fn connect_counting(
+        config: &BusConfig,
+        disconnections: Counter,
+    ) -> Result<Bus, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("switchyard")
+            .event_callback(move |event| {
+                let disconnections = disconnections.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            disconnections.inc();
+                            tracing::warn!(stage = "connection", "disconnected from nats, reconnecting");
+                        }
+                        async_nats::Event::Connected => {
+                            tracing::info!(stage = "connection", "connected to nats");
+                        }
+                        async_nats::Event::ServerError(error) => {
+                            tracing::warn!(stage = "connection", %error, "nats server reported an error");
+                        }
+                        _ => {}
+                    }
+                }
+            })
             .connection_timeout(Duration::from_secs(5))
             .connect(config.url.as_str())
             .await
@@ -292,6 +322,11 @@ impl Bus {
         self.client.connection_state() == State::Connected
     }
 
+    /// The server's `max_payload`: the largest message (headers and payload) it takes.
+    pub fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
     /// The largest event payload plus headers this bus accepts: the server's max
     /// payload less the room a dead letter needs.
     pub fn max_event_bytes(&self) -> usize {
@@ -302,39 +337,77 @@ impl Bus {
             .saturating_sub(DEAD_LETTER_HEADROOM)
     }
 
-    fn check_size(&self, event: &Event, headers: &HeaderMap) -> Result<(), PublishError> {
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(name, values)| {
-                let name: &[u8] = name.as_ref();
-                values
-                    .iter()
-                    .map(|value| name.len() + value.as_str().len() + 4)
-                    .sum::<usize>()
-            })
-            .sum();
+    /// The subject and headers `event` is published with, or why it cannot be: its
+    /// subject longer than nats-server reads, its attributes over the header limit
+    /// less the room its retry and dead-letter records need, or payload plus headers
+    /// over [`Bus::max_event_bytes`]. Every refusal names the limit.
+    fn prepare_event(
+        &self,
+        event: &Event,
+        subject: String,
+        message_id: &str,
+    ) -> Result<(String, HeaderMap), PublishError> {
+        let id = limits::shorten(&event.id, 64);
+        if subject.len() > limits::MAX_SUBJECT_BYTES {
+            return Err(PublishError::TooLarge(format!(
+                "event `{id}`: its `source` and `type` make a subject of {} bytes, over the limit of {} bytes (nats-server's 4 KiB max_control_line less the rest of the publish command); shorten `source` or `type`",
+                subject.len(),
+                limits::MAX_SUBJECT_BYTES
+            )));
+        }
+        let headers = event_headers(event, message_id);
+        let header_bytes = limits::header_block_bytes(&headers);
+        if header_bytes > limits::MAX_EVENT_HEADER_BYTES {
+            let largest = event
+                .binary_headers()
+                .into_iter()
+                .max_by_key(|(_, value)| value.len())
+                .map(|(name, value)| {
+                    format!(
+                        "; the largest is `{}` ({} bytes encoded)",
+                        name.trim_start_matches("ce-"),
+                        value.len()
+                    )
+                })
+                .unwrap_or_default();
+            return Err(PublishError::TooLarge(format!(
+                "event `{id}`: its attributes take {header_bytes} bytes as headers, over the limit of {} bytes (JetStream's 64 KiB header limit less {} bytes kept for retry and dead-letter records){largest}",
+                limits::MAX_EVENT_HEADER_BYTES,
+                limits::RECORD_HEADER_ROOM
+            )));
+        }
         let size = event.data.len() + header_bytes;
         let limit = self.max_event_bytes();
         if limit > 0 && size > limit {
             return Err(PublishError::TooLarge(format!(
-                "event `{}` is {size} bytes with its attributes, over the bus limit of {limit} bytes (the nats server's max_payload less {DEAD_LETTER_HEADROOM} bytes kept for dead-letter records)",
-                event.id
+                "event `{id}` is {size} bytes with its attributes, over the bus limit of {limit} bytes (the nats server's max_payload less {DEAD_LETTER_HEADROOM} bytes kept for dead-letter records)"
             )));
         }
-        Ok(())
+        Ok((subject, headers))
     }
 
-    /// Sends one event and returns the future of its PubAck.
-    pub async fn send_event(&self, event: &Event) -> Result<PublishAckFuture, PublishError> {
+    /// The subject an event is stored on in the events stream.
+    fn event_subject(&self, event: &Event) -> String {
         // Events without a key share bucket 0: spreading them would multiply the
         // subjects the stream tracks (and JetStream's work per message) for nothing.
         let bucket = event
             .extensions
             .get("partitionkey")
             .map_or(0, |key| subject::key_bucket(key));
-        let subject = self.subjects.event(bucket, &event.source, &event.ty);
-        let headers = event_headers(event, &message_id(event));
-        self.check_size(event, &headers)?;
+        self.subjects.event(bucket, &event.source, &event.ty)
+    }
+
+    /// Why `event` cannot be stored, if it cannot (see [`Bus::send_event`]); nothing is
+    /// sent.
+    pub fn check_event(&self, event: &Event) -> Result<(), PublishError> {
+        self.prepare_event(event, self.event_subject(event), &message_id(event))
+            .map(|_| ())
+    }
+
+    /// Sends one event and returns the future of its PubAck.
+    pub async fn send_event(&self, event: &Event) -> Result<PublishAckFuture, PublishError> {
+        let (subject, headers) =
+            self.prepare_event(event, self.event_subject(event), &message_id(event))?;
         self.send(subject, headers, event.data.clone()).await
     }
 
@@ -346,18 +419,21 @@ impl Bus {
         event: &Event,
         message_id: &str,
     ) -> Result<PublishAckFuture, PublishError> {
-        let subject = self.subjects.direct(trigger);
-        let headers = event_headers(event, message_id);
-        self.check_size(event, &headers)?;
+        let (subject, headers) =
+            self.prepare_event(event, self.subjects.direct(trigger), message_id)?;
         self.send(subject, headers, event.data.clone()).await
     }
 
+    /// Sends one message. A subject or header block nats-server would not take is
+    /// refused here, never sent: an over-long subject would make the server close the
+    /// connection every request of the process shares.
     pub async fn send(
         &self,
         subject: String,
         headers: HeaderMap,
         payload: Bytes,
     ) -> Result<PublishAckFuture, PublishError> {
+        limits::check_message(&subject, &headers).map_err(PublishError::TooLarge)?;
         if !self.is_connected() {
             return Err(PublishError::Unavailable(
                 "not connected to nats".to_owned(),
@@ -413,15 +489,13 @@ impl Bus {
             received_at: now,
             event_sequence: 0,
         };
-        let (mut headers, payload) = dead_letter.to_message();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!(
-                "dlq {} {}",
-                encode_header_value(&trigger),
-                message_id(&dead_letter.event)
-            ),
+        let (mut headers, payload) = dead_letter.to_message_within(self.max_payload());
+        let id = format!(
+            "dlq {} {}",
+            encode_header_value(&trigger),
+            message_id(&dead_letter.event)
         );
+        headers.insert("Nats-Msg-Id", bounded_message_id(id).as_str());
         self.store(self.subjects.dead_letter(&trigger), headers, payload)
             .await
             .map(|_| ())
@@ -489,6 +563,15 @@ impl switchyard_event::Destination for NatsDestination {
 
 fn classify_publish_error(error: jetstream::context::PublishError) -> PublishError {
     use jetstream::context::PublishErrorKind;
+    use jetstream::{Error as ApiError, ErrorCode};
+    // JetStream's own refusals: a header block over its limit can never be stored, so
+    // it must not read as "unavailable, retry later".
+    let api_error = std::error::Error::source(&error)
+        .and_then(|source| source.downcast_ref::<ApiError>())
+        .map(ApiError::error_code);
+    if api_error == Some(ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM) {
+        return PublishError::TooLarge(error.to_string());
+    }
     match error.kind() {
         PublishErrorKind::MaxPayloadExceeded => PublishError::TooLarge(error.to_string()),
         PublishErrorKind::StreamNotFound
@@ -508,6 +591,20 @@ pub fn message_id(event: &Event) -> String {
         "{} {}",
         encode_header_value(&event.source),
         encode_header_value(&event.id)
+    )
+}
+
+/// A message id kept short: one over 512 bytes (an input with a huge `id` or
+/// `source`, dead-lettered for that) is replaced by its SHA-256, so it still
+/// deduplicates and never fills the header block.
+fn bounded_message_id(id: String) -> String {
+    use sha2::Digest;
+    if id.len() <= 512 {
+        return id;
+    }
+    format!(
+        "sha256 {}",
+        hex::encode(sha2::Sha256::digest(id.as_bytes()))
     )
 }
 
@@ -554,9 +651,25 @@ impl Bus {
         &self,
         events: &[Event],
     ) -> Result<Vec<PublishReceipt>, PublishError> {
+        // Every event is checked before any is sent: one that cannot be stored refuses
+        // the batch, never a part of it.
+        let mut prepared = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            let message = self
+                .prepare_event(event, self.event_subject(event), &message_id(event))
+                .map_err(|error| match error {
+                    PublishError::TooLarge(reason) if events.len() > 1 => {
+                        PublishError::TooLarge(format!("event {index} of the batch: {reason}"))
+                    }
+                    other => other,
+                })?;
+            prepared.push(message);
+        }
+        let mut prepared = prepared.into_iter();
         let mut receipts = Vec::with_capacity(events.len());
         let chunk_size = PUBLISH_CHUNK.min(self.config.max_publishes_in_flight.max(1));
         for chunk in events.chunks(chunk_size) {
+            let messages: Vec<_> = prepared.by_ref().take(chunk.len()).collect();
             let publishing = async {
                 let _permits = self
                     .in_flight
@@ -564,8 +677,8 @@ impl Bus {
                     .await
                     .map_err(|_| PublishError::Unavailable("bus closed".to_owned()))?;
                 let mut pending = Vec::with_capacity(chunk.len());
-                for event in chunk {
-                    pending.push(self.send_event(event).await?);
+                for ((subject, headers), event) in messages.into_iter().zip(chunk) {
+                    pending.push(self.send(subject, headers, event.data.clone()).await?);
                 }
                 let mut stored = Vec::with_capacity(chunk.len());
                 for (event, ack) in chunk.iter().zip(pending) {

@@ -13,6 +13,7 @@
 //! this process's memory.
 
 pub mod batch;
+pub mod consumers;
 pub mod filter;
 pub mod limit;
 pub mod members;
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use batch::BatchSettings;
+pub use consumers::ConsumerRole;
 pub use filter::{Filter, Matcher};
 pub use limit::{AdaptiveLimit, AdaptivePermit};
 pub use metrics::DispatcherMetrics;
@@ -240,6 +242,8 @@ pub struct FunctionRuntime {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
+    #[error("{0}")]
+    InvalidTriggerName(String),
     #[error("trigger `{trigger}` targets unknown function `{function}`")]
     UnknownFunction { trigger: String, function: String },
     #[error(transparent)]
@@ -335,17 +339,7 @@ impl DispatcherView {
 
 /// The durable consumer name of a trigger.
 pub fn consumer_name(trigger: &str) -> String {
-    format!("switchyard-{trigger}")
-}
-
-/// The durable consumer of a trigger's direct subject: its due retries and replays.
-pub fn direct_consumer_name(trigger: &str) -> String {
-    format!("switchyard-{trigger}-direct")
-}
-
-/// The durable consumer that holds a trigger's failed events until their retry is due.
-pub fn retry_consumer_name(trigger: &str) -> String {
-    format!("switchyard-{trigger}-retry")
+    ConsumerRole::Main.name(trigger)
 }
 
 /// How long a pull waits for events. Short, so an idle trigger soon gives back the
@@ -359,19 +353,8 @@ const MAX_WAITING_RETRIES: i64 = 100_000;
 /// behind their key's head).
 const ORDERED_BUFFER: i64 = 512;
 
-/// Longest error text kept on a retry or dead letter.
-const MAX_ERROR_BYTES: usize = 1024;
-
-fn truncate(text: &str, limit: usize) -> String {
-    if text.len() <= limit {
-        return text.to_owned();
-    }
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
-}
+use switchyard_bus::dead_letter::MAX_ERROR_BYTES;
+use switchyard_bus::limits::shorten as truncate;
 
 async fn create_consumer(
     stream: &jetstream::stream::Stream,
@@ -413,6 +396,9 @@ impl Dispatcher {
         }
         let mut runtimes = Vec::with_capacity(triggers.len());
         for trigger in triggers {
+            if let Some(problem) = consumers::trigger_name_problem(&trigger.name) {
+                return Err(DispatchError::InvalidTriggerName(problem));
+            }
             let function = functions.get(&trigger.function).cloned().ok_or_else(|| {
                 DispatchError::UnknownFunction {
                     trigger: trigger.name.clone(),
@@ -424,7 +410,7 @@ impl Dispatcher {
             let direct_subject = subjects.direct(&trigger.name);
             let retry_subject = subjects.retry(&trigger.name);
             let consumer_config = pull::Config {
-                durable_name: Some(consumer_name(&trigger.name)),
+                durable_name: Some(ConsumerRole::Main.name(&trigger.name)),
                 description: Some(format!(
                     "switchyard trigger `{}` -> `{}`",
                     trigger.name, trigger.function
@@ -458,7 +444,7 @@ impl Dispatcher {
                 ..Default::default()
             };
             let retry_consumer_config = pull::Config {
-                durable_name: Some(retry_consumer_name(&trigger.name)),
+                durable_name: Some(ConsumerRole::Retry.name(&trigger.name)),
                 description: Some(format!(
                     "switchyard trigger `{}`: events waiting to be retried",
                     trigger.name
@@ -472,7 +458,7 @@ impl Dispatcher {
                 ..Default::default()
             };
             let direct_consumer_config = pull::Config {
-                durable_name: Some(direct_consumer_name(&trigger.name)),
+                durable_name: Some(ConsumerRole::Direct.name(&trigger.name)),
                 description: Some(format!(
                     "switchyard trigger `{}`: due retries and replays",
                     trigger.name
@@ -492,11 +478,13 @@ impl Dispatcher {
                 let partitions = trigger.partitions.clamp(1, switchyard_bus::KEY_BUCKETS);
                 for index in 0..partitions {
                     let config = pull::Config {
-                        durable_name: Some(ordered::partition_consumer_name(
-                            &trigger.name,
-                            index,
-                            partitions,
-                        )),
+                        durable_name: Some(
+                            ConsumerRole::Partition {
+                                index,
+                                of: partitions,
+                            }
+                            .name(&trigger.name),
+                        ),
                         description: Some(format!(
                             "switchyard trigger `{}`: key partition {index} of {partitions}",
                             trigger.name
@@ -1204,8 +1192,8 @@ async fn forward_due_retry(trigger: &TriggerRuntime, shared: &Shared, message: j
 
 async fn lag_loop(trigger: Arc<TriggerRuntime>, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
-    let name = consumer_name(&trigger.config.name);
-    let retry_name = retry_consumer_name(&trigger.config.name);
+    let name = ConsumerRole::Main.name(&trigger.config.name);
+    let retry_name = ConsumerRole::Retry.name(&trigger.config.name);
     let gauge = shared
         .metrics
         .consumer_lag
@@ -1798,7 +1786,7 @@ impl Handling<'_> {
             received_at: rfc3339(delivery.received_at),
             event_sequence: delivery.sequence,
         };
-        let (headers, payload) = dead_letter.to_message();
+        let (headers, payload) = dead_letter.to_message_within(self.shared.bus.max_payload());
         if !self
             .store_dead_letter(headers, payload, Some(&dead_letter))
             .await
@@ -1849,10 +1837,41 @@ impl Handling<'_> {
             switchyard_event::encode_header_value(&failure.error).as_ref(),
         );
         headers.insert("Switchyard-Dlq-Event-Sequence", sequence.to_string());
-        if self
-            .store_dead_letter(headers, self.message.payload.clone(), None)
-            .await
+        let mut payload = self.message.payload.clone();
+        if switchyard_bus::limits::header_block_bytes(&headers) + payload.len()
+            > self.shared.bus.max_payload()
+            || switchyard_bus::limits::check_message("", &headers).is_err()
         {
+            // The original headers do not fit beside the record: keep the record and
+            // the payload (cut to what fits), say what was left out.
+            let dropped = self
+                .message
+                .headers
+                .as_ref()
+                .map_or(0, |headers| headers.len());
+            let mut record = HeaderMap::new();
+            for name in [
+                "Nats-Msg-Id",
+                "Switchyard-Dlq-Reason",
+                "Switchyard-Dlq-Trigger",
+                "Switchyard-Dlq-Function",
+                "Switchyard-Dlq-Last-Error",
+                "Switchyard-Dlq-Event-Sequence",
+            ] {
+                if let Some(value) = headers.get(name) {
+                    record.insert(name, value.clone());
+                }
+            }
+            record.insert("Switchyard-Dlq-Headers-Dropped", dropped.to_string());
+            let room = self
+                .shared
+                .bus
+                .max_payload()
+                .saturating_sub(switchyard_bus::limits::header_block_bytes(&record));
+            payload.truncate(room);
+            headers = record;
+        }
+        if self.store_dead_letter(headers, payload, None).await {
             tracing::error!(trigger = %trigger.config.name, sequence, error = %failure.error, "malformed message dead-lettered");
         }
     }

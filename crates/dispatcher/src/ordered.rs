@@ -44,11 +44,6 @@ pub const OWNER_GROUP: &str = "owner";
 /// How long a partition stays with a process that stopped pulling.
 pub const OWNER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The durable consumer of one partition of an ordered trigger.
-pub fn partition_consumer_name(trigger: &str, index: u32, partitions: u32) -> String {
-    format!("switchyard-{trigger}-p{index}of{partitions}")
-}
-
 /// An event held by its key's queue.
 struct Held {
     message: jetstream::Message,

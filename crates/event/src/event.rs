@@ -90,11 +90,16 @@ impl Event {
             }
         }
         if let Some(content_type) = &self.datacontenttype
-            && (content_type.is_empty() || content_type.chars().any(char::is_control))
+            && (content_type.is_empty()
+                || content_type
+                    .bytes()
+                    .any(|byte| !(0x20..0x7f).contains(&byte)))
         {
+            // It travels as a plain `content-type` header (not percent-encoded), so
+            // it must be one: media types are printable ASCII (RFC 6838).
             return Err(EventError::InvalidAttribute {
                 name: "datacontenttype".to_owned(),
-                reason: "must be a non-empty media type without control characters".to_owned(),
+                reason: "must be a non-empty media type of printable ASCII characters".to_owned(),
             });
         }
         if let Some(time) = &self.time {

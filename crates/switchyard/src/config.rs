@@ -476,7 +476,13 @@ impl Checker<'_> {
     /// The `name` of a `kind` (function, trigger, ...) must be valid and unique among
     /// `seen`.
     fn name(&mut self, span: &Range<usize>, kind: &str, name: &str, seen: &mut HashSet<String>) {
-        if !valid_name(name) {
+        if kind == "trigger" {
+            // Trigger names also name consumers: the dispatcher's grammar keeps them
+            // apart.
+            if let Some(problem) = switchyard_dispatcher::consumers::trigger_name_problem(name) {
+                self.error(span.clone(), "name", problem);
+            }
+        } else if !valid_name(name) {
             self.error(
                 span.clone(),
                 "name",

@@ -45,10 +45,14 @@ impl Running {
 }
 
 /// Connects to NATS, retrying until it answers or `shutdown` fires.
-async fn connect_bus(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<Bus>> {
+async fn connect_bus(
+    config: &Config,
+    disconnections: &prometheus_client::metrics::counter::Counter,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Bus>> {
     let mut attempt: u32 = 0;
     loop {
-        match Bus::connect(&config.nats).await {
+        match Bus::connect_counting(&config.nats, disconnections.clone()).await {
             Ok(bus) => return Ok(Some(bus)),
             Err(error) => {
                 attempt += 1;
@@ -80,6 +84,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     kafka_metrics.register(&mut registry);
     let dispatcher_metrics = DispatcherMetrics::default();
     dispatcher_metrics.register(&mut registry);
+    let nats_disconnections = prometheus_client::metrics::counter::Counter::default();
+    registry.register(
+        "nats_disconnections",
+        "times the connection to nats was lost (the client reconnects on its own)",
+        nats_disconnections.clone(),
+    );
     #[cfg(feature = "s3")]
     let poll_metrics = switchyard_connector_s3::poll::PollMetrics::default();
     #[cfg(feature = "s3")]
@@ -119,6 +129,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
         }
     }
+    let reserved = Arc::new(reserved_sources(&config));
     let admin_state = admin::AdminState::new(registry.clone(), ready.clone());
     let admin_address = if config.admin.listen.is_empty() {
         None
@@ -139,7 +150,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let task_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
-        let Some(bus) = connect_bus(&config, &task_shutdown).await? else {
+        let Some(bus) = connect_bus(&config, &nats_disconnections, &task_shutdown).await? else {
             return Ok(());
         };
         loop {
@@ -239,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 http.clone(),
                 sink.clone(),
                 source_metrics.clone(),
+                reserved.clone(),
             );
             let stop = source_shutdown.clone();
             tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
@@ -387,4 +399,54 @@ async fn build_enricher(
     _enrich: &switchyard_dispatcher::EnrichConfig,
 ) -> anyhow::Result<Arc<dyn switchyard_event::Enricher>> {
     anyhow::bail!("this build has no object-store support (the `s3` feature)")
+}
+
+/// The event sources that only their own door may produce: a webhook's, a NATS
+/// source's, a Kafka source's plain records, a polled bucket's, and S3 notification
+/// sources when a hook takes them. `POST /v1/events` refuses events claiming one.
+fn reserved_sources(config: &config::Config) -> switchyard_connector_http::ReservedSources {
+    let mut reserved = switchyard_connector_http::ReservedSources::default();
+    for source in &config.sources {
+        match source.get_ref() {
+            config::SourceConfig::Http(http) => {
+                for hook in &http.hooks {
+                    let owner = format!("webhook `{}`", hook.name);
+                    match hook.format {
+                        switchyard_connector_http::HookFormat::S3 => {
+                            // Notifications name any bucket: `<eventSource>.<region>.<bucket>`.
+                            reserved.reserve_prefix("aws:s3.", owner.clone());
+                            reserved.reserve_prefix("minio:s3.", owner);
+                        }
+                        _ => reserved.reserve(
+                            hook.event_source
+                                .clone()
+                                .unwrap_or_else(|| format!("/hooks/{}", hook.name)),
+                            owner,
+                        ),
+                    }
+                }
+            }
+            config::SourceConfig::Nats(nats) => {
+                reserved.reserve(nats.source(), format!("nats source `{}`", nats.name));
+            }
+            #[cfg(feature = "kafka")]
+            config::SourceConfig::Kafka(kafka) => reserved.reserve_prefix(
+                kafka.event_source(""),
+                format!("kafka source `{}`", kafka.name),
+            ),
+            #[cfg(feature = "s3")]
+            config::SourceConfig::S3(poll) => {
+                if let Some(store) = config.stores.get(&poll.store) {
+                    let store = store.get_ref();
+                    for bucket in &poll.buckets {
+                        reserved.reserve(
+                            format!("{}.{}.{bucket}", store.event_source, store.event_region()),
+                            format!("polled bucket `{bucket}` of source `{}`", poll.name),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    reserved
 }

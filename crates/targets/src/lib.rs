@@ -166,11 +166,15 @@ impl Target for HttpTarget {
         for (name, value) in event.binary_headers() {
             request = request.header(name.as_ref(), value.as_ref());
         }
-        if let Some(traceparent) = event.extensions.get("traceparent") {
-            request = request.header("traceparent", traceparent.as_str());
-        }
-        if let Some(tracestate) = event.extensions.get("tracestate") {
-            request = request.header("tracestate", tracestate.as_str());
+        // W3C trace context also goes as the plain headers tracers read, when its
+        // value can be one (printable ASCII); it always travels percent-encoded in
+        // `ce-traceparent` / `ce-tracestate`, so an odd value never fails the call.
+        for name in ["traceparent", "tracestate"] {
+            if let Some(value) = event.extensions.get(name)
+                && value.bytes().all(|byte| (0x20..0x7f).contains(&byte))
+            {
+                request = request.header(name, value.as_str());
+            }
         }
         let (mut outcome, headers, body) =
             self.call(request.body(event.data.clone()), timeout).await;

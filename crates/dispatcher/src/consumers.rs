@@ -1,0 +1,184 @@
+//! The durable consumers of a trigger and their names.
+//!
+//! Every trigger owns up to four kinds of durable consumer on the events stream, one
+//! [`ConsumerRole`] each: its main consumer (new events), its direct consumer (due
+//! retries and replays), its retry consumer (failed events waiting out their delay)
+//! and, for ordered triggers, one consumer per key partition. Their names are
+//! `switchyard-<trigger>` followed by the role's suffix. JetStream creates *or
+//! updates* a consumer by name, so two triggers whose consumers shared a name would
+//! silently rewrite each other's consumer. What keeps the names apart is the trigger
+//! name grammar checked here ([`trigger_name_problem`]): a trigger name is 1 to 64
+//! letters, digits, `-` or `_` and never ends in a role suffix (`-direct`, `-retry`,
+//! `-p<i>of<n>`), so [`ConsumerRole::parse`] reads every consumer name back to exactly
+//! one trigger and role (tested below over adversarial names).
+
+/// Longest trigger name.
+pub const MAX_TRIGGER_NAME: usize = 64;
+
+const PREFIX: &str = "switchyard-";
+const DIRECT_SUFFIX: &str = "-direct";
+const RETRY_SUFFIX: &str = "-retry";
+
+/// What a trigger's consumer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerRole {
+    /// New events of the trigger's filter.
+    Main,
+    /// Due retries and replayed dead letters, for this trigger only.
+    Direct,
+    /// Failed events waiting until their retry is due.
+    Retry,
+    /// Key partition `index` of `of` of an ordered trigger.
+    Partition { index: u32, of: u32 },
+}
+
+impl ConsumerRole {
+    /// The durable name of this consumer of `trigger`.
+    pub fn name(self, trigger: &str) -> String {
+        match self {
+            ConsumerRole::Main => format!("{PREFIX}{trigger}"),
+            ConsumerRole::Direct => format!("{PREFIX}{trigger}{DIRECT_SUFFIX}"),
+            ConsumerRole::Retry => format!("{PREFIX}{trigger}{RETRY_SUFFIX}"),
+            ConsumerRole::Partition { index, of } => format!("{PREFIX}{trigger}-p{index}of{of}"),
+        }
+    }
+
+    /// The trigger and role a consumer name belongs to; `None` for a name Switchyard's
+    /// triggers do not use. Unambiguous for trigger names that pass
+    /// [`trigger_name_problem`].
+    pub fn parse(name: &str) -> Option<(&str, ConsumerRole)> {
+        let rest = name.strip_prefix(PREFIX)?;
+        let (trigger, role) = if let Some(trigger) = rest.strip_suffix(DIRECT_SUFFIX) {
+            (trigger, ConsumerRole::Direct)
+        } else if let Some(trigger) = rest.strip_suffix(RETRY_SUFFIX) {
+            (trigger, ConsumerRole::Retry)
+        } else if let Some((trigger, index, of)) = split_partition(rest) {
+            (trigger, ConsumerRole::Partition { index, of })
+        } else {
+            (rest, ConsumerRole::Main)
+        };
+        (trigger_name_problem(trigger).is_none()).then_some((trigger, role))
+    }
+}
+
+/// `<trigger>-p<i>of<n>` split into its parts, when `name` ends so.
+fn split_partition(name: &str) -> Option<(&str, u32, u32)> {
+    let (trigger, tail) = name.rsplit_once("-p")?;
+    let (index, of) = tail.split_once("of")?;
+    let digits = |text: &str| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit());
+    if !digits(index) || !digits(of) {
+        return None;
+    }
+    Some((trigger, index.parse().ok()?, of.parse().ok()?))
+}
+
+/// What is wrong with `name` as a trigger name, if anything.
+pub fn trigger_name_problem(name: &str) -> Option<String> {
+    let valid_characters = !name.is_empty()
+        && name.len() <= MAX_TRIGGER_NAME
+        && name.chars().all(|character| {
+            character.is_ascii_alphanumeric() || character == '-' || character == '_'
+        });
+    if !valid_characters {
+        return Some(format!(
+            "trigger `{name}` is not a valid name: use 1 to {MAX_TRIGGER_NAME} letters, digits, `-` or `_`"
+        ));
+    }
+    let reserved = if name.ends_with(DIRECT_SUFFIX) {
+        Some(DIRECT_SUFFIX)
+    } else if name.ends_with(RETRY_SUFFIX) {
+        Some(RETRY_SUFFIX)
+    } else if split_partition(name).is_some() {
+        Some("-p<i>of<n>")
+    } else {
+        None
+    };
+    reserved.map(|suffix| {
+        format!(
+            "trigger `{name}` ends in `{suffix}`, which names another trigger's consumers (`switchyard-<trigger>{suffix}`): choose a name without it"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roles() -> Vec<ConsumerRole> {
+        vec![
+            ConsumerRole::Main,
+            ConsumerRole::Direct,
+            ConsumerRole::Retry,
+            ConsumerRole::Partition { index: 0, of: 8 },
+            ConsumerRole::Partition { index: 7, of: 8 },
+            ConsumerRole::Partition { index: 1, of: 2 },
+        ]
+    }
+
+    #[test]
+    fn names_ending_in_a_role_suffix_are_refused() {
+        for name in [
+            "orders-direct",
+            "orders-retry",
+            "orders-p0of8",
+            "orders-p12of64",
+            "x-p1of2",
+        ] {
+            let problem = trigger_name_problem(name).expect(name);
+            assert!(problem.contains("ends in"), "{problem}");
+        }
+        for name in [
+            "orders",
+            "orders-directly",
+            "retry",
+            "direct",
+            "orders-p",
+            "orders-pXof8",
+            "orders-p1of",
+            "p1of2",
+            "orders_retry",
+        ] {
+            assert_eq!(trigger_name_problem(name), None, "{name}");
+        }
+        assert!(trigger_name_problem("a.b").is_some());
+        assert!(trigger_name_problem(&"a".repeat(65)).is_some());
+    }
+
+    #[test]
+    fn every_consumer_name_belongs_to_one_trigger_and_role() {
+        // Adversarial names: prefixes and suffixes of each other, and names that look
+        // like role suffixes without being one.
+        let triggers = [
+            "orders",
+            "orders-x",
+            "orders-directly",
+            "orders-p",
+            "orders-p1",
+            "orders-p1of",
+            "p1of2",
+            "direct",
+            "retry",
+            "o",
+            "orders_retry",
+            "orders-pof8",
+            "switchyard",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for trigger in triggers {
+            assert_eq!(trigger_name_problem(trigger), None, "{trigger}");
+            for role in roles() {
+                let name = role.name(trigger);
+                assert_eq!(
+                    ConsumerRole::parse(&name),
+                    Some((trigger, role)),
+                    "{name} reads back"
+                );
+                if let Some(other) = seen.insert(name.clone(), (trigger, role)) {
+                    panic!("{name} is used by {other:?} and {:?}", (trigger, role));
+                }
+            }
+        }
+        assert_eq!(ConsumerRole::parse("switchyard-orders-direct-retry"), None);
+        assert_eq!(ConsumerRole::parse("other-orders"), None);
+    }
+}
