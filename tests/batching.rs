@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    FunctionServer, NatsServer, Received, Reply, Switchyard, WAIT, base_config, free_port,
-    post_event, wait_for_dead_letters,
+    FunctionServer, NatsServer, Received, Reply, Switchyard, WAIT, base_config, post_event,
+    wait_for_dead_letters,
 };
 
 fn batched(function: &FunctionServer) -> String {
@@ -93,7 +93,7 @@ async fn a_partial_failure_retries_only_the_failed_events() {
         }
     })
     .await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&batched(&function));
     let switchyard = Switchyard::start(text).await;
     for number in 0..10 {
@@ -154,7 +154,7 @@ async fn an_error_without_failures_retries_the_whole_batch() {
         }
     })
     .await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&batched(&function).replace("max_concurrency = 2", "max_concurrency = 1"));
     let switchyard = Switchyard::start(text).await;
     for number in 0..4 {
@@ -183,5 +183,81 @@ async fn an_error_without_failures_retries_the_whole_batch() {
             assert_eq!(*count, 1, "{id} was not in the failed batch: {counts:?}");
         }
     }
+    switchyard.stop().await;
+}
+
+/// Lambda's rules for a 2xx answer: one that is not JSON, or names a failure with a
+/// misspelt key, a null or an unknown `itemIdentifier`, fails the WHOLE batch (every
+/// event comes back), never acknowledges it.
+#[tokio::test]
+async fn a_malformed_success_answer_fails_the_whole_batch() {
+    let nats = NatsServer::start();
+    let bad_answers = [
+        "OK",
+        r#"{"batchItemFailures":[{"itemIdentifer":"m0"}]}"#,
+        r#"{"batchItemFailures":[{"itemIdentifier":null}]}"#,
+        r#"{"batchItemFailures":[{"itemIdentifier":"not-in-the-batch"}]}"#,
+    ];
+    let calls = Arc::new(Mutex::new(0usize));
+    let function = FunctionServer::start({
+        move |_, _| {
+            let mut calls = calls.lock().unwrap();
+            *calls += 1;
+            match bad_answers.get(*calls - 1) {
+                Some(answer) => Reply::ok().with_body(*answer),
+                None => Reply::ok().with_body("{}"),
+            }
+        }
+    })
+    .await;
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(
+        &batched(&function)
+            .replace("max_concurrency = 2", "max_concurrency = 1")
+            .replace("attempts = 3", "attempts = 10"),
+    );
+    let switchyard = Switchyard::start(text).await;
+    for number in 0..3 {
+        post_event(
+            &switchyard.url("/v1/events"),
+            &format!("m{number}"),
+            "com.example.item",
+            "x",
+        )
+        .await;
+    }
+    // Each bad answer sends every event it held back; an event ends when a `{}`
+    // answers a batch it is in. Without Lambda's rules the bad answers acknowledge
+    // their events and the counts never reach `failed + 1`.
+    let held_by_bad_answers = || {
+        let mut held = HashMap::new();
+        for call in function.received().iter().take(bad_answers.len()) {
+            for id in ids(call) {
+                *held.entry(id).or_insert(0usize) += 1;
+            }
+        }
+        held
+    };
+    let counts = wait_attempts(&function, |counts| {
+        let held = held_by_bad_answers();
+        function.received().len() > bad_answers.len()
+            && counts.len() == 3
+            && counts
+                .iter()
+                .all(|(id, count)| *count == held.get(id).copied().unwrap_or(0) + 1)
+    })
+    .await;
+    // Four refused batches, each with at least one event that came back.
+    assert!(
+        counts.values().sum::<usize>() >= 3 + bad_answers.len(),
+        "{counts:?}"
+    );
+    let bus = switchyard.bus().await;
+    assert!(
+        switchyard::dlq::list(&bus, "batched")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     switchyard.stop().await;
 }

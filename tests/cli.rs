@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config, free_port};
+use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -34,7 +34,7 @@ async fn send_and_dead_letter_commands_work_against_a_live_bus() {
         }
     })
     .await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&format!(
         "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n",
         function.url
@@ -208,7 +208,7 @@ async fn send_and_dead_letter_commands_work_against_a_live_bus() {
 async fn a_function_that_times_out_is_retried_then_dead_lettered() {
     let nats = NatsServer::start();
     let function = FunctionServer::start(|_, _| Reply::ok().after(Duration::from_secs(5))).await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&format!(
         "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\ntimeout = \"200ms\"\nretry = {{ policy = \"fixed\", initial = \"50ms\", attempts = 2 }}\n",
         function.url

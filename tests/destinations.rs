@@ -6,8 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    FunctionServer, NatsServer, Reply, Switchyard, WAIT, base_config, free_port, post_event,
-    random_name,
+    FunctionServer, NatsServer, Reply, Switchyard, WAIT, base_config, post_event, random_name,
 };
 use futures::StreamExt;
 use switchyard_bus::async_nats::{self, jetstream};
@@ -39,7 +38,7 @@ async fn results_and_dead_letters_are_published_to_nats_subjects() {
         })
         .await
         .unwrap();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&format!(
         "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n\
          on_success = {{ type = \"nats\", subject = \"{results}\" }}\non_failure = {{ type = \"nats\", subject = \"{failures}\" }}\n",

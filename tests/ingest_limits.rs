@@ -9,15 +9,14 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    FunctionServer, NatsServer, Reply, Switchyard, base_config, binary_event, free_port,
-    wait_for_dead_letters,
+    FunctionServer, NatsServer, Reply, Switchyard, base_config, binary_event, wait_for_dead_letters,
 };
 use hmac::Mac;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn config(nats: &NatsServer, function: &FunctionServer, source_extra: &str) -> String {
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text = text.replace("max_body_bytes = 4096", "max_body_bytes = 1048576");
     text.push_str(source_extra);
     text.push_str(&format!(
@@ -385,5 +384,35 @@ async fn a_hooks_source_cannot_be_forged_on_v1_events() {
         .await
         .unwrap();
     assert_eq!(other.status(), 202);
+    switchyard.stop().await;
+}
+
+/// The router's own 404 and 405 answer in JSON with a message, like every other
+/// refusal.
+#[tokio::test]
+async fn unknown_paths_and_methods_get_a_json_error() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let switchyard = Switchyard::start(config(&nats, &function, "")).await;
+    let client = reqwest::Client::new();
+    let (status, message) = error_of(
+        client
+            .post(switchyard.url("/v2/events"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(message.contains("POST /v1/events"), "{message}");
+    let response = client
+        .get(switchyard.url("/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["allow"], "POST");
+    let (status, message) = error_of(response).await;
+    assert_eq!(status, 405);
+    assert!(message.contains("`GET` is not allowed"), "{message}");
     switchyard.stop().await;
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    FunctionServer, NatsServer, Process, Reply, Switchyard, base_config, free_port, random_name,
+    FunctionServer, NatsServer, Process, Reply, Switchyard, base_config, random_name,
     wait_for_dead_letters, write_config,
 };
 use nix::sys::signal::Signal;
@@ -180,15 +180,7 @@ async fn records_reach_the_function_with_key_headers_and_bytes_intact() {
     let topic = random_name("orders");
     broker.create_topic(&topic, 3);
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let switchyard = Switchyard::start(config(
-        &nats,
-        &broker,
-        &function,
-        &topic,
-        free_port(),
-        free_port(),
-    ))
-    .await;
+    let switchyard = Switchyard::start(config(&nats, &broker, &function, &topic, 0, 0)).await;
     let producer = producer(&broker);
 
     const BINARY: &[u8] = b"\x00\xff\x10{\x80";
@@ -353,14 +345,13 @@ async fn a_connector_killed_mid_stream_loses_nothing() {
     let topic = random_name("stream");
     broker.create_topic(&topic, 3);
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let admin = free_port();
-    let text = config(&nats, &broker, &function, &topic, free_port(), admin);
+    let text = config(&nats, &broker, &function, &topic, 0, 0);
     let directory = tempfile::tempdir().unwrap();
     let path = write_config(directory.path(), &text);
     let producer = producer(&broker);
     const TOTAL: usize = 3000;
 
-    let mut process = Process::start(&path, &[], admin);
+    let mut process = Process::start(&path, &[]);
     process.wait_ready().await;
     // Produce steadily while the connector runs, and kill it mid-stream.
     let producing = {
@@ -387,7 +378,7 @@ async fn a_connector_killed_mid_stream_loses_nothing() {
         "the kill came after the stream ended"
     );
 
-    let process = Process::start(&path, &[], admin);
+    let process = Process::start(&path, &[]);
     process.wait_ready().await;
     let repeats = wait_delivered(&function, TOTAL, WAIT).await;
     let stored = events_stored(&text).await;
@@ -414,28 +405,10 @@ async fn two_connectors_split_the_partitions_and_one_takes_over() {
     let topic = random_name("shared");
     broker.create_topic(&topic, 4);
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let text = config(&nats, &broker, &function, &topic, 0, 0)
-        .replace(
-            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
-            "listen = \"127.0.0.1:${HTTP_PORT:-0}\"\nmax_body_bytes",
-        )
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"",
-            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT:-0}\"",
-        );
+    let text = config(&nats, &broker, &function, &topic, 0, 0);
     let directory = tempfile::tempdir().unwrap();
     let path = write_config(directory.path(), &text);
-    let start = || {
-        let admin = free_port();
-        Process::start(
-            &path,
-            &[
-                ("HTTP_PORT", free_port().to_string()),
-                ("ADMIN_PORT", admin.to_string()),
-            ],
-            admin,
-        )
-    };
+    let start = || Process::start(&path, &[]);
     let (mut a, b) = (start(), start());
     a.wait_ready().await;
     b.wait_ready().await;
@@ -488,7 +461,7 @@ async fn the_broker_restarted_mid_stream_loses_nothing() {
     let topic = random_name("restart");
     broker.create_topic(&topic, 2);
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let text = config(&nats, &broker, &function, &topic, free_port(), free_port());
+    let text = config(&nats, &broker, &function, &topic, 0, 0);
     let switchyard = Switchyard::start(text.clone()).await;
 
     let first = producer(&broker);
@@ -585,7 +558,7 @@ async fn results_and_dead_letters_land_on_kafka_topics() {
     })
     .await;
     // The trigger is the configuration's last table: its destinations go at the end.
-    let text = config(&nats, &broker, &function, &input, free_port(), free_port())
+    let text = config(&nats, &broker, &function, &input, 0, 0)
         + &format!(
             "on_success = {{ type = \"kafka\", brokers = \"{b}\", topic = \"{results}\" }}\non_failure = {{ type = \"kafka\", brokers = \"{b}\", topic = \"{failures}\" }}\n",
             b = broker.bootstrap()
@@ -661,7 +634,7 @@ async fn nats_down_mid_stream_holds_the_records_and_loses_nothing() {
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
     // File storage, so the events stream outlives the nats-server restart; a small
     // in-flight bound, so the source fills up, waits, then pauses its partitions.
-    let text = config(&nats, &broker, &function, &topic, free_port(), free_port())
+    let text = config(&nats, &broker, &function, &topic, 0, 0)
         .replace("storage = \"memory\"", "storage = \"file\"")
         .replace(
             "start = \"earliest\"",
@@ -725,7 +698,7 @@ async fn s3_notifications_on_a_kafka_topic_become_object_events() {
         topic: topic.clone(),
     });
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&format!(
         r#"
 [[sources]]

@@ -6,13 +6,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config, free_port, random_name};
+use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config, random_name};
 use switchyard_bus::async_nats::{self, HeaderMap, jetstream};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn config(nats: &NatsServer, function: &FunctionServer, source: &str) -> String {
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(source);
     text.push_str(&format!(
         "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n",

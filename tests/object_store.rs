@@ -78,7 +78,7 @@ fn function_config(function: &FunctionServer) -> String {
 
 /// The base config with a `format = "s3"` hook at `/hooks/s3` on the HTTP source.
 fn hook_config(nats: &NatsServer, http_port: u16) -> String {
-    let mut text = base_config(&nats.url(), http_port, free_port())
+    let mut text = base_config(&nats.url(), http_port, 0)
         .replace("max_body_bytes = 4096", "max_body_bytes = 65536");
     text.push_str("\n[[sources.hooks]]\nname = \"s3\"\nformat = \"s3\"\nkey_encoding = \"none\"\n");
     text
@@ -142,12 +142,12 @@ impl Polled {
     /// A config polling the bucket (every 500 ms unless `extra` sets an interval) into
     /// the function.
     fn config(&self, extra: &str) -> String {
-        self.config_at(free_port(), extra)
+        self.config_at(0, extra)
     }
 
     /// [`Polled::config`] with the admin listener on `admin`.
     fn config_at(&self, admin: u16, extra: &str) -> String {
-        let mut text = base_config(&self.nats.url(), free_port(), admin);
+        let mut text = base_config(&self.nats.url(), 0, admin);
         text.push_str(&poll_source(&self.store, &self.bucket, extra));
         text.push_str(&function_config(&self.function));
         text
@@ -167,14 +167,11 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
 async fn uploads_reach_the_function_through_the_stores_webhook() {
     let nats = NatsServer::start();
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let http_port = free_port();
-    let mut text = hook_config(&nats, http_port);
+    let mut text = hook_config(&nats, 0);
     text.push_str(&function_config(&function));
     let switchyard = Switchyard::start(text).await;
     // The store sends a test notification when it starts: the hook must be up.
-    let store = ObjectStore::start(Notifications::Webhook(format!(
-        "http://127.0.0.1:{http_port}/hooks/s3"
-    )));
+    let store = ObjectStore::start(Notifications::Webhook(switchyard.url("/hooks/s3")));
     let client = client(&store).await;
     let bucket = create_bucket(&client).await;
 
@@ -302,7 +299,7 @@ async fn uploads_reach_the_function_through_nats_notifications() {
     let nats = NatsServer::start();
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
     let subject = random_name("bucketevents");
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&format!(
         "\n[[sources]]\ntype = \"nats\"\nname = \"store-events\"\nsubjects = [\"{subject}\"]\nformat = \"s3\"\nkey_encoding = \"none\"\n"
     ));
@@ -330,8 +327,7 @@ async fn uploads_reach_the_function_through_nats_notifications() {
 async fn a_malformed_notification_is_refused_with_the_reason_and_a_test_message_accepted() {
     let nats = NatsServer::start();
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
-    let http_port = free_port();
-    let mut text = hook_config(&nats, http_port);
+    let mut text = hook_config(&nats, 0);
     text.push_str(&function_config(&function));
     let switchyard = Switchyard::start(text).await;
     let client = reqwest::Client::new();
@@ -768,7 +764,7 @@ async fn sns_subscriptions_are_confirmed_and_signed_notifications_delivered_afte
     let nats = NatsServer::start();
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
     let sns = SnsFixture::start().await;
-    let mut text = hook_config(&nats, free_port()).replace("key_encoding = \"none\"\n", "");
+    let mut text = hook_config(&nats, 0).replace("key_encoding = \"none\"\n", "");
     text.push_str(&format!(
         "sns_topics = [\"{TOPIC}\"]\nsns_trusted_urls = [\"{}\"]\n",
         sns.base
@@ -948,16 +944,8 @@ async fn one_process_polls_a_bucket_at_a_time_and_another_takes_over_when_it_sto
     let text = setup.config("");
     let first = Switchyard::start(text.clone()).await;
     function.wait_for(20, WAIT).await;
-    let second_text = text
-        .replace(
-            &format!("127.0.0.1:{}", first.http.port()),
-            &format!("127.0.0.1:{}", free_port()),
-        )
-        .replace(
-            &format!("127.0.0.1:{}", first.admin.port()),
-            &format!("127.0.0.1:{}", free_port()),
-        );
-    let second = Switchyard::start(second_text).await;
+    // Port 0: each binds its own listeners.
+    let second = Switchyard::start(text.clone()).await;
     wait_scans(&first, 3.0).await;
     assert_eq!(
         second.metric("switchyard_s3_poll_scans_total").await,
@@ -983,8 +971,7 @@ async fn the_real_binary_polls_with_credentials_from_the_standard_aws_chain() {
     setup.put_keys(&["chain/1.txt", "chain/2.txt"]).await;
     // A store without credentials in the config: the binary takes them from the
     // environment (the first link of the standard AWS chain).
-    let admin = free_port();
-    let text = setup.config_at(admin, "").replace(
+    let text = setup.config_at(0, "").replace(
         &format!(
             "access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
             object_store::ACCESS_KEY,
@@ -1003,7 +990,6 @@ async fn the_real_binary_polls_with_credentials_from_the_standard_aws_chain() {
             ("AWS_CONFIG_FILE", "/nonexistent".to_owned()),
             ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".to_owned()),
         ],
-        admin,
     );
     process.wait_ready().await;
     setup.function.wait_for(2, WAIT).await;

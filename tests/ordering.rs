@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     FunctionServer, NatsServer, Process, Received, Reply, Switchyard, WAIT, base_config,
-    binary_event, free_port, wait_for_dead_letters, write_config,
+    binary_event, wait_for_dead_letters, write_config,
 };
 use nix::sys::signal::Signal;
 
@@ -100,7 +100,7 @@ async fn order_by_key_holds_under_retries_and_a_poison_key_does_not_stall_the_ot
         }
     })
     .await;
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&ordered_trigger(&function, 4));
     let switchyard = Switchyard::start(text).await;
     let url = switchyard.url("/v1/events");
@@ -162,34 +162,15 @@ async fn two_processes_share_the_key_partitions_and_keep_the_order_when_one_dies
     let nats = NatsServer::start();
     let function = FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(20))).await;
     let directory = tempfile::tempdir().unwrap();
-    let mut text = base_config(&nats.url(), 0, 0)
-        .replace(
-            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
-            "listen = \"127.0.0.1:${HTTP_PORT:-0}\"\nmax_body_bytes",
-        )
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"",
-            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT:-0}\"",
-        );
+    let mut text = base_config(&nats.url(), 0, 0);
     // 16 partitions over two members: all on one by chance is 2 in 65,536.
     text.push_str(&ordered_trigger(&function, 16));
     let path = write_config(directory.path(), &text);
-    let start = |http: u16, admin: u16| {
-        Process::start(
-            &path,
-            &[
-                ("HTTP_PORT", http.to_string()),
-                ("ADMIN_PORT", admin.to_string()),
-            ],
-            admin,
-        )
-    };
-    let (http_a, http_b) = (free_port(), free_port());
-    let (mut a, b) = (start(http_a, free_port()), start(http_b, free_port()));
+    let (mut a, b) = (Process::start(&path, &[]), Process::start(&path, &[]));
     a.wait_ready().await;
     b.wait_ready().await;
     let keys: Vec<String> = (0..16).map(|key| format!("key{key}")).collect();
-    let url_b = format!("http://127.0.0.1:{http_b}/v1/events");
+    let url_b = b.url("/v1/events");
 
     // The partitions spread once both processes see each other (one heartbeat a
     // second): post rounds until both have delivered some.

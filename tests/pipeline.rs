@@ -13,8 +13,7 @@ use cloudevents::binding::http::{
 use cloudevents::message::BinaryDeserializer as _;
 use cloudevents::{AttributesReader, EventBuilder, EventBuilderV10};
 use common::{
-    FunctionServer, NatsServer, Received, Reply, Switchyard, base_config, binary_event, free_port,
-    post_event,
+    FunctionServer, NatsServer, Received, Reply, Switchyard, base_config, binary_event, post_event,
 };
 use hmac::Mac;
 
@@ -36,7 +35,7 @@ async fn start(
     trigger_extra: &str,
 ) -> (NatsServer, Switchyard) {
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(hooks);
     text.push_str(&function_section("fn", &function.url, 64));
     text.push_str(&trigger_section("main", "fn", trigger_extra));
@@ -578,7 +577,7 @@ async fn retry_after_is_honoured_and_max_age_dead_letters() {
     })
     .await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&function_section("fn", &function.url, 64));
     text.push_str(&trigger_section(
         "patient",
@@ -661,7 +660,7 @@ async fn function_concurrency_is_shared_by_its_triggers() {
     let function =
         FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(150))).await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&function_section("shared", &function.url, 2));
     text.push_str(&trigger_section(
         "orders",
@@ -870,8 +869,8 @@ async fn events_waiting_for_a_retry_do_not_hold_the_trigger() {
 async fn an_event_over_the_bus_limit_is_refused_with_413() {
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port())
-        .replace("max_body_bytes = 4096", "max_body_bytes = 4194304");
+    let mut text =
+        base_config(&nats.url(), 0, 0).replace("max_body_bytes = 4096", "max_body_bytes = 4194304");
     text.push_str(&function_section("fn", &function.url, 8));
     text.push_str(&trigger_section("main", "fn", ""));
     let switchyard = Switchyard::start(text).await;
@@ -917,7 +916,7 @@ async fn a_function_reply_is_published_and_reaches_the_next_trigger() {
     .await;
     let second = FunctionServer::start(|_, _| Reply::ok()).await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&function_section("first", &first.url, 8));
     text.push_str(&function_section("second", &second.url, 8));
     text.push_str(&trigger_section(
@@ -961,7 +960,7 @@ async fn an_overloaded_function_gets_less_concurrency_then_recovers() {
     })
     .await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&function_section("fn", &function.url, 8));
     text.push_str(&trigger_section(
         "main",
@@ -1011,7 +1010,7 @@ async fn idle_triggers_leave_their_function_budget_to_busy_ones() {
     let function =
         FunctionServer::start(|_, _| Reply::ok().after(Duration::from_millis(150))).await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&function_section("shared", &function.url, 2));
     for name in ["quiet-1", "quiet-2", "quiet-3"] {
         text.push_str(&trigger_section(
@@ -1051,7 +1050,7 @@ async fn idle_triggers_leave_their_function_budget_to_busy_ones() {
 async fn streams_are_created_then_updated_to_match_the_configuration() {
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port());
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&function_section("fn", &function.url, 4));
     text.push_str(&trigger_section("main", "fn", ""));
     let first = Switchyard::start(text.clone()).await;
@@ -1099,7 +1098,7 @@ async fn a_retry_never_waits_longer_than_the_stream_keeps_it() {
     })
     .await;
     let nats = NatsServer::start();
-    let mut text = base_config(&nats.url(), free_port(), free_port()).replace(
+    let mut text = base_config(&nats.url(), 0, 0).replace(
         "duplicate_window = \"1m\"",
         "duplicate_window = \"1s\", max_age = \"4s\"",
     );

@@ -4,52 +4,34 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    FunctionServer, NatsServer, Process, Reply, WAIT, base_config, free_port, post_event,
-    write_config,
+    FunctionServer, NatsServer, Process, Reply, WAIT, base_config, post_event, write_config,
 };
 use nix::sys::signal::Signal;
 
 /// Two `switchyard run` processes on one configuration (`sections` appended to the
-/// base), their HTTP and admin ports given through the environment.
+/// base), each on ports of its own choosing.
 struct Pair {
     a: Process,
     b: Process,
-    http_a: u16,
-    http_b: u16,
+    http_a: SocketAddr,
+    http_b: SocketAddr,
     _directory: tempfile::TempDir,
 }
 
 async fn start_pair(nats: &NatsServer, sections: &str) -> Pair {
     let directory = tempfile::tempdir().unwrap();
-    let mut text = base_config(&nats.url(), 0, 0)
-        .replace(
-            "listen = \"127.0.0.1:0\"\nmax_body_bytes",
-            "listen = \"127.0.0.1:${HTTP_PORT}\"\nmax_body_bytes",
-        )
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"",
-            "[admin]\nlisten = \"127.0.0.1:${ADMIN_PORT}\"",
-        );
+    // Port 0 everywhere: each process binds its own and reports it in its ready file.
+    let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(sections);
     let config = write_config(directory.path(), &text);
-    let (http_a, admin_a, http_b, admin_b) = (free_port(), free_port(), free_port(), free_port());
-    let start = |http: u16, admin: u16| {
-        Process::start(
-            &config,
-            &[
-                ("HTTP_PORT", http.to_string()),
-                ("ADMIN_PORT", admin.to_string()),
-            ],
-            admin,
-        )
-    };
-    let (a, b) = (start(http_a, admin_a), start(http_b, admin_b));
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (a, b) = (Process::start(&config, &[]), Process::start(&config, &[]));
+    let http_a = a.wait_ready().await.sources["http"];
+    let http_b = b.wait_ready().await.sources["http"];
     Pair {
         a,
         b,
@@ -92,17 +74,16 @@ async fn a_dispatcher_killed_mid_invocation_loses_nothing() {
     })
     .await;
     let directory = tempfile::tempdir().unwrap();
-    let (http, admin) = (free_port(), free_port());
-    let mut text = base_config(&nats.url(), http, admin);
+    let mut text = base_config(&nats.url(), 0, 0);
     text = text.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"10s\"");
     text.push_str(&format!(
         "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\ntimeout = \"180s\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\nack_wait = \"2s\"\n",
         function.url
     ));
     let config = write_config(directory.path(), &text);
-    let first = Process::start(&config, &[], admin);
+    let first = Process::start(&config, &[]);
     first.wait_ready().await;
-    let url = format!("http://127.0.0.1:{http}/v1/events");
+    let url = first.url("/v1/events");
     let response = post_event(&url, "hanging", "t", "precious").await;
     assert_eq!(response.status(), 202);
     let deadline = Instant::now() + WAIT;
@@ -120,8 +101,9 @@ async fn a_dispatcher_killed_mid_invocation_loses_nothing() {
     first.signal(Signal::SIGKILL);
     drop(first);
 
-    let mut second = Process::start(&config, &[], admin);
+    let mut second = Process::start(&config, &[]);
     second.wait_ready().await;
+    let url = second.url("/v1/events");
     for index in 0..5 {
         post_event(&url, &format!("after-{index}"), "t", "x").await;
     }
@@ -181,7 +163,7 @@ async fn two_dispatcher_processes_share_a_trigger_within_its_limit() {
     for index in 0..60 {
         let port = if index % 2 == 0 { http_a } else { http_b };
         let response = post_event(
-            &format!("http://127.0.0.1:{port}/v1/events"),
+            &format!("http://{port}/v1/events"),
             &format!("e{index}"),
             "t",
             "x",
@@ -252,7 +234,7 @@ filter = {{ type = {{ exact = "refunds" }} }}
         let port = if index % 2 == 0 { http_a } else { http_b };
         let ty = if index % 4 < 2 { "orders" } else { "refunds" };
         let response = post_event(
-            &format!("http://127.0.0.1:{port}/v1/events"),
+            &format!("http://{port}/v1/events"),
             &format!("e{index}"),
             ty,
             "x",
@@ -302,13 +284,7 @@ async fn slots_held_by_a_killed_process_come_back() {
         ..
     } = pair;
     for id in ["hang-1", "hang-2"] {
-        let response = post_event(
-            &format!("http://127.0.0.1:{http_a}/v1/events"),
-            id,
-            "t",
-            "x",
-        )
-        .await;
+        let response = post_event(&format!("http://{http_a}/v1/events"), id, "t", "x").await;
         assert_eq!(response.status(), 202);
     }
     let deadline = Instant::now() + WAIT;
@@ -330,7 +306,7 @@ async fn slots_held_by_a_killed_process_come_back() {
     killed.signal(Signal::SIGKILL);
     drop(killed);
     let response = post_event(
-        &format!("http://127.0.0.1:{survivor_http}/v1/events"),
+        &format!("http://{survivor_http}/v1/events"),
         "after",
         "t",
         "x",

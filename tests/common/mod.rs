@@ -24,19 +24,34 @@ pub use switchyard_testkit::{NatsServer, free_port};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A `switchyard run` process, killed on drop.
+/// A `switchyard run` process, killed on drop. It binds the ports its configuration
+/// names (port 0: any free one) and reports them in its `--ready-file` once ready, so
+/// no port is chosen here and freed before the process takes it.
 pub struct Process {
-    pub admin: u16,
-    child: Option<Child>,
+    child: Mutex<Option<Child>>,
+    ready_file: PathBuf,
+    _directory: tempfile::TempDir,
+    bound: std::sync::OnceLock<Bound>,
+}
+
+/// What a process reported in its ready file.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub admin: SocketAddr,
+    pub sources: HashMap<String, SocketAddr>,
 }
 
 impl Process {
-    pub fn start(config: &Path, env: &[(&str, String)], admin: u16) -> Process {
+    pub fn start(config: &Path, env: &[(&str, String)]) -> Process {
+        let directory = tempfile::tempdir().unwrap();
+        let ready_file = directory.path().join("ready.json");
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
         command
             .arg("run")
             .arg("--config")
             .arg(config)
+            .arg("--ready-file")
+            .arg(&ready_file)
             .stdout(Stdio::null());
         if std::env::var_os("SWITCHYARD_TEST_LOG").is_none() {
             command.stderr(Stdio::null());
@@ -45,39 +60,80 @@ impl Process {
             command.env(name, value);
         }
         Process {
-            child: Some(command.spawn().expect("starting switchyard")),
-            admin,
+            child: Mutex::new(Some(command.spawn().expect("starting switchyard"))),
+            ready_file,
+            _directory: directory,
+            bound: std::sync::OnceLock::new(),
         }
     }
 
-    pub async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
+    /// Waits until this process wrote its ready file (it is connected, its consumers
+    /// exist, its listeners are bound); panics if it exits first or takes too long.
+    pub async fn wait_ready(&self) -> &Bound {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Ok(response) = client
-                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
-                .send()
-                .await
-                && response.status() == 200
-            {
-                return;
+            if let Some(bound) = self.bound.get() {
+                return bound;
             }
+            if let Ok(text) = std::fs::read_to_string(&self.ready_file) {
+                let report: serde_json::Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|error| panic!("ready file `{text}`: {error}"));
+                let pid = self.child.lock().unwrap().as_ref().map(Child::id);
+                assert_eq!(report["pid"].as_u64(), pid.map(u64::from), "{text}");
+                let address = |value: &serde_json::Value| -> SocketAddr {
+                    value.as_str().unwrap().parse().unwrap()
+                };
+                let bound = Bound {
+                    admin: address(&report["admin"]),
+                    sources: report["sources"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .map(|(name, value)| (name.clone(), address(value)))
+                        .collect(),
+                };
+                return self.bound.get_or_init(|| bound);
+            }
+            self.assert_running();
             assert!(
                 Instant::now() < deadline,
                 "switchyard process did not become ready"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    fn assert_running(&self) {
+        if let Some(child) = self.child.lock().unwrap().as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("switchyard process exited before it was ready: {status}");
+        }
+    }
+
+    /// The admin listener's address (after [`Process::wait_ready`]).
+    pub fn admin(&self) -> SocketAddr {
+        self.bound.get().expect("wait_ready first").admin
+    }
+
+    /// The address of HTTP source `name` (after [`Process::wait_ready`]).
+    pub fn source(&self, name: &str) -> SocketAddr {
+        self.bound.get().expect("wait_ready first").sources[name]
+    }
+
+    /// A URL on the `http` source.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.source("http"))
+    }
+
     pub fn signal(&self, signal: Signal) {
-        let pid = self.child.as_ref().unwrap().id();
+        let pid = self.child.lock().unwrap().as_ref().unwrap().id();
         kill(Pid::from_raw(pid as i32), signal).unwrap();
     }
 
     /// Waits for the process to exit and returns whether it succeeded.
     pub async fn wait_exit(&mut self) -> bool {
-        let mut child = self.child.take().unwrap();
+        let mut child = self.child.lock().unwrap().take().unwrap();
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -89,13 +145,13 @@ impl Process {
     }
 
     pub async fn metric(&self, name: &str) -> u64 {
-        metric_at(&format!("http://127.0.0.1:{}/metrics", self.admin), name).await as u64
+        metric_at(&format!("http://{}/metrics", self.admin()), name).await as u64
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -169,6 +169,8 @@ pub fn router(
     Router::new()
         .route("/v1/events", post(post_events))
         .route("/hooks/{name}", post(post_hook))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -209,6 +211,33 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The router's own refusals answer in JSON like every other error.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such endpoint `{}`: events go to POST /v1/events, webhooks to POST /hooks/<name>",
+            shorten(uri.path())
+        ),
+    )
+    .into_response()
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "`{method}` is not allowed on `{}`: use POST",
+            shorten(uri.path())
+        ),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+    response
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {

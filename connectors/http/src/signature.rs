@@ -23,9 +23,14 @@ pub fn check_bearer(headers: &HeaderMap, expected: &str) -> Result<(), AuthError
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .ok_or_else(|| AuthError::Missing("authorization header with a bearer token".to_owned()))?;
-    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
-        AuthError::Invalid("authorization header is not a bearer token".to_owned())
-    })?;
+    // The scheme name is case-insensitive (RFC 9110 section 11.1): `bearer x` too.
+    let token = value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_start_matches(' '))
+        .ok_or_else(|| {
+            AuthError::Invalid("authorization header is not a bearer token".to_owned())
+        })?;
     if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) {
         Ok(())
     } else {
@@ -138,6 +143,23 @@ mod tests {
             map.insert(*name, value.parse().unwrap());
         }
         map
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer t0k", "bearer t0k", "BEARER t0k", "Bearer  t0k"] {
+            assert_eq!(
+                check_bearer(&headers(&[("authorization", value.to_owned())]), "t0k"),
+                Ok(()),
+                "{value}"
+            );
+        }
+        for value in ["Basic t0k", "Bearert0k", "Bearer other"] {
+            assert!(
+                check_bearer(&headers(&[("authorization", value.to_owned())]), "t0k").is_err(),
+                "{value}"
+            );
+        }
     }
 
     #[test]

@@ -117,6 +117,9 @@ impl Enricher for ObjectEnricher {
                 .head_object()
                 .bucket(&bucket)
                 .key(&key)
+                // The metadata of the object this event is about, not of one that
+                // replaced it since (412 then, handled below as replaced).
+                .set_if_match(if_match.clone())
                 .send()
                 .await
             {

@@ -76,6 +76,7 @@ async fn bucket(bus: &Bus) -> Result<kv::Store, String> {
             history: 1,
             max_age: MEMBER_TTL,
             storage: switchyard_bus::async_nats::jetstream::stream::StorageType::Memory,
+            num_replicas: bus.replicas(),
             ..Default::default()
         })
         .await

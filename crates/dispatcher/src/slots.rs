@@ -108,6 +108,9 @@ impl FunctionSlots {
                 discard: stream::DiscardPolicy::New,
                 discard_new_per_subject: true,
                 storage: stream::StorageType::File,
+                // As many copies as the events stream: losing a node must not stall
+                // every cluster-scoped function.
+                num_replicas: bus.replicas(),
                 ..Default::default()
             })
             .await

@@ -38,6 +38,7 @@ async fn replays_bucket(bus: &Bus) -> anyhow::Result<kv::Store> {
             description: "replays of dead letters".to_owned(),
             history: 1,
             max_age: Duration::from_secs(90 * 24 * 3600),
+            num_replicas: bus.replicas(),
             ..Default::default()
         })
         .await

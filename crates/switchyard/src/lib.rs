@@ -31,12 +31,33 @@ pub use config::{Config, ConfigErrors};
 pub struct Running {
     /// Bound address of each HTTP source, by source name.
     pub sources: HashMap<String, SocketAddr>,
+    /// Turns true once connected, streams and consumers set up, sources started.
+    pub ready: tokio::sync::watch::Receiver<bool>,
     pub admin: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
+    /// Waits until Switchyard is ready; false if it stopped first.
+    pub async fn wait_ready(&self) -> bool {
+        let mut ready = self.ready.clone();
+        ready.wait_for(|ready| *ready).await.is_ok()
+    }
+
+    /// What `--ready-file` holds: the process id and every bound address, as JSON.
+    pub fn ready_report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": std::process::id(),
+            "admin": self.admin.map(|address| address.to_string()),
+            "sources": self
+                .sources
+                .iter()
+                .map(|(name, address)| (name.clone(), serde_json::Value::from(address.to_string())))
+                .collect::<serde_json::Map<_, _>>(),
+        })
+    }
+
     /// Stops accepting, drains in-flight invocations and waits until everything ended.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -75,6 +96,7 @@ async fn connect_bus(
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let (ready_signal, ready_watch) = tokio::sync::watch::channel(false);
     let mut registry = Registry::with_prefix("switchyard");
     let source_metrics = HttpSourceMetrics::default();
     source_metrics.register(&mut registry);
@@ -301,6 +323,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }));
         }
         ready.store(true, Ordering::SeqCst);
+        ready_signal.send_replace(true);
         tracing::info!(
             triggers = config.triggers.len(),
             sources = config.sources.len(),
@@ -325,6 +348,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     Ok(Running {
         sources,
+        ready: ready_watch,
         admin: admin_address,
         shutdown,
         task,
@@ -362,8 +386,11 @@ pub fn init_logging(config: &config::LogConfig) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    // Colours only for a terminal: a file or a log collector gets plain text.
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match config.format {
         config::LogFormat::Text => builder.try_init(),

@@ -37,7 +37,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sources, the dispatcher and the admin listener.
-    Run,
+    Run {
+        /// Once ready, write the process id and the addresses every listener bound
+        /// (`{"pid":..,"admin":"127.0.0.1:9090","sources":{"http":"127.0.0.1:8080"}}`)
+        /// to this file, replacing it atomically: with port 0 in the configuration,
+        /// scripts and tests learn the ports from it.
+        #[arg(long, env = "SWITCHYARD_READY_FILE")]
+        ready_file: Option<PathBuf>,
+    },
     /// Check a configuration file and report every mistake with file, line and field.
     Validate,
     /// Publish one test event to the bus.
@@ -108,6 +115,16 @@ fn load(path: &std::path::Path) -> anyhow::Result<config::Config> {
     config::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
+/// Writes `report` to `path` through a temporary file renamed into place, so a reader
+/// never sees half of it.
+fn write_ready_file(path: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, report.to_string())
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
 async fn connect(config: &config::Config) -> anyhow::Result<Bus> {
     let bus = Bus::connect(&config.nats).await?;
     bus.ensure_streams().await?;
@@ -117,13 +134,28 @@ async fn connect(config: &config::Config) -> anyhow::Result<Bus> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
     match cli.command {
-        Command::Run => {
+        Command::Run { ready_file } => {
             let loaded = load(&config)?;
             switchyard::init_logging(&loaded.log);
             tracing::info!(config = %config.display(), nats = %loaded.nats.url, "starting switchyard");
             let running = switchyard::start(loaded).await?;
             if let Some(admin) = running.admin {
                 tracing::info!(%admin, "admin listening (/healthz /readyz /metrics /v1/triggers)");
+            }
+            for (name, address) in &running.sources {
+                tracing::info!(source = %name, %address, "http source bound");
+            }
+            if let Some(path) = ready_file {
+                let report = running.ready_report();
+                let mut ready = running.ready.clone();
+                tokio::spawn(async move {
+                    if ready.wait_for(|ready| *ready).await.is_err() {
+                        return;
+                    }
+                    if let Err(error) = write_ready_file(&path, &report) {
+                        tracing::error!(path = %path.display(), %error, "writing the ready file failed");
+                    }
+                });
             }
             let shutdown = running.shutdown.clone();
             let mut task = running.task;

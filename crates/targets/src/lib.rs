@@ -61,53 +61,109 @@ impl HttpTarget {
     }
 }
 
-/// A function's answer to a batch: `{"batchItemFailures":[{"itemIdentifier":"<id>"}]}`
-/// (AWS Lambda's partial batch response).
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct BatchResponse {
-    batch_item_failures: Vec<BatchItemFailure>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct BatchItemFailure {
-    item_identifier: String,
-}
-
-/// What a batch answer that is delivered says: every event delivered, or the ids
-/// that failed. Ids the batch did not hold make the whole answer a failure (retried).
-pub fn classify_batch_answer(events: &[Event], status: u16, body: &[u8]) -> BatchOutcome {
-    let Ok(answer) = serde_json::from_slice::<BatchResponse>(body) else {
-        return BatchOutcome::All(Outcome::delivered());
-    };
-    let failed: Vec<String> = answer
-        .batch_item_failures
-        .into_iter()
-        .map(|failure| failure.item_identifier)
-        .collect();
-    let unknown: Vec<&str> = failed
-        .iter()
-        .filter(|id| !events.iter().any(|event| &event.id == *id))
-        .map(String::as_str)
-        .collect();
-    if !unknown.is_empty() {
-        return BatchOutcome::All(Outcome::RetryLater {
+/// What a 2xx answer to a batch says, by AWS Lambda's rules for partial batch
+/// responses (`{"batchItemFailures":[{"itemIdentifier":"<id>"}]}`):
+/// - every event delivered: an empty body, `null`, an object without
+///   `batchItemFailures`, or with it `null` or `[]`;
+/// - only the listed events failed: a list of `{"itemIdentifier": "<id>"}` naming
+///   events of the batch;
+/// - the WHOLE batch failed (retried), never acknowledged: a body that could not be
+///   read, is not JSON, is JSON but not an object; `batchItemFailures` that is not a
+///   list, or misspelt (`BatchItemFailures`, `batchItemFailure`); an item that is not
+///   an object, has another key (`itemIdentifer`), or a null, empty, non-string or
+///   unknown `itemIdentifier`.
+pub fn classify_batch_answer(
+    events: &[Event],
+    status: u16,
+    body: Result<&[u8], &str>,
+) -> BatchOutcome {
+    match batch_failures(events, body) {
+        Ok(failed) if failed.is_empty() => BatchOutcome::All(Outcome::delivered()),
+        Ok(failed) => BatchOutcome::Partial { failed },
+        Err(reason) => BatchOutcome::All(Outcome::RetryLater {
             not_before: None,
-            failure: Failure::new(
-                Some(status),
-                format!(
-                    "batchItemFailures names ids that were not in the batch: {}",
-                    unknown.join(", ")
-                ),
-            ),
-        });
+            failure: Failure::new(Some(status), format!("the whole batch failed: {reason}")),
+        }),
     }
-    if failed.is_empty() {
-        BatchOutcome::All(Outcome::delivered())
-    } else {
-        BatchOutcome::Partial { failed }
+}
+
+/// The ids a batch answer reports failed, or why the answer fails the whole batch.
+fn batch_failures(events: &[Event], body: Result<&[u8], &str>) -> Result<Vec<String>, String> {
+    use serde_json::Value;
+    let body = body.map_err(|error| format!("the answer could not be read: {error}"))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
     }
+    let answer: Value = serde_json::from_slice(body)
+        .map_err(|error| format!("the answer is not valid JSON ({error}); answer nothing, `{{}}` or {{\"batchItemFailures\": [...]}}"))?;
+    let object = match answer {
+        Value::Null => return Ok(Vec::new()),
+        Value::Object(object) => object,
+        _ => return Err("the answer is JSON but not an object".to_owned()),
+    };
+    let mut items = None;
+    for (key, value) in object {
+        if key == "batchItemFailures" {
+            items = Some(value);
+        } else if key.eq_ignore_ascii_case("batchItemFailures")
+            || key.eq_ignore_ascii_case("batchItemFailure")
+        {
+            return Err(format!(
+                "misspelt key `{key}`: the key is `batchItemFailures`"
+            ));
+        }
+    }
+    let items = match items {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err("`batchItemFailures` is not a list".to_owned()),
+    };
+    let mut failed = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let Value::Object(item) = item else {
+            return Err(format!("batchItemFailures[{index}] is not an object"));
+        };
+        if let Some(other) = item.keys().find(|key| *key != "itemIdentifier") {
+            return Err(format!(
+                "batchItemFailures[{index}] has the key `{other}`; the key is `itemIdentifier`"
+            ));
+        }
+        let id = match item.get("itemIdentifier") {
+            Some(Value::String(id)) if !id.is_empty() => id.clone(),
+            Some(Value::String(_)) => {
+                return Err(format!(
+                    "batchItemFailures[{index}].itemIdentifier is empty"
+                ));
+            }
+            Some(Value::Null) | None => {
+                return Err(format!(
+                    "batchItemFailures[{index}].itemIdentifier is null or missing"
+                ));
+            }
+            Some(_) => {
+                return Err(format!(
+                    "batchItemFailures[{index}].itemIdentifier is not a string"
+                ));
+            }
+        };
+        if !events.iter().any(|event| event.id == id) {
+            return Err(format!(
+                "batchItemFailures names id `{}`, which was not in the batch",
+                short_id(&id)
+            ));
+        }
+        failed.push(id);
+    }
+    Ok(failed)
+}
+
+/// An id cut short for an error message.
+fn short_id(id: &str) -> String {
+    let mut end = id.len().min(128);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    id[..end].to_owned()
 }
 
 impl HttpTarget {
@@ -117,7 +173,7 @@ impl HttpTarget {
         &self,
         request: reqwest::RequestBuilder,
         timeout: Duration,
-    ) -> (Outcome, reqwest::header::HeaderMap, Option<Bytes>) {
+    ) -> (Outcome, reqwest::header::HeaderMap, Result<Bytes, String>) {
         let mut response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
@@ -140,7 +196,11 @@ impl HttpTarget {
                     not_before: None,
                     failure: Failure::new(None, cause),
                 };
-                return (outcome, reqwest::header::HeaderMap::new(), None);
+                return (
+                    outcome,
+                    reqwest::header::HeaderMap::new(),
+                    Err("no answer".to_owned()),
+                );
             }
         };
         let status = response.status().as_u16();
@@ -155,7 +215,7 @@ impl HttpTarget {
             body: body.as_ref().map(|bytes| &bytes[..]).unwrap_or_default(),
         };
         let outcome = classify_response(&answer);
-        (outcome, headers, body.ok())
+        (outcome, headers, body)
     }
 }
 
@@ -179,7 +239,7 @@ impl Target for HttpTarget {
         let (mut outcome, headers, body) =
             self.call(request.body(event.data.clone()), timeout).await;
         if let Outcome::Delivered { reply, answer } = &mut outcome
-            && let Some(body) = body
+            && let Ok(body) = body
         {
             *reply = reply_event(&headers, &body).map(Box::new);
             if reply.is_none() && !body.is_empty() {
@@ -222,10 +282,13 @@ impl Target for HttpTarget {
         let (outcome, headers, body) = self.call(request, timeout).await;
         drop(headers);
         match outcome {
+            // A delivered outcome is a 2xx.
             Outcome::Delivered { .. } => classify_batch_answer(
                 events,
                 200,
-                body.as_ref().map(|bytes| &bytes[..]).unwrap_or_default(),
+                body.as_ref()
+                    .map(|bytes| &bytes[..])
+                    .map_err(String::as_str),
             ),
             other => BatchOutcome::All(other),
         }
@@ -457,29 +520,80 @@ mod tests {
     }
 
     #[test]
-    fn partial_batch_answers() {
+    fn partial_batch_answers_follow_lambdas_rules() {
         let events = [Event::new("a", "/s", "t"), Event::new("b", "/s", "t")];
+        let classify = |body: &[u8]| classify_batch_answer(&events, 200, Ok(body));
+        for body in [
+            &b""[..],
+            b"  ",
+            b"null",
+            b"{}",
+            br#"{"batchItemFailures":null}"#,
+            br#"{"batchItemFailures":[]}"#,
+            br#"{"processed":2}"#,
+        ] {
+            assert_eq!(
+                classify(body),
+                BatchOutcome::All(Outcome::delivered()),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
         assert_eq!(
-            classify_batch_answer(&events, 200, b""),
-            BatchOutcome::All(Outcome::delivered())
-        );
-        assert_eq!(
-            classify_batch_answer(&events, 200, br#"{"batchItemFailures":[]}"#),
-            BatchOutcome::All(Outcome::delivered())
-        );
-        assert_eq!(
-            classify_batch_answer(
-                &events,
-                200,
-                br#"{"batchItemFailures":[{"itemIdentifier":"b"}]}"#
-            ),
+            classify(br#"{"batchItemFailures":[{"itemIdentifier":"b"}]}"#),
             BatchOutcome::Partial {
                 failed: vec!["b".to_owned()]
             }
         );
+        for (body, reason) in [
+            (
+                &br#"{"batchItemFailures":[{"itemIdentifier":"zz"}]}"#[..],
+                "`zz`",
+            ),
+            (b"OK", "not valid JSON"),
+            (
+                br#"{"batchItemFailures":[{"itemIdentifier":"a"}"#,
+                "not valid JSON",
+            ),
+            (b"[]", "not an object"),
+            (br#"{"batchItemFailures":{}}"#, "not a list"),
+            (
+                br#"{"BatchItemFailures":[{"itemIdentifier":"a"}]}"#,
+                "misspelt key",
+            ),
+            (
+                br#"{"batchItemFailure":[{"itemIdentifier":"a"}]}"#,
+                "misspelt key",
+            ),
+            (
+                br#"{"batchItemFailures":[{"itemIdentifer":"a"}]}"#,
+                "`itemIdentifer`",
+            ),
+            (
+                br#"{"batchItemFailures":[{"itemIdentifier":null}]}"#,
+                "null",
+            ),
+            (br#"{"batchItemFailures":[{"itemIdentifier":""}]}"#, "empty"),
+            (
+                br#"{"batchItemFailures":[{"itemIdentifier":7}]}"#,
+                "not a string",
+            ),
+            (br#"{"batchItemFailures":["a"]}"#, "not an object"),
+        ] {
+            match classify(body) {
+                BatchOutcome::All(Outcome::RetryLater { failure, .. }) => assert!(
+                    failure.error.contains("the whole batch failed")
+                        && failure.error.contains(reason),
+                    "{}: {}",
+                    String::from_utf8_lossy(body),
+                    failure.error
+                ),
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
         assert!(matches!(
-            classify_batch_answer(&events, 200, br#"{"batchItemFailures":[{"itemIdentifier":"zz"}]}"#),
-            BatchOutcome::All(Outcome::RetryLater { failure, .. }) if failure.error.contains("zz")
+            classify_batch_answer(&events, 200, Err("answer body too large")),
+            BatchOutcome::All(Outcome::RetryLater { failure, .. }) if failure.error.contains("could not be read")
         ));
     }
 

@@ -18,6 +18,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The client port in a nats-server ports file
+/// (`{"nats":["nats://127.0.0.1:4222"],...}`).
+fn client_port(text: &str) -> Option<u16> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    value["nats"]
+        .as_array()?
+        .iter()
+        .filter_map(|url| url.as_str()?.rsplit(':').next()?.parse().ok())
+        .next()
+}
+
 /// Where the project's scripts installed something: `$variable` if set, else
 /// `~/.cache/switchyard/<cached>`; panics with how to install it otherwise.
 pub fn installed(variable: &str, cached: &str, what: &str) -> PathBuf {
@@ -201,6 +212,24 @@ impl ServerProcess {
         server
     }
 
+    /// A server already started by `child` and listening on `port`; `command()` starts
+    /// it again after [`ServerProcess::stop`].
+    pub fn adopt(
+        name: &'static str,
+        port: u16,
+        ready_within: Duration,
+        command: impl Fn() -> Command + Send + Sync + 'static,
+        child: Child,
+    ) -> ServerProcess {
+        ServerProcess {
+            name,
+            port,
+            command: Box::new(command),
+            ready_within,
+            child: Some(child),
+        }
+    }
+
     fn spawn(&mut self) {
         let child = (self.command)()
             .spawn()
@@ -257,27 +286,59 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// Starts nats-server on a port it picks itself (`--port -1`) and reads that port
+    /// from the ports file it writes once listening, so no other process can take the
+    /// port between choosing and binding it. A restart reuses that port.
     pub fn start() -> NatsServer {
         let store = std::sync::Arc::new(tempfile::tempdir().unwrap());
-        let port = free_port();
-        let directory = store.clone();
-        let server =
-            ServerProcess::start("nats-server", port, Duration::from_secs(10), move || {
+        let ports_directory = store.path().join("ports");
+        std::fs::create_dir_all(&ports_directory).unwrap();
+        let command_for = {
+            let directory = store.clone();
+            move |port: &str| {
                 let mut command = Command::new(nats_server_binary());
                 command
-                    .args([
-                        "--jetstream",
-                        "--addr",
-                        "127.0.0.1",
-                        "--port",
-                        &port.to_string(),
-                        "--store_dir",
-                    ])
-                    .arg(directory.path())
+                    .args(["--jetstream", "--addr", "127.0.0.1", "--port", port])
+                    .arg("--store_dir")
+                    .arg(directory.path().join("jetstream"))
+                    .arg("--ports_file_dir")
+                    .arg(directory.path().join("ports"))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
                 command
-            });
+            }
+        };
+        let mut child = command_for("-1")
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting nats-server: {error}"));
+        let ports_file = ports_directory.join(format!(
+            "{}_{}.ports",
+            nats_server_binary().file_name().unwrap().to_string_lossy(),
+            child.id()
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file)
+                && let Some(port) = client_port(&text)
+            {
+                break port;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server exited with {status} before it listened");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("nats-server did not write {}", ports_file.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let server = ServerProcess::adopt(
+            "nats-server",
+            port,
+            Duration::from_secs(10),
+            move || command_for(&port.to_string()),
+            child,
+        );
         NatsServer {
             server,
             port,
