@@ -31,6 +31,9 @@ pub const REASON_ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
 pub const REASON_REJECTED: &str = "rejected";
 pub const REASON_MAX_AGE_EXCEEDED: &str = "max_age_exceeded";
 pub const REASON_MALFORMED: &str = "malformed";
+/// Delivered `retry.max_unfinished` times with no outcome: every process that took it
+/// died or hung before the invocation ended.
+pub const REASON_UNPROCESSABLE: &str = "unprocessable";
 
 const HEADER_REASON: &str = "Switchyard-Dlq-Reason";
 const HEADER_TRIGGER: &str = "Switchyard-Dlq-Trigger";

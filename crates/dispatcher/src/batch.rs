@@ -62,9 +62,10 @@ async fn keep_all_in_progress(messages: &[jetstream::Message], every: Duration) 
     }
 }
 
-async fn hand_back(messages: &[jetstream::Message]) {
+/// Hands every message of a batch back unattempted (recorded, see [`crate::delivery`]).
+async fn hand_back_all(trigger: &TriggerRuntime, shared: &Shared, messages: &[jetstream::Message]) {
     for message in messages {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+        crate::hand_back(trigger, shared, message, None).await;
     }
 }
 
@@ -125,7 +126,7 @@ pub(crate) async fn batch_loop(
             let next = tokio::select! {
                 next = batch.next() => next,
                 () = shutdown.cancelled() => {
-                    hand_back(&messages).await;
+                    hand_back_all(&trigger, &shared, &messages).await;
                     break 'pulling;
                 }
             };
@@ -172,7 +173,7 @@ async fn handle_batch(
             None => tokio::select! {
                 taken = trigger.permits.clone().acquire_owned() => taken.expect("never closed"),
                 () = shutdown.cancelled() => {
-                    hand_back(&messages).await;
+                    hand_back_all(&trigger, &shared, &messages).await;
                     return;
                 }
             },
@@ -180,7 +181,7 @@ async fn handle_batch(
         let _shared_permits = tokio::select! {
             taken = acquire_shared_permits(&trigger, &shared) => taken,
             () = shutdown.cancelled() => {
-                hand_back(&messages).await;
+                hand_back_all(&trigger, &shared, &messages).await;
                 return;
             }
         };
@@ -199,6 +200,9 @@ async fn handle_batch(
         tracing::debug!(trigger = %trigger.config.name, function = %trigger.function.name, events = events.len(), "invoking function with a batch");
         let attempt_started_at = time::OffsetDateTime::now_utc();
         let started = Instant::now();
+        for (handling, _) in &prepared {
+            handling.invoking();
+        }
         let invocation = async {
             let Some(enricher) = &trigger.destinations.enricher else {
                 return trigger.function.target.invoke_batch(&events, timeout).await;
@@ -231,8 +235,14 @@ async fn handle_batch(
         )
         .await;
         let Some(outcome) = outcome else {
+            // Called, outcome unknown: each recorded as an attempt.
+            let failure =
+                Failure::new(None, "invocation abandoned at shutdown (grace period over)");
+            let started_at = switchyard_event::timestamp::rfc3339(attempt_started_at);
             for (handling, _) in &prepared {
-                let _ = handling.message.ack_with(AckKind::Nak(None)).await;
+                handling
+                    .hand_back_recorded(None, Some(&failure), Some(&started_at), None)
+                    .await;
             }
             return;
         };

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod consumers;
+pub mod delivery;
 pub mod filter;
 pub mod limit;
 pub mod members;
@@ -36,7 +37,7 @@ use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
 use switchyard_bus::async_nats::{HeaderMap, StatusCode};
 use switchyard_bus::dead_letter::{
     DeadLetter, REASON_ATTEMPTS_EXHAUSTED, REASON_MALFORMED, REASON_MAX_AGE_EXCEEDED,
-    REASON_REJECTED,
+    REASON_REJECTED, REASON_UNPROCESSABLE,
 };
 use switchyard_bus::{Bus, BusError, RetryState, event_from_message, event_headers};
 use switchyard_event::timestamp::{now_rfc3339, parse_rfc3339, rfc3339};
@@ -304,6 +305,8 @@ struct Shared {
     bus: Bus,
     metrics: DispatcherMetrics,
     global: Arc<Semaphore>,
+    /// What deliveries that ended without an ack or a term left for the next one.
+    records: delivery::DeliveryRecords,
 }
 
 /// A running set of triggers.
@@ -560,6 +563,7 @@ impl Dispatcher {
         }
         Ok(Dispatcher {
             shared: Arc::new(Shared {
+                records: delivery::DeliveryRecords::open(&bus).await?,
                 bus,
                 metrics,
                 global: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
@@ -895,14 +899,15 @@ async fn pull_loop(
     let mut next_id: u64 = 0;
     let mut unrequested: Vec<Permits> = Vec::new();
     let mut failures: u32 = 0;
-    let nak = |message: switchyard_bus::async_nats::Message| {
+    // An event no permit waits for goes back unattempted, recorded as such, off the
+    // loop's path.
+    let hand_back_late = |message: switchyard_bus::async_nats::Message| {
         let message = jetstream::Message {
             message,
             context: context.clone(),
         };
-        async move {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
-        }
+        let (trigger, shared) = (trigger.clone(), shared.clone());
+        tracker.spawn(async move { hand_back(&trigger, &shared, &message, None).await });
     };
     loop {
         if failures > 0 {
@@ -1010,7 +1015,7 @@ async fn pull_loop(
                             }
                             // An event of a request already given up on: hand it
                             // back for another pull.
-                            None => nak(message).await,
+                            None => hand_back_late(message),
                         }
                     }
                     Some(StatusCode::IDLE_HEARTBEAT) => {}
@@ -1069,7 +1074,7 @@ async fn pull_loop(
                     if let Some(request) = current.as_mut() {
                         drop(request.permits.pop());
                     }
-                    nak(message).await;
+                    hand_back_late(message);
                 }
                 Some(StatusCode::IDLE_HEARTBEAT) => {}
                 _ => current = None,
@@ -1233,6 +1238,60 @@ async fn lag_loop(trigger: Arc<TriggerRuntime>, shared: Arc<Shared>, shutdown: C
     }
 }
 
+/// Hands a delivery back to JetStream (NAK) without the function having been called
+/// for it, recorded first so the next delivery does not count it as an attempt (see
+/// [`delivery`]). If the record cannot be written the delivery still goes back; the
+/// next one then counts it as unfinished.
+async fn hand_back(
+    trigger: &TriggerRuntime,
+    shared: &Shared,
+    message: &jetstream::Message,
+    delay: Option<Duration>,
+) {
+    if let Ok(info) = message.info()
+        && let Err(error) = shared
+            .records
+            .end_delivery(&trigger.config.name, info.stream_sequence, |_| {})
+            .await
+    {
+        tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "hand_back", "recording a hand-back failed; the next delivery counts it as unfinished");
+    }
+    let _ = message.ack_with(AckKind::Nak(delay)).await;
+}
+
+/// Hands back a copy an ordered trigger held, with the attempts it made in place
+/// during this delivery recorded, so a partition's next holder continues the count.
+async fn hand_back_in_place(
+    trigger: &TriggerRuntime,
+    shared: &Shared,
+    message: &jetstream::Message,
+    in_place: &InPlace,
+) {
+    if in_place.attempts == 0 {
+        return hand_back(trigger, shared, message, None).await;
+    }
+    if let Ok(info) = message.info()
+        && let Err(error) = shared
+            .records
+            .end_delivery(&trigger.config.name, info.stream_sequence, |record| {
+                record.attempts += in_place.attempts;
+                if record.first_attempt_at.is_none() {
+                    record
+                        .first_attempt_at
+                        .clone_from(&in_place.first_attempt_at);
+                }
+                if let Some(failure) = &in_place.last_failure {
+                    record.last_status = failure.status;
+                    record.last_error = Some(truncate(&failure.error, MAX_ERROR_BYTES));
+                }
+            })
+            .await
+    {
+        tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "hand_back", "recording in-place attempts failed; the next holder counts this delivery as unfinished");
+    }
+    let _ = message.ack_with(AckKind::Nak(None)).await;
+}
+
 struct InFlight<'a> {
     trigger: &'a TriggerRuntime,
 }
@@ -1262,6 +1321,13 @@ struct Delivery {
     event_sequence: u64,
     received_at: time::OffsetDateTime,
     state: RetryState,
+    /// Earlier deliveries of this copy that ended with no outcome and no record (the
+    /// process died or hung): not attempts, but bounded by `retry.max_unfinished`.
+    unfinished: u64,
+    /// A dead letter an earlier delivery settled but could not store: its reason.
+    pending_dead_letter: Option<String>,
+    /// Attempts made in place during this very delivery (ordered triggers).
+    in_place_attempts: u64,
 }
 
 impl Delivery {
@@ -1306,7 +1372,7 @@ async fn handle_message(
             taken = trigger.permits.clone().acquire_owned() => permits.trigger = Some(taken.expect("never closed")),
             () = keep_in_progress(&message, every) => {}
             () = shutdown.cancelled() => {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
+                hand_back(&trigger, &shared, &message, None).await;
                 return;
             }
         }
@@ -1318,7 +1384,7 @@ async fn handle_message(
             () = keep_in_progress(&message, every) => {}
             () = shutdown.cancelled() => {
                 // Not started yet: hand it back at once for another process.
-                let _ = message.ack_with(AckKind::Nak(None)).await;
+                hand_back(&trigger, &shared, &message, None).await;
                 return;
             }
         }
@@ -1361,9 +1427,33 @@ async fn prepare<'a>(
     let delivery = match message.info() {
         Ok(info) => {
             let mut state = RetryState::from_headers(message.headers.as_ref());
-            let mut earlier = 0;
+            let delivered = info.delivered.max(1) as u64;
+            // Only a redelivered copy can have a record: the first delivery reads
+            // nothing.
+            let record = if delivered > 1 {
+                shared
+                    .records
+                    .read(&trigger.config.name, info.stream_sequence)
+                    .await
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "dispatch", "reading the delivery record failed; earlier deliveries count as unfinished");
+                        delivery::DeliveryRecord::default()
+                    })
+            } else {
+                delivery::DeliveryRecord::default()
+            };
+            if state.first_attempt_at.is_none() {
+                state.first_attempt_at.clone_from(&record.first_attempt_at);
+            }
+            if record.last_error.is_some() {
+                state.last_status = record.last_status;
+                state.last_error.clone_from(&record.last_error);
+            }
+            let mut earlier = record.attempts;
+            let mut in_place_attempts = 0;
             if let Some(held) = in_place {
-                earlier = held.attempts;
+                in_place_attempts = held.attempts;
+                earlier += held.attempts;
                 if held.first_attempt_at.is_some() {
                     state.first_attempt_at.clone_from(&held.first_attempt_at);
                 }
@@ -1373,7 +1463,12 @@ async fn prepare<'a>(
                 }
             }
             Delivery {
-                attempt: state.attempts + earlier + info.delivered.max(1) as u64,
+                // Invocations on record (the copy's headers, this copy's delivery
+                // record, in-place retries) plus this one: hand-backs never count.
+                attempt: state.attempts + earlier + 1,
+                unfinished: (delivered - 1).saturating_sub(record.ended),
+                pending_dead_letter: record.dead_letter,
+                in_place_attempts,
                 sequence: info.stream_sequence,
                 event_sequence: state.event_sequence.unwrap_or(info.stream_sequence),
                 received_at: state
@@ -1397,6 +1492,7 @@ async fn prepare<'a>(
         shared,
         message,
         delivery,
+        invoked: std::sync::atomic::AtomicBool::new(false),
     };
     let delivery = &handling.delivery;
     let event = match event_from_message(message.headers.as_ref(), message.payload.clone()) {
@@ -1414,8 +1510,39 @@ async fn prepare<'a>(
         return None;
     }
     let policy = &trigger.config.retry;
-    // Only when an earlier attempt's failure is on record: deliveries that were handed
-    // back without being attempted (shutdown, a lost pull) also raise the count.
+    if let Some(reason) = &delivery.pending_dead_letter {
+        // An earlier delivery settled it as a dead letter but could not store it (or
+        // publish it to `on_failure`): store it now, without invoking again.
+        let failure = delivery
+            .last_failure()
+            .unwrap_or_else(|| Failure::new(None, "dead-lettered by an earlier delivery"));
+        let reason = reason.clone();
+        let attempts = delivery.attempt - 1;
+        handling
+            .dead_letter(event, &reason, attempts, &failure, None)
+            .await;
+        return None;
+    }
+    if delivery.unfinished >= u64::from(policy.max_unfinished.max(1)) {
+        // A poison event: every process that took it died or hung before an outcome.
+        let failure = Failure::new(
+            None,
+            format!(
+                "delivered {} times without an outcome: the process handling it stopped or hung each time{}",
+                delivery.unfinished,
+                delivery
+                    .last_failure()
+                    .map(|failure| format!(" (last recorded failure: {})", failure.error))
+                    .unwrap_or_default()
+            ),
+        );
+        let attempts = delivery.attempt - 1;
+        handling
+            .dead_letter(event, REASON_UNPROCESSABLE, attempts, &failure, None)
+            .await;
+        return None;
+    }
+    // Only when an earlier attempt's failure is on record.
     if delivery.attempt > policy.max_attempts() && delivery.state.last_error.is_some() {
         // Only reachable when an earlier delivery could not settle the event (its
         // dead letter or retry could not be stored): settle it now, without invoking.
@@ -1502,6 +1629,7 @@ async fn handle(
             }
         }
     };
+    handling.invoking();
     let Some(outcome) = bounded(
         invocation,
         timeout,
@@ -1513,7 +1641,16 @@ async fn handle(
     )
     .await
     else {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+        // Called, outcome unknown: recorded as an attempt.
+        let failure = Failure::new(None, "invocation abandoned at shutdown (grace period over)");
+        handling
+            .hand_back_recorded(
+                None,
+                Some(&failure),
+                Some(&rfc3339(attempt_started_at)),
+                None,
+            )
+            .await;
         return Settled::Done;
     };
     trigger
@@ -1561,9 +1698,55 @@ struct Handling<'a> {
     shared: &'a Shared,
     message: &'a jetstream::Message,
     delivery: Delivery,
+    /// Whether this delivery called the function (set just before the call).
+    invoked: std::sync::atomic::AtomicBool,
 }
 
 impl Handling<'_> {
+    /// Marks that this delivery calls the function.
+    fn invoking(&self) {
+        self.invoked.store(true, Ordering::Relaxed);
+    }
+
+    /// Hands this copy back to JetStream with `delay`, recording first what this
+    /// delivery did (see [`delivery`]): an invocation when it made one, with `failure`
+    /// and `first_attempt_at`, and a dead letter's reason when its outcome was one.
+    async fn hand_back_recorded(
+        &self,
+        delay: Option<Duration>,
+        failure: Option<&Failure>,
+        first_attempt_at: Option<&str>,
+        dead_letter: Option<&str>,
+    ) {
+        let attempts =
+            self.delivery.in_place_attempts + u64::from(self.invoked.load(Ordering::Relaxed));
+        let recorded = self
+            .shared
+            .records
+            .end_delivery(
+                &self.trigger.config.name,
+                self.delivery.sequence,
+                |record| {
+                    record.attempts += attempts;
+                    if record.first_attempt_at.is_none() {
+                        record.first_attempt_at = first_attempt_at.map(str::to_owned);
+                    }
+                    if let Some(failure) = failure {
+                        record.last_status = failure.status;
+                        record.last_error = Some(truncate(&failure.error, MAX_ERROR_BYTES));
+                    }
+                    if let Some(reason) = dead_letter {
+                        record.dead_letter = Some(reason.to_owned());
+                    }
+                },
+            )
+            .await;
+        if let Err(error) = recorded {
+            tracing::warn!(trigger = %self.trigger.config.name, sequence = self.delivery.sequence, %error, stage = "hand_back", "recording the delivery failed; the next delivery counts it as unfinished");
+        }
+        let _ = self.message.ack_with(AckKind::Nak(delay)).await;
+    }
+
     /// Settles an attempt by its outcome: acknowledge, retry (through the retry
     /// subject, or in place when `in_place` is given), or dead-letter.
     async fn settle(
@@ -1756,7 +1939,9 @@ impl Handling<'_> {
             }
             Err(error) => {
                 tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "retry", "storing the retry failed, holding the event on the trigger instead");
-                let _ = self.message.ack_with(AckKind::Nak(Some(delay))).await;
+                let first_attempt_at = state.first_attempt_at.as_deref();
+                self.hand_back_recorded(Some(delay), Some(failure), first_attempt_at, None)
+                    .await;
             }
         }
     }
@@ -1899,13 +2084,11 @@ impl Handling<'_> {
                         .await
                 {
                     // Stored, but not yet where it should also go: hand the event
-                    // back; it comes back out of attempts and is dead-lettered again
-                    // (the stored copy is deduplicated) and published again.
+                    // back with its outcome recorded; the next delivery dead-letters
+                    // it again without invoking (the stored copy is deduplicated)
+                    // and publishes again.
                     tracing::error!(trigger = %self.trigger.config.name, destination = %destination.describe(), %error, stage = "dead_letter", "publishing the dead letter to its destination failed, retrying");
-                    let _ = self
-                        .message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                        .await;
+                    self.hand_back_dead_letter(record).await;
                     return false;
                 }
                 if let Err(error) = self.message.ack_with(AckKind::Term).await {
@@ -1915,12 +2098,29 @@ impl Handling<'_> {
             }
             Err(error) => {
                 tracing::error!(trigger = %self.trigger.config.name, %error, stage = "dead_letter", "storing the dead letter failed, handing the event back");
-                let _ = self
-                    .message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                    .await;
+                match record {
+                    Some(record) => self.hand_back_dead_letter(record).await,
+                    // A malformed message: the next delivery dead-letters it again.
+                    None => {
+                        self.hand_back_recorded(Some(Duration::from_secs(5)), None, None, None)
+                            .await;
+                    }
+                }
                 false
             }
         }
+    }
+
+    /// Hands the copy back with its dead letter recorded, so the next delivery stores
+    /// (and publishes) it without calling the function again.
+    async fn hand_back_dead_letter(&self, record: &DeadLetter) {
+        let failure = Failure::new(record.last_status, record.last_error.clone());
+        self.hand_back_recorded(
+            Some(Duration::from_secs(5)),
+            Some(&failure),
+            record.first_attempt_at.as_deref(),
+            Some(&record.reason),
+        )
+        .await;
     }
 }

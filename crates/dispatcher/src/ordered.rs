@@ -209,8 +209,9 @@ async fn hold_partition(
                             () = keep_in_progress(&message, every) => Settled::Done,
                         };
                         if settled != Settled::Done && shutdown.is_cancelled() {
-                            // Nobody waits for this answer any more: hand it back.
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                            // Nobody waits for this answer any more: hand it back,
+                            // its in-place attempts recorded for the next holder.
+                            crate::hand_back_in_place(&trigger, &shared, &message, &in_place).await;
                         }
                         (key, settled, in_place)
                     }));
@@ -288,7 +289,7 @@ async fn hold_partition(
             if position == 0 && running.contains(key) {
                 continue;
             }
-            let _ = event.message.ack_with(AckKind::Nak(None)).await;
+            crate::hand_back_in_place(trigger, shared, &event.message, &event.in_place).await;
             handed_back += 1;
         }
     }
@@ -298,10 +299,10 @@ async fn hold_partition(
         invocations.detach_all();
     } else {
         while let Some(finished) = invocations.join_next().await {
-            if let Ok((key, Settled::RetryIn(_), _)) = finished
+            if let Ok((key, Settled::RetryIn(_), in_place)) = finished
                 && let Some(head) = queues.get(&key).and_then(VecDeque::front)
             {
-                let _ = head.message.ack_with(AckKind::Nak(None)).await;
+                crate::hand_back_in_place(trigger, shared, &head.message, &in_place).await;
                 handed_back += 1;
             }
         }

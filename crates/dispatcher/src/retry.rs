@@ -42,6 +42,12 @@ pub struct RetryPolicy {
     /// events do not arrive together.
     #[serde(default = "default_jitter")]
     pub jitter: bool,
+    /// Deliveries that may end with no outcome at all (the process handling the
+    /// event died or hung until `ack_wait`) before the event is dead-lettered as
+    /// `unprocessable`, so a poison event that takes down whoever handles it is not
+    /// redelivered forever. Such deliveries are not counted as attempts.
+    #[serde(default = "default_max_unfinished")]
+    pub max_unfinished: u32,
 }
 
 fn default_initial() -> Duration {
@@ -56,6 +62,9 @@ fn default_attempts() -> u32 {
 fn default_jitter() -> bool {
     true
 }
+fn default_max_unfinished() -> u32 {
+    5
+}
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -66,6 +75,7 @@ impl Default for RetryPolicy {
             attempts: default_attempts(),
             max_age: None,
             jitter: default_jitter(),
+            max_unfinished: default_max_unfinished(),
         }
     }
 }
