@@ -92,3 +92,100 @@ async fn results_and_dead_letters_are_published_to_nats_subjects() {
     assert_eq!(&record.event.data[..], b"in");
     switchyard.stop().await;
 }
+
+/// An `on_failure` destination that refuses publishes: the rejected event's dead
+/// letter is stored, and every later delivery publishes it again without calling the
+/// function again; once the destination takes it, it arrives there.
+#[tokio::test]
+async fn a_failing_on_failure_destination_does_not_reinvoke_the_function() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::status(400).with_body("no")).await;
+    let failures = random_name("failures");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let context = jetstream::new(client.clone());
+    // A full stream with discard = new refuses every publish: the destination is down.
+    let stream = context
+        .create_stream(jetstream::stream::Config {
+            name: failures.to_uppercase(),
+            subjects: vec![failures.clone()],
+            storage: jetstream::stream::StorageType::Memory,
+            max_messages: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    context
+        .publish(failures.clone(), "filler".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n\
+         on_failure = {{ type = \"nats\", subject = \"{failures}\" }}\n",
+        function.url
+    ));
+    let switchyard = Switchyard::start(text).await;
+    assert_eq!(
+        post_event(&switchyard.url("/v1/events"), "bad", "com.example.t", "in")
+            .await
+            .status(),
+        202
+    );
+    // Wait until the event has been delivered three times (two publishes refused).
+    let bus = switchyard.bus().await;
+    let events = bus
+        .jetstream()
+        .get_stream(bus.events_stream())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut consumer: jetstream::consumer::PullConsumer = events
+            .get_consumer(&switchyard_dispatcher::consumer_name("main"))
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        if info.delivered.consumer_sequence >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the event was not redelivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        function.calls_for("bad"),
+        1,
+        "redeliveries must not re-invoke"
+    );
+    // The destination works again: the dead letter arrives there, still one call.
+    stream.purge().await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let stored = loop {
+        if let Ok(message) = stream.get_last_raw_message_by_subject(&failures).await {
+            break message;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter on {failures}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let record =
+        switchyard_bus::DeadLetter::from_message(Some(&stored.headers), stored.payload.clone())
+            .unwrap();
+    assert_eq!(record.event.id, "bad");
+    assert_eq!(record.reason, "rejected");
+    assert_eq!(record.attempts, 1);
+    assert_eq!(function.calls_for("bad"), 1);
+    assert_eq!(
+        switchyard::dlq::list(&bus, "main").await.unwrap().len(),
+        1,
+        "stored once"
+    );
+    switchyard.stop().await;
+}

@@ -326,3 +326,131 @@ async fn slots_held_by_a_killed_process_come_back() {
     );
     drop(survivor);
 }
+
+/// A retry storm while every one of three dispatcher processes is restarted in turn,
+/// twice (SIGTERM, then a new process): events handed back unattempted at each
+/// shutdown must not count as attempts. Every dead letter says `attempts = 4` and
+/// the function saw exactly 4 calls for it.
+#[tokio::test]
+async fn rolling_restarts_in_a_retry_storm_do_not_count_hand_backs_as_attempts() {
+    const EVENTS: usize = 150;
+    const ATTEMPTS: usize = 4;
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::status(500)).await;
+    let directory = tempfile::tempdir().unwrap();
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\nmax_concurrency = 64\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\nmax_concurrency = 16\nretry = {{ policy = \"fixed\", initial = \"1500ms\", attempts = {ATTEMPTS}, jitter = false }}\n",
+        function.url
+    ));
+    let config = write_config(directory.path(), &text);
+    let mut processes: Vec<Process> = (0..3).map(|_| Process::start(&config, &[])).collect();
+    for process in &processes {
+        process.wait_ready().await;
+    }
+    let url = processes[0].url("/v1/events");
+    for index in 0..EVENTS {
+        let response = post_event(&url, &format!("storm-{index}"), "t", "x").await;
+        assert_eq!(response.status(), 202);
+    }
+    let mut restarts = 0;
+    for _round in 0..2 {
+        for slot in 0..processes.len() {
+            processes[slot].signal(Signal::SIGTERM);
+            assert!(processes[slot].wait_exit().await, "a clean exit on SIGTERM");
+            processes[slot] = Process::start(&config, &[]);
+            processes[slot].wait_ready().await;
+            restarts += 1;
+        }
+    }
+    let bus = {
+        let config =
+            switchyard::config::parse(Path::new("t.toml"), &text, &|name| std::env::var(name).ok())
+                .unwrap();
+        switchyard_bus::Bus::connect(&config.nats).await.unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let dead = loop {
+        let dead = switchyard::dlq::list(&bus, "main").await.unwrap();
+        if dead.len() >= EVENTS {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {EVENTS} dead letters",
+            dead.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dead.len(), EVENTS, "one dead letter per event");
+    let mut wrong = Vec::new();
+    for entry in &dead {
+        let id = entry.dead_letter.event.id.clone();
+        let calls = function.calls_for(&id);
+        if entry.dead_letter.attempts != ATTEMPTS as u64 || calls != ATTEMPTS {
+            wrong.push(format!(
+                "{id}: dead letter says {} attempts ({}), the function saw {calls} calls",
+                entry.dead_letter.attempts, entry.dead_letter.reason
+            ));
+        }
+    }
+    eprintln!(
+        "retry storm: {EVENTS} events x {ATTEMPTS} attempts over {restarts} rolling restarts; {} dead letters off",
+        wrong.len()
+    );
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// A poison event that takes down every process handling it (here: it hangs the
+/// invocation and the process is killed) is dead-lettered as `unprocessable` after
+/// `retry.max_unfinished` deliveries with no outcome, not redelivered forever.
+#[tokio::test]
+async fn a_poison_event_that_kills_its_process_is_dead_lettered_as_unprocessable() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok().after(Duration::from_secs(600))).await;
+    let directory = tempfile::tempdir().unwrap();
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\ntimeout = \"600s\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\nack_wait = \"1s\"\nretry = {{ attempts = 3, max_unfinished = 2 }}\n",
+        function.url
+    ));
+    let config = write_config(directory.path(), &text);
+    let mut process = Process::start(&config, &[]);
+    process.wait_ready().await;
+    let response = post_event(&process.url("/v1/events"), "poison", "t", "x").await;
+    assert_eq!(response.status(), 202);
+    for delivery in 1..=2 {
+        let deadline = Instant::now() + WAIT;
+        while function.calls_for("poison") < delivery {
+            assert!(
+                Instant::now() < deadline,
+                "delivery {delivery} never reached the function"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The invocation hangs: the process dies with it, no outcome recorded.
+        process.signal(Signal::SIGKILL);
+        assert!(!process.wait_exit().await);
+        process = Process::start(&config, &[]);
+        process.wait_ready().await;
+    }
+    let bus = {
+        let config =
+            switchyard::config::parse(Path::new("t.toml"), &text, &|name| std::env::var(name).ok())
+                .unwrap();
+        switchyard_bus::Bus::connect(&config.nats).await.unwrap()
+    };
+    let dead = common::wait_for_dead_letters(&bus, "main", 1, WAIT).await;
+    assert_eq!(dead[0].dead_letter.event.id, "poison");
+    assert_eq!(dead[0].dead_letter.reason, "unprocessable");
+    assert!(
+        dead[0]
+            .dead_letter
+            .last_error
+            .contains("delivered 2 times without an outcome"),
+        "{}",
+        dead[0].dead_letter.last_error
+    );
+    assert_eq!(function.calls_for("poison"), 2, "not invoked a third time");
+    drop(process);
+}
