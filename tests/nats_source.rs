@@ -176,3 +176,139 @@ async fn jetstream_input_is_acknowledged_only_after_the_event_is_persisted() {
     }
     switchyard.stop().await;
 }
+
+/// JetStream inputs that cannot become storable events are dead-lettered under
+/// `source:<name>` and terminated in their stream, not redelivered forever: one over
+/// the bus's size limit, one whose CloudEvent headers are invalid, one whose `type`
+/// would make a subject nats-server cannot take. The good ones around them pass.
+#[tokio::test]
+async fn jetstream_inputs_that_cannot_be_stored_are_dead_lettered() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let context = jetstream::new(client.clone());
+    let input = random_name("INPUT").to_uppercase();
+    context
+        .create_stream(jetstream::stream::Config {
+            name: input.clone(),
+            subjects: vec![format!("{input}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let publish = |headers: HeaderMap, payload: Vec<u8>| {
+        let context = context.clone();
+        let subject = format!("{input}.item");
+        async move {
+            context
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish(HeaderMap::new(), b"good-1".to_vec()).await;
+    // Within nats-server's 1 MiB max_payload, over what the bus accepts.
+    publish(HeaderMap::new(), vec![b'x'; 1024 * 1024 - 2048]).await;
+    let mut invalid = HeaderMap::new();
+    invalid.insert("ce-specversion", "0.3");
+    publish(invalid, b"old".to_vec()).await;
+    let mut long_type = HeaderMap::new();
+    for (name, value) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "long"),
+        ("ce-source", "/upstream"),
+    ] {
+        long_type.insert(name, value);
+    }
+    long_type.insert("ce-type", "t".repeat(5000).as_str());
+    publish(long_type, b"long".to_vec()).await;
+    publish(HeaderMap::new(), b"good-2".to_vec()).await;
+
+    let source = format!(
+        "\n[[sources]]\ntype = \"nats\"\nname = \"input\"\nstream = \"{input}\"\nevent_type = \"com.example.item\"\n"
+    );
+    let switchyard = Switchyard::start(config(&nats, &function, &source)).await;
+    let bus = switchyard.bus().await;
+    let dead = common::wait_for_dead_letters(&bus, "source:input", 3, WAIT).await;
+    let mut reasons: Vec<_> = dead
+        .iter()
+        .map(|entry| {
+            (
+                entry.dead_letter.event.id.clone(),
+                entry.dead_letter.reason.clone(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            (format!("{input}-2"), "too_large".to_owned()),
+            (format!("{input}-3"), "malformed".to_owned()),
+            (format!("{input}-4"), "too_large".to_owned()),
+        ]
+    );
+    let large = dead
+        .iter()
+        .find(|entry| entry.dead_letter.event.id == format!("{input}-2"))
+        .unwrap();
+    assert!(
+        large.dead_letter.last_error.contains("over the bus limit"),
+        "{}",
+        large.dead_letter.last_error
+    );
+    function.wait_for(2, WAIT).await;
+    let deadline = Instant::now() + WAIT;
+    while input_consumer_state(&client, &input, "switchyard-source-input").await != (0, 0) {
+        assert!(Instant::now() < deadline, "inputs left in the input stream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(function.received().len(), 2);
+    switchyard.stop().await;
+}
+
+/// A burst on a core NATS subject, published with no replies as fast as a client can:
+/// every message is stored (publishes are pipelined), and the client counted no drop.
+#[tokio::test]
+async fn a_core_nats_burst_is_stored_whole() {
+    const BURST: usize = 20_000;
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let subject = random_name("burst");
+    let source = format!(
+        "\n[[sources]]\ntype = \"nats\"\nname = \"burst\"\nsubjects = [\"{subject}\"]\nevent_type = \"com.example.burst\"\n"
+    );
+    let switchyard = Switchyard::start(config(&nats, &function, &source)).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    for index in 0..BURST {
+        client
+            .publish(subject.clone(), format!("{index}").into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let bus = switchyard.bus().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut stream = bus
+            .jetstream()
+            .get_stream(bus.events_stream())
+            .await
+            .unwrap();
+        let stored = stream.info().await.unwrap().state.messages as usize;
+        let dropped = switchyard.metric("switchyard_nats_messages_dropped").await;
+        assert_eq!(
+            dropped, 0.0,
+            "the client dropped messages ({stored} stored)"
+        );
+        if stored >= BURST {
+            assert_eq!(stored, BURST);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stored} of {BURST} stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    switchyard.stop().await;
+}

@@ -19,11 +19,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
-use switchyard_bus::async_nats::HeaderMap;
 use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
+use switchyard_bus::async_nats::{self, HeaderMap};
 use switchyard_bus::{Bus, event_from_message};
 use switchyard_connector_s3::MessageFormat;
-use switchyard_event::{Event, EventError, EventSink};
+use switchyard_event::{Event, EventError, EventSink, PublishError};
 use tokio_util::sync::CancellationToken;
 
 /// A NATS source.
@@ -150,45 +150,76 @@ async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancellatio
         }
     }
     let mut messages = futures::stream::select_all(subscriptions);
+    // Publishes are pipelined: up to CORE_IN_FLIGHT messages wait for their PubAck at
+    // once, so a burst is drained from the subscription as fast as the bus takes it
+    // (one at a time, the subscription's buffer would fill and the client drop what
+    // follows; drops are counted in switchyard_nats_messages_dropped_total).
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(CORE_IN_FLIGHT));
+    let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let message = tokio::select! {
             message = messages.next() => match message {
                 Some(message) => message,
-                None => return,
+                None => break,
             },
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
         };
-        let id = uuid::Uuid::now_v7().to_string();
-        let outcome = match normalize_all(
-            &config,
-            message.subject.as_str(),
-            message.headers.as_ref(),
-            message.payload.clone(),
-            id,
-        ) {
-            Ok(events) => {
-                let ids = events
-                    .iter()
-                    .map(|event| event.id.clone())
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                bus.publish_all(events)
-                    .await
-                    .map(|_| ids)
-                    .map_err(|error| error.to_string())
-            }
-            Err(error) => Err(error),
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let (config, bus, client) = (config.clone(), bus.clone(), client.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            forward_core(&config, &bus, &client, message).await;
+        });
+    }
+    // What was received is still published and answered.
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Messages of the core source awaiting their PubAck at once.
+const CORE_IN_FLIGHT: usize = 512;
+
+/// Persists one core NATS message, then answers its reply subject (if any).
+async fn forward_core(
+    config: &NatsSourceConfig,
+    bus: &Bus,
+    client: &async_nats::Client,
+    message: async_nats::Message,
+) {
+    let id = uuid::Uuid::now_v7().to_string();
+    let outcome = match normalize_all(
+        config,
+        message.subject.as_str(),
+        message.headers.as_ref(),
+        message.payload.clone(),
+        id,
+    ) {
+        Ok(events) => {
+            let ids = events
+                .iter()
+                .map(|event| event.id.clone())
+                .collect::<Vec<_>>()
+                .join(" ");
+            bus.publish_all(events)
+                .await
+                .map(|_| ids)
+                .map_err(|error| error.to_string())
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = &outcome {
+        tracing::error!(source = %config.name, subject = %message.subject, %error, stage = "publish", "nats message not accepted");
+    }
+    if let Some(reply) = message.reply {
+        let answer = match outcome {
+            Ok(id) => format!("ok {id}"),
+            Err(error) => format!("error {error}"),
         };
-        if let Err(error) = &outcome {
-            tracing::error!(source = %config.name, subject = %message.subject, %error, stage = "publish", "nats message not accepted");
-        }
-        if let Some(reply) = message.reply {
-            let answer = match outcome {
-                Ok(id) => format!("ok {id}"),
-                Err(error) => format!("error {error}"),
-            };
-            let _ = client.publish(reply, answer.into()).await;
-        }
+        let _ = client.publish(reply, answer.into()).await;
     }
 }
 
@@ -300,22 +331,97 @@ async fn forward_jetstream(
         message.subject.as_str(),
         message.headers.as_ref(),
         message.payload.clone(),
-        id,
+        id.clone(),
     ) {
         Ok(events) => events,
         Err(error) => {
-            // It stays in the input stream; redelivering cannot make it valid.
-            tracing::error!(source = %config.name, stream = %stream_name, sequence, %error, stage = "receive", "input message cannot become events, not forwarded (it stays in its stream)");
-            let _ = message.ack_with(AckKind::Term).await;
-            return;
+            // Redelivering cannot make it valid: dead-lettered under source:<name>.
+            let event = fallback_event(config, &message, id);
+            return dead_letter_input(
+                config,
+                bus,
+                stream_name,
+                sequence,
+                message,
+                event,
+                "malformed",
+                error,
+            )
+            .await;
         }
     };
-    match bus.publish_all(events).await {
+    match bus.publish_all(events.clone()).await {
         Ok(_) => {
             let _ = message.ack().await;
         }
-        Err(error) => {
+        Err(PublishError::Unavailable(error)) => {
             tracing::warn!(source = %config.name, stream = %stream_name, sequence, %error, stage = "publish", "event bus unavailable, input handed back");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+        // Too large, or refused by the stream: no retry can store it.
+        Err(PublishError::TooLarge(error) | PublishError::Rejected(error)) => {
+            let reason = if bus_says_too_large(&events, bus) {
+                "too_large"
+            } else {
+                "rejected"
+            };
+            let event = fallback_event(config, &message, id);
+            dead_letter_input(
+                config,
+                bus,
+                stream_name,
+                sequence,
+                message,
+                event,
+                reason,
+                error,
+            )
+            .await;
+        }
+    }
+}
+
+/// Whether one of `events` is larger than the bus accepts.
+fn bus_says_too_large(events: &[Event], bus: &Bus) -> bool {
+    events.iter().any(|event| bus.check_event(event).is_err())
+}
+
+/// The event a JetStream input that cannot become events is dead-lettered as: its
+/// coordinates as id, the source's own `source` and `type`, the NATS subject as
+/// `subject`, the payload as data (a dead letter moves or drops what does not fit).
+fn fallback_event(config: &NatsSourceConfig, message: &jetstream::Message, id: String) -> Event {
+    let mut event = Event::new(id, config.source(), config.event_type.clone());
+    event.subject = Some(message.subject.to_string()).filter(|subject| !subject.is_empty());
+    event.data = message.payload.clone();
+    event
+}
+
+/// Stores a JetStream input as a dead letter of `source:<name>`, then terminates it in
+/// its stream; if the dead letter cannot be stored, the input is handed back and tried
+/// again.
+#[allow(clippy::too_many_arguments)]
+async fn dead_letter_input(
+    config: &NatsSourceConfig,
+    bus: &Bus,
+    stream_name: &str,
+    sequence: u64,
+    message: jetstream::Message,
+    event: Event,
+    reason: &str,
+    error: String,
+) {
+    match bus
+        .dead_letter_input(&config.name, event, reason, &error)
+        .await
+    {
+        Ok(()) => {
+            tracing::error!(source = %config.name, stream = %stream_name, sequence, reason, %error, stage = "receive", "input message cannot become an event; dead-lettered");
+            let _ = message.ack_with(AckKind::Term).await;
+        }
+        Err(failure) => {
+            tracing::warn!(source = %config.name, stream = %stream_name, sequence, error = %failure, stage = "dead_letter", "storing the dead letter of an input failed, handing it back");
             let _ = message
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;

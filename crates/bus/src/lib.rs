@@ -31,6 +31,17 @@ pub use dead_letter::DeadLetter;
 pub use retry_state::RetryState;
 pub use subject::{KEY_BUCKETS, Subjects, key_bucket};
 
+/// What happened to the NATS connection: `switchyard_nats_disconnections_total` and
+/// `switchyard_nats_messages_dropped_total`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    /// Times the connection was lost (a server that closed it, a network failure);
+    /// the client reconnects on its own.
+    pub disconnections: Counter,
+    /// Messages the client dropped because a subscription's buffer was full.
+    pub messages_dropped: Counter,
+}
+
 /// How Switchyard reaches NATS and lays out its streams.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,25 +190,33 @@ impl Bus {
     /// Connects to NATS. The client keeps reconnecting on its own afterwards; while it
     /// is disconnected, publishes fail fast with [`PublishError::Unavailable`].
     pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
-        Bus::connect_counting(config, Counter::default()).await
+        Bus::connect_counting(config, ConnectionMetrics::default()).await
     }
 
-    /// [`Bus::connect`], counting in `disconnections` every time the connection is
-    /// lost (`switchyard_nats_disconnections_total`): a server that closed it, a
-    /// network failure. The client reconnects on its own.
+    /// [`Bus::connect`], counting what happens to the connection in `metrics`.
     pub async fn connect_counting(
         config: &BusConfig,
-        disconnections: Counter,
+        metrics: ConnectionMetrics,
     ) -> Result<Bus, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("switchyard")
             .event_callback(move |event| {
-                let disconnections = disconnections.clone();
+                let metrics = metrics.clone();
                 async move {
                     match event {
                         async_nats::Event::Disconnected => {
-                            disconnections.inc();
+                            metrics.disconnections.inc();
                             tracing::warn!(stage = "connection", "disconnected from nats, reconnecting");
+                        }
+                        async_nats::Event::SlowConsumer(subscription) => {
+                            // One event per message the client dropped because a
+                            // subscription's buffer was full (at least: events can be
+                            // dropped too). Core NATS messages are lost then;
+                            // JetStream ones are redelivered after their ack wait.
+                            let dropped = metrics.messages_dropped.inc() + 1;
+                            if dropped.is_power_of_two() {
+                                tracing::warn!(stage = "receive", subscription, dropped, "a subscription's buffer was full: the nats client dropped messages");
+                            }
                         }
                         async_nats::Event::Connected => {
                             tracing::info!(stage = "connection", "connected to nats");

@@ -68,12 +68,12 @@ impl Running {
 /// Connects to NATS, retrying until it answers or `shutdown` fires.
 async fn connect_bus(
     config: &Config,
-    disconnections: &prometheus_client::metrics::counter::Counter,
+    connection_metrics: &switchyard_bus::ConnectionMetrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Bus>> {
     let mut attempt: u32 = 0;
     loop {
-        match Bus::connect_counting(&config.nats, disconnections.clone()).await {
+        match Bus::connect_counting(&config.nats, connection_metrics.clone()).await {
             Ok(bus) => return Ok(Some(bus)),
             Err(error) => {
                 attempt += 1;
@@ -106,11 +106,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     kafka_metrics.register(&mut registry);
     let dispatcher_metrics = DispatcherMetrics::default();
     dispatcher_metrics.register(&mut registry);
-    let nats_disconnections = prometheus_client::metrics::counter::Counter::default();
+    let connection_metrics = switchyard_bus::ConnectionMetrics::default();
     registry.register(
         "nats_disconnections",
         "times the connection to nats was lost (the client reconnects on its own)",
-        nats_disconnections.clone(),
+        connection_metrics.disconnections.clone(),
+    );
+    registry.register(
+        "nats_messages_dropped",
+        "messages the nats client dropped because a subscription's buffer was full (core nats source input is lost then)",
+        connection_metrics.messages_dropped.clone(),
     );
     #[cfg(feature = "s3")]
     let poll_metrics = switchyard_connector_s3::poll::PollMetrics::default();
@@ -172,7 +177,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let task_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
-        let Some(bus) = connect_bus(&config, &nats_disconnections, &task_shutdown).await? else {
+        let Some(bus) = connect_bus(&config, &connection_metrics, &task_shutdown).await? else {
             return Ok(());
         };
         loop {
