@@ -1493,6 +1493,7 @@ async fn prepare<'a>(
         message,
         delivery,
         invoked: std::sync::atomic::AtomicBool::new(false),
+        confirm_acks: in_place.is_some(),
     };
     let delivery = &handling.delivery;
     let event = match event_from_message(message.headers.as_ref(), message.payload.clone()) {
@@ -1700,9 +1701,36 @@ struct Handling<'a> {
     delivery: Delivery,
     /// Whether this delivery called the function (set just before the call).
     invoked: std::sync::atomic::AtomicBool,
+    /// Acks and terms wait for the server's confirmation (ordered triggers: the next
+    /// event of the key starts only once this one is surely settled).
+    confirm_acks: bool,
 }
 
 impl Handling<'_> {
+    /// Acknowledges (or terminates) this copy. With `confirm_acks`, waits for the
+    /// server's confirmation, trying three times; false if it never came.
+    async fn acknowledge(&self, kind: AckKind) -> bool {
+        if !self.confirm_acks {
+            return match self.message.ack_with(kind).await {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(trigger = %self.trigger.config.name, %error, stage = "ack", "acknowledging failed; the event may be delivered again");
+                    false
+                }
+            };
+        }
+        for attempt in 1..=3u64 {
+            match self.message.double_ack_with(kind).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::warn!(trigger = %self.trigger.config.name, %error, attempt, stage = "ack", "the server did not confirm an acknowledgement");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        }
+        false
+    }
+
     /// Marks that this delivery calls the function.
     fn invoking(&self) {
         self.invoked.store(true, Ordering::Relaxed);
@@ -1792,8 +1820,11 @@ impl Handling<'_> {
             Outcome::Delivered { .. } => {
                 trigger.function.limit.record_success();
                 trigger.metrics.succeeded.inc();
-                if let Err(error) = self.message.ack().await {
-                    tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "ack", "acknowledging failed; the event may be delivered again");
+                if !self.acknowledge(AckKind::Ack).await && in_place.is_some() {
+                    // Not surely acknowledged: the key's next event must not start
+                    // (this one could come back after it). Held and tried again: at
+                    // least once, in order.
+                    return Settled::RetryIn(Duration::from_secs(1));
                 }
             }
             Outcome::RetryLater {
@@ -2091,8 +2122,12 @@ impl Handling<'_> {
                     self.hand_back_dead_letter(record).await;
                     return false;
                 }
-                if let Err(error) = self.message.ack_with(AckKind::Term).await {
-                    tracing::warn!(trigger = %self.trigger.config.name, %error, stage = "ack", "terminating a dead-lettered event failed; it may be dead-lettered again (deduplicated)");
+                if !self.acknowledge(AckKind::Term).await
+                    && self.confirm_acks
+                    && let Some(record) = record
+                {
+                    // If it comes back, it is dead-lettered again without invoking.
+                    self.hand_back_dead_letter(record).await;
                 }
                 true
             }

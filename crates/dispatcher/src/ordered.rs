@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
 use switchyard_event::decode_header_value;
 use tokio::task::JoinSet;
@@ -38,6 +38,9 @@ use crate::{
     InFlight, InPlace, PULL_EXPIRES, Settled, Shared, TriggerRuntime, acquire_permits, handle,
     keep_in_progress, log_failure, open_consumer, pause_after_failure,
 };
+
+/// How soon the head of a key is tried again after its invocation panicked.
+const PANIC_RETRY: Duration = Duration::from_secs(1);
 
 /// The priority group every process pulls a partition consumer with.
 pub const OWNER_GROUP: &str = "owner";
@@ -201,7 +204,9 @@ async fn hold_partition(
                     let (message, mut in_place) = (head.message.clone(), head.in_place.clone());
                     let (trigger, shared) = (trigger.clone(), shared.clone());
                     let (shutdown, abandon) = (shutdown.clone(), abandon.clone());
-                    invocations.spawn(tracker.track_future(async move {
+                    let (panicked_key, in_place_before) = (key.clone(), in_place.clone());
+                    let trigger_name = trigger.config.name.clone();
+                    let invocation = async move {
                         let _permits = permits;
                         let _in_flight = InFlight::start(&trigger);
                         let settled = tokio::select! {
@@ -214,6 +219,17 @@ async fn hold_partition(
                             crate::hand_back_in_place(&trigger, &shared, &message, &in_place).await;
                         }
                         (key, settled, in_place)
+                    };
+                    invocations.spawn(tracker.track_future(async move {
+                        // A panic must not leave its key marked running forever (its
+                        // later events would never run): the head is tried again.
+                        match std::panic::AssertUnwindSafe(invocation).catch_unwind().await {
+                            Ok(finished) => finished,
+                            Err(_) => {
+                                tracing::error!(trigger = %trigger_name, key = %panicked_key, stage = "dispatch", "an invocation panicked; its event is tried again");
+                                (panicked_key, Settled::RetryIn(PANIC_RETRY), in_place_before)
+                            }
+                        }
                     }));
                 }
                 message = messages.next() => {
