@@ -355,11 +355,11 @@ async fn rolling_restarts_in_a_retry_storm_do_not_count_hand_backs_as_attempts()
     }
     let mut restarts = 0;
     for _round in 0..2 {
-        for slot in 0..processes.len() {
-            processes[slot].signal(Signal::SIGTERM);
-            assert!(processes[slot].wait_exit().await, "a clean exit on SIGTERM");
-            processes[slot] = Process::start(&config, &[]);
-            processes[slot].wait_ready().await;
+        for process in processes.iter_mut() {
+            process.signal(Signal::SIGTERM);
+            assert!(process.wait_exit().await, "a clean exit on SIGTERM");
+            *process = Process::start(&config, &[]);
+            process.wait_ready().await;
             restarts += 1;
         }
     }
