@@ -229,3 +229,97 @@ async fn a_function_that_times_out_is_retried_then_dead_lettered() {
     assert_eq!(function.calls_for("slow-1"), 2);
     running.stop().await;
 }
+
+/// `dlq replay` does what it says: a source's dead letters (inputs that could not be
+/// stored) go back through the events stream to the triggers that match them; a
+/// trigger no longer in the configuration is refused by name; a dead letter that is
+/// not a CloudEvent is listed and shown, and refused for replay.
+#[tokio::test]
+async fn replay_of_source_dead_letters_removed_triggers_and_malformed_ones() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n",
+        function.url
+    ));
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("switchyard.toml");
+    std::fs::write(&config, &text).unwrap();
+    let running = Switchyard::start(text).await;
+    let bus = running.bus().await;
+
+    // What a source does with an input it could not store.
+    let mut record =
+        switchyard_event::Event::new("rec-1", "kafka://main/orders", "com.example.order");
+    record.data = bytes::Bytes::from_static(b"{\"order\":1}");
+    bus.dead_letter_input("orders", record, "rejected", "the stream refused it")
+        .await
+        .unwrap();
+    let (ok, output) = switchyard(&config, &["dlq", "list", "--trigger", "source:orders"]);
+    assert!(ok && output.contains("rec-1"), "{output}");
+    let (ok, output) = switchyard(
+        &config,
+        &["dlq", "replay", "--trigger", "source:orders", "--all"],
+    );
+    assert!(ok && output.contains("replayed 1 dead letters"), "{output}");
+    let received = function.wait_for(1, WAIT).await;
+    assert_eq!(received[0].id(), "rec-1");
+    assert_eq!(&received[0].body[..], b"{\"order\":1}");
+
+    // A trigger that was removed from the configuration.
+    let gone = switchyard_bus::DeadLetter {
+        event: switchyard_event::Event::new("old-1", "/tests", "t"),
+        reason: "rejected".to_owned(),
+        trigger: "gone".to_owned(),
+        function: "fn".to_owned(),
+        attempts: 1,
+        last_status: Some(400),
+        last_error: "no".to_owned(),
+        first_attempt_at: None,
+        last_attempt_at: "2026-01-01T00:00:00Z".to_owned(),
+        received_at: "2026-01-01T00:00:00Z".to_owned(),
+        event_sequence: 1,
+    };
+    let (headers, payload) = gone.to_message();
+    bus.store(bus.subjects().dead_letter("gone"), headers, payload)
+        .await
+        .unwrap();
+    let (ok, output) = switchyard(&config, &["dlq", "list", "--trigger", "gone"]);
+    assert!(ok && output.contains("old-1"), "{output}");
+    let (ok, output) = switchyard(&config, &["dlq", "replay", "--trigger", "gone", "--all"]);
+    assert!(
+        !ok && output.contains("trigger `gone` is not in"),
+        "{output}"
+    );
+
+    // A malformed dead letter: listed, shown, not replayed.
+    let mut headers = switchyard_bus::async_nats::HeaderMap::new();
+    headers.insert("Switchyard-Dlq-Reason", "malformed");
+    headers.insert("Switchyard-Dlq-Trigger", "main");
+    headers.insert("X-Original", "kept");
+    bus.store(
+        bus.subjects().dead_letter("main"),
+        headers,
+        bytes::Bytes::from_static(b"not an event"),
+    )
+    .await
+    .unwrap();
+    let (ok, output) = switchyard(&config, &["dlq", "list", "--trigger", "main", "--json"]);
+    assert!(ok, "{output}");
+    let entry: serde_json::Value = serde_json::from_str(output.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["reason"], "malformed");
+    assert_eq!(entry["event"]["data"], "not an event");
+    assert!(
+        entry["malformed_headers"]
+            .to_string()
+            .contains("X-Original"),
+        "{entry}"
+    );
+    let sequence = entry["sequence"].as_u64().unwrap().to_string();
+    let (ok, output) = switchyard(&config, &["dlq", "show", "--trigger", "main", &sequence]);
+    assert!(ok && output.contains("not an event"), "{output}");
+    let (ok, output) = switchyard(&config, &["dlq", "replay", "--trigger", "main", &sequence]);
+    assert!(!ok && output.contains("is not a CloudEvent"), "{output}");
+    running.stop().await;
+}

@@ -172,6 +172,30 @@ impl DeadLetter {
             }
             event
         };
+        Ok(Self::with_record(headers, event))
+    }
+
+    /// A dead letter whose message is not a CloudEvent (reason `malformed`: what a
+    /// trigger's consumer received was not one): its record from the headers, and
+    /// as event a placeholder (`id` = `malformed`, `type` =
+    /// `dev.switchyard.malformed`) carrying the payload as it was stored.
+    pub fn malformed_from_message(headers: Option<&HeaderMap>, payload: Bytes) -> DeadLetter {
+        let mut event = Event::new(
+            "malformed",
+            "switchyard:malformed",
+            "dev.switchyard.malformed",
+        );
+        // Shown as text when it is text, base64 otherwise.
+        event.datacontenttype = Some(if std::str::from_utf8(&payload).is_ok() {
+            "text/plain; charset=utf-8".to_owned()
+        } else {
+            "application/octet-stream".to_owned()
+        });
+        event.data = payload;
+        Self::with_record(headers, event)
+    }
+
+    fn with_record(headers: Option<&HeaderMap>, event: Event) -> DeadLetter {
         let text = |name: &str| -> Option<String> {
             headers
                 .and_then(|headers| headers.get(name))
@@ -182,7 +206,7 @@ impl DeadLetter {
                 .and_then(|value| decode_header_value(name, &value).ok())
                 .unwrap_or_default()
         };
-        Ok(DeadLetter {
+        DeadLetter {
             event,
             reason: text(HEADER_REASON).unwrap_or_default(),
             trigger: decoded(HEADER_TRIGGER),
@@ -198,7 +222,7 @@ impl DeadLetter {
             event_sequence: text(HEADER_EVENT_SEQUENCE)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-        })
+        }
     }
 }
 

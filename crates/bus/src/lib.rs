@@ -430,6 +430,19 @@ impl Bus {
         self.send(subject, headers, event.data.clone()).await
     }
 
+    /// Sends `event` to the events stream (every trigger that matches it) with
+    /// `message_id` instead of the one derived from its source and id, so it is not
+    /// taken for a duplicate of itself (used by the replay of a source's dead letter).
+    pub async fn send_event_as(
+        &self,
+        event: &Event,
+        message_id: &str,
+    ) -> Result<PublishAckFuture, PublishError> {
+        let (subject, headers) =
+            self.prepare_event(event, self.event_subject(event), message_id)?;
+        self.send(subject, headers, event.data.clone()).await
+    }
+
     /// Sends `event` to one trigger only, bypassing the duplicate window with a fresh
     /// message id (used by dead-letter replay).
     pub async fn send_direct(

@@ -29,6 +29,50 @@ pub struct Entry {
     pub sequence: u64,
     pub dead_letter: DeadLetter,
     pub replays: Option<ReplayRecord>,
+    /// What was stored is not a CloudEvent (reason `malformed`): `dead_letter.event` is
+    /// a placeholder carrying the payload, these are the message's headers as stored.
+    pub malformed_headers: Option<Vec<(String, String)>>,
+}
+
+/// The headers of a stored message, for showing a malformed dead letter.
+fn header_pairs(headers: Option<&switchyard_bus::async_nats::HeaderMap>) -> Vec<(String, String)> {
+    headers
+        .map(|headers| {
+            headers
+                .iter()
+                .flat_map(|(name, values)| {
+                    let name = name.to_string();
+                    values
+                        .iter()
+                        .map(move |value| (name.clone(), value.as_str().to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The entry of a stored dead letter: parsed, or kept as it is when it is not a
+/// CloudEvent.
+fn entry_of(
+    sequence: u64,
+    headers: Option<&switchyard_bus::async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+    replays: Option<ReplayRecord>,
+) -> Entry {
+    match DeadLetter::from_message(headers, payload.clone()) {
+        Ok(dead_letter) => Entry {
+            sequence,
+            dead_letter,
+            replays,
+            malformed_headers: None,
+        },
+        Err(_) => Entry {
+            sequence,
+            dead_letter: DeadLetter::malformed_from_message(headers, payload),
+            replays,
+            malformed_headers: Some(header_pairs(headers)),
+        },
+    }
 }
 
 async fn replays_bucket(bus: &Bus) -> anyhow::Result<kv::Store> {
@@ -45,8 +89,10 @@ async fn replays_bucket(bus: &Bus) -> anyhow::Result<kv::Store> {
         .context("opening the replays bucket")
 }
 
+/// The KV key of a dead letter's replay record. KV keys cannot hold `:`: a source's
+/// `source:<name>` becomes `source=<name>` (names have no `=`).
 fn replay_key(trigger: &str, sequence: u64) -> String {
-    format!("{trigger}.{sequence}")
+    format!("{}.{sequence}", trigger.replace(':', "="))
 }
 
 async fn dead_letter_stream(bus: &Bus) -> anyhow::Result<jetstream::stream::Stream> {
@@ -88,24 +134,18 @@ pub async fn list(bus: &Bus, trigger: &str) -> anyhow::Result<Vec<Entry>> {
                 .info()
                 .map(|info| info.stream_sequence)
                 .unwrap_or_default();
-            match DeadLetter::from_message(message.headers.as_ref(), message.payload.clone()) {
-                Ok(dead_letter) => {
-                    let replays = replays
-                        .get(replay_key(trigger, sequence))
-                        .await
-                        .ok()
-                        .flatten()
-                        .and_then(|value| serde_json::from_slice(&value).ok());
-                    entries.push(Entry {
-                        sequence,
-                        dead_letter,
-                        replays,
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(sequence, %error, "dead letter is not a valid cloudevent; use `dlq show` on it")
-                }
-            }
+            let replays = replays
+                .get(replay_key(trigger, sequence))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|value| serde_json::from_slice(&value).ok());
+            entries.push(entry_of(
+                sequence,
+                message.headers.as_ref(),
+                message.payload.clone(),
+                replays,
+            ));
         }
         if received == 0 {
             break;
@@ -128,8 +168,6 @@ pub async fn show(bus: &Bus, trigger: &str, sequence: u64) -> anyhow::Result<Ent
             message.subject
         );
     }
-    let dead_letter = DeadLetter::from_message(Some(&message.headers), message.payload.clone())
-        .with_context(|| format!("dead letter {sequence} is not a valid cloudevent"))?;
     let replays = replays_bucket(bus)
         .await?
         .get(replay_key(trigger, sequence))
@@ -137,16 +175,30 @@ pub async fn show(bus: &Bus, trigger: &str, sequence: u64) -> anyhow::Result<Ent
         .ok()
         .flatten()
         .and_then(|value| serde_json::from_slice(&value).ok());
-    Ok(Entry {
+    Ok(entry_of(
         sequence,
-        dead_letter,
+        Some(&message.headers),
+        message.payload.clone(),
         replays,
-    })
+    ))
 }
 
-/// Replays dead letters to their trigger, waiting for each publish to be stored, and
-/// records each replay. Returns how many were replayed.
+/// Replays dead letters, waiting for each publish to be stored, and records each
+/// replay. A trigger's dead letters go back to that trigger only; a source's
+/// (`source:<name>`: inputs that could not be stored) go through the events stream to
+/// every trigger that matches them. A malformed dead letter (not a CloudEvent) is
+/// refused. Returns how many were replayed.
 pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Result<usize> {
+    if let Some(entry) = entries
+        .iter()
+        .find(|entry| entry.malformed_headers.is_some())
+    {
+        bail!(
+            "dead letter {} is not a CloudEvent (reason `{}`): it cannot be replayed; `dlq show` it, fix it and send it again",
+            entry.sequence,
+            entry.dead_letter.reason
+        );
+    }
     let replays = replays_bucket(bus).await?;
     let now = time::OffsetDateTime::now_utc();
     for entry in entries {
@@ -156,10 +208,14 @@ pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Resu
             entry.sequence,
             now.unix_timestamp_nanos()
         );
-        let ack = bus
-            .send_direct(trigger, &entry.dead_letter.event, &replay_id)
-            .await
-            .with_context(|| format!("replaying dead letter {}", entry.sequence))?;
+        let sent = if trigger.starts_with("source:") {
+            bus.send_event_as(&entry.dead_letter.event, &replay_id)
+                .await
+        } else {
+            bus.send_direct(trigger, &entry.dead_letter.event, &replay_id)
+                .await
+        };
+        let ack = sent.with_context(|| format!("replaying dead letter {}", entry.sequence))?;
         ack.await
             .with_context(|| format!("replaying dead letter {}", entry.sequence))?;
         let record = ReplayRecord {
@@ -227,5 +283,11 @@ pub fn entry_json(entry: &Entry) -> serde_json::Value {
         "received_at": dead_letter.received_at,
         "replays": entry.replays,
         "event": event,
+        "malformed_headers": entry.malformed_headers.as_ref().map(|headers| {
+            headers
+                .iter()
+                .map(|(name, value)| serde_json::json!([name, value]))
+                .collect::<Vec<_>>()
+        }),
     })
 }

@@ -267,6 +267,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     all,
                     reason,
                 } => {
+                    if !trigger.starts_with("source:")
+                        && !loaded
+                            .triggers
+                            .iter()
+                            .any(|known| known.get_ref().name == trigger)
+                    {
+                        anyhow::bail!(
+                            "trigger `{trigger}` is not in {}: replaying would send its dead letters to a subject no consumer reads (list them with `dlq list`, purge them with `dlq purge`, or replay a source's with `--trigger source:<name>`)",
+                            config.display()
+                        );
+                    }
                     let entries = if all {
                         dlq::list(&bus, &trigger)
                             .await?
