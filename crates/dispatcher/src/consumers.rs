@@ -12,6 +12,11 @@
 //! `-p<i>of<n>`), so [`ConsumerRole::parse`] reads every consumer name back to exactly
 //! one trigger and role (tested below over adversarial names).
 
+use switchyard_bus::async_nats::jetstream::{
+    self, consumer::DeliverPolicy, consumer::pull, context::ConsumerInfoErrorKind, kv,
+};
+use switchyard_bus::{Bus, BusError};
+
 /// Longest trigger name.
 pub const MAX_TRIGGER_NAME: usize = 64;
 
@@ -98,6 +103,163 @@ pub fn trigger_name_problem(name: &str) -> Option<String> {
             "trigger `{name}` ends in `{suffix}`, which names another trigger's consumers (`switchyard-<trigger>{suffix}`): choose a name without it"
         )
     })
+}
+
+/// Where each trigger consumer had got to: its ack floor (the stream sequence up to
+/// which everything is acknowledged), recorded every few seconds in the KV bucket
+/// `<events stream>_POSITIONS`, so a consumer that disappears (deleted by hand, lost
+/// with a server) is recreated from the event after it instead of from "new" (which
+/// would skip every event stored meanwhile).
+pub struct Positions {
+    store: kv::Store,
+}
+
+impl Positions {
+    pub async fn open(bus: &Bus) -> Result<Positions, BusError> {
+        let store = bus
+            .jetstream()
+            .create_or_update_key_value(kv::Config {
+                bucket: format!("{}_POSITIONS", bus.events_stream()),
+                description: "switchyard: the ack floor of each trigger consumer".to_owned(),
+                history: 1,
+                num_replicas: bus.replicas(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| BusError::operation("open the consumer positions bucket", error))?;
+        Ok(Positions { store })
+    }
+
+    /// The recorded ack floor of consumer `name`.
+    pub async fn get(&self, name: &str) -> Option<u64> {
+        let value = self.store.get(name).await.ok()??;
+        std::str::from_utf8(&value).ok()?.parse().ok()
+    }
+
+    /// Records the ack floor of consumer `name`.
+    pub async fn record(&self, name: &str, ack_floor: u64) -> Result<(), String> {
+        self.store
+            .put(name, ack_floor.to_string().into())
+            .await
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    }
+
+    /// Forgets consumer `name` (its trigger was drained and removed).
+    pub async fn forget(&self, name: &str) {
+        let _ = self.store.purge(name).await;
+    }
+}
+
+/// Creates or updates a trigger consumer without losing its position:
+/// - it exists: updated in place (a deliver policy it was recreated with is kept);
+///   a changed `start` is refused, since JetStream fixes where a consumer starts when
+///   it is created;
+/// - it is missing but a position was recorded for it: recreated from the event after
+///   its last acknowledged one (logged);
+/// - it never existed: created with the configured start.
+pub async fn ensure(
+    stream: &jetstream::stream::Stream,
+    config: &pull::Config,
+    positions: &Positions,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    let mut config = config.clone();
+    match stream.consumer_info(&name).await {
+        Ok(info) => {
+            let existing = info.config.deliver_policy;
+            if existing != config.deliver_policy {
+                match existing {
+                    DeliverPolicy::ByStartSequence { .. } => config.deliver_policy = existing,
+                    _ => {
+                        return Err(BusError::Operation {
+                            stage: "open trigger consumer",
+                            reason: format!(
+                                "consumer `{name}` was created to read {}, the configuration now says `start = \"{}\"`: `start` applies only when a trigger is created. Keep `start` as it was to go on from where the trigger is, or give the trigger a new name to read the stream afresh",
+                                describe(existing),
+                                describe_start(config.deliver_policy)
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+            if let Some(ack_floor) = positions.get(&name).await {
+                tracing::warn!(consumer = %name, ack_floor, "trigger consumer was missing; recreated from the event after its last acknowledged one");
+                config.deliver_policy = DeliverPolicy::ByStartSequence {
+                    start_sequence: ack_floor + 1,
+                };
+            }
+        }
+        // Offline, timed out: creating it reports the real problem.
+        Err(_) => {}
+    }
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|error| BusError::Operation {
+            stage: "create trigger consumer",
+            reason: format!("consumer `{name}`: {error}"),
+        })
+}
+
+/// A durable consumer of a trigger that is no longer configured, still holding events:
+/// new ones it never delivered (`pending`), ones delivered and never settled
+/// (`ack_pending`); for a retry consumer, retries that will never be forwarded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrphanedConsumer {
+    pub consumer: String,
+    pub trigger: String,
+    pub role: String,
+    pub pending: u64,
+    pub ack_pending: usize,
+}
+
+/// The consumers on `stream` of triggers not in `configured` that still hold events.
+pub async fn orphaned(
+    stream: &jetstream::stream::Stream,
+    configured: &std::collections::HashSet<&str>,
+) -> Vec<OrphanedConsumer> {
+    use futures::StreamExt as _;
+    let mut names = stream.consumer_names();
+    let mut orphans = Vec::new();
+    while let Some(Ok(name)) = names.next().await {
+        let Some((trigger, role)) = ConsumerRole::parse(&name) else {
+            continue;
+        };
+        if configured.contains(trigger) {
+            continue;
+        }
+        let Ok(info) = stream.consumer_info(&name).await else {
+            continue;
+        };
+        if info.num_pending > 0 || info.num_ack_pending > 0 {
+            orphans.push(OrphanedConsumer {
+                consumer: name.clone(),
+                trigger: trigger.to_owned(),
+                role: format!("{role:?}").to_lowercase(),
+                pending: info.num_pending,
+                ack_pending: info.num_ack_pending,
+            });
+        }
+    }
+    orphans
+}
+
+fn describe(policy: DeliverPolicy) -> String {
+    match policy {
+        DeliverPolicy::All => "every event the stream holds (`start = \"all\"`)".to_owned(),
+        DeliverPolicy::New => "events stored after it was created (`start = \"new\"`)".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe_start(policy: DeliverPolicy) -> &'static str {
+    match policy {
+        DeliverPolicy::All => "all",
+        _ => "new",
+    }
 }
 
 #[cfg(test)]

@@ -287,6 +287,8 @@ struct TriggerRuntime {
     /// back one it holds for a pull that has not brought an event yet.
     permit_wanted: tokio::sync::Notify,
     stream: jetstream::stream::Stream,
+    /// Where each of its consumers had got to, to recreate one that disappeared.
+    positions: Arc<consumers::Positions>,
     consumer_config: pull::Config,
     /// Due retries and replayed dead letters, for this trigger only.
     direct_consumer_config: pull::Config,
@@ -311,6 +313,8 @@ struct Shared {
 
 /// A running set of triggers.
 pub struct Dispatcher {
+    /// Consumers of triggers no longer configured that still held events at start.
+    orphaned: Arc<Vec<consumers::OrphanedConsumer>>,
     shared: Arc<Shared>,
     triggers: Vec<Arc<TriggerRuntime>>,
     slots: Vec<Arc<FunctionSlots>>,
@@ -321,9 +325,16 @@ pub struct Dispatcher {
 #[derive(Clone)]
 pub struct DispatcherView {
     triggers: Vec<Arc<TriggerRuntime>>,
+    orphaned: Arc<Vec<consumers::OrphanedConsumer>>,
 }
 
 impl DispatcherView {
+    /// Consumers of triggers no longer in the configuration that held events when
+    /// this process started.
+    pub fn orphaned(&self) -> &[consumers::OrphanedConsumer] {
+        &self.orphaned
+    }
+
     pub fn triggers(&self) -> Vec<TriggerStatus> {
         self.triggers
             .iter()
@@ -359,22 +370,6 @@ const ORDERED_BUFFER: i64 = 512;
 use switchyard_bus::dead_letter::MAX_ERROR_BYTES;
 use switchyard_bus::limits::shorten as truncate;
 
-async fn create_consumer(
-    stream: &jetstream::stream::Stream,
-    config: &pull::Config,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
-    stream
-        .create_consumer(config.clone())
-        .await
-        .map_err(|error| BusError::Operation {
-            stage: "create trigger consumer",
-            reason: format!(
-                "consumer `{}`: {error}",
-                config.durable_name.as_deref().unwrap_or_default()
-            ),
-        })
-}
-
 impl Dispatcher {
     /// Creates (or updates) every trigger's durable consumers.
     pub async fn new(
@@ -390,6 +385,7 @@ impl Dispatcher {
             .get_stream(bus.events_stream())
             .await
             .map_err(|error| BusError::operation("open events stream", error))?;
+        let positions = Arc::new(consumers::Positions::open(&bus).await?);
         let mut slots_by_function: HashMap<String, Arc<FunctionSlots>> = HashMap::new();
         for function in functions.values() {
             if let Some(count) = function.cluster_slots {
@@ -472,10 +468,10 @@ impl Dispatcher {
             };
             // An ordered trigger reads new events through its key partitions instead.
             if trigger.ordering != OrderingMode::Key {
-                create_consumer(&stream, &consumer_config).await?;
+                consumers::ensure(&stream, &consumer_config, &positions).await?;
             }
-            create_consumer(&stream, &direct_consumer_config).await?;
-            create_consumer(&stream, &retry_consumer_config).await?;
+            consumers::ensure(&stream, &direct_consumer_config, &positions).await?;
+            consumers::ensure(&stream, &retry_consumer_config, &positions).await?;
             let mut partition_configs = Vec::new();
             if trigger.ordering == OrderingMode::Key {
                 let partitions = trigger.partitions.clamp(1, switchyard_bus::KEY_BUCKETS);
@@ -513,7 +509,7 @@ impl Dispatcher {
                         priority_timeout: ordered::OWNER_TIMEOUT,
                         ..Default::default()
                     };
-                    create_consumer(&stream, &config).await?;
+                    consumers::ensure(&stream, &config, &positions).await?;
                     partition_configs.push(config);
                 }
             }
@@ -550,6 +546,7 @@ impl Dispatcher {
                 config: trigger,
                 function,
                 stream: stream.clone(),
+                positions: positions.clone(),
                 consumer_config,
                 direct_consumer_config,
                 retry_consumer_config,
@@ -561,7 +558,20 @@ impl Dispatcher {
                 retrying: AtomicU64::new(0),
             }));
         }
+        let configured: std::collections::HashSet<&str> = runtimes
+            .iter()
+            .map(|trigger| trigger.config.name.as_str())
+            .collect();
+        let orphaned = consumers::orphaned(&stream, &configured).await;
+        for orphan in &orphaned {
+            tracing::warn!(
+                consumer = %orphan.consumer, trigger = %orphan.trigger, pending = orphan.pending, ack_pending = orphan.ack_pending,
+                "a trigger no longer in the configuration still holds events: they will not be delivered; `switchyard dlq drain --trigger {}` moves them to its dead letters",
+                orphan.trigger
+            );
+        }
         Ok(Dispatcher {
+            orphaned: Arc::new(orphaned),
             shared: Arc::new(Shared {
                 records: delivery::DeliveryRecords::open(&bus).await?,
                 bus,
@@ -577,6 +587,7 @@ impl Dispatcher {
     pub fn view(&self) -> DispatcherView {
         DispatcherView {
             triggers: self.triggers.clone(),
+            orphaned: self.orphaned.clone(),
         }
     }
 
@@ -805,7 +816,7 @@ async fn open_consumer(
 ) -> Option<jetstream::consumer::Consumer<pull::Config>> {
     let mut failures = 0;
     loop {
-        match create_consumer(&trigger.stream, config).await {
+        match consumers::ensure(&trigger.stream, config, &trigger.positions).await {
             Ok(consumer) => return Some(consumer),
             Err(error) => {
                 failures += 1;
@@ -1195,10 +1206,25 @@ async fn forward_due_retry(trigger: &TriggerRuntime, shared: &Shared, message: j
     }
 }
 
+/// Every 5 seconds: the trigger's lag and waiting retries (for `/v1/triggers` and
+/// `/metrics`), and the ack floor of each of its consumers, recorded when it moved
+/// (see [`consumers::Positions`]).
 async fn lag_loop(trigger: Arc<TriggerRuntime>, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
-    let name = ConsumerRole::Main.name(&trigger.config.name);
+    let main_name = ConsumerRole::Main.name(&trigger.config.name);
     let retry_name = ConsumerRole::Retry.name(&trigger.config.name);
+    let mut names = vec![
+        main_name.clone(),
+        ConsumerRole::Direct.name(&trigger.config.name),
+        retry_name.clone(),
+    ];
+    names.extend(
+        trigger
+            .partition_configs
+            .iter()
+            .filter_map(|config| config.durable_name.clone()),
+    );
+    let mut recorded: HashMap<String, u64> = HashMap::new();
     let gauge = shared
         .metrics
         .consumer_lag
@@ -1211,29 +1237,33 @@ async fn lag_loop(trigger: Arc<TriggerRuntime>, shared: Arc<Shared>, shutdown: C
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let infos = async {
-            let main = trigger.stream.get_consumer::<pull::Config>(&name).await;
-            let retry = trigger
-                .stream
-                .get_consumer::<pull::Config>(&retry_name)
-                .await;
-            (main, retry)
-        };
-        let (main, retry) = tokio::select! {
-            infos = infos => infos,
-            () = shutdown.cancelled() => return,
-        };
-        if let Ok(main) = main {
-            let pending = main.cached_info().num_pending;
-            trigger.lag.store(pending, Ordering::Relaxed);
-            gauge.set(pending as i64);
-        }
-        if let Ok(retry) = retry {
-            let info = retry.cached_info();
-            trigger.retrying.store(
-                info.num_pending + info.num_ack_pending as u64,
-                Ordering::Relaxed,
-            );
+        for name in &names {
+            let info = tokio::select! {
+                info = trigger.stream.get_consumer::<pull::Config>(name) => info,
+                () = shutdown.cancelled() => return,
+            };
+            let Ok(consumer) = info else { continue };
+            let info = consumer.cached_info();
+            if *name == main_name {
+                trigger.lag.store(info.num_pending, Ordering::Relaxed);
+                gauge.set(info.num_pending as i64);
+            } else if *name == retry_name {
+                trigger.retrying.store(
+                    info.num_pending + info.num_ack_pending as u64,
+                    Ordering::Relaxed,
+                );
+            }
+            let ack_floor = info.ack_floor.stream_sequence;
+            if ack_floor > 0 && recorded.get(name) != Some(&ack_floor) {
+                match trigger.positions.record(name, ack_floor).await {
+                    Ok(()) => {
+                        recorded.insert(name.clone(), ack_floor);
+                    }
+                    Err(error) => {
+                        tracing::debug!(consumer = %name, %error, "recording a consumer position failed");
+                    }
+                }
+            }
         }
     }
 }

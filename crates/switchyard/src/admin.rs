@@ -86,10 +86,16 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn triggers(State(state): State<AdminState>) -> Response {
-    let triggers = state
+    let (triggers, orphaned) = state
         .running
         .get()
-        .map(|(view, _)| view.triggers())
+        .map(|(view, _)| (view.triggers(), view.orphaned().to_vec()))
         .unwrap_or_default();
-    axum::Json(serde_json::json!({ "triggers": triggers })).into_response()
+    axum::Json(serde_json::json!({
+        "triggers": triggers,
+        // Triggers no longer configured whose consumers still held events at start:
+        // `switchyard dlq drain --trigger <name>` moves them to its dead letters.
+        "orphaned_consumers": orphaned,
+    }))
+    .into_response()
 }

@@ -233,6 +233,132 @@ pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Resu
     Ok(entries.len())
 }
 
+/// Why an event of a removed trigger was dead-lettered by `dlq drain`.
+pub const REASON_TRIGGER_REMOVED: &str = "trigger_removed";
+
+/// Moves every event the consumers of removed trigger `trigger` still hold into its
+/// dead letters (reason `trigger_removed`, the attempt history the event carried),
+/// then deletes those consumers. Events delivered to a process that died come back
+/// after the consumer's ack wait: this waits for them (up to the ack wait and 10 s).
+/// Returns how many events were moved.
+pub async fn drain(bus: &Bus, trigger: &str) -> anyhow::Result<usize> {
+    use switchyard_dispatcher::ConsumerRole;
+    let stream = bus
+        .jetstream()
+        .get_stream(bus.events_stream())
+        .await
+        .with_context(|| format!("opening stream `{}`", bus.events_stream()))?;
+    let mut names = Vec::new();
+    let mut listing = stream.consumer_names();
+    while let Some(name) = listing.next().await {
+        let name = name.context("listing consumers")?;
+        if ConsumerRole::parse(&name).is_some_and(|(owner, _)| owner == trigger) {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        bail!(
+            "trigger `{trigger}` has no consumers on stream `{}`",
+            bus.events_stream()
+        );
+    }
+    let positions = switchyard_dispatcher::consumers::Positions::open(bus).await?;
+    let mut drained = 0;
+    for name in names {
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&name)
+            .await
+            .map_err(|error| anyhow::anyhow!("opening consumer `{name}`: {error}"))?;
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        let deadline = tokio::time::Instant::now() + ack_wait + Duration::from_secs(10);
+        loop {
+            let info = consumer
+                .info()
+                .await
+                .context("reading the consumer")?
+                .clone();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "consumer `{name}` still has {} events delivered to a process that has not settled them: stop every process running trigger `{trigger}` and drain again",
+                    info.num_ack_pending
+                );
+            }
+            let mut batch = consumer
+                .fetch()
+                .max_messages(256)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .context("reading the consumer")?;
+            while let Some(message) = batch.next().await {
+                let message =
+                    message.map_err(|error| anyhow::anyhow!("reading the consumer: {error}"))?;
+                let (headers, payload) = removed_dead_letter(bus, trigger, &message);
+                bus.store(bus.subjects().dead_letter(trigger), headers, payload)
+                    .await
+                    .with_context(|| format!("storing a dead letter of `{trigger}`"))?;
+                message
+                    .double_ack()
+                    .await
+                    .map_err(|error| anyhow::anyhow!("acknowledging a drained event: {error}"))?;
+                drained += 1;
+            }
+        }
+        stream
+            .delete_consumer(&name)
+            .await
+            .with_context(|| format!("deleting consumer `{name}`"))?;
+        positions.forget(&name).await;
+    }
+    Ok(drained)
+}
+
+/// The dead letter of an event a removed trigger held: the event with its attempt
+/// history, or the message as it was when it is not a CloudEvent.
+fn removed_dead_letter(
+    bus: &Bus,
+    trigger: &str,
+    message: &jetstream::Message,
+) -> (switchyard_bus::async_nats::HeaderMap, bytes::Bytes) {
+    let info = message.info().ok();
+    let sequence = info.as_ref().map_or(0, |info| info.stream_sequence);
+    let received_at = info
+        .as_ref()
+        .map(|info| switchyard_event::timestamp::rfc3339(info.published))
+        .unwrap_or_default();
+    let state = switchyard_bus::RetryState::from_headers(message.headers.as_ref());
+    let now = switchyard_event::timestamp::now_rfc3339();
+    match switchyard_bus::event_from_message(message.headers.as_ref(), message.payload.clone()) {
+        Ok(event) => DeadLetter {
+            event,
+            reason: REASON_TRIGGER_REMOVED.to_owned(),
+            trigger: trigger.to_owned(),
+            function: String::new(),
+            attempts: state.attempts,
+            last_status: state.last_status,
+            last_error: state
+                .last_error
+                .unwrap_or_else(|| "the trigger was removed from the configuration".to_owned()),
+            first_attempt_at: state.first_attempt_at,
+            last_attempt_at: now,
+            received_at: state.received_at.unwrap_or(received_at),
+            event_sequence: sequence,
+        }
+        .to_message_within(bus.max_payload()),
+        Err(_) => {
+            let mut headers = switchyard_bus::async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("dlq {trigger} {sequence}"));
+            headers.insert("Switchyard-Dlq-Reason", REASON_TRIGGER_REMOVED);
+            headers.insert("Switchyard-Dlq-Trigger", trigger);
+            headers.insert("Switchyard-Dlq-Event-Sequence", sequence.to_string());
+            (headers, message.payload.clone())
+        }
+    }
+}
+
 /// Removes the given dead letters, or every dead letter of the trigger when
 /// `sequences` is `None`. Returns how many were removed.
 pub async fn purge(bus: &Bus, trigger: &str, sequences: Option<&[u64]>) -> anyhow::Result<u64> {

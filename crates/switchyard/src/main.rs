@@ -101,6 +101,13 @@ enum DlqAction {
         #[arg(long, requires = "all")]
         reason: Option<String>,
     },
+    /// Move every event a removed trigger's consumers still hold (never delivered,
+    /// waiting for a retry) into its dead letters (reason `trigger_removed`), then
+    /// delete those consumers. Refused for a trigger in the configuration.
+    Drain {
+        #[arg(long)]
+        trigger: String,
+    },
     /// Remove dead letters: the given sequences, or all of the trigger's.
     Purge {
         #[arg(long)]
@@ -302,6 +309,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     let replayed = dlq::replay(&bus, &trigger, &entries).await?;
                     println!("replayed {replayed} dead letters to trigger `{trigger}`");
+                    Ok(())
+                }
+                DlqAction::Drain { trigger } => {
+                    if loaded
+                        .triggers
+                        .iter()
+                        .any(|known| known.get_ref().name == trigger)
+                    {
+                        anyhow::bail!(
+                            "trigger `{trigger}` is in {}: only a removed trigger's consumers are drained",
+                            config.display()
+                        );
+                    }
+                    let drained = dlq::drain(&bus, &trigger).await?;
+                    println!(
+                        "drained {drained} events of removed trigger `{trigger}` into its dead letters (`dlq list --trigger {trigger}`)"
+                    );
                     Ok(())
                 }
                 DlqAction::Purge {
