@@ -228,3 +228,90 @@ async fn a_changed_start_is_refused_with_what_to_do() {
         "{stderr}"
     );
 }
+
+/// Runs `switchyard run` on `text` and returns its stderr once it exits (it must).
+async fn run_until_exit(text: &str) -> (bool, String) {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("switchyard.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("switchyard did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+/// Stream changes JetStream cannot apply (a stream's storage, more replicas than
+/// servers) stop the process with the field, the values and what to do, instead of
+/// leaving it unready forever; `validate --check-nats` reports them, and a changed
+/// `start`, before a deploy.
+#[tokio::test]
+async fn stream_changes_the_server_cannot_apply_are_refused_and_reported_by_validate() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let text = config(&nats, &function, &[("main", "")]);
+    let switchyard = Switchyard::start(text.clone()).await;
+    switchyard.stop().await;
+
+    let file_storage = text.replacen(
+        "storage = \"memory\", duplicate_window",
+        "storage = \"file\", duplicate_window",
+        1,
+    );
+    assert_ne!(file_storage, text);
+    let (ok, stderr) = run_until_exit(&file_storage).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("nats.events_stream.storage")
+            && stderr.contains("is stored in `memory`, the configuration says `file`"),
+        "{stderr}"
+    );
+
+    let replicated = text.replacen(
+        "storage = \"memory\", duplicate_window",
+        "storage = \"memory\", replicas = 3, duplicate_window",
+        1,
+    );
+    let (ok, stderr) = run_until_exit(&replicated).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("nats.events_stream.replicas") && stderr.contains("3 replicas"),
+        "{stderr}"
+    );
+
+    let both = file_storage.replace(
+        "name = \"main\"\nfunction = \"fn\"\n",
+        "name = \"main\"\nfunction = \"fn\"\nstart = \"all\"\n",
+    );
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("switchyard.toml");
+    std::fs::write(&path, &both).unwrap();
+    let (ok, output) = cli(&path, &["validate"]);
+    assert!(
+        ok,
+        "without --check-nats only the file is checked: {output}"
+    );
+    let (ok, output) = cli(&path, &["validate", "--check-nats"]);
+    assert!(!ok);
+    assert!(
+        output.contains("nats.events_stream.storage")
+            && output.contains("trigger `main`: `start = \"all\"`"),
+        "{output}"
+    );
+}

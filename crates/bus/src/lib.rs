@@ -152,6 +152,10 @@ pub enum BusError {
     StreamSetup { stream: String, reason: String },
     #[error("{stage} failed: {reason}")]
     Operation { stage: &'static str, reason: String },
+    /// The configuration asks for something the server cannot apply to what exists;
+    /// retrying cannot help.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl BusError {
@@ -264,9 +268,53 @@ impl Bus {
         })
     }
 
+    /// What the configuration changes in existing streams that JetStream cannot
+    /// change (a stream's storage), each naming the field, the old and the new value
+    /// and what to do. Empty when the streams do not exist yet or nothing conflicts.
+    pub async fn stream_conflicts(&self) -> Result<Vec<String>, BusError> {
+        let mut conflicts = Vec::new();
+        for (field, settings, name) in [
+            (
+                "events_stream",
+                &self.config.events_stream,
+                self.events_stream.as_str(),
+            ),
+            (
+                "dead_letter_stream",
+                &self.config.dead_letter_stream,
+                self.dead_letter_stream.as_str(),
+            ),
+        ] {
+            // Missing (not created yet), or unreadable: creating it reports the rest.
+            let Ok(stream) = self.jetstream.get_stream(name).await else {
+                continue;
+            };
+            let info = stream.cached_info();
+            let existing = match info.config.storage {
+                stream::StorageType::File => "file",
+                stream::StorageType::Memory => "memory",
+            };
+            let wanted = match settings.storage.unwrap_or(Storage::File) {
+                Storage::File => "file",
+                Storage::Memory => "memory",
+            };
+            if existing != wanted {
+                conflicts.push(format!(
+                    "nats.{field}.storage: stream `{name}` is stored in `{existing}`, the configuration says `{wanted}`, and JetStream cannot change a stream's storage: keep `storage = \"{existing}\"`, or move to a new stream (a new `{field}.name`) once this one is drained"
+                ));
+            }
+        }
+        Ok(conflicts)
+    }
+
     /// Creates the events and dead-letter streams, or updates them to match the
-    /// configuration. Idempotent; safe to run from every process at start.
+    /// configuration. Idempotent; safe to run from every process at start. A change
+    /// the server cannot apply is [`BusError::Config`], naming the field.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let conflicts = self.stream_conflicts().await?;
+        if !conflicts.is_empty() {
+            return Err(BusError::Config(conflicts.join("\n")));
+        }
         let events = self.config.events_stream.to_stream_config(
             DEFAULT_EVENTS_STREAM,
             DEFAULT_EVENTS_MAX_AGE,
@@ -283,12 +331,29 @@ impl Bus {
         );
         for config in [events, dead_letters] {
             let name = config.name.clone();
+            let replicas = config.num_replicas;
             self.jetstream
                 .create_or_update_stream(config)
                 .await
-                .map_err(|error| BusError::StreamSetup {
-                    stream: name,
-                    reason: error.to_string(),
+                .map_err(|error| {
+                    let text = error.to_string();
+                    // More replicas than the server (or cluster) can place: no retry
+                    // helps until the configuration or the cluster changes.
+                    if text.contains("replicas") || text.contains("insufficient resources") {
+                        let field = if name == self.events_stream {
+                            "events_stream"
+                        } else {
+                            "dead_letter_stream"
+                        };
+                        BusError::Config(format!(
+                            "nats.{field}.replicas: stream `{name}` cannot have {replicas} replicas on this server or cluster ({text}): use at most as many replicas as there are JetStream servers"
+                        ))
+                    } else {
+                        BusError::StreamSetup {
+                            stream: name,
+                            reason: text,
+                        }
+                    }
                 })?;
         }
         Ok(())

@@ -247,6 +247,41 @@ pub async fn orphaned(
     orphans
 }
 
+/// The triggers whose `start` differs from where their existing consumer was created
+/// to read (what [`ensure`] refuses at start), as messages naming the trigger, both
+/// values and what to do; for `switchyard validate --check-nats`.
+pub async fn start_conflicts(
+    stream: &jetstream::stream::Stream,
+    triggers: &[crate::TriggerConfig],
+) -> Vec<String> {
+    let mut conflicts = Vec::new();
+    for trigger in triggers {
+        let wanted = match trigger.start {
+            crate::StartPosition::New => DeliverPolicy::New,
+            crate::StartPosition::All => DeliverPolicy::All,
+        };
+        let name = if trigger.ordering == crate::OrderingMode::Key {
+            let of = trigger.partitions.clamp(1, switchyard_bus::KEY_BUCKETS);
+            ConsumerRole::Partition { index: 0, of }.name(&trigger.name)
+        } else {
+            ConsumerRole::Main.name(&trigger.name)
+        };
+        let Ok(info) = stream.consumer_info(&name).await else {
+            continue;
+        };
+        let existing = info.config.deliver_policy;
+        if existing != wanted && !matches!(existing, DeliverPolicy::ByStartSequence { .. }) {
+            conflicts.push(format!(
+                "trigger `{}`: `start = \"{}\"`, but its consumer `{name}` was created to read {}: `start` applies only when a trigger is created; keep it as it was, or give the trigger a new name to read the stream afresh",
+                trigger.name,
+                describe_start(wanted),
+                describe(existing)
+            ));
+        }
+    }
+    conflicts
+}
+
 fn describe(policy: DeliverPolicy) -> String {
     match policy {
         DeliverPolicy::All => "every event the stream holds (`start = \"all\"`)".to_owned(),

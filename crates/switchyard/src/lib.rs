@@ -183,6 +183,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         loop {
             match bus.ensure_streams().await {
                 Ok(()) => break,
+                // The configuration asks what the server cannot do: say so and stop,
+                // rather than stay unready forever.
+                Err(error @ switchyard_bus::BusError::Config(_)) => {
+                    return Err(anyhow::Error::new(error).context("setting up the streams"));
+                }
                 Err(error) => {
                     tracing::warn!(%error, "stream setup failed, retrying");
                     tokio::select! {

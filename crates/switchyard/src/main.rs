@@ -46,7 +46,13 @@ enum Command {
         ready_file: Option<PathBuf>,
     },
     /// Check a configuration file and report every mistake with file, line and field.
-    Validate,
+    Validate {
+        /// Also connect to NATS and report what the configuration would change that
+        /// the server cannot apply (a stream's storage, a trigger's `start`), before
+        /// a deploy.
+        #[arg(long)]
+        check_nats: bool,
+    },
     /// Publish one test event to the bus.
     Send {
         /// CloudEvents `type`.
@@ -174,8 +180,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown.cancel();
             task.await.context("switchyard task panicked")?
         }
-        Command::Validate => {
+        Command::Validate { check_nats } => {
             let loaded = load(&config)?;
+            if check_nats {
+                let bus = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    Bus::connect(&loaded.nats),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("nats at `{}` did not answer within 10 s", loaded.nats.url)
+                })??;
+                let mut problems = bus.stream_conflicts().await?;
+                if let Ok(stream) = bus.jetstream().get_stream(bus.events_stream()).await {
+                    let triggers: Vec<_> = loaded
+                        .triggers
+                        .iter()
+                        .map(|trigger| trigger.get_ref().clone())
+                        .collect();
+                    problems.extend(
+                        switchyard_dispatcher::consumers::start_conflicts(&stream, &triggers).await,
+                    );
+                }
+                if !problems.is_empty() {
+                    anyhow::bail!(
+                        "{}: the configuration is valid, but nats at `{}` cannot apply it:\n{}",
+                        config.display(),
+                        loaded.nats.url,
+                        problems.join("\n")
+                    );
+                }
+            }
             println!(
                 "{}: ok ({} sources, {} functions, {} triggers)",
                 config.display(),
