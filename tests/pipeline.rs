@@ -1111,3 +1111,70 @@ async fn a_retry_never_waits_longer_than_the_stream_keeps_it() {
     assert_eq!(function.calls_for("patient"), 2);
     switchyard.stop().await;
 }
+
+/// A webhook delivery id is remembered past the events stream's duplicate window (the
+/// dedup horizon, 24 h by default for hooks with `id_header`): a redelivery after the
+/// window is answered as a duplicate and not delivered again. A hook with
+/// `dedup_horizon = "0s"` relies on the window only.
+#[tokio::test]
+async fn a_hook_delivery_id_is_remembered_past_the_duplicate_window() {
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let hooks = "\n[[sources.hooks]]\nname = \"orders\"\nevent_type = \"com.example.order\"\nid_header = \"Idempotency-Key\"\n\n[[sources.hooks]]\nname = \"window\"\nevent_type = \"com.example.order\"\nid_header = \"Idempotency-Key\"\ndedup_horizon = \"0s\"\n";
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), 0, 0)
+        .replace("duplicate_window = \"1m\"", "duplicate_window = \"1s\"");
+    text.push_str(hooks);
+    text.push_str(&function_section("fn", &function.url, 8));
+    text.push_str(&trigger_section("main", "fn", ""));
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    let post = |hook: &str| {
+        client
+            .post(switchyard.url(&format!("/hooks/{hook}")))
+            .header("idempotency-key", "order-17")
+            .body("{}")
+            .send()
+    };
+    let duplicate = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), 202);
+        let answer: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        answer["accepted"][0]["duplicate"].as_bool().unwrap()
+    };
+    assert!(!duplicate(post("orders").await.unwrap()).await);
+    assert!(!duplicate(post("window").await.unwrap()).await);
+    function.wait_for(2, WAIT).await;
+    // Past the 1 s duplicate window (time passing, not waiting for anything).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        duplicate(post("orders").await.unwrap()).await,
+        "remembered by the horizon"
+    );
+    assert!(
+        !duplicate(post("window").await.unwrap()).await,
+        "without a horizon the window has passed"
+    );
+    function.wait_for(3, WAIT).await;
+    let sources: Vec<_> = function
+        .received()
+        .iter()
+        .map(|call| call.header("ce-source").unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        sources
+            .iter()
+            .filter(|source| *source == "/hooks/orders")
+            .count(),
+        1,
+        "{sources:?}"
+    );
+    assert_eq!(
+        sources
+            .iter()
+            .filter(|source| *source == "/hooks/window")
+            .count(),
+        2,
+        "{sources:?}"
+    );
+    switchyard.stop().await;
+}

@@ -31,6 +31,25 @@ fn default_max_body_bytes() -> usize {
     1024 * 1024
 }
 
+/// The dedup horizon of a hook with `id_header` when none is configured.
+pub const DEFAULT_HOOK_DEDUP_HORIZON: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
+impl HookConfig {
+    /// How long this hook remembers delivery ids, when it does: only a raw hook with
+    /// `id_header` (others generate ids, or take object ids from the store).
+    pub fn dedup_horizon(&self) -> Option<std::time::Duration> {
+        if self.id_header.is_none() || self.format != HookFormat::Raw {
+            return None;
+        }
+        match self.dedup_horizon {
+            Some(horizon) if horizon.is_zero() => None,
+            Some(horizon) => Some(horizon),
+            None => Some(DEFAULT_HOOK_DEDUP_HORIZON),
+        }
+    }
+}
+
 /// One webhook: any body becomes the data of an event with a fixed type and source.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +86,11 @@ pub struct HookConfig {
     /// redelivery is deduplicated; otherwise an id is generated.
     #[serde(default)]
     pub id_header: Option<String>,
+    /// How long a delivery id is remembered to drop a redelivery (a provider's
+    /// retry, a redelivery done by hand an hour later): 24 h by default when
+    /// `id_header` is set, `"0s"` to rely only on the events stream's duplicate window.
+    #[serde(default, with = "humantime_serde")]
+    pub dedup_horizon: Option<std::time::Duration>,
     /// Header whose value becomes the CloudEvents `subject` (e.g. `X-GitHub-Event`).
     #[serde(default)]
     pub subject_header: Option<String>,

@@ -28,7 +28,9 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use switchyard_connector_s3::sns::{SnsError, SnsVerifier};
 use switchyard_event::timestamp::now_rfc3339;
-use switchyard_event::{Event, EventSink, PublishError, parse_batch, parse_structured};
+use switchyard_event::{
+    DedupHorizon, Event, EventSink, PublishError, parse_batch, parse_structured,
+};
 
 pub use config::{HookConfig, HookFormat, HttpSourceConfig, SignatureConfig, SignatureEncoding};
 use signature::{AuthError, check_bearer, check_signature};
@@ -105,6 +107,8 @@ impl ReservedSources {
 struct SourceState {
     config: HttpSourceConfig,
     reserved: Arc<ReservedSources>,
+    /// Delivery ids remembered past the duplicate window, by hook name.
+    horizons: HashMap<String, Arc<dyn DedupHorizon>>,
     hooks: HashMap<String, HookConfig>,
     /// SNS verification of `format = "s3"` hooks, by hook name.
     sns: HashMap<String, SnsVerifier>,
@@ -119,6 +123,7 @@ pub fn router(
     sink: Arc<dyn EventSink>,
     metrics: HttpSourceMetrics,
     reserved: Arc<ReservedSources>,
+    horizons: HashMap<String, Arc<dyn DedupHorizon>>,
 ) -> Router {
     let hooks = config
         .hooks
@@ -160,6 +165,7 @@ pub fn router(
     let state = Arc::new(SourceState {
         config,
         reserved,
+        horizons,
         hooks,
         sns,
         sink,
@@ -455,7 +461,30 @@ async fn accept_hook(
             format!("invalid webhook request: {error}"),
         )
     })?;
-    publish(state, vec![event]).await
+    let Some(horizon) = state.horizons.get(&hook.name) else {
+        return publish(state, vec![event]).await;
+    };
+    match horizon.seen(&event).await {
+        Ok(true) => {
+            tracing::debug!(source = %state.config.name, hook = %hook.name, event_id = %event.id, "redelivery within the dedup horizon dropped");
+            return Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "accepted": [{ "id": event.id, "duplicate": true }] })),
+            )
+                .into_response());
+        }
+        Ok(false) => {}
+        // The events stream's duplicate window still applies.
+        Err(error) => {
+            tracing::warn!(source = %state.config.name, hook = %hook.name, %error, stage = "dedup", "reading the dedup horizon failed")
+        }
+    }
+    let remembered = Event::new(event.id.clone(), event.source.clone(), event.ty.clone());
+    let response = publish(state, vec![event]).await?;
+    if let Err(error) = horizon.remember(&remembered).await {
+        tracing::warn!(source = %state.config.name, hook = %hook.name, %error, stage = "dedup", "recording a delivery id failed; a late redelivery may be delivered again");
+    }
+    Ok(response)
 }
 
 /// An S3 event notification: one event per record, all published or none answered

@@ -9,6 +9,7 @@
 //! many publishes are in flight at once, bounded by `max_publishes_in_flight`.
 
 pub mod dead_letter;
+pub mod horizon;
 pub mod limits;
 pub mod retry_state;
 pub mod subject;

@@ -18,5 +18,5 @@ pub use event::{CORE_ATTRIBUTES, Event, EventError, SPEC_VERSION, is_valid_exten
 pub use json::{
     StructuredError, is_json_content_type, parse_batch, parse_structured, to_structured_json,
 };
-pub use sink::{Destination, EventSink, PropertyValue, PublishError, PublishReceipt};
+pub use sink::{DedupHorizon, Destination, EventSink, PropertyValue, PublishError, PublishReceipt};
 pub use target::{BatchOutcome, Enricher, Failure, FunctionAnswer, Outcome, Target};

@@ -38,6 +38,17 @@ pub trait EventSink: Send + Sync + 'static {
     async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<PublishReceipt>, PublishError>;
 }
 
+/// Remembers which events a source stored, by `source` and `id`, for longer than the
+/// events stream's duplicate window (a webhook's delivery id redelivered by hand an
+/// hour later is still a duplicate).
+#[async_trait]
+pub trait DedupHorizon: Send + Sync + 'static {
+    /// Whether an event with this `source` and `id` was stored within the horizon.
+    async fn seen(&self, event: &Event) -> Result<bool, String>;
+    /// Remembers that this event was stored.
+    async fn remember(&self, event: &Event) -> Result<(), String>;
+}
+
 /// Where a trigger also publishes its results (`on_success`) or its dead letters
 /// (`on_failure`): a NATS subject or a Kafka topic.
 #[async_trait]

@@ -278,11 +278,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let source_shutdown = CancellationToken::new();
         let mut servers = Vec::new();
         for (http, listener) in source_listeners {
+            let mut horizons: HashMap<String, Arc<dyn switchyard_event::DedupHorizon>> =
+                HashMap::new();
+            for hook in &http.hooks {
+                if let Some(horizon) = hook.dedup_horizon() {
+                    let store = switchyard_bus::horizon::KvHorizon::open(
+                        &bus,
+                        &format!("{}_{}", http.name, hook.name),
+                        horizon,
+                    )
+                    .await
+                    .with_context(|| format!("hook `{}`: opening its dedup horizon", hook.name))?;
+                    horizons.insert(hook.name.clone(), Arc::new(store));
+                }
+            }
             let router = switchyard_connector_http::router(
                 http.clone(),
                 sink.clone(),
                 source_metrics.clone(),
                 reserved.clone(),
+                horizons,
             );
             let stop = source_shutdown.clone();
             tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
