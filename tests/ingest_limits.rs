@@ -416,3 +416,89 @@ async fn unknown_paths_and_methods_get_a_json_error() {
     assert!(message.contains("`GET` is not allowed"), "{message}");
     switchyard.stop().await;
 }
+
+fn batch_body(ids: &[&str], data: &str) -> String {
+    serde_json::Value::Array(
+        ids.iter()
+            .map(|id| {
+                serde_json::json!({"specversion": "1.0", "id": id, "source": "/batch", "type": "com.example.t", "data": data})
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+/// A batch is stored all or none (one JetStream atomic batch): when the events
+/// stream has room for only part of it, nothing is stored and the sender gets 503;
+/// a resend of a batch that was partly or wholly stored stores the missing events and
+/// reports the others as duplicates; an id twice in one batch is stored once.
+#[tokio::test]
+async fn a_batch_is_stored_all_or_none_and_a_resend_completes_it() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    // Room for about four of these events, not ten.
+    let text = config(&nats, &function, "").replace(
+        "duplicate_window = \"1m\"",
+        "duplicate_window = \"1m\", max_bytes = 3000",
+    );
+    let switchyard = Switchyard::start(text).await;
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        client
+            .post(switchyard.url("/v1/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(body)
+            .send()
+    };
+    let ten: Vec<String> = (0..10).map(|index| format!("big-{index}")).collect();
+    let ten: Vec<&str> = ten.iter().map(String::as_str).collect();
+    let response = post(batch_body(&ten, &"x".repeat(400))).await.unwrap();
+    assert_eq!(response.status(), 503, "{}", response.text().await.unwrap());
+    let bus = switchyard.bus().await;
+    let mut stream = bus
+        .jetstream()
+        .get_stream(bus.events_stream())
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "no part of the refused batch was stored"
+    );
+
+    let accepted = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), 202);
+        let answer: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        answer["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| {
+                (
+                    entry["id"].as_str().unwrap().to_owned(),
+                    entry["duplicate"].as_bool().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = accepted(post(batch_body(&["a", "b"], "1")).await.unwrap()).await;
+    assert_eq!(first, [("a".to_owned(), false), ("b".to_owned(), false)]);
+    let resend = accepted(post(batch_body(&["a", "b", "c"], "1")).await.unwrap()).await;
+    assert_eq!(
+        resend,
+        [
+            ("a".to_owned(), true),
+            ("b".to_owned(), true),
+            ("c".to_owned(), false)
+        ]
+    );
+    let twice = accepted(post(batch_body(&["d", "d"], "1")).await.unwrap()).await;
+    assert_eq!(twice, [("d".to_owned(), false), ("d".to_owned(), true)]);
+    let received = function.wait_for(4, WAIT).await;
+    let mut ids: Vec<_> = received.iter().map(|call| call.id().to_owned()).collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b", "c", "d"]);
+    assert_eq!(stream.info().await.unwrap().state.messages, 4);
+    switchyard.stop().await;
+}

@@ -585,7 +585,9 @@ async fn publish(state: &SourceState, events: Vec<Event>) -> Result<Response, Ap
         .events_received
         .get_or_create(&state.labels)
         .inc_by(count);
-    let receipts = state.sink.publish_all(events).await.map_err(|error| match error {
+    // All or none: a batch (or a notification with several records) is one atomic
+    // batch on the bus.
+    let receipts = state.sink.publish_atomically(events).await.map_err(|error| match error {
         PublishError::Unavailable(reason) => {
             tracing::warn!(source = %state.config.name, error = %reason, stage = "publish", "event bus unavailable");
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("event bus unavailable, retry later: {reason}"))

@@ -136,6 +136,8 @@ impl StreamSettings {
             max_bytes: self.max_bytes.unwrap_or(-1),
             duplicate_window: self.duplicate_window.unwrap_or(Duration::from_secs(120)),
             retention: stream::RetentionPolicy::Limits,
+            // HTTP batches and multi-record notifications are stored all or none.
+            allow_atomic_publish: true,
             // A full stream refuses new events (the sender sees 503) rather than
             // evicting stored ones nobody has consumed yet.
             discard: stream::DiscardPolicy::New,
@@ -740,6 +742,218 @@ impl EventSink for Bus {
     async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<PublishReceipt>, PublishError> {
         self.publish_events(&events).await
     }
+
+    async fn publish_atomically(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Vec<PublishReceipt>, PublishError> {
+        self.publish_events_atomically(&events).await
+    }
+}
+
+/// Most events one atomic batch may hold (nats-server's limit for atomic batches).
+pub const MAX_ATOMIC_BATCH: usize = 1000;
+
+/// How an atomic batch publish failed.
+enum AtomicFailure {
+    /// Some event of the batch is already stored (a resend): nothing was stored.
+    Duplicate,
+    /// The server or the stream does not take atomic batches.
+    Unsupported(String),
+    Failed(PublishError),
+}
+
+impl Bus {
+    /// Publishes `events` as one JetStream atomic batch (nats-server 2.12+, the
+    /// events stream has `allow_atomic`): every event is stored, or none is. An event
+    /// that appears twice in `events` is stored once (the later copy is reported as
+    /// a duplicate). When some event was already stored by an earlier request (a
+    /// resend after a 503), JetStream refuses the whole batch; then each event is
+    /// published on its own, so the stored ones are reported as duplicates and the
+    /// rest stored: the resend completes what the first attempt may have stored.
+    pub async fn publish_events_atomically(
+        &self,
+        events: &[Event],
+    ) -> Result<Vec<PublishReceipt>, PublishError> {
+        if events.len() < 2 {
+            return self.publish_events(events).await;
+        }
+        let mut first_of: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
+        let mut unique = Vec::with_capacity(events.len());
+        let mut repeats = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let id = message_id(event);
+            let message = self
+                .prepare_event(event, self.event_subject(event), &id)
+                .map_err(|error| match error {
+                    PublishError::TooLarge(reason) => {
+                        PublishError::TooLarge(format!("event {index} of the batch: {reason}"))
+                    }
+                    other => other,
+                })?;
+            match first_of.get(&id) {
+                Some(first) => repeats.push((index, *first)),
+                None => {
+                    first_of.insert(id, index);
+                    unique.push((index, message));
+                }
+            }
+        }
+        if unique.len() > MAX_ATOMIC_BATCH {
+            return Err(PublishError::TooLarge(format!(
+                "a batch holds at most {MAX_ATOMIC_BATCH} events (JetStream's atomic batch limit); this one has {}",
+                unique.len()
+            )));
+        }
+        let stored = match self.publish_atomic_batch(&unique, events).await {
+            Ok(receipts) => receipts,
+            Err(AtomicFailure::Failed(error)) => return Err(error),
+            Err(AtomicFailure::Duplicate) => {
+                let singles: Vec<Event> = unique
+                    .iter()
+                    .map(|(index, _)| events[*index].clone())
+                    .collect();
+                self.publish_events(&singles)
+                    .await?
+                    .into_iter()
+                    .zip(unique.iter().map(|(index, _)| *index))
+                    .map(|(receipt, index)| (index, receipt))
+                    .collect()
+            }
+            Err(AtomicFailure::Unsupported(reason)) => {
+                tracing::warn!(%reason, stage = "publish", "the events stream takes no atomic batches (nats-server 2.12+ with allow_atomic); a batch is published event by event");
+                let singles: Vec<Event> = unique
+                    .iter()
+                    .map(|(index, _)| events[*index].clone())
+                    .collect();
+                self.publish_events(&singles)
+                    .await?
+                    .into_iter()
+                    .zip(unique.iter().map(|(index, _)| *index))
+                    .map(|(receipt, index)| (index, receipt))
+                    .collect()
+            }
+        };
+        let mut receipts: Vec<Option<PublishReceipt>> = vec![None; events.len()];
+        for (index, receipt) in stored {
+            receipts[index] = Some(receipt);
+        }
+        for (index, first) in repeats {
+            let sequence = receipts[first]
+                .as_ref()
+                .map_or(0, |receipt| receipt.sequence);
+            receipts[index] = Some(PublishReceipt {
+                event_id: events[index].id.clone(),
+                sequence,
+                duplicate: true,
+            });
+        }
+        Ok(receipts.into_iter().flatten().collect())
+    }
+
+    /// One atomic batch: every message but the last sent without a reply, the last
+    /// with the commit marker; its PubAck (or error) speaks for the whole batch.
+    async fn publish_atomic_batch(
+        &self,
+        messages: &[(usize, (String, HeaderMap))],
+        events: &[Event],
+    ) -> Result<Vec<(usize, PublishReceipt)>, AtomicFailure> {
+        if !self.is_connected() {
+            return Err(AtomicFailure::Failed(PublishError::Unavailable(
+                "not connected to nats".to_owned(),
+            )));
+        }
+        let batch_id = uuid_like_batch_id();
+        let last = messages.len();
+        let publishing = async {
+            let _permit = self.in_flight.acquire().await.map_err(|_| {
+                AtomicFailure::Failed(PublishError::Unavailable("bus closed".to_owned()))
+            })?;
+            let mut commit = None;
+            for (position, (index, (subject, headers))) in messages.iter().enumerate() {
+                let mut headers = headers.clone();
+                headers.insert("Nats-Batch-Id", batch_id.as_str());
+                headers.insert("Nats-Batch-Sequence", (position + 1).to_string());
+                let payload = events[*index].data.clone();
+                if position + 1 == last {
+                    headers.insert("Nats-Batch-Commit", "1");
+                    commit = Some(
+                        self.jetstream
+                            .publish_with_headers(subject.clone(), headers, payload)
+                            .await
+                            .map_err(|error| {
+                                AtomicFailure::Failed(classify_publish_error(error))
+                            })?,
+                    );
+                } else {
+                    self.client
+                        .publish_with_headers(subject.clone(), headers, payload)
+                        .await
+                        .map_err(|error| {
+                            AtomicFailure::Failed(PublishError::Unavailable(error.to_string()))
+                        })?;
+                }
+            }
+            let ack = commit.expect("a batch has a last message").await;
+            Ok::<_, AtomicFailure>(ack)
+        };
+        let ack = tokio::time::timeout(self.config.publish_timeout * 2, publishing)
+            .await
+            .map_err(|_| {
+                AtomicFailure::Failed(PublishError::Unavailable(
+                    "timed out waiting for the event bus".to_owned(),
+                ))
+            })??;
+        match ack {
+            Ok(ack) => {
+                let first = ack.sequence + 1 - messages.len() as u64;
+                Ok(messages
+                    .iter()
+                    .enumerate()
+                    .map(|(position, (index, _))| {
+                        (
+                            *index,
+                            PublishReceipt {
+                                event_id: events[*index].id.clone(),
+                                sequence: first + position as u64,
+                                duplicate: false,
+                            },
+                        )
+                    })
+                    .collect())
+            }
+            Err(error) => {
+                use jetstream::{Error as ApiError, ErrorCode};
+                let code = std::error::Error::source(&error)
+                    .and_then(|source| source.downcast_ref::<ApiError>())
+                    .map(ApiError::error_code);
+                match code {
+                    Some(ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE) => {
+                        Err(AtomicFailure::Duplicate)
+                    }
+                    Some(ErrorCode::ATOMIC_PUBLISH_DISABLED) => {
+                        Err(AtomicFailure::Unsupported(error.to_string()))
+                    }
+                    _ => Err(AtomicFailure::Failed(classify_publish_error(error))),
+                }
+            }
+        }
+    }
+}
+
+/// A batch id: unique per process and call (`Nats-Batch-Id` takes up to 64 characters).
+fn uuid_like_batch_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    format!(
+        "sy{}-{nanos:x}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl Bus {

@@ -36,6 +36,16 @@ pub trait EventSink: Send + Sync + 'static {
     /// On error, some events may have been stored: re-publishing is safe because ids
     /// are deduplicated.
     async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<PublishReceipt>, PublishError>;
+
+    /// Publishes every event or none: on error nothing of this call was stored. Events
+    /// stored by an earlier call (a resend) are reported as duplicates and the others
+    /// stored. By default the same as [`EventSink::publish_all`].
+    async fn publish_atomically(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Vec<PublishReceipt>, PublishError> {
+        self.publish_all(events).await
+    }
 }
 
 /// Remembers which events a source stored, by `source` and `id`, for longer than the
