@@ -123,6 +123,32 @@ max_concurrency = 0
     }
 }
 
+/// An ack_wait as long as the duplicate window would let a redelivered event's retry
+/// copy or dead letter be stored twice after a crash: refused at its line.
+#[test]
+fn ack_wait_must_be_shorter_than_the_duplicate_window() {
+    let text = r#"
+[nats]
+events_stream = { duplicate_window = "1m" }
+
+[[functions]]
+type = "http"
+name = "f"
+url = "http://127.0.0.1:9/"
+
+[[triggers]]
+name = "slow"
+function = "f"
+ack_wait = "5m"
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    assert!(
+        output.contains("DIR/broken.toml:13:1: field `ack_wait`: 5m is not shorter than the events stream's duplicate_window (1m)"),
+        "{output}"
+    );
+}
+
 /// A trigger named like another trigger's consumer (`orders-direct` is the name of
 /// `orders`' direct consumer) would rewrite that consumer at start: refused.
 #[test]

@@ -1072,7 +1072,7 @@ async fn streams_are_created_then_updated_to_match_the_configuration() {
     // Same streams, new settings: updated in place, events kept.
     let changed = text.replace(
         "duplicate_window = \"1m\"",
-        "duplicate_window = \"30s\", max_age = \"2d\"",
+        "duplicate_window = \"45s\", max_age = \"2d\"",
     );
     assert_ne!(changed, text);
     let second = Switchyard::start(changed).await;
@@ -1080,7 +1080,7 @@ async fn streams_are_created_then_updated_to_match_the_configuration() {
     assert_eq!(response.status(), 202);
     function.wait_for(1, WAIT).await;
     let info = stream.info().await.unwrap().clone();
-    assert_eq!(info.config.duplicate_window, Duration::from_secs(30));
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(45));
     assert_eq!(info.config.max_age, Duration::from_secs(2 * 24 * 3600));
     second.stop().await;
 }
@@ -1100,10 +1100,11 @@ async fn a_retry_never_waits_longer_than_the_stream_keeps_it() {
     let nats = NatsServer::start();
     let mut text = base_config(&nats.url(), 0, 0).replace(
         "duplicate_window = \"1m\"",
-        "duplicate_window = \"1s\", max_age = \"4s\"",
+        "duplicate_window = \"2s\", max_age = \"4s\"",
     );
     text.push_str(&function_section("fn", &function.url, 4));
-    text.push_str(&trigger_section("main", "fn", ""));
+    // ack_wait shorter than the duplicate window, as validate requires.
+    text.push_str(&trigger_section("main", "fn", "ack_wait = \"1s\""));
     let switchyard = Switchyard::start(text).await;
     let response = post_event(&switchyard.url("/v1/events"), "patient", "t", "x").await;
     assert_eq!(response.status(), 202);
@@ -1121,11 +1122,12 @@ async fn a_hook_delivery_id_is_remembered_past_the_duplicate_window() {
     let function = FunctionServer::start(|_, _| Reply::ok()).await;
     let hooks = "\n[[sources.hooks]]\nname = \"orders\"\nevent_type = \"com.example.order\"\nid_header = \"Idempotency-Key\"\n\n[[sources.hooks]]\nname = \"window\"\nevent_type = \"com.example.order\"\nid_header = \"Idempotency-Key\"\ndedup_horizon = \"0s\"\n";
     let nats = NatsServer::start();
+    // A 2 s window (a trigger's ack_wait must be shorter: 1 s).
     let mut text = base_config(&nats.url(), 0, 0)
-        .replace("duplicate_window = \"1m\"", "duplicate_window = \"1s\"");
+        .replace("duplicate_window = \"1m\"", "duplicate_window = \"2s\"");
     text.push_str(hooks);
     text.push_str(&function_section("fn", &function.url, 8));
-    text.push_str(&trigger_section("main", "fn", ""));
+    text.push_str(&trigger_section("main", "fn", "ack_wait = \"1s\""));
     let switchyard = Switchyard::start(text).await;
     let client = reqwest::Client::new();
     let post = |hook: &str| {
@@ -1144,8 +1146,8 @@ async fn a_hook_delivery_id_is_remembered_past_the_duplicate_window() {
     assert!(!duplicate(post("orders").await.unwrap()).await);
     assert!(!duplicate(post("window").await.unwrap()).await);
     function.wait_for(2, WAIT).await;
-    // Past the 1 s duplicate window (time passing, not waiting for anything).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Past the 2 s duplicate window (time passing, not waiting for anything).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
         duplicate(post("orders").await.unwrap()).await,
         "remembered by the horizon"

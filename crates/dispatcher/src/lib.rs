@@ -1697,10 +1697,25 @@ async fn handle(
                 .publish_events(std::slice::from_ref(&reply))
                 .await
             {
-                Ok(_) => Outcome::Delivered {
-                    reply: Some(reply),
-                    answer: None,
-                },
+                Ok(receipts) => {
+                    if receipts.first().is_some_and(|receipt| receipt.duplicate) {
+                        // The stream already holds an event with this source and id
+                        // (a function reusing ids, or this reply published before a
+                        // crash): not stored again. Counted, not silent.
+                        shared
+                            .metrics
+                            .replies_deduplicated
+                            .get_or_create(&TriggerOnlyLabels {
+                                trigger: trigger.config.name.clone(),
+                            })
+                            .inc();
+                        tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, reply_id = %reply.id, reply_source = %reply.source, "the function's reply has the source and id of an event already stored; not stored again");
+                    }
+                    Outcome::Delivered {
+                        reply: Some(reply),
+                        answer: None,
+                    }
+                }
                 Err(PublishError::Unavailable(error)) => Outcome::RetryLater {
                     not_before: None,
                     failure: Failure::new(

@@ -43,6 +43,7 @@ pub struct DispatcherMetrics {
     pub events_filtered: Family<TriggerLabels, Counter>,
     pub events_in_flight: Family<TriggerLabels, Gauge>,
     pub consumer_lag: Family<TriggerOnlyLabels, Gauge>,
+    pub replies_deduplicated: Family<TriggerOnlyLabels, Counter>,
     pub function_concurrency_limit: Family<FunctionLabels, Gauge>,
     pub invocation_duration_seconds: Family<TriggerLabels, Histogram>,
 }
@@ -58,6 +59,7 @@ impl Default for DispatcherMetrics {
             events_filtered: Family::default(),
             events_in_flight: Family::default(),
             consumer_lag: Family::default(),
+            replies_deduplicated: Family::default(),
             function_concurrency_limit: Family::default(),
             invocation_duration_seconds: Family::new_with_constructor(latency_histogram),
         }
@@ -105,6 +107,11 @@ impl DispatcherMetrics {
             "consumer_lag",
             "events waiting in a trigger's consumer",
             self.consumer_lag.clone(),
+        );
+        registry.register(
+            "replies_deduplicated",
+            "function replies not stored because an event with their source and id was already stored",
+            self.replies_deduplicated.clone(),
         );
         registry.register(
             "function_concurrency_limit",

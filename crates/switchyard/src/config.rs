@@ -606,6 +606,22 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 "must be at least 1".to_owned(),
             );
         }
+        let duplicate_window = config
+            .nats
+            .events_stream
+            .duplicate_window
+            .unwrap_or(Duration::from_secs(120));
+        if trigger.ack_wait >= duplicate_window {
+            check.error(
+                span.clone(),
+                "ack_wait",
+                format!(
+                    "{} is not shorter than the events stream's duplicate_window ({}): after a crash, the retry copy or dead letter a redelivered event publishes again would not be recognised as one already stored; lower ack_wait or raise nats.events_stream.duplicate_window",
+                    humantime::format_duration(trigger.ack_wait),
+                    humantime::format_duration(duplicate_window)
+                ),
+            );
+        }
         if trigger.ack_wait < Duration::from_secs(1) {
             check.error(span.clone(), "ack_wait", "must be at least 1s".to_owned());
         }
