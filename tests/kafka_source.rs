@@ -145,6 +145,17 @@ async fn events_stored(config_text: &str) -> u64 {
 /// The group's committed offset per partition, read with a consumer that does not
 /// join the group.
 fn committed(broker: &KafkaBroker, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    try_committed(broker, group, topic, partitions).expect("reading committed offsets")
+}
+
+/// [`committed`], `None` while the broker cannot answer (its group coordinator is
+/// still loading).
+fn try_committed(
+    broker: &KafkaBroker,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Option<HashMap<i32, i64>> {
     use switchyard_connector_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
     use switchyard_connector_kafka::rdkafka::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
@@ -158,18 +169,20 @@ fn committed(broker: &KafkaBroker, group: &str, topic: &str, partitions: i32) ->
     }
     let offsets = consumer
         .committed_offsets(list, Duration::from_secs(10))
-        .unwrap();
-    offsets
-        .elements()
-        .iter()
-        .map(|element| {
-            let offset = match element.offset() {
-                Offset::Offset(offset) => offset,
-                _ => -1,
-            };
-            (element.partition(), offset)
-        })
-        .collect()
+        .ok()?;
+    Some(
+        offsets
+            .elements()
+            .iter()
+            .map(|element| {
+                let offset = match element.offset() {
+                    Offset::Offset(offset) => offset,
+                    _ => -1,
+                };
+                (element.partition(), offset)
+            })
+            .collect(),
+    )
 }
 
 #[tokio::test]
@@ -775,5 +788,77 @@ function = "fn"
         "{}",
         letters[0].dead_letter.last_error
     );
+    switchyard.stop().await;
+}
+
+/// `start = "latest"`: a new group starts at the end of the topic (records written
+/// before it are not read), and a partition added to the topic later is read from its
+/// first record (records written to it before the group noticed it are not skipped).
+#[tokio::test]
+async fn a_new_group_starts_at_the_end_and_a_new_partition_at_its_start() {
+    let _serial = ONE_BROKER_AT_A_TIME.lock().await;
+    let nats = NatsServer::start();
+    let broker = KafkaBroker::start();
+    let topic = random_name("grow");
+    broker.create_topic(&topic, 1);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let producer = producer(&broker);
+    produce_numbered(&producer, &topic, "before", 0..5).await;
+    let text = config(&nats, &broker, &function, &topic, 0, 0)
+        .replace("start = \"earliest\"", "start = \"latest\"");
+    let switchyard = Switchyard::start(text).await;
+    // The group has started once its start position is committed.
+    let deadline = Instant::now() + WAIT;
+    while try_committed(&broker, "switchyard-orders", &topic, 1)
+        .and_then(|offsets| offsets.get(&0).copied())
+        != Some(5)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new group never committed its start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    produce_numbered(&producer, &topic, "after", 0..5).await;
+    wait_delivered(&function, 5, WAIT).await;
+
+    let (altered, output) = switchyard_testkit::kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &[
+            "--bootstrap-server",
+            &broker.bootstrap(),
+            "--alter",
+            "--topic",
+            &topic,
+            "--partitions",
+            "2",
+        ],
+    );
+    assert!(altered, "adding a partition failed:\n{output}");
+    // A new producer: it reads the topic's metadata afresh, with the new partition.
+    let producer = self::producer(&broker);
+    for number in 0..5 {
+        let payload = format!("new-partition-{number}");
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&topic)
+                    .partition(1)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    wait_delivered(&function, 10, WAIT).await;
+    let (distinct, _) = delivered(&function);
+    assert!(
+        distinct
+            .iter()
+            .all(|payload| !payload.starts_with("before")),
+        "records before the group started were read: {distinct:?}"
+    );
+    for number in 0..5 {
+        assert!(distinct.contains(&format!("new-partition-{number}")));
+    }
     switchyard.stop().await;
 }

@@ -120,6 +120,21 @@ impl KafkaSourceConfig {
             .unwrap_or_else(|| self.event_type.clone())
     }
 
+    /// Whether `topic` is one this source subscribes to.
+    pub fn subscribes_to(&self, topic: &str) -> bool {
+        match &self.topic_pattern {
+            Some(pattern) => {
+                let anchored = if pattern.starts_with('^') {
+                    pattern.clone()
+                } else {
+                    format!("^{pattern}")
+                };
+                regex::Regex::new(&anchored).is_ok_and(|regex| regex.is_match(topic))
+            }
+            None => self.topics.iter().any(|name| name == topic),
+        }
+    }
+
     /// What the consumer subscribes to.
     pub fn subscription(&self) -> Vec<String> {
         match &self.topic_pattern {
@@ -138,13 +153,12 @@ impl KafkaSourceConfig {
         client
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", self.group_id())
-            .set(
-                "auto.offset.reset",
-                match self.start {
-                    StartAt::Latest => "latest",
-                    StartAt::Earliest => "earliest",
-                },
-            )
+            // A partition without a committed offset is one the group never read:
+            // a partition added to a topic later, or a topic that matches the pattern
+            // later. Reading it from its start loses nothing. `start = "latest"` is
+            // applied by committing the end of every partition when the group first
+            // starts (see `start_new_group_at_end`).
+            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false");
         // librdkafka's own read-ahead is the second half of the memory bound: 16 MiB

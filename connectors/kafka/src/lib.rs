@@ -288,6 +288,17 @@ pub async fn run(
         .client_config()
         .create_with_context(context)
         .map_err(|error| format!("source `{}`: creating the consumer: {error}", config.name))?;
+    let consumer = if config.start == config::StartAt::Latest {
+        let for_thread = config.clone();
+        tokio::task::spawn_blocking(move || {
+            start_new_group_at_end(&for_thread, &consumer);
+            consumer
+        })
+        .await
+        .map_err(|error| format!("source `{}`: {error}", config.name))?
+    } else {
+        consumer
+    };
     let topics = config.subscription();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs).map_err(|error| {
@@ -322,6 +333,86 @@ pub async fn run(
     consuming
         .await
         .map_err(|error| format!("source `{}`: consumer thread failed: {error}", config.name))
+}
+
+/// `start = "latest"`: for each subscribed topic on which the group has committed
+/// nothing yet, commits the end of every partition, so the group starts there. Every
+/// other partition without a commit (added to a topic later, or a topic that matches
+/// the pattern later) then starts at its earliest offset, so records written to it
+/// before the group noticed it are read, not skipped. Blocking (broker requests).
+fn start_new_group_at_end(config: &KafkaSourceConfig, consumer: &BaseConsumer<SourceContext>) {
+    let timeout = Duration::from_secs(10);
+    let metadata = match consumer.fetch_metadata(None, timeout) {
+        Ok(metadata) => metadata,
+        Err(error) => {
+            tracing::warn!(source = %config.name, %error, "reading topic metadata failed; a new group may start at the earliest offsets");
+            return;
+        }
+    };
+    for topic in metadata.topics() {
+        if !config.subscribes_to(topic.name()) || topic.partitions().is_empty() {
+            continue;
+        }
+        let mut partitions = TopicPartitionList::new();
+        for partition in topic.partitions() {
+            partitions.add_partition(topic.name(), partition.id());
+        }
+        // The group coordinator may still be loading (a new cluster creates its
+        // offsets topic first): retried for up to 30 s before giving up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let committed = loop {
+            match consumer.committed_offsets(partitions.clone(), timeout) {
+                Ok(committed) => break Some(committed),
+                Err(error) if Instant::now() < deadline => {
+                    tracing::debug!(source = %config.name, topic = topic.name(), %error, "reading committed offsets failed, retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(error) => {
+                    tracing::warn!(source = %config.name, topic = topic.name(), %error, "reading committed offsets failed; the group reads this topic from its earliest offsets");
+                    break None;
+                }
+            }
+        };
+        let Some(committed) = committed else { continue };
+        if committed
+            .elements()
+            .iter()
+            .any(|element| matches!(element.offset(), rdkafka::Offset::Offset(_)))
+        {
+            continue;
+        }
+        let mut ends = TopicPartitionList::new();
+        for partition in topic.partitions() {
+            match consumer.fetch_watermarks(topic.name(), partition.id(), timeout) {
+                Ok((_, high)) => {
+                    let _ = ends.add_partition_offset(
+                        topic.name(),
+                        partition.id(),
+                        rdkafka::Offset::Offset(high),
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(source = %config.name, topic = topic.name(), %error, "reading a partition's end failed");
+                }
+            }
+        }
+        loop {
+            match consumer.commit(&ends, CommitMode::Sync) {
+                Ok(()) => {
+                    tracing::info!(source = %config.name, topic = topic.name(), "new consumer group starts at the end of the topic (start = \"latest\")");
+                    break;
+                }
+                Err(error) if Instant::now() < deadline => {
+                    tracing::debug!(source = %config.name, topic = topic.name(), %error, "committing the start position failed, retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(error) => {
+                    tracing::warn!(source = %config.name, topic = topic.name(), %error, "committing the start position failed; the group reads this topic from its earliest offsets");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// One source's metrics.
