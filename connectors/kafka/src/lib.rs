@@ -335,81 +335,84 @@ pub async fn run(
         .map_err(|error| format!("source `{}`: consumer thread failed: {error}", config.name))
 }
 
-/// `start = "latest"`: for each subscribed topic on which the group has committed
-/// nothing yet, commits the end of every partition, so the group starts there. Every
-/// other partition without a commit (added to a topic later, or a topic that matches
-/// the pattern later) then starts at its earliest offset, so records written to it
-/// before the group noticed it are read, not skipped. Blocking (broker requests).
+/// `start = "latest"` for a group that has never committed anything on the topics it
+/// subscribes to: commits the end of every partition of them, so the group starts
+/// there. Once a group has committed anywhere it is not new, and every partition
+/// without a commit (added to a topic later, or a topic that matches the pattern
+/// later, even while no process ran) starts at its earliest offset
+/// (`auto.offset.reset = earliest`), so records written before the group noticed it
+/// are read, not skipped. Blocking (broker requests); the coordinator of a new cluster
+/// may still be loading, so each request is retried for up to 30 s.
 fn start_new_group_at_end(config: &KafkaSourceConfig, consumer: &BaseConsumer<SourceContext>) {
     let timeout = Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let metadata = match consumer.fetch_metadata(None, timeout) {
         Ok(metadata) => metadata,
         Err(error) => {
-            tracing::warn!(source = %config.name, %error, "reading topic metadata failed; a new group may start at the earliest offsets");
+            tracing::warn!(source = %config.name, %error, "reading topic metadata failed; if this group is new it reads from the earliest offsets");
             return;
         }
     };
+    let mut partitions = TopicPartitionList::new();
     for topic in metadata.topics() {
-        if !config.subscribes_to(topic.name()) || topic.partitions().is_empty() {
-            continue;
-        }
-        let mut partitions = TopicPartitionList::new();
-        for partition in topic.partitions() {
-            partitions.add_partition(topic.name(), partition.id());
-        }
-        // The group coordinator may still be loading (a new cluster creates its
-        // offsets topic first): retried for up to 30 s before giving up.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let committed = loop {
-            match consumer.committed_offsets(partitions.clone(), timeout) {
-                Ok(committed) => break Some(committed),
-                Err(error) if Instant::now() < deadline => {
-                    tracing::debug!(source = %config.name, topic = topic.name(), %error, "reading committed offsets failed, retrying");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(error) => {
-                    tracing::warn!(source = %config.name, topic = topic.name(), %error, "reading committed offsets failed; the group reads this topic from its earliest offsets");
-                    break None;
-                }
-            }
-        };
-        let Some(committed) = committed else { continue };
-        if committed
-            .elements()
-            .iter()
-            .any(|element| matches!(element.offset(), rdkafka::Offset::Offset(_)))
-        {
-            continue;
-        }
-        let mut ends = TopicPartitionList::new();
-        for partition in topic.partitions() {
-            match consumer.fetch_watermarks(topic.name(), partition.id(), timeout) {
-                Ok((_, high)) => {
-                    let _ = ends.add_partition_offset(
-                        topic.name(),
-                        partition.id(),
-                        rdkafka::Offset::Offset(high),
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(source = %config.name, topic = topic.name(), %error, "reading a partition's end failed");
-                }
+        if config.subscribes_to(topic.name()) {
+            for partition in topic.partitions() {
+                partitions.add_partition(topic.name(), partition.id());
             }
         }
-        loop {
-            match consumer.commit(&ends, CommitMode::Sync) {
-                Ok(()) => {
-                    tracing::info!(source = %config.name, topic = topic.name(), "new consumer group starts at the end of the topic (start = \"latest\")");
-                    break;
-                }
-                Err(error) if Instant::now() < deadline => {
-                    tracing::debug!(source = %config.name, topic = topic.name(), %error, "committing the start position failed, retrying");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(error) => {
-                    tracing::warn!(source = %config.name, topic = topic.name(), %error, "committing the start position failed; the group reads this topic from its earliest offsets");
-                    break;
-                }
+    }
+    if partitions.count() == 0 {
+        return;
+    }
+    let committed = loop {
+        match consumer.committed_offsets(partitions.clone(), timeout) {
+            Ok(committed) => break committed,
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(source = %config.name, %error, "reading committed offsets failed, retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(error) => {
+                tracing::warn!(source = %config.name, %error, "reading committed offsets failed; if this group is new it reads from the earliest offsets");
+                return;
+            }
+        }
+    };
+    if committed
+        .elements()
+        .iter()
+        .any(|element| matches!(element.offset(), rdkafka::Offset::Offset(_)))
+    {
+        // Not a new group: `start` no longer applies.
+        return;
+    }
+    let mut ends = TopicPartitionList::new();
+    for element in partitions.elements() {
+        match consumer.fetch_watermarks(element.topic(), element.partition(), timeout) {
+            Ok((_, high)) => {
+                let _ = ends.add_partition_offset(
+                    element.topic(),
+                    element.partition(),
+                    rdkafka::Offset::Offset(high),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(source = %config.name, topic = element.topic(), %error, "reading a partition's end failed; that partition is read from its start");
+            }
+        }
+    }
+    loop {
+        match consumer.commit(&ends, CommitMode::Sync) {
+            Ok(()) => {
+                tracing::info!(source = %config.name, partitions = ends.count(), "new consumer group starts at the end of its topics (start = \"latest\")");
+                return;
+            }
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(source = %config.name, %error, "committing the start position failed, retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(error) => {
+                tracing::warn!(source = %config.name, %error, "committing the start position failed; the new group reads from the earliest offsets");
+                return;
             }
         }
     }
@@ -593,10 +596,9 @@ async fn publish(
             }
             meters.dead_lettered.inc();
         }
-        for (mut event, error) in too_large {
-            // Keep what fits: the attributes and where to find the record.
-            event.data = bytes::Bytes::new();
-            event.extensions.clear();
+        for (event, error) in too_large {
+            // Stored whole when it fits; otherwise the dead letter keeps what fits
+            // and says what it dropped (see DeadLetter::to_message_within).
             if !dead_letter(config, bus, reporter, event, "too_large", error, abandoned).await {
                 return;
             }

@@ -150,10 +150,12 @@ async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancellatio
         }
     }
     let mut messages = futures::stream::select_all(subscriptions);
-    // Publishes are pipelined: up to CORE_IN_FLIGHT messages wait for their PubAck at
-    // once, so a burst is drained from the subscription as fast as the bus takes it
-    // (one at a time, the subscription's buffer would fill and the client drop what
-    // follows; drops are counted in switchyard_nats_messages_dropped_total).
+    // Publishes are pipelined: each message's events are sent in arrival order on the
+    // one connection (so the stream stores them in that order), and up to
+    // CORE_IN_FLIGHT messages wait for their PubAcks at once, so a burst is drained
+    // from the subscription as fast as the bus takes it (one at a time, the
+    // subscription's buffer would fill and the client drop what follows; drops are
+    // counted in switchyard_nats_messages_dropped_total).
     let in_flight = Arc::new(tokio::sync::Semaphore::new(CORE_IN_FLIGHT));
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
@@ -169,10 +171,32 @@ async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancellatio
             .acquire_owned()
             .await
             .expect("never closed");
-        let (config, bus, client) = (config.clone(), bus.clone(), client.clone());
+        let sent = send_core(&config, &bus, &message).await;
+        let (config, client) = (config.clone(), client.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            forward_core(&config, &bus, &client, message).await;
+            let outcome = match sent {
+                Ok((acks, ids)) => {
+                    let mut stored = Ok(ids);
+                    for ack in acks {
+                        if let Err(error) = ack.await {
+                            stored = Err(format!("event bus refused the event: {error}"));
+                        }
+                    }
+                    stored
+                }
+                Err(error) => Err(error),
+            };
+            if let Err(error) = &outcome {
+                tracing::error!(source = %config.name, subject = %message.subject, %error, stage = "publish", "nats message not accepted");
+            }
+            if let Some(reply) = message.reply {
+                let answer = match outcome {
+                    Ok(ids) => format!("ok {ids}"),
+                    Err(error) => format!("error {error}"),
+                };
+                let _ = client.publish(reply, answer.into()).await;
+            }
         });
     }
     // What was received is still published and answered.
@@ -183,44 +207,44 @@ async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancellatio
 /// Messages of the core source awaiting their PubAck at once.
 const CORE_IN_FLIGHT: usize = 512;
 
-/// Persists one core NATS message, then answers its reply subject (if any).
-async fn forward_core(
+/// Sends the events of one core NATS message (in order) and returns their PubAck
+/// futures with the events' ids, or why the message cannot become events.
+async fn send_core(
     config: &NatsSourceConfig,
     bus: &Bus,
-    client: &async_nats::Client,
-    message: async_nats::Message,
-) {
+    message: &async_nats::Message,
+) -> Result<
+    (
+        Vec<switchyard_bus::async_nats::jetstream::context::PublishAckFuture>,
+        String,
+    ),
+    String,
+> {
     let id = uuid::Uuid::now_v7().to_string();
-    let outcome = match normalize_all(
+    let events = normalize_all(
         config,
         message.subject.as_str(),
         message.headers.as_ref(),
         message.payload.clone(),
         id,
-    ) {
-        Ok(events) => {
-            let ids = events
-                .iter()
-                .map(|event| event.id.clone())
-                .collect::<Vec<_>>()
-                .join(" ");
-            bus.publish_all(events)
+    )?;
+    for event in &events {
+        bus.check_event(event).map_err(|error| error.to_string())?;
+    }
+    let mut acks = Vec::with_capacity(events.len());
+    for event in &events {
+        acks.push(
+            bus.send_event(event)
                 .await
-                .map(|_| ids)
-                .map_err(|error| error.to_string())
-        }
-        Err(error) => Err(error),
-    };
-    if let Err(error) = &outcome {
-        tracing::error!(source = %config.name, subject = %message.subject, %error, stage = "publish", "nats message not accepted");
+                .map_err(|error| error.to_string())?,
+        );
     }
-    if let Some(reply) = message.reply {
-        let answer = match outcome {
-            Ok(id) => format!("ok {id}"),
-            Err(error) => format!("error {error}"),
-        };
-        let _ = client.publish(reply, answer.into()).await;
-    }
+    let ids = events
+        .iter()
+        .map(|event| event.id.clone())
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok((acks, ids))
 }
 
 async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: CancellationToken) {

@@ -123,7 +123,19 @@ impl DeadLetter {
     /// body with its `ce-` headers cut short; and if even that is too large, without
     /// its data (`Switchyard-Dlq-Data-Dropped` gives its size).
     pub fn to_message_within(&self, max_payload: usize) -> (HeaderMap, Bytes) {
-        let (headers, payload) = self.to_message();
+        self.to_message_with_id_within(&self.message_id(), max_payload)
+    }
+
+    /// [`DeadLetter::to_message_within`] with `message_id` as its `Nats-Msg-Id` (a
+    /// source's dead letter is identified by its input, not by a stream sequence),
+    /// counted in what must fit.
+    pub fn to_message_with_id_within(
+        &self,
+        message_id: &str,
+        max_payload: usize,
+    ) -> (HeaderMap, Bytes) {
+        let (mut headers, payload) = self.to_message();
+        headers.insert("Nats-Msg-Id", message_id);
         let header_bytes = header_block_bytes(&headers);
         if header_bytes <= MAX_HEADER_BYTES && header_bytes + payload.len() <= max_payload {
             return (headers, payload);
@@ -135,6 +147,7 @@ impl DeadLetter {
         for (name, value) in self.record_headers() {
             headers.insert(name.as_str(), value.as_str());
         }
+        headers.insert("Nats-Msg-Id", message_id);
         headers.insert(HEADER_STORED_AS, "structured");
         let mut body = switchyard_event::to_structured_json(&self.event);
         if header_block_bytes(&headers) + body.len() > max_payload {

@@ -146,6 +146,21 @@ impl StreamSettings {
     }
 }
 
+/// NATS URLs without their credentials (`nats://user:secret@host` -> `nats://***@host`),
+/// for logs and messages.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            (None, Some(at)) => format!("***{}", &url[at..]),
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A failure talking to NATS, with the stage it happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -183,6 +198,9 @@ pub struct Bus {
     /// so concurrent batches can never hold part of the budget each and wait on each
     /// other.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Whether the events stream takes atomic batches (nats-server 2.12+ kept
+    /// `allow_atomic`), as found when the streams were set up.
+    atomic_batches: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Room kept under the server's max payload for the headers a dead letter adds, so an
@@ -239,7 +257,7 @@ impl Bus {
             .connect(config.url.as_str())
             .await
             .map_err(|error| BusError::Connect {
-                url: config.url.clone(),
+                url: redact_url(&config.url),
                 reason: error.to_string(),
             })?;
         let in_flight = config.max_publishes_in_flight.max(1);
@@ -268,6 +286,7 @@ impl Bus {
                 .unwrap_or_else(|| DEFAULT_DEAD_LETTER_STREAM.to_owned()),
             config: config.clone(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
+            atomic_batches: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -335,14 +354,16 @@ impl Bus {
         for config in [events, dead_letters] {
             let name = config.name.clone();
             let replicas = config.num_replicas;
-            self.jetstream
+            let created = self
+                .jetstream
                 .create_or_update_stream(config)
                 .await
                 .map_err(|error| {
                     let text = error.to_string();
-                    // More replicas than the server (or cluster) can place: no retry
-                    // helps until the configuration or the cluster changes.
-                    if text.contains("replicas") || text.contains("insufficient resources") {
+                    // More replicas than the server (or cluster) has: no retry helps
+                    // until the configuration or the cluster changes. (Insufficient
+                    // resources while peers restart is retried like other failures.)
+                    if text.contains("replicas") {
                         let field = if name == self.events_stream {
                             "events_stream"
                         } else {
@@ -353,11 +374,19 @@ impl Bus {
                         ))
                     } else {
                         BusError::StreamSetup {
-                            stream: name,
+                            stream: name.clone(),
                             reason: text,
                         }
                     }
                 })?;
+            if name == self.events_stream {
+                // A server before 2.12 ignores `allow_atomic` (and the batch headers):
+                // only a stream that kept it takes atomic batches.
+                self.atomic_batches.store(
+                    created.config.allow_atomic_publish,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
         }
         Ok(())
     }
@@ -589,13 +618,12 @@ impl Bus {
             received_at: now,
             event_sequence: 0,
         };
-        let (mut headers, payload) = dead_letter.to_message_within(self.max_payload());
-        let id = format!(
+        let id = bounded_message_id(format!(
             "dlq {} {}",
             encode_header_value(&trigger),
             message_id(&dead_letter.event)
-        );
-        headers.insert("Nats-Msg-Id", bounded_message_id(id).as_str());
+        ));
+        let (headers, payload) = dead_letter.to_message_with_id_within(&id, self.max_payload());
         self.store(self.subjects.dead_letter(&trigger), headers, payload)
             .await
             .map(|_| ())
@@ -806,7 +834,17 @@ impl Bus {
                 unique.len()
             )));
         }
-        let stored = match self.publish_atomic_batch(&unique, events).await {
+        let attempt = if self
+            .atomic_batches
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.publish_atomic_batch(&unique, events).await
+        } else {
+            Err(AtomicFailure::Unsupported(
+                "the events stream has no allow_atomic (nats-server before 2.12, or streams not set up by this process)".to_owned(),
+            ))
+        };
+        let stored = match attempt {
             Ok(receipts) => receipts,
             Err(AtomicFailure::Failed(error)) => return Err(error),
             Err(AtomicFailure::Duplicate) => {
@@ -822,7 +860,10 @@ impl Bus {
                     .collect()
             }
             Err(AtomicFailure::Unsupported(reason)) => {
-                tracing::warn!(%reason, stage = "publish", "the events stream takes no atomic batches (nats-server 2.12+ with allow_atomic); a batch is published event by event");
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(%reason, stage = "publish", "the events stream takes no atomic batches (nats-server 2.12+ with allow_atomic); batches are published event by event");
+                });
                 let singles: Vec<Event> = unique
                     .iter()
                     .map(|(index, _)| events[*index].clone())
@@ -907,7 +948,13 @@ impl Bus {
             })??;
         match ack {
             Ok(ack) => {
-                let first = ack.sequence + 1 - messages.len() as u64;
+                let Some(first) = (ack.sequence + 1).checked_sub(messages.len() as u64) else {
+                    return Err(AtomicFailure::Failed(PublishError::Unavailable(format!(
+                        "unexpected acknowledgement of an atomic batch of {}: sequence {}",
+                        messages.len(),
+                        ack.sequence
+                    ))));
+                };
                 Ok(messages
                     .iter()
                     .enumerate()
@@ -1013,5 +1060,18 @@ impl Bus {
             receipts.extend(stored);
         }
         Ok(receipts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_left_out_of_printed_urls() {
+        assert_eq!(
+            redact_url("nats://user:secret@n1:4222,nats://n2:4222,tls://token@n3"),
+            "nats://***@n1:4222,nats://n2:4222,tls://***@n3"
+        );
     }
 }

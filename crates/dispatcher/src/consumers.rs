@@ -110,12 +110,19 @@ pub fn trigger_name_problem(name: &str) -> Option<String> {
 /// `<events stream>_POSITIONS`, so a consumer that disappears (deleted by hand, lost
 /// with a server) is recreated from the event after it instead of from "new" (which
 /// would skip every event stored meanwhile).
+///
+/// A position is kept with the creation time of the stream it belongs to: after the
+/// stream was deleted and created again (a memory stream after a server restart),
+/// sequences start over and an old position means nothing, so it is ignored.
 pub struct Positions {
     store: kv::Store,
+    /// The events stream's creation time (ns since the epoch): which life of the
+    /// stream positions belong to.
+    stream_epoch: i128,
 }
 
 impl Positions {
-    pub async fn open(bus: &Bus) -> Result<Positions, BusError> {
+    pub async fn open(bus: &Bus, stream_epoch: i128) -> Result<Positions, BusError> {
         let store = bus
             .jetstream()
             .create_or_update_key_value(kv::Config {
@@ -127,19 +134,26 @@ impl Positions {
             })
             .await
             .map_err(|error| BusError::operation("open the consumer positions bucket", error))?;
-        Ok(Positions { store })
+        Ok(Positions {
+            store,
+            stream_epoch,
+        })
     }
 
-    /// The recorded ack floor of consumer `name`.
+    /// The recorded ack floor of consumer `name`, if it belongs to this life of the
+    /// stream.
     pub async fn get(&self, name: &str) -> Option<u64> {
         let value = self.store.get(name).await.ok()??;
-        std::str::from_utf8(&value).ok()?.parse().ok()
+        let (epoch, floor) = std::str::from_utf8(&value).ok()?.split_once(' ')?;
+        (epoch.parse::<i128>().ok()? == self.stream_epoch)
+            .then(|| floor.parse().ok())
+            .flatten()
     }
 
     /// Records the ack floor of consumer `name`.
     pub async fn record(&self, name: &str, ack_floor: u64) -> Result<(), String> {
         self.store
-            .put(name, ack_floor.to_string().into())
+            .put(name, format!("{} {ack_floor}", self.stream_epoch).into())
             .await
             .map(|_| ())
             .map_err(|error| error.to_string())
@@ -185,7 +199,8 @@ pub async fn ensure(
             }
         }
         Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
-            if let Some(ack_floor) = positions.get(&name).await {
+            let last = stream.cached_info().state.last_sequence;
+            if let Some(ack_floor) = positions.get(&name).await.filter(|floor| *floor <= last) {
                 tracing::warn!(consumer = %name, ack_floor, "trigger consumer was missing; recreated from the event after its last acknowledged one");
                 config.deliver_policy = DeliverPolicy::ByStartSequence {
                     start_sequence: ack_floor + 1,

@@ -52,13 +52,16 @@ pub struct DeliveryRecord {
 /// The KV bucket of delivery records.
 pub struct DeliveryRecords {
     store: kv::Store,
+    /// The events stream's creation time: records are keyed by it too, so a stream
+    /// created again (sequences start over) never meets an old record.
+    stream_epoch: i128,
 }
 
 /// Tries of a compare-and-set update before giving up.
 const UPDATE_TRIES: usize = 3;
 
 impl DeliveryRecords {
-    pub async fn open(bus: &Bus) -> Result<DeliveryRecords, BusError> {
+    pub async fn open(bus: &Bus, stream_epoch: i128) -> Result<DeliveryRecords, BusError> {
         let store = bus
             .jetstream()
             .create_or_update_key_value(kv::Config {
@@ -71,16 +74,19 @@ impl DeliveryRecords {
             })
             .await
             .map_err(|error| BusError::operation("open the delivery records bucket", error))?;
-        Ok(DeliveryRecords { store })
+        Ok(DeliveryRecords {
+            store,
+            stream_epoch,
+        })
     }
 
-    fn key(trigger: &str, sequence: u64) -> String {
-        format!("{trigger}.{sequence}")
+    fn key(&self, trigger: &str, sequence: u64) -> String {
+        format!("{trigger}.{}.{sequence}", self.stream_epoch)
     }
 
     /// The record of copy `sequence` of `trigger`; empty when none was written.
     pub async fn read(&self, trigger: &str, sequence: u64) -> Result<DeliveryRecord, String> {
-        match self.store.get(Self::key(trigger, sequence)).await {
+        match self.store.get(self.key(trigger, sequence)).await {
             Ok(Some(value)) => serde_json::from_slice(&value).map_err(|error| error.to_string()),
             Ok(None) => Ok(DeliveryRecord::default()),
             Err(error) => Err(error.to_string()),
@@ -96,7 +102,7 @@ impl DeliveryRecords {
         sequence: u64,
         change: impl Fn(&mut DeliveryRecord),
     ) -> Result<(), String> {
-        let key = Self::key(trigger, sequence);
+        let key = self.key(trigger, sequence);
         let mut last_error = String::new();
         for _ in 0..UPDATE_TRIES {
             let entry = self

@@ -385,7 +385,9 @@ impl Dispatcher {
             .get_stream(bus.events_stream())
             .await
             .map_err(|error| BusError::operation("open events stream", error))?;
-        let positions = Arc::new(consumers::Positions::open(&bus).await?);
+        // Which life of the events stream positions and delivery records belong to.
+        let stream_epoch = stream.cached_info().created.unix_timestamp_nanos();
+        let positions = Arc::new(consumers::Positions::open(&bus, stream_epoch).await?);
         let mut slots_by_function: HashMap<String, Arc<FunctionSlots>> = HashMap::new();
         for function in functions.values() {
             if let Some(count) = function.cluster_slots {
@@ -573,7 +575,7 @@ impl Dispatcher {
         Ok(Dispatcher {
             orphaned: Arc::new(orphaned),
             shared: Arc::new(Shared {
-                records: delivery::DeliveryRecords::open(&bus).await?,
+                records: delivery::DeliveryRecords::open(&bus, stream_epoch).await?,
                 bus,
                 metrics,
                 global: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
@@ -1460,13 +1462,17 @@ async fn prepare<'a>(
             let delivered = info.delivered.max(1) as u64;
             // Only a redelivered copy can have a record: the first delivery reads
             // nothing.
+            // Whether earlier deliveries are known: without the record (it could not
+            // be read) none of them is taken for an unfinished one.
+            let mut record_known = true;
             let record = if delivered > 1 {
                 shared
                     .records
                     .read(&trigger.config.name, info.stream_sequence)
                     .await
                     .unwrap_or_else(|error| {
-                        tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "dispatch", "reading the delivery record failed; earlier deliveries count as unfinished");
+                        tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "dispatch", "reading the delivery record failed; attempts may be undercounted");
+                        record_known = false;
                         delivery::DeliveryRecord::default()
                     })
             } else {
@@ -1496,7 +1502,13 @@ async fn prepare<'a>(
                 // Invocations on record (the copy's headers, this copy's delivery
                 // record, in-place retries) plus this one: hand-backs never count.
                 attempt: state.attempts + earlier + 1,
-                unfinished: (delivered - 1).saturating_sub(record.ended),
+                // Ordered triggers hold queued events delivered but not invoked: a
+                // crash ends those deliveries too, so they are not counted there.
+                unfinished: if record_known && in_place.is_none() {
+                    (delivered - 1).saturating_sub(record.ended)
+                } else {
+                    0
+                },
                 pending_dead_letter: record.dead_letter,
                 in_place_attempts,
                 sequence: info.stream_sequence,
@@ -2095,7 +2107,8 @@ impl Handling<'_> {
         headers.insert("Switchyard-Dlq-Function", trigger.function.name.as_str());
         headers.insert(
             "Switchyard-Dlq-Last-Error",
-            switchyard_event::encode_header_value(&failure.error).as_ref(),
+            switchyard_event::encode_header_value(&truncate(&failure.error, MAX_ERROR_BYTES))
+                .as_ref(),
         );
         headers.insert("Switchyard-Dlq-Event-Sequence", sequence.to_string());
         let mut payload = self.message.payload.clone();

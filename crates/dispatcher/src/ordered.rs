@@ -226,8 +226,20 @@ async fn hold_partition(
                         match std::panic::AssertUnwindSafe(invocation).catch_unwind().await {
                             Ok(finished) => finished,
                             Err(_) => {
+                                // Counted as a failed attempt: an event that always
+                                // panics ends in the dead-letter stream.
                                 tracing::error!(trigger = %trigger_name, key = %panicked_key, stage = "dispatch", "an invocation panicked; its event is tried again");
-                                (panicked_key, Settled::RetryIn(PANIC_RETRY), in_place_before)
+                                let mut in_place = in_place_before;
+                                in_place.attempts += 1;
+                                if in_place.first_attempt_at.is_none() {
+                                    in_place.first_attempt_at =
+                                        Some(switchyard_event::timestamp::now_rfc3339());
+                                }
+                                in_place.last_failure = Some(switchyard_event::Failure::new(
+                                    None,
+                                    "the invocation panicked",
+                                ));
+                                (panicked_key, Settled::RetryIn(PANIC_RETRY), in_place)
                             }
                         }
                     }));

@@ -32,6 +32,28 @@ pub struct Entry {
     /// What was stored is not a CloudEvent (reason `malformed`): `dead_letter.event` is
     /// a placeholder carrying the payload, these are the message's headers as stored.
     pub malformed_headers: Option<Vec<(String, String)>>,
+    /// Why the stored event is not whole (its data was dropped, or its attributes cut
+    /// short, to fit the stream): such a dead letter is shown, not replayed.
+    pub incomplete: Option<String>,
+}
+
+/// Why a stored dead letter is not the whole event, if it is not.
+fn incompleteness(
+    headers: Option<&switchyard_bus::async_nats::HeaderMap>,
+    payload: &bytes::Bytes,
+) -> Option<String> {
+    let header = |name: &str| {
+        headers
+            .and_then(|headers| headers.get(name))
+            .map(|value| value.as_str().to_owned())
+    };
+    if let Some(size) = header("Switchyard-Dlq-Data-Dropped") {
+        return Some(format!("its data ({size} bytes) was too large to keep"));
+    }
+    if header("Switchyard-Dlq-Stored-As").as_deref() == Some("structured") && payload.is_empty() {
+        return Some("its attributes were too large and were cut short".to_owned());
+    }
+    None
 }
 
 /// The headers of a stored message, for showing a malformed dead letter.
@@ -59,18 +81,21 @@ fn entry_of(
     payload: bytes::Bytes,
     replays: Option<ReplayRecord>,
 ) -> Entry {
+    let incomplete = incompleteness(headers, &payload);
     match DeadLetter::from_message(headers, payload.clone()) {
         Ok(dead_letter) => Entry {
             sequence,
             dead_letter,
             replays,
             malformed_headers: None,
+            incomplete,
         },
         Err(_) => Entry {
             sequence,
             dead_letter: DeadLetter::malformed_from_message(headers, payload),
             replays,
             malformed_headers: Some(header_pairs(headers)),
+            incomplete,
         },
     }
 }
@@ -199,6 +224,15 @@ pub async fn replay(bus: &Bus, trigger: &str, entries: &[Entry]) -> anyhow::Resu
             entry.dead_letter.reason
         );
     }
+    if let Some((entry, why)) = entries
+        .iter()
+        .find_map(|entry| Some((entry, entry.incomplete.as_ref()?)))
+    {
+        bail!(
+            "dead letter {} is not the whole event ({why}): it cannot be replayed as it was; `dlq show` it and send the event again",
+            entry.sequence
+        );
+    }
     let replays = replays_bucket(bus).await?;
     let now = time::OffsetDateTime::now_utc();
     for entry in entries {
@@ -262,7 +296,11 @@ pub async fn drain(bus: &Bus, trigger: &str) -> anyhow::Result<usize> {
             bus.events_stream()
         );
     }
-    let positions = switchyard_dispatcher::consumers::Positions::open(bus).await?;
+    let positions = switchyard_dispatcher::consumers::Positions::open(
+        bus,
+        stream.cached_info().created.unix_timestamp_nanos(),
+    )
+    .await?;
     let mut drained = 0;
     for name in names {
         let mut consumer: jetstream::consumer::PullConsumer = stream
@@ -409,6 +447,7 @@ pub fn entry_json(entry: &Entry) -> serde_json::Value {
         "received_at": dead_letter.received_at,
         "replays": entry.replays,
         "event": event,
+        "incomplete": entry.incomplete,
         "malformed_headers": entry.malformed_headers.as_ref().map(|headers| {
             headers
                 .iter()

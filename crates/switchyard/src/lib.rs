@@ -282,9 +282,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 HashMap::new();
             for hook in &http.hooks {
                 if let Some(horizon) = hook.dedup_horizon() {
+                    // Names may hold `_` and `-`: the source name's length makes the
+                    // split unambiguous (`a_b`+`c` is `3_a_b_c`, `a`+`b_c` is `1_a_b_c`).
                     let store = switchyard_bus::horizon::KvHorizon::open(
                         &bus,
-                        &format!("{}_{}", http.name, hook.name),
+                        &format!("{}_{}_{}", http.name.len(), http.name, hook.name),
                         horizon,
                     )
                     .await

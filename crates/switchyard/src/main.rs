@@ -150,7 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { ready_file } => {
             let loaded = load(&config)?;
             switchyard::init_logging(&loaded.log);
-            tracing::info!(config = %config.display(), nats = %loaded.nats.url, "starting switchyard");
+            tracing::info!(config = %config.display(), nats = %switchyard_bus::redact_url(&loaded.nats.url), "starting switchyard");
             let running = switchyard::start(loaded).await?;
             if let Some(admin) = running.admin {
                 tracing::info!(%admin, "admin listening (/healthz /readyz /metrics /v1/triggers)");
@@ -189,7 +189,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .await
                 .map_err(|_| {
-                    anyhow::anyhow!("nats at `{}` did not answer within 10 s", loaded.nats.url)
+                    anyhow::anyhow!(
+                        "nats at `{}` did not answer within 10 s",
+                        switchyard_bus::redact_url(&loaded.nats.url)
+                    )
                 })??;
                 let mut problems = bus.stream_conflicts().await?;
                 if let Ok(stream) = bus.jetstream().get_stream(bus.events_stream()).await {
@@ -206,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!(
                         "{}: the configuration is valid, but nats at `{}` cannot apply it:\n{}",
                         config.display(),
-                        loaded.nats.url,
+                        switchyard_bus::redact_url(&loaded.nats.url),
                         problems.join("\n")
                     );
                 }
