@@ -65,6 +65,42 @@ fn an_unknown_field_names_file_line_and_field() {
     );
 }
 
+/// Every parse mistake at once, each at its own field's line, also inside tables
+/// selected by `type` (where the deserializer only knows the table's header).
+#[test]
+fn every_parse_mistake_is_reported_at_its_own_line() {
+    let (ok, output) = validate(
+        r#"
+[[triggers]]
+name = "t"
+function = "f"
+timeout = "5 parsecs"
+
+[[sources]]
+type = "http"
+name = "web"
+listn = "127.0.0.1:8080"
+
+[[functions]]
+type = "http"
+name = "f"
+url = "http://127.0.0.1:9/"
+timeout = "7 fortnights"
+"#,
+    );
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:5:11: field `timeout`: invalid value: string \"5 parsecs\"",
+        "DIR/broken.toml:10:1: field `listn`: unknown field `listn`",
+        "DIR/broken.toml:16:1: field `timeout`: invalid value: string \"7 fortnights\"",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}
+
 #[test]
 fn a_wrong_type_names_file_line_and_field() {
     let (ok, output) = validate(

@@ -379,25 +379,121 @@ pub fn parse(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
     let text = interpolate(file, text, env)?;
-    let config: Config = toml::from_str(&text).map_err(|error| {
-        let (line, column) = error
-            .span()
-            .map_or((0, 0), |span| position(&text, span.start));
-        let field = error.span().and_then(|span| key_at(&text, span.clone()));
-        ConfigErrors(vec![ConfigError {
-            file: file.to_owned(),
-            line,
-            column,
-            field,
-            message: error.message().trim().to_owned(),
-        }])
-    })?;
+    let config: Config =
+        toml::from_str(&text).map_err(|error| ConfigErrors(parse_errors(file, &text, error)))?;
     let errors = validate(file, &text, &config);
     if errors.is_empty() {
         Ok(config)
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Every mistake the TOML deserializer finds, each at its own field's line: serde stops
+/// at the first, and inside tables selected by `type` it points at the table's header.
+/// So the mistake's key is looked up inside the table's span (by name for an unknown
+/// field, by the quoted value for a bad value), reported there, blanked out of a copy
+/// of the text (offsets kept), and the copy parsed again, up to 50 mistakes. A
+/// "missing field" caused by blanking a field is not reported.
+fn parse_errors(file: &Path, text: &str, first: toml::de::Error) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let mut working = text.to_owned();
+    let mut blanked: Vec<String> = Vec::new();
+    let mut error = first;
+    for _ in 0..50 {
+        let message = error.message().trim().to_owned();
+        if let Some(missing) = backticked_after(&message, "missing field ")
+            && blanked.contains(&missing)
+        {
+            break;
+        }
+        let span = error.span();
+        let key_line = span.clone().and_then(|span| {
+            mistaken_key_line(&working, span.clone(), &message).or_else(|| {
+                // A precise span (the value itself): its own line's key.
+                let key = key_at(&working, span.clone())?;
+                let line_start = working[..span.start.min(working.len())]
+                    .rfind('\n')
+                    .map_or(0, |newline| newline + 1);
+                let indent = working[line_start..].len() - working[line_start..].trim_start().len();
+                Some((line_start + indent, key))
+            })
+        });
+        // The value's own position when the span is that precise, else the key's line.
+        let (offset, field) = match (&key_line, span) {
+            (Some((start, key)), Some(span)) if span.start >= *start => {
+                (span.start, Some(key.clone()))
+            }
+            (Some((start, key)), _) => (*start, Some(key.clone())),
+            (None, Some(span)) => (span.start, key_at(&working, span)),
+            (None, None) => (0, None),
+        };
+        let (line, column) = position(&working, offset);
+        errors.push(ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            field,
+            message,
+        });
+        let Some((start, key)) = key_line else { break };
+        let end = working[start..]
+            .find('\n')
+            .map_or(working.len(), |newline| start + newline);
+        let blank: String = working[start..end]
+            .chars()
+            .map(|character| if character.is_ascii() { ' ' } else { character })
+            .collect();
+        if blank.len() != end - start {
+            break;
+        }
+        working.replace_range(start..end, &blank);
+        blanked.push(key);
+        match toml::from_str::<Config>(&working) {
+            Ok(_) => break,
+            Err(next) => error = next,
+        }
+    }
+    errors
+}
+
+/// The first `` `name` `` after `prefix` in `message`.
+fn backticked_after(message: &str, prefix: &str) -> Option<String> {
+    let rest = &message[message.find(prefix)? + prefix.len()..];
+    let rest = rest.strip_prefix('`')?;
+    Some(rest[..rest.find('`')?].to_owned())
+}
+
+/// The `key = value` line inside `span` that a deserializer `message` is about: the
+/// unknown field it names, or the line holding the quoted value it quotes. Returns the
+/// line's start offset and key.
+fn mistaken_key_line(text: &str, span: Range<usize>, message: &str) -> Option<(usize, String)> {
+    let end = span.end.min(text.len());
+    let start = span.start.min(end);
+    let wanted_key = backticked_after(message, "unknown field ");
+    let wanted_value = message
+        .split('"')
+        .nth(1)
+        .filter(|value| !value.is_empty())
+        .map(str::to_owned);
+    let mut offset = start;
+    for line in text[start..end].split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if let Some((key, value)) = trimmed.split_once('=') {
+            let key = key.trim().trim_matches('"');
+            let matches = match (&wanted_key, &wanted_value) {
+                (Some(wanted), _) => key == wanted,
+                (None, Some(value_text)) => value.contains(value_text.as_str()),
+                (None, None) => false,
+            };
+            if matches && !key.is_empty() && !key.starts_with('[') {
+                return Some((offset + indent, key.to_owned()));
+            }
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// The key of the `key = value` line an error span starts on, if any.
