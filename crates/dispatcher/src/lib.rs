@@ -11,8 +11,16 @@
 //! every event is acknowledged only after its function accepted it, after its retry
 //! copy was stored, or after its dead letter was stored; nothing pending lives only in
 //! this process's memory.
+//!
+//! Where things are: `config` (trigger and dispatcher settings), `consumers` (consumer
+//! names, creating them without losing position, orphans), `permits` (what an
+//! invocation holds), `pulling` (the pull protocol), `delivery` (attempt accounting
+//! across deliveries), `retries` (the retry consumer), `batch` and `ordered` (the two
+//! other delivery modes), and here: the `Dispatcher` itself, preparing, invoking and
+//! settling one delivery.
 
 pub mod batch;
+pub mod config;
 pub mod consumers;
 pub mod delivery;
 pub mod filter;
@@ -20,6 +28,9 @@ pub mod limit;
 pub mod members;
 pub mod metrics;
 pub mod ordered;
+mod permits;
+mod pulling;
+mod retries;
 pub mod retry;
 pub mod slots;
 
@@ -28,205 +39,39 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use switchyard_bus::async_nats::HeaderMap;
 use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
-use switchyard_bus::async_nats::{HeaderMap, StatusCode};
 use switchyard_bus::dead_letter::{
     DeadLetter, REASON_ATTEMPTS_EXHAUSTED, REASON_MALFORMED, REASON_MAX_AGE_EXCEEDED,
     REASON_REJECTED, REASON_UNPROCESSABLE,
 };
 use switchyard_bus::{Bus, BusError, RetryState, event_from_message, event_headers};
 use switchyard_event::timestamp::{now_rfc3339, parse_rfc3339, rfc3339};
-use switchyard_event::{
-    Destination, Enricher, Event, Failure, FunctionAnswer, Outcome, PublishError, Target,
-};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use switchyard_event::{Event, Failure, FunctionAnswer, Outcome, PublishError, Target};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use batch::BatchSettings;
+pub use config::{
+    DestinationConfig, Destinations, DispatcherConfig, EnrichConfig, OrderingMode, StartPosition,
+    TriggerConfig,
+};
 pub use consumers::ConsumerRole;
 pub use filter::{Filter, Matcher};
 pub use limit::{AdaptiveLimit, AdaptivePermit};
 pub use metrics::DispatcherMetrics;
+use permits::{Permits, acquire_permits, acquire_shared_permits};
+use pulling::pull_loop;
+use retries::retry_loop;
 pub use retry::{BackoffKind, RetryPolicy};
 pub use slots::FunctionSlots;
-use slots::SlotPermit;
 
 use metrics::{DeadLetterLabels, FunctionLabels, TriggerLabels, TriggerOnlyLabels};
-
-/// Process-wide dispatcher settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DispatcherConfig {
-    /// Invocations in flight at once in this process, over every trigger.
-    #[serde(default = "default_global_concurrency")]
-    pub max_concurrency: usize,
-    /// On SIGTERM/SIGINT, how long in-flight invocations may run before they are
-    /// abandoned and their events handed back to JetStream.
-    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-}
-
-impl Default for DispatcherConfig {
-    fn default() -> Self {
-        DispatcherConfig {
-            max_concurrency: default_global_concurrency(),
-            shutdown_grace: default_shutdown_grace(),
-        }
-    }
-}
-
-fn default_global_concurrency() -> usize {
-    1024
-}
-fn default_shutdown_grace() -> Duration {
-    Duration::from_secs(30)
-}
-
-/// Where a new trigger starts reading the events stream.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum StartPosition {
-    /// Events stored after the trigger was first created.
-    #[default]
-    New,
-    /// Every event the stream still holds.
-    All,
-}
-
-/// A trigger: events matching `filter` go to `function`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TriggerConfig {
-    /// Unique name (letters, digits, `-`, `_`); names the durable consumer.
-    pub name: String,
-    /// The function events are delivered to.
-    pub function: String,
-    /// Which events this trigger takes; all of them when absent.
-    #[serde(default)]
-    pub filter: Filter,
-    /// Invocations in flight at once for this trigger, across every dispatcher
-    /// process.
-    #[serde(default = "default_trigger_concurrency")]
-    pub max_concurrency: usize,
-    #[serde(default)]
-    pub retry: RetryPolicy,
-    /// Per-invocation timeout; the function's timeout when absent.
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    /// How long JetStream waits for an outcome before redelivering (a crashed
-    /// dispatcher's events come back after this). Long invocations send progress
-    /// every third of it.
-    #[serde(default = "default_ack_wait", with = "humantime_serde")]
-    pub ack_wait: Duration,
-    /// Publish a CloudEvent the function answers with back onto the bus.
-    #[serde(default)]
-    pub publish_replies: bool,
-    #[serde(default)]
-    pub start: StartPosition,
-    /// `key`: events sharing a `partitionkey` are delivered one at a time, in order.
-    #[serde(default)]
-    pub ordering: OrderingMode,
-    /// With `ordering = "key"`: how many parts the key space is split into, each
-    /// delivered by one dispatcher process at a time (1 to 64).
-    #[serde(default = "default_partitions")]
-    pub partitions: u32,
-    /// Deliver events in batches, one invocation per batch.
-    #[serde(default)]
-    pub batch: Option<BatchSettings>,
-    /// Where the function's results are also published.
-    #[serde(default)]
-    pub on_success: Option<DestinationConfig>,
-    /// Where dead letters are also published (beside the dead-letter stream).
-    #[serde(default)]
-    pub on_failure: Option<DestinationConfig>,
-    /// Object events (from the S3 connector) get what is asked here from the object
-    /// store just before the function sees them.
-    #[serde(default)]
-    pub enrich: Option<EnrichConfig>,
-}
-
-/// What a trigger adds to object events before its function sees them; see the S3
-/// connector's `enrich` module. Nothing is stored: a retry enriches afresh (a new
-/// presigned URL, the object's current metadata).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct EnrichConfig {
-    /// The `[stores.<name>]` the objects are in.
-    pub store: String,
-    /// Only objects in these buckets are enriched (any when empty): the bucket and key
-    /// come from the event, so this bounds what an event's sender can make
-    /// Switchyard read with the store's credentials.
-    #[serde(default)]
-    pub buckets: Vec<String>,
-    /// A presigned GET URL valid this long, in the `s3url` extension.
-    #[serde(default, with = "humantime_serde")]
-    pub presign: Option<Duration>,
-    /// The object's content type, user metadata and last-modified time (HeadObject),
-    /// in the data's `object` member.
-    #[serde(default)]
-    pub metadata: bool,
-    /// The object's tags, in the data's `object.tags`.
-    #[serde(default)]
-    pub tags: bool,
-    /// Objects up to this many bytes are read and put inline, base64, in the data's
-    /// `object.content`.
-    #[serde(default)]
-    pub content_max_bytes: Option<u64>,
-}
-
-/// A NATS subject or a Kafka topic that results or dead letters are published to.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum DestinationConfig {
-    Nats {
-        subject: String,
-    },
-    Kafka {
-        brokers: String,
-        topic: String,
-        /// librdkafka producer properties passed through.
-        #[serde(default)]
-        properties: std::collections::BTreeMap<String, switchyard_event::PropertyValue>,
-    },
-}
-
-/// What a trigger is attached to besides its function, built by the caller: its
-/// destinations (from its [`DestinationConfig`]s) and its enricher (from `enrich`).
-#[derive(Clone, Default)]
-pub struct Destinations {
-    pub on_success: Option<Arc<dyn Destination>>,
-    pub on_failure: Option<Arc<dyn Destination>>,
-    /// Adds to each event before the function sees it (`enrich`).
-    pub enricher: Option<Arc<dyn Enricher>>,
-}
-
-/// Whether a trigger keeps events in order.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OrderingMode {
-    /// Events are delivered in parallel, retries wait aside.
-    #[default]
-    None,
-    /// Per `partitionkey`: one at a time, in arrival order; retries hold the key.
-    Key,
-}
-
-fn default_partitions() -> u32 {
-    8
-}
-
-fn default_trigger_concurrency() -> usize {
-    16
-}
-fn default_ack_wait() -> Duration {
-    Duration::from_secs(30)
-}
 
 /// A function the dispatcher can invoke.
 pub struct FunctionRuntime {
@@ -705,90 +550,6 @@ impl Dispatcher {
     }
 }
 
-/// The permits one invocation holds; released on drop.
-struct Permits {
-    /// Taken before the pull, except by the direct consumer, which takes it once its
-    /// event arrived.
-    trigger: Option<OwnedSemaphorePermit>,
-    /// Taken before the pull, except for an idle trigger's single waiting pull, which
-    /// takes them once its event arrived (see [`pull_loop`]).
-    shared: Option<SharedPermits>,
-}
-
-/// The permits an invocation shares with other triggers: its function's (adaptive,
-/// and a cluster slot) and the process's.
-struct SharedPermits {
-    _function: AdaptivePermit,
-    _slot: Option<SlotPermit>,
-    _global: OwnedSemaphorePermit,
-}
-
-async fn acquire_shared_permits(trigger: &TriggerRuntime, shared: &Shared) -> SharedPermits {
-    // The cluster slot last, so it is never held while waiting for a local permit.
-    let function_permit = trigger.function.limit.acquire().await;
-    let global_permit = shared
-        .global
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("never closed");
-    let slot = match &trigger.slots {
-        Some(slots) => Some(slots.acquire().await),
-        None => None,
-    };
-    SharedPermits {
-        _function: function_permit,
-        _slot: slot,
-        _global: global_permit,
-    }
-}
-
-async fn acquire_permits(trigger: &TriggerRuntime, shared: &Shared, with_shared: bool) -> Permits {
-    let trigger_permit = trigger
-        .permits
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("never closed");
-    let shared = if with_shared {
-        Some(acquire_shared_permits(trigger, shared).await)
-    } else {
-        None
-    };
-    Permits {
-        trigger: Some(trigger_permit),
-        shared,
-    }
-}
-
-fn try_acquire_permits(
-    trigger: &TriggerRuntime,
-    shared: &Shared,
-    with_shared: bool,
-) -> Option<Permits> {
-    let trigger_permit = trigger.permits.clone().try_acquire_owned().ok()?;
-    if !with_shared {
-        return Some(Permits {
-            trigger: Some(trigger_permit),
-            shared: None,
-        });
-    }
-    let function_permit = trigger.function.limit.try_acquire()?;
-    let global_permit = shared.global.clone().try_acquire_owned().ok()?;
-    let slot = match &trigger.slots {
-        Some(slots) => Some(slots.try_acquire()?),
-        None => None,
-    };
-    Some(Permits {
-        trigger: Some(trigger_permit),
-        shared: Some(SharedPermits {
-            _function: function_permit,
-            _slot: slot,
-            _global: global_permit,
-        }),
-    })
-}
-
 /// Sleeps for a backoff that grows with consecutive failures; false if shut down.
 async fn pause_after_failure(failures: u32, shutdown: &CancellationToken) -> bool {
     let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
@@ -831,26 +592,6 @@ async fn open_consumer(
     }
 }
 
-/// The one pull request a trigger has waiting on the server, with the permits of the
-/// events it may still bring. One at a time keeps the accounting exact: events carry
-/// no trace of the request they answer (only the request's end does, on its own reply
-/// subject), so with several requests in flight a lost or late end could not be told
-/// apart from another request's events.
-struct PullRequest {
-    id: u64,
-    permits: Vec<Permits>,
-    /// After this, the request has certainly ended on the server, answered or not.
-    give_up_at: tokio::time::Instant,
-}
-
-/// How long after a request's expiry its end may still be reported.
-const PULL_SLACK: Duration = Duration::from_secs(2);
-
-/// The id of the pull request a status answers: the last token of its subject.
-fn request_id(subject: &str) -> Option<u64> {
-    subject.rsplit('.').next()?.parse().ok()
-}
-
 /// After consecutive failures: waits a growing pause and, from the third failure on,
 /// creates the consumer again (it may have been deleted or lost with a server; creating
 /// it is idempotent). False when shut down meanwhile.
@@ -871,341 +612,6 @@ async fn recover(
         }
     }
     true
-}
-
-/// The pull loop of a trigger: one subscription for its whole life, and pull requests
-/// sized to the permits taken, so an event is asked for only when it can start at
-/// once. (async-nats' `batch()` opens a subscription per request, which costs more
-/// than the event itself under load.)
-async fn pull_loop(
-    trigger: Arc<TriggerRuntime>,
-    shared: Arc<Shared>,
-    consumer_config: pull::Config,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    abandon: CancellationToken,
-) {
-    // The direct consumer (due retries, replays) holds no permit while it waits: its
-    // events take theirs once they arrive, so it never sits on permits the main
-    // consumer could use. It asks for twice what it has in flight, plus one.
-    let direct = consumer_config.filter_subject == trigger.direct_subject;
-    let own_in_flight = Arc::new(AtomicI64::new(0));
-    let client = shared.bus.client().clone();
-    let context = shared.bus.jetstream().clone();
-    let Some(mut consumer) = open_consumer(&trigger, &consumer_config, &shutdown).await else {
-        return;
-    };
-    let inbox = client.new_inbox();
-    let mut subscription = loop {
-        match client.subscribe(format!("{inbox}.*")).await {
-            Ok(subscription) => break subscription,
-            Err(error) => {
-                log_failure(&trigger, 1, "subscribe", &error);
-                if !pause_after_failure(10, &shutdown).await {
-                    return;
-                }
-            }
-        }
-    };
-    let max = trigger.config.max_concurrency.max(1);
-    let mut current: Option<PullRequest> = None;
-    let mut next_id: u64 = 0;
-    let mut unrequested: Vec<Permits> = Vec::new();
-    let mut failures: u32 = 0;
-    // An event no permit waits for goes back unattempted, recorded as such, off the
-    // loop's path.
-    let hand_back_late = |message: switchyard_bus::async_nats::Message| {
-        let message = jetstream::Message {
-            message,
-            context: context.clone(),
-        };
-        let (trigger, shared) = (trigger.clone(), shared.clone());
-        tracker.spawn(async move { hand_back(&trigger, &shared, &message, None).await });
-    };
-    loop {
-        if failures > 0 {
-            // Whatever was asked for is in doubt: forget it (late events are handed
-            // back when no permit waits for them).
-            current = None;
-            unrequested.clear();
-            let config = &consumer_config;
-            if !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
-                break;
-            }
-            failures = 0;
-        }
-        if current
-            .as_ref()
-            .is_some_and(|request| request.give_up_at <= tokio::time::Instant::now())
-        {
-            // Its end was never reported (lost while disconnected): stop counting on it.
-            current = None;
-        }
-        let outstanding = current.as_ref().map_or(0, |request| request.permits.len());
-        // An idle trigger waits for its next event holding only its own permit, so
-        // idle triggers do not sit on the function's and the process's shared budget;
-        // that one event takes its shared permits when it arrives (at most one event
-        // per trigger waits so, with progress acks). Once events flow, every pull is
-        // covered by all permits beforehand.
-        let own = own_in_flight.load(Ordering::Relaxed).max(0) as usize;
-        let idle = own == 0 && outstanding == 0;
-        let wanted = match (idle, direct) {
-            (true, _) => 1,
-            (false, true) => (2 * own + 1).min(max),
-            (false, false) => max,
-        };
-        while outstanding + unrequested.len() < wanted {
-            if direct {
-                unrequested.push(Permits {
-                    trigger: None,
-                    shared: None,
-                });
-                continue;
-            }
-            match try_acquire_permits(&trigger, &shared, !idle) {
-                Some(permits) => unrequested.push(permits),
-                None => break,
-            }
-        }
-        if current.is_none() && !unrequested.is_empty() {
-            next_id += 1;
-            let request = pull::BatchConfig {
-                batch: unrequested.len(),
-                expires: Some(PULL_EXPIRES),
-                ..Default::default()
-            };
-            let reply = format!("{inbox}.{next_id}");
-            if let Err(error) = consumer.request_batch(request, reply.into()).await {
-                failures += 1;
-                log_failure(&trigger, failures, "pull", &error);
-                continue;
-            }
-            current = Some(PullRequest {
-                id: next_id,
-                permits: std::mem::take(&mut unrequested),
-                give_up_at: tokio::time::Instant::now() + PULL_EXPIRES + PULL_SLACK,
-            });
-        }
-        let outstanding = current.as_ref().map_or(0, |request| request.permits.len());
-        let can_take_more = !direct && outstanding + unrequested.len() < wanted;
-        let give_up = current.as_ref().map(|request| request.give_up_at);
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            message = subscription.next() => {
-                let Some(message) = message else {
-                    failures += 1;
-                    log_failure(&trigger, failures, "receive", &"subscription closed");
-                    match client.subscribe(format!("{inbox}.*")).await {
-                        Ok(renewed) => subscription = renewed,
-                        Err(error) => log_failure(&trigger, failures, "subscribe", &error),
-                    }
-                    continue;
-                };
-                match message.status {
-                    None | Some(StatusCode::OK) => {
-                        let permits = current.as_mut().and_then(|request| request.permits.pop());
-                        if current.as_ref().is_some_and(|request| request.permits.is_empty()) {
-                            // Fulfilled: the server sends nothing more for it.
-                            current = None;
-                        }
-                        match permits {
-                            Some(permits) => {
-                                own_in_flight.fetch_add(1, Ordering::Relaxed);
-                                let own_in_flight = own_in_flight.clone();
-                                let handling = handle_message(
-                                    trigger.clone(),
-                                    shared.clone(),
-                                    jetstream::Message { message, context: context.clone() },
-                                    permits,
-                                    shutdown.clone(),
-                                    abandon.clone(),
-                                );
-                                tracker.spawn(async move {
-                                    handling.await;
-                                    own_in_flight.fetch_sub(1, Ordering::Relaxed);
-                                });
-                            }
-                            // An event of a request already given up on: hand it
-                            // back for another pull.
-                            None => hand_back_late(message),
-                        }
-                    }
-                    Some(StatusCode::IDLE_HEARTBEAT) => {}
-                    status => {
-                        // The request ended (expired, or terminated by the server):
-                        // its remaining permits come back. An end of an older request
-                        // is ignored.
-                        let id = request_id(message.subject.as_str());
-                        if current.as_ref().is_some_and(|request| Some(request.id) == id) {
-                            current = None;
-                        }
-                        let accounted = matches!(status, Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED))
-                            && message
-                                .headers
-                                .as_ref()
-                                .is_some_and(|headers| headers.get("Nats-Pending-Messages").is_some());
-                        if !accounted {
-                            // No responders, a deleted consumer, a leader change.
-                            failures += 1;
-                            let description = message.description.clone().unwrap_or_default();
-                            log_failure(&trigger, failures, "pull", &format!("status {status:?}: {description}"));
-                        }
-                    }
-                }
-            }
-            permits = acquire_permits(&trigger, &shared, !idle), if can_take_more => {
-                unrequested.push(permits);
-            }
-            () = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => {
-                // The loop's top forgets the request.
-            }
-            () = trigger.permit_wanted.notified(), if !direct => {
-                // A due retry or replay waits: give it a permit held for a pull (an
-                // event that pull still brings without a permit is handed back).
-                if unrequested.pop().is_none()
-                    && let Some(request) = current.as_mut()
-                {
-                    drop(request.permits.pop());
-                }
-            }
-        }
-    }
-    // Events the server still sends for the request in flight are handed back at once
-    // rather than left to wait out their ack wait.
-    drop(unrequested);
-    let drain = async {
-        while current
-            .as_ref()
-            .is_some_and(|request| !request.permits.is_empty())
-        {
-            let Some(message) = subscription.next().await else {
-                break;
-            };
-            match message.status {
-                None | Some(StatusCode::OK) => {
-                    if let Some(request) = current.as_mut() {
-                        drop(request.permits.pop());
-                    }
-                    hand_back_late(message);
-                }
-                Some(StatusCode::IDLE_HEARTBEAT) => {}
-                _ => current = None,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(PULL_EXPIRES + Duration::from_millis(500), drain).await;
-    let _ = subscription.unsubscribe().await;
-}
-
-/// Holds a trigger's failed events until their retry is due, then sends each to the
-/// trigger's direct subject. The wait is a NAK with delay on this consumer, so it
-/// survives restarts and never occupies the trigger's own consumer.
-async fn retry_loop(
-    trigger: Arc<TriggerRuntime>,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    let Some(mut consumer) =
-        open_consumer(&trigger, &trigger.retry_consumer_config, &shutdown).await
-    else {
-        return;
-    };
-    let forwarding = Arc::new(Semaphore::new(256));
-    let mut failures: u32 = 0;
-    'pulling: loop {
-        if failures > 0 {
-            let config = &trigger.retry_consumer_config;
-            if !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
-                break;
-            }
-        }
-        let request = consumer
-            .batch()
-            .max_messages(256)
-            .expires(PULL_EXPIRES)
-            .messages();
-        let mut batch = tokio::select! {
-            batch = request => match batch {
-                Ok(batch) => {
-                    failures = 0;
-                    batch
-                }
-                Err(error) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "pull retries", &error);
-                    continue 'pulling;
-                }
-            },
-            () = shutdown.cancelled() => break 'pulling,
-        };
-        loop {
-            let next = tokio::select! {
-                next = batch.next() => next,
-                () = shutdown.cancelled() => break 'pulling,
-            };
-            let message = match next {
-                None => break,
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "receive retries", &error);
-                    break;
-                }
-            };
-            failures = 0;
-            let state = RetryState::from_headers(message.headers.as_ref());
-            let now_ms =
-                (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-            let due_in = state.retry_at_unix_ms.unwrap_or(0) - now_ms;
-            if due_in > 2 {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_millis(due_in as u64))))
-                    .await;
-                continue;
-            }
-            let permit = forwarding
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("never closed");
-            let shared = shared.clone();
-            let trigger = trigger.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                forward_due_retry(&trigger, &shared, message).await;
-            });
-        }
-    }
-}
-
-async fn forward_due_retry(trigger: &TriggerRuntime, shared: &Shared, message: jetstream::Message) {
-    let sequence = message
-        .info()
-        .map(|info| info.stream_sequence)
-        .unwrap_or_default();
-    let mut headers = message.headers.clone().unwrap_or_default();
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("due {} {sequence}", trigger.config.name),
-    );
-    let subject = trigger.direct_subject.clone();
-    let stored = shared
-        .bus
-        .store(subject, headers, message.payload.clone())
-        .await
-        .map(|_| ());
-    match stored {
-        Ok(()) => {
-            let _ = message.ack().await;
-        }
-        Err(error) => {
-            tracing::warn!(trigger = %trigger.config.name, %error, stage = "retry", "sending a due retry failed, trying again shortly");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
-    }
 }
 
 /// Every 5 seconds: the trigger's lag and waiting retries (for `/v1/triggers` and
