@@ -3,25 +3,13 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn switchyard(config: &Path, arguments: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(arguments)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), text)
-}
+use common::run_cli as switchyard;
 
 #[tokio::test]
 async fn send_and_dead_letter_commands_work_against_a_live_bus() {

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -79,19 +78,7 @@ async fn a_missing_consumer_is_recreated_from_its_last_acknowledged_position() {
     switchyard.stop().await;
 }
 
-fn cli(config: &Path, arguments: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(arguments)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).to_string()
-            + &String::from_utf8_lossy(&output.stderr),
-    )
-}
+use common::run_cli as cli;
 
 /// A trigger removed from the configuration while events wait for it: reported at
 /// start (log and `/v1/triggers`), and `dlq drain` moves them into its dead letters
@@ -197,30 +184,8 @@ async fn a_changed_start_is_refused_with_what_to_do() {
         "name = \"main\"\nfunction = \"fn\"\nstart = \"all\"\n",
     );
     assert_ne!(changed, text);
-    let directory = tempfile::tempdir().unwrap();
-    let path = directory.path().join("switchyard.toml");
-    std::fs::write(&path, &changed).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("switchyard did not exit on a changed start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    let (ok, stderr) = run_until_exit(&changed).await;
+    assert!(!ok);
     assert!(
         stderr.contains("switchyard-main")
             && stderr.contains("start = \"all\"")

@@ -158,6 +158,22 @@ impl Drop for Process {
     }
 }
 
+/// Runs `switchyard <arguments> --config <config>`; returns success and its output
+/// (stdout, then stderr).
+pub fn run_cli(config: &Path, arguments: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(arguments)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
 pub fn write_config(directory: &Path, text: &str) -> PathBuf {
     let path = directory.join("switchyard.toml");
     std::fs::write(&path, text).unwrap();

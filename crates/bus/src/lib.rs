@@ -847,23 +847,14 @@ impl Bus {
         let stored = match attempt {
             Ok(receipts) => receipts,
             Err(AtomicFailure::Failed(error)) => return Err(error),
-            Err(AtomicFailure::Duplicate) => {
-                let singles: Vec<Event> = unique
-                    .iter()
-                    .map(|(index, _)| events[*index].clone())
-                    .collect();
-                self.publish_events(&singles)
-                    .await?
-                    .into_iter()
-                    .zip(unique.iter().map(|(index, _)| *index))
-                    .map(|(receipt, index)| (index, receipt))
-                    .collect()
-            }
-            Err(AtomicFailure::Unsupported(reason)) => {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    tracing::warn!(%reason, stage = "publish", "the events stream takes no atomic batches (nats-server 2.12+ with allow_atomic); batches are published event by event");
-                });
+            // Stored one by one: duplicates reported, the rest stored.
+            Err(failure @ (AtomicFailure::Duplicate | AtomicFailure::Unsupported(_))) => {
+                if let AtomicFailure::Unsupported(reason) = failure {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(%reason, stage = "publish", "the events stream takes no atomic batches (nats-server 2.12+ with allow_atomic); batches are published event by event");
+                    });
+                }
                 let singles: Vec<Event> = unique
                     .iter()
                     .map(|(index, _)| events[*index].clone())

@@ -16,6 +16,44 @@ use switchyard_event::{Event, Outcome, Target};
 use switchyard_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
+/// A dispatcher with one ordered trigger (one partition) on function `f` = `target`.
+async fn ordered_dispatcher(bus: &Bus, target: Arc<dyn Target>) -> Dispatcher {
+    let function = Arc::new(FunctionRuntime {
+        name: "f".to_owned(),
+        target,
+        timeout: Duration::from_secs(5),
+        limit: AdaptiveLimit::new(4),
+        cluster_slots: None,
+    });
+    let trigger: TriggerConfig = toml::from_str(
+        "name = \"ordered\"\nfunction = \"f\"\nordering = \"key\"\npartitions = 1\n",
+    )
+    .unwrap();
+    Dispatcher::new(
+        bus.clone(),
+        DispatcherConfig::default(),
+        vec![trigger],
+        HashMap::from([("f".to_owned(), function)]),
+        HashMap::new(),
+        DispatcherMetrics::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Events `k-1`, `k-2`, `k-3` of one partition key.
+fn keyed_events() -> Vec<Event> {
+    (1..=3)
+        .map(|index| {
+            let mut event = Event::new(format!("k-{index}"), "/tests", "com.example.t");
+            event
+                .extensions
+                .insert("partitionkey".to_owned(), "k".to_owned());
+            event
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct PanicsOnce {
     calls: Mutex<Vec<String>>,
@@ -45,38 +83,10 @@ async fn a_panicked_invocation_releases_its_key() {
     let bus = Bus::connect(&config).await.unwrap();
     bus.ensure_streams().await.unwrap();
     let target = Arc::new(PanicsOnce::default());
-    let function = Arc::new(FunctionRuntime {
-        name: "f".to_owned(),
-        target: target.clone(),
-        timeout: Duration::from_secs(5),
-        limit: AdaptiveLimit::new(4),
-        cluster_slots: None,
-    });
-    let trigger: TriggerConfig = toml::from_str(
-        "name = \"ordered\"\nfunction = \"f\"\nordering = \"key\"\npartitions = 1\n",
-    )
-    .unwrap();
-    let dispatcher = Dispatcher::new(
-        bus.clone(),
-        DispatcherConfig::default(),
-        vec![trigger],
-        HashMap::from([("f".to_owned(), function)]),
-        HashMap::new(),
-        DispatcherMetrics::default(),
-    )
-    .await
-    .unwrap();
+    let dispatcher = ordered_dispatcher(&bus, target.clone()).await;
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(dispatcher.run(shutdown.clone()));
-    let events: Vec<Event> = (1..=3)
-        .map(|index| {
-            let mut event = Event::new(format!("k-{index}"), "/tests", "com.example.t");
-            event
-                .extensions
-                .insert("partitionkey".to_owned(), "k".to_owned());
-            event
-        })
-        .collect();
+    let events = keyed_events();
     bus.publish_events(&events).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -140,36 +150,8 @@ async fn an_unconfirmed_ack_holds_the_key() {
         stopped: AtomicBool::new(false),
         down: AtomicBool::new(false),
     });
-    let function = Arc::new(FunctionRuntime {
-        name: "f".to_owned(),
-        target: target.clone(),
-        timeout: Duration::from_secs(5),
-        limit: AdaptiveLimit::new(4),
-        cluster_slots: None,
-    });
-    let trigger: TriggerConfig = toml::from_str(
-        "name = \"ordered\"\nfunction = \"f\"\nordering = \"key\"\npartitions = 1\n",
-    )
-    .unwrap();
-    let dispatcher = Dispatcher::new(
-        bus.clone(),
-        DispatcherConfig::default(),
-        vec![trigger],
-        HashMap::from([("f".to_owned(), function)]),
-        HashMap::new(),
-        DispatcherMetrics::default(),
-    )
-    .await
-    .unwrap();
-    let events: Vec<Event> = (1..=3)
-        .map(|index| {
-            let mut event = Event::new(format!("k-{index}"), "/tests", "com.example.t");
-            event
-                .extensions
-                .insert("partitionkey".to_owned(), "k".to_owned());
-            event
-        })
-        .collect();
+    let dispatcher = ordered_dispatcher(&bus, target.clone()).await;
+    let events = keyed_events();
     // Stored before the dispatcher runs, so all three are held when k-1 runs.
     bus.publish_events(&events).await.unwrap();
     let shutdown = CancellationToken::new();
