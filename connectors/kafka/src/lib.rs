@@ -37,6 +37,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use switchyard_bus::Bus;
+use switchyard_event::backoff::Backoff;
 use switchyard_event::{Event, PublishError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -612,13 +613,10 @@ async fn publish(
     }
 }
 
-/// Sleeps for the `attempt`th retry pause; false when the consumer gave up first.
-async fn pause(attempt: u32, abandoned: &CancellationToken) -> bool {
-    let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
-    tokio::select! {
-        () = tokio::time::sleep(delay) => true,
-        () = abandoned.cancelled() => false,
-    }
+/// The pause between tries to store records while the bus is unavailable: 200 ms,
+/// doubling up to 6.4 s.
+fn bus_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_millis(6400))
 }
 
 /// Persists `events` in order, retrying while the bus is unavailable. Events larger
@@ -659,7 +657,7 @@ async fn publish_retrying(
     events: &[Event],
     abandoned: &CancellationToken,
 ) -> Option<Result<(), String>> {
-    let mut attempt = 0;
+    let mut failures = bus_backoff();
     loop {
         match bus.publish_events(events).await {
             Ok(_) => return Some(Ok(())),
@@ -670,8 +668,8 @@ async fn publish_retrying(
                     "publish",
                     &format_args!("persisting records failed, retrying: {error}"),
                 );
-                attempt += 1;
-                if !pause(attempt, abandoned).await {
+                failures.failed();
+                if !failures.pause(abandoned.cancelled()).await {
                     return None;
                 }
             }
@@ -689,7 +687,7 @@ async fn dead_letter(
     abandoned: &CancellationToken,
 ) -> bool {
     tracing::error!(source = %config.name, event_id = %event.id, reason, %error, "record cannot become an event; dead-lettered");
-    let mut attempt = 0;
+    let mut failures = bus_backoff();
     loop {
         match bus
             .dead_letter_input(&config.name, event.clone(), reason, &error)
@@ -706,8 +704,8 @@ async fn dead_letter(
                     "dead_letter",
                     &format_args!("storing a dead letter failed, retrying: {failure}"),
                 );
-                attempt += 1;
-                if !pause(attempt, abandoned).await {
+                failures.failed();
+                if !failures.pause(abandoned.cancelled()).await {
                     return false;
                 }
             }

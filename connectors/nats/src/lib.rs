@@ -23,6 +23,7 @@ use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull};
 use switchyard_bus::async_nats::{self, HeaderMap};
 use switchyard_bus::{Bus, event_from_message};
 use switchyard_connector_s3::MessageFormat;
+use switchyard_event::backoff::Backoff;
 use switchyard_event::{Event, EventError, EventSink, PublishError};
 use tokio_util::sync::CancellationToken;
 
@@ -249,14 +250,10 @@ async fn send_core(
 
 async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: CancellationToken) {
     let stream_name = config.stream.clone().unwrap_or_default();
-    let mut failures: u32 = 0;
+    let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     'consuming: loop {
-        if failures > 0 {
-            let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = shutdown.cancelled() => return,
-            }
+        if !failures.pause(shutdown.cancelled()).await {
+            return;
         }
         let consumer = async {
             let stream = bus
@@ -281,9 +278,8 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
         let consumer = match consumer.await {
             Ok(consumer) => consumer,
             Err(error) => {
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(source = %config.name, stream = %stream_name, %error, stage = "consume", "opening the input stream failed, retrying");
+                if failures.failed() {
+                    tracing::warn!(source = %config.name, stream = %stream_name, %error, failures = failures.failures(), stage = "consume", "opening the input stream failed, retrying");
                 }
                 continue;
             }
@@ -298,8 +294,9 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
         {
             Ok(messages) => messages,
             Err(error) => {
-                failures += 1;
-                tracing::warn!(source = %config.name, %error, stage = "consume", "consuming the input stream failed, retrying");
+                if failures.failed() {
+                    tracing::warn!(source = %config.name, %error, failures = failures.failures(), stage = "consume", "consuming the input stream failed, retrying");
+                }
                 continue;
             }
         };
@@ -325,13 +322,14 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
             let message = match message {
                 Some(Ok(message)) => message,
                 Some(Err(error)) => {
-                    failures += 1;
-                    tracing::warn!(source = %config.name, %error, stage = "consume", "receiving from the input stream failed");
+                    if failures.failed() {
+                        tracing::warn!(source = %config.name, %error, failures = failures.failures(), stage = "consume", "receiving from the input stream failed");
+                    }
                     continue 'consuming;
                 }
                 None => continue 'consuming,
             };
-            failures = 0;
+            failures.succeeded();
             forward_jetstream(&config, &bus, &stream_name, message).await;
         }
     }

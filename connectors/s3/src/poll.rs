@@ -37,6 +37,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use switchyard_bus::Bus;
 use switchyard_bus::async_nats::jetstream::kv;
+use switchyard_event::backoff::Backoff;
 use switchyard_event::{Event, PublishError};
 use tokio_util::sync::CancellationToken;
 
@@ -358,7 +359,11 @@ impl Poller {
     }
 
     async fn run(self) {
-        let mut failures: u32 = 0;
+        // 1 s doubling, at most 32 s and the interval.
+        let mut failures = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(32).min(self.config.interval.max(Duration::from_secs(1))),
+        );
         let mut state: Option<kv::Store> = None;
         loop {
             let result = match &state {
@@ -373,10 +378,9 @@ impl Poller {
             };
             let pause = match result {
                 Ok(()) => {
-                    if failures > 0 {
+                    if failures.succeeded() > 0 {
                         tracing::info!(source = %self.config.name, bucket = %self.bucket, "polling works again");
                     }
-                    failures = 0;
                     self.config.interval
                 }
                 Err(ScanError::Shutdown) => break,
@@ -386,15 +390,13 @@ impl Poller {
                     self.config.interval.min(self.lease_time() / 2)
                 }
                 Err(error) => {
-                    failures += 1;
+                    let worth_logging = failures.failed();
                     self.meters.errors.inc();
-                    // Backoff: 1 s doubling, at most 32 s and the interval.
-                    let backoff = Duration::from_secs(1 << failures.min(6).saturating_sub(1))
-                        .min(self.config.interval.max(Duration::from_secs(1)));
+                    let backoff = failures.delay();
                     if let ScanError::ManifestLost(_) = error {
                         tracing::error!(source = %self.config.name, bucket = %self.bucket, %error, "the previous scan's manifest is lost; the next scan starts from an empty one (every object is emitted again with its own id; the duplicate window drops what it still remembers)");
-                    } else if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(source = %self.config.name, bucket = %self.bucket, %error, failures, retry_in = ?backoff, "poll failed; it resumes from its checkpoint");
+                    } else if worth_logging {
+                        tracing::warn!(source = %self.config.name, bucket = %self.bucket, %error, failures = failures.failures(), retry_in = ?backoff, "poll failed; it resumes from its checkpoint");
                     }
                     backoff
                 }
@@ -667,19 +669,19 @@ impl Poller {
 
     /// `Ok(Ok)` once stored, `Ok(Err(why))` when one is too large.
     async fn publish_retrying(&self, events: &[Event]) -> Result<Result<(), String>, ScanError> {
-        let mut attempt = 0u32;
+        // A few tries, then the scan fails and resumes later from its checkpoint.
+        let mut failures = Backoff::new(Duration::from_millis(400), Duration::from_millis(3200));
         loop {
             match self.bus.publish_events(events).await {
                 Ok(_) => return Ok(Ok(())),
                 Err(PublishError::TooLarge(error)) => return Ok(Err(error)),
                 Err(error) => {
-                    attempt += 1;
-                    if attempt >= 5 {
+                    failures.failed();
+                    if failures.failures() >= 5 {
                         return Err(ScanError::Bus(error.to_string()));
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(200 << attempt)) => {}
-                        () = self.shutdown.cancelled() => return Err(ScanError::Shutdown),
+                    if !failures.pause(self.shutdown.cancelled()).await {
+                        return Err(ScanError::Shutdown);
                     }
                 }
             }

@@ -239,7 +239,7 @@ impl Bus {
                             // dropped too). Core NATS messages are lost then;
                             // JetStream ones are redelivered after their ack wait.
                             let dropped = metrics.messages_dropped.inc() + 1;
-                            if dropped.is_power_of_two() {
+                            if switchyard_event::backoff::worth_logging(dropped) {
                                 tracing::warn!(stage = "receive", subscription, dropped, "a subscription's buffer was full: the nats client dropped messages");
                             }
                         }

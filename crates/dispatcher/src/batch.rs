@@ -21,10 +21,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{
-    InFlight, Shared, TriggerRuntime, acquire_shared_permits, bounded, log_failure, open_consumer,
-    prepare, recover,
-};
+use crate::consumers::{open_consumer, recover};
+use crate::delivery::prepare;
+use crate::invoke::{InFlight, bounded};
+use crate::permits::acquire_shared_permits;
+use crate::{Shared, TriggerRuntime, consumer_backoff, log_failure};
 
 /// How a trigger batches.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -65,7 +66,7 @@ async fn keep_all_in_progress(messages: &[jetstream::Message], every: Duration) 
 /// Hands every message of a batch back unattempted (recorded, see [`crate::delivery`]).
 async fn hand_back_all(trigger: &TriggerRuntime, shared: &Shared, messages: &[jetstream::Message]) {
     for message in messages {
-        crate::hand_back(trigger, shared, message, None).await;
+        crate::settle::hand_back(trigger, shared, message, None).await;
     }
 }
 
@@ -88,9 +89,11 @@ pub(crate) async fn batch_loop(
     let Some(mut consumer) = open_consumer(&trigger, config, &shutdown).await else {
         return;
     };
-    let mut failures: u32 = 0;
+    let mut failures = consumer_backoff();
     'pulling: loop {
-        if failures > 0 && !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
+        if failures.failing()
+            && !recover(&trigger, config, &failures, &shutdown, &mut consumer).await
+        {
             break;
         }
         // Only the trigger's own permit while waiting for events; the shared ones
@@ -114,8 +117,8 @@ pub(crate) async fn batch_loop(
             batch = request => match batch {
                 Ok(batch) => batch,
                 Err(error) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "pull batch", &error);
+                    failures.failed();
+                    log_failure(&trigger, &failures, "pull batch", &error);
                     continue;
                 }
             },
@@ -132,13 +135,13 @@ pub(crate) async fn batch_loop(
             };
             match next {
                 None => {
-                    failures = 0;
+                    failures.succeeded();
                     break;
                 }
                 Some(Ok(message)) => messages.push(message),
                 Some(Err(error)) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "receive batch", &error);
+                    failures.failed();
+                    log_failure(&trigger, &failures, "receive batch", &error);
                     break;
                 }
             }

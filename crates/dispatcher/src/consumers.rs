@@ -12,10 +12,20 @@
 //! `-p<i>of<n>`), so [`ConsumerRole::parse`] reads every consumer name back to exactly
 //! one trigger and role (tested below over adversarial names).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 use switchyard_bus::async_nats::jetstream::{
     self, consumer::DeliverPolicy, consumer::pull, context::ConsumerInfoErrorKind, kv,
 };
 use switchyard_bus::{Bus, BusError};
+
+use switchyard_event::backoff::Backoff;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::TriggerOnlyLabels;
+use crate::{Shared, TriggerRuntime, consumer_backoff, log_failure};
 
 /// Longest trigger name.
 pub const MAX_TRIGGER_NAME: usize = 64;
@@ -309,6 +319,115 @@ fn describe_start(policy: DeliverPolicy) -> &'static str {
     match policy {
         DeliverPolicy::All => "all",
         _ => "new",
+    }
+}
+
+/// Creates (or re-creates) a consumer, retrying until it works or shutdown.
+pub(crate) async fn open_consumer(
+    trigger: &TriggerRuntime,
+    config: &pull::Config,
+    shutdown: &CancellationToken,
+) -> Option<jetstream::consumer::Consumer<pull::Config>> {
+    let mut failures = consumer_backoff();
+    loop {
+        match ensure(&trigger.stream, config, &trigger.positions).await {
+            Ok(consumer) => return Some(consumer),
+            Err(error) => {
+                failures.failed();
+                log_failure(trigger, &failures, "create consumer", &error);
+                if !failures.pause(shutdown.cancelled()).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// After consecutive failures: waits a growing pause and, from the third failure on,
+/// creates the consumer again (it may have been deleted or lost with a server; creating
+/// it is idempotent). False when shut down meanwhile.
+pub(crate) async fn recover(
+    trigger: &TriggerRuntime,
+    config: &pull::Config,
+    failures: &Backoff,
+    shutdown: &CancellationToken,
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+) -> bool {
+    if !failures.pause(shutdown.cancelled()).await {
+        return false;
+    }
+    if failures.failures() >= 3 {
+        match open_consumer(trigger, config, shutdown).await {
+            Some(recreated) => *consumer = recreated,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Every 5 seconds: the trigger's lag and waiting retries (for `/v1/triggers` and
+/// `/metrics`), and the ack floor of each of its consumers, recorded when it moved
+/// (see [`Positions`]).
+pub(crate) async fn lag_loop(
+    trigger: Arc<TriggerRuntime>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    let main_name = ConsumerRole::Main.name(&trigger.config.name);
+    let retry_name = ConsumerRole::Retry.name(&trigger.config.name);
+    let mut names = vec![
+        main_name.clone(),
+        ConsumerRole::Direct.name(&trigger.config.name),
+        retry_name.clone(),
+    ];
+    names.extend(
+        trigger
+            .partition_configs
+            .iter()
+            .filter_map(|config| config.durable_name.clone()),
+    );
+    let mut recorded: HashMap<String, u64> = HashMap::new();
+    let gauge = shared
+        .metrics
+        .consumer_lag
+        .get_or_create(&TriggerOnlyLabels {
+            trigger: trigger.config.name.clone(),
+        })
+        .clone();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        for name in &names {
+            let info = tokio::select! {
+                info = trigger.stream.get_consumer::<pull::Config>(name) => info,
+                () = shutdown.cancelled() => return,
+            };
+            let Ok(consumer) = info else { continue };
+            let info = consumer.cached_info();
+            if *name == main_name {
+                trigger.lag.store(info.num_pending, Ordering::Relaxed);
+                gauge.set(info.num_pending as i64);
+            } else if *name == retry_name {
+                trigger.retrying.store(
+                    info.num_pending + info.num_ack_pending as u64,
+                    Ordering::Relaxed,
+                );
+            }
+            let ack_floor = info.ack_floor.stream_sequence;
+            if ack_floor > 0 && recorded.get(name) != Some(&ack_floor) {
+                match trigger.positions.record(name, ack_floor).await {
+                    Ok(()) => {
+                        recorded.insert(name.clone(), ack_floor);
+                    }
+                    Err(error) => {
+                        tracing::debug!(consumer = %name, %error, "recording a consumer position failed");
+                    }
+                }
+            }
+        }
     }
 }
 

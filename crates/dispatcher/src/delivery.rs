@@ -24,8 +24,20 @@
 //! `max_age`: no copy lives longer.
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use switchyard_bus::async_nats::jetstream::kv;
 use switchyard_bus::{Bus, BusError};
+
+use switchyard_bus::async_nats::jetstream::{self, AckKind};
+use switchyard_bus::dead_letter::{
+    REASON_ATTEMPTS_EXHAUSTED, REASON_MAX_AGE_EXCEEDED, REASON_UNPROCESSABLE,
+};
+use switchyard_bus::{RetryState, event_from_message};
+use switchyard_event::timestamp::parse_rfc3339;
+use switchyard_event::{Event, Failure};
+
+use crate::settle::{Handling, InPlace};
+use crate::{Shared, TriggerRuntime};
 
 /// What the ended deliveries of one event copy left for the next one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +153,207 @@ impl DeliveryRecords {
         }
         Err(last_error)
     }
+}
+
+/// Everything known about one delivery of an event to a trigger.
+pub(crate) struct Delivery {
+    /// 1-based number of this attempt, over every copy of the event.
+    pub(crate) attempt: u64,
+    /// Sequence of this copy (original, or a due retry) in the events stream.
+    pub(crate) sequence: u64,
+    /// Sequence of the original event.
+    pub(crate) event_sequence: u64,
+    pub(crate) received_at: time::OffsetDateTime,
+    pub(crate) state: RetryState,
+    /// Earlier deliveries of this copy that ended with no outcome and no record (the
+    /// process died or hung): not attempts, but bounded by `retry.max_unfinished`.
+    pub(crate) unfinished: u64,
+    /// A dead letter an earlier delivery settled but could not store: its reason.
+    pub(crate) pending_dead_letter: Option<String>,
+    /// Attempts made in place during this very delivery (ordered triggers).
+    pub(crate) in_place_attempts: u64,
+}
+
+impl Delivery {
+    fn last_failure(&self) -> Option<Failure> {
+        let error = self.state.last_error.clone()?;
+        Some(Failure::new(self.state.last_status, error))
+    }
+}
+
+/// Reads what is known of a delivery and settles, without invoking, what must not be
+/// invoked: a malformed message, an event the filter refuses, an event out of attempts
+/// or past its max age. Returns the event to invoke otherwise.
+pub(crate) async fn prepare<'a>(
+    trigger: &'a TriggerRuntime,
+    shared: &'a Shared,
+    message: &'a jetstream::Message,
+    in_place: Option<&InPlace>,
+) -> Option<(Handling<'a>, Event)> {
+    let delivery = match message.info() {
+        Ok(info) => {
+            let mut state = RetryState::from_headers(message.headers.as_ref());
+            let delivered = info.delivered.max(1) as u64;
+            // Only a redelivered copy can have a record: the first delivery reads
+            // nothing.
+            // Whether earlier deliveries are known: without the record (it could not
+            // be read) none of them is taken for an unfinished one.
+            let mut record_known = true;
+            let record = if delivered > 1 {
+                shared
+                    .records
+                    .read(&trigger.config.name, info.stream_sequence)
+                    .await
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "dispatch", "reading the delivery record failed; attempts may be undercounted");
+                        record_known = false;
+                        DeliveryRecord::default()
+                    })
+            } else {
+                DeliveryRecord::default()
+            };
+            if state.first_attempt_at.is_none() {
+                state.first_attempt_at.clone_from(&record.first_attempt_at);
+            }
+            if record.last_error.is_some() {
+                state.last_status = record.last_status;
+                state.last_error.clone_from(&record.last_error);
+            }
+            let mut earlier = record.attempts;
+            let mut in_place_attempts = 0;
+            if let Some(held) = in_place {
+                in_place_attempts = held.attempts;
+                earlier += held.attempts;
+                if held.first_attempt_at.is_some() {
+                    state.first_attempt_at.clone_from(&held.first_attempt_at);
+                }
+                if let Some(failure) = &held.last_failure {
+                    state.last_status = failure.status;
+                    state.last_error = Some(failure.error.clone());
+                }
+            }
+            Delivery {
+                // Invocations on record (the copy's headers, this copy's delivery
+                // record, in-place retries) plus this one: hand-backs never count.
+                attempt: state.attempts + earlier + 1,
+                // Ordered triggers hold queued events delivered but not invoked: a
+                // crash ends those deliveries too, so they are not counted there.
+                unfinished: if record_known && in_place.is_none() {
+                    (delivered - 1).saturating_sub(record.ended)
+                } else {
+                    0
+                },
+                pending_dead_letter: record.dead_letter,
+                in_place_attempts,
+                sequence: info.stream_sequence,
+                event_sequence: state.event_sequence.unwrap_or(info.stream_sequence),
+                received_at: state
+                    .received_at
+                    .as_deref()
+                    .and_then(parse_rfc3339)
+                    .unwrap_or(info.published),
+                state,
+            }
+        }
+        Err(error) => {
+            tracing::error!(trigger = %trigger.config.name, %error, stage = "dispatch", "message without jetstream metadata, handing back");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return None;
+        }
+    };
+    let handling = Handling {
+        trigger,
+        shared,
+        message,
+        delivery,
+        invoked: std::sync::atomic::AtomicBool::new(false),
+        confirm_acks: in_place.is_some(),
+    };
+    let delivery = &handling.delivery;
+    let event = match event_from_message(message.headers.as_ref(), message.payload.clone()) {
+        Ok(event) => event,
+        Err(error) => {
+            let failure = Failure::new(None, format!("not a valid cloudevent: {error}"));
+            handling.dead_letter_raw(&failure).await;
+            return None;
+        }
+    };
+    let direct = message.subject.as_str() == trigger.direct_subject;
+    if !direct && !trigger.config.filter.matches(&event) {
+        trigger.metrics.filtered.inc();
+        let _ = message.ack().await;
+        return None;
+    }
+    let policy = &trigger.config.retry;
+    if let Some(reason) = &delivery.pending_dead_letter {
+        // An earlier delivery settled it as a dead letter but could not store it (or
+        // publish it to `on_failure`): store it now, without invoking again.
+        let failure = delivery
+            .last_failure()
+            .unwrap_or_else(|| Failure::new(None, "dead-lettered by an earlier delivery"));
+        let reason = reason.clone();
+        let attempts = delivery.attempt - 1;
+        handling
+            .dead_letter(event, &reason, attempts, &failure, None)
+            .await;
+        return None;
+    }
+    if delivery.unfinished >= u64::from(policy.max_unfinished.max(1)) {
+        // A poison event: every process that took it died or hung before an outcome.
+        let failure = Failure::new(
+            None,
+            format!(
+                "delivered {} times without an outcome: the process handling it stopped or hung each time{}",
+                delivery.unfinished,
+                delivery
+                    .last_failure()
+                    .map(|failure| format!(" (last recorded failure: {})", failure.error))
+                    .unwrap_or_default()
+            ),
+        );
+        let attempts = delivery.attempt - 1;
+        handling
+            .dead_letter(event, REASON_UNPROCESSABLE, attempts, &failure, None)
+            .await;
+        return None;
+    }
+    // Only when an earlier attempt's failure is on record.
+    if delivery.attempt > policy.max_attempts() && delivery.state.last_error.is_some() {
+        // Only reachable when an earlier delivery could not settle the event (its
+        // dead letter or retry could not be stored): settle it now, without invoking.
+        let failure = delivery
+            .last_failure()
+            .unwrap_or_else(|| Failure::new(None, "attempts exhausted"));
+        let attempts = delivery.attempt - 1;
+        handling
+            .dead_letter(event, REASON_ATTEMPTS_EXHAUSTED, attempts, &failure, None)
+            .await;
+        return None;
+    }
+    if let Some(max_age) = policy.max_age {
+        let age =
+            (time::OffsetDateTime::now_utc() - delivery.received_at).max(time::Duration::ZERO);
+        if age > max_age {
+            let failure = delivery.last_failure().unwrap_or_else(|| {
+                Failure::new(
+                    None,
+                    format!(
+                        "event is {}s old, older than max_age {}s",
+                        age.whole_seconds(),
+                        max_age.as_secs()
+                    ),
+                )
+            });
+            let attempts = delivery.attempt - 1;
+            handling
+                .dead_letter(event, REASON_MAX_AGE_EXCEEDED, attempts, &failure, None)
+                .await;
+            return None;
+        }
+    }
+    Some((handling, event))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use switchyard_bus::Bus;
 use switchyard_bus::async_nats::jetstream::kv;
+use switchyard_event::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -105,7 +106,8 @@ pub fn start(bus: Bus, shutdown: CancellationToken) -> (Members, tokio::task::Jo
     let task = tokio::spawn(async move {
         let mut store = None;
         let mut ticker = tokio::time::interval(HEARTBEAT);
-        let mut failures: u32 = 0;
+        // Paced by the heartbeat ticker: only the count and the log throttle are used.
+        let mut failures = Backoff::new(HEARTBEAT, HEARTBEAT);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -124,7 +126,7 @@ pub fn start(bus: Bus, shutdown: CancellationToken) -> (Members, tokio::task::Jo
             };
             match beat.await {
                 Ok(live) => {
-                    failures = 0;
+                    failures.succeeded();
                     sender.send_if_modified(|current| {
                         let changed = current.as_ref() != Some(&live);
                         *current = Some(live);
@@ -132,12 +134,11 @@ pub fn start(bus: Bus, shutdown: CancellationToken) -> (Members, tokio::task::Jo
                     });
                 }
                 Err(error) => {
-                    failures += 1;
                     store = None;
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(%error, failures, "membership heartbeat failed; ordered partitions are competed for until it works");
+                    if failures.failed() {
+                        tracing::warn!(%error, failures = failures.failures(), "membership heartbeat failed; ordered partitions are competed for until it works");
                     }
-                    if failures >= 3 {
+                    if failures.failures() >= 3 {
                         sender.send_if_modified(|current| current.take().is_some());
                     }
                 }

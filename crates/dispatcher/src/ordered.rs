@@ -33,11 +33,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::time::DelayQueue;
 
+use crate::consumers::open_consumer;
+use crate::invoke::{InFlight, handle, keep_in_progress};
 use crate::members::Members;
-use crate::{
-    InFlight, InPlace, PULL_EXPIRES, Settled, Shared, TriggerRuntime, acquire_permits, handle,
-    keep_in_progress, log_failure, open_consumer, pause_after_failure,
-};
+use crate::permits::acquire_permits;
+use crate::settle::{InPlace, Settled};
+use crate::{PULL_EXPIRES, Shared, TriggerRuntime, consumer_backoff, log_failure};
 
 /// How soon the head of a key is tried again after its invocation panicked.
 const PANIC_RETRY: Duration = Duration::from_secs(1);
@@ -139,9 +140,9 @@ async fn hold_partition(
     let mut owner_pin: Option<String> = None;
     let mut progress = tokio::time::interval(every);
     let mut handover_check = tokio::time::interval(Duration::from_millis(250));
-    let mut failures: u32 = 0;
+    let mut failures = consumer_backoff();
     'consuming: loop {
-        if failures > 0 && !pause_after_failure(failures, shutdown).await {
+        if failures.failing() && !failures.pause(shutdown.cancelled()).await {
             break;
         }
         let stream = consumer
@@ -155,8 +156,8 @@ async fn hold_partition(
         let mut messages = match stream {
             Ok(messages) => messages,
             Err(error) => {
-                failures += 1;
-                log_failure(trigger, failures, "ordered pull", &error);
+                failures.failed();
+                log_failure(trigger, &failures, "ordered pull", &error);
                 continue;
             }
         };
@@ -216,7 +217,7 @@ async fn hold_partition(
                         if settled != Settled::Done && shutdown.is_cancelled() {
                             // Nobody waits for this answer any more: hand it back,
                             // its in-place attempts recorded for the next holder.
-                            crate::hand_back_in_place(&trigger, &shared, &message, &in_place).await;
+                            crate::settle::hand_back_in_place(&trigger, &shared, &message, &in_place).await;
                         }
                         (key, settled, in_place)
                     };
@@ -248,16 +249,16 @@ async fn hold_partition(
                     let message = match message {
                         Some(Ok(message)) => message,
                         Some(Err(error)) => {
-                            failures += 1;
-                            log_failure(trigger, failures, "ordered receive", &error);
+                            failures.failed();
+                            log_failure(trigger, &failures, "ordered receive", &error);
                             continue 'consuming;
                         }
                         None => {
-                            failures += 1;
+                            failures.failed();
                             continue 'consuming;
                         }
                     };
-                    failures = 0;
+                    failures.succeeded();
                     let Ok(info) = message.info() else {
                         // Without its stream sequence it cannot be queued in order:
                         // hand it back rather than drop it.
@@ -317,7 +318,8 @@ async fn hold_partition(
             if position == 0 && running.contains(key) {
                 continue;
             }
-            crate::hand_back_in_place(trigger, shared, &event.message, &event.in_place).await;
+            crate::settle::hand_back_in_place(trigger, shared, &event.message, &event.in_place)
+                .await;
             handed_back += 1;
         }
     }
@@ -330,7 +332,7 @@ async fn hold_partition(
             if let Ok((key, Settled::RetryIn(_), in_place)) = finished
                 && let Some(head) = queues.get(&key).and_then(VecDeque::front)
             {
-                crate::hand_back_in_place(trigger, shared, &head.message, &in_place).await;
+                crate::settle::hand_back_in_place(trigger, shared, &head.message, &in_place).await;
                 handed_back += 1;
             }
         }

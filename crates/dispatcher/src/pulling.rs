@@ -14,11 +14,11 @@ use switchyard_bus::async_nats::jetstream::{self, consumer::pull};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::consumers::{open_consumer, recover};
+use crate::invoke::handle_message;
 use crate::permits::{Permits, acquire_permits, try_acquire_permits};
-use crate::{
-    PULL_EXPIRES, Shared, TriggerRuntime, hand_back, handle_message, log_failure, open_consumer,
-    pause_after_failure, recover,
-};
+use crate::settle::hand_back;
+use crate::{PULL_EXPIRES, Shared, TriggerRuntime, consumer_backoff, log_failure};
 
 /// The one pull request a trigger has waiting on the server, with the permits of the
 /// events it may still bring. One at a time keeps the accounting exact: events carry
@@ -63,12 +63,14 @@ pub(crate) async fn pull_loop(
         return;
     };
     let inbox = client.new_inbox();
+    let mut subscribing = consumer_backoff();
     let mut subscription = loop {
         match client.subscribe(format!("{inbox}.*")).await {
             Ok(subscription) => break subscription,
             Err(error) => {
-                log_failure(&trigger, 1, "subscribe", &error);
-                if !pause_after_failure(10, &shutdown).await {
+                subscribing.failed();
+                log_failure(&trigger, &subscribing, "subscribe", &error);
+                if !subscribing.pause(shutdown.cancelled()).await {
                     return;
                 }
             }
@@ -78,7 +80,7 @@ pub(crate) async fn pull_loop(
     let mut current: Option<PullRequest> = None;
     let mut next_id: u64 = 0;
     let mut unrequested: Vec<Permits> = Vec::new();
-    let mut failures: u32 = 0;
+    let mut failures = consumer_backoff();
     // An event no permit waits for goes back unattempted, recorded as such, off the
     // loop's path.
     let hand_back_late = |message: switchyard_bus::async_nats::Message| {
@@ -90,16 +92,16 @@ pub(crate) async fn pull_loop(
         tracker.spawn(async move { hand_back(&trigger, &shared, &message, None).await });
     };
     loop {
-        if failures > 0 {
+        if failures.failing() {
             // Whatever was asked for is in doubt: forget it (late events are handed
             // back when no permit waits for them).
             current = None;
             unrequested.clear();
             let config = &consumer_config;
-            if !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
+            if !recover(&trigger, config, &failures, &shutdown, &mut consumer).await {
                 break;
             }
-            failures = 0;
+            failures.succeeded();
         }
         if current
             .as_ref()
@@ -143,8 +145,8 @@ pub(crate) async fn pull_loop(
             };
             let reply = format!("{inbox}.{next_id}");
             if let Err(error) = consumer.request_batch(request, reply.into()).await {
-                failures += 1;
-                log_failure(&trigger, failures, "pull", &error);
+                failures.failed();
+                log_failure(&trigger, &failures, "pull", &error);
                 continue;
             }
             current = Some(PullRequest {
@@ -161,11 +163,11 @@ pub(crate) async fn pull_loop(
             () = shutdown.cancelled() => break,
             message = subscription.next() => {
                 let Some(message) = message else {
-                    failures += 1;
-                    log_failure(&trigger, failures, "receive", &"subscription closed");
+                    failures.failed();
+                    log_failure(&trigger, &failures, "receive", &"subscription closed");
                     match client.subscribe(format!("{inbox}.*")).await {
                         Ok(renewed) => subscription = renewed,
-                        Err(error) => log_failure(&trigger, failures, "subscribe", &error),
+                        Err(error) => log_failure(&trigger, &failures, "subscribe", &error),
                     }
                     continue;
                 };
@@ -214,9 +216,9 @@ pub(crate) async fn pull_loop(
                                 .is_some_and(|headers| headers.get("Nats-Pending-Messages").is_some());
                         if !accounted {
                             // No responders, a deleted consumer, a leader change.
-                            failures += 1;
+                            failures.failed();
                             let description = message.description.clone().unwrap_or_default();
-                            log_failure(&trigger, failures, "pull", &format!("status {status:?}: {description}"));
+                            log_failure(&trigger, &failures, "pull", &format!("status {status:?}: {description}"));
                         }
                     }
                 }

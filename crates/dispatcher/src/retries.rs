@@ -12,7 +12,8 @@ use switchyard_bus::async_nats::jetstream::{self, AckKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::{PULL_EXPIRES, Shared, TriggerRuntime, log_failure, open_consumer, recover};
+use crate::consumers::{open_consumer, recover};
+use crate::{PULL_EXPIRES, Shared, TriggerRuntime, consumer_backoff, log_failure};
 
 /// Holds a trigger's failed events until their retry is due, then sends each to the
 /// trigger's direct subject. The wait is a NAK with delay on this consumer, so it
@@ -28,11 +29,11 @@ pub(crate) async fn retry_loop(
         return;
     };
     let forwarding = Arc::new(Semaphore::new(256));
-    let mut failures: u32 = 0;
+    let mut failures = consumer_backoff();
     'pulling: loop {
-        if failures > 0 {
+        if failures.failing() {
             let config = &trigger.retry_consumer_config;
-            if !recover(&trigger, config, failures, &shutdown, &mut consumer).await {
+            if !recover(&trigger, config, &failures, &shutdown, &mut consumer).await {
                 break;
             }
         }
@@ -44,12 +45,12 @@ pub(crate) async fn retry_loop(
         let mut batch = tokio::select! {
             batch = request => match batch {
                 Ok(batch) => {
-                    failures = 0;
+                    failures.succeeded();
                     batch
                 }
                 Err(error) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "pull retries", &error);
+                    failures.failed();
+                    log_failure(&trigger, &failures, "pull retries", &error);
                     continue 'pulling;
                 }
             },
@@ -64,12 +65,12 @@ pub(crate) async fn retry_loop(
                 None => break,
                 Some(Ok(message)) => message,
                 Some(Err(error)) => {
-                    failures += 1;
-                    log_failure(&trigger, failures, "receive retries", &error);
+                    failures.failed();
+                    log_failure(&trigger, &failures, "receive retries", &error);
                     break;
                 }
             };
-            failures = 0;
+            failures.succeeded();
             let state = RetryState::from_headers(message.headers.as_ref());
             let now_ms =
                 (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use switchyard_bus::async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use switchyard_bus::{Bus, BusError, subject::escape_token};
+use switchyard_event::backoff::Backoff;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -203,7 +204,7 @@ impl FunctionSlots {
 
     /// Leases slots from the cluster while acquirers wait, until `shutdown`.
     pub async fn lease_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut failures: u32 = 0;
+        let mut failures = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut consumer = self.consumer.clone();
         loop {
             if self.wanted.load(Ordering::SeqCst) == 0 {
@@ -213,12 +214,11 @@ impl FunctionSlots {
                 }
                 continue;
             }
-            if failures > 0 {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))) => {}
-                    () = shutdown.cancelled() => return,
+            if failures.failing() {
+                if !failures.pause(shutdown.cancelled()).await {
+                    return;
                 }
-                if failures >= 3 {
+                if failures.failures() >= 3 {
                     // The consumer may have been deleted or lost with a server.
                     if let Ok(recreated) = self
                         .stream
@@ -240,8 +240,7 @@ impl FunctionSlots {
                 batch = request => match batch {
                     Ok(batch) => batch,
                     Err(error) => {
-                        failures += 1;
-                        if failures == 1 || failures.is_power_of_two() {
+                        if failures.failed() {
                             tracing::warn!(function = %self.function, %error, stage = "lease slot", "leasing concurrency slots failed");
                         }
                         self.pulling.store(false, Ordering::SeqCst);
@@ -256,8 +255,7 @@ impl FunctionSlots {
                 let message = match message {
                     Ok(message) => message,
                     Err(error) => {
-                        failures += 1;
-                        if failures == 1 || failures.is_power_of_two() {
+                        if failures.failed() {
                             tracing::warn!(function = %self.function, %error, stage = "lease slot", "leasing concurrency slots failed");
                         }
                         break;
@@ -266,7 +264,7 @@ impl FunctionSlots {
                 let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
                     continue;
                 };
-                failures = 0;
+                failures.succeeded();
                 {
                     let mut leases = self.leases.lock().expect("slot lock");
                     leases.held.insert(sequence, Arc::new(message));

@@ -6,6 +6,7 @@
 //! and on HTTP. This crate also owns the traits a connector (an [`EventSink`] user)
 //! and the dispatcher's function targets ([`Target`]) see, so neither depends on the bus implementation.
 
+pub mod backoff;
 mod binary;
 mod event;
 mod json;

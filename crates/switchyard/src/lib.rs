@@ -20,6 +20,7 @@ use switchyard_dispatcher::{
     AdaptiveLimit, DestinationConfig, Destinations, Dispatcher, DispatcherMetrics, FunctionRuntime,
     TriggerConfig,
 };
+use switchyard_event::backoff::Backoff;
 use switchyard_event::{Destination, EventSink, Target};
 use switchyard_targets::{HttpTarget, LogTarget, http_client};
 use tokio::task::JoinHandle;
@@ -71,19 +72,16 @@ async fn connect_bus(
     connection_metrics: &switchyard_bus::ConnectionMetrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Bus>> {
-    let mut attempt: u32 = 0;
+    let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         match Bus::connect_counting(&config.nats, connection_metrics.clone()).await {
             Ok(bus) => return Ok(Some(bus)),
             Err(error) => {
-                attempt += 1;
-                if attempt == 1 || attempt.is_power_of_two() {
-                    tracing::warn!(%error, attempt, "nats unreachable, retrying");
+                if failures.failed() {
+                    tracing::warn!(%error, attempt = failures.failures(), "nats unreachable, retrying");
                 }
-                let pause = Duration::from_millis(200 * u64::from(attempt.min(10)));
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = shutdown.cancelled() => return Ok(None),
+                if !failures.pause(shutdown.cancelled()).await {
+                    return Ok(None);
                 }
             }
         }
@@ -180,6 +178,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let Some(bus) = connect_bus(&config, &connection_metrics, &task_shutdown).await? else {
             return Ok(());
         };
+        let mut failures = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
         loop {
             match bus.ensure_streams().await {
                 Ok(()) => break,
@@ -189,10 +188,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     return Err(anyhow::Error::new(error).context("setting up the streams"));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "stream setup failed, retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = task_shutdown.cancelled() => return Ok(()),
+                    if failures.failed() {
+                        tracing::warn!(%error, failures = failures.failures(), "stream setup failed, retrying");
+                    }
+                    if !failures.pause(task_shutdown.cancelled()).await {
+                        return Ok(());
                     }
                 }
             }
