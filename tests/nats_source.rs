@@ -312,3 +312,88 @@ async fn a_core_nats_burst_is_stored_whole() {
     }
     switchyard.stop().await;
 }
+
+/// The state `/v1/sources` shows of `name`, with its restarts.
+async fn source_state(switchyard: &Switchyard, name: &str) -> (String, u64, String) {
+    let sources: serde_json::Value = serde_json::from_str(
+        &reqwest::get(switchyard.admin_url("/v1/sources"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let source = sources["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|source| source["name"] == name)
+        .unwrap_or_else(|| panic!("no source {name} in {sources}"))
+        .clone();
+    (
+        source["state"].as_str().unwrap().to_owned(),
+        source["restarts"].as_u64().unwrap(),
+        source["last_error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Sources are supervised: a JetStream source over a stream that does not exist yet
+/// fails, is shown failed (`/v1/sources`, and `/readyz` answers 503 naming it), is run
+/// again after a pause, and takes input once the stream exists.
+#[tokio::test]
+async fn a_failing_source_is_shown_and_run_again_until_it_works() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let input = random_name("LATER").to_uppercase();
+    let source = format!(
+        "\n[[sources]]\ntype = \"nats\"\nname = \"input\"\nstream = \"{input}\"\nevent_type = \"com.example.item\"\n"
+    );
+    let switchyard = Switchyard::start_set_up(config(&nats, &function, &source)).await;
+    let deadline = Instant::now() + WAIT;
+    let (state, restarts, error) = loop {
+        let (state, restarts, error) = source_state(&switchyard, "input").await;
+        if state == "failed" || restarts >= 2 {
+            break (state, restarts, error);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never failed: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(restarts >= 1, "{state} {restarts}");
+    assert!(
+        error.contains(&input),
+        "the error names the stream: {error}"
+    );
+    let readyz = reqwest::get(switchyard.admin_url("/readyz")).await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    let body = readyz.text().await.unwrap();
+    assert!(body.contains("source `input`"), "{body}");
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let context = jetstream::new(client.clone());
+    context
+        .create_stream(jetstream::stream::Config {
+            name: input.clone(),
+            subjects: vec![format!("{input}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    context
+        .publish(format!("{input}.item"), "after".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Run again at most 30 s after its last failure.
+    let received = function.wait_for(1, Duration::from_secs(60)).await;
+    assert_eq!(&received[0].body[..], b"after");
+    let (state, _, _) = source_state(&switchyard, "input").await;
+    assert_eq!(state, "running");
+    let readyz = reqwest::get(switchyard.admin_url("/readyz")).await.unwrap();
+    assert_eq!(readyz.status(), 200);
+    switchyard.stop().await;
+}

@@ -446,6 +446,15 @@ pub struct Switchyard {
 
 impl Switchyard {
     pub async fn start(config_text: String) -> Switchyard {
+        let switchyard = Self::start_set_up(config_text).await;
+        switchyard.wait_ready().await;
+        switchyard
+    }
+
+    /// Starts and waits until it is set up (connected, streams and consumers
+    /// created, sources started), not until `/readyz` answers 200: for a source that
+    /// is meant to fail.
+    pub async fn start_set_up(config_text: String) -> Switchyard {
         let config = switchyard::config::parse(Path::new("test.toml"), &config_text, &|name| {
             std::env::var(name).ok()
         })
@@ -460,7 +469,12 @@ impl Switchyard {
             admin,
             config_text,
         };
-        switchyard.wait_ready().await;
+        let set_up = tokio::time::timeout(
+            Duration::from_secs(15),
+            switchyard.running.as_ref().expect("running").wait_ready(),
+        )
+        .await;
+        assert_eq!(set_up, Ok(true), "switchyard was not set up");
         switchyard
     }
 

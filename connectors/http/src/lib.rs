@@ -117,6 +117,56 @@ struct SourceState {
     labels: SourceLabels,
 }
 
+/// An HTTP source: its router served on the listener bound at start (bound once, so
+/// its address never changes across restarts), run and supervised by the binary.
+pub struct HttpSource {
+    name: String,
+    listener: std::net::TcpListener,
+    router: Router,
+}
+
+impl HttpSource {
+    /// `listener` must be in non-blocking mode (as `tokio::net::TcpListener::into_std`
+    /// leaves it).
+    pub fn new(name: String, listener: std::net::TcpListener, router: Router) -> Self {
+        HttpSource {
+            name,
+            listener,
+            router,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl switchyard_event::Source for HttpSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+
+    /// Serves until `shutdown`, then lets requests in flight finish (each answers
+    /// only once its events are stored). Fails when the listener fails.
+    async fn run(
+        &self,
+        health: &dyn switchyard_event::SourceHealth,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), String> {
+        let listener = self
+            .listener
+            .try_clone()
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|error| format!("listener: {error}"))?;
+        health.up();
+        axum::serve(listener, self.router.clone())
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(|error| format!("serving failed: {error}"))
+    }
+}
+
 /// Builds the router of one HTTP source.
 pub fn router(
     config: HttpSourceConfig,

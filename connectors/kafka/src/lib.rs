@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -38,7 +39,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use switchyard_bus::Bus;
 use switchyard_event::backoff::Backoff;
-use switchyard_event::{Event, PublishError};
+use switchyard_event::{Event, PublishError, Source, SourceHealth};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -265,15 +266,61 @@ enum Item {
     Invalid { event: Box<Event>, error: String },
 }
 
-/// Runs the source until `shutdown`, then persists what was read (for up to
-/// [`DRAIN_TIMEOUT`]), commits and leaves the group.
-pub async fn run(
-    config: KafkaSourceConfig,
+/// A Kafka source (a consumer group over its topics), run and supervised by the
+/// binary.
+pub struct KafkaSource {
+    config: Arc<KafkaSourceConfig>,
     bus: Bus,
     metrics: KafkaSourceMetrics,
+}
+
+impl KafkaSource {
+    pub fn new(config: KafkaSourceConfig, bus: Bus, metrics: KafkaSourceMetrics) -> Self {
+        KafkaSource {
+            config: Arc::new(config),
+            bus,
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    /// Fails when its consumer cannot be created or subscribed, or its consumer
+    /// thread panicked.
+    async fn run(
+        &self,
+        health: &dyn SourceHealth,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        run(
+            self.config.clone(),
+            self.bus.clone(),
+            self.metrics.clone(),
+            health,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// Runs the source until `shutdown`, then persists what was read (for up to
+/// [`DRAIN_TIMEOUT`]), commits and leaves the group.
+async fn run(
+    config: Arc<KafkaSourceConfig>,
+    bus: Bus,
+    metrics: KafkaSourceMetrics,
+    health: &dyn SourceHealth,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let config = Arc::new(config);
     let labels = SourceLabels {
         source: config.name.clone(),
     };
@@ -309,6 +356,7 @@ pub async fn run(
         )
     })?;
     tracing::info!(source = %config.name, topics = ?topics, group = %config.group_id(), "kafka source consuming");
+    health.up();
 
     let (sender, receiver) = mpsc::unbounded_channel();
     let abandoned = CancellationToken::new();

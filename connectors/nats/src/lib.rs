@@ -24,7 +24,7 @@ use switchyard_bus::async_nats::{self, HeaderMap};
 use switchyard_bus::{Bus, event_from_message};
 use switchyard_connector_s3::MessageFormat;
 use switchyard_event::backoff::Backoff;
-use switchyard_event::{Event, EventError, EventSink, PublishError};
+use switchyard_event::{Event, EventError, EventSink, PublishError, Source, SourceHealth};
 use tokio_util::sync::CancellationToken;
 
 /// A NATS source.
@@ -125,17 +125,54 @@ pub fn normalize(
     Ok(event)
 }
 
-/// Runs the source until `shutdown`.
-pub async fn run(config: NatsSourceConfig, bus: Bus, shutdown: CancellationToken) {
-    let config = Arc::new(config);
-    if config.stream.is_some() {
-        run_jetstream(config, bus, shutdown).await;
-    } else {
-        run_core(config, bus, shutdown).await;
+/// A NATS source: core NATS subjects (a queue group) or a JetStream stream (a durable
+/// consumer), run and supervised by the binary.
+pub struct NatsSource {
+    config: Arc<NatsSourceConfig>,
+    bus: Bus,
+}
+
+impl NatsSource {
+    pub fn new(config: NatsSourceConfig, bus: Bus) -> Self {
+        NatsSource {
+            config: Arc::new(config),
+            bus,
+        }
     }
 }
 
-async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: CancellationToken) {
+#[async_trait::async_trait]
+impl Source for NatsSource {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    /// Fails when a subject cannot be subscribed to or the input stream cannot be
+    /// consumed (it does not exist, its consumer is refused).
+    async fn run(
+        &self,
+        health: &dyn SourceHealth,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let (config, bus) = (self.config.clone(), self.bus.clone());
+        if config.stream.is_some() {
+            run_jetstream(config, bus, health, shutdown).await
+        } else {
+            run_core(config, bus, health, shutdown).await
+        }
+    }
+}
+
+async fn run_core(
+    config: Arc<NatsSourceConfig>,
+    bus: Bus,
+    health: &dyn SourceHealth,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
     let client = bus.client().clone();
     let group = config
         .queue_group
@@ -143,13 +180,15 @@ async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancellatio
         .unwrap_or_else(|| format!("switchyard-{}", config.name));
     let mut subscriptions = Vec::new();
     for subject in &config.subjects {
-        match client.queue_subscribe(subject.clone(), group.clone()).await {
-            Ok(subscription) => subscriptions.push(subscription),
-            Err(error) => {
-                tracing::error!(source = %config.name, subject, %error, stage = "subscribe", "subscribing failed");
-            }
-        }
+        // One refused subject fails the whole source (and it is tried again): never
+        // run with part of its subjects silently missing.
+        let subscription = client
+            .queue_subscribe(subject.clone(), group.clone())
+            .await
+            .map_err(|error| format!("subscribing to `{subject}` failed: {error}"))?;
+        subscriptions.push(subscription);
     }
+    health.up();
     let mut messages = futures::stream::select_all(subscriptions);
     // Publishes are pipelined: each message's events are sent in arrival order on the
     // one connection (so the stream stores them in that order), and up to
@@ -203,6 +242,11 @@ async fn run_core(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancellatio
     // What was received is still published and answered.
     tasks.close();
     tasks.wait().await;
+    if shutdown.is_cancelled() {
+        Ok(())
+    } else {
+        Err("its subscriptions ended (the connection was closed)".to_owned())
+    }
 }
 
 /// Messages of the core source awaiting their PubAck at once.
@@ -248,12 +292,20 @@ async fn send_core(
     Ok((acks, ids))
 }
 
-async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: CancellationToken) {
+/// Consumes the input stream. A receive error (a reconnect, missed heartbeats)
+/// reopens the consumer here after a pause; when opening fails (the stream does not
+/// exist, the consumer is refused) the source fails and its supervisor tries again.
+async fn run_jetstream(
+    config: Arc<NatsSourceConfig>,
+    bus: Bus,
+    health: &dyn SourceHealth,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
     let stream_name = config.stream.clone().unwrap_or_default();
     let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     'consuming: loop {
         if !failures.pause(shutdown.cancelled()).await {
-            return;
+            return Ok(());
         }
         let consumer = async {
             let stream = bus
@@ -275,31 +327,18 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
                 .await
                 .map_err(|error| error.to_string())
         };
-        let consumer = match consumer.await {
-            Ok(consumer) => consumer,
-            Err(error) => {
-                if failures.failed() {
-                    tracing::warn!(source = %config.name, stream = %stream_name, %error, failures = failures.failures(), stage = "consume", "opening the input stream failed, retrying");
-                }
-                continue;
-            }
-        };
+        let consumer = consumer
+            .await
+            .map_err(|error| format!("opening input stream `{stream_name}` failed: {error}"))?;
         // Short pull requests: after a shutdown, the server forgets this process's
         // requests within a second and hands what it returned to the next process.
-        let mut messages = match consumer
+        let mut messages = consumer
             .stream()
             .expires(Duration::from_secs(1))
             .messages()
             .await
-        {
-            Ok(messages) => messages,
-            Err(error) => {
-                if failures.failed() {
-                    tracing::warn!(source = %config.name, %error, failures = failures.failures(), stage = "consume", "consuming the input stream failed, retrying");
-                }
-                continue;
-            }
-        };
+            .map_err(|error| format!("consuming input stream `{stream_name}` failed: {error}"))?;
+        health.up();
         loop {
             let message = tokio::select! {
                 message = messages.next() => message,
@@ -316,7 +355,7 @@ async fn run_jetstream(config: Arc<NatsSourceConfig>, bus: Bus, shutdown: Cancel
                             .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
                             .await;
                     }
-                    return;
+                    return Ok(());
                 }
             };
             let message = match message {

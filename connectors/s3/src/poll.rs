@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_bus::Bus;
 use switchyard_bus::async_nats::jetstream::kv;
 use switchyard_event::backoff::Backoff;
-use switchyard_event::{Event, PublishError};
+use switchyard_event::{Event, PublishError, Source, SourceHealth};
 use tokio_util::sync::CancellationToken;
 
 use crate::notification::decode_key;
@@ -264,19 +264,73 @@ async fn state_bucket(bus: &Bus) -> Result<kv::Store, String> {
         .map_err(|error| error.to_string())
 }
 
+/// A poll source over its buckets, run and supervised by the binary.
+pub struct PollSource {
+    config: Arc<S3PollSourceConfig>,
+    store: Arc<StoreConfig>,
+    bus: Bus,
+    metrics: PollMetrics,
+}
+
+impl PollSource {
+    pub fn new(
+        config: S3PollSourceConfig,
+        store: StoreConfig,
+        bus: Bus,
+        metrics: PollMetrics,
+    ) -> Self {
+        PollSource {
+            config: Arc::new(config),
+            store: Arc::new(store),
+            bus,
+            metrics,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for PollSource {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "s3_poll"
+    }
+
+    /// Polls each bucket until `shutdown` (a failing scan is retried inside, from its
+    /// checkpoint, and counted in `switchyard_s3_poll_errors_total`). Fails when a
+    /// bucket's poller panicked; the others are stopped first.
+    async fn run(
+        &self,
+        health: &dyn SourceHealth,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        health.up();
+        run(
+            self.config.clone(),
+            self.store.clone(),
+            self.bus.clone(),
+            self.metrics.clone(),
+            shutdown,
+        )
+        .await
+    }
+}
+
 /// Runs a poll source until `shutdown`: one task per bucket.
-pub async fn run(
-    config: S3PollSourceConfig,
-    store: StoreConfig,
+async fn run(
+    config: Arc<S3PollSourceConfig>,
+    store: Arc<StoreConfig>,
     bus: Bus,
     metrics: PollMetrics,
     shutdown: CancellationToken,
-) {
+) -> Result<(), String> {
     let client = store.client().await;
-    let config = Arc::new(config);
-    let store = Arc::new(store);
+    // Stops the other buckets' pollers when one fails.
+    let shutdown = shutdown.child_token();
     let owner = uuid::Uuid::now_v7().simple().to_string();
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     for bucket in config.buckets.clone() {
         let poller = Poller {
             meters: Meters::new(&metrics, &config.name, &bucket),
@@ -288,11 +342,16 @@ pub async fn run(
             owner: owner.clone(),
             bucket,
         };
-        tasks.push(tokio::spawn(poller.run()));
+        tasks.spawn(poller.run());
     }
-    for task in tasks {
-        let _ = task.await;
+    let mut failed = None;
+    while let Some(ended) = tasks.join_next().await {
+        if let Err(error) = ended {
+            shutdown.cancel();
+            failed.get_or_insert_with(|| format!("a bucket's poller failed: {error}"));
+        }
     }
+    failed.map_or(Ok(()), Err)
 }
 
 fn now_ms() -> i64 {

@@ -11,6 +11,7 @@ mod binary;
 mod event;
 mod json;
 mod sink;
+mod source;
 mod target;
 pub mod timestamp;
 
@@ -20,4 +21,5 @@ pub use json::{
     StructuredError, is_json_content_type, parse_batch, parse_structured, to_structured_json,
 };
 pub use sink::{DedupHorizon, Destination, EventSink, PropertyValue, PublishError, PublishReceipt};
+pub use source::{Source, SourceHealth};
 pub use target::{BatchOutcome, Enricher, Failure, FunctionAnswer, Outcome, Target};

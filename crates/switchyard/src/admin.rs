@@ -1,6 +1,7 @@
-//! The admin listener: `/healthz` (the process is up), `/readyz` (connected to NATS
-//! and the streams exist), `/metrics` (Prometheus text format) and `/v1/triggers`
-//! (a read-only JSON view of each trigger with its lag and in-flight count).
+//! The admin listener: `/healthz` (the process is up), `/readyz` (connected to NATS,
+//! the streams exist, every source is up), `/metrics` (Prometheus text format),
+//! `/v1/triggers` (a read-only JSON view of each trigger with its lag and in-flight
+//! count) and `/v1/sources` (each source's state, restarts and last error).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -14,11 +15,14 @@ use prometheus_client::registry::Registry;
 use switchyard_bus::Bus;
 use switchyard_dispatcher::DispatcherView;
 
+use crate::sources::{SourceCell, SourceState, SourceStatus};
+
 #[derive(Clone)]
 pub struct AdminState {
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
     running: Arc<OnceLock<(DispatcherView, Bus)>>,
+    sources: Arc<OnceLock<Vec<Arc<SourceCell>>>>,
 }
 
 impl AdminState {
@@ -27,7 +31,19 @@ impl AdminState {
             registry,
             ready,
             running: Arc::new(OnceLock::new()),
+            sources: Arc::new(OnceLock::new()),
         }
+    }
+
+    pub fn set_sources(&self, sources: Vec<Arc<SourceCell>>) {
+        let _ = self.sources.set(sources);
+    }
+
+    fn source_statuses(&self) -> Vec<SourceStatus> {
+        self.sources
+            .get()
+            .map(|cells| cells.iter().map(|cell| cell.status()).collect())
+            .unwrap_or_default()
     }
 
     pub fn set_dispatcher(&self, view: DispatcherView, bus: Bus) {
@@ -41,6 +57,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/triggers", get(triggers))
+        .route("/v1/sources", get(sources))
         .with_state(state)
 }
 
@@ -49,7 +66,24 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         .running
         .get()
         .is_some_and(|(_, bus)| bus.is_connected());
-    if state.ready.load(Ordering::SeqCst) && connected {
+    let down: Vec<String> = state
+        .source_statuses()
+        .into_iter()
+        .filter(|status| status.state != SourceState::Running)
+        .map(|status| match status.last_error {
+            Some(error) if status.state == SourceState::Failed => {
+                format!("source `{}` failed: {error}", status.name)
+            }
+            _ => format!("source `{}` is starting", status.name),
+        })
+        .collect();
+    if state.ready.load(Ordering::SeqCst) && connected && !down.is_empty() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", down.join("; ")),
+        )
+            .into_response()
+    } else if state.ready.load(Ordering::SeqCst) && connected {
         (StatusCode::OK, "ready\n").into_response()
     } else if !connected && state.ready.load(Ordering::SeqCst) {
         (
@@ -98,4 +132,8 @@ async fn triggers(State(state): State<AdminState>) -> Response {
         "orphaned_consumers": orphaned,
     }))
     .into_response()
+}
+
+async fn sources(State(state): State<AdminState>) -> Response {
+    axum::Json(serde_json::json!({ "sources": state.source_statuses() })).into_response()
 }

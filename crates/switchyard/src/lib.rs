@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod dlq;
+pub mod sources;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use switchyard_dispatcher::{
     TriggerConfig,
 };
 use switchyard_event::backoff::Backoff;
-use switchyard_event::{Destination, EventSink, Target};
+use switchyard_event::{Destination, EventSink, Source, Target};
 use switchyard_targets::{HttpTarget, LogTarget, http_client};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -119,6 +120,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let poll_metrics = switchyard_connector_s3::poll::PollMetrics::default();
     #[cfg(feature = "s3")]
     poll_metrics.register(&mut registry);
+    let supervisor_metrics = sources::SourceMetrics::default();
+    supervisor_metrics.register(&mut registry);
     let registry = Arc::new(registry);
 
     let mut source_listeners = Vec::new();
@@ -276,7 +279,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_state.set_dispatcher(dispatcher.view(), bus.clone());
         let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
         let source_shutdown = CancellationToken::new();
-        let mut servers = Vec::new();
+        let mut supervised: Vec<Arc<dyn Source>> = Vec::new();
         for (http, listener) in source_listeners {
             let mut horizons: HashMap<String, Arc<dyn switchyard_event::DedupHorizon>> =
                 HashMap::new();
@@ -301,54 +304,47 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 reserved.clone(),
                 horizons,
             );
-            let stop = source_shutdown.clone();
             tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
-            servers.push(tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            }));
+            supervised.push(Arc::new(switchyard_connector_http::HttpSource::new(
+                http.name.clone(),
+                listener.into_std()?,
+                router,
+            )));
         }
         for nats in nats_sources {
             tracing::info!(source = %nats.name, "nats source consuming");
-            servers.push(tokio::spawn({
-                let bus = bus.clone();
-                let stop = source_shutdown.clone();
-                async move {
-                    switchyard_connector_nats::run(nats, bus, stop).await;
-                    Ok(())
-                }
-            }));
+            supervised.push(Arc::new(switchyard_connector_nats::NatsSource::new(
+                nats,
+                bus.clone(),
+            )));
         }
         #[cfg(feature = "kafka")]
         for kafka in kafka_sources {
-            servers.push(tokio::spawn({
-                let bus = bus.clone();
-                let stop = source_shutdown.clone();
-                let metrics = kafka_metrics.clone();
-                async move {
-                    if let Err(error) =
-                        switchyard_connector_kafka::run(kafka, bus, metrics, stop).await
-                    {
-                        tracing::error!(%error, "kafka source stopped");
-                    }
-                    Ok(())
-                }
-            }));
+            supervised.push(Arc::new(switchyard_connector_kafka::KafkaSource::new(
+                kafka,
+                bus.clone(),
+                kafka_metrics.clone(),
+            )));
         }
         #[cfg(feature = "s3")]
         for (poll, store) in poll_sources {
             tracing::info!(source = %poll.name, buckets = ?poll.buckets, "s3 poll source started");
-            servers.push(tokio::spawn({
-                let bus = bus.clone();
-                let stop = source_shutdown.clone();
-                let metrics = poll_metrics.clone();
-                async move {
-                    switchyard_connector_s3::poll::run(poll, store, bus, metrics, stop).await;
-                    Ok(())
-                }
-            }));
+            supervised.push(Arc::new(switchyard_connector_s3::poll::PollSource::new(
+                poll,
+                store,
+                bus.clone(),
+                poll_metrics.clone(),
+            )));
         }
+        let mut servers = Vec::new();
+        let mut cells = Vec::new();
+        for source in supervised {
+            let (cell, task) =
+                sources::supervise(source, &supervisor_metrics, source_shutdown.clone());
+            cells.push(cell);
+            servers.push(task);
+        }
+        admin_state.set_sources(cells);
         ready.store(true, Ordering::SeqCst);
         ready_signal.send_replace(true);
         tracing::info!(
