@@ -2,8 +2,9 @@
 //!
 //! (a) ingest: `POST /v1/events` to PubAck, Switchyard vs a bare hyper server that
 //!     publishes the same events and awaits the PubAck;
-//! (b) dispatch to a no-op HTTP function, vs a bare JetStream pull+ack loop and a bare
-//!     HTTP client hitting the same function;
+//! (b) dispatch to a no-op HTTP function, vs a bare JetStream pull+ack loop, a bare
+//!     HTTP client hitting the same function and a bare JetStream -> HTTP bridge, with
+//!     batching and the latency on a live stream (see `dispatch.rs`);
 //! (c) end-to-end latency from POST to the function at a fixed 1,000 events/s, with the
 //!     real `switchyard` binary as its own process;
 //! (d) that process's RSS at idle and under the load of (c);
@@ -12,6 +13,7 @@
 //! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
 
+mod dispatch;
 mod kafka;
 mod objects;
 
@@ -26,13 +28,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use switchyard_bus::async_nats::jetstream::{self, consumer::pull};
-use switchyard_event::{Event, EventSink};
+use switchyard_bus::async_nats::jetstream;
 
 const PAYLOAD: &str = r#"{"order":{"id":"A-1042","amount":129.95,"currency":"EUR","items":[{"sku":"tea-01","qty":3},{"sku":"mug-07","qty":1}]},"customer":"c-77"}"#;
 
@@ -423,149 +423,6 @@ async fn bench_ingest(
     Ok(())
 }
 
-async fn bench_dispatch(nats: &Nats, count: usize, concurrency: usize) -> anyhow::Result<()> {
-    let prefix = "benchdispatch";
-    let function = NoopFunction::start(false).await;
-    let (http_port, admin_port) = (free_port(), free_port());
-    let text = config_text(
-        &nats.url(),
-        prefix,
-        http_port,
-        admin_port,
-        Some(&function.url()),
-        true,
-    );
-    let config = switchyard::config::parse(Path::new("bench.toml"), &text, &|_| None)
-        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
-
-    // Store the events first, so every contender reads the same stored events.
-    let bus = switchyard_bus::Bus::connect(&config.nats).await?;
-    bus.ensure_streams().await?;
-    let mut index = 0;
-    while index < count {
-        let chunk: Vec<Event> = (index..(index + 1000).min(count))
-            .map(|index| {
-                let mut event =
-                    Event::new(format!("d-{index}"), "/bench", "com.example.bench.order");
-                event.datacontenttype = Some("application/json".into());
-                event.data = Bytes::from_static(PAYLOAD.as_bytes());
-                event
-            })
-            .collect();
-        index += chunk.len();
-        bus.publish_all(chunk).await?;
-    }
-
-    let only_switchyard = std::env::args().any(|argument| argument == "--switchyard-only");
-    if only_switchyard {
-        let started = Instant::now();
-        let running = switchyard::start(config).await?;
-        while (function.count.load(Ordering::Relaxed) as usize) < count {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        println!(
-            "switchyard alone: {:.0} events/s",
-            count as f64 / started.elapsed().as_secs_f64()
-        );
-        running.stop().await?;
-        return Ok(());
-    }
-
-    // Bare JetStream: pull and ack every event.
-    let stream = bus.jetstream().get_stream(bus.events_stream()).await?;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("bare-pull".into()),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: 10_000,
-            ..Default::default()
-        })
-        .await?;
-    let cpu_before_pull = cpu_both(nats);
-    let started = Instant::now();
-    let mut received = 0;
-    while received < count {
-        let mut batch = consumer.fetch().max_messages(256).messages().await?;
-        while let Some(message) = batch.next().await {
-            message
-                .map_err(|error| anyhow::anyhow!("{error}"))?
-                .ack()
-                .await
-                .map_err(|error| anyhow::anyhow!("{error}"))?;
-            received += 1;
-        }
-    }
-    let bare_pull = started.elapsed();
-    let cpu_pull = cpu_both(nats) - cpu_before_pull;
-
-    // Bare HTTP client: POST the same event to the function, `concurrency` at a time.
-    let client = client();
-    let next = Arc::new(AtomicU64::new(0));
-    let cpu_before_http = cpu_both(nats);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let client = client.clone();
-        let next = next.clone();
-        let url = function.url();
-        workers.push(tokio::spawn(async move {
-            while (next.fetch_add(1, Ordering::Relaxed) as usize) < count {
-                let response = binary_request(&client, &url, "bare").send().await.unwrap();
-                let _ = response.bytes().await;
-            }
-        }));
-    }
-    for worker in workers {
-        worker.await?;
-    }
-    let bare_http = started.elapsed();
-    let cpu_http = cpu_both(nats) - cpu_before_http;
-    function.count.store(0, Ordering::SeqCst);
-
-    // Switchyard: a trigger reading the same stored events.
-    let cpu_before_dispatch = cpu_both(nats);
-    let started = Instant::now();
-    let running = switchyard::start(config).await?;
-    while (function.count.load(Ordering::Relaxed) as usize) < count {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let dispatched = started.elapsed();
-    let cpu_dispatch = cpu_both(nats) - cpu_before_dispatch;
-    running.stop().await?;
-
-    let rate = |elapsed: Duration| count as f64 / elapsed.as_secs_f64();
-    let slower = rate(bare_pull).min(rate(bare_http));
-    println!(
-        "### (b) dispatch to a no-op HTTP function ({count} stored events, concurrency {concurrency})\n"
-    );
-    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / count as f64;
-    println!("| loop | events/s | CPU µs per event (bench process + nats-server) |\n|---|---|---|");
-    println!(
-        "| switchyard dispatcher (pull, filter, invoke, ack) | {:.0} | {:.1} |",
-        rate(dispatched),
-        per_event(cpu_dispatch)
-    );
-    println!(
-        "| bare JetStream pull + ack | {:.0} | {:.1} |",
-        rate(bare_pull),
-        per_event(cpu_pull)
-    );
-    println!(
-        "| bare HTTP client -> function | {:.0} | {:.1} |",
-        rate(bare_http),
-        per_event(cpu_http)
-    );
-    println!(
-        "\nthe two bare loops together cost {:.1} µs of CPU per event; the dispatcher does both jobs",
-        per_event(cpu_pull) + per_event(cpu_http)
-    );
-    println!(
-        "\nratio: {:.0}% of the slower bare loop (target >= 70%)\n",
-        100.0 * rate(dispatched) / slower
-    );
-    Ok(())
-}
-
 /// CPU time (user + system) a process has used so far.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -765,7 +622,7 @@ fn main() -> anyhow::Result<()> {
             .any(|argument| argument == "--dispatch-only")
         {
             // For profiling one part alone.
-            bench_dispatch(&nats, 50_000, 64).await?;
+            dispatch::bench_dispatch(&nats, 50_000).await?;
             return Ok(());
         }
         println!(
@@ -773,7 +630,7 @@ fn main() -> anyhow::Result<()> {
             std::thread::available_parallelism().map_or(0, |cores| cores.get())
         );
         bench_ingest(&nats, count, 64, rounds).await?;
-        bench_dispatch(&nats, count, 64).await?;
+        dispatch::bench_dispatch(&nats, count).await?;
         bench_latency_and_memory(&nats, &binary, 1000, if quick { 2 } else { 10 }).await?;
         kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
         let (notified, polled) = if quick { (500, 2_000) } else { (2_000, 20_000) };

@@ -200,9 +200,7 @@ pub(crate) async fn prepare<'a>(
             // be read) none of them is taken for an unfinished one.
             let mut record_known = true;
             let record = if delivered > 1 {
-                shared
-                    .records
-                    .read(&trigger.config.name, info.stream_sequence)
+                Box::pin(shared.records.read(&trigger.config.name, info.stream_sequence))
                     .await
                     .unwrap_or_else(|error| {
                         tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "dispatch", "reading the delivery record failed; attempts may be undercounted");
@@ -257,9 +255,7 @@ pub(crate) async fn prepare<'a>(
         }
         Err(error) => {
             tracing::error!(trigger = %trigger.config.name, %error, stage = "dispatch", "message without jetstream metadata, handing back");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+            let _ = Box::pin(message.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))).await;
             return None;
         }
     };
@@ -276,14 +272,14 @@ pub(crate) async fn prepare<'a>(
         Ok(event) => event,
         Err(error) => {
             let failure = Failure::new(None, format!("not a valid cloudevent: {error}"));
-            handling.dead_letter_raw(&failure).await;
+            Box::pin(handling.dead_letter_raw(&failure)).await;
             return None;
         }
     };
     let direct = message.subject.as_str() == trigger.direct_subject;
     if !direct && !trigger.config.filter.matches(&event) {
         trigger.metrics.filtered.inc();
-        let _ = message.ack().await;
+        let _ = Box::pin(message.ack()).await;
         return None;
     }
     let policy = &trigger.config.retry;
@@ -295,9 +291,7 @@ pub(crate) async fn prepare<'a>(
             .unwrap_or_else(|| Failure::new(None, "dead-lettered by an earlier delivery"));
         let reason = reason.clone();
         let attempts = delivery.attempt - 1;
-        handling
-            .dead_letter(event, &reason, attempts, &failure, None)
-            .await;
+        Box::pin(handling.dead_letter(event, &reason, attempts, &failure, None)).await;
         return None;
     }
     if delivery.unfinished >= u64::from(policy.max_unfinished.max(1)) {
@@ -314,9 +308,7 @@ pub(crate) async fn prepare<'a>(
             ),
         );
         let attempts = delivery.attempt - 1;
-        handling
-            .dead_letter(event, REASON_UNPROCESSABLE, attempts, &failure, None)
-            .await;
+        Box::pin(handling.dead_letter(event, REASON_UNPROCESSABLE, attempts, &failure, None)).await;
         return None;
     }
     // Only when an earlier attempt's failure is on record.
@@ -327,8 +319,7 @@ pub(crate) async fn prepare<'a>(
             .last_failure()
             .unwrap_or_else(|| Failure::new(None, "attempts exhausted"));
         let attempts = delivery.attempt - 1;
-        handling
-            .dead_letter(event, REASON_ATTEMPTS_EXHAUSTED, attempts, &failure, None)
+        Box::pin(handling.dead_letter(event, REASON_ATTEMPTS_EXHAUSTED, attempts, &failure, None))
             .await;
         return None;
     }
@@ -347,9 +338,14 @@ pub(crate) async fn prepare<'a>(
                 )
             });
             let attempts = delivery.attempt - 1;
-            handling
-                .dead_letter(event, REASON_MAX_AGE_EXCEEDED, attempts, &failure, None)
-                .await;
+            Box::pin(handling.dead_letter(
+                event,
+                REASON_MAX_AGE_EXCEEDED,
+                attempts,
+                &failure,
+                None,
+            ))
+            .await;
             return None;
         }
     }

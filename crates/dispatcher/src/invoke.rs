@@ -68,10 +68,10 @@ pub(crate) async fn handle_message(
     }
     if permits.trigger.is_none() {
         tokio::select! {
-            taken = trigger.permits.clone().acquire_owned() => permits.trigger = Some(taken.expect("never closed")),
+            taken = Box::pin(trigger.permits.clone().acquire_owned()) => permits.trigger = Some(taken.expect("never closed")),
             () = keep_in_progress(&message, every) => {}
             () = shutdown.cancelled() => {
-                hand_back(&trigger, &shared, &message, None).await;
+                Box::pin(hand_back(&trigger, &shared, &message, None)).await;
                 return;
             }
         }
@@ -79,11 +79,11 @@ pub(crate) async fn handle_message(
     if permits.shared.is_none() {
         // The event of an idle trigger's pull: take the shared permits now.
         tokio::select! {
-            taken = acquire_shared_permits(&trigger, &shared) => permits.shared = Some(taken),
+            taken = Box::pin(acquire_shared_permits(&trigger, &shared)) => permits.shared = Some(taken),
             () = keep_in_progress(&message, every) => {}
             () = shutdown.cancelled() => {
                 // Not started yet: hand it back at once for another process.
-                hand_back(&trigger, &shared, &message, None).await;
+                Box::pin(hand_back(&trigger, &shared, &message, None)).await;
                 return;
             }
         }
@@ -159,14 +159,13 @@ pub(crate) async fn handle(
     else {
         // Called, outcome unknown: recorded as an attempt.
         let failure = Failure::new(None, "invocation abandoned at shutdown (grace period over)");
-        handling
-            .hand_back_recorded(
-                None,
-                Some(&failure),
-                Some(&rfc3339(attempt_started_at)),
-                None,
-            )
-            .await;
+        Box::pin(handling.hand_back_recorded(
+            None,
+            Some(&failure),
+            Some(&rfc3339(attempt_started_at)),
+            None,
+        ))
+        .await;
         return Settled::Done;
     };
     trigger
@@ -177,11 +176,9 @@ pub(crate) async fn handle(
         Outcome::Delivered {
             reply: Some(reply), ..
         } if trigger.config.publish_replies => {
-            match shared
-                .bus
-                .publish_events(std::slice::from_ref(&reply))
-                .await
-            {
+            // Boxed here and on the other rare paths: the future of every event's
+            // task stays small (spawning moves and allocates all of it).
+            match Box::pin(shared.bus.publish_events(std::slice::from_ref(&reply))).await {
                 Ok(receipts) => {
                     if receipts.first().is_some_and(|receipt| receipt.duplicate) {
                         // The stream already holds an event with this source and id

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::future::{Fuse, FusedFuture};
+use futures::{FutureExt, StreamExt};
 use switchyard_bus::async_nats::StatusCode;
 use switchyard_bus::async_nats::jetstream::{self, consumer::pull};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,9 @@ struct PullRequest {
     /// After this, the request has certainly ended on the server, answered or not.
     give_up_at: tokio::time::Instant,
 }
+
+/// Longest a pull waits for more permits to gather under load (see the loop).
+const PULL_GATHER: Duration = Duration::from_millis(1);
 
 /// How long after a request's expiry its end may still be reported.
 const PULL_SLACK: Duration = Duration::from_secs(2);
@@ -81,6 +85,16 @@ pub(crate) async fn pull_loop(
     let mut next_id: u64 = 0;
     let mut unrequested: Vec<Permits> = Vec::new();
     let mut failures = consumer_backoff();
+    // Since when permits wait for the next pull to be sent.
+    let mut gather_since: Option<tokio::time::Instant> = None;
+    // Waiting for permits when none was free, kept across turns of the loop (made
+    // anew each turn it would queue and unqueue a waiter on every semaphore per event).
+    let mut acquiring = std::pin::pin!(acquire_permits(&trigger, &shared, true).fuse());
+    acquiring.set(Fuse::terminated());
+    // One timer for the loop's deadlines (gathering permits, giving up on a request),
+    // reset only when the next deadline moves.
+    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    let mut timer_at: Option<tokio::time::Instant> = None;
     // An event no permit waits for goes back unattempted, recorded as such, off the
     // loop's path.
     let hand_back_late = |message: switchyard_bus::async_nats::Message| {
@@ -136,7 +150,18 @@ pub(crate) async fn pull_loop(
                 None => break,
             }
         }
-        if current.is_none() && !unrequested.is_empty() {
+        // Under load, a pull waits until a quarter of the events in flight have freed
+        // their permits (or PULL_GATHER passed): one request per event would cost the
+        // server a request each, while completions come in a steady stream.
+        let gather = if idle || direct { 1 } else { (own / 4).max(1) };
+        if current.is_some() || unrequested.is_empty() {
+            gather_since = None;
+        } else if gather_since.is_none() {
+            gather_since = Some(tokio::time::Instant::now());
+        }
+        let gathered = unrequested.len() >= gather
+            || gather_since.is_some_and(|since| since.elapsed() >= PULL_GATHER);
+        if current.is_none() && !unrequested.is_empty() && gathered {
             next_id += 1;
             let request = pull::BatchConfig {
                 batch: unrequested.len(),
@@ -157,77 +182,103 @@ pub(crate) async fn pull_loop(
         }
         let outstanding = current.as_ref().map_or(0, |request| request.permits.len());
         let can_take_more = !direct && outstanding + unrequested.len() < wanted;
+        if can_take_more && acquiring.is_terminated() {
+            acquiring.set(acquire_permits(&trigger, &shared, !idle).fuse());
+        }
         let give_up = current.as_ref().map(|request| request.give_up_at);
+        let gather_until = gather_since.map(|since| since + PULL_GATHER);
+        let next_deadline = match (give_up, gather_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if next_deadline != timer_at {
+            if let Some(at) = next_deadline {
+                timer.as_mut().reset(at);
+            }
+            timer_at = next_deadline;
+        }
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             message = subscription.next() => {
-                let Some(message) = message else {
-                    failures.failed();
-                    log_failure(&trigger, &failures, "receive", &"subscription closed");
-                    match client.subscribe(format!("{inbox}.*")).await {
-                        Ok(renewed) => subscription = renewed,
-                        Err(error) => log_failure(&trigger, &failures, "subscribe", &error),
-                    }
-                    continue;
-                };
-                match message.status {
-                    None | Some(StatusCode::OK) => {
-                        let permits = current.as_mut().and_then(|request| request.permits.pop());
-                        if current.as_ref().is_some_and(|request| request.permits.is_empty()) {
-                            // Fulfilled: the server sends nothing more for it.
-                            current = None;
+                // Every message already received is taken in this turn (at most a
+                // request's worth), not one per turn of the loop.
+                let mut next = Some(message);
+                let mut taken = 0;
+                while let Some(message) = next.take() {
+                    let Some(message) = message else {
+                        failures.failed();
+                        log_failure(&trigger, &failures, "receive", &"subscription closed");
+                        match client.subscribe(format!("{inbox}.*")).await {
+                            Ok(renewed) => subscription = renewed,
+                            Err(error) => log_failure(&trigger, &failures, "subscribe", &error),
                         }
-                        match permits {
-                            Some(permits) => {
-                                own_in_flight.fetch_add(1, Ordering::Relaxed);
-                                let own_in_flight = own_in_flight.clone();
-                                let handling = handle_message(
-                                    trigger.clone(),
-                                    shared.clone(),
-                                    jetstream::Message { message, context: context.clone() },
-                                    permits,
-                                    shutdown.clone(),
-                                    abandon.clone(),
-                                );
-                                tracker.spawn(async move {
-                                    handling.await;
-                                    own_in_flight.fetch_sub(1, Ordering::Relaxed);
-                                });
+                        continue;
+                    };
+                    match message.status {
+                        None | Some(StatusCode::OK) => {
+                            let permits = current.as_mut().and_then(|request| request.permits.pop());
+                            if current.as_ref().is_some_and(|request| request.permits.is_empty()) {
+                                // Fulfilled: the server sends nothing more for it.
+                                current = None;
                             }
-                            // An event of a request already given up on: hand it
-                            // back for another pull.
-                            None => hand_back_late(message),
+                            match permits {
+                                Some(permits) => {
+                                    own_in_flight.fetch_add(1, Ordering::Relaxed);
+                                    let own_in_flight = own_in_flight.clone();
+                                    let handling = handle_message(
+                                        trigger.clone(),
+                                        shared.clone(),
+                                        jetstream::Message { message, context: context.clone() },
+                                        permits,
+                                        shutdown.clone(),
+                                        abandon.clone(),
+                                    );
+                                    tracker.spawn(async move {
+                                        handling.await;
+                                        own_in_flight.fetch_sub(1, Ordering::Relaxed);
+                                    });
+                                }
+                                // An event of a request already given up on: hand it
+                                // back for another pull.
+                                None => hand_back_late(message),
+                            }
+                        }
+                        Some(StatusCode::IDLE_HEARTBEAT) => {}
+                        status => {
+                            // The request ended (expired, or terminated by the server):
+                            // its remaining permits come back. An end of an older request
+                            // is ignored.
+                            let id = request_id(message.subject.as_str());
+                            if current.as_ref().is_some_and(|request| Some(request.id) == id) {
+                                current = None;
+                            }
+                            let accounted = matches!(status, Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED))
+                                && message
+                                    .headers
+                                    .as_ref()
+                                    .is_some_and(|headers| headers.get("Nats-Pending-Messages").is_some());
+                            if !accounted {
+                                // No responders, a deleted consumer, a leader change.
+                                failures.failed();
+                                let description = message.description.clone().unwrap_or_default();
+                                log_failure(&trigger, &failures, "pull", &format!("status {status:?}: {description}"));
+                            }
                         }
                     }
-                    Some(StatusCode::IDLE_HEARTBEAT) => {}
-                    status => {
-                        // The request ended (expired, or terminated by the server):
-                        // its remaining permits come back. An end of an older request
-                        // is ignored.
-                        let id = request_id(message.subject.as_str());
-                        if current.as_ref().is_some_and(|request| Some(request.id) == id) {
-                            current = None;
-                        }
-                        let accounted = matches!(status, Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED))
-                            && message
-                                .headers
-                                .as_ref()
-                                .is_some_and(|headers| headers.get("Nats-Pending-Messages").is_some());
-                        if !accounted {
-                            // No responders, a deleted consumer, a leader change.
-                            failures.failed();
-                            let description = message.description.clone().unwrap_or_default();
-                            log_failure(&trigger, &failures, "pull", &format!("status {status:?}: {description}"));
-                        }
+                    taken += 1;
+                    if taken < max.max(16) {
+                        next = subscription.next().now_or_never();
                     }
                 }
             }
-            permits = acquire_permits(&trigger, &shared, !idle), if can_take_more => {
+            permits = &mut acquiring, if !acquiring.is_terminated() => {
                 unrequested.push(permits);
             }
-            () = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => {
-                // The loop's top forgets the request.
+            () = &mut timer, if timer_at.is_some() => {
+                // A deadline passed: the loop's top sends the gathered pull, or
+                // forgets a request whose end never came.
+                timer_at = None;
             }
             () = trigger.permit_wanted.notified(), if !direct => {
                 // A due retry or replay waits: give it a permit held for a pull (an

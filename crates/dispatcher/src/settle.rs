@@ -50,7 +50,7 @@ pub(crate) async fn hand_back_in_place(
     in_place: &InPlace,
 ) {
     if in_place.attempts == 0 {
-        return hand_back(trigger, shared, message, None).await;
+        return Box::pin(hand_back(trigger, shared, message, None)).await;
     }
     if let Ok(info) = message.info()
         && let Err(error) = shared
@@ -120,7 +120,7 @@ impl Handling<'_> {
             };
         }
         for attempt in 1..=3u64 {
-            match self.message.double_ack_with(kind).await {
+            match Box::pin(self.message.double_ack_with(kind)).await {
                 Ok(()) => return true,
                 Err(error) => {
                     tracing::warn!(trigger = %self.trigger.config.name, %error, attempt, stage = "ack", "the server did not confirm an acknowledgement");
@@ -186,11 +186,14 @@ impl Handling<'_> {
     ) -> Settled {
         let (trigger, shared, delivery) = (self.trigger, self.shared, &self.delivery);
         let policy = &trigger.config.retry;
-        let first_attempt_at = delivery
-            .state
-            .first_attempt_at
-            .clone()
-            .unwrap_or_else(|| rfc3339(attempt_started_at));
+        // Formatted only when an outcome needs it (not for the common success).
+        let first_attempt_at = || {
+            delivery
+                .state
+                .first_attempt_at
+                .clone()
+                .unwrap_or_else(|| rfc3339(attempt_started_at))
+        };
         let outcome = match (outcome, &trigger.destinations.on_success) {
             (Outcome::Delivered { reply, answer }, Some(destination)) => {
                 let record =
@@ -240,13 +243,13 @@ impl Handling<'_> {
                     .set(trigger.function.limit.limit() as i64);
                 if delivery.attempt >= policy.max_attempts() {
                     let attempts = delivery.attempt;
-                    self.dead_letter(
+                    Box::pin(self.dead_letter(
                         event,
                         REASON_ATTEMPTS_EXHAUSTED,
                         attempts,
                         &failure,
-                        Some(first_attempt_at),
-                    )
+                        Some(first_attempt_at()),
+                    ))
                     .await;
                     return Settled::Done;
                 }
@@ -278,23 +281,22 @@ impl Handling<'_> {
                 if let Some(held) = in_place {
                     // Held in place: the key's later events wait behind it.
                     held.attempts += 1;
-                    held.first_attempt_at = Some(first_attempt_at);
+                    held.first_attempt_at = Some(first_attempt_at());
                     held.last_failure = Some(failure);
                     return Settled::RetryIn(delay);
                 }
-                self.schedule_retry(&event, &failure, first_attempt_at, delay)
-                    .await;
+                Box::pin(self.schedule_retry(&event, &failure, first_attempt_at(), delay)).await;
             }
             Outcome::Rejected { failure } => {
                 trigger.metrics.rejected.inc();
                 let attempts = delivery.attempt;
-                self.dead_letter(
+                Box::pin(self.dead_letter(
                     event,
                     REASON_REJECTED,
                     attempts,
                     &failure,
-                    Some(first_attempt_at),
-                )
+                    Some(first_attempt_at()),
+                ))
                 .await;
             }
         }
@@ -371,8 +373,13 @@ impl Handling<'_> {
             Err(error) => {
                 tracing::warn!(event_id = %event.id, trigger = %trigger.config.name, %error, stage = "retry", "storing the retry failed, holding the event on the trigger instead");
                 let first_attempt_at = state.first_attempt_at.as_deref();
-                self.hand_back_recorded(Some(delay), Some(failure), first_attempt_at, None)
-                    .await;
+                Box::pin(self.hand_back_recorded(
+                    Some(delay),
+                    Some(failure),
+                    first_attempt_at,
+                    None,
+                ))
+                .await;
             }
         }
     }
@@ -403,10 +410,7 @@ impl Handling<'_> {
             event_sequence: delivery.sequence,
         };
         let (headers, payload) = dead_letter.to_message_within(self.shared.bus.max_payload());
-        if !self
-            .store_dead_letter(headers, payload, Some(&dead_letter))
-            .await
-        {
+        if !Box::pin(self.store_dead_letter(headers, payload, Some(&dead_letter))).await {
             return;
         }
         self.shared
@@ -488,7 +492,7 @@ impl Handling<'_> {
             payload.truncate(room);
             headers = record;
         }
-        if self.store_dead_letter(headers, payload, None).await {
+        if Box::pin(self.store_dead_letter(headers, payload, None)).await {
             tracing::error!(trigger = %trigger.config.name, sequence, error = %failure.error, "malformed message dead-lettered");
         }
     }
@@ -520,7 +524,7 @@ impl Handling<'_> {
                     // it again without invoking (the stored copy is deduplicated)
                     // and publishes again.
                     tracing::error!(trigger = %self.trigger.config.name, destination = %destination.describe(), %error, stage = "dead_letter", "publishing the dead letter to its destination failed, retrying");
-                    self.hand_back_dead_letter(record).await;
+                    Box::pin(self.hand_back_dead_letter(record)).await;
                     return false;
                 }
                 if !self.acknowledge(AckKind::Term).await
@@ -528,18 +532,23 @@ impl Handling<'_> {
                     && let Some(record) = record
                 {
                     // If it comes back, it is dead-lettered again without invoking.
-                    self.hand_back_dead_letter(record).await;
+                    Box::pin(self.hand_back_dead_letter(record)).await;
                 }
                 true
             }
             Err(error) => {
                 tracing::error!(trigger = %self.trigger.config.name, %error, stage = "dead_letter", "storing the dead letter failed, handing the event back");
                 match record {
-                    Some(record) => self.hand_back_dead_letter(record).await,
+                    Some(record) => Box::pin(self.hand_back_dead_letter(record)).await,
                     // A malformed message: the next delivery dead-letters it again.
                     None => {
-                        self.hand_back_recorded(Some(Duration::from_secs(5)), None, None, None)
-                            .await;
+                        Box::pin(self.hand_back_recorded(
+                            Some(Duration::from_secs(5)),
+                            None,
+                            None,
+                            None,
+                        ))
+                        .await;
                     }
                 }
                 false
@@ -551,12 +560,12 @@ impl Handling<'_> {
     /// (and publishes) it without calling the function again.
     pub(crate) async fn hand_back_dead_letter(&self, record: &DeadLetter) {
         let failure = Failure::new(record.last_status, record.last_error.clone());
-        self.hand_back_recorded(
+        Box::pin(self.hand_back_recorded(
             Some(Duration::from_secs(5)),
             Some(&failure),
             record.first_attempt_at.as_deref(),
             Some(&record.reason),
-        )
+        ))
         .await;
     }
 }
