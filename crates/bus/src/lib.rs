@@ -161,6 +161,23 @@ pub fn redact_url(urls: &str) -> String {
         .join(",")
 }
 
+/// The servers of a `nats.url`: one URL, or several separated by commas.
+pub fn server_addresses(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|error| format!("`{}` is not a NATS server URL: {error}", redact_url(url)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err("no NATS server URL given".to_owned());
+    }
+    Ok(servers)
+}
+
 /// A failure talking to NATS, with the stage it happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -223,6 +240,12 @@ impl Bus {
         config: &BusConfig,
         metrics: ConnectionMetrics,
     ) -> Result<Bus, BusError> {
+        // `url` may list several servers of a cluster, comma-separated: the client
+        // connects to one and fails over to the others.
+        let servers = server_addresses(&config.url).map_err(|reason| BusError::Connect {
+            url: redact_url(&config.url),
+            reason,
+        })?;
         let client = async_nats::ConnectOptions::new()
             .name("switchyard")
             .event_callback(move |event| {
@@ -254,7 +277,7 @@ impl Bus {
                 }
             })
             .connection_timeout(Duration::from_secs(5))
-            .connect(config.url.as_str())
+            .connect(servers.as_slice())
             .await
             .map_err(|error| BusError::Connect {
                 url: redact_url(&config.url),
@@ -1056,6 +1079,18 @@ impl Bus {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_url_may_list_the_servers_of_a_cluster() {
+        let servers =
+            server_addresses("nats://n1:4222, nats://n2:4222,nats://user:secret@n3:4222").unwrap();
+        assert_eq!(servers.len(), 3);
+        assert_eq!(server_addresses("nats://127.0.0.1:4222").unwrap().len(), 1);
+        assert!(server_addresses(" , ").is_err());
+        let error = server_addresses("nats://a:1,http://user:secret@b:x").unwrap_err();
+        assert!(!error.contains("secret"), "{error}");
+    }
+
     use super::*;
 
     #[test]

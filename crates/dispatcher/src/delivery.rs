@@ -59,6 +59,10 @@ pub struct DeliveryRecord {
     /// the next delivery stores it without invoking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// JetStream's delivery count of the delivery that wrote the record last: a write
+    /// retried after a lost reply finds its own mark and is not counted twice.
+    #[serde(default)]
+    pub last_delivery: u64,
 }
 
 /// The KV bucket of delivery records.
@@ -108,10 +112,14 @@ impl DeliveryRecords {
     /// Records one more ended delivery of copy `sequence`, changed by `change`
     /// (compare-and-set: only one process holds a copy at a time, but a slow write of
     /// an earlier holder must not be lost).
+    /// `delivery` is JetStream's delivery count of the delivery that ends (0 when
+    /// unknown): a retry whose earlier write landed (its reply was lost) sees its mark
+    /// and changes nothing.
     pub async fn end_delivery(
         &self,
         trigger: &str,
         sequence: u64,
+        delivery: u64,
         change: impl Fn(&mut DeliveryRecord),
     ) -> Result<(), String> {
         let key = self.key(trigger, sequence);
@@ -129,7 +137,11 @@ impl DeliveryRecords {
                 ),
                 _ => (DeliveryRecord::default(), None),
             };
+            if delivery > 0 && record.last_delivery == delivery {
+                return Ok(());
+            }
             record.ended += 1;
+            record.last_delivery = delivery;
             change(&mut record);
             let value = serde_json::to_vec(&record).expect("a record serializes");
             let written = match revision {
@@ -161,6 +173,8 @@ pub(crate) struct Delivery {
     pub(crate) attempt: u64,
     /// Sequence of this copy (original, or a due retry) in the events stream.
     pub(crate) sequence: u64,
+    /// JetStream's count of this copy's deliveries, this one included.
+    pub(crate) delivered: u64,
     /// Sequence of the original event.
     pub(crate) event_sequence: u64,
     pub(crate) received_at: time::OffsetDateTime,
@@ -244,6 +258,7 @@ pub(crate) async fn prepare<'a>(
                 pending_dead_letter: record.dead_letter,
                 in_place_attempts,
                 sequence: info.stream_sequence,
+                delivered,
                 event_sequence: state.event_sequence.unwrap_or(info.stream_sequence),
                 received_at: state
                     .received_at

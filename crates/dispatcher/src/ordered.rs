@@ -21,7 +21,7 @@
 //! pending count is all its own, so a redelivered earlier event is never passed by a
 //! later one of the same key.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,9 +131,12 @@ async fn hold_partition(
     let every = (trigger.config.ack_wait / 3).max(Duration::from_millis(100));
     let mut queues: HashMap<String, VecDeque<Held>> = HashMap::new();
     let mut ready: VecDeque<String> = VecDeque::new();
-    let mut running: HashSet<String> = HashSet::new();
+    // The key of each running invocation, with its event's sequence.
+    let mut running: HashMap<String, u64> = HashMap::new();
     let mut waiting: DelayQueue<String> = DelayQueue::new();
-    let mut invocations: JoinSet<(String, Settled, InPlace)> = JoinSet::new();
+    // Each finished invocation names its key and the stream sequence of the event it
+    // handled: a redelivered copy of an earlier event can be queued before it meanwhile.
+    let mut invocations: JoinSet<(String, u64, Settled, InPlace)> = JoinSet::new();
     let mut held: usize = 0;
     // Nothing is invoked until events held by an earlier holder are settled.
     let mut settled_handover = false;
@@ -167,13 +170,16 @@ async fn hold_partition(
                 biased;
                 () = shutdown.cancelled() => break 'consuming,
                 Some(finished) = invocations.join_next(), if !invocations.is_empty() => {
-                    let Ok((key, settled, in_place)) = finished else { continue };
+                    let Ok((key, sequence, settled, in_place)) = finished else { continue };
                     running.remove(&key);
+                    let queue = queues.get_mut(&key).expect("a running key has a queue");
+                    let position = queue.iter().position(|held| held.sequence == sequence);
                     match settled {
                         Settled::Done => {
-                            let queue = queues.get_mut(&key).expect("a running key has a queue");
-                            queue.pop_front();
-                            held -= 1;
+                            if let Some(position) = position {
+                                queue.remove(position);
+                                held -= 1;
+                            }
                             if queue.is_empty() {
                                 queues.remove(&key);
                             } else {
@@ -181,8 +187,8 @@ async fn hold_partition(
                             }
                         }
                         Settled::RetryIn(delay) => {
-                            if let Some(head) = queues.get_mut(&key).and_then(VecDeque::front_mut) {
-                                head.in_place = in_place;
+                            if let Some(position) = position {
+                                queue[position].in_place = in_place;
                             }
                             waiting.insert(key, delay);
                         }
@@ -201,8 +207,9 @@ async fn hold_partition(
                 permits = acquire_permits(trigger, shared, true), if can_start => {
                     let Some(key) = ready.pop_front() else { continue };
                     let Some(head) = queues.get(&key).and_then(VecDeque::front) else { continue };
-                    running.insert(key.clone());
                     let (message, mut in_place) = (head.message.clone(), head.in_place.clone());
+                    let sequence = head.sequence;
+                    running.insert(key.clone(), sequence);
                     let (trigger, shared) = (trigger.clone(), shared.clone());
                     let (shutdown, abandon) = (shutdown.clone(), abandon.clone());
                     let (panicked_key, in_place_before) = (key.clone(), in_place.clone());
@@ -219,7 +226,7 @@ async fn hold_partition(
                             // its in-place attempts recorded for the next holder.
                             crate::settle::hand_back_in_place(&trigger, &shared, &message, &in_place).await;
                         }
-                        (key, settled, in_place)
+                        (key, sequence, settled, in_place)
                     };
                     invocations.spawn(tracker.track_future(async move {
                         // A panic must not leave its key marked running forever (its
@@ -240,7 +247,7 @@ async fn hold_partition(
                                     None,
                                     "the invocation panicked",
                                 ));
-                                (panicked_key, Settled::RetryIn(PANIC_RETRY), in_place)
+                                (panicked_key, sequence, Settled::RetryIn(PANIC_RETRY), in_place)
                             }
                         }
                     }));
@@ -314,8 +321,8 @@ async fn hold_partition(
     // then give the partition up so another process takes it at once.
     let mut handed_back = 0;
     for (key, queue) in &queues {
-        for (position, event) in queue.iter().enumerate() {
-            if position == 0 && running.contains(key) {
+        for event in queue {
+            if running.get(key) == Some(&event.sequence) {
                 continue;
             }
             crate::settle::hand_back_in_place(trigger, shared, &event.message, &event.in_place)
@@ -329,8 +336,10 @@ async fn hold_partition(
         invocations.detach_all();
     } else {
         while let Some(finished) = invocations.join_next().await {
-            if let Ok((key, Settled::RetryIn(_), in_place)) = finished
-                && let Some(head) = queues.get(&key).and_then(VecDeque::front)
+            if let Ok((key, sequence, Settled::RetryIn(_), in_place)) = finished
+                && let Some(head) = queues
+                    .get(&key)
+                    .and_then(|queue| queue.iter().find(|held| held.sequence == sequence))
             {
                 crate::settle::hand_back_in_place(trigger, shared, &head.message, &in_place).await;
                 handed_back += 1;

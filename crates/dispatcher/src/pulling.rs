@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use futures::future::{Fuse, FusedFuture};
 use futures::{FutureExt, StreamExt};
 use switchyard_bus::async_nats::StatusCode;
 use switchyard_bus::async_nats::jetstream::{self, consumer::pull};
@@ -31,6 +30,9 @@ struct PullRequest {
     permits: Vec<Permits>,
     /// After this, the request has certainly ended on the server, answered or not.
     give_up_at: tokio::time::Instant,
+    /// Made while the trigger was idle: one event, covered by the trigger's permit
+    /// only.
+    idle: bool,
 }
 
 /// Longest a pull waits for more permits to gather under load (see the loop).
@@ -87,10 +89,6 @@ pub(crate) async fn pull_loop(
     let mut failures = consumer_backoff();
     // Since when permits wait for the next pull to be sent.
     let mut gather_since: Option<tokio::time::Instant> = None;
-    // Waiting for permits when none was free, kept across turns of the loop (made
-    // anew each turn it would queue and unqueue a waiter on every semaphore per event).
-    let mut acquiring = std::pin::pin!(acquire_permits(&trigger, &shared, true).fuse());
-    acquiring.set(Fuse::terminated());
     // One timer for the loop's deadlines (gathering permits, giving up on a request),
     // reset only when the next deadline moves.
     let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
@@ -131,7 +129,9 @@ pub(crate) async fn pull_loop(
         // per trigger waits so, with progress acks). Once events flow, every pull is
         // covered by all permits beforehand.
         let own = own_in_flight.load(Ordering::Relaxed).max(0) as usize;
-        let idle = own == 0 && outstanding == 0;
+        // Idle too while its one idle pull waits: a turn of the loop (a timer, a
+        // heartbeat) must not make it take shared permits for more.
+        let idle = own == 0 && current.as_ref().is_none_or(|request| request.idle);
         let wanted = match (idle, direct) {
             (true, _) => 1,
             (false, true) => (2 * own + 1).min(max),
@@ -174,17 +174,16 @@ pub(crate) async fn pull_loop(
                 log_failure(&trigger, &failures, "pull", &error);
                 continue;
             }
+            gather_since = None;
             current = Some(PullRequest {
                 id: next_id,
                 permits: std::mem::take(&mut unrequested),
                 give_up_at: tokio::time::Instant::now() + PULL_EXPIRES + PULL_SLACK,
+                idle,
             });
         }
         let outstanding = current.as_ref().map_or(0, |request| request.permits.len());
         let can_take_more = !direct && outstanding + unrequested.len() < wanted;
-        if can_take_more && acquiring.is_terminated() {
-            acquiring.set(acquire_permits(&trigger, &shared, !idle).fuse());
-        }
         let give_up = current.as_ref().map(|request| request.give_up_at);
         let gather_until = gather_since.map(|since| since + PULL_GATHER);
         let next_deadline = match (give_up, gather_until) {
@@ -272,7 +271,9 @@ pub(crate) async fn pull_loop(
                     }
                 }
             }
-            permits = &mut acquiring, if !acquiring.is_terminated() => {
+            // Made anew each turn: a wait kept across turns would hold the permits it
+            // already took (a trigger's, a function's) while the loop's state moved on.
+            permits = acquire_permits(&trigger, &shared, !idle), if can_take_more => {
                 unrequested.push(permits);
             }
             () = &mut timer, if timer_at.is_some() => {

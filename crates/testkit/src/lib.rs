@@ -365,3 +365,117 @@ impl NatsServer {
         self.server.restart();
     }
 }
+
+/// A cluster of nats-servers with JetStream, each on ports it picks itself (client and
+/// cluster ports read from the ports files), for replicated streams. Killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    ports: Vec<u16>,
+    _store: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers: the first, then the others routed to it; waits until
+    /// each has written its ports file.
+    pub fn start(size: usize) -> NatsCluster {
+        let store = tempfile::tempdir().unwrap();
+        let cluster_name = format!("c{}", uuid::Uuid::new_v4().simple());
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        let mut first_route: Option<u16> = None;
+        for index in 0..size {
+            let directory = store.path().join(format!("n{index}"));
+            let ports_directory = directory.join("ports");
+            std::fs::create_dir_all(&ports_directory).unwrap();
+            let mut command = Command::new(nats_server_binary());
+            command
+                .args(["--jetstream", "--addr", "127.0.0.1", "--port", "-1"])
+                .args(["--server_name", &format!("n{index}")])
+                .args(["--cluster_name", &cluster_name])
+                .args(["--cluster", "nats://127.0.0.1:-1"])
+                .arg("--store_dir")
+                .arg(directory.join("jetstream"))
+                .arg("--ports_file_dir")
+                .arg(&ports_directory)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // JetStream in a cluster needs configured routes: the others route to the
+            // first; the first, whose peers' ports are not known yet, gets a route
+            // nobody listens on (loopback port 1) and learns the others when they
+            // connect.
+            let route = first_route.unwrap_or(1);
+            command.args(["--routes", &format!("nats://127.0.0.1:{route}")]);
+            let mut child = command
+                .spawn()
+                .unwrap_or_else(|error| panic!("starting nats-server: {error}"));
+            let ports_file = ports_directory.join(format!(
+                "{}_{}.ports",
+                nats_server_binary().file_name().unwrap().to_string_lossy(),
+                child.id()
+            ));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let (client, cluster) = loop {
+                if let Ok(text) = std::fs::read_to_string(&ports_file)
+                    && let Some(client) = client_port(&text)
+                    && let Some(cluster) = cluster_port(&text)
+                {
+                    break (client, cluster);
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("nats-server n{index} exited with {status} before it listened");
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!(
+                        "nats-server n{index} did not write {}",
+                        ports_file.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            first_route.get_or_insert(cluster);
+            ports.push(client);
+            nodes.push(Some(child));
+        }
+        NatsCluster {
+            nodes,
+            ports,
+            _store: store,
+        }
+    }
+
+    /// Every node's client URL, comma-separated (as `nats.url` takes them).
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `index` (SIGKILL).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for index in 0..self.nodes.len() {
+            self.kill(index);
+        }
+    }
+}
+
+/// The cluster port in a nats-server ports file.
+fn cluster_port(text: &str) -> Option<u16> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    value["cluster"]
+        .as_array()?
+        .iter()
+        .filter_map(|url| url.as_str()?.rsplit(':').next()?.parse().ok())
+        .next()
+}

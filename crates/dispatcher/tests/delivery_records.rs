@@ -1,0 +1,37 @@
+//! Delivery records against a real nats-server: a record write retried after its
+//! reply was lost (the write landed) must not count the delivery twice.
+
+use switchyard_bus::{Bus, BusConfig};
+use switchyard_dispatcher::delivery::DeliveryRecords;
+use switchyard_testkit::NatsServer;
+
+#[tokio::test]
+async fn a_retried_record_write_counts_its_delivery_once() {
+    let nats = NatsServer::start();
+    let prefix = format!("r{}", std::process::id());
+    let config: BusConfig = toml::from_str(&format!(
+        "url = \"{}\"\nsubject_prefix = \"{prefix}\"\nevents_stream = {{ name = \"{prefix}_EVENTS\", storage = \"memory\" }}\ndead_letter_stream = {{ name = \"{prefix}_DLQ\", storage = \"memory\" }}\n",
+        nats.url()
+    ))
+    .unwrap();
+    let bus = Bus::connect(&config).await.unwrap();
+    bus.ensure_streams().await.unwrap();
+    let records = DeliveryRecords::open(&bus, 1).await.unwrap();
+
+    // Delivery 1 of copy 7 ends with an invocation; its write is then retried (as
+    // after a lost reply): still one ended delivery, one attempt.
+    let invoked =
+        |record: &mut switchyard_dispatcher::delivery::DeliveryRecord| record.attempts += 1;
+    records.end_delivery("t", 7, 1, invoked).await.unwrap();
+    records.end_delivery("t", 7, 1, invoked).await.unwrap();
+    let record = records.read("t", 7).await.unwrap();
+    assert_eq!((record.ended, record.attempts), (1, 1));
+    // The next delivery counts.
+    records.end_delivery("t", 7, 2, invoked).await.unwrap();
+    let record = records.read("t", 7).await.unwrap();
+    assert_eq!((record.ended, record.attempts), (2, 2));
+    // Unknown delivery counts (0) are never taken for a retry.
+    records.end_delivery("t", 8, 0, |_| {}).await.unwrap();
+    records.end_delivery("t", 8, 0, |_| {}).await.unwrap();
+    assert_eq!(records.read("t", 8).await.unwrap().ended, 2);
+}
