@@ -1,13 +1,14 @@
-//! Against a real 3-node nats-server cluster: with `replicas = 3`, every stream and
+//! How Switchyard reaches NATS. Against a real 3-node nats-server cluster: with `replicas = 3`, every stream and
 //! KV bucket Switchyard creates (events, dead letters, concurrency slots, consumer
 //! positions, delivery records, dedup horizons) is replicated 3 times, and events
-//! still reach a cluster-scoped function after a node is killed.
+//! still reach a cluster-scoped function after a node is killed. And credentials in
+//! `nats.url` are used (the client library ignores them in URLs).
 
 mod common;
 
 use std::time::Duration;
 
-use common::{FunctionServer, Reply, Switchyard, base_config, post_event};
+use common::{FunctionServer, NatsServer, Reply, Switchyard, base_config, post_event};
 use switchyard_bus::async_nats::{self, jetstream};
 use switchyard_testkit::NatsCluster;
 
@@ -95,5 +96,28 @@ async fn cluster_state_follows_replicas_and_survives_a_lost_node() {
         }
     }
     function.wait_for(6, Duration::from_secs(60)).await;
+    switchyard.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_in_the_url_are_used() {
+    let nats = NatsServer::start_with(&["--user", "switchyard", "--pass", "p@ss word"]);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let url = format!("nats://switchyard:p%40ss%20word@127.0.0.1:{}", nats.port);
+    let mut text = base_config(&url, 0, 0);
+    text.push_str(&format!(
+        "\n[[functions]]\ntype = \"http\"\nname = \"fn\"\nurl = \"{}\"\n\n[[triggers]]\nname = \"main\"\nfunction = \"fn\"\n",
+        function.url
+    ));
+    let switchyard = Switchyard::start(text).await;
+    let answer = post_event(
+        &switchyard.url("/v1/events"),
+        "authed",
+        "com.example.t",
+        "x",
+    )
+    .await;
+    assert_eq!(answer.status(), 202);
+    function.wait_for(1, Duration::from_secs(30)).await;
     switchyard.stop().await;
 }

@@ -121,7 +121,9 @@ struct SourceState {
 /// its address never changes across restarts), run and supervised by the binary.
 pub struct HttpSource {
     name: String,
-    listener: std::net::TcpListener,
+    /// Taken out (closed) at shutdown, so new connections are refused at once while
+    /// the requests in flight finish.
+    listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
     router: Router,
 }
 
@@ -131,7 +133,7 @@ impl HttpSource {
     pub fn new(name: String, listener: std::net::TcpListener, router: Router) -> Self {
         HttpSource {
             name,
-            listener,
+            listener: Arc::new(std::sync::Mutex::new(Some(listener))),
             router,
         }
     }
@@ -156,12 +158,21 @@ impl switchyard_event::Source for HttpSource {
     ) -> Result<(), String> {
         let listener = self
             .listener
+            .lock()
+            .expect("listener lock")
+            .as_ref()
+            .ok_or_else(|| "the listener was closed at shutdown".to_owned())?
             .try_clone()
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|error| format!("listener: {error}"))?;
         health.up();
+        let original = self.listener.clone();
         axum::serve(listener, self.router.clone())
-            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                // axum drops its copy; the socket closes once this one goes too.
+                drop(original.lock().expect("listener lock").take());
+            })
             .await
             .map_err(|error| format!("serving failed: {error}"))
     }

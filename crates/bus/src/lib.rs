@@ -246,7 +246,22 @@ impl Bus {
             url: redact_url(&config.url),
             reason,
         })?;
-        let client = async_nats::ConnectOptions::new()
+        // async-nats does not read credentials from the URLs: a `user:password@` or
+        // `token@` in `nats.url` is passed on here.
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(server) = servers.iter().find(|server| server.has_user_pass()) {
+            let decode = |text: &str| {
+                percent_encoding::percent_decode_str(text)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            let user = decode(server.username().unwrap_or_default());
+            options = match server.password() {
+                Some(password) => options.user_and_password(user, decode(password)),
+                None => options.token(user),
+            };
+        }
+        let client = options
             .name("switchyard")
             .event_callback(move |event| {
                 let metrics = metrics.clone();

@@ -59,10 +59,10 @@ pub struct DeliveryRecord {
     /// the next delivery stores it without invoking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
-    /// JetStream's delivery count of the delivery that wrote the record last: a write
-    /// retried after a lost reply finds its own mark and is not counted twice.
+    /// A random mark of the write that changed the record last: a write retried after
+    /// its reply was lost (it landed) finds its own mark and is not counted twice.
     #[serde(default)]
-    pub last_delivery: u64,
+    pub last_write: u64,
 }
 
 /// The KV bucket of delivery records.
@@ -112,14 +112,24 @@ impl DeliveryRecords {
     /// Records one more ended delivery of copy `sequence`, changed by `change`
     /// (compare-and-set: only one process holds a copy at a time, but a slow write of
     /// an earlier holder must not be lost).
-    /// `delivery` is JetStream's delivery count of the delivery that ends (0 when
-    /// unknown): a retry whose earlier write landed (its reply was lost) sees its mark
-    /// and changes nothing.
     pub async fn end_delivery(
         &self,
         trigger: &str,
         sequence: u64,
-        delivery: u64,
+        change: impl Fn(&mut DeliveryRecord),
+    ) -> Result<(), String> {
+        self.end_delivery_marked(trigger, sequence, rand::random::<u64>().max(1), change)
+            .await
+    }
+
+    /// [`Self::end_delivery`] with the write's mark given: a try that finds the
+    /// record already carrying `mark` (an earlier try landed, its reply was lost)
+    /// changes nothing.
+    pub async fn end_delivery_marked(
+        &self,
+        trigger: &str,
+        sequence: u64,
+        mark: u64,
         change: impl Fn(&mut DeliveryRecord),
     ) -> Result<(), String> {
         let key = self.key(trigger, sequence);
@@ -137,11 +147,11 @@ impl DeliveryRecords {
                 ),
                 _ => (DeliveryRecord::default(), None),
             };
-            if delivery > 0 && record.last_delivery == delivery {
+            if record.last_write == mark {
                 return Ok(());
             }
             record.ended += 1;
-            record.last_delivery = delivery;
+            record.last_write = mark;
             change(&mut record);
             let value = serde_json::to_vec(&record).expect("a record serializes");
             let written = match revision {
@@ -173,8 +183,6 @@ pub(crate) struct Delivery {
     pub(crate) attempt: u64,
     /// Sequence of this copy (original, or a due retry) in the events stream.
     pub(crate) sequence: u64,
-    /// JetStream's count of this copy's deliveries, this one included.
-    pub(crate) delivered: u64,
     /// Sequence of the original event.
     pub(crate) event_sequence: u64,
     pub(crate) received_at: time::OffsetDateTime,
@@ -258,7 +266,6 @@ pub(crate) async fn prepare<'a>(
                 pending_dead_letter: record.dead_letter,
                 in_place_attempts,
                 sequence: info.stream_sequence,
-                delivered,
                 event_sequence: state.event_sequence.unwrap_or(info.stream_sequence),
                 received_at: state
                     .received_at

@@ -103,8 +103,13 @@ pub(crate) async fn pull_loop(
         let (trigger, shared) = (trigger.clone(), shared.clone());
         tracker.spawn(async move { hand_back(&trigger, &shared, &message, None).await });
     };
+    // The failure count the last recovery answered: a failure since then recovers
+    // again, with a longer pause, and from the third on creates the consumer anew.
+    // The count is reset only by a pull that worked (an event, or a request's
+    // normal end), not by the recovery itself.
+    let mut recovered = 0;
     loop {
-        if failures.failing() {
+        if failures.failures() > recovered {
             // Whatever was asked for is in doubt: forget it (late events are handed
             // back when no permit waits for them).
             current = None;
@@ -113,7 +118,7 @@ pub(crate) async fn pull_loop(
             if !recover(&trigger, config, &failures, &shutdown, &mut consumer).await {
                 break;
             }
-            failures.succeeded();
+            recovered = failures.failures();
         }
         if current
             .as_ref()
@@ -216,6 +221,8 @@ pub(crate) async fn pull_loop(
                     };
                     match message.status {
                         None | Some(StatusCode::OK) => {
+                            failures.succeeded();
+                            recovered = 0;
                             let permits = current.as_mut().and_then(|request| request.permits.pop());
                             if current.as_ref().is_some_and(|request| request.permits.is_empty()) {
                                 // Fulfilled: the server sends nothing more for it.
@@ -257,7 +264,10 @@ pub(crate) async fn pull_loop(
                                     .headers
                                     .as_ref()
                                     .is_some_and(|headers| headers.get("Nats-Pending-Messages").is_some());
-                            if !accounted {
+                            if accounted {
+                                failures.succeeded();
+                                recovered = 0;
+                            } else {
                                 // No responders, a deleted consumer, a leader change.
                                 failures.failed();
                                 let description = message.description.clone().unwrap_or_default();

@@ -33,12 +33,7 @@ pub(crate) async fn hand_back(
     if let Ok(info) = message.info()
         && let Err(error) = shared
             .records
-            .end_delivery(
-                &trigger.config.name,
-                info.stream_sequence,
-                info.delivered.max(0) as u64,
-                |_| {},
-            )
+            .end_delivery(&trigger.config.name, info.stream_sequence, |_| {})
             .await
     {
         tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "hand_back", "recording a hand-back failed; the next delivery counts it as unfinished");
@@ -60,23 +55,18 @@ pub(crate) async fn hand_back_in_place(
     if let Ok(info) = message.info()
         && let Err(error) = shared
             .records
-            .end_delivery(
-                &trigger.config.name,
-                info.stream_sequence,
-                info.delivered.max(0) as u64,
-                |record| {
-                    record.attempts += in_place.attempts;
-                    if record.first_attempt_at.is_none() {
-                        record
-                            .first_attempt_at
-                            .clone_from(&in_place.first_attempt_at);
-                    }
-                    if let Some(failure) = &in_place.last_failure {
-                        record.last_status = failure.status;
-                        record.last_error = Some(truncate(&failure.error, MAX_ERROR_BYTES));
-                    }
-                },
-            )
+            .end_delivery(&trigger.config.name, info.stream_sequence, |record| {
+                record.attempts += in_place.attempts;
+                if record.first_attempt_at.is_none() {
+                    record
+                        .first_attempt_at
+                        .clone_from(&in_place.first_attempt_at);
+                }
+                if let Some(failure) = &in_place.last_failure {
+                    record.last_status = failure.status;
+                    record.last_error = Some(truncate(&failure.error, MAX_ERROR_BYTES));
+                }
+            })
             .await
     {
         tracing::warn!(trigger = %trigger.config.name, sequence = info.stream_sequence, %error, stage = "hand_back", "recording in-place attempts failed; the next holder counts this delivery as unfinished");
@@ -164,7 +154,6 @@ impl Handling<'_> {
             .end_delivery(
                 &self.trigger.config.name,
                 self.delivery.sequence,
-                self.delivery.delivered,
                 |record| {
                     record.attempts += attempts;
                     if record.first_attempt_at.is_none() {
@@ -240,14 +229,12 @@ impl Handling<'_> {
                     // Not surely acknowledged: the key's next event must not start
                     // (this one could come back after it). Held and tried again: at
                     // least once, in order; this call counts as an attempt.
+                    // No failure is recorded: the call succeeded, so the next try is
+                    // never taken for one past its last attempt and dead-lettered.
                     held.attempts += 1;
                     if held.first_attempt_at.is_none() {
                         held.first_attempt_at = Some(first_attempt_at());
                     }
-                    held.last_failure = Some(Failure::new(
-                        None,
-                        "the function succeeded but the acknowledgement was not confirmed",
-                    ));
                     return Settled::RetryIn(Duration::from_secs(1));
                 }
             }

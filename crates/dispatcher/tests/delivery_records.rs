@@ -18,20 +18,24 @@ async fn a_retried_record_write_counts_its_delivery_once() {
     bus.ensure_streams().await.unwrap();
     let records = DeliveryRecords::open(&bus, 1).await.unwrap();
 
-    // Delivery 1 of copy 7 ends with an invocation; its write is then retried (as
-    // after a lost reply): still one ended delivery, one attempt.
+    // A delivery of copy 7 ends with an invocation; its write is then tried again
+    // with the same mark (as after a lost reply): still one ended delivery, one
+    // attempt.
     let invoked =
         |record: &mut switchyard_dispatcher::delivery::DeliveryRecord| record.attempts += 1;
-    records.end_delivery("t", 7, 1, invoked).await.unwrap();
-    records.end_delivery("t", 7, 1, invoked).await.unwrap();
+    records
+        .end_delivery_marked("t", 7, 41, invoked)
+        .await
+        .unwrap();
+    records
+        .end_delivery_marked("t", 7, 41, invoked)
+        .await
+        .unwrap();
     let record = records.read("t", 7).await.unwrap();
     assert_eq!((record.ended, record.attempts), (1, 1));
-    // The next delivery counts.
-    records.end_delivery("t", 7, 2, invoked).await.unwrap();
+    // Every other delivery counts: each call marks its write anew.
+    records.end_delivery("t", 7, invoked).await.unwrap();
+    records.end_delivery("t", 7, invoked).await.unwrap();
     let record = records.read("t", 7).await.unwrap();
-    assert_eq!((record.ended, record.attempts), (2, 2));
-    // Unknown delivery counts (0) are never taken for a retry.
-    records.end_delivery("t", 8, 0, |_| {}).await.unwrap();
-    records.end_delivery("t", 8, 0, |_| {}).await.unwrap();
-    assert_eq!(records.read("t", 8).await.unwrap().ended, 2);
+    assert_eq!((record.ended, record.attempts), (3, 3));
 }

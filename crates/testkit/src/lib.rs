@@ -290,6 +290,15 @@ impl NatsServer {
     /// from the ports file it writes once listening, so no other process can take the
     /// port between choosing and binding it. A restart reuses that port.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// [`NatsServer::start`] with more command-line arguments (`--user`, `--pass`, ...).
+    pub fn start_with(extra: &[&str]) -> NatsServer {
+        let extra: Vec<String> = extra
+            .iter()
+            .map(|argument| (*argument).to_owned())
+            .collect();
         let store = std::sync::Arc::new(tempfile::tempdir().unwrap());
         let ports_directory = store.path().join("ports");
         std::fs::create_dir_all(&ports_directory).unwrap();
@@ -303,6 +312,7 @@ impl NatsServer {
                     .arg(directory.path().join("jetstream"))
                     .arg("--ports_file_dir")
                     .arg(directory.path().join("ports"))
+                    .args(&extra)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
                 command
