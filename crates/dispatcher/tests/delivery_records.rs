@@ -1,7 +1,8 @@
 //! Delivery records against a real nats-server: a record write retried after its
 //! reply was lost (the write landed) must not count the delivery twice.
 
-use switchyard_bus::{Bus, BusConfig};
+mod common;
+
 use switchyard_dispatcher::delivery::DeliveryRecords;
 use switchyard_testkit::NatsServer;
 
@@ -9,13 +10,7 @@ use switchyard_testkit::NatsServer;
 async fn a_retried_record_write_counts_its_delivery_once() {
     let nats = NatsServer::start();
     let prefix = format!("r{}", std::process::id());
-    let config: BusConfig = toml::from_str(&format!(
-        "url = \"{}\"\nsubject_prefix = \"{prefix}\"\nevents_stream = {{ name = \"{prefix}_EVENTS\", storage = \"memory\" }}\ndead_letter_stream = {{ name = \"{prefix}_DLQ\", storage = \"memory\" }}\n",
-        nats.url()
-    ))
-    .unwrap();
-    let bus = Bus::connect(&config).await.unwrap();
-    bus.ensure_streams().await.unwrap();
+    let bus = common::bus(&nats.url(), &prefix, "", ", storage = \"memory\"").await;
     let records = DeliveryRecords::open(&bus, 1).await.unwrap();
 
     // A delivery of copy 7 ends with an invocation; its write is then tried again

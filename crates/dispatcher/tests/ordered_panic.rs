@@ -2,13 +2,15 @@
 //! its key forever: the head is tried again and the key's later events follow, in
 //! order. Against a real nats-server, with a target that panics once.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use switchyard_bus::{Bus, BusConfig};
+use switchyard_bus::Bus;
 use switchyard_dispatcher::{
     AdaptiveLimit, Dispatcher, DispatcherConfig, DispatcherMetrics, FunctionRuntime, TriggerConfig,
 };
@@ -75,13 +77,7 @@ impl Target for PanicsOnce {
 async fn a_panicked_invocation_releases_its_key() {
     let nats = NatsServer::start();
     let prefix = format!("p{}", std::process::id());
-    let config: BusConfig = toml::from_str(&format!(
-        "url = \"{}\"\nsubject_prefix = \"{prefix}\"\nevents_stream = {{ name = \"{prefix}_EVENTS\", storage = \"memory\" }}\ndead_letter_stream = {{ name = \"{prefix}_DLQ\", storage = \"memory\" }}\n",
-        nats.url()
-    ))
-    .unwrap();
-    let bus = Bus::connect(&config).await.unwrap();
-    bus.ensure_streams().await.unwrap();
+    let bus = common::bus(&nats.url(), &prefix, "", ", storage = \"memory\"").await;
     let target = Arc::new(PanicsOnce::default());
     let dispatcher = ordered_dispatcher(&bus, target.clone()).await;
     let shutdown = CancellationToken::new();
@@ -137,13 +133,7 @@ impl Target for StopsTheServer {
 async fn an_unconfirmed_ack_holds_the_key() {
     let nats = NatsServer::start();
     let prefix = format!("a{}", std::process::id());
-    let config: BusConfig = toml::from_str(&format!(
-        "url = \"{}\"\nsubject_prefix = \"{prefix}\"\npublish_timeout = \"1s\"\nevents_stream = {{ name = \"{prefix}_EVENTS\" }}\ndead_letter_stream = {{ name = \"{prefix}_DLQ\" }}\n",
-        nats.url()
-    ))
-    .unwrap();
-    let bus = Bus::connect(&config).await.unwrap();
-    bus.ensure_streams().await.unwrap();
+    let bus = common::bus(&nats.url(), &prefix, "publish_timeout = \"1s\"", "").await;
     let target = Arc::new(StopsTheServer {
         calls: Mutex::default(),
         nats: Mutex::new(Some(nats)),

@@ -321,27 +321,7 @@ impl NatsServer {
         let mut child = command_for("-1")
             .spawn()
             .unwrap_or_else(|error| panic!("starting nats-server: {error}"));
-        let ports_file = ports_directory.join(format!(
-            "{}_{}.ports",
-            nats_server_binary().file_name().unwrap().to_string_lossy(),
-            child.id()
-        ));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let port = loop {
-            if let Ok(text) = std::fs::read_to_string(&ports_file)
-                && let Some(port) = client_port(&text)
-            {
-                break port;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("nats-server exited with {status} before it listened");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("nats-server did not write {}", ports_file.display());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let port = wait_for_ports(&mut child, &ports_directory, "nats-server").0;
         let server = ServerProcess::adopt(
             "nats-server",
             port,
@@ -418,31 +398,8 @@ impl NatsCluster {
             let mut child = command
                 .spawn()
                 .unwrap_or_else(|error| panic!("starting nats-server: {error}"));
-            let ports_file = ports_directory.join(format!(
-                "{}_{}.ports",
-                nats_server_binary().file_name().unwrap().to_string_lossy(),
-                child.id()
-            ));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let (client, cluster) = loop {
-                if let Ok(text) = std::fs::read_to_string(&ports_file)
-                    && let Some(client) = client_port(&text)
-                    && let Some(cluster) = cluster_port(&text)
-                {
-                    break (client, cluster);
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("nats-server n{index} exited with {status} before it listened");
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    panic!(
-                        "nats-server n{index} did not write {}",
-                        ports_file.display()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            };
+            let (client, cluster) = wait_for_ports(&mut child, &ports_directory, "nats-server");
+            let cluster = cluster.expect("a clustered nats-server reports its cluster port");
             first_route.get_or_insert(cluster);
             ports.push(client);
             nodes.push(Some(child));
@@ -477,6 +434,37 @@ impl Drop for NatsCluster {
         for index in 0..self.nodes.len() {
             self.kill(index);
         }
+    }
+}
+
+/// Waits (10 s at most, checking the child is alive) until the nats-server `child`
+/// wrote its ports file in `directory`; returns its client port and, when it has
+/// one, its cluster port.
+fn wait_for_ports(
+    child: &mut Child,
+    directory: &std::path::Path,
+    what: &str,
+) -> (u16, Option<u16>) {
+    let ports_file = directory.join(format!(
+        "{}_{}.ports",
+        nats_server_binary().file_name().unwrap().to_string_lossy(),
+        child.id()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ports_file)
+            && let Some(client) = client_port(&text)
+        {
+            return (client, cluster_port(&text));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before it listened");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not write {}", ports_file.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
