@@ -1,0 +1,755 @@
+//! The AWS Lambda Runtime API (version 2018-06-01) served to one function instance,
+//! as AWS's Runtime Interface Emulator serves it: the same routes, headers, status
+//! codes and error bodies (see docs/notes/lambda-runtime-api.md for the behaviour
+//! read from the emulator's source). The instance's runtime client (awslambdaric,
+//! aws-lambda-ric, the Rust `lambda_runtime`) asks `GET .../invocation/next` for work
+//! and answers on `.../invocation/{id}/response` or `.../{id}/error`.
+//!
+//! One invocation at a time (classic Lambda). [`RuntimeApi::invoke`] hands an
+//! invocation to the instance and returns a receiver for its [`Answer`]; the answer
+//! arrives as soon as the runtime posts it. Deviations from the emulator, each for the
+//! caller's sake: the answer is passed on when it is posted, not when the runtime next
+//! asks for work; an error body over the size limit gets 413 like a response (the
+//! emulator drops the connection and lets the invocation time out).
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, Limited};
+use tokio::sync::{Notify, oneshot};
+
+/// Largest response or error body, as Lambda's (6 MiB + 100 bytes).
+pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024 + 100;
+
+/// An invocation handed to the instance.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub request_id: String,
+    pub event: Bytes,
+    /// When the invocation times out, as Unix epoch milliseconds.
+    pub deadline_ms: u64,
+    pub function_arn: String,
+    pub trace_id: Option<String>,
+    pub client_context: Option<String>,
+    pub cognito_identity: Option<String>,
+}
+
+/// What the runtime answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Response {
+        body: Bytes,
+        content_type: Option<String>,
+    },
+    /// A reported error: `error_type` normalised as Lambda does
+    /// ([`normalise_error_type`]), the body as posted (usually
+    /// `{"errorMessage": ..., "errorType": ...}`).
+    Error {
+        error_type: String,
+        body: Bytes,
+        content_type: Option<String>,
+    },
+    /// The response body was over [`MAX_PAYLOAD_BYTES`]
+    /// (`Function.ResponseSizeTooLarge`).
+    TooLarge,
+}
+
+/// The instance already has an invocation, or failed its init.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvokeError {
+    #[error("the instance is busy with another invocation")]
+    Busy,
+    #[error("the instance failed its init: {error_type}")]
+    InitFailed { error_type: String, body: Bytes },
+}
+
+/// Where the runtime is, by the emulator's state names (they appear in error messages).
+#[derive(Debug)]
+enum Phase {
+    /// Started; init not over (no `/next` yet).
+    Started,
+    /// Waiting in `/next`, or between invocations.
+    Ready,
+    /// Handling `current`.
+    Running,
+    /// Answered `current`; the next `/next` moves on.
+    ResponseSent,
+    /// Reported an init error.
+    InitError,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Started => "Started",
+            Phase::Ready => "Ready",
+            Phase::Running => "Running",
+            Phase::ResponseSent => "RuntimeResponseSentState",
+            Phase::InitError => "InitError",
+        }
+    }
+}
+
+struct Current {
+    invocation: Invocation,
+    answer: Option<oneshot::Sender<Answer>>,
+}
+
+struct Inner {
+    phase: Phase,
+    /// Handed over by `invoke`, not yet taken by `/next`.
+    pending: Option<Current>,
+    /// Taken by `/next`: the invocation the runtime works on (or answered last).
+    current: Option<Current>,
+    init_error: Option<(String, Bytes)>,
+}
+
+/// The Runtime API of one instance.
+#[derive(Clone)]
+pub struct RuntimeApi {
+    inner: Arc<Mutex<Inner>>,
+    /// An invocation was handed over, or an init error reported.
+    changed: Arc<Notify>,
+}
+
+impl Default for RuntimeApi {
+    fn default() -> Self {
+        RuntimeApi {
+            inner: Arc::new(Mutex::new(Inner {
+                phase: Phase::Started,
+                pending: None,
+                current: None,
+                init_error: None,
+            })),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl RuntimeApi {
+    pub fn new() -> Self {
+        RuntimeApi::default()
+    }
+
+    /// Hands `invocation` to the instance; its answer arrives on the receiver (which
+    /// closes without one if the instance goes away).
+    pub fn invoke(&self, invocation: Invocation) -> Result<oneshot::Receiver<Answer>, InvokeError> {
+        let mut inner = self.inner.lock().expect("runtime api lock");
+        if let Some((error_type, body)) = &inner.init_error {
+            return Err(InvokeError::InitFailed {
+                error_type: error_type.clone(),
+                body: body.clone(),
+            });
+        }
+        let busy = inner.pending.is_some()
+            || (matches!(inner.phase, Phase::Running)
+                && inner
+                    .current
+                    .as_ref()
+                    .is_some_and(|current| current.answer.is_some()));
+        if busy {
+            return Err(InvokeError::Busy);
+        }
+        let (sender, receiver) = oneshot::channel();
+        inner.pending = Some(Current {
+            invocation,
+            answer: Some(sender),
+        });
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(receiver)
+    }
+
+    /// The init error the runtime reported, if any.
+    pub fn init_error(&self) -> Option<(String, Bytes)> {
+        self.inner
+            .lock()
+            .expect("runtime api lock")
+            .init_error
+            .clone()
+    }
+
+    /// Whether the runtime finished its init (asked for work at least once).
+    pub fn initialised(&self) -> bool {
+        !matches!(
+            self.inner.lock().expect("runtime api lock").phase,
+            Phase::Started | Phase::InitError
+        )
+    }
+
+    /// Waits until an init error is reported or the runtime asks for work.
+    pub async fn wait_init(&self) -> Result<(), (String, Bytes)> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(error) = self.init_error() {
+                return Err(error);
+            }
+            if self.initialised() {
+                return Ok(());
+            }
+            changed.await;
+        }
+    }
+
+    /// The routes under `/2018-06-01`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route(
+                "/2018-06-01/runtime/invocation/{id}/response",
+                post(response),
+            )
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+            .route("/2018-06-01/runtime/init/error", post(init_error))
+            .route("/ping", get(|| async { "pong" }))
+            .with_state(self.clone())
+    }
+}
+
+/// A JSON body as the emulator renders it (`json.Encoder`: a trailing newline).
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    let mut body = serde_json::to_vec(&value).expect("json serializes");
+    body.push(b'\n');
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn accepted() -> Response {
+    json(StatusCode::ACCEPTED, serde_json::json!({ "status": "OK" }))
+}
+
+fn error_body(status: StatusCode, error_type: &str, message: &str) -> Response {
+    json(
+        status,
+        serde_json::json!({ "errorMessage": message, "errorType": error_type }),
+    )
+}
+
+fn invalid_request_id() -> Response {
+    error_body(
+        StatusCode::BAD_REQUEST,
+        "InvalidRequestID",
+        "Invalid request ID",
+    )
+}
+
+fn invalid_transition(from: &str, to: &str) -> Response {
+    error_body(
+        StatusCode::FORBIDDEN,
+        "InvalidStateTransition",
+        &format!(
+            "State transition from {from} to {to} failed for runtime. Error: State transition is not allowed"
+        ),
+    )
+}
+
+fn too_large() -> Response {
+    error_body(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLarge",
+        &format!("Exceeded maximum allowed payload size ({MAX_PAYLOAD_BYTES} bytes)."),
+    )
+}
+
+/// An event handed to the runtime, with the headers the clients read.
+fn event_response(invocation: &Invocation) -> Response {
+    let mut response = Response::new(Body::from(invocation.event.clone()));
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value)
+            && !value.is_empty()
+        {
+            headers.insert(name, value);
+        }
+    };
+    set("lambda-runtime-aws-request-id", &invocation.request_id);
+    set(
+        "lambda-runtime-deadline-ms",
+        &invocation.deadline_ms.to_string(),
+    );
+    set(
+        "lambda-runtime-invoked-function-arn",
+        &invocation.function_arn,
+    );
+    if let Some(trace) = &invocation.trace_id {
+        set("lambda-runtime-trace-id", trace);
+    }
+    if let Some(context) = &invocation.client_context {
+        set("lambda-runtime-client-context", context);
+    }
+    if let Some(identity) = &invocation.cognito_identity {
+        set("lambda-runtime-cognito-identity", identity);
+    }
+    set("content-type", "application/json");
+    response
+}
+
+async fn next(State(api): State<RuntimeApi>) -> Response {
+    loop {
+        let changed = api.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let mut init_over = false;
+        {
+            let mut inner = api.inner.lock().expect("runtime api lock");
+            match inner.phase {
+                Phase::InitError => return invalid_transition("InitError", "Ready"),
+                // Asked again before answering: the same event again, as the
+                // emulator does.
+                Phase::Running => {
+                    if let Some(current) = &inner.current {
+                        return event_response(&current.invocation);
+                    }
+                }
+                Phase::Started => {
+                    inner.phase = Phase::Ready;
+                    init_over = true;
+                }
+                Phase::Ready | Phase::ResponseSent => inner.phase = Phase::Ready,
+            }
+            if let Some(pending) = inner.pending.take() {
+                let response = event_response(&pending.invocation);
+                inner.current = Some(pending);
+                inner.phase = Phase::Running;
+                return response;
+            }
+        }
+        if init_over {
+            // The first `/next`: init is over; whoever waits for it goes on. (This
+            // wakes our own wait too: look again with a fresh one.)
+            api.changed.notify_waiters();
+            continue;
+        }
+        changed.await;
+    }
+}
+
+/// Reads a body of at most [`MAX_PAYLOAD_BYTES`]; `None` when larger.
+async fn read_limited(body: Body) -> Result<Option<Bytes>, Box<Response>> {
+    match Limited::new(body, MAX_PAYLOAD_BYTES).collect().await {
+        Ok(collected) => Ok(Some(collected.to_bytes())),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Ok(None),
+        Err(error) => Err(Box::new(error_body(
+            StatusCode::BAD_REQUEST,
+            "TruncatedHTTPRequest",
+            &format!("HTTP request detected as truncated: {error}"),
+        ))),
+    }
+}
+
+/// Takes the answer channel of invocation `id`, or the response to send instead.
+fn take_answer(
+    api: &RuntimeApi,
+    id: &str,
+    to: &str,
+) -> Result<oneshot::Sender<Answer>, Box<Response>> {
+    let mut inner = api.inner.lock().expect("runtime api lock");
+    let matches = inner
+        .current
+        .as_ref()
+        .is_some_and(|current| !id.is_empty() && current.invocation.request_id == id);
+    if !matches {
+        return Err(Box::new(invalid_request_id()));
+    }
+    if !matches!(inner.phase, Phase::Running) {
+        let from = inner.phase.name();
+        return Err(Box::new(invalid_transition(from, to)));
+    }
+    let answer = inner
+        .current
+        .as_mut()
+        .and_then(|current| current.answer.take());
+    inner.phase = Phase::ResponseSent;
+    answer.ok_or_else(|| Box::new(invalid_transition("RuntimeResponseSentState", to)))
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn response(
+    State(api): State<RuntimeApi>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Some(mode) = headers.get("lambda-runtime-function-response-mode")
+        && mode.as_bytes() != b"streaming"
+    {
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "InvalidFunctionResponseMode",
+            "Invalid function response mode",
+        );
+    }
+    let answer = match take_answer(&api, &id, "InvocationResponse") {
+        Ok(answer) => answer,
+        Err(response) => return *response,
+    };
+    match read_limited(body).await {
+        Ok(Some(body)) => {
+            let _ = answer.send(Answer::Response {
+                body,
+                content_type: content_type(&headers),
+            });
+            accepted()
+        }
+        Ok(None) => {
+            let _ = answer.send(Answer::TooLarge);
+            too_large()
+        }
+        Err(response) => {
+            let _ = answer.send(Answer::Error {
+                error_type: "Runtime.TruncatedResponse".to_owned(),
+                body: Bytes::new(),
+                content_type: None,
+            });
+            *response
+        }
+    }
+}
+
+async fn error(
+    State(api): State<RuntimeApi>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let answer = match take_answer(&api, &id, "InvocationErrorResponse") {
+        Ok(answer) => answer,
+        Err(response) => return *response,
+    };
+    let error_type = normalise_error_type(
+        headers
+            .get("lambda-runtime-function-error-type")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default(),
+    );
+    match read_limited(body).await {
+        Ok(Some(body)) => {
+            let _ = answer.send(Answer::Error {
+                error_type,
+                body,
+                content_type: content_type(&headers),
+            });
+            accepted()
+        }
+        Ok(None) => {
+            let _ = answer.send(Answer::Error {
+                error_type,
+                body: Bytes::new(),
+                content_type: None,
+            });
+            too_large()
+        }
+        Err(response) => *response,
+    }
+}
+
+async fn init_error(State(api): State<RuntimeApi>, headers: HeaderMap, body: Body) -> Response {
+    {
+        let inner = api.inner.lock().expect("runtime api lock");
+        if !matches!(inner.phase, Phase::Started) {
+            return invalid_transition(inner.phase.name(), "InitError");
+        }
+    }
+    let error_type = normalise_error_type(
+        headers
+            .get("lambda-runtime-function-error-type")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default(),
+    );
+    let body = match read_limited(body).await {
+        Ok(body) => body.unwrap_or_default(),
+        Err(response) => return *response,
+    };
+    {
+        let mut inner = api.inner.lock().expect("runtime api lock");
+        inner.phase = Phase::InitError;
+        inner.init_error = Some((error_type, body));
+        // An invocation handed over meanwhile gets no answer: its receiver closes.
+        inner.pending = None;
+    }
+    api.changed.notify_waiters();
+    accepted()
+}
+
+/// Lambda's rule for reported error types: a value containing `Runtime.<Name>` or
+/// `Function.<Name>` (a capital, then letters) is kept; another starting `Function.`
+/// becomes `Function.Unknown`; anything else `Runtime.Unknown`.
+pub fn normalise_error_type(value: &str) -> String {
+    let well_formed = ["Runtime.", "Function."].iter().any(|prefix| {
+        value.match_indices(prefix).any(|(at, _)| {
+            let rest = &value.as_bytes()[at + prefix.len()..];
+            rest.first().is_some_and(u8::is_ascii_uppercase)
+                && rest.get(1).is_some_and(u8::is_ascii_alphabetic)
+        })
+    });
+    if well_formed {
+        value.to_owned()
+    } else if value.starts_with("Function.") {
+        "Function.Unknown".to_owned()
+    } else {
+        "Runtime.Unknown".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn invocation(id: &str) -> Invocation {
+        Invocation {
+            request_id: id.to_owned(),
+            event: Bytes::from_static(b"{\"hello\":1}"),
+            deadline_ms: 1_700_000_000_000,
+            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".to_owned(),
+            trace_id: None,
+            client_context: None,
+            cognito_identity: None,
+        }
+    }
+
+    async fn call(api: &RuntimeApi, method: &str, path: &str, body: Vec<u8>) -> Response {
+        call_with(api, method, path, &[], body).await
+    }
+
+    async fn call_with(
+        api: &RuntimeApi,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Response {
+        let mut request = Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        api.router()
+            .oneshot(request.body(Body::from(body)).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn text(response: Response) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    const NEXT: &str = "/2018-06-01/runtime/invocation/next";
+
+    #[tokio::test]
+    async fn an_invocation_goes_out_on_next_and_its_answer_comes_back() {
+        let api = RuntimeApi::new();
+        let answer = api.invoke(invocation("r-1")).unwrap();
+        let next = call(&api, "GET", NEXT, vec![]).await;
+        assert_eq!(next.status(), 200);
+        let headers = next.headers().clone();
+        assert_eq!(headers["lambda-runtime-aws-request-id"], "r-1");
+        assert_eq!(headers["lambda-runtime-deadline-ms"], "1700000000000");
+        assert_eq!(
+            headers["lambda-runtime-invoked-function-arn"],
+            "arn:aws:lambda:us-east-1:000000000000:function:f"
+        );
+        assert!(headers.get("lambda-runtime-trace-id").is_none());
+        assert_eq!(text(next).await, "{\"hello\":1}");
+        assert!(api.initialised());
+        // Asked again before answering: the same event.
+        let again = call(&api, "GET", NEXT, vec![]).await;
+        assert_eq!(again.headers()["lambda-runtime-aws-request-id"], "r-1");
+        // A wrong id: 400; the right one: 202 and the answer.
+        let wrong = call(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/invocation/r-2/response",
+            vec![],
+        )
+        .await;
+        assert_eq!(wrong.status(), 400);
+        assert_eq!(
+            text(wrong).await,
+            "{\"errorMessage\":\"Invalid request ID\",\"errorType\":\"InvalidRequestID\"}\n"
+        );
+        let posted = call_with(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/invocation/r-1/response",
+            &[("content-type", "text/plain")],
+            b"done".to_vec(),
+        )
+        .await;
+        assert_eq!(posted.status(), 202);
+        assert_eq!(text(posted).await, "{\"status\":\"OK\"}\n");
+        assert_eq!(
+            answer.await.unwrap(),
+            Answer::Response {
+                body: Bytes::from_static(b"done"),
+                content_type: Some("text/plain".to_owned())
+            }
+        );
+        // A second answer for the same invocation: 403 with the emulator's message.
+        for endpoint in ["response", "error"] {
+            let repeated = call(
+                &api,
+                "POST",
+                &format!("/2018-06-01/runtime/invocation/r-1/{endpoint}"),
+                vec![],
+            )
+            .await;
+            assert_eq!(repeated.status(), 403);
+            assert!(
+                text(repeated)
+                    .await
+                    .contains("State transition from RuntimeResponseSentState to Invocation"),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn next_waits_for_an_invocation() {
+        let api = RuntimeApi::new();
+        let waiting = tokio::spawn({
+            let api = api.clone();
+            async move { call(&api, "GET", NEXT, vec![]).await }
+        });
+        api.wait_init().await.unwrap();
+        // The instance is idle in `/next`: an answer for nothing is refused.
+        let early = call(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/invocation/x/response",
+            vec![],
+        )
+        .await;
+        assert_eq!(early.status(), 400);
+        let answer = api.invoke(invocation("r-9")).unwrap();
+        assert_eq!(
+            api.invoke(invocation("r-10")).unwrap_err(),
+            InvokeError::Busy
+        );
+        let next = waiting.await.unwrap();
+        assert_eq!(next.headers()["lambda-runtime-aws-request-id"], "r-9");
+        let failed = call_with(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/invocation/r-9/error",
+            &[("lambda-runtime-function-error-type", "Runtime.HandlerError")],
+            b"{\"errorMessage\":\"boom\",\"errorType\":\"ValueError\"}".to_vec(),
+        )
+        .await;
+        assert_eq!(failed.status(), 202);
+        match answer.await.unwrap() {
+            Answer::Error {
+                error_type, body, ..
+            } => {
+                assert_eq!(error_type, "Runtime.HandlerError");
+                assert!(String::from_utf8_lossy(&body).contains("boom"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Free again once answered.
+        assert!(api.invoke(invocation("r-11")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn oversize_answers_and_bad_response_modes_are_refused() {
+        let api = RuntimeApi::new();
+        let answer = api.invoke(invocation("big")).unwrap();
+        call(&api, "GET", NEXT, vec![]).await;
+        let mode = call_with(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/invocation/big/response",
+            &[("lambda-runtime-function-response-mode", "buffered")],
+            vec![],
+        )
+        .await;
+        assert_eq!(mode.status(), 400);
+        assert!(text(mode).await.contains("InvalidFunctionResponseMode"));
+        let big = call(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/invocation/big/response",
+            vec![b'x'; MAX_PAYLOAD_BYTES + 1],
+        )
+        .await;
+        assert_eq!(big.status(), 413);
+        assert!(text(big).await.contains("6291556 bytes"));
+        assert_eq!(answer.await.unwrap(), Answer::TooLarge);
+        // Exactly the limit is accepted.
+        let answer = api.invoke(invocation("edge")).unwrap();
+        call(&api, "GET", NEXT, vec![]).await;
+        let edge = call(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/invocation/edge/response",
+            vec![b'x'; MAX_PAYLOAD_BYTES],
+        )
+        .await;
+        assert_eq!(edge.status(), 202);
+        assert!(
+            matches!(answer.await.unwrap(), Answer::Response { body, .. } if body.len() == MAX_PAYLOAD_BYTES)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_init_error_fails_invocations_and_later_nexts() {
+        let api = RuntimeApi::new();
+        let failed = call_with(
+            &api,
+            "POST",
+            "/2018-06-01/runtime/init/error",
+            &[(
+                "lambda-runtime-function-error-type",
+                "Runtime.ImportModuleError",
+            )],
+            b"{\"errorMessage\":\"No module named app\"}".to_vec(),
+        )
+        .await;
+        assert_eq!(failed.status(), 202);
+        let (error_type, _) = api.wait_init().await.unwrap_err();
+        assert_eq!(error_type, "Runtime.ImportModuleError");
+        assert!(matches!(
+            api.invoke(invocation("r")),
+            Err(InvokeError::InitFailed { .. })
+        ));
+        let next = call(&api, "GET", NEXT, vec![]).await;
+        assert_eq!(next.status(), 403);
+        assert!(text(next).await.contains("from InitError to Ready"));
+        // After init, an init error is a refused transition.
+        let api = RuntimeApi::new();
+        let _answer = api.invoke(invocation("r")).unwrap();
+        call(&api, "GET", NEXT, vec![]).await;
+        let late = call(&api, "POST", "/2018-06-01/runtime/init/error", vec![]).await;
+        assert_eq!(late.status(), 403);
+        assert!(text(late).await.contains("from Running to InitError"));
+    }
+
+    #[test]
+    fn error_types_are_normalised_as_lambda_does() {
+        for (given, kept) in [
+            ("Runtime.HandlerError", "Runtime.HandlerError"),
+            ("Function.MyError", "Function.MyError"),
+            ("x Runtime.ExitError y", "x Runtime.ExitError y"),
+            ("Function.lower", "Function.Unknown"),
+            ("Function.", "Function.Unknown"),
+            ("unhandled", "Runtime.Unknown"),
+            ("Error", "Runtime.Unknown"),
+            ("", "Runtime.Unknown"),
+            ("Runtime.A", "Runtime.Unknown"),
+        ] {
+            assert_eq!(normalise_error_type(given), kept, "{given}");
+        }
+    }
+}
