@@ -753,3 +753,136 @@ mod tests {
         }
     }
 }
+
+/// What a managed Lambda instance is told about its function.
+#[derive(Debug, Clone)]
+pub struct InstanceIdentity<'a> {
+    pub function: &'a str,
+    pub handler: &'a str,
+    /// The function's directory (Lambda's task root).
+    pub task_root: &'a str,
+    pub memory_mb: u32,
+    pub region: &'a str,
+    /// Where this instance's Runtime API listens (`host:port`).
+    pub runtime_api: &'a str,
+    /// Tells the instance's log stream apart from the others'.
+    pub instance: &'a str,
+}
+
+/// The ARN an instance's invocations name: Lambda's shape, account `000000000000`
+/// (there is no AWS account behind it).
+pub fn function_arn(region: &str, function: &str) -> String {
+    format!("arn:aws:lambda:{region}:000000000000:function:{function}")
+}
+
+/// The environment Lambda gives a function's runtime, for one instance: what the
+/// official runtime clients read (the Rust `lambda_runtime` panics without the
+/// function name, version and memory size) and what handlers commonly rely on.
+/// `user` (the function's configured environment) is applied last, except for the
+/// names Lambda reserves: `_HANDLER`, `AWS_LAMBDA_RUNTIME_API`, `LAMBDA_TASK_ROOT` and
+/// the `AWS_LAMBDA_FUNCTION_*` ones, which the user cannot change.
+pub fn instance_environment(
+    identity: &InstanceIdentity<'_>,
+    user: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut environment: Vec<(String, String)> = [
+        ("AWS_LAMBDA_RUNTIME_API", identity.runtime_api.to_owned()),
+        ("_HANDLER", identity.handler.to_owned()),
+        ("LAMBDA_TASK_ROOT", identity.task_root.to_owned()),
+        ("AWS_LAMBDA_FUNCTION_NAME", identity.function.to_owned()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".to_owned()),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            identity.memory_mb.to_string(),
+        ),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand".to_owned()),
+        (
+            "AWS_LAMBDA_LOG_GROUP_NAME",
+            format!("/aws/lambda/{}", identity.function),
+        ),
+        (
+            "AWS_LAMBDA_LOG_STREAM_NAME",
+            format!("$LATEST/{}", identity.instance),
+        ),
+        ("AWS_REGION", identity.region.to_owned()),
+        ("AWS_DEFAULT_REGION", identity.region.to_owned()),
+        ("TZ", ":UTC".to_owned()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect();
+    const RESERVED: [&str; 6] = [
+        "_HANDLER",
+        "AWS_LAMBDA_RUNTIME_API",
+        "LAMBDA_TASK_ROOT",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    ];
+    for (name, value) in user {
+        if RESERVED.contains(&name.as_str()) {
+            continue;
+        }
+        match environment.iter_mut().find(|(known, _)| known == name) {
+            Some(entry) => entry.1.clone_from(value),
+            None => environment.push((name.clone(), value.clone())),
+        }
+    }
+    environment
+}
+
+#[cfg(test)]
+mod environment_tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_gets_what_the_runtime_clients_read_and_reserved_names_stay() {
+        let identity = InstanceIdentity {
+            function: "thumbnails",
+            handler: "app.handler",
+            task_root: "/srv/thumbnails",
+            memory_mb: 256,
+            region: "eu-west-1",
+            runtime_api: "127.0.0.1:40123",
+            instance: "i-3",
+        };
+        let user = vec![
+            ("AWS_LAMBDA_FUNCTION_NAME".to_owned(), "spoofed".to_owned()),
+            ("AWS_REGION".to_owned(), "us-east-2".to_owned()),
+            ("BUCKET".to_owned(), "images".to_owned()),
+        ];
+        let environment = instance_environment(&identity, &user);
+        let get = |name: &str| {
+            environment
+                .iter()
+                .find(|(known, _)| known == name)
+                .map(|(_, value)| value.as_str())
+        };
+        assert_eq!(get("AWS_LAMBDA_RUNTIME_API"), Some("127.0.0.1:40123"));
+        assert_eq!(get("_HANDLER"), Some("app.handler"));
+        assert_eq!(get("LAMBDA_TASK_ROOT"), Some("/srv/thumbnails"));
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_NAME"), Some("thumbnails"));
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_VERSION"), Some("$LATEST"));
+        // The Rust client parses it as a number.
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"), Some("256"));
+        assert_eq!(
+            get("AWS_LAMBDA_LOG_GROUP_NAME"),
+            Some("/aws/lambda/thumbnails")
+        );
+        assert_eq!(get("AWS_LAMBDA_LOG_STREAM_NAME"), Some("$LATEST/i-3"));
+        // The user's own settings win, except for reserved names.
+        assert_eq!(get("AWS_REGION"), Some("us-east-2"));
+        assert_eq!(get("BUCKET"), Some("images"));
+        assert_eq!(
+            environment
+                .iter()
+                .filter(|(name, _)| name == "AWS_LAMBDA_FUNCTION_NAME")
+                .count(),
+            1
+        );
+        assert_eq!(
+            function_arn("eu-west-1", "thumbnails"),
+            "arn:aws:lambda:eu-west-1:000000000000:function:thumbnails"
+        );
+    }
+}
