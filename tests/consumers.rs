@@ -110,15 +110,7 @@ async fn a_removed_trigger_with_waiting_events_is_reported_and_drained() {
     };
     let switchyard = Switchyard::start(only_main.clone()).await;
     function.wait_for(3, WAIT).await;
-    let triggers: serde_json::Value = serde_json::from_slice(
-        &reqwest::get(switchyard.admin_url("/v1/triggers"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let triggers: serde_json::Value = switchyard.admin_json("/v1/triggers").await;
     let orphaned = triggers["orphaned_consumers"].as_array().unwrap();
     assert_eq!(orphaned.len(), 1, "{triggers}");
     assert_eq!(orphaned[0]["consumer"], "switchyard-old");
@@ -156,15 +148,7 @@ async fn a_removed_trigger_with_waiting_events_is_reported_and_drained() {
     }
     switchyard.stop().await;
     let switchyard = Switchyard::start(only_main).await;
-    let triggers: serde_json::Value = serde_json::from_slice(
-        &reqwest::get(switchyard.admin_url("/v1/triggers"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let triggers: serde_json::Value = switchyard.admin_json("/v1/triggers").await;
     assert_eq!(triggers["orphaned_consumers"], serde_json::json!([]));
     switchyard.stop().await;
 }

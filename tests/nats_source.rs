@@ -106,14 +106,7 @@ async fn jetstream_input_is_acknowledged_only_after_the_event_is_persisted() {
     let client = async_nats::connect(nats.url()).await.unwrap();
     let context = jetstream::new(client.clone());
     let input = random_name("INPUT").to_uppercase();
-    context
-        .create_stream(jetstream::stream::Config {
-            name: input.clone(),
-            subjects: vec![format!("{input}.>")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_input(&context, &input).await;
     for index in 0..10 {
         context
             .publish(
@@ -188,14 +181,7 @@ async fn jetstream_inputs_that_cannot_be_stored_are_dead_lettered() {
     let client = async_nats::connect(nats.url()).await.unwrap();
     let context = jetstream::new(client.clone());
     let input = random_name("INPUT").to_uppercase();
-    context
-        .create_stream(jetstream::stream::Config {
-            name: input.clone(),
-            subjects: vec![format!("{input}.>")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_input(&context, &input).await;
     let publish = |headers: HeaderMap, payload: Vec<u8>| {
         let context = context.clone();
         let subject = format!("{input}.item");
@@ -313,17 +299,21 @@ async fn a_core_nats_burst_is_stored_whole() {
     switchyard.stop().await;
 }
 
+/// Creates input stream `name` over `<name>.>`.
+async fn create_input(context: &jetstream::Context, name: &str) {
+    context
+        .create_stream(jetstream::stream::Config {
+            name: name.to_owned(),
+            subjects: vec![format!("{name}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// The state `/v1/sources` shows of `name`, with its restarts.
 async fn source_state(switchyard: &Switchyard, name: &str) -> (String, u64, String) {
-    let sources: serde_json::Value = serde_json::from_str(
-        &reqwest::get(switchyard.admin_url("/v1/sources"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let sources: serde_json::Value = switchyard.admin_json("/v1/sources").await;
     let source = sources["sources"]
         .as_array()
         .unwrap()
@@ -374,14 +364,7 @@ async fn a_failing_source_is_shown_and_run_again_until_it_works() {
 
     let client = async_nats::connect(nats.url()).await.unwrap();
     let context = jetstream::new(client.clone());
-    context
-        .create_stream(jetstream::stream::Config {
-            name: input.clone(),
-            subjects: vec![format!("{input}.>")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_input(&context, &input).await;
     context
         .publish(format!("{input}.item"), "after".into())
         .await

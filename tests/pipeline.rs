@@ -850,17 +850,7 @@ async fn events_waiting_for_a_retry_do_not_hold_the_trigger() {
         1,
         "the retry waits for its Retry-After"
     );
-    let triggers: serde_json::Value = serde_json::from_str(
-        &client
-            .get(format!("http://{}/v1/triggers", switchyard.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let triggers: serde_json::Value = switchyard.admin_json("/v1/triggers").await;
     assert_eq!(triggers["triggers"][0]["name"], "main");
     switchyard.stop().await;
 }

@@ -503,6 +503,17 @@ impl Switchyard {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The JSON an admin endpoint (`/v1/triggers`, `/v1/sources`) answers.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let body = reqwest::get(self.admin_url(path))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
     /// The sum of a metric's samples on this instance's `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
         metric_at(&self.admin_url("/metrics"), name).await

@@ -297,31 +297,23 @@ pub async fn bench_dispatch(nats: &Nats, count: usize) -> anyhow::Result<()> {
         );
     }
 
-    // Switchyard, one event per invocation.
-    function.count.store(0, Ordering::SeqCst);
-    rows.push(
-        measure(nats, "Switchyard, one event per invocation", count, async {
-            let running = switchyard::start(single).await.expect("start");
-            let first = until_counted(&function, count).await;
-            let ended = Instant::now();
-            running.stop().await.expect("stop");
-            // Stopping is not counted either.
-            Some(first + (Instant::now() - ended))
-        })
-        .await,
-    );
-    // Switchyard, batches of up to 100.
-    function.count.store(0, Ordering::SeqCst);
-    rows.push(
-        measure(nats, "Switchyard, batches of up to 100", count, async {
-            let running = switchyard::start(batched).await.expect("start");
-            let first = until_counted(&function, count).await;
-            let ended = Instant::now();
-            running.stop().await.expect("stop");
-            Some(first + (Instant::now() - ended))
-        })
-        .await,
-    );
+    for (name, config) in [
+        ("Switchyard, one event per invocation", single),
+        ("Switchyard, batches of up to 100", batched),
+    ] {
+        function.count.store(0, Ordering::SeqCst);
+        rows.push(
+            measure(nats, name, count, async {
+                let running = switchyard::start(config).await.expect("start");
+                let first = until_counted(&function, count).await;
+                let ended = Instant::now();
+                running.stop().await.expect("stop");
+                // Stopping is not counted either.
+                Some(first + (Instant::now() - ended))
+            })
+            .await,
+        );
+    }
 
     println!(
         "### (b) dispatch to a no-op HTTP function ({count} stored events, {CONCURRENCY} in flight)\n"
