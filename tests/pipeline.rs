@@ -824,7 +824,6 @@ async fn events_waiting_for_a_retry_do_not_hold_the_trigger() {
     })
     .await;
     let (_nats, switchyard) = start(&function, "", "max_concurrency = 2").await;
-    let client = reqwest::Client::new();
     for id in ["later-1", "later-2"] {
         post_event(&switchyard.url("/v1/events"), id, "t", "x").await;
     }
