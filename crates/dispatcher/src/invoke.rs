@@ -126,13 +126,38 @@ pub(crate) async fn handle(
         return Settled::Done;
     };
     let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
+    // Capacity first (a function whose instances Switchyard runs may cold-start one):
+    // waiting for it is not an attempt, and the event stays unacknowledged meanwhile.
+    let reserved = tokio::select! {
+        reserved = trigger.function.target.reserve() => reserved,
+        () = abandon.cancelled() => {
+            // Not called: handed back with only what earlier attempts did recorded.
+            Box::pin(handling.hand_back_recorded(None, None, None, None)).await;
+            return Settled::Done;
+        }
+    };
     trigger.metrics.dispatched.inc();
     tracing::debug!(event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name, attempt = handling.delivery.attempt, "invoking function");
     let attempt_started_at = time::OffsetDateTime::now_utc();
     let started = Instant::now();
     let invocation = async {
+        let reservation = match reserved {
+            Ok(reservation) => reservation,
+            Err(failure) => {
+                return Outcome::RetryLater {
+                    not_before: None,
+                    failure,
+                };
+            }
+        };
         match &trigger.destinations.enricher {
-            None => trigger.function.target.invoke(&event, timeout).await,
+            None => {
+                trigger
+                    .function
+                    .target
+                    .invoke_reserved(reservation, &event, timeout)
+                    .await
+            }
             Some(enricher) => {
                 let mut enriched = event.clone();
                 if let Err(failure) = enricher.enrich(&mut enriched).await {
@@ -141,7 +166,11 @@ pub(crate) async fn handle(
                         failure,
                     };
                 }
-                trigger.function.target.invoke(&enriched, timeout).await
+                trigger
+                    .function
+                    .target
+                    .invoke_reserved(reservation, &enriched, timeout)
+                    .await
             }
         }
     };

@@ -22,4 +22,4 @@ pub use json::{
 };
 pub use sink::{DedupHorizon, Destination, EventSink, PropertyValue, PublishError, PublishReceipt};
 pub use source::{Source, SourceHealth};
-pub use target::{BatchOutcome, Enricher, Failure, FunctionAnswer, Outcome, Target};
+pub use target::{BatchOutcome, Enricher, Failure, FunctionAnswer, Outcome, Reservation, Target};

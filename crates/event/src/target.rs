@@ -88,11 +88,47 @@ pub trait Enricher: Send + Sync + 'static {
     async fn enrich(&self, event: &mut Event) -> Result<(), Failure>;
 }
 
+/// Capacity a function set aside for one invocation (for a function whose instances
+/// Switchyard runs: a ready instance), from [`Target::reserve`]. Dropping it unused
+/// gives the capacity back.
+pub struct Reservation(Box<dyn std::any::Any + Send>);
+
+impl Reservation {
+    pub fn new<T: std::any::Any + Send>(held: T) -> Self {
+        Reservation(Box::new(held))
+    }
+
+    /// What the target put in, if it is a `T`.
+    pub fn into_inner<T: std::any::Any + Send>(self) -> Option<T> {
+        self.0.downcast::<T>().ok().map(|held| *held)
+    }
+}
+
 /// A function that events are delivered to.
 #[async_trait]
 pub trait Target: Send + Sync + 'static {
     /// Invokes the function once with `event`; `timeout` bounds the whole call.
     async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome;
+
+    /// Waits until the function can start an invocation at once. Targets that run
+    /// their own instances wait here for a ready one (starting one when none is
+    /// idle); the dispatcher waits before the attempt counts, with the event still
+    /// unacknowledged on the bus. An error means the function cannot start (its init
+    /// failed): the attempt fails with it. By default there is nothing to wait for.
+    async fn reserve(&self) -> Result<Option<Reservation>, Failure> {
+        Ok(None)
+    }
+
+    /// Invokes the function once with `event` on what [`Target::reserve`] set aside.
+    async fn invoke_reserved(
+        &self,
+        reservation: Option<Reservation>,
+        event: &Event,
+        timeout: Duration,
+    ) -> Outcome {
+        drop(reservation);
+        self.invoke(event, timeout).await
+    }
 
     /// Invokes the function once with a batch. By default, one invocation per event,
     /// one after the other, and the failed ones reported.

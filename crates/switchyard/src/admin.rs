@@ -1,7 +1,9 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (connected to NATS,
 //! the streams exist, every source is up), `/metrics` (Prometheus text format),
 //! `/v1/triggers` (a read-only JSON view of each trigger with its lag and in-flight
-//! count) and `/v1/sources` (each source's state, restarts and last error).
+//! count), `/v1/sources` (each source's state, restarts and last error) and
+//! `/v1/functions` (each managed function's instances, cold starts, last init error
+//! and limits).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -23,13 +25,19 @@ pub struct AdminState {
     ready: Arc<AtomicBool>,
     running: Arc<OnceLock<(DispatcherView, Bus)>>,
     sources: Arc<OnceLock<Vec<Arc<SourceCell>>>>,
+    workers: Option<Arc<switchyard_workers::Workers>>,
 }
 
 impl AdminState {
-    pub fn new(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        ready: Arc<AtomicBool>,
+        workers: Option<Arc<switchyard_workers::Workers>>,
+    ) -> Self {
         AdminState {
             registry,
             ready,
+            workers,
             running: Arc::new(OnceLock::new()),
             sources: Arc::new(OnceLock::new()),
         }
@@ -58,7 +66,19 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/triggers", get(triggers))
         .route("/v1/sources", get(sources))
+        .route("/v1/functions", get(functions))
         .with_state(state)
+}
+
+/// Managed functions (`lambda`): instances by state, cold starts, the last init error
+/// and limits. Functions Switchyard does not run (`http`, `log`) are not listed.
+async fn functions(State(state): State<AdminState>) -> Response {
+    let functions = state
+        .workers
+        .as_ref()
+        .map(|workers| workers.status())
+        .unwrap_or_default();
+    axum::Json(serde_json::json!({ "functions": functions })).into_response()
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {

@@ -35,6 +35,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub dispatcher: DispatcherConfig,
+    /// Settings shared by the functions whose instances Switchyard runs.
+    #[serde(default)]
+    pub workers: WorkersConfig,
     /// Object stores, by name, for `s3` poll sources and enriching triggers.
     #[serde(default)]
     pub stores: BTreeMap<String, Spanned<StoreConfig>>,
@@ -139,6 +142,9 @@ pub enum FunctionConfig {
     Http(HttpFunctionConfig),
     /// Prints events to the log.
     Log(LogFunctionConfig),
+    /// A command speaking the AWS Lambda Runtime API, whose instances Switchyard
+    /// starts on demand, scales with load and stops when idle.
+    Lambda(LambdaFunctionConfig),
 }
 
 impl FunctionConfig {
@@ -146,6 +152,7 @@ impl FunctionConfig {
         match self {
             FunctionConfig::Http(config) => &config.name,
             FunctionConfig::Log(config) => &config.name,
+            FunctionConfig::Lambda(config) => &config.name,
         }
     }
 
@@ -153,6 +160,7 @@ impl FunctionConfig {
         match self {
             FunctionConfig::Http(config) => config.max_concurrency,
             FunctionConfig::Log(config) => config.max_concurrency,
+            FunctionConfig::Lambda(config) => config.max_concurrency,
         }
     }
 
@@ -160,6 +168,7 @@ impl FunctionConfig {
         match self {
             FunctionConfig::Http(config) => config.concurrency_scope,
             FunctionConfig::Log(config) => config.concurrency_scope,
+            FunctionConfig::Lambda(config) => config.concurrency_scope,
         }
     }
 }
@@ -191,6 +200,118 @@ pub struct LogFunctionConfig {
     pub max_concurrency: usize,
     #[serde(default = "process_scope")]
     pub concurrency_scope: ConcurrencyScope,
+}
+
+/// A function written for AWS Lambda, run unchanged: its `command` is started with
+/// Lambda's environment (`AWS_LAMBDA_RUNTIME_API`, `_HANDLER`, `LAMBDA_TASK_ROOT`,
+/// `AWS_LAMBDA_FUNCTION_*`, region, log group and stream) and asks Switchyard's Runtime
+/// API for events, one at a time per instance.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LambdaFunctionConfig {
+    pub name: String,
+    /// The program and its arguments, e.g.
+    /// `["python3", "-m", "awslambdaric", "app.handler"]`. A program given as a
+    /// relative path with a `/` (`./bootstrap`) is found in `directory`; a bare name
+    /// on `PATH`.
+    pub command: Vec<String>,
+    /// Lambda's handler setting, given to instances as `_HANDLER` (e.g.
+    /// `app.handler`).
+    #[serde(default)]
+    pub handler: String,
+    /// The function's code: its instances' working directory and
+    /// `LAMBDA_TASK_ROOT`. Relative to the configuration file's directory; by default
+    /// that directory.
+    #[serde(default)]
+    pub directory: PathBuf,
+    /// Environment variables of its instances (`${VAR}` passes one of Switchyard's
+    /// own). Nothing else of Switchyard's environment reaches them, except `PATH`.
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    /// Per-invocation deadline (a trigger may override it); past it the instance is
+    /// killed and the attempt fails with `Sandbox.Timedout`. Lambda's default, 3s.
+    #[serde(default = "default_lambda_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a starting instance may take to ask for its first event.
+    #[serde(default = "default_init_timeout", with = "humantime_serde")]
+    pub init_timeout: Duration,
+    /// An instance idle this long is stopped (down to `min_instances`).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Memory of one instance in MB, as Lambda's `MemorySize` (128 to 10240): told to
+    /// the instance as `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`.
+    #[serde(default = "default_memory")]
+    pub memory: u32,
+    /// Instances kept running even when idle (a warm floor, like Lambda's
+    /// provisioned concurrency).
+    #[serde(default)]
+    pub min_instances: usize,
+    /// Invocations in flight at once over every trigger, which is also the most
+    /// instances at once (one invocation per instance).
+    #[serde(default = "default_managed_concurrency")]
+    pub max_concurrency: usize,
+    /// Most instances of this function starting at once; more events wait in the
+    /// stream.
+    #[serde(default = "default_function_cold_starts")]
+    pub max_cold_starts: usize,
+    /// Where `max_concurrency` holds: across every dispatcher process (`cluster`) or
+    /// in each process (`process`).
+    #[serde(default)]
+    pub concurrency_scope: ConcurrencyScope,
+}
+
+fn default_lambda_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_init_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_memory() -> u32 {
+    128
+}
+fn default_managed_concurrency() -> usize {
+    10
+}
+fn default_function_cold_starts() -> usize {
+    4
+}
+
+/// Settings shared by every function whose instances Switchyard runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// The AWS region instances are told they run in (`AWS_REGION`, the ARN).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Most instances starting at once, over every function.
+    #[serde(default = "default_total_cold_starts")]
+    pub max_cold_starts: usize,
+    /// How long a stopping instance has between SIGTERM and SIGKILL.
+    #[serde(default = "default_stop_grace", with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            region: default_region(),
+            max_cold_starts: default_total_cold_starts(),
+            stop_grace: default_stop_grace(),
+        }
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+fn default_total_cold_starts() -> usize {
+    16
+}
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Where a function's `max_concurrency` is enforced.
@@ -379,8 +500,15 @@ pub fn parse(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
     let text = interpolate(file, text, env)?;
-    let config: Config =
+    let mut config: Config =
         toml::from_str(&text).map_err(|error| ConfigErrors(parse_errors(file, &text, error)))?;
+    // A function's directory is relative to the configuration file's.
+    let base = file.parent().unwrap_or(Path::new(""));
+    for function in &mut config.functions {
+        if let FunctionConfig::Lambda(lambda) = function.get_mut() {
+            lambda.directory = base.join(&lambda.directory);
+        }
+    }
     let errors = validate(file, &text, &config);
     if errors.is_empty() {
         Ok(config)
@@ -631,6 +759,70 @@ fn destination_problem(destination: &switchyard_dispatcher::DestinationConfig) -
     }
 }
 
+/// What is wrong with a `lambda` function's settings.
+fn lambda_problems(check: &mut Checker<'_>, span: &Range<usize>, lambda: &LambdaFunctionConfig) {
+    match lambda.command.first() {
+        None => check.error(
+            span.clone(),
+            "command",
+            "is empty: give the program and its arguments, e.g. [\"python3\", \"-m\", \"awslambdaric\", \"app.handler\"]".to_owned(),
+        ),
+        Some(program) if program.is_empty() => {
+            check.error(span.clone(), "command", "the program is empty".to_owned());
+        }
+        Some(_) => {}
+    }
+    if !lambda.directory.is_dir() {
+        check.error(
+            span.clone(),
+            "directory",
+            format!("`{}` is not a directory", lambda.directory.display()),
+        );
+    }
+    if !(128..=10240).contains(&lambda.memory) {
+        check.error(
+            span.clone(),
+            "memory",
+            format!("{} MB is outside Lambda's 128 to 10240", lambda.memory),
+        );
+    }
+    for (field, value) in [
+        ("timeout", lambda.timeout),
+        ("init_timeout", lambda.init_timeout),
+        ("idle_timeout", lambda.idle_timeout),
+    ] {
+        if value.is_zero() {
+            check.error(span.clone(), field, "must be longer than 0s".to_owned());
+        }
+    }
+    if lambda.max_cold_starts == 0 {
+        check.error(
+            span.clone(),
+            "max_cold_starts",
+            "must be at least 1".to_owned(),
+        );
+    }
+    if lambda.min_instances > lambda.max_concurrency {
+        check.error(
+            span.clone(),
+            "min_instances",
+            format!(
+                "{} is more than max_concurrency ({}), the most instances at once",
+                lambda.min_instances, lambda.max_concurrency
+            ),
+        );
+    }
+    for name in lambda.environment.keys() {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            check.error(
+                span.clone(),
+                "environment",
+                format!("`{name}` is not a valid environment variable name"),
+            );
+        }
+    }
+}
+
 /// Checks what parsing cannot: names, references between sections, addresses, URLs.
 fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
     let mut check = Checker {
@@ -655,6 +847,9 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 "max_concurrency",
                 "must be at least 1".to_owned(),
             );
+        }
+        if let FunctionConfig::Lambda(lambda) = function {
+            lambda_problems(&mut check, &span, lambda);
         }
         if let FunctionConfig::Http(http) = function {
             match reqwest::Url::parse(&http.url) {

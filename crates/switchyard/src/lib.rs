@@ -122,7 +122,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     poll_metrics.register(&mut registry);
     let supervisor_metrics = sources::SourceMetrics::default();
     supervisor_metrics.register(&mut registry);
+    let worker_metrics = switchyard_workers::WorkerMetrics::default();
+    worker_metrics.register(&mut registry);
     let registry = Arc::new(registry);
+    // Functions whose instances Switchyard runs: set up (and what a killed
+    // predecessor left behind reaped) before anything starts one.
+    let workers = config
+        .functions
+        .iter()
+        .any(|function| matches!(function.get_ref(), config::FunctionConfig::Lambda(_)))
+        .then(|| {
+            Arc::new(switchyard_workers::Workers::new(
+                switchyard_workers::WorkersSettings {
+                    region: config.workers.region.clone(),
+                    max_cold_starts: config.workers.max_cold_starts,
+                    stop_grace: config.workers.stop_grace,
+                },
+                worker_metrics,
+            ))
+        });
 
     let mut source_listeners = Vec::new();
     let mut nats_sources = Vec::new();
@@ -158,7 +176,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     }
     let reserved = Arc::new(reserved_sources(&config));
-    let admin_state = admin::AdminState::new(registry.clone(), ready.clone());
+    let admin_state = admin::AdminState::new(registry.clone(), ready.clone(), workers.clone());
     let admin_address = if config.admin.listen.is_empty() {
         None
     } else {
@@ -218,6 +236,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     Arc::new(LogTarget::new(log.name.clone())),
                     Duration::from_secs(5),
                 ),
+                config::FunctionConfig::Lambda(lambda) => {
+                    let workers = workers
+                        .as_ref()
+                        .expect("set up when a lambda function exists");
+                    (Arc::new(workers.add(lambda_spec(lambda))), lambda.timeout)
+                }
             };
             functions.insert(
                 function.name().to_owned(),
@@ -364,6 +388,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::info!("shutting down: draining the dispatcher");
         dispatcher_shutdown.cancel();
         let _ = dispatching.await;
+        if let Some(workers) = &workers {
+            tracing::info!("shutting down: stopping function instances");
+            workers.shutdown().await;
+        }
         // Acks and NAKs sent while draining must reach the server before we leave.
         let _ = tokio::time::timeout(Duration::from_secs(2), bus.client().flush()).await;
         tracing::info!("switchyard stopped");
@@ -376,6 +404,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// What the workers need of a `lambda` function's configuration.
+fn lambda_spec(lambda: &config::LambdaFunctionConfig) -> switchyard_workers::FunctionSpec {
+    switchyard_workers::FunctionSpec {
+        name: lambda.name.clone(),
+        kind: switchyard_workers::Kind::Lambda {
+            handler: lambda.handler.clone(),
+        },
+        command: lambda.command.clone(),
+        directory: lambda.directory.clone(),
+        environment: lambda
+            .environment
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+        timeout: lambda.timeout,
+        init_timeout: lambda.init_timeout,
+        idle_timeout: lambda.idle_timeout,
+        memory_mb: lambda.memory,
+        min_instances: lambda.min_instances,
+        max_instances: lambda.max_concurrency,
+        instance_concurrency: 1,
+        max_cold_starts: lambda.max_cold_starts,
+    }
 }
 
 /// A trigger destination from its configuration.

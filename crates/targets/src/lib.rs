@@ -14,8 +14,6 @@
 //!
 //! [`LogTarget`] prints events, for debugging and the quick start.
 
-pub mod runtime_api;
-
 use std::time::Duration;
 
 use async_trait::async_trait;

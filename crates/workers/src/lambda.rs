@@ -1,0 +1,282 @@
+//! `lambda` instances: a command speaking the AWS Lambda Runtime API, served to it on
+//! a loopback port of its own, and invocations as Lambda runs them: the structured
+//! CloudEvent as the payload, a deadline after which the instance is killed
+//! (`Sandbox.Timedout`), an exit during an invocation as `Runtime.ExitError`, a
+//! reported error as a failed attempt with its `errorType` and `errorMessage`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use switchyard_event::{
+    Event, Failure, FunctionAnswer, Outcome, parse_structured, to_structured_json,
+};
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::pool::{Endpoint, Instance, Lease, Pool, StartFailure};
+use crate::process::{InstanceProcess, Launch, OWNER_VARIABLE};
+use crate::runtime_api::{Answer, InstanceIdentity, Invocation, RuntimeApi, instance_environment};
+
+/// Starts an instance and waits for its runtime's first `/next` (init over), an init
+/// error, its exit, or `init_timeout`.
+pub(crate) async fn start(
+    pool: &Pool,
+    label: &str,
+    handler: &str,
+) -> Result<Instance, StartFailure> {
+    let spec = &pool.spec;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|error| StartFailure {
+            error_type: "Runtime.StartFailed".to_owned(),
+            message: format!("binding the instance's runtime api failed: {error}"),
+        })?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| StartFailure {
+            error_type: "Runtime.StartFailed".to_owned(),
+            message: format!("binding the instance's runtime api failed: {error}"),
+        })?
+        .to_string();
+    let api = RuntimeApi::new();
+    let router = api.router();
+    let server = AbortOnDropHandle::new(tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    }));
+    let task_root = spec.directory.to_string_lossy();
+    let identity = InstanceIdentity {
+        function: &spec.name,
+        handler,
+        task_root: &task_root,
+        memory_mb: spec.memory_mb,
+        region: &pool.shared.settings.region,
+        runtime_api: &address,
+        instance: label,
+    };
+    let mut environment = base_environment(&spec.environment);
+    environment = instance_environment(&identity, &environment);
+    environment.retain(|(name, _)| name != OWNER_VARIABLE);
+    environment.push((OWNER_VARIABLE.to_owned(), pool.shared.owner.clone()));
+    let (program, args) = spec
+        .command
+        .split_first()
+        .expect("validated: a command has a program");
+    let process = InstanceProcess::spawn(&Launch {
+        program,
+        args,
+        directory: &spec.directory,
+        environment: &environment,
+        function: &spec.name,
+        instance: label,
+    })
+    .map_err(|error| StartFailure {
+        error_type: "Runtime.InvalidEntrypoint".to_owned(),
+        message: format!("starting `{program}` failed: {error}"),
+    })?;
+    let ready = tokio::select! {
+        ready = api.wait_init() => ready.map_err(|(error_type, body)| {
+            let (reported_type, message) = reported_error(&body);
+            StartFailure {
+                error_type: reported_type.unwrap_or(error_type),
+                message: message.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+            }
+        }),
+        exit = process.exited() => Err(StartFailure {
+            error_type: "Runtime.ExitError".to_owned(),
+            message: format!("the runtime exited during init: {exit}; last output: {}", last_output(&process)),
+        }),
+        () = tokio::time::sleep(spec.init_timeout) => Err(StartFailure {
+            error_type: "Sandbox.Timedout".to_owned(),
+            message: format!("init did not finish within {}; last output: {}", seconds(spec.init_timeout), last_output(&process)),
+        }),
+    };
+    match ready {
+        Ok(()) => Ok(Instance {
+            label: label.to_owned(),
+            process,
+            endpoint: Endpoint::Lambda {
+                api,
+                _server: server,
+            },
+        }),
+        Err(failure) => {
+            process.kill();
+            process.exited().await;
+            Err(failure)
+        }
+    }
+}
+
+/// What every instance gets besides Lambda's variables: `PATH` from Switchyard's
+/// environment (so `python3` or `node` are found) unless the function sets its own,
+/// and Lambda's `LANG`. Nothing else of Switchyard's environment is passed on.
+fn base_environment(user: &[(String, String)]) -> Vec<(String, String)> {
+    let mut environment = Vec::new();
+    if !user.iter().any(|(name, _)| name == "PATH")
+        && let Ok(path) = std::env::var("PATH")
+    {
+        environment.push(("PATH".to_owned(), path));
+    }
+    if !user.iter().any(|(name, _)| name == "LANG") {
+        environment.push(("LANG".to_owned(), "en_US.UTF-8".to_owned()));
+    }
+    environment.extend(user.iter().cloned());
+    environment
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2} seconds", duration.as_secs_f64())
+}
+
+fn last_output(process: &InstanceProcess) -> String {
+    let tail = process.tail();
+    if tail.is_empty() {
+        "(none)".to_owned()
+    } else {
+        tail
+    }
+}
+
+/// The `errorType` and `errorMessage` of an error body, when it has them.
+fn reported_error(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(body) else {
+        return (None, None);
+    };
+    let text = |key: &str| {
+        object
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .filter(|text| !text.is_empty())
+            .map(str::to_owned)
+    };
+    (text("errorType"), text("errorMessage"))
+}
+
+/// An X-Ray-shaped trace id (`Root=1-<time>-<random>;Parent=<random>;Sampled=0`), as
+/// Lambda hands every invocation.
+fn trace_id() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let root: u128 = rand::random::<u128>() >> 32;
+    let parent: u64 = rand::random();
+    format!("Root=1-{now:08x}-{root:024x};Parent={parent:016x};Sampled=0")
+}
+
+/// Runs one invocation on the leased instance.
+pub(crate) async fn invoke(
+    pool: &Pool,
+    mut lease: Lease,
+    event: &Event,
+    timeout: Duration,
+) -> Outcome {
+    let Endpoint::Lambda { api, .. } = &lease.instance.endpoint;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let deadline = SystemTime::now() + timeout;
+    let invocation = Invocation {
+        request_id: request_id.clone(),
+        event: Bytes::from(to_structured_json(event)),
+        deadline_ms: deadline
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64,
+        function_arn: pool.arn.clone(),
+        trace_id: Some(trace_id()),
+        client_context: None,
+        cognito_identity: None,
+    };
+    let answer = match api.invoke(invocation) {
+        Ok(answer) => answer,
+        Err(error) => {
+            // Not expected (leases give an instance one invocation at a time): take
+            // the instance out rather than trust it.
+            lease.retire = true;
+            return retry(format!(
+                "the instance could not take the invocation: {error}"
+            ));
+        }
+    };
+    let process = &lease.instance.process;
+    process.set_request(Some(&request_id));
+    let outcome = tokio::select! {
+        biased;
+        answer = answer => match answer {
+            Ok(Answer::Response { body, content_type }) => delivered(body, content_type),
+            Ok(Answer::Error { error_type, body, .. }) => {
+                let (reported_type, message) = reported_error(&body);
+                retry(format!(
+                    "{}: {}",
+                    reported_type.unwrap_or(error_type),
+                    message.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
+                ))
+            }
+            Ok(Answer::TooLarge) => retry(format!(
+                "Function.ResponseSizeTooLarge: RequestId: {request_id} Error: the response is larger than {} bytes",
+                crate::runtime_api::MAX_PAYLOAD_BYTES
+            )),
+            Err(_) => {
+                lease.retire = true;
+                exit_error(pool, &request_id, process.exited().await)
+            }
+        },
+        exit = process.exited() => {
+            lease.retire = true;
+            exit_error(pool, &request_id, exit)
+        }
+        () = tokio::time::sleep(timeout) => {
+            // Lambda's sandbox reset: the instance and everything it forked go.
+            process.kill();
+            lease.retire = true;
+            pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
+            tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, request_id = %request_id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; instance killed");
+            retry(format!(
+                "Sandbox.Timedout: RequestId: {request_id} Error: Task timed out after {}",
+                seconds(timeout)
+            ))
+        }
+    };
+    process.set_request(None);
+    outcome
+}
+
+fn exit_error(pool: &Pool, request_id: &str, exit: crate::process::Exit) -> Outcome {
+    pool.shared
+        .metrics
+        .function_crashes
+        .get_or_create(&pool.labels)
+        .inc();
+    tracing::warn!(function = %pool.spec.name, request_id = %request_id, %exit, "instance exited during an invocation");
+    retry(format!(
+        "Runtime.ExitError: RequestId: {request_id} Error: Runtime exited with error: {exit}"
+    ))
+}
+
+fn retry(error: String) -> Outcome {
+    Outcome::RetryLater {
+        not_before: None,
+        failure: Failure::new(None, error),
+    }
+}
+
+/// A response: a structured CloudEvent in it is the function's reply; anything else
+/// non-empty is its answer.
+fn delivered(body: Bytes, content_type: Option<String>) -> Outcome {
+    if body.is_empty() {
+        return Outcome::delivered();
+    }
+    if body.first() == Some(&b'{')
+        && let Ok(reply) = parse_structured(&body)
+    {
+        return Outcome::Delivered {
+            reply: Some(Box::new(reply)),
+            answer: None,
+        };
+    }
+    Outcome::Delivered {
+        reply: None,
+        answer: Some(Box::new(FunctionAnswer {
+            body,
+            content_type: content_type.or_else(|| Some("application/json".to_owned())),
+        })),
+    }
+}

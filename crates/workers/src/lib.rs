@@ -1,0 +1,226 @@
+//! Function workers: functions whose instances Switchyard runs itself, on this
+//! machine, with no container engine.
+//!
+//! A [`ManagedFunction`] is a [`switchyard_event::Target`] backed by a pool of
+//! instances of one command. No instance runs until an invocation needs one (scale
+//! from zero); an invocation that finds no idle instance starts one when the function
+//! is under its instance limit (a cold start) and takes it the moment it is ready;
+//! instances idle longer than `idle_timeout` are stopped (scale to zero), down to
+//! `min_instances`. Concurrent cold starts are capped per function and in total
+//! ([`Workers`]). The dispatcher reserves an instance before an attempt counts
+//! ([`switchyard_event::Target::reserve`]), so an event waiting for one stays
+//! unacknowledged in JetStream, never in a queue in this process.
+//!
+//! Kinds: `lambda`, a command speaking the AWS Lambda Runtime API
+//! ([`runtime_api`], served to each instance on its own loopback port). `design.md`
+//! beside this crate states the lifecycle and what is promised.
+
+pub mod process;
+pub mod runtime_api;
+
+mod lambda;
+mod metrics;
+mod pool;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use metrics::WorkerMetrics;
+pub use pool::ManagedFunction;
+
+/// What kind of program a function's instances run.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// Speaks the AWS Lambda Runtime API; `handler` is Lambda's handler setting.
+    Lambda { handler: String },
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Lambda { .. } => "lambda",
+        }
+    }
+}
+
+/// One managed function, as configured.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    pub name: String,
+    pub kind: Kind,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// The working directory (Lambda's task root).
+    pub directory: PathBuf,
+    /// The function's own environment (on top of what its kind sets).
+    pub environment: Vec<(String, String)>,
+    /// Per-invocation deadline.
+    pub timeout: Duration,
+    /// How long an instance may take to become ready.
+    pub init_timeout: Duration,
+    /// An instance idle this long is stopped.
+    pub idle_timeout: Duration,
+    /// Memory of an instance, in MB (told to the instance; a limit where cgroups are
+    /// available).
+    pub memory_mb: u32,
+    /// Instances kept running even when idle.
+    pub min_instances: usize,
+    /// Most instances at once.
+    pub max_instances: usize,
+    /// Invocations one instance takes at once.
+    pub instance_concurrency: usize,
+    /// Most instances of this function starting at once.
+    pub max_cold_starts: usize,
+}
+
+/// Settings shared by every managed function of the process.
+#[derive(Debug, Clone)]
+pub struct WorkersSettings {
+    /// The AWS region instances are told they run in.
+    pub region: String,
+    /// Most instances starting at once, over every function.
+    pub max_cold_starts: usize,
+    /// How long a stopping instance gets between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+}
+
+impl Default for WorkersSettings {
+    fn default() -> Self {
+        WorkersSettings {
+            region: "us-east-1".to_owned(),
+            max_cold_starts: 16,
+            stop_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What every pool shares.
+pub(crate) struct Shared {
+    pub(crate) settings: WorkersSettings,
+    pub(crate) cold_starts: Arc<Semaphore>,
+    pub(crate) owner: String,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) metrics: WorkerMetrics,
+    /// How instances are isolated, as reported at start and in the status.
+    pub(crate) isolation: &'static str,
+}
+
+/// The managed functions of this process.
+pub struct Workers {
+    shared: Arc<Shared>,
+    functions: Mutex<Vec<ManagedFunction>>,
+}
+
+impl Workers {
+    /// Sets up the workers; first kills what a Switchyard process that died without
+    /// stopping its instances left behind.
+    pub fn new(settings: WorkersSettings, metrics: WorkerMetrics) -> Self {
+        let reaped = process::reap_orphans();
+        if reaped > 0 {
+            tracing::warn!(
+                processes = reaped,
+                "killed function instances left behind by a switchyard process that is gone"
+            );
+        }
+        let isolation = "process-group";
+        Workers {
+            shared: Arc::new(Shared {
+                cold_starts: Arc::new(Semaphore::new(settings.max_cold_starts.max(1))),
+                settings,
+                owner: process::owner_mark(),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                metrics,
+                isolation,
+            }),
+            functions: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds a function; its warm floor (`min_instances`) starts now.
+    pub fn add(&self, spec: FunctionSpec) -> ManagedFunction {
+        let function = ManagedFunction::new(spec, self.shared.clone());
+        self.functions
+            .lock()
+            .expect("functions lock")
+            .push(function.clone());
+        function
+    }
+
+    /// What `/v1/functions` shows.
+    pub fn status(&self) -> Vec<FunctionStatus> {
+        self.functions
+            .lock()
+            .expect("functions lock")
+            .iter()
+            .map(ManagedFunction::status)
+            .collect()
+    }
+
+    /// Stops every instance (SIGTERM, grace, SIGKILL) and waits for them; call after
+    /// the dispatcher stopped.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let functions: Vec<ManagedFunction> =
+            self.functions.lock().expect("functions lock").clone();
+        futures::future::join_all(functions.iter().map(ManagedFunction::stop_all)).await;
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+    }
+}
+
+/// A managed function's state, for `/v1/functions` and `switchyard functions`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionStatus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub instances: InstanceCounts,
+    /// Instances started since Switchyard started (each a cold start).
+    pub cold_starts: u64,
+    pub init_failures: u64,
+    /// The last init failure, while the function is failing to start.
+    pub last_init_error: Option<InitError>,
+    pub limits: Limits,
+    /// How instances are isolated: `process-group` (no cgroup limits).
+    pub isolation: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct InstanceCounts {
+    pub starting: usize,
+    pub idle: usize,
+    pub busy: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Limits {
+    pub max_instances: usize,
+    pub min_instances: usize,
+    pub instance_concurrency: usize,
+    pub memory_mb: u32,
+    pub timeout_ms: u64,
+    pub init_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_cold_starts: usize,
+}
+
+/// Why an instance failed to start.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitError {
+    pub error_type: String,
+    pub message: String,
+    /// RFC 3339.
+    pub at: String,
+    /// Failed starts in a row.
+    pub failures: u32,
+    /// No start is tried before this (RFC 3339); attempts fail with this error meanwhile.
+    pub retry_at: Option<String>,
+}

@@ -1,0 +1,632 @@
+//! The instances of one managed function: admission (an idle instance, or a cold
+//! start), leases, scaling down, and stopping.
+//!
+//! Every decision is taken under the pool's one lock, and an instance leaves routing
+//! (the `instances` map) under that lock before it is signalled, so an instance with
+//! an invocation in flight is never picked for scale-down, and one picked for
+//! scale-down never gets an invocation. Starting instances are counted but not
+//! routable until ready.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use switchyard_event::backoff::Backoff;
+use switchyard_event::timestamp::now_rfc3339;
+use switchyard_event::{Event, Failure, Outcome, Reservation, Target};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::metrics::{FunctionLabels, InstanceStateLabels};
+use crate::process::InstanceProcess;
+use crate::runtime_api::RuntimeApi;
+use crate::{FunctionSpec, FunctionStatus, InitError, InstanceCounts, Limits, Shared};
+
+/// A running instance.
+pub(crate) struct Instance {
+    pub(crate) label: String,
+    pub(crate) process: InstanceProcess,
+    pub(crate) endpoint: Endpoint,
+}
+
+/// How invocations reach an instance.
+pub(crate) enum Endpoint {
+    Lambda {
+        api: RuntimeApi,
+        /// Serves the instance's Runtime API; stops with the instance.
+        _server: AbortOnDropHandle<()>,
+    },
+}
+
+/// Why an instance could not start, in Lambda's words where Lambda has them.
+#[derive(Debug, Clone)]
+pub(crate) struct StartFailure {
+    pub(crate) error_type: String,
+    pub(crate) message: String,
+}
+
+/// A managed function: the dispatcher's [`Target`] for it.
+#[derive(Clone)]
+pub struct ManagedFunction {
+    pub(crate) pool: Arc<Pool>,
+}
+
+pub(crate) struct Pool {
+    pub(crate) spec: FunctionSpec,
+    pub(crate) shared: Arc<Shared>,
+    /// The ARN invocations name.
+    pub(crate) arn: String,
+    state: Mutex<State>,
+    /// Something changed: an instance became ready or free, a start failed.
+    changed: Notify,
+    /// This function's cold-start cap.
+    starts: Arc<Semaphore>,
+    pub(crate) labels: FunctionLabels,
+}
+
+struct State {
+    /// Ready instances (routable), by id.
+    instances: BTreeMap<u64, Slot>,
+    next_id: u64,
+    /// Invocations waiting for an instance.
+    waiting: usize,
+    /// Instances starting (not routable yet).
+    starting: usize,
+    init: InitHealth,
+    cold_starts: u64,
+    init_failures: u64,
+    closed: bool,
+}
+
+struct Slot {
+    instance: Arc<Instance>,
+    in_flight: usize,
+    idle_since: Instant,
+}
+
+/// Failed starts in a row, and when the next may be tried.
+struct InitHealth {
+    backoff: Backoff,
+    last: Option<(StartFailure, String)>,
+    retry_at: Option<(Instant, String)>,
+}
+
+impl State {
+    fn counts(&self) -> InstanceCounts {
+        let busy = self
+            .instances
+            .values()
+            .filter(|slot| slot.in_flight > 0)
+            .count();
+        InstanceCounts {
+            starting: self.starting,
+            idle: self.instances.len() - busy,
+            busy,
+        }
+    }
+}
+
+/// An instance reserved for one invocation. Dropping it frees the instance; marked
+/// `retire`, the instance leaves routing and is stopped instead.
+pub(crate) struct Lease {
+    pool: Arc<Pool>,
+    id: u64,
+    pub(crate) instance: Arc<Instance>,
+    pub(crate) retire: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut state = self.pool.state.lock().expect("pool lock");
+        let retired = if self.retire {
+            state.instances.remove(&self.id)
+        } else {
+            if let Some(slot) = state.instances.get_mut(&self.id) {
+                slot.in_flight -= 1;
+                slot.idle_since = Instant::now();
+            }
+            None
+        };
+        self.pool.publish_counts(&state);
+        drop(state);
+        self.pool.changed.notify_waiters();
+        if let Some(slot) = retired {
+            self.pool.stop_instance(slot.instance);
+        }
+    }
+}
+
+/// Counts an invocation as waiting for an instance until dropped.
+struct Waiting<'a>(&'a Pool);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("pool lock").waiting -= 1;
+    }
+}
+
+impl ManagedFunction {
+    pub(crate) fn new(spec: FunctionSpec, shared: Arc<Shared>) -> Self {
+        let labels = FunctionLabels {
+            function: spec.name.clone(),
+        };
+        let pool = Arc::new(Pool {
+            arn: crate::runtime_api::function_arn(&shared.settings.region, &spec.name),
+            starts: Arc::new(Semaphore::new(spec.max_cold_starts.max(1))),
+            state: Mutex::new(State {
+                instances: BTreeMap::new(),
+                next_id: 1,
+                waiting: 0,
+                starting: 0,
+                init: InitHealth {
+                    backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+                    last: None,
+                    retry_at: None,
+                },
+                cold_starts: 0,
+                init_failures: 0,
+                closed: false,
+            }),
+            changed: Notify::new(),
+            spec,
+            shared,
+            labels,
+        });
+        {
+            let state = pool.state.lock().expect("pool lock");
+            pool.publish_counts(&state);
+        }
+        let function = ManagedFunction { pool };
+        let pool = function.pool.clone();
+        function
+            .pool
+            .shared
+            .tasks
+            .spawn(async move { pool.keep_in_shape().await });
+        function
+    }
+
+    pub fn name(&self) -> &str {
+        &self.pool.spec.name
+    }
+
+    pub(crate) fn status(&self) -> FunctionStatus {
+        let pool = &self.pool;
+        let state = pool.state.lock().expect("pool lock");
+        let last_init_error = state.init.last.as_ref().map(|(failure, at)| InitError {
+            error_type: failure.error_type.clone(),
+            message: failure.message.clone(),
+            at: at.clone(),
+            failures: state.init.backoff.failures(),
+            retry_at: state.init.retry_at.as_ref().map(|(_, at)| at.clone()),
+        });
+        let spec = &pool.spec;
+        FunctionStatus {
+            name: spec.name.clone(),
+            kind: spec.kind.name(),
+            instances: state.counts(),
+            cold_starts: state.cold_starts,
+            init_failures: state.init_failures,
+            last_init_error,
+            limits: Limits {
+                max_instances: spec.max_instances,
+                min_instances: spec.min_instances,
+                instance_concurrency: spec.instance_concurrency,
+                memory_mb: spec.memory_mb,
+                timeout_ms: spec.timeout.as_millis() as u64,
+                init_timeout_ms: spec.init_timeout.as_millis() as u64,
+                idle_timeout_ms: spec.idle_timeout.as_millis() as u64,
+                max_cold_starts: spec.max_cold_starts,
+            },
+            isolation: pool.shared.isolation,
+        }
+    }
+
+    /// Stops every instance: out of routing first, then SIGTERM, grace, SIGKILL.
+    pub(crate) async fn stop_all(&self) {
+        let pool = &self.pool;
+        let instances: Vec<Arc<Instance>> = {
+            let mut state = pool.state.lock().expect("pool lock");
+            state.closed = true;
+            let instances = std::mem::take(&mut state.instances);
+            pool.publish_counts(&state);
+            instances.into_values().map(|slot| slot.instance).collect()
+        };
+        pool.changed.notify_waiters();
+        let grace = pool.shared.settings.stop_grace;
+        futures::future::join_all(
+            instances
+                .iter()
+                .map(|instance| instance.process.stop(grace)),
+        )
+        .await;
+    }
+}
+
+impl Pool {
+    fn publish_counts(&self, state: &State) {
+        let counts = state.counts();
+        for (name, value) in [
+            ("starting", counts.starting),
+            ("idle", counts.idle),
+            ("busy", counts.busy),
+        ] {
+            self.shared
+                .metrics
+                .function_instances
+                .get_or_create(&InstanceStateLabels {
+                    function: self.spec.name.clone(),
+                    state: name.to_owned(),
+                })
+                .set(value as i64);
+        }
+    }
+
+    /// Whether a waiting invocation should start an instance: more invocations wait
+    /// than starting instances will take, and the function is under its limit.
+    fn start_needed(&self, state: &State) -> bool {
+        !state.closed
+            && state.waiting > state.starting * self.spec.instance_concurrency.max(1)
+            && state.instances.len() + state.starting < self.spec.max_instances
+    }
+
+    /// The init failure that attempts fail with while starts are backed off.
+    fn backed_off(&self, state: &State) -> Option<Failure> {
+        let (retry_at, _) = state.init.retry_at.as_ref()?;
+        if Instant::now() >= *retry_at {
+            return None;
+        }
+        let (failure, _) = state.init.last.as_ref()?;
+        Some(init_failure(failure))
+    }
+
+    /// Waits for an instance with room for one more invocation, cold-starting one
+    /// when none has room.
+    async fn acquire(self: &Arc<Self>) -> Result<Lease, Failure> {
+        let mut waiting: Option<Waiting<'_>> = None;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let start = {
+                let mut state = self.state.lock().expect("pool lock");
+                if state.closed {
+                    drop(state);
+                    return Err(Failure::new(None, "the function is stopping"));
+                }
+                let limit = self.spec.instance_concurrency.max(1);
+                // The most recently freed instance first: the others go idle and are
+                // stopped after `idle_timeout`. Among busy ones with room, the fullest.
+                let picked = state
+                    .instances
+                    .iter()
+                    .filter(|(_, slot)| slot.in_flight < limit)
+                    .max_by_key(|(_, slot)| (slot.in_flight, slot.idle_since))
+                    .map(|(id, _)| *id);
+                if let Some(id) = picked {
+                    let slot = state.instances.get_mut(&id).expect("picked");
+                    slot.in_flight += 1;
+                    let instance = slot.instance.clone();
+                    self.publish_counts(&state);
+                    drop(state);
+                    drop(waiting);
+                    return Ok(Lease {
+                        pool: self.clone(),
+                        id,
+                        instance,
+                        retire: false,
+                    });
+                }
+                if let Some(failure) = self.backed_off(&state) {
+                    drop(state);
+                    return Err(failure);
+                }
+                if waiting.is_none() {
+                    state.waiting += 1;
+                    waiting = Some(Waiting(self));
+                }
+                self.start_needed(&state)
+            };
+            if !start {
+                changed.await;
+                continue;
+            }
+            // Under the cold-start caps: wait for a place, unless something changes
+            // first (an instance freed, a start failed) that makes this start moot.
+            tokio::select! {
+                permits = self.start_permits() => {
+                    let mut state = self.state.lock().expect("pool lock");
+                    if self.start_needed(&state) && self.backed_off(&state).is_none() {
+                        state.starting += 1;
+                        self.publish_counts(&state);
+                        drop(state);
+                        self.spawn_start(permits);
+                    }
+                }
+                () = &mut changed => {}
+            }
+        }
+    }
+
+    /// A place under this function's and the process's cold-start caps.
+    async fn start_permits(&self) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+        let own = self
+            .starts
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let all = self
+            .shared
+            .cold_starts
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        (own, all)
+    }
+
+    /// Starts one instance (already counted in `starting`), holding `permits` until
+    /// it is ready or failed.
+    fn spawn_start(self: &Arc<Self>, permits: (OwnedSemaphorePermit, OwnedSemaphorePermit)) {
+        let pool = self.clone();
+        self.shared.tasks.spawn(async move {
+            let id = {
+                let mut state = pool.state.lock().expect("pool lock");
+                state.next_id += 1;
+                state.cold_starts += 1;
+                state.next_id - 1
+            };
+            pool.shared
+                .metrics
+                .function_cold_starts
+                .get_or_create(&pool.labels)
+                .inc();
+            let label = format!("{}-{id}", pool.spec.name);
+            let started = Instant::now();
+            let result = tokio::select! {
+                result = pool.start_instance(&label) => result,
+                () = pool.shared.shutdown.cancelled() => Err(StartFailure {
+                    error_type: "Runtime.Stopping".to_owned(),
+                    message: "switchyard is stopping".to_owned(),
+                }),
+            };
+            drop(permits);
+            match result {
+                Ok(instance) => {
+                    pool.shared
+                        .metrics
+                        .function_init_duration_seconds
+                        .get_or_create(&pool.labels)
+                        .observe(started.elapsed().as_secs_f64());
+                    tracing::info!(function = %pool.spec.name, instance = %label, pid = instance.process.pid(), init_ms = started.elapsed().as_millis() as u64, "instance ready");
+                    let instance = Arc::new(instance);
+                    let closed = {
+                        let mut state = pool.state.lock().expect("pool lock");
+                        state.starting -= 1;
+                        state.init.backoff.succeeded();
+                        state.init.last = None;
+                        state.init.retry_at = None;
+                        if !state.closed {
+                            state.instances.insert(
+                                id,
+                                Slot {
+                                    instance: instance.clone(),
+                                    in_flight: 0,
+                                    idle_since: Instant::now(),
+                                },
+                            );
+                        }
+                        pool.publish_counts(&state);
+                        state.closed
+                    };
+                    pool.changed.notify_waiters();
+                    if closed {
+                        instance
+                            .process
+                            .stop(pool.shared.settings.stop_grace)
+                            .await;
+                        return;
+                    }
+                    pool.watch(id, instance).await;
+                }
+                Err(failure) => {
+                    pool.shared
+                        .metrics
+                        .function_init_failures
+                        .get_or_create(&pool.labels)
+                        .inc();
+                    let delay = {
+                        let mut state = pool.state.lock().expect("pool lock");
+                        state.starting -= 1;
+                        state.init_failures += 1;
+                        state.init.backoff.failed();
+                        let delay = state.init.backoff.delay();
+                        state.init.last = Some((failure.clone(), now_rfc3339()));
+                        state.init.retry_at = Some((
+                            Instant::now() + delay,
+                            switchyard_event::timestamp::rfc3339(
+                                time::OffsetDateTime::now_utc()
+                                    + time::Duration::try_from(delay).unwrap_or_default(),
+                            ),
+                        ));
+                        pool.publish_counts(&state);
+                        delay
+                    };
+                    tracing::warn!(function = %pool.spec.name, instance = %label, error_type = %failure.error_type, error = %failure.message, next_start_in_ms = delay.as_millis() as u64, "instance failed to start; invocations fail with this error until the next start");
+                    pool.changed.notify_waiters();
+                }
+            }
+        });
+    }
+
+    /// Starts the function's program and waits until it is ready, within
+    /// `init_timeout`.
+    async fn start_instance(&self, label: &str) -> Result<Instance, StartFailure> {
+        match &self.spec.kind {
+            crate::Kind::Lambda { handler } => crate::lambda::start(self, label, handler).await,
+        }
+    }
+
+    /// Until the instance's process ends: then takes it out of routing.
+    async fn watch(&self, id: u64, instance: Arc<Instance>) {
+        let exit = instance.process.exited().await;
+        let removed = {
+            let mut state = self.state.lock().expect("pool lock");
+            let removed = state
+                .instances
+                .get(&id)
+                .is_some_and(|slot| Arc::ptr_eq(&slot.instance, &instance))
+                .then(|| state.instances.remove(&id));
+            self.publish_counts(&state);
+            removed.flatten()
+        };
+        self.changed.notify_waiters();
+        if let Some(slot) = removed
+            && slot.in_flight == 0
+        {
+            // Not stopped by us, not in an invocation (that one reports it).
+            tracing::warn!(function = %self.spec.name, instance = %instance.label, %exit, output = %instance.process.tail(), "idle instance exited");
+        }
+    }
+
+    /// Stops an instance that has left routing.
+    pub(crate) fn stop_instance(self: &Arc<Self>, instance: Arc<Instance>) {
+        let grace = self.shared.settings.stop_grace;
+        self.shared
+            .tasks
+            .spawn(async move { instance.process.stop(grace).await });
+    }
+
+    /// Stops instances idle past `idle_timeout` (down to `min_instances`) and keeps
+    /// the warm floor started, until shutdown.
+    async fn keep_in_shape(self: Arc<Self>) {
+        let every =
+            (self.spec.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = self.shared.shutdown.cancelled() => return,
+            }
+            let (idle, floor_missing) = {
+                let mut state = self.state.lock().expect("pool lock");
+                if state.closed {
+                    return;
+                }
+                let mut removable = state
+                    .instances
+                    .len()
+                    .saturating_sub(self.spec.min_instances);
+                let expired: Vec<u64> = state
+                    .instances
+                    .iter()
+                    .filter(|(_, slot)| {
+                        slot.in_flight == 0 && slot.idle_since.elapsed() >= self.spec.idle_timeout
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut idle = Vec::new();
+                for id in expired {
+                    if removable == 0 {
+                        break;
+                    }
+                    removable -= 1;
+                    if let Some(slot) = state.instances.remove(&id) {
+                        idle.push(slot.instance);
+                    }
+                }
+                self.publish_counts(&state);
+                let missing = self
+                    .spec
+                    .min_instances
+                    .saturating_sub(state.instances.len() + state.starting);
+                let missing = if self.backed_off(&state).is_some() {
+                    0
+                } else {
+                    missing
+                };
+                state.starting += missing;
+                (idle, missing)
+            };
+            for instance in idle {
+                tracing::info!(function = %self.spec.name, instance = %instance.label, "stopping idle instance");
+                self.stop_instance(instance);
+            }
+            for _ in 0..floor_missing {
+                let pool = self.clone();
+                self.shared.tasks.spawn(async move {
+                    tokio::select! {
+                        permits = pool.start_permits() => pool.spawn_start(permits),
+                        () = pool.shared.shutdown.cancelled() => {
+                            pool.state.lock().expect("pool lock").starting -= 1;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The failure an attempt gets when the function cannot start.
+pub(crate) fn init_failure(failure: &StartFailure) -> Failure {
+    Failure::new(None, format!("{}: {}", failure.error_type, failure.message))
+}
+
+#[async_trait]
+impl Target for ManagedFunction {
+    async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome {
+        let reservation = match self.reserve().await {
+            Ok(reservation) => reservation,
+            Err(failure) => {
+                return Outcome::RetryLater {
+                    not_before: None,
+                    failure,
+                };
+            }
+        };
+        self.invoke_reserved(reservation, event, timeout).await
+    }
+
+    async fn reserve(&self) -> Result<Option<Reservation>, Failure> {
+        self.pool
+            .acquire()
+            .await
+            .map(|lease| Some(Reservation::new(lease)))
+    }
+
+    async fn invoke_reserved(
+        &self,
+        reservation: Option<Reservation>,
+        event: &Event,
+        timeout: Duration,
+    ) -> Outcome {
+        let lease = match reservation.and_then(Reservation::into_inner::<Lease>) {
+            Some(lease) => lease,
+            None => match self.pool.acquire().await {
+                Ok(lease) => lease,
+                Err(failure) => {
+                    return Outcome::RetryLater {
+                        not_before: None,
+                        failure,
+                    };
+                }
+            },
+        };
+        let started = Instant::now();
+        let outcome = match &lease.instance.endpoint {
+            Endpoint::Lambda { .. } => {
+                crate::lambda::invoke(&self.pool, lease, event, timeout).await
+            }
+        };
+        self.pool
+            .shared
+            .metrics
+            .function_invocation_duration_seconds
+            .get_or_create(&self.pool.labels)
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+}

@@ -1,0 +1,406 @@
+//! One instance's operating-system process: started in a process group of its own so
+//! that everything it forks is signalled with it, killed by the kernel if Switchyard
+//! dies first (Linux's parent-death signal), its stdout and stderr captured line by
+//! line into Switchyard's log, and stopped by signalling the whole group.
+//!
+//! Every instance carries its owner in its environment ([`OWNER_VARIABLE`]: the pid
+//! and start time of the Switchyard process that started it), and so do its
+//! children. The parent-death signal reaches only the instance's own process, so a
+//! Switchyard that starts after another was SIGKILLed kills, with
+//! [`reap_orphans`], what the dead one left behind.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncRead;
+use tokio::sync::watch;
+use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
+
+/// The environment variable that names an instance's owner (`<pid>:<start time>`).
+pub const OWNER_VARIABLE: &str = "SWITCHYARD_INSTANCE_OWNER";
+
+/// Longest output line logged whole; longer ones are cut at this many bytes.
+const MAX_LINE_BYTES: usize = 16 * 1024;
+/// Output kept per instance for error messages (its last lines).
+const TAIL_BYTES: usize = 4 * 1024;
+
+/// How an instance's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(code) => write!(formatter, "exit status {code}"),
+            Exit::Signal(signal) => match Signal::try_from(*signal) {
+                Ok(Signal::SIGKILL) => write!(formatter, "signal: killed"),
+                Ok(known) => write!(formatter, "signal: {}", known.as_str()),
+                Err(_) => write!(formatter, "signal: {signal}"),
+            },
+        }
+    }
+}
+
+/// What to start.
+pub struct Launch<'a> {
+    pub program: &'a str,
+    pub args: &'a [String],
+    pub directory: &'a Path,
+    /// The whole environment: nothing of Switchyard's own is inherited.
+    pub environment: &'a [(String, String)],
+    pub function: &'a str,
+    /// The instance's name in logs (`<function>-<n>`).
+    pub instance: &'a str,
+}
+
+/// A started instance process.
+pub struct InstanceProcess {
+    /// The process id, which is also its process group's id.
+    pid: i32,
+    exit: watch::Receiver<Option<Exit>>,
+    output: Arc<Output>,
+}
+
+/// The request an instance is working on (tags its log lines) and its last output.
+struct Output {
+    request: Mutex<Option<String>>,
+    tail: Mutex<VecDeque<String>>,
+}
+
+impl InstanceProcess {
+    /// Starts `launch` in a new process group. Must be called from a runtime worker
+    /// thread (the parent-death signal follows the thread that forked).
+    pub fn spawn(launch: &Launch<'_>) -> std::io::Result<InstanceProcess> {
+        let mut command = tokio::process::Command::new(launch.program);
+        command
+            .args(launch.args)
+            .current_dir(launch.directory)
+            .env_clear()
+            .envs(launch.environment.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let parent = nix::unistd::getpid();
+        // SAFETY: runs in the forked child before exec; prctl and getppid are
+        // async-signal-safe and touch no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The parent died between fork and prctl: do not outlive it.
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::other("switchyard exited while starting"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn()?;
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .ok_or_else(|| std::io::Error::other("the started process has no id"))?;
+        let output = Arc::new(Output {
+            request: Mutex::new(None),
+            tail: Mutex::new(VecDeque::new()),
+        });
+        let (exit_sender, exit) = watch::channel(None);
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(capture(
+                stdout,
+                "stdout",
+                launch.function.to_owned(),
+                launch.instance.to_owned(),
+                output.clone(),
+            ));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(capture(
+                stderr,
+                "stderr",
+                launch.function.to_owned(),
+                launch.instance.to_owned(),
+                output.clone(),
+            ));
+        }
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (status.code(), status.signal()) {
+                        (Some(code), _) => Exit::Code(code),
+                        (None, Some(signal)) => Exit::Signal(signal),
+                        (None, None) => Exit::Code(-1),
+                    }
+                }
+                Err(_) => Exit::Code(-1),
+            };
+            // Whatever the instance forked dies with it.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = exit_sender.send(Some(exit));
+        });
+        Ok(InstanceProcess { pid, exit, output })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Waits until the process has ended.
+    pub async fn exited(&self) -> Exit {
+        let mut exit = self.exit.clone();
+        match exit.wait_for(Option::is_some).await {
+            Ok(exit) => exit.expect("waited for an exit"),
+            // The watcher is gone only after sending the exit.
+            Err(_) => self.exit().unwrap_or(Exit::Code(-1)),
+        }
+    }
+
+    /// Tags the instance's log lines with the request it works on.
+    pub fn set_request(&self, request: Option<&str>) {
+        *self.output.request.lock().expect("output lock") = request.map(str::to_owned);
+    }
+
+    /// The instance's last lines of output, oldest first.
+    pub fn tail(&self) -> String {
+        let tail = self.output.tail.lock().expect("output lock");
+        tail.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGKILLs the process and everything in its group, at once.
+    pub fn kill(&self) {
+        if self.exit().is_none() {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+    }
+
+    /// SIGTERMs the process group, then SIGKILLs it if the process has not ended
+    /// after `grace`.
+    pub async fn stop(&self, grace: Duration) {
+        if self.exit().is_some() {
+            return;
+        }
+        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGTERM);
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
+            self.kill();
+            self.exited().await;
+        }
+    }
+}
+
+/// Logs `stream` line by line, tagged with the function, the instance and the
+/// request in progress; keeps the last lines for error messages.
+async fn capture(
+    stream: impl AsyncRead + Unpin,
+    name: &'static str,
+    function: String,
+    instance: String,
+    output: Arc<Output>,
+) {
+    use futures::StreamExt;
+    let mut lines = FramedRead::new(
+        stream,
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE_BYTES),
+    );
+    while let Some(line) = lines.next().await {
+        let line: Bytes = match line {
+            Ok(line) => line,
+            // A line over the limit: the codec drops the rest of it.
+            Err(tokio_util::codec::AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
+                Bytes::from_static(b"[line longer than 16 KiB cut]")
+            }
+            Err(_) => break,
+        };
+        let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).into_owned();
+        let request = output.request.lock().expect("output lock").clone();
+        tracing::info!(target: "switchyard::function", function = %function, instance = %instance, request_id = request.as_deref().unwrap_or(""), stream = name, "{text}");
+        let mut tail = output.tail.lock().expect("output lock");
+        tail.push_back(text);
+        while tail.iter().map(String::len).sum::<usize>() > TAIL_BYTES && tail.len() > 1 {
+            tail.pop_front();
+        }
+    }
+}
+
+/// This process's owner mark for its instances: `<pid>:<start time>` (the start time
+/// tells a live owner from a later process that reuses its pid).
+pub fn owner_mark() -> String {
+    let pid = std::process::id();
+    format!(
+        "{pid}:{}",
+        start_time(pid as i32).map_or_else(String::new, |time| time.to_string())
+    )
+}
+
+/// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the instances (and their children) of Switchyard processes that are gone:
+/// processes whose [`OWNER_VARIABLE`] names an owner that no longer runs. Returns how
+/// many processes it killed.
+pub fn reap_orphans() -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let prefix = format!("{OWNER_VARIABLE}=");
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environment) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Some(owner) = environment
+            .split(|byte| *byte == 0)
+            .find_map(|variable| variable.strip_prefix(prefix.as_bytes()))
+        else {
+            continue;
+        };
+        let owner = String::from_utf8_lossy(owner);
+        let Some((owner_pid, owner_start)) = owner.split_once(':') else {
+            continue;
+        };
+        let alive = owner_pid.parse::<i32>().ok().is_some_and(|owner_pid| {
+            start_time(owner_pid)
+                .map(|time| time.to_string())
+                .as_deref()
+                == Some(owner_start)
+        });
+        if alive {
+            continue;
+        }
+        let pid = Pid::from_raw(pid);
+        if let Ok(group) = nix::unistd::getpgid(Some(pid))
+            && group == pid
+        {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        if kill(pid, Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch<'a>(args: &'a [String], environment: &'a [(String, String)]) -> Launch<'a> {
+        Launch {
+            program: "/bin/sh",
+            args,
+            directory: Path::new("/"),
+            environment,
+            function: "test",
+            instance: "test-1",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_instance_takes_its_children_with_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let pid_file = directory.path().join("child.pid");
+        // The shell starts a child that ignores SIGTERM, writes its pid, and waits.
+        let script = format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {}; while :; do sleep 1; done' & wait",
+            pid_file.display()
+        );
+        let args = vec!["-c".to_owned(), script];
+        let process = InstanceProcess::spawn(&launch(&args, &[])).unwrap();
+        let child = loop {
+            if let Ok(pid) = std::fs::read_to_string(&pid_file)
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                break pid;
+            }
+            assert!(process.exit().is_none(), "the shell exited early");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        process.stop(Duration::from_millis(200)).await;
+        assert!(process.exit().is_some());
+        // The child ignored SIGTERM; the group's SIGKILL ended it. Reaped by init
+        // (or our own waiter): poll until it is gone, bounded.
+        let gone = async {
+            while kill(Pid::from_raw(child), None).is_ok()
+                && !std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .is_ok_and(|stat| stat.contains(") Z"))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("the child outlived its instance");
+    }
+
+    #[tokio::test]
+    async fn output_is_kept_line_by_line_and_the_exit_reported() {
+        let args = vec![
+            "-c".to_owned(),
+            "echo one; echo two >&2; printf 'no newline'; exit 3".to_owned(),
+        ];
+        let process = InstanceProcess::spawn(&launch(&args, &[])).unwrap();
+        assert_eq!(process.exited().await, Exit::Code(3));
+        // Output readers may finish just after the exit.
+        let complete = async {
+            while !process.tail().contains("no newline") {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), complete)
+            .await
+            .expect("output captured");
+        let tail = process.tail();
+        assert!(tail.contains("one") && tail.contains("two"), "{tail}");
+        assert_eq!(Exit::Signal(9).to_string(), "signal: killed");
+    }
+
+    #[tokio::test]
+    async fn the_environment_is_only_what_was_given() {
+        let directory = tempfile::tempdir().unwrap();
+        let out = directory.path().join("env");
+        let args = vec!["-c".to_owned(), format!("env > {}", out.display())];
+        let environment = vec![("ONLY".to_owned(), "this".to_owned())];
+        let process = InstanceProcess::spawn(&launch(&args, &environment)).unwrap();
+        assert_eq!(process.exited().await, Exit::Code(0));
+        let seen = std::fs::read_to_string(out).unwrap();
+        assert!(seen.contains("ONLY=this"), "{seen}");
+        assert!(!seen.contains("CARGO"), "{seen}");
+    }
+
+    #[test]
+    fn this_process_has_a_start_time() {
+        let mark = owner_mark();
+        let (pid, start) = mark.split_once(':').unwrap();
+        assert_eq!(pid, std::process::id().to_string());
+        assert!(start.parse::<u64>().is_ok(), "{mark}");
+    }
+}
