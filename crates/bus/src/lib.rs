@@ -669,18 +669,71 @@ impl Bus {
 }
 
 /// A NATS subject as a trigger's destination. Published through JetStream (and
-/// acknowledged) when a stream captures the subject, with core NATS otherwise.
+/// acknowledged) when a stream captures the subject, with core NATS otherwise (at most
+/// once). Which of the two is looked up, not guessed from a publish: a JetStream
+/// publish to a subject no stream captures but a core subscriber listens on reaches
+/// the subscriber and then times out waiting for an ack that never comes, which would
+/// fail (and re-run) an invocation whose result was delivered.
 pub struct NatsDestination {
     bus: Bus,
     subject: String,
+    /// Whether a stream captures the subject, and when that was looked up.
+    captured: std::sync::Mutex<Option<(bool, std::time::Instant)>>,
 }
+
+/// How long a lookup of the stream capturing a destination subject is trusted.
+const CAPTURE_LOOKUP_TTL: Duration = Duration::from_secs(30);
 
 impl NatsDestination {
     pub fn new(bus: Bus, subject: impl Into<String>) -> NatsDestination {
         NatsDestination {
             bus,
             subject: subject.into(),
+            captured: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether a JetStream stream captures the subject (looked up at most every
+    /// [`CAPTURE_LOOKUP_TTL`]).
+    async fn captured(&self) -> Result<bool, String> {
+        if let Some((captured, at)) = *self.captured.lock().expect("capture lock")
+            && at.elapsed() < CAPTURE_LOOKUP_TTL
+        {
+            return Ok(captured);
+        }
+        let captured = match self
+            .bus
+            .jetstream
+            .stream_by_subject(self.subject.clone())
+            .await
+        {
+            Ok(_) => true,
+            Err(error)
+                if error.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
+            {
+                false
+            }
+            Err(error) => {
+                return Err(format!(
+                    "looking up the stream of the subject failed: {error}"
+                ));
+            }
+        };
+        *self.captured.lock().expect("capture lock") = Some((captured, std::time::Instant::now()));
+        Ok(captured)
+    }
+
+    async fn publish_core(&self, headers: HeaderMap, event: &Event) -> Result<(), String> {
+        self.bus
+            .client
+            .publish_with_headers(self.subject.clone(), headers, event.data.clone())
+            .await
+            .map_err(|error| error.to_string())?;
+        self.bus
+            .client
+            .flush()
+            .await
+            .map_err(|error| error.to_string())
     }
 }
 
@@ -698,6 +751,9 @@ impl switchyard_event::Destination for NatsDestination {
         for (name, value) in extra {
             headers.insert(name.as_str(), value.as_str());
         }
+        if !self.captured().await? {
+            return self.publish_core(headers, event).await;
+        }
         let published = self
             .bus
             .jetstream
@@ -710,17 +766,9 @@ impl switchyard_event::Destination for NatsDestination {
         match acknowledged {
             Ok(_) => Ok(()),
             Err(error) if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
-                // No stream captures the subject: core NATS, at most once.
-                self.bus
-                    .client
-                    .publish_with_headers(self.subject.clone(), headers, event.data.clone())
-                    .await
-                    .map_err(|error| error.to_string())?;
-                self.bus
-                    .client
-                    .flush()
-                    .await
-                    .map_err(|error| error.to_string())
+                // The stream went away since the lookup.
+                *self.captured.lock().expect("capture lock") = None;
+                self.publish_core(headers, event).await
             }
             Err(error) => Err(error.to_string()),
         }

@@ -235,7 +235,6 @@ pub(crate) async fn invoke(
             ))
         }
     };
-    process.set_request(None);
     outcome
 }
 

@@ -170,7 +170,8 @@ impl InstanceProcess {
         }
     }
 
-    /// Tags the instance's log lines with the request it works on.
+    /// Tags the instance's log lines with the request it works on (kept until the
+    /// next: what it prints just after answering still names the request).
     pub fn set_request(&self, request: Option<&str>) {
         *self.output.request.lock().expect("output lock") = request.map(str::to_owned);
     }
@@ -228,7 +229,10 @@ async fn capture(
             }
             Err(_) => break,
         };
-        let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).into_owned();
+        // Lambda's runtime clients keep one record's lines together with `\r` (a
+        // traceback is one record): shown as the lines they are.
+        let text =
+            String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).replace('\r', "\n");
         let request = output.request.lock().expect("output lock").clone();
         tracing::info!(target: "switchyard::function", function = %function, instance = %instance, request_id = request.as_deref().unwrap_or(""), stream = name, "{text}");
         let mut tail = output.tail.lock().expect("output lock");

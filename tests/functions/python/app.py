@@ -1,0 +1,56 @@
+"""Handlers of the managed-function tests, written for AWS Lambda (awslambdaric runs
+them unchanged). Each instance appends its pid to $STARTS_FILE when it starts, so a
+test counts cold starts."""
+
+import json
+import os
+import subprocess
+import time
+
+_starts = os.environ.get("STARTS_FILE")
+if _starts:
+    with open(_starts, "a") as starts:
+        starts.write(f"{os.getpid()}\n")
+
+
+def _data(event):
+    data = event.get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def handler(event, context):
+    data = _data(event)
+    action = data.get("action", "echo")
+    if action == "echo":
+        return {
+            "echo": data,
+            "event_id": event.get("id"),
+            "function": context.function_name,
+            "memory": context.memory_limit_in_mb,
+            "arn": context.invoked_function_arn,
+            "request_id": context.aws_request_id,
+            "pid": os.getpid(),
+        }
+    if action == "raise":
+        raise ValueError(f"bad input: {data.get('value')}")
+    if action == "sleep":
+        time.sleep(float(data["seconds"]))
+        return {"slept": data["seconds"], "pid": os.getpid()}
+    if action == "exit_once":
+        # The first attempt kills its own runtime; the retry answers.
+        marker = data["marker"]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(3)
+        return {"survived": True, "pid": os.getpid()}
+    if action == "hang_once":
+        # The first attempt starts a child that outlives nothing, then hangs past the
+        # deadline; the retry answers.
+        marker = data["marker"]
+        if not os.path.exists(marker):
+            child = subprocess.Popen(["sleep", "600"])
+            with open(marker, "w") as out:
+                out.write(str(child.pid))
+            time.sleep(600)
+        return {"recovered": True, "pid": os.getpid()}
+    raise RuntimeError(f"unknown action {action}")

@@ -1,0 +1,209 @@
+//! Managed `lambda` functions end to end, against a real nats-server and AWS's own
+//! Python runtime interface client (awslambdaric, installed by
+//! scripts/install-deps.sh): handlers written for Lambda, run unchanged, started on
+//! demand, scaled with load and to zero, killed on timeouts, retried after crashes.
+//! Function processes are counted in the process table (`/proc`), by the function
+//! name Lambda's environment gives them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{NatsServer, Switchyard, WAIT, base_config, random_name, wait_for_dead_letters};
+use futures::StreamExt;
+use switchyard_bus::async_nats;
+
+/// The Python that has awslambdaric (set by scripts/env.sh).
+fn lambda_python() -> String {
+    let python = std::env::var("SWITCHYARD_LAMBDA_PYTHON").unwrap_or_else(|_| {
+        panic!("SWITCHYARD_LAMBDA_PYTHON is not set: run the tests through scripts/test.sh (it installs awslambdaric)")
+    });
+    assert!(
+        Path::new(&python).exists(),
+        "{python} does not exist: run scripts/install-deps.sh"
+    );
+    python
+}
+
+/// The test handlers' directory.
+fn handlers() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/functions/python")
+}
+
+/// Processes whose environment names `function` as their Lambda function (its
+/// instances and anything they started).
+fn function_processes(function: &str) -> Vec<i32> {
+    let needle = format!("AWS_LAMBDA_FUNCTION_NAME={function}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environment) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        // A zombie's environment reads empty: it is not running.
+        if environment
+            .split(|byte| *byte == 0)
+            .any(|variable| variable == needle.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits (bounded) until `function` has no process left.
+async fn wait_no_processes(function: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = function_processes(function);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "function `{function}` still has processes {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The pids in a starts file (one line per instance started).
+fn starts(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A `lambda` function section running `module.handler` of the test handlers.
+fn lambda_function(name: &str, module: &str, extra: &str, starts_file: &Path) -> String {
+    format!(
+        r#"
+[[functions]]
+type = "lambda"
+name = "{name}"
+command = ["{python}", "-m", "awslambdaric", "{module}.handler"]
+handler = "{module}.handler"
+directory = "{directory}"
+environment = {{ STARTS_FILE = "{starts}" }}
+{extra}
+"#,
+        python = lambda_python(),
+        directory = handlers().display(),
+        starts = starts_file.display(),
+    )
+}
+
+/// A webhook the tests post to: its JSON body is the event's data.
+const HOOK: &str = r#"
+[[sources.hooks]]
+name = "jobs"
+event_type = "com.example.job"
+id_header = "Idempotency-Key"
+"#;
+
+async fn post_job(switchyard: &Switchyard, id: &str, body: serde_json::Value) {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let response = CLIENT
+        .get_or_init(reqwest::Client::new)
+        .post(switchyard.url("/hooks/jobs"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", id)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "posting job {id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_lambda_handler_answers_a_webhook_and_its_errors_reach_the_dead_letter() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let function = random_name("py");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut result_messages = client.subscribe(results.clone()).await.unwrap();
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(HOOK);
+    text.push_str(&lambda_function(
+        &function,
+        "app",
+        "memory = 256\nidle_timeout = \"1s\"",
+        &starts_file,
+    ));
+    text.push_str(&format!(
+        r#"
+[[triggers]]
+name = "main"
+function = "{function}"
+retry = {{ policy = "fixed", initial = "50ms", attempts = 2, jitter = false }}
+on_success = {{ type = "nats", subject = "{results}" }}
+"#
+    ));
+    let switchyard = Switchyard::start(text).await;
+    // Scaled to zero before the first event: no process at all.
+    assert!(function_processes(&function).is_empty());
+    let status = switchyard.admin_json("/v1/functions").await;
+    assert_eq!(status["functions"][0]["name"], function.as_str());
+    assert_eq!(status["functions"][0]["type"], "lambda");
+    assert_eq!(status["functions"][0]["cold_starts"], 0);
+
+    post_job(
+        &switchyard,
+        "job-1",
+        serde_json::json!({"action": "echo", "order": 42}),
+    )
+    .await;
+    let result = tokio::time::timeout(WAIT, result_messages.next())
+        .await
+        .expect("the handler's answer reached on_success")
+        .unwrap();
+    let headers = result.headers.unwrap();
+    assert_eq!(headers.get("ce-id").unwrap().as_str(), "job-1");
+    let answer: serde_json::Value = serde_json::from_slice(&result.payload).unwrap();
+    assert_eq!(answer["echo"]["order"], 42);
+    assert_eq!(answer["event_id"], "job-1");
+    // What Lambda's context gives the handler, from the environment and headers.
+    assert_eq!(answer["function"], function.as_str());
+    assert_eq!(answer["memory"], "256");
+    assert_eq!(
+        answer["arn"],
+        format!("arn:aws:lambda:us-east-1:000000000000:function:{function}").as_str()
+    );
+    assert_eq!(
+        starts(&starts_file).len(),
+        1,
+        "one cold start for one event"
+    );
+
+    // A handler that raises: a failed attempt each time, then the dead letter with
+    // Python's error type and message.
+    post_job(
+        &switchyard,
+        "job-2",
+        serde_json::json!({"action": "raise", "value": "x"}),
+    )
+    .await;
+    let bus = switchyard.bus().await;
+    let dead = wait_for_dead_letters(&bus, "main", 1, WAIT).await;
+    assert_eq!(dead[0].dead_letter.event.id, "job-2");
+    assert_eq!(dead[0].dead_letter.attempts, 2);
+    assert_eq!(dead[0].dead_letter.last_error, "ValueError: bad input: x");
+
+    let status = switchyard.admin_json("/v1/functions").await;
+    assert!(status["functions"][0]["cold_starts"].as_u64().unwrap() >= 1);
+    assert_eq!(status["functions"][0]["limits"]["memory_mb"], 256);
+    // Idle past idle_timeout: scaled back to zero.
+    wait_no_processes(&function, WAIT).await;
+    switchyard.stop().await;
+}
