@@ -207,3 +207,288 @@ on_success = {{ type = "nats", subject = "{results}" }}
     wait_no_processes(&function, WAIT).await;
     switchyard.stop().await;
 }
+
+/// Collects answers on `results` until `count` distinct events answered (bounded).
+async fn collect_results(
+    results: &mut async_nats::Subscriber,
+    count: usize,
+) -> std::collections::HashMap<String, serde_json::Value> {
+    let mut answers = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while answers.len() < count {
+        let message = tokio::time::timeout_at(deadline, results.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {count} answers arrived", answers.len()))
+            .unwrap();
+        let id = message
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("ce-id")
+            .unwrap()
+            .to_string();
+        answers.insert(id, serde_json::from_slice(&message.payload).unwrap());
+    }
+    answers
+}
+
+/// Configuration with one lambda function and a trigger publishing its answers to
+/// `results`.
+fn config_with(
+    nats: &NatsServer,
+    function: &str,
+    module: &str,
+    function_extra: &str,
+    trigger_extra: &str,
+    starts_file: &Path,
+    results: &str,
+) -> String {
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(HOOK);
+    text.push_str(&lambda_function(
+        function,
+        module,
+        function_extra,
+        starts_file,
+    ));
+    text.push_str(&format!(
+        r#"
+[[triggers]]
+name = "main"
+function = "{function}"
+on_success = {{ type = "nats", subject = "{results}" }}
+{trigger_extra}
+"#
+    ));
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_scale_up_to_max_concurrency_with_load_and_back_to_zero() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let function = random_name("scale");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "max_concurrency = 8\nidle_timeout = \"2s\"\ntimeout = \"20s\"",
+        "max_concurrency = 32",
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    assert!(function_processes(&function).is_empty());
+
+    // The process table, sampled while the load runs: never more than 8.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let function = function.clone();
+        let stop = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !stop.is_cancelled() {
+                peak = peak.max(function_processes(&function).len());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            peak
+        })
+    };
+    for index in 0..100 {
+        post_job(
+            &switchyard,
+            &format!("slow-{index}"),
+            serde_json::json!({"action": "sleep", "seconds": 0.2}),
+        )
+        .await;
+    }
+    let answered = collect_results(&mut answers, 100).await;
+    sampling.cancel();
+    let peak = sampler.await.unwrap();
+    assert_eq!(answered.len(), 100);
+    let pids: std::collections::HashSet<String> = answered
+        .values()
+        .map(|answer| answer["pid"].to_string())
+        .collect();
+    // Exactly 8 instances started, and they served every event.
+    assert_eq!(starts(&starts_file).len(), 8, "{:?}", starts(&starts_file));
+    assert_eq!(pids.len(), 8);
+    assert!(peak <= 8, "{peak} function processes at once");
+    let status = switchyard.admin_json("/v1/functions").await;
+    assert_eq!(status["functions"][0]["cold_starts"], 8);
+    wait_no_processes(&function, WAIT).await;
+    let status = switchyard.admin_json("/v1/functions").await;
+    assert_eq!(status["functions"][0]["instances"]["idle"], 0);
+    assert_eq!(status["functions"][0]["instances"]["busy"], 0);
+    switchyard.stop().await;
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet: not running).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_instance_dies_with_its_children_and_the_retry_gets_a_fresh_one() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let marker = directory.path().join("hung");
+    let function = random_name("hang");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "timeout = \"1s\"",
+        r#"retry = { policy = "fixed", initial = "50ms", attempts = 3, jitter = false }"#,
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    post_job(
+        &switchyard,
+        "hangs",
+        serde_json::json!({"action": "hang_once", "marker": marker}),
+    )
+    .await;
+    let answered = collect_results(&mut answers, 1).await;
+    assert_eq!(answered["hangs"]["recovered"], true);
+    // Two instances: the one killed at the deadline, and a fresh one for the retry.
+    let started = starts(&starts_file);
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert_ne!(answered["hangs"]["pid"].to_string(), started[0]);
+    // The child the first instance started died with it (its process group).
+    let child: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !gone(child) {
+        assert!(
+            Instant::now() < deadline,
+            "child {child} outlived its instance"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone(started[0].parse().unwrap()));
+    assert_eq!(
+        switchyard
+            .metric("switchyard_function_timeouts_total")
+            .await,
+        1.0
+    );
+    switchyard.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_that_exits_mid_invocation_is_retried_on_a_fresh_instance() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let marker = directory.path().join("exited");
+    let function = random_name("exit");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "",
+        r#"retry = { policy = "fixed", initial = "50ms", attempts = 3, jitter = false }"#,
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    post_job(
+        &switchyard,
+        "exits",
+        serde_json::json!({"action": "exit_once", "marker": marker}),
+    )
+    .await;
+    let answered = collect_results(&mut answers, 1).await;
+    assert_eq!(answered["exits"]["survived"], true);
+    assert_eq!(starts(&starts_file).len(), 2);
+    assert_eq!(
+        switchyard.metric("switchyard_function_crashes_total").await,
+        1.0
+    );
+    switchyard.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_error_fails_attempts_without_a_cold_start_storm() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let function = random_name("broken");
+    let results = random_name("results");
+    let text = config_with(
+        &nats,
+        &function,
+        "broken",
+        "max_cold_starts = 2",
+        r#"retry = { policy = "fixed", initial = "50ms", attempts = 3, jitter = false }"#,
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    let began = Instant::now();
+    for index in 0..5 {
+        post_job(
+            &switchyard,
+            &format!("doomed-{index}"),
+            serde_json::json!({}),
+        )
+        .await;
+    }
+    let bus = switchyard.bus().await;
+    let dead = wait_for_dead_letters(&bus, "main", 5, WAIT).await;
+    for entry in &dead {
+        assert_eq!(entry.dead_letter.attempts, 3);
+        assert!(
+            entry
+                .dead_letter
+                .last_error
+                .contains("missing configuration: DATABASE_URL is not set"),
+            "{}",
+            entry.dead_letter.last_error
+        );
+    }
+    // 15 failed attempts, but not 15 starts: the first wave (at most
+    // max_cold_starts = 2), then one probe at a time after pauses of 1s, 2s, 4s...
+    // (less up to a fifth of jitter). So within T seconds, at most 2 + (probes due by
+    // then: 0.8 * (2^k - 1) <= T) + 1.
+    let elapsed = began.elapsed().as_secs_f64();
+    let probes = (elapsed / 0.8 + 1.0).log2().floor() as usize;
+    let started = starts(&starts_file).len();
+    assert!(
+        started >= 1 && started <= 2 + probes + 1,
+        "{started} starts for 15 attempts in {elapsed:.1}s"
+    );
+    let status = switchyard.admin_json("/v1/functions").await;
+    let error = &status["functions"][0]["last_init_error"];
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("DATABASE_URL is not set"),
+        "{status}"
+    );
+    assert!(status["functions"][0]["init_failures"].as_u64().unwrap() >= 1);
+    wait_no_processes(&function, WAIT).await;
+    switchyard.stop().await;
+}

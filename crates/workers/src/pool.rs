@@ -265,10 +265,12 @@ impl Pool {
 
     /// Whether a waiting invocation should start an instance: more invocations wait
     /// than starting instances will take, and the function is under its limit.
+    /// While the last start failed, one start at a time probes whether it works again.
     fn start_needed(&self, state: &State) -> bool {
         !state.closed
             && state.waiting > state.starting * self.spec.instance_concurrency.max(1)
             && state.instances.len() + state.starting < self.spec.max_instances
+            && !(state.init.backoff.failing() && state.starting > 0)
     }
 
     /// The init failure that attempts fail with while starts are backed off.
@@ -441,7 +443,16 @@ impl Pool {
                         let mut state = pool.state.lock().expect("pool lock");
                         state.starting -= 1;
                         state.init_failures += 1;
-                        state.init.backoff.failed();
+                        // Starts of one wave that fail together count once: the
+                        // pause grows with failed probes, not with the wave's size.
+                        if state
+                            .init
+                            .retry_at
+                            .as_ref()
+                            .is_none_or(|(at, _)| Instant::now() >= *at)
+                        {
+                            state.init.backoff.failed();
+                        }
                         let delay = state.init.backoff.delay();
                         state.init.last = Some((failure.clone(), now_rfc3339()));
                         state.init.retry_at = Some((
