@@ -492,3 +492,103 @@ async fn an_init_error_fails_attempts_without_a_cold_start_storm() {
     wait_no_processes(&function, WAIT).await;
     switchyard.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_do_not_outlive_a_killed_switchyard_and_every_event_is_delivered() {
+    use nix::sys::signal::Signal;
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let marker = directory.path().join("child");
+    let function = random_name("killed");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "max_concurrency = 4\ntimeout = \"20s\"",
+        "ack_wait = \"2s\"",
+        &starts_file,
+        &results,
+    );
+    let config = common::write_config(directory.path(), &text);
+    let first = common::Process::start(&config, &[]);
+    first.wait_ready().await;
+    let client_http = reqwest::Client::new();
+    let post = |id: String, body: serde_json::Value, url: String| {
+        let client = client_http.clone();
+        async move {
+            let response = client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("idempotency-key", &id)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202, "posting {id}");
+        }
+    };
+    post(
+        "spawner".to_owned(),
+        serde_json::json!({"action": "spawn_then_sleep", "marker": marker, "seconds": 1.0}),
+        first.url("/hooks/jobs"),
+    )
+    .await;
+    for index in 0..9 {
+        post(
+            format!("work-{index}"),
+            serde_json::json!({"action": "sleep", "seconds": 1.0}),
+            first.url("/hooks/jobs"),
+        )
+        .await;
+    }
+    // Instances at work, one of them with a child of its own.
+    let deadline = Instant::now() + WAIT;
+    while !marker.exists() || function_processes(&function).len() < 2 {
+        assert!(Instant::now() < deadline, "no instance started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let child: i32 = loop {
+        if let Ok(pid) = std::fs::read_to_string(&marker)
+            && let Ok(pid) = pid.trim().parse()
+        {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut first = first;
+    first.signal(Signal::SIGKILL);
+    first.wait_exit().await;
+    // The instances die with Switchyard (parent-death signal)...
+    let deadline = Instant::now() + WAIT;
+    while function_processes(&function) != vec![child] {
+        assert!(
+            Instant::now() < deadline,
+            "left after the kill: {:?} (child {child})",
+            function_processes(&function)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and what they forked is reaped by the next Switchyard to start.
+    let second = common::Process::start(&config, &[]);
+    second.wait_ready().await;
+    let deadline = Instant::now() + WAIT;
+    while !gone(child) {
+        assert!(
+            Instant::now() < deadline,
+            "orphan {child} not reaped on restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every event delivered (those in flight at the kill, again).
+    let answered = collect_results(&mut answers, 10).await;
+    assert!(answered.contains_key("spawner"));
+    for index in 0..9 {
+        assert!(answered.contains_key(&format!("work-{index}")));
+    }
+    drop(second);
+    wait_no_processes(&function, WAIT).await;
+}

@@ -53,4 +53,13 @@ def handler(event, context):
                 out.write(str(child.pid))
             time.sleep(600)
         return {"recovered": True, "pid": os.getpid()}
+    if action == "spawn_then_sleep":
+        # Starts a child once (its pid in the marker), then works for a while.
+        marker = data["marker"]
+        if not os.path.exists(marker):
+            child = subprocess.Popen(["sleep", "600"])
+            with open(marker, "w") as out:
+                out.write(str(child.pid))
+        time.sleep(float(data["seconds"]))
+        return {"slept": data["seconds"], "pid": os.getpid()}
     raise RuntimeError(f"unknown action {action}")
