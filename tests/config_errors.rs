@@ -336,3 +336,58 @@ enrich = { store = "elsewhere", presign = "30d" }
         );
     }
 }
+
+#[test]
+fn managed_function_mistakes_are_located() {
+    let text = r#"
+[[functions]]
+type = "lambda"
+name = "thumbnails"
+command = []
+directory = "no/such/dir"
+memory = 64
+timeout = "0s"
+environment = { "A=B" = "x" }
+
+[[functions]]
+type = "process"
+name = "web"
+command = ["python3", "server.py"]
+path = "events"
+instance_concurrency = 0
+min_instances = 20
+max_concurrency = 4
+
+[[functions]]
+type = "lambda"
+name = "typo"
+command = ["python3"]
+hander = "app.handler"
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in ["DIR/broken.toml:24:1: field `hander`: unknown field `hander`"] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+    // The parse mistake is reported first; without it, every semantic one at once.
+    let (ok, output) = validate(&text.replace("hander", "handler"));
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:5:1: field `command`: is empty",
+        "DIR/broken.toml:6:1: field `directory`: `DIR/no/such/dir` is not a directory",
+        "DIR/broken.toml:7:1: field `memory`: 64 MB is outside 128 to 10240",
+        "DIR/broken.toml:8:1: field `timeout`: must be longer than 0s",
+        "DIR/broken.toml:9:1: field `environment`: `A=B` is not a valid environment variable name",
+        "DIR/broken.toml:15:1: field `path`: `events` is not a path",
+        "DIR/broken.toml:16:1: field `instance_concurrency`: must be at least 1",
+        "DIR/broken.toml:17:1: field `min_instances`: 20 is more than the most instances at once",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

@@ -592,3 +592,85 @@ async fn instances_do_not_outlive_a_killed_switchyard_and_every_event_is_deliver
     drop(second);
     wait_no_processes(&function, WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_function_scales_from_zero_waits_for_readiness_and_keeps_instance_concurrency() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let early_file = directory.path().join("early");
+    let function = random_name("web");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(HOOK);
+    text.push_str(&format!(
+        r#"
+[[functions]]
+type = "process"
+name = "{function}"
+command = ["python3", "server.py"]
+directory = "{directory}"
+environment = {{ STARTS_FILE = "{starts}", EARLY_FILE = "{early}" }}
+readiness_path = "/healthz"
+instance_concurrency = 3
+max_concurrency = 6
+idle_timeout = "1s"
+
+[[triggers]]
+name = "main"
+function = "{function}"
+max_concurrency = 32
+on_success = {{ type = "nats", subject = "{results}" }}
+"#,
+        directory = handlers().display(),
+        starts = starts_file.display(),
+        early = early_file.display(),
+    ));
+    let switchyard = Switchyard::start(text).await;
+    // Before any event: no process (the server's environment does not carry Lambda's
+    // variables; it names itself in SWITCHYARD_FUNCTION).
+    let processes = || {
+        let needle = format!("SWITCHYARD_FUNCTION={function}");
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|entry| {
+                std::fs::read(entry.path().join("environ")).is_ok_and(|environment| {
+                    environment
+                        .split(|byte| *byte == 0)
+                        .any(|variable| variable == needle.as_bytes())
+                })
+            })
+            .count()
+    };
+    assert_eq!(processes(), 0);
+    for index in 0..30 {
+        post_job(
+            &switchyard,
+            &format!("req-{index}"),
+            serde_json::json!({"seconds": 0.2}),
+        )
+        .await;
+    }
+    let answered = collect_results(&mut answers, 30).await;
+    // No event reached an instance before its readiness check passed.
+    assert_eq!(std::fs::read_to_string(&early_file).unwrap_or_default(), "");
+    // At most 6 / 3 = 2 instances, each with at most 3 requests at once.
+    let started = starts(&starts_file);
+    assert!((1..=2).contains(&started.len()), "{started:?}");
+    let most = answered
+        .values()
+        .map(|answer| answer["concurrent"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(most <= 3, "an instance handled {most} requests at once");
+    // Idle again: back to zero.
+    let deadline = Instant::now() + WAIT;
+    while processes() > 0 {
+        assert!(Instant::now() < deadline, "process instances left running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    switchyard.stop().await;
+}

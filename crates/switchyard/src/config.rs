@@ -145,6 +145,10 @@ pub enum FunctionConfig {
     /// A command speaking the AWS Lambda Runtime API, whose instances Switchyard
     /// starts on demand, scales with load and stops when idle.
     Lambda(LambdaFunctionConfig),
+    /// A command serving HTTP on `$PORT`, whose instances Switchyard starts on
+    /// demand, scales with load and stops when idle; events are POSTed to it as to
+    /// `http` functions.
+    Process(ProcessFunctionConfig),
 }
 
 impl FunctionConfig {
@@ -153,6 +157,7 @@ impl FunctionConfig {
             FunctionConfig::Http(config) => &config.name,
             FunctionConfig::Log(config) => &config.name,
             FunctionConfig::Lambda(config) => &config.name,
+            FunctionConfig::Process(config) => &config.name,
         }
     }
 
@@ -161,6 +166,7 @@ impl FunctionConfig {
             FunctionConfig::Http(config) => config.max_concurrency,
             FunctionConfig::Log(config) => config.max_concurrency,
             FunctionConfig::Lambda(config) => config.max_concurrency,
+            FunctionConfig::Process(config) => config.max_concurrency,
         }
     }
 
@@ -169,6 +175,7 @@ impl FunctionConfig {
             FunctionConfig::Http(config) => config.concurrency_scope,
             FunctionConfig::Log(config) => config.concurrency_scope,
             FunctionConfig::Lambda(config) => config.concurrency_scope,
+            FunctionConfig::Process(config) => config.concurrency_scope,
         }
     }
 }
@@ -258,6 +265,77 @@ pub struct LambdaFunctionConfig {
     /// in each process (`process`).
     #[serde(default)]
     pub concurrency_scope: ConcurrencyScope,
+}
+
+/// Any program that serves HTTP on the port in `$PORT` (a web framework's server,
+/// an OpenFaaS of-watchdog or Knative-style command): Switchyard starts instances on
+/// demand, POSTs each event to `path` in CloudEvents binary mode (as to `http`
+/// functions), and stops instances when idle. Instances get `PORT`,
+/// `SWITCHYARD_FUNCTION`, `SWITCHYARD_FUNCTION_MEMORY_MB` and their `environment`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessFunctionConfig {
+    pub name: String,
+    /// The program and its arguments, e.g. `["python3", "server.py"]`.
+    pub command: Vec<String>,
+    /// The working directory: relative to the configuration file's directory; by
+    /// default that directory.
+    #[serde(default)]
+    pub directory: PathBuf,
+    /// Environment variables of its instances (`${VAR}` passes one of Switchyard's
+    /// own). Nothing else of Switchyard's environment reaches them, except `PATH`.
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    /// Where events are POSTed on the instance.
+    #[serde(default = "default_process_path")]
+    pub path: String,
+    /// An instance is ready once `GET <readiness_path>` answers 2xx; without it, once
+    /// its port accepts connections.
+    #[serde(default)]
+    pub readiness_path: Option<String>,
+    /// Invocations one instance takes at once (Knative's containerConcurrency).
+    #[serde(default = "default_instance_concurrency")]
+    pub instance_concurrency: usize,
+    /// Per-invocation deadline (a trigger may override it).
+    #[serde(default = "default_function_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a starting instance may take to become ready.
+    #[serde(default = "default_init_timeout", with = "humantime_serde")]
+    pub init_timeout: Duration,
+    /// An instance idle this long is stopped (down to `min_instances`).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Memory of one instance in MB (128 to 10240), told to it as
+    /// `SWITCHYARD_FUNCTION_MEMORY_MB`.
+    #[serde(default = "default_memory")]
+    pub memory: u32,
+    /// Instances kept running even when idle.
+    #[serde(default)]
+    pub min_instances: usize,
+    /// Invocations in flight at once over every trigger; instances at once are
+    /// `max_concurrency / instance_concurrency`, rounded up.
+    #[serde(default = "default_managed_concurrency")]
+    pub max_concurrency: usize,
+    /// Most instances of this function starting at once.
+    #[serde(default = "default_function_cold_starts")]
+    pub max_cold_starts: usize,
+    #[serde(default)]
+    pub concurrency_scope: ConcurrencyScope,
+}
+
+impl ProcessFunctionConfig {
+    /// The most instances at once.
+    pub fn max_instances(&self) -> usize {
+        self.max_concurrency
+            .div_ceil(self.instance_concurrency.max(1))
+    }
+}
+
+fn default_process_path() -> String {
+    "/".to_owned()
+}
+fn default_instance_concurrency() -> usize {
+    1
 }
 
 fn default_lambda_timeout() -> Duration {
@@ -505,8 +583,12 @@ pub fn parse(
     // A function's directory is relative to the configuration file's.
     let base = file.parent().unwrap_or(Path::new(""));
     for function in &mut config.functions {
-        if let FunctionConfig::Lambda(lambda) = function.get_mut() {
-            lambda.directory = base.join(&lambda.directory);
+        match function.get_mut() {
+            FunctionConfig::Lambda(lambda) => lambda.directory = base.join(&lambda.directory),
+            FunctionConfig::Process(process) => {
+                process.directory = base.join(&process.directory);
+            }
+            _ => {}
         }
     }
     let errors = validate(file, &text, &config);
@@ -759,9 +841,21 @@ fn destination_problem(destination: &switchyard_dispatcher::DestinationConfig) -
     }
 }
 
-/// What is wrong with a `lambda` function's settings.
-fn lambda_problems(check: &mut Checker<'_>, span: &Range<usize>, lambda: &LambdaFunctionConfig) {
-    match lambda.command.first() {
+/// The settings `lambda` and `process` functions share, for checking.
+struct ManagedSettings<'a> {
+    command: &'a [String],
+    directory: &'a Path,
+    environment: &'a BTreeMap<String, String>,
+    memory: u32,
+    timeouts: [(&'static str, Duration); 3],
+    max_cold_starts: usize,
+    min_instances: usize,
+    max_instances: usize,
+}
+
+/// What is wrong with a managed (`lambda` or `process`) function's settings.
+fn managed_problems(check: &mut Checker<'_>, span: &Range<usize>, settings: &ManagedSettings<'_>) {
+    match settings.command.first() {
         None => check.error(
             span.clone(),
             "command",
@@ -772,47 +866,46 @@ fn lambda_problems(check: &mut Checker<'_>, span: &Range<usize>, lambda: &Lambda
         }
         Some(_) => {}
     }
-    if !lambda.directory.is_dir() {
+    if !settings.directory.is_dir() {
         check.error(
             span.clone(),
             "directory",
-            format!("`{}` is not a directory", lambda.directory.display()),
+            format!("`{}` is not a directory", settings.directory.display()),
         );
     }
-    if !(128..=10240).contains(&lambda.memory) {
+    if !(128..=10240).contains(&settings.memory) {
         check.error(
             span.clone(),
             "memory",
-            format!("{} MB is outside Lambda's 128 to 10240", lambda.memory),
+            format!(
+                "{} MB is outside 128 to 10240 (Lambda's range)",
+                settings.memory
+            ),
         );
     }
-    for (field, value) in [
-        ("timeout", lambda.timeout),
-        ("init_timeout", lambda.init_timeout),
-        ("idle_timeout", lambda.idle_timeout),
-    ] {
+    for (field, value) in settings.timeouts {
         if value.is_zero() {
             check.error(span.clone(), field, "must be longer than 0s".to_owned());
         }
     }
-    if lambda.max_cold_starts == 0 {
+    if settings.max_cold_starts == 0 {
         check.error(
             span.clone(),
             "max_cold_starts",
             "must be at least 1".to_owned(),
         );
     }
-    if lambda.min_instances > lambda.max_concurrency {
+    if settings.min_instances > settings.max_instances {
         check.error(
             span.clone(),
             "min_instances",
             format!(
-                "{} is more than max_concurrency ({}), the most instances at once",
-                lambda.min_instances, lambda.max_concurrency
+                "{} is more than the most instances at once ({}, from max_concurrency)",
+                settings.min_instances, settings.max_instances
             ),
         );
     }
-    for name in lambda.environment.keys() {
+    for name in settings.environment.keys() {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
             check.error(
                 span.clone(),
@@ -848,8 +941,67 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 "must be at least 1".to_owned(),
             );
         }
-        if let FunctionConfig::Lambda(lambda) = function {
-            lambda_problems(&mut check, &span, lambda);
+        match function {
+            FunctionConfig::Lambda(lambda) => managed_problems(
+                &mut check,
+                &span,
+                &ManagedSettings {
+                    command: &lambda.command,
+                    directory: &lambda.directory,
+                    environment: &lambda.environment,
+                    memory: lambda.memory,
+                    timeouts: [
+                        ("timeout", lambda.timeout),
+                        ("init_timeout", lambda.init_timeout),
+                        ("idle_timeout", lambda.idle_timeout),
+                    ],
+                    max_cold_starts: lambda.max_cold_starts,
+                    min_instances: lambda.min_instances,
+                    max_instances: lambda.max_concurrency,
+                },
+            ),
+            FunctionConfig::Process(process) => {
+                if process.instance_concurrency == 0 {
+                    check.error(
+                        span.clone(),
+                        "instance_concurrency",
+                        "must be at least 1".to_owned(),
+                    );
+                }
+                for (field, path) in [
+                    ("path", Some(&process.path)),
+                    ("readiness_path", process.readiness_path.as_ref()),
+                ] {
+                    if let Some(path) = path
+                        && (!path.starts_with('/') || path.contains(char::is_whitespace))
+                    {
+                        check.error(
+                            span.clone(),
+                            field,
+                            format!("`{path}` is not a path like `/` or `/healthz`"),
+                        );
+                    }
+                }
+                managed_problems(
+                    &mut check,
+                    &span,
+                    &ManagedSettings {
+                        command: &process.command,
+                        directory: &process.directory,
+                        environment: &process.environment,
+                        memory: process.memory,
+                        timeouts: [
+                            ("timeout", process.timeout),
+                            ("init_timeout", process.init_timeout),
+                            ("idle_timeout", process.idle_timeout),
+                        ],
+                        max_cold_starts: process.max_cold_starts,
+                        min_instances: process.min_instances,
+                        max_instances: process.max_instances(),
+                    },
+                );
+            }
+            _ => {}
         }
         if let FunctionConfig::Http(http) = function {
             match reqwest::Url::parse(&http.url) {

@@ -130,7 +130,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let workers = config
         .functions
         .iter()
-        .any(|function| matches!(function.get_ref(), config::FunctionConfig::Lambda(_)))
+        .any(|function| {
+            matches!(
+                function.get_ref(),
+                config::FunctionConfig::Lambda(_) | config::FunctionConfig::Process(_)
+            )
+        })
         .then(|| {
             Arc::new(switchyard_workers::Workers::new(
                 switchyard_workers::WorkersSettings {
@@ -237,10 +242,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     Duration::from_secs(5),
                 ),
                 config::FunctionConfig::Lambda(lambda) => {
-                    let workers = workers
-                        .as_ref()
-                        .expect("set up when a lambda function exists");
+                    let workers = workers.as_ref().expect("set up for managed functions");
                     (Arc::new(workers.add(lambda_spec(lambda))), lambda.timeout)
+                }
+                config::FunctionConfig::Process(process) => {
+                    let workers = workers.as_ref().expect("set up for managed functions");
+                    (
+                        Arc::new(workers.add(process_spec(process))),
+                        process.timeout,
+                    )
                 }
             };
             functions.insert(
@@ -428,6 +438,32 @@ fn lambda_spec(lambda: &config::LambdaFunctionConfig) -> switchyard_workers::Fun
         max_instances: lambda.max_concurrency,
         instance_concurrency: 1,
         max_cold_starts: lambda.max_cold_starts,
+    }
+}
+
+/// What the workers need of a `process` function's configuration.
+fn process_spec(process: &config::ProcessFunctionConfig) -> switchyard_workers::FunctionSpec {
+    switchyard_workers::FunctionSpec {
+        name: process.name.clone(),
+        kind: switchyard_workers::Kind::Process {
+            path: process.path.clone(),
+            readiness_path: process.readiness_path.clone(),
+        },
+        command: process.command.clone(),
+        directory: process.directory.clone(),
+        environment: process
+            .environment
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+        timeout: process.timeout,
+        init_timeout: process.init_timeout,
+        idle_timeout: process.idle_timeout,
+        memory_mb: process.memory,
+        min_instances: process.min_instances,
+        max_instances: process.max_instances(),
+        instance_concurrency: process.instance_concurrency.max(1),
+        max_cold_starts: process.max_cold_starts,
     }
 }
 

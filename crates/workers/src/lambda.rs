@@ -109,7 +109,7 @@ pub(crate) async fn start(
 /// What every instance gets besides Lambda's variables: `PATH` from Switchyard's
 /// environment (so `python3` or `node` are found) unless the function sets its own,
 /// and Lambda's `LANG`. Nothing else of Switchyard's environment is passed on.
-fn base_environment(user: &[(String, String)]) -> Vec<(String, String)> {
+pub(crate) fn base_environment(user: &[(String, String)]) -> Vec<(String, String)> {
     let mut environment = Vec::new();
     if !user.iter().any(|(name, _)| name == "PATH")
         && let Ok(path) = std::env::var("PATH")
@@ -127,7 +127,7 @@ fn seconds(duration: Duration) -> String {
     format!("{:.2} seconds", duration.as_secs_f64())
 }
 
-fn last_output(process: &InstanceProcess) -> String {
+pub(crate) fn last_output(process: &InstanceProcess) -> String {
     let tail = process.tail();
     if tail.is_empty() {
         "(none)".to_owned()
@@ -170,7 +170,9 @@ pub(crate) async fn invoke(
     event: &Event,
     timeout: Duration,
 ) -> Outcome {
-    let Endpoint::Lambda { api, .. } = &lease.instance.endpoint;
+    let Endpoint::Lambda { api, .. } = &lease.instance.endpoint else {
+        unreachable!("a lambda instance serves the runtime api")
+    };
     let request_id = uuid::Uuid::new_v4().to_string();
     let deadline = SystemTime::now() + timeout;
     let invocation = Invocation {

@@ -12,8 +12,9 @@
 //! unacknowledged in JetStream, never in a queue in this process.
 //!
 //! Kinds: `lambda`, a command speaking the AWS Lambda Runtime API
-//! ([`runtime_api`], served to each instance on its own loopback port). `design.md`
-//! beside this crate states the lifecycle and what is promised.
+//! ([`runtime_api`], served to each instance on its own loopback port); `process`, a
+//! command serving HTTP on `$PORT`. `design.md` beside this crate states the
+//! lifecycle and what is promised.
 
 pub mod process;
 pub mod runtime_api;
@@ -21,6 +22,7 @@ pub mod runtime_api;
 mod lambda;
 mod metrics;
 mod pool;
+mod web;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,12 +41,20 @@ pub use pool::ManagedFunction;
 pub enum Kind {
     /// Speaks the AWS Lambda Runtime API; `handler` is Lambda's handler setting.
     Lambda { handler: String },
+    /// Serves HTTP on `$PORT`: events are POSTed to `path` in CloudEvents binary mode;
+    /// ready once `GET readiness_path` answers 2xx (without one: once the port
+    /// accepts connections).
+    Process {
+        path: String,
+        readiness_path: Option<String>,
+    },
 }
 
 impl Kind {
     fn name(&self) -> &'static str {
         match self {
             Kind::Lambda { .. } => "lambda",
+            Kind::Process { .. } => "process",
         }
     }
 }
@@ -108,6 +118,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) metrics: WorkerMetrics,
+    /// Reaches `process` instances.
+    pub(crate) http: reqwest::Client,
     /// How instances are isolated, as reported at start and in the status.
     pub(crate) isolation: &'static str,
 }
@@ -138,6 +150,7 @@ impl Workers {
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 metrics,
+                http: switchyard_targets::http_client(),
                 isolation,
             }),
             functions: Mutex::new(Vec::new()),

@@ -37,6 +37,9 @@ pub(crate) enum Endpoint {
         /// Serves the instance's Runtime API; stops with the instance.
         _server: AbortOnDropHandle<()>,
     },
+    Http {
+        target: switchyard_targets::HttpTarget,
+    },
 }
 
 /// Why an instance could not start, in Lambda's words where Lambda has them.
@@ -83,6 +86,8 @@ struct Slot {
     instance: Arc<Instance>,
     in_flight: usize,
     idle_since: Instant,
+    /// Takes no new invocation; stopped once those in flight end.
+    retiring: bool,
 }
 
 /// Failed starts in a row, and when the next may be tried.
@@ -97,7 +102,7 @@ impl State {
         let busy = self
             .instances
             .values()
-            .filter(|slot| slot.in_flight > 0)
+            .filter(|slot| slot.in_flight > 0 || slot.retiring)
             .count();
         InstanceCounts {
             starting: self.starting,
@@ -108,7 +113,8 @@ impl State {
 }
 
 /// An instance reserved for one invocation. Dropping it frees the instance; marked
-/// `retire`, the instance leaves routing and is stopped instead.
+/// `retire`, the instance takes no new invocation and is stopped once it has none in
+/// flight.
 pub(crate) struct Lease {
     pool: Arc<Pool>,
     id: u64,
@@ -119,15 +125,15 @@ pub(crate) struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut state = self.pool.state.lock().expect("pool lock");
-        let retired = if self.retire {
-            state.instances.remove(&self.id)
-        } else {
-            if let Some(slot) = state.instances.get_mut(&self.id) {
-                slot.in_flight -= 1;
-                slot.idle_since = Instant::now();
+        let mut retired = None;
+        if let Some(slot) = state.instances.get_mut(&self.id) {
+            slot.in_flight -= 1;
+            slot.idle_since = Instant::now();
+            slot.retiring |= self.retire;
+            if slot.retiring && slot.in_flight == 0 {
+                retired = state.instances.remove(&self.id);
             }
-            None
-        };
+        }
         self.pool.publish_counts(&state);
         drop(state);
         self.pool.changed.notify_waiters();
@@ -303,7 +309,7 @@ impl Pool {
                 let picked = state
                     .instances
                     .iter()
-                    .filter(|(_, slot)| slot.in_flight < limit)
+                    .filter(|(_, slot)| slot.in_flight < limit && !slot.retiring)
                     .max_by_key(|(_, slot)| (slot.in_flight, slot.idle_since))
                     .map(|(id, _)| *id);
                 if let Some(id) = picked {
@@ -417,6 +423,7 @@ impl Pool {
                                     instance: instance.clone(),
                                     in_flight: 0,
                                     idle_since: Instant::now(),
+                                    retiring: false,
                                 },
                             );
                         }
@@ -477,6 +484,10 @@ impl Pool {
     async fn start_instance(&self, label: &str) -> Result<Instance, StartFailure> {
         match &self.spec.kind {
             crate::Kind::Lambda { handler } => crate::lambda::start(self, label, handler).await,
+            crate::Kind::Process {
+                path,
+                readiness_path,
+            } => crate::web::start(self, label, path, readiness_path.as_deref()).await,
         }
     }
 
@@ -631,6 +642,7 @@ impl Target for ManagedFunction {
             Endpoint::Lambda { .. } => {
                 crate::lambda::invoke(&self.pool, lease, event, timeout).await
             }
+            Endpoint::Http { .. } => crate::web::invoke(&self.pool, lease, event, timeout).await,
         };
         self.pool
             .shared

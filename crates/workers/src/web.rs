@@ -1,0 +1,179 @@
+//! `process` instances: any command that serves HTTP on `$PORT` (a web framework, an
+//! OpenFaaS of-watchdog or Knative-style container command). Ready once its readiness
+//! check passes (an HTTP GET answering 2xx, or the port accepting connections); events
+//! are POSTed to it in CloudEvents binary mode through the same [`HttpTarget`] as
+//! `http` functions, so one function's code runs managed or unmanaged alike.
+//!
+//! A free loopback port is chosen by binding port 0 and closing it before the
+//! instance binds it; another process could take it in between, which the readiness
+//! check cannot always tell. Timeouts: the attempt fails and the instance takes no new
+//! invocation; it is stopped once those it has in flight end.
+
+use std::time::{Duration, Instant};
+
+use switchyard_event::{Event, Failure, Outcome, Target};
+use switchyard_targets::HttpTarget;
+
+use crate::pool::{Endpoint, Instance, Lease, Pool, StartFailure};
+use crate::process::{InstanceProcess, Launch, OWNER_VARIABLE};
+
+/// Starts an instance on a free port and waits until its readiness check passes, it
+/// exits, or `init_timeout` passes.
+pub(crate) async fn start(
+    pool: &Pool,
+    label: &str,
+    path: &str,
+    readiness_path: Option<&str>,
+) -> Result<Instance, StartFailure> {
+    let spec = &pool.spec;
+    let port = free_port().map_err(|error| StartFailure {
+        error_type: "Runtime.StartFailed".to_owned(),
+        message: format!("finding a free port failed: {error}"),
+    })?;
+    let mut environment = crate::lambda::base_environment(&spec.environment);
+    environment.retain(|(name, _)| name != "PORT" && name != OWNER_VARIABLE);
+    environment.push(("PORT".to_owned(), port.to_string()));
+    environment.push(("SWITCHYARD_FUNCTION".to_owned(), spec.name.clone()));
+    environment.push((
+        "SWITCHYARD_FUNCTION_MEMORY_MB".to_owned(),
+        spec.memory_mb.to_string(),
+    ));
+    environment.push((OWNER_VARIABLE.to_owned(), pool.shared.owner.clone()));
+    let (program, args) = spec
+        .command
+        .split_first()
+        .expect("validated: a command has a program");
+    let process = InstanceProcess::spawn(&Launch {
+        program,
+        args,
+        directory: &spec.directory,
+        environment: &environment,
+        function: &spec.name,
+        instance: label,
+    })
+    .map_err(|error| StartFailure {
+        error_type: "Runtime.InvalidEntrypoint".to_owned(),
+        message: format!("starting `{program}` failed: {error}"),
+    })?;
+    let ready = tokio::select! {
+        () = wait_ready(&pool.shared.http, port, readiness_path) => Ok(()),
+        exit = process.exited() => Err(StartFailure {
+            error_type: "Runtime.ExitError".to_owned(),
+            message: format!("the process exited before it was ready: {exit}; last output: {}", crate::lambda::last_output(&process)),
+        }),
+        () = tokio::time::sleep(spec.init_timeout) => Err(StartFailure {
+            error_type: "Sandbox.Timedout".to_owned(),
+            message: format!(
+                "not ready within {:.2} seconds ({}); last output: {}",
+                spec.init_timeout.as_secs_f64(),
+                match readiness_path {
+                    Some(path) => format!("GET {path} on port {port} did not answer 2xx"),
+                    None => format!("nothing accepted connections on port {port}"),
+                },
+                crate::lambda::last_output(&process)
+            ),
+        }),
+    };
+    if let Err(failure) = ready {
+        process.kill();
+        process.exited().await;
+        return Err(failure);
+    }
+    let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}{path}")).map_err(|error| {
+        StartFailure {
+            error_type: "Runtime.StartFailed".to_owned(),
+            message: format!("bad path `{path}`: {error}"),
+        }
+    })?;
+    Ok(Instance {
+        label: label.to_owned(),
+        process,
+        endpoint: Endpoint::Http {
+            target: HttpTarget::new(spec.name.clone(), url, pool.shared.http.clone()),
+        },
+    })
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls the readiness check until it passes (every 10 ms at first, then up to
+/// every 200 ms).
+async fn wait_ready(client: &reqwest::Client, port: u16, readiness_path: Option<&str>) {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let ready = match readiness_path {
+            Some(path) => client
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                .is_ok_and(|response| response.status().is_success()),
+            None => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok(),
+        };
+        if ready {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// One invocation: the event POSTed in binary mode, classified as for `http`
+/// functions; past `timeout` the attempt fails and the instance is retired.
+pub(crate) async fn invoke(
+    pool: &Pool,
+    mut lease: Lease,
+    event: &Event,
+    timeout: Duration,
+) -> Outcome {
+    let Endpoint::Http { target } = &lease.instance.endpoint else {
+        unreachable!("a process instance has an HTTP endpoint")
+    };
+    let started = Instant::now();
+    let process = &lease.instance.process;
+    // The target's own timeout is later than ours: ours decides.
+    let outcome = tokio::select! {
+        biased;
+        outcome = target.invoke(event, timeout + Duration::from_secs(1)) => outcome,
+        () = tokio::time::sleep(timeout) => {
+            lease.retire = true;
+            pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
+            tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, event_id = %event.id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; the instance takes no more and stops once idle");
+            return Outcome::RetryLater {
+                not_before: None,
+                failure: Failure::new(None, format!("Sandbox.Timedout: Task timed out after {:.2} seconds", timeout.as_secs_f64())),
+            };
+        }
+    };
+    // A failure without an answer because the process died: say so, as for lambda
+    // instances (its exit may be noticed a moment after the connection broke).
+    if let Outcome::RetryLater { failure, .. } = &outcome
+        && failure.status.is_none()
+        && let Ok(exit) = tokio::time::timeout(
+            Duration::from_millis(100).min(timeout.saturating_sub(started.elapsed())),
+            process.exited(),
+        )
+        .await
+    {
+        lease.retire = true;
+        pool.shared
+            .metrics
+            .function_crashes
+            .get_or_create(&pool.labels)
+            .inc();
+        tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, event_id = %event.id, %exit, "instance exited during an invocation");
+        return Outcome::RetryLater {
+            not_before: None,
+            failure: Failure::new(
+                None,
+                format!("Runtime.ExitError: the process exited with {exit}"),
+            ),
+        };
+    }
+    outcome
+}
