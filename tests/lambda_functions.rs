@@ -489,6 +489,15 @@ async fn an_init_error_fails_attempts_without_a_cold_start_storm() {
         "{status}"
     );
     assert!(status["functions"][0]["init_failures"].as_u64().unwrap() >= 1);
+    // The CLI shows it too.
+    let (ok, table) = common::run_cli(
+        Path::new("/nonexistent.toml"),
+        &["functions", "--admin", &switchyard.admin.to_string()],
+    );
+    assert!(ok, "{table}");
+    assert!(table.contains(&function), "{table}");
+    assert!(table.contains("failing to start"), "{table}");
+    assert!(table.contains("DATABASE_URL is not set"), "{table}");
     wait_no_processes(&function, WAIT).await;
     switchyard.stop().await;
 }

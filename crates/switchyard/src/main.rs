@@ -72,6 +72,17 @@ enum Command {
         #[arg(long, default_value = "application/json")]
         content_type: String,
     },
+    /// Show the functions whose instances Switchyard runs (`lambda`, `process`):
+    /// instances starting, idle and busy, cold starts, the last init error, limits.
+    /// Asks the running process's admin listener (`admin.listen`).
+    Functions {
+        /// The admin listener to ask, instead of the configuration's `admin.listen`.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print the JSON of `/v1/functions` instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect, replay and purge a trigger's dead letters.
     Dlq {
         #[command(subcommand)]
@@ -142,6 +153,54 @@ async fn connect(config: &config::Config) -> anyhow::Result<Bus> {
     let bus = Bus::connect(&config.nats).await?;
     bus.ensure_streams().await?;
     Ok(bus)
+}
+
+/// `/v1/functions` as a table, one function per row, then each function's last init
+/// error.
+fn functions_table(status: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut table = format!(
+        "{:<24}  {:<8}  {:>8}  {:>5}  {:>5}  {:>4}  {:>11}  {:>9}  {:>7}  isolation\n",
+        "function", "type", "starting", "idle", "busy", "max", "cold starts", "init fail", "memory"
+    );
+    let empty = Vec::new();
+    let functions = status["functions"].as_array().unwrap_or(&empty);
+    for function in functions {
+        let instances = &function["instances"];
+        let limits = &function["limits"];
+        let _ = writeln!(
+            table,
+            "{:<24}  {:<8}  {:>8}  {:>5}  {:>5}  {:>4}  {:>11}  {:>9}  {:>5}MB  {}",
+            function["name"].as_str().unwrap_or("?"),
+            function["type"].as_str().unwrap_or("?"),
+            instances["starting"],
+            instances["idle"],
+            instances["busy"],
+            limits["max_instances"],
+            function["cold_starts"],
+            function["init_failures"],
+            limits["memory_mb"],
+            function["isolation"].as_str().unwrap_or("?"),
+        );
+    }
+    for function in functions {
+        let error = &function["last_init_error"];
+        if error.is_object() {
+            let _ = writeln!(
+                table,
+                "\n{}: failing to start ({} in a row, next start {}): {}: {}",
+                function["name"].as_str().unwrap_or("?"),
+                error["failures"],
+                error["retry_at"].as_str().unwrap_or("now"),
+                error["error_type"].as_str().unwrap_or("?"),
+                error["message"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    if functions.is_empty() {
+        table.push_str("(no lambda or process functions configured)\n");
+    }
+    table
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -262,6 +321,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 );
             }
+            Ok(())
+        }
+        Command::Functions { admin, json } => {
+            let admin = match admin {
+                Some(admin) => admin,
+                None => {
+                    let loaded = load(&config)?;
+                    if loaded.admin.listen.is_empty() || loaded.admin.listen.ends_with(":0") {
+                        anyhow::bail!(
+                            "{} has no fixed admin address (admin.listen = `{}`): pass --admin HOST:PORT",
+                            config.display(),
+                            loaded.admin.listen
+                        );
+                    }
+                    loaded.admin.listen
+                }
+            };
+            let url = if admin.starts_with("http://") {
+                format!("{}/v1/functions", admin.trim_end_matches('/'))
+            } else {
+                format!("http://{admin}/v1/functions")
+            };
+            let response = reqwest::get(&url)
+                .await
+                .with_context(|| format!("asking {url} (is switchyard running?)"))?;
+            if !response.status().is_success() {
+                anyhow::bail!("{url} answered {}", response.status());
+            }
+            let status: serde_json::Value = serde_json::from_slice(&response.bytes().await?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(());
+            }
+            print!("{}", functions_table(&status));
             Ok(())
         }
         Command::Dlq { action } => {
