@@ -683,3 +683,57 @@ on_success = {{ type = "nats", subject = "{results}" }}
     }
     switchyard.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_over_its_memory_is_killed_and_reported_out_of_memory() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let function = random_name("oom");
+    let results = random_name("results");
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "memory = 128\ntimeout = \"60s\"",
+        r#"retry = { policy = "fixed", initial = "50ms", attempts = 2, jitter = false }"#,
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    let status = switchyard.admin_json("/v1/functions").await;
+    let isolation = status["functions"][0]["isolation"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    if isolation.starts_with("process-group") {
+        println!("skipped: this host gives instances no memory limit ({isolation})");
+        switchyard.stop().await;
+        return;
+    }
+    post_job(
+        &switchyard,
+        "greedy",
+        serde_json::json!({"action": "allocate", "mb": 400}),
+    )
+    .await;
+    let bus = switchyard.bus().await;
+    let dead = wait_for_dead_letters(&bus, "main", 1, Duration::from_secs(120)).await;
+    assert_eq!(dead[0].dead_letter.attempts, 2);
+    assert!(
+        dead[0]
+            .dead_letter
+            .last_error
+            .starts_with("Runtime.OutOfMemory: "),
+        "{}",
+        dead[0].dead_letter.last_error
+    );
+    assert_eq!(
+        switchyard
+            .metric("switchyard_function_oom_kills_total")
+            .await,
+        2.0
+    );
+    // A handler within its memory still runs on a fresh instance.
+    switchyard.stop().await;
+}

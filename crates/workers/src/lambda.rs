@@ -60,14 +60,30 @@ pub(crate) async fn start(
         .command
         .split_first()
         .expect("validated: a command has a program");
-    let process = InstanceProcess::spawn(&Launch {
-        program,
-        args,
-        directory: &spec.directory,
-        environment: &environment,
-        function: &spec.name,
-        instance: label,
-    })
+    let cgroup = pool
+        .shared
+        .cgroups
+        .create(
+            label,
+            crate::cgroup::Limits {
+                memory_mb: spec.memory_mb,
+            },
+        )
+        .map_err(|error| StartFailure {
+            error_type: "Runtime.StartFailed".to_owned(),
+            message: format!("creating the instance's cgroup failed: {error}"),
+        })?;
+    let process = InstanceProcess::spawn(
+        &Launch {
+            program,
+            args,
+            directory: &spec.directory,
+            environment: &environment,
+            function: &spec.name,
+            instance: label,
+        },
+        cgroup,
+    )
     .map_err(|error| StartFailure {
         error_type: "Runtime.InvalidEntrypoint".to_owned(),
         message: format!("starting `{program}` failed: {error}"),
@@ -241,14 +257,24 @@ pub(crate) async fn invoke(
 }
 
 fn exit_error(pool: &Pool, request_id: &str, exit: crate::process::Exit) -> Outcome {
-    pool.shared
-        .metrics
-        .function_crashes
-        .get_or_create(&pool.labels)
-        .inc();
-    tracing::warn!(function = %pool.spec.name, request_id = %request_id, %exit, "instance exited during an invocation");
+    let error_type = if exit == crate::process::Exit::OutOfMemory {
+        pool.shared
+            .metrics
+            .function_oom_kills
+            .get_or_create(&pool.labels)
+            .inc();
+        "Runtime.OutOfMemory"
+    } else {
+        pool.shared
+            .metrics
+            .function_crashes
+            .get_or_create(&pool.labels)
+            .inc();
+        "Runtime.ExitError"
+    };
+    tracing::warn!(function = %pool.spec.name, request_id = %request_id, %exit, memory_mb = pool.spec.memory_mb, "instance exited during an invocation");
     retry(format!(
-        "Runtime.ExitError: RequestId: {request_id} Error: Runtime exited with error: {exit}"
+        "{error_type}: RequestId: {request_id} Error: Runtime exited with error: {exit}"
     ))
 }
 

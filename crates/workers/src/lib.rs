@@ -19,6 +19,7 @@
 pub mod process;
 pub mod runtime_api;
 
+mod cgroup;
 mod lambda;
 mod metrics;
 mod pool;
@@ -120,8 +121,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: WorkerMetrics,
     /// Reaches `process` instances.
     pub(crate) http: reqwest::Client,
-    /// How instances are isolated, as reported at start and in the status.
-    pub(crate) isolation: &'static str,
+    /// Where instances get their resource limits (or why they get none).
+    pub(crate) cgroups: cgroup::Cgroups,
 }
 
 /// The managed functions of this process.
@@ -141,17 +142,23 @@ impl Workers {
                 "killed function instances left behind by a switchyard process that is gone"
             );
         }
-        let isolation = "process-group";
+        let owner = process::owner_mark();
+        let cgroups = cgroup::Cgroups::detect(&owner, process::owner_alive);
+        if cgroups.limited() {
+            tracing::info!(isolation = %cgroups.description, "function instances get memory, process and cpu limits");
+        } else {
+            tracing::warn!(isolation = %cgroups.description, "function instances run without resource limits");
+        }
         Workers {
             shared: Arc::new(Shared {
                 cold_starts: Arc::new(Semaphore::new(settings.max_cold_starts.max(1))),
                 settings,
-                owner: process::owner_mark(),
+                owner,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 metrics,
                 http: switchyard_targets::http_client(),
-                isolation,
+                cgroups,
             }),
             functions: Mutex::new(Vec::new()),
         }
@@ -202,8 +209,9 @@ pub struct FunctionStatus {
     /// The last init failure, while the function is failing to start.
     pub last_init_error: Option<InitError>,
     pub limits: Limits,
-    /// How instances are isolated: `process-group` (no cgroup limits).
-    pub isolation: &'static str,
+    /// How instances are isolated: `cgroup v2 (...)`, `cgroup v1 (...)`, or
+    /// `process-group (...)` with the reason there are no limits.
+    pub isolation: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]

@@ -225,7 +225,7 @@ impl ManagedFunction {
                 idle_timeout_ms: spec.idle_timeout.as_millis() as u64,
                 max_cold_starts: spec.max_cold_starts,
             },
-            isolation: pool.shared.isolation,
+            isolation: pool.shared.cgroups.description.clone(),
         }
     }
 

@@ -36,12 +36,15 @@ const TAIL_BYTES: usize = 4 * 1024;
 pub enum Exit {
     Code(i32),
     Signal(i32),
+    /// Killed by the kernel for using more than its cgroup's memory.
+    OutOfMemory,
 }
 
 impl fmt::Display for Exit {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Exit::Code(code) => write!(formatter, "exit status {code}"),
+            Exit::OutOfMemory => write!(formatter, "signal: killed (out of memory)"),
             Exit::Signal(signal) => match Signal::try_from(*signal) {
                 Ok(Signal::SIGKILL) => write!(formatter, "signal: killed"),
                 Ok(known) => write!(formatter, "signal: {}", known.as_str()),
@@ -78,9 +81,13 @@ struct Output {
 }
 
 impl InstanceProcess {
-    /// Starts `launch` in a new process group. Must be called from a runtime worker
-    /// thread (the parent-death signal follows the thread that forked).
-    pub fn spawn(launch: &Launch<'_>) -> std::io::Result<InstanceProcess> {
+    /// Starts `launch` in a new process group (and in `cgroup`, which it then owns:
+    /// emptied and removed when the process ends). Must be called from a runtime
+    /// worker thread (the parent-death signal follows the thread that forked).
+    pub(crate) fn spawn(
+        launch: &Launch<'_>,
+        cgroup: Option<crate::cgroup::InstanceCgroup>,
+    ) -> std::io::Result<InstanceProcess> {
         let mut command = tokio::process::Command::new(launch.program);
         command
             .args(launch.args)
@@ -92,10 +99,16 @@ impl InstanceProcess {
             .stderr(Stdio::piped())
             .process_group(0);
         let parent = nix::unistd::getpid();
-        // SAFETY: runs in the forked child before exec; prctl and getppid are
-        // async-signal-safe and touch no memory of the parent.
+        let cgroup = cgroup.map(Arc::new);
+        let joining = cgroup.clone();
+        // SAFETY: runs in the forked child before exec; prctl, getppid and the
+        // cgroup join (open/write/close on prepared paths) are async-signal-safe and
+        // allocate nothing.
         unsafe {
             command.pre_exec(move || {
+                if let Some(cgroup) = &joining {
+                    cgroup.join_from_child()?;
+                }
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
                 // The parent died between fork and prctl: do not outlive it.
                 if nix::unistd::getppid() != parent {
@@ -104,7 +117,15 @@ impl InstanceProcess {
                 Ok(())
             });
         }
-        let mut child = command.spawn()?;
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                if let Some(cgroup) = cgroup {
+                    cgroup.kill_and_remove();
+                }
+                return Err(error);
+            }
+        };
         let pid = child
             .id()
             .and_then(|pid| i32::try_from(pid).ok())
@@ -146,6 +167,14 @@ impl InstanceProcess {
             };
             // Whatever the instance forked dies with it.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let exit = match cgroup {
+                Some(cgroup) => {
+                    let oom = exit == Exit::Signal(9) && cgroup.oom_killed();
+                    let _ = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
+                    if oom { Exit::OutOfMemory } else { exit }
+                }
+                None => exit,
+            };
             let _ = exit_sender.send(Some(exit));
         });
         Ok(InstanceProcess { pid, exit, output })
@@ -261,6 +290,17 @@ fn start_time(pid: i32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether the Switchyard process an owner mark (`<pid>:<start time>`) names still
+/// runs. A malformed mark is taken for a live owner: nothing is killed on a guess.
+pub fn owner_alive(mark: &str) -> bool {
+    let Some((pid, start)) = mark.split_once(':') else {
+        return true;
+    };
+    pid.parse::<i32>()
+        .ok()
+        .is_some_and(|pid| start_time(pid).map(|time| time.to_string()).as_deref() == Some(start))
+}
+
 /// Kills the instances (and their children) of Switchyard processes that are gone:
 /// processes whose [`OWNER_VARIABLE`] names an owner that no longer runs. Returns how
 /// many processes it killed.
@@ -287,17 +327,7 @@ pub fn reap_orphans() -> usize {
         else {
             continue;
         };
-        let owner = String::from_utf8_lossy(owner);
-        let Some((owner_pid, owner_start)) = owner.split_once(':') else {
-            continue;
-        };
-        let alive = owner_pid.parse::<i32>().ok().is_some_and(|owner_pid| {
-            start_time(owner_pid)
-                .map(|time| time.to_string())
-                .as_deref()
-                == Some(owner_start)
-        });
-        if alive {
+        if owner_alive(&String::from_utf8_lossy(owner)) {
             continue;
         }
         let pid = Pid::from_raw(pid);
@@ -338,7 +368,7 @@ mod tests {
             pid_file.display()
         );
         let args = vec!["-c".to_owned(), script];
-        let process = InstanceProcess::spawn(&launch(&args, &[])).unwrap();
+        let process = InstanceProcess::spawn(&launch(&args, &[]), None).unwrap();
         let child = loop {
             if let Ok(pid) = std::fs::read_to_string(&pid_file)
                 && let Ok(pid) = pid.trim().parse::<i32>()
@@ -371,7 +401,7 @@ mod tests {
             "-c".to_owned(),
             "echo one; echo two >&2; printf 'no newline'; exit 3".to_owned(),
         ];
-        let process = InstanceProcess::spawn(&launch(&args, &[])).unwrap();
+        let process = InstanceProcess::spawn(&launch(&args, &[]), None).unwrap();
         assert_eq!(process.exited().await, Exit::Code(3));
         // Output readers may finish just after the exit.
         let complete = async {
@@ -393,7 +423,7 @@ mod tests {
         let out = directory.path().join("env");
         let args = vec!["-c".to_owned(), format!("env > {}", out.display())];
         let environment = vec![("ONLY".to_owned(), "this".to_owned())];
-        let process = InstanceProcess::spawn(&launch(&args, &environment)).unwrap();
+        let process = InstanceProcess::spawn(&launch(&args, &environment), None).unwrap();
         assert_eq!(process.exited().await, Exit::Code(0));
         let seen = std::fs::read_to_string(out).unwrap();
         assert!(seen.contains("ONLY=this"), "{seen}");

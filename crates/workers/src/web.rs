@@ -43,14 +43,30 @@ pub(crate) async fn start(
         .command
         .split_first()
         .expect("validated: a command has a program");
-    let process = InstanceProcess::spawn(&Launch {
-        program,
-        args,
-        directory: &spec.directory,
-        environment: &environment,
-        function: &spec.name,
-        instance: label,
-    })
+    let cgroup = pool
+        .shared
+        .cgroups
+        .create(
+            label,
+            crate::cgroup::Limits {
+                memory_mb: spec.memory_mb,
+            },
+        )
+        .map_err(|error| StartFailure {
+            error_type: "Runtime.StartFailed".to_owned(),
+            message: format!("creating the instance's cgroup failed: {error}"),
+        })?;
+    let process = InstanceProcess::spawn(
+        &Launch {
+            program,
+            args,
+            directory: &spec.directory,
+            environment: &environment,
+            function: &spec.name,
+            instance: label,
+        },
+        cgroup,
+    )
     .map_err(|error| StartFailure {
         error_type: "Runtime.InvalidEntrypoint".to_owned(),
         message: format!("starting `{program}` failed: {error}"),
@@ -161,17 +177,21 @@ pub(crate) async fn invoke(
         .await
     {
         lease.retire = true;
-        pool.shared
-            .metrics
-            .function_crashes
-            .get_or_create(&pool.labels)
-            .inc();
+        let (error_type, counter) = if exit == crate::process::Exit::OutOfMemory {
+            (
+                "Runtime.OutOfMemory",
+                &pool.shared.metrics.function_oom_kills,
+            )
+        } else {
+            ("Runtime.ExitError", &pool.shared.metrics.function_crashes)
+        };
+        counter.get_or_create(&pool.labels).inc();
         tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, event_id = %event.id, %exit, "instance exited during an invocation");
         return Outcome::RetryLater {
             not_before: None,
             failure: Failure::new(
                 None,
-                format!("Runtime.ExitError: the process exited with {exit}"),
+                format!("{error_type}: the process exited with {exit}"),
             ),
         };
     }

@@ -62,4 +62,10 @@ def handler(event, context):
                 out.write(str(child.pid))
         time.sleep(float(data["seconds"]))
         return {"slept": data["seconds"], "pid": os.getpid()}
+    if action == "allocate":
+        # Touches every page, so the memory is really used.
+        block = bytearray(int(data["mb"]) * 1024 * 1024)
+        for index in range(0, len(block), 4096):
+            block[index] = 1
+        return {"allocated": data["mb"]}
     raise RuntimeError(f"unknown action {action}")

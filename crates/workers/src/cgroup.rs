@@ -1,0 +1,388 @@
+//! Per-instance resource limits through Linux control groups, as Lambda gives each
+//! sandbox: a memory limit (an instance over it is killed by the kernel, reported as
+//! out of memory), a process limit (Lambda's 1,024) and a CPU quota proportional to
+//! memory (1,769 MB = one vCPU).
+//!
+//! Hosts differ, so the hierarchy is picked at start: cgroup v2 when its mount offers
+//! the memory controller (`memory.max`, `pids.max`, `cpu.max`, `memory.events`,
+//! `cgroup.kill`); else cgroup v1 controllers mounted separately (`memory`, `pids`,
+//! `cpu`); else none, and instances are only process groups (said at start and in
+//! `/v1/functions`). Instances live under `switchyard/<owner>/<instance>` of each
+//! hierarchy, `<owner>` being the Switchyard process's mark, so a restarted
+//! Switchyard can remove what a dead one left.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Lambda's process and thread limit per sandbox.
+pub(crate) const PIDS_MAX: u64 = 1024;
+/// Lambda's memory for one full vCPU.
+const MB_PER_CPU: f64 = 1769.0;
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The limits of one instance.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) memory_mb: u32,
+}
+
+impl Limits {
+    fn memory_bytes(self) -> u64 {
+        u64::from(self.memory_mb) * 1024 * 1024
+    }
+
+    /// CPU time per period, proportional to memory (at least 1% of a CPU).
+    fn cpu_quota_us(self) -> u64 {
+        ((f64::from(self.memory_mb) / MB_PER_CPU * CPU_PERIOD_US as f64) as u64)
+            .max(CPU_PERIOD_US / 100)
+    }
+}
+
+#[derive(Debug)]
+enum Hierarchy {
+    /// `<mount>/switchyard/<owner>`, with memory, pids and cpu enabled for children.
+    V2 { base: PathBuf },
+    /// `<controller mount>/switchyard/<owner>` for each controller present.
+    V1 {
+        memory: PathBuf,
+        pids: Option<PathBuf>,
+        cpu: Option<PathBuf>,
+    },
+}
+
+/// The cgroups instances are put in, if any.
+#[derive(Debug)]
+pub(crate) struct Cgroups {
+    hierarchy: Option<Hierarchy>,
+    /// How instances are isolated, for the log and `/v1/functions`.
+    pub(crate) description: String,
+}
+
+/// Where the cgroup filesystems are mounted: (cgroup2 mount, v1 mounts by controller).
+fn mounts() -> (Option<PathBuf>, Vec<(String, PathBuf)>) {
+    let text = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut unified = None;
+    let mut v1 = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 4 {
+            continue;
+        }
+        match fields[2] {
+            "cgroup2" => unified = Some(PathBuf::from(fields[1])),
+            "cgroup" => {
+                for option in fields[3].split(',') {
+                    if matches!(option, "memory" | "pids" | "cpu") {
+                        v1.push((option.to_owned(), PathBuf::from(fields[1])));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (unified, v1)
+}
+
+impl Cgroups {
+    /// Picks and prepares a hierarchy for this process's instances (`owner` names its
+    /// directory), removing the directories of owners that are gone.
+    pub(crate) fn detect(owner: &str, owner_alive: impl Fn(&str) -> bool) -> Cgroups {
+        let owner = owner.replace(':', "-");
+        let (unified, v1) = mounts();
+        let mut reasons = Vec::new();
+        if let Some(mount) = unified {
+            let controllers =
+                std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+            if controllers.split_whitespace().any(|name| name == "memory") {
+                match prepare_v2(&mount, &owner, &owner_alive) {
+                    Ok(base) => {
+                        return Cgroups {
+                            hierarchy: Some(Hierarchy::V2 { base }),
+                            description: "cgroup v2 (memory, pids, cpu)".to_owned(),
+                        };
+                    }
+                    Err(error) => {
+                        reasons.push(format!("cgroup v2 at {}: {error}", mount.display()))
+                    }
+                }
+            }
+        }
+        let mount_of = |name: &str| {
+            v1.iter()
+                .find(|(controller, _)| controller == name)
+                .map(|(_, mount)| mount.clone())
+        };
+        if let Some(memory_mount) = mount_of("memory") {
+            let prepare = |mount: PathBuf| -> std::io::Result<PathBuf> {
+                let root = mount.join("switchyard");
+                std::fs::create_dir_all(&root)?;
+                remove_dead_owners(&root, &owner_alive);
+                let base = root.join(&owner);
+                std::fs::create_dir_all(&base)?;
+                Ok(base)
+            };
+            match prepare(memory_mount.clone()) {
+                Ok(memory) => {
+                    let pids = mount_of("pids").and_then(|mount| prepare(mount).ok());
+                    let cpu = mount_of("cpu").and_then(|mount| prepare(mount).ok());
+                    let mut controllers = vec!["memory"];
+                    if pids.is_some() {
+                        controllers.push("pids");
+                    }
+                    if cpu.is_some() {
+                        controllers.push("cpu");
+                    }
+                    return Cgroups {
+                        description: format!("cgroup v1 ({})", controllers.join(", ")),
+                        hierarchy: Some(Hierarchy::V1 { memory, pids, cpu }),
+                    };
+                }
+                Err(error) => reasons.push(format!(
+                    "cgroup v1 memory at {}: {error}",
+                    memory_mount.display()
+                )),
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("no cgroup hierarchy with the memory controller is mounted".to_owned());
+        }
+        Cgroups {
+            hierarchy: None,
+            description: format!(
+                "process-group (no memory, pids or cpu limits: {})",
+                reasons.join("; ")
+            ),
+        }
+    }
+
+    /// Whether instances get limits.
+    pub(crate) fn limited(&self) -> bool {
+        self.hierarchy.is_some()
+    }
+
+    /// Creates the cgroup of one instance with its limits; `None` without cgroups.
+    pub(crate) fn create(
+        &self,
+        instance: &str,
+        limits: Limits,
+    ) -> std::io::Result<Option<InstanceCgroup>> {
+        let Some(hierarchy) = &self.hierarchy else {
+            return Ok(None);
+        };
+        let mut cgroup = InstanceCgroup {
+            v2: matches!(hierarchy, Hierarchy::V2 { .. }),
+            directories: Vec::new(),
+            procs: Vec::new(),
+            memory: PathBuf::new(),
+        };
+        let mut make = |base: &Path| -> std::io::Result<PathBuf> {
+            let directory = base.join(instance);
+            std::fs::create_dir(&directory)?;
+            cgroup.directories.push(directory.clone());
+            cgroup.procs.push(
+                CString::new(
+                    directory
+                        .join("cgroup.procs")
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                )
+                .map_err(std::io::Error::other)?,
+            );
+            Ok(directory)
+        };
+        match hierarchy {
+            Hierarchy::V2 { base } => {
+                let directory = make(base)?;
+                write(&directory.join("memory.max"), limits.memory_bytes())?;
+                // No swap: over the limit is over the limit, as on Lambda.
+                let _ = write(&directory.join("memory.swap.max"), 0);
+                write(&directory.join("pids.max"), PIDS_MAX)?;
+                std::fs::write(
+                    directory.join("cpu.max"),
+                    format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us()),
+                )?;
+                cgroup.memory = directory;
+            }
+            Hierarchy::V1 { memory, pids, cpu } => {
+                let directory = make(memory)?;
+                write(
+                    &directory.join("memory.limit_in_bytes"),
+                    limits.memory_bytes(),
+                )?;
+                // Swap counts against the same limit where the kernel accounts it.
+                let _ = write(
+                    &directory.join("memory.memsw.limit_in_bytes"),
+                    limits.memory_bytes(),
+                );
+                cgroup.memory = directory;
+                if let Some(pids) = pids {
+                    let directory = make(pids)?;
+                    write(&directory.join("pids.max"), PIDS_MAX)?;
+                }
+                if let Some(cpu) = cpu {
+                    let directory = make(cpu)?;
+                    write(&directory.join("cpu.cfs_period_us"), CPU_PERIOD_US)?;
+                    write(&directory.join("cpu.cfs_quota_us"), limits.cpu_quota_us())?;
+                }
+            }
+        }
+        Ok(Some(cgroup))
+    }
+}
+
+fn write(path: &Path, value: u64) -> std::io::Result<()> {
+    std::fs::write(path, value.to_string())
+}
+
+/// Creates `<mount>/switchyard/<owner>` and enables memory, pids and cpu for its
+/// children (which needs them enabled on the way down from the mount).
+fn prepare_v2(
+    mount: &Path,
+    owner: &str,
+    owner_alive: &impl Fn(&str) -> bool,
+) -> std::io::Result<PathBuf> {
+    let root = mount.join("switchyard");
+    std::fs::create_dir_all(&root)?;
+    remove_dead_owners(&root, owner_alive);
+    let base = root.join(owner);
+    std::fs::create_dir_all(&base)?;
+    for directory in [mount, root.as_path(), base.as_path()] {
+        std::fs::write(
+            directory.join("cgroup.subtree_control"),
+            "+memory +pids +cpu",
+        )?;
+    }
+    Ok(base)
+}
+
+/// Kills what is left in the cgroups of owners that are gone and removes them.
+fn remove_dead_owners(root: &Path, owner_alive: &impl Fn(&str) -> bool) {
+    let Ok(owners) = std::fs::read_dir(root) else {
+        return;
+    };
+    for owner in owners.flatten() {
+        let name = owner.file_name().to_string_lossy().replacen('-', ":", 1);
+        if !owner.path().is_dir() || owner_alive(&name) {
+            continue;
+        }
+        if let Ok(instances) = std::fs::read_dir(owner.path()) {
+            for instance in instances.flatten() {
+                if instance.path().is_dir() {
+                    kill_members(&instance.path());
+                    let _ = std::fs::remove_dir(instance.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(owner.path());
+    }
+}
+
+/// SIGKILLs every process in a cgroup directory, a few rounds (a fork in flight can
+/// add one).
+fn kill_members(directory: &Path) {
+    for _ in 0..10 {
+        let members = std::fs::read_to_string(directory.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = members
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// One instance's cgroups (one per controller in v1).
+#[derive(Debug)]
+pub(crate) struct InstanceCgroup {
+    v2: bool,
+    directories: Vec<PathBuf>,
+    /// The `cgroup.procs` files the instance's process joins before it runs.
+    procs: Vec<CString>,
+    /// The directory with the memory controller's files.
+    memory: PathBuf,
+}
+
+impl InstanceCgroup {
+    /// Moves the calling process into the instance's cgroups. Called in the forked
+    /// child before exec: only async-signal-safe calls (open, write, close), on paths
+    /// prepared before the fork.
+    pub(crate) fn join_from_child(&self) -> std::io::Result<()> {
+        for path in &self.procs {
+            // SAFETY: `path` is a valid NUL-terminated string; open/write/close are
+            // async-signal-safe.
+            unsafe {
+                let fd = nix::libc::open(path.as_ptr(), nix::libc::O_WRONLY | nix::libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0": the writing process itself.
+                let written = nix::libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                nix::libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel's OOM killer killed a process of the instance.
+    pub(crate) fn oom_killed(&self) -> bool {
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        std::fs::read_to_string(self.memory.join(file))
+            .unwrap_or_default()
+            .lines()
+            .any(|line| {
+                line.strip_prefix("oom_kill ")
+                    .and_then(|count| count.trim().parse::<u64>().ok())
+                    .is_some_and(|count| count > 0)
+            })
+    }
+
+    /// Kills everything in the instance's cgroups (processes that left its process
+    /// group included) and removes them.
+    pub(crate) fn kill_and_remove(&self) {
+        if self.v2 {
+            let _ = std::fs::write(self.memory.join("cgroup.kill"), "1");
+        }
+        for directory in &self.directories {
+            kill_members(directory);
+        }
+        for directory in &self.directories {
+            // Emptying is asynchronous: a few tries.
+            for _ in 0..20 {
+                match std::fs::remove_dir(directory) {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_proportional_to_memory_as_on_lambda() {
+        assert_eq!(Limits { memory_mb: 1769 }.cpu_quota_us(), 100_000);
+        assert_eq!(Limits { memory_mb: 3538 }.cpu_quota_us(), 200_000);
+        assert_eq!(Limits { memory_mb: 128 }.cpu_quota_us(), 7_235);
+        assert_eq!(Limits { memory_mb: 128 }.memory_bytes(), 134_217_728);
+    }
+}
