@@ -27,3 +27,8 @@ export SWITCHYARD_LAMBDA_NODE_RIC="${SWITCHYARD_LAMBDA_NODE_RIC:-$LAMBDA_NODE_DI
 # The Rust example function (examples/lambda-rust, on the lambda_runtime crate), built
 # by scripts/test.sh.
 export SWITCHYARD_LAMBDA_RUST="${SWITCHYARD_LAMBDA_RUST:-$CARGO_TARGET_DIR/release/lambda-echo}"
+# AWS's Lambda Runtime Interface Emulator (Go module), the benchmark's baseline for
+# warm invocations (scripts/bench.sh installs it).
+RIE_VERSION="v0.0.0-20261030222936-bef5c4ba774d"
+RIE_DIR="$SWITCHYARD_CACHE/aws-lambda-rie-$RIE_VERSION"
+export SWITCHYARD_LAMBDA_RIE="${SWITCHYARD_LAMBDA_RIE:-$RIE_DIR/bin/aws-lambda-rie}"

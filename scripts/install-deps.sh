@@ -10,6 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 what="${1:-all}"
+# `bench`: everything, and the benchmark's baselines.
+bench=false
+if [ "$what" = bench ]; then
+    bench=true
+    what=all
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo not found; install Rust from https://rustup.rs" >&2
@@ -121,4 +127,13 @@ if [ "$what" = all ] && [ ! -f "$KAFKA_DIR/.complete" ]; then
 POM
     (cd "$KAFKA_DIR" && mvn -q -B dependency:copy-dependencies -DoutputDirectory="$KAFKA_DIR/lib" -DincludeScope=runtime)
     touch "$KAFKA_DIR/.complete"
+fi
+
+# AWS's Lambda Runtime Interface Emulator, built from its Go module: the benchmark
+# runs the same handler under it as a baseline.
+if [ "$bench" = true ] && [ ! -x "$SWITCHYARD_LAMBDA_RIE" ]; then
+    echo "building aws-lambda-rie $RIE_VERSION into $RIE_DIR" >&2
+    mkdir -p "$RIE_DIR/bin"
+    CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$RIE_DIR/bin" \
+        go install -trimpath "github.com/aws/aws-lambda-runtime-interface-emulator/cmd/aws-lambda-rie@$RIE_VERSION"
 fi

@@ -8,12 +8,16 @@
 //! (c) end-to-end latency from POST to the function at a fixed 1,000 events/s, with the
 //!     real `switchyard` binary as its own process;
 //! (d) that process's RSS at idle and under the load of (c);
-//! (e) Kafka -> function beside bare rdkafka loops (see `kafka.rs`), with `--kafka`.
+//! (e) Kafka -> function beside bare rdkafka loops (see `kafka.rs`), with `--kafka`;
+//! (f) object store -> function (see `objects.rs`);
+//! (g) managed lambda functions: cold start beside a bare start, warm invocations
+//!     beside AWS's Runtime Interface Emulator, idle memory (see `functions.rs`).
 //!
 //! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
 
 mod dispatch;
+mod functions;
 mod kafka;
 mod objects;
 
@@ -613,6 +617,13 @@ fn main() -> anyhow::Result<()> {
             objects::bench_poll_memory(&nats, &binary, sizes).await?;
             return Ok(());
         }
+        if arguments
+            .iter()
+            .any(|argument| argument == "--functions-only")
+        {
+            functions::bench_functions(&nats, &binary, quick).await?;
+            return Ok(());
+        }
         if arguments.iter().any(|argument| argument == "--kafka-only") {
             kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
             return Ok(());
@@ -635,6 +646,7 @@ fn main() -> anyhow::Result<()> {
         kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
         let (notified, polled) = if quick { (500, 2_000) } else { (2_000, 20_000) };
         objects::bench_objects(&nats, notified, polled).await?;
+        functions::bench_functions(&nats, &binary, quick).await?;
         Ok(())
     })
 }

@@ -370,6 +370,20 @@ pub struct WorkersConfig {
     /// How long a stopping instance has between SIGTERM and SIGKILL.
     #[serde(default = "default_stop_grace", with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// `auto`: each instance in cgroups of its own (memory, pids and CPU limits)
+    /// where the host lets Switchyard create them, else process groups only;
+    /// `process-group`: never cgroups (no limits; faster cold starts on cgroup v1
+    /// hosts, where moving a process into a cgroup waits for the kernel).
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    #[default]
+    Auto,
+    ProcessGroup,
 }
 
 impl Default for WorkersConfig {
@@ -378,6 +392,7 @@ impl Default for WorkersConfig {
             region: default_region(),
             max_cold_starts: default_total_cold_starts(),
             stop_grace: default_stop_grace(),
+            isolation: Isolation::Auto,
         }
     }
 }

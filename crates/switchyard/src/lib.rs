@@ -142,6 +142,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     region: config.workers.region.clone(),
                     max_cold_starts: config.workers.max_cold_starts,
                     stop_grace: config.workers.stop_grace,
+                    cgroups: config.workers.isolation == config::Isolation::Auto,
                 },
                 worker_metrics,
             ))

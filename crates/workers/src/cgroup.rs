@@ -158,6 +158,14 @@ impl Cgroups {
         }
     }
 
+    /// No cgroups, for `reason`.
+    pub(crate) fn off(reason: &str) -> Cgroups {
+        Cgroups {
+            hierarchy: None,
+            description: format!("process-group (no memory, pids or cpu limits: {reason})"),
+        }
+    }
+
     /// Whether instances get limits.
     pub(crate) fn limited(&self) -> bool {
         self.hierarchy.is_some()
@@ -384,5 +392,48 @@ mod tests {
         assert_eq!(Limits { memory_mb: 3538 }.cpu_quota_us(), 200_000);
         assert_eq!(Limits { memory_mb: 128 }.cpu_quota_us(), 7_235);
         assert_eq!(Limits { memory_mb: 128 }.memory_bytes(), 134_217_728);
+    }
+
+    /// The files a v2 instance cgroup gets, written into a plain directory laid out as
+    /// a v2 hierarchy (this host mounts v1 controllers; the kernel's side of v2 is not
+    /// exercised here).
+    #[test]
+    fn a_v2_instance_gets_lambda_limits_in_the_v2_files() {
+        let base = tempfile::tempdir().unwrap();
+        let cgroups = Cgroups {
+            hierarchy: Some(Hierarchy::V2 {
+                base: base.path().to_owned(),
+            }),
+            description: "cgroup v2 (memory, pids, cpu)".to_owned(),
+        };
+        let cgroup = cgroups
+            .create("thumbs-1", Limits { memory_mb: 256 })
+            .unwrap()
+            .unwrap();
+        let read =
+            |file: &str| std::fs::read_to_string(base.path().join("thumbs-1").join(file)).unwrap();
+        assert_eq!(read("memory.max"), "268435456");
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), "1024");
+        assert_eq!(read("cpu.max"), "14471 100000");
+        assert!(!cgroup.oom_killed());
+        std::fs::write(
+            base.path().join("thumbs-1/memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(cgroup.oom_killed());
+        assert_eq!(
+            cgroup.procs,
+            vec![
+                CString::new(
+                    base.path()
+                        .join("thumbs-1/cgroup.procs")
+                        .into_os_string()
+                        .into_encoded_bytes()
+                )
+                .unwrap()
+            ]
+        );
     }
 }

@@ -99,6 +99,9 @@ pub struct WorkersSettings {
     pub max_cold_starts: usize,
     /// How long a stopping instance gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// Whether instances get cgroup limits when the host allows them; without, they
+    /// are process groups only.
+    pub cgroups: bool,
 }
 
 impl Default for WorkersSettings {
@@ -107,6 +110,7 @@ impl Default for WorkersSettings {
             region: "us-east-1".to_owned(),
             max_cold_starts: 16,
             stop_grace: Duration::from_secs(2),
+            cgroups: true,
         }
     }
 }
@@ -143,7 +147,11 @@ impl Workers {
             );
         }
         let owner = process::owner_mark();
-        let cgroups = cgroup::Cgroups::detect(&owner, process::owner_alive);
+        let cgroups = if settings.cgroups {
+            cgroup::Cgroups::detect(&owner, process::owner_alive)
+        } else {
+            cgroup::Cgroups::off("isolation = \"process-group\" in the configuration")
+        };
         if cgroups.limited() {
             tracing::info!(isolation = %cgroups.description, "function instances get memory, process and cpu limits");
         } else {
@@ -172,6 +180,11 @@ impl Workers {
             .expect("functions lock")
             .push(function.clone());
         function
+    }
+
+    /// How instances are isolated here (cgroup version and controllers, or why none).
+    pub fn isolation(&self) -> &str {
+        &self.shared.cgroups.description
     }
 
     /// What `/v1/functions` shows.

@@ -8,6 +8,7 @@ if (process.env.STARTS_FILE) {
 }
 
 export const handler = async (event, context) => {
+  const enteredUs = Math.round((performance.timeOrigin + performance.now()) * 1000);
   const data = event.data ?? {};
   if (data.action === "raise") {
     throw new TypeError(`bad input: ${data.value}`);
@@ -21,5 +22,6 @@ export const handler = async (event, context) => {
     request_id: context.awsRequestId,
     pid: process.pid,
     runtime: "node",
+    entered_us: enteredUs,
   };
 };

@@ -19,6 +19,7 @@ def _data(event):
 
 
 def handler(event, context):
+    entered_us = time.time_ns() // 1000
     data = _data(event)
     action = data.get("action", "echo")
     if action == "echo":
@@ -30,6 +31,7 @@ def handler(event, context):
             "arn": context.invoked_function_arn,
             "request_id": context.aws_request_id,
             "pid": os.getpid(),
+            "entered_us": entered_us,
         }
     if action == "raise":
         raise ValueError(f"bad input: {data.get('value')}")
