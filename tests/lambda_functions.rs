@@ -813,3 +813,50 @@ async fn a_handler_over_its_memory_is_killed_and_reported_out_of_memory() {
     // A handler within its memory still runs on a fresh instance.
     switchyard.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_never_stops_an_instance_with_an_invocation_in_flight() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let function = random_name("busy");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    // Invocations ten times longer than the idle timeout, and the reaper looking
+    // every 50ms.
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "max_concurrency = 4\nidle_timeout = \"100ms\"\ntimeout = \"20s\"",
+        "",
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    for index in 0..12 {
+        post_job(
+            &switchyard,
+            &format!("long-{index}"),
+            serde_json::json!({"action": "sleep", "seconds": 1.0}),
+        )
+        .await;
+    }
+    let answered = collect_results(&mut answers, 12).await;
+    assert_eq!(answered.len(), 12);
+    // Not one invocation failed: no instance was stopped under one.
+    assert_eq!(switchyard.metric("switchyard_dispatch_retried").await, 0.0);
+    assert_eq!(
+        switchyard.metric("switchyard_function_crashes_total").await,
+        0.0
+    );
+    assert_eq!(
+        switchyard
+            .metric("switchyard_function_timeouts_total")
+            .await,
+        0.0
+    );
+    wait_no_processes(&function, WAIT).await;
+    switchyard.stop().await;
+}

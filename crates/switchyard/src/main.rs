@@ -168,18 +168,21 @@ fn functions_table(status: &serde_json::Value) -> String {
     for function in functions {
         let instances = &function["instances"];
         let limits = &function["limits"];
+        // serde_json's Display ignores widths: numbers as strings first.
+        let number =
+            |value: &serde_json::Value| value.as_u64().map_or("?".to_owned(), |n| n.to_string());
         let _ = writeln!(
             table,
             "{:<24}  {:<8}  {:>8}  {:>5}  {:>5}  {:>4}  {:>11}  {:>9}  {:>5}MB  {}",
             function["name"].as_str().unwrap_or("?"),
             function["type"].as_str().unwrap_or("?"),
-            instances["starting"],
-            instances["idle"],
-            instances["busy"],
-            limits["max_instances"],
-            function["cold_starts"],
-            function["init_failures"],
-            limits["memory_mb"],
+            number(&instances["starting"]),
+            number(&instances["idle"]),
+            number(&instances["busy"]),
+            number(&limits["max_instances"]),
+            number(&function["cold_starts"]),
+            number(&function["init_failures"]),
+            number(&limits["memory_mb"]),
             function["isolation"].as_str().unwrap_or("?"),
         );
     }

@@ -88,7 +88,15 @@ impl InstanceProcess {
         launch: &Launch<'_>,
         cgroup: Option<crate::cgroup::InstanceCgroup>,
     ) -> std::io::Result<InstanceProcess> {
-        let mut command = tokio::process::Command::new(launch.program);
+        // A relative program with a `/` is the function's own (`./bootstrap`): found
+        // in its directory, not Switchyard's (std leaves that case unspecified).
+        let program = Path::new(launch.program);
+        let program = if launch.program.contains('/') && program.is_relative() {
+            launch.directory.join(program)
+        } else {
+            program.to_owned()
+        };
+        let mut command = tokio::process::Command::new(program);
         command
             .args(launch.args)
             .current_dir(launch.directory)
@@ -428,6 +436,28 @@ mod tests {
         let seen = std::fs::read_to_string(out).unwrap();
         assert!(seen.contains("ONLY=this"), "{seen}");
         assert!(!seen.contains("CARGO"), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn a_relative_program_is_found_in_the_function_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let directory = tempfile::tempdir().unwrap();
+        let script = directory.path().join("bootstrap");
+        std::fs::write(&script, "#!/bin/sh\nexit 7\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let process = InstanceProcess::spawn(
+            &Launch {
+                program: "./bootstrap",
+                args: &[],
+                directory: directory.path(),
+                environment: &[],
+                function: "test",
+                instance: "test-1",
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(process.exited().await, Exit::Code(7));
     }
 
     #[test]
