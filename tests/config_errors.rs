@@ -363,6 +363,11 @@ type = "lambda"
 name = "typo"
 command = ["python3"]
 hander = "app.handler"
+
+[[triggers]]
+name = "batched"
+function = "web"
+batch = { max_events = 10 }
 "#;
     let (ok, output) = validate(text);
     assert!(!ok);
@@ -384,6 +389,7 @@ hander = "app.handler"
         "DIR/broken.toml:15:1: field `path`: `events` is not a path",
         "DIR/broken.toml:16:1: field `instance_concurrency`: must be at least 1",
         "DIR/broken.toml:17:1: field `min_instances`: 20 is more than the most instances at once",
+        "DIR/broken.toml:29:1: field `batch`: function `web` runs as instances Switchyard manages",
     ] {
         assert!(
             output.contains(expected),

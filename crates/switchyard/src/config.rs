@@ -601,11 +601,15 @@ pub fn parse(
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     for function in &mut config.functions {
+        // Absolute: the instance's working directory and `LAMBDA_TASK_ROOT` must not
+        // depend on where Switchyard was started from.
+        let absolute = |directory: &Path| {
+            let joined = base.join(directory);
+            std::path::absolute(&joined).unwrap_or(joined)
+        };
         match function.get_mut() {
-            FunctionConfig::Lambda(lambda) => lambda.directory = base.join(&lambda.directory),
-            FunctionConfig::Process(process) => {
-                process.directory = base.join(&process.directory);
-            }
+            FunctionConfig::Lambda(lambda) => lambda.directory = absolute(&lambda.directory),
+            FunctionConfig::Process(process) => process.directory = absolute(&process.directory),
             _ => {}
         }
     }
@@ -1057,6 +1061,23 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     } else {
                         known.join(", ")
                     }
+                ),
+            );
+        }
+        let managed = config.functions.iter().any(|function| {
+            function.get_ref().name() == trigger.function
+                && matches!(
+                    function.get_ref(),
+                    FunctionConfig::Lambda(_) | FunctionConfig::Process(_)
+                )
+        });
+        if managed && trigger.batch.is_some() {
+            check.error(
+                span.clone(),
+                "batch",
+                format!(
+                    "function `{}` runs as instances Switchyard manages, which take one event per invocation for now; remove `batch`",
+                    trigger.function
                 ),
             );
         }

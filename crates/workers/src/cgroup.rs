@@ -186,6 +186,23 @@ impl Cgroups {
             procs: Vec::new(),
             memory: PathBuf::new(),
         };
+        match Self::fill(hierarchy, instance, limits, &mut cgroup) {
+            Ok(()) => Ok(Some(cgroup)),
+            Err(error) => {
+                // Nothing half-made left behind.
+                cgroup.kill_and_remove();
+                Err(error)
+            }
+        }
+    }
+
+    /// Creates the instance's directories in `hierarchy` and writes its limits.
+    fn fill(
+        hierarchy: &Hierarchy,
+        instance: &str,
+        limits: Limits,
+        cgroup: &mut InstanceCgroup,
+    ) -> std::io::Result<()> {
         let mut make = |base: &Path| -> std::io::Result<PathBuf> {
             let directory = base.join(instance);
             std::fs::create_dir(&directory)?;
@@ -237,7 +254,7 @@ impl Cgroups {
                 }
             }
         }
-        Ok(Some(cgroup))
+        Ok(())
     }
 }
 
@@ -257,11 +274,20 @@ fn prepare_v2(
     remove_dead_owners(&root, owner_alive);
     let base = root.join(owner);
     std::fs::create_dir_all(&base)?;
+    // Controllers one at a time: memory is required, pids and cpu are taken where
+    // offered. (Inside a cgroup namespace whose root holds Switchyard itself, the
+    // kernel refuses: there are then no limits, and the reason says so.)
     for directory in [mount, root.as_path(), base.as_path()] {
-        std::fs::write(
-            directory.join("cgroup.subtree_control"),
-            "+memory +pids +cpu",
-        )?;
+        let control = directory.join("cgroup.subtree_control");
+        std::fs::write(&control, "+memory").map_err(|error| {
+            std::io::Error::new(
+                error.kind(),
+                format!("enabling memory in {}: {error}", control.display()),
+            )
+        })?;
+        for optional in ["+pids", "+cpu"] {
+            let _ = std::fs::write(&control, optional);
+        }
     }
     Ok(base)
 }
@@ -272,7 +298,8 @@ fn remove_dead_owners(root: &Path, owner_alive: &impl Fn(&str) -> bool) {
         return;
     };
     for owner in owners.flatten() {
-        let name = owner.file_name().to_string_lossy().replacen('-', ":", 1);
+        // Marks are numbers and `:`, stored with `-` for `:`.
+        let name = owner.file_name().to_string_lossy().replace('-', ":");
         if !owner.path().is_dir() || owner_alive(&name) {
             continue;
         }
@@ -293,9 +320,12 @@ fn remove_dead_owners(root: &Path, owner_alive: &impl Fn(&str) -> bool) {
 fn kill_members(directory: &Path) {
     for _ in 0..10 {
         let members = std::fs::read_to_string(directory.join("cgroup.procs")).unwrap_or_default();
+        // 0 stands for a process outside our pid namespace: never `kill(0)` (our own
+        // process group).
         let pids: Vec<i32> = members
             .lines()
             .filter_map(|line| line.trim().parse().ok())
+            .filter(|pid| *pid > 0)
             .collect();
         if pids.is_empty() {
             return;

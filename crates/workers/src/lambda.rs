@@ -29,12 +29,14 @@ pub(crate) async fn start(
         .map_err(|error| StartFailure {
             error_type: "Runtime.StartFailed".to_owned(),
             message: format!("binding the instance's runtime api failed: {error}"),
+            output: None,
         })?;
     let address = listener
         .local_addr()
         .map_err(|error| StartFailure {
             error_type: "Runtime.StartFailed".to_owned(),
             message: format!("binding the instance's runtime api failed: {error}"),
+            output: None,
         })?
         .to_string();
     let api = RuntimeApi::new();
@@ -72,6 +74,7 @@ pub(crate) async fn start(
         .map_err(|error| StartFailure {
             error_type: "Runtime.StartFailed".to_owned(),
             message: format!("creating the instance's cgroup failed: {error}"),
+            output: None,
         })?;
     let process = InstanceProcess::spawn(
         &Launch {
@@ -84,9 +87,11 @@ pub(crate) async fn start(
         },
         cgroup,
     )
+    .await
     .map_err(|error| StartFailure {
         error_type: "Runtime.InvalidEntrypoint".to_owned(),
         message: format!("starting `{program}` failed: {error}"),
+        output: None,
     })?;
     let ready = tokio::select! {
         ready = api.wait_init() => ready.map_err(|(error_type, body)| {
@@ -94,15 +99,18 @@ pub(crate) async fn start(
             StartFailure {
                 error_type: reported_type.unwrap_or(error_type),
                 message: message.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+                output: None,
             }
         }),
         exit = process.exited() => Err(StartFailure {
             error_type: "Runtime.ExitError".to_owned(),
-            message: format!("the runtime exited during init: {exit}; last output: {}", last_output(&process)),
+            message: format!("the runtime exited during init: {exit} (its output is in the log)"),
+            output: Some(last_output(&process)),
         }),
         () = tokio::time::sleep(spec.init_timeout) => Err(StartFailure {
             error_type: "Sandbox.Timedout".to_owned(),
-            message: format!("init did not finish within {}; last output: {}", seconds(spec.init_timeout), last_output(&process)),
+            message: format!("init did not finish within {} (its output is in the log)", seconds(spec.init_timeout)),
+            output: Some(last_output(&process)),
         }),
     };
     match ready {
@@ -124,7 +132,10 @@ pub(crate) async fn start(
 
 /// What every instance gets besides Lambda's variables: `PATH` from Switchyard's
 /// environment (so `python3` or `node` are found) unless the function sets its own,
-/// and Lambda's `LANG`. Nothing else of Switchyard's environment is passed on.
+/// Lambda's `LANG`, and `AWS_EC2_METADATA_DISABLED=true`, so that an AWS SDK in the
+/// function never takes the host's instance role from the metadata service (give a
+/// function credentials in its `environment`). Nothing else of Switchyard's
+/// environment is passed on.
 pub(crate) fn base_environment(user: &[(String, String)]) -> Vec<(String, String)> {
     let mut environment = Vec::new();
     if !user.iter().any(|(name, _)| name == "PATH")
@@ -134,6 +145,12 @@ pub(crate) fn base_environment(user: &[(String, String)]) -> Vec<(String, String
     }
     if !user.iter().any(|(name, _)| name == "LANG") {
         environment.push(("LANG".to_owned(), "en_US.UTF-8".to_owned()));
+    }
+    if !user
+        .iter()
+        .any(|(name, _)| name == "AWS_EC2_METADATA_DISABLED")
+    {
+        environment.push(("AWS_EC2_METADATA_DISABLED".to_owned(), "true".to_owned()));
     }
     environment.extend(user.iter().cloned());
     environment
@@ -203,24 +220,32 @@ pub(crate) async fn invoke(
         client_context: None,
         cognito_identity: None,
     };
+    // Until the instance has answered, it is retired: if this invocation is dropped
+    // midway (the dispatcher gave up), the instance is still working on the event
+    // and must not be handed another.
+    lease.retire = true;
     let answer = match api.invoke(invocation) {
         Ok(answer) => answer,
         Err(error) => {
-            // Not expected (leases give an instance one invocation at a time): take
-            // the instance out rather than trust it.
-            lease.retire = true;
+            // Not expected (leases give an instance one invocation at a time): the
+            // instance stays retired rather than trusted.
             return retry(format!(
                 "the instance could not take the invocation: {error}"
             ));
         }
     };
+    let started = std::time::Instant::now();
     let process = &lease.instance.process;
     process.set_request(Some(&request_id));
     let outcome = tokio::select! {
         biased;
         answer = answer => match answer {
-            Ok(Answer::Response { body, content_type }) => delivered(body, content_type),
+            Ok(Answer::Response { body, content_type }) => {
+                lease.retire = false;
+                delivered(body, content_type)
+            }
             Ok(Answer::Error { error_type, body, .. }) => {
+                lease.retire = false;
                 let (reported_type, message) = reported_error(&body);
                 retry(format!(
                     "{}: {}",
@@ -228,23 +253,27 @@ pub(crate) async fn invoke(
                     message.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
                 ))
             }
-            Ok(Answer::TooLarge) => retry(format!(
-                "Function.ResponseSizeTooLarge: RequestId: {request_id} Error: the response is larger than {} bytes",
-                crate::runtime_api::MAX_PAYLOAD_BYTES
-            )),
-            Err(_) => {
-                lease.retire = true;
-                exit_error(pool, &request_id, process.exited().await)
+            Ok(Answer::TooLarge) => {
+                lease.retire = false;
+                retry(format!(
+                    "Function.ResponseSizeTooLarge: RequestId: {request_id} Error: the response is larger than {} bytes",
+                    crate::runtime_api::MAX_PAYLOAD_BYTES
+                ))
             }
+            // The Runtime API let the answer go without one: the instance went away
+            // (its exit is reported as such), or its answer could not be read.
+            Err(_) => match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), process.exited()).await {
+                Ok(exit) => exit_error(pool, &request_id, exit),
+                Err(_) => {
+                    process.kill();
+                    retry(format!("Runtime.TruncatedResponse: RequestId: {request_id} Error: the runtime's answer could not be read"))
+                }
+            },
         },
-        exit = process.exited() => {
-            lease.retire = true;
-            exit_error(pool, &request_id, exit)
-        }
+        exit = process.exited() => exit_error(pool, &request_id, exit),
         () = tokio::time::sleep(timeout) => {
             // Lambda's sandbox reset: the instance and everything it forked go.
             process.kill();
-            lease.retire = true;
             pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
             tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, request_id = %request_id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; instance killed");
             retry(format!(

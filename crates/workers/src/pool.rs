@@ -47,6 +47,9 @@ pub(crate) enum Endpoint {
 pub(crate) struct StartFailure {
     pub(crate) error_type: String,
     pub(crate) message: String,
+    /// The instance's last output: logged, not shown on `/v1/functions` or dead
+    /// letters (it may hold anything the function printed).
+    pub(crate) output: Option<String>,
 }
 
 /// A managed function: the dispatcher's [`Target`] for it.
@@ -279,8 +282,12 @@ impl Pool {
             && !(state.init.backoff.failing() && state.starting > 0)
     }
 
-    /// The init failure that attempts fail with while starts are backed off.
+    /// The init failure that attempts fail with while starts are backed off and no
+    /// instance runs (with instances running, an invocation waits for one of them).
     fn backed_off(&self, state: &State) -> Option<Failure> {
+        if !state.instances.is_empty() {
+            return None;
+        }
         let (retry_at, _) = state.init.retry_at.as_ref()?;
         if Instant::now() >= *retry_at {
             return None;
@@ -398,6 +405,7 @@ impl Pool {
                 () = pool.shared.shutdown.cancelled() => Err(StartFailure {
                     error_type: "Runtime.Stopping".to_owned(),
                     message: "switchyard is stopping".to_owned(),
+                    output: None,
                 }),
             };
             drop(permits);
@@ -441,42 +449,51 @@ impl Pool {
                     pool.watch(id, instance).await;
                 }
                 Err(failure) => {
-                    pool.shared
-                        .metrics
-                        .function_init_failures
-                        .get_or_create(&pool.labels)
-                        .inc();
-                    let delay = {
+                    {
                         let mut state = pool.state.lock().expect("pool lock");
                         state.starting -= 1;
-                        state.init_failures += 1;
-                        // Starts of one wave that fail together count once: the
-                        // pause grows with failed probes, not with the wave's size.
-                        if state
-                            .init
-                            .retry_at
-                            .as_ref()
-                            .is_none_or(|(at, _)| Instant::now() >= *at)
-                        {
-                            state.init.backoff.failed();
-                        }
-                        let delay = state.init.backoff.delay();
-                        state.init.last = Some((failure.clone(), now_rfc3339()));
-                        state.init.retry_at = Some((
-                            Instant::now() + delay,
-                            switchyard_event::timestamp::rfc3339(
-                                time::OffsetDateTime::now_utc()
-                                    + time::Duration::try_from(delay).unwrap_or_default(),
-                            ),
-                        ));
-                        pool.publish_counts(&state);
-                        delay
-                    };
-                    tracing::warn!(function = %pool.spec.name, instance = %label, error_type = %failure.error_type, error = %failure.message, next_start_in_ms = delay.as_millis() as u64, "instance failed to start; invocations fail with this error until the next start");
-                    pool.changed.notify_waiters();
+                    }
+                    pool.start_failed(&label, &failure);
                 }
             }
         });
+    }
+
+    /// Records a failed start (or an instance that died idle): attempts fail with it
+    /// while starts pause, and the pause grows with failures in a row.
+    fn start_failed(&self, label: &str, failure: &StartFailure) {
+        self.shared
+            .metrics
+            .function_init_failures
+            .get_or_create(&self.labels)
+            .inc();
+        let delay = {
+            let mut state = self.state.lock().expect("pool lock");
+            state.init_failures += 1;
+            // Starts of one wave that fail together count once: the pause grows
+            // with failed probes, not with the wave's size.
+            if state
+                .init
+                .retry_at
+                .as_ref()
+                .is_none_or(|(at, _)| Instant::now() >= *at)
+            {
+                state.init.backoff.failed();
+            }
+            let delay = state.init.backoff.delay();
+            state.init.last = Some((failure.clone(), now_rfc3339()));
+            state.init.retry_at = Some((
+                Instant::now() + delay,
+                switchyard_event::timestamp::rfc3339(
+                    time::OffsetDateTime::now_utc()
+                        + time::Duration::try_from(delay).unwrap_or_default(),
+                ),
+            ));
+            self.publish_counts(&state);
+            delay
+        };
+        tracing::warn!(function = %self.spec.name, instance = %label, error_type = %failure.error_type, error = %failure.message, output = failure.output.as_deref().unwrap_or(""), next_start_in_ms = delay.as_millis() as u64, "instance failed; when no instance runs, invocations fail with this error until the next start");
+        self.changed.notify_waiters();
     }
 
     /// Starts the function's program and waits until it is ready, within
@@ -508,8 +525,18 @@ impl Pool {
         if let Some(slot) = removed
             && slot.in_flight == 0
         {
-            // Not stopped by us, not in an invocation (that one reports it).
-            tracing::warn!(function = %self.spec.name, instance = %instance.label, %exit, output = %instance.process.tail(), "idle instance exited");
+            // Not stopped by us (stopping takes it out of routing first), not in an
+            // invocation (that one reports it): a crash, counted like a failed start
+            // so a function that dies when idle (and its warm floor) is not restarted
+            // in a loop.
+            self.start_failed(
+                &instance.label,
+                &StartFailure {
+                    error_type: "Runtime.ExitError".to_owned(),
+                    message: format!("the instance exited while idle: {exit}"),
+                    output: Some(instance.process.tail()),
+                },
+            );
         }
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncRead;
 use tokio::sync::watch;
@@ -82,9 +82,8 @@ struct Output {
 
 impl InstanceProcess {
     /// Starts `launch` in a new process group (and in `cgroup`, which it then owns:
-    /// emptied and removed when the process ends). Must be called from a runtime
-    /// worker thread (the parent-death signal follows the thread that forked).
-    pub(crate) fn spawn(
+    /// emptied and removed when the process ends), forked by the spawner thread.
+    pub(crate) async fn spawn(
         launch: &Launch<'_>,
         cgroup: Option<crate::cgroup::InstanceCgroup>,
     ) -> std::io::Result<InstanceProcess> {
@@ -118,18 +117,31 @@ impl InstanceProcess {
                     cgroup.join_from_child()?;
                 }
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                // The parent died between fork and prctl: do not outlive it.
+                // The parent died between fork and prctl: do not outlive it. (No
+                // allocation here: a raw OS error.)
                 if nix::unistd::getppid() != parent {
-                    return Err(std::io::Error::other("switchyard exited while starting"));
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
                 }
                 Ok(())
             });
         }
-        let mut child = match command.spawn() {
+        let handle = tokio::runtime::Handle::current();
+        let (spawned, receive) = tokio::sync::oneshot::channel();
+        let sent = spawner().send(Box::new(move || {
+            let _runtime = handle.enter();
+            let _ = spawned.send(command.spawn());
+        }));
+        let spawned = match sent {
+            Ok(()) => receive
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone"))),
+            Err(_) => Err(std::io::Error::other("the spawner thread is gone")),
+        };
+        let mut child = match spawned {
             Ok(child) => child,
             Err(error) => {
                 if let Some(cgroup) = cgroup {
-                    cgroup.kill_and_remove();
+                    let _ = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
                 }
                 return Err(error);
             }
@@ -175,15 +187,16 @@ impl InstanceProcess {
             };
             // Whatever the instance forked dies with it.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            let exit = match cgroup {
-                Some(cgroup) => {
-                    let oom = exit == Exit::Signal(9) && cgroup.oom_killed();
-                    let _ = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
-                    if oom { Exit::OutOfMemory } else { exit }
-                }
-                None => exit,
+            let exit = match &cgroup {
+                Some(cgroup) if exit == Exit::Signal(9) && cgroup.oom_killed() => Exit::OutOfMemory,
+                _ => exit,
             };
+            // Said at once (no invocation may pick a dead instance), then the cgroup
+            // emptied (what left the process group) and removed.
             let _ = exit_sender.send(Some(exit));
+            if let Some(cgroup) = cgroup {
+                let _ = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
+            }
         });
         Ok(InstanceProcess { pid, exit, output })
     }
@@ -243,6 +256,36 @@ impl InstanceProcess {
     }
 }
 
+impl Drop for InstanceProcess {
+    /// An instance dropped before it was stopped (a start abandoned at shutdown, a
+    /// failure after the fork) is not left running.
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The thread every instance is forked from. The parent-death signal follows the
+/// thread that forked, so it must live as long as the process (a runtime's blocking
+/// threads come and go); and a fork whose child waits for the kernel before exec
+/// (joining a cgroup v1 takes milliseconds) holds up this thread, not a runtime
+/// worker.
+fn spawner() -> &'static std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>> {
+    static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>> =
+        std::sync::OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("instance-spawner".to_owned())
+            .spawn(move || {
+                for job in receiver {
+                    job();
+                }
+            })
+            .expect("starting the instance spawner thread");
+        sender
+    })
+}
+
 /// Logs `stream` line by line, tagged with the function, the instance and the
 /// request in progress; keeps the last lines for error messages.
 async fn capture(
@@ -267,27 +310,38 @@ async fn capture(
             Err(_) => break,
         };
         // Lambda's runtime clients keep one record's lines together with `\r` (a
-        // traceback is one record): shown as the lines they are.
-        let text =
-            String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).replace('\r', "\n");
+        // traceback is one record): each line logged as its own, tagged, so an
+        // instance cannot write an untagged line into Switchyard's log.
+        let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).into_owned();
         let request = output.request.lock().expect("output lock").clone();
-        tracing::info!(target: "switchyard::function", function = %function, instance = %instance, request_id = request.as_deref().unwrap_or(""), stream = name, "{text}");
+        for part in text.split('\r') {
+            tracing::info!(target: "switchyard::function", function = %function, instance = %instance, request_id = request.as_deref().unwrap_or(""), stream = name, "{part}");
+        }
         let mut tail = output.tail.lock().expect("output lock");
-        tail.push_back(text);
+        tail.push_back(text.replace('\r', "\n"));
         while tail.iter().map(String::len).sum::<usize>() > TAIL_BYTES && tail.len() > 1 {
             tail.pop_front();
         }
     }
 }
 
-/// This process's owner mark for its instances: `<pid>:<start time>` (the start time
-/// tells a live owner from a later process that reuses its pid).
+/// This process's owner mark for its instances: `<pid namespace>:<pid>:<start
+/// time>` (the start time tells a live owner from a later process that reuses its
+/// pid; the namespace keeps a Switchyard from judging one in another container).
 pub fn owner_mark() -> String {
     let pid = std::process::id();
     format!(
-        "{pid}:{}",
+        "{}:{pid}:{}",
+        pid_namespace("self").unwrap_or_default(),
         start_time(pid as i32).map_or_else(String::new, |time| time.to_string())
     )
+}
+
+/// The pid namespace of `/proc/<process>` (its inode number).
+fn pid_namespace(process: &str) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{process}/ns/pid")).ok()?;
+    let link = link.to_str()?;
+    link.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
 }
 
 /// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
@@ -298,25 +352,42 @@ fn start_time(pid: i32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Whether the Switchyard process an owner mark (`<pid>:<start time>`) names still
-/// runs. A malformed mark is taken for a live owner: nothing is killed on a guess.
+/// Whether the Switchyard process an owner mark names still runs. A mark from
+/// another pid namespace, or a malformed one, is taken for a live owner: nothing is
+/// killed on a guess.
 pub fn owner_alive(mark: &str) -> bool {
-    let Some((pid, start)) = mark.split_once(':') else {
+    let mut parts = mark.splitn(3, ':');
+    let (Some(namespace), Some(pid), Some(start)) = (parts.next(), parts.next(), parts.next())
+    else {
         return true;
     };
+    if namespace.parse::<u64>().ok() != pid_namespace("self") {
+        return true;
+    }
     pid.parse::<i32>()
         .ok()
         .is_some_and(|pid| start_time(pid).map(|time| time.to_string()).as_deref() == Some(start))
 }
 
+/// The owner mark in a process's environment, if it has one.
+fn owner_of(pid: i32) -> Option<String> {
+    let environment = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{OWNER_VARIABLE}=");
+    environment
+        .split(|byte| *byte == 0)
+        .find_map(|variable| variable.strip_prefix(prefix.as_bytes()))
+        .map(|owner| String::from_utf8_lossy(owner).into_owned())
+}
+
 /// Kills the instances (and their children) of Switchyard processes that are gone:
-/// processes whose [`OWNER_VARIABLE`] names an owner that no longer runs. Returns how
-/// many processes it killed.
+/// processes of this pid namespace whose [`OWNER_VARIABLE`] names an owner that no
+/// longer runs. Each is held by a pidfd while its mark is read again and it is
+/// signalled, so a pid reused in between is not hit. Returns how many it killed.
 pub fn reap_orphans() -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
-    let prefix = format!("{OWNER_VARIABLE}=");
+    let ours = pid_namespace("self");
     let mut killed = 0;
     for entry in entries.flatten() {
         let Some(pid) = entry
@@ -326,26 +397,42 @@ pub fn reap_orphans() -> usize {
         else {
             continue;
         };
-        let Ok(environment) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        let Some(owner) = environment
-            .split(|byte| *byte == 0)
-            .find_map(|variable| variable.strip_prefix(prefix.as_bytes()))
-        else {
-            continue;
-        };
-        if owner_alive(&String::from_utf8_lossy(owner)) {
+        if pid_namespace(&pid.to_string()) != ours {
             continue;
         }
-        let pid = Pid::from_raw(pid);
-        if let Ok(group) = nix::unistd::getpgid(Some(pid))
-            && group == pid
-        {
-            let _ = killpg(group, Signal::SIGKILL);
+        let Some(owner) = owner_of(pid) else {
+            continue;
+        };
+        if owner_alive(&owner) {
+            continue;
         }
-        if kill(pid, Signal::SIGKILL).is_ok() {
-            killed += 1;
+        // SAFETY: a plain syscall on integers; the descriptor is closed below.
+        let pidfd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) } as i32;
+        if pidfd < 0 {
+            continue;
+        }
+        // The pid still names the process that carries the dead owner's mark.
+        if owner_of(pid).as_deref() == Some(owner.as_str()) {
+            if nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(Pid::from_raw(pid)) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            // SAFETY: signals the process the descriptor holds.
+            let sent = unsafe {
+                nix::libc::syscall(
+                    nix::libc::SYS_pidfd_send_signal,
+                    pidfd,
+                    nix::libc::SIGKILL,
+                    std::ptr::null::<nix::libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if sent == 0 {
+                killed += 1;
+            }
+        }
+        // SAFETY: closes the descriptor opened above.
+        unsafe {
+            nix::libc::close(pidfd);
         }
     }
     killed
@@ -354,6 +441,7 @@ pub fn reap_orphans() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::signal::kill;
 
     fn launch<'a>(args: &'a [String], environment: &'a [(String, String)]) -> Launch<'a> {
         Launch {
@@ -376,7 +464,9 @@ mod tests {
             pid_file.display()
         );
         let args = vec!["-c".to_owned(), script];
-        let process = InstanceProcess::spawn(&launch(&args, &[]), None).unwrap();
+        let process = InstanceProcess::spawn(&launch(&args, &[]), None)
+            .await
+            .unwrap();
         let child = loop {
             if let Ok(pid) = std::fs::read_to_string(&pid_file)
                 && let Ok(pid) = pid.trim().parse::<i32>()
@@ -409,7 +499,9 @@ mod tests {
             "-c".to_owned(),
             "echo one; echo two >&2; printf 'no newline'; exit 3".to_owned(),
         ];
-        let process = InstanceProcess::spawn(&launch(&args, &[]), None).unwrap();
+        let process = InstanceProcess::spawn(&launch(&args, &[]), None)
+            .await
+            .unwrap();
         assert_eq!(process.exited().await, Exit::Code(3));
         // Output readers may finish just after the exit.
         let complete = async {
@@ -431,7 +523,9 @@ mod tests {
         let out = directory.path().join("env");
         let args = vec!["-c".to_owned(), format!("env > {}", out.display())];
         let environment = vec![("ONLY".to_owned(), "this".to_owned())];
-        let process = InstanceProcess::spawn(&launch(&args, &environment), None).unwrap();
+        let process = InstanceProcess::spawn(&launch(&args, &environment), None)
+            .await
+            .unwrap();
         assert_eq!(process.exited().await, Exit::Code(0));
         let seen = std::fs::read_to_string(out).unwrap();
         assert!(seen.contains("ONLY=this"), "{seen}");
@@ -456,15 +550,24 @@ mod tests {
             },
             None,
         )
+        .await
         .unwrap();
         assert_eq!(process.exited().await, Exit::Code(7));
     }
 
     #[test]
-    fn this_process_has_a_start_time() {
+    fn this_process_is_a_live_owner_and_marks_of_other_namespaces_are_left_alone() {
         let mark = owner_mark();
-        let (pid, start) = mark.split_once(':').unwrap();
-        assert_eq!(pid, std::process::id().to_string());
-        assert!(start.parse::<u64>().is_ok(), "{mark}");
+        let parts: Vec<&str> = mark.split(':').collect();
+        assert_eq!(parts.len(), 3, "{mark}");
+        assert!(parts[0].parse::<u64>().is_ok(), "{mark}");
+        assert_eq!(parts[1], std::process::id().to_string());
+        assert!(parts[2].parse::<u64>().is_ok(), "{mark}");
+        assert!(owner_alive(&mark));
+        // The same pid with another start time: a process that is gone.
+        assert!(!owner_alive(&format!("{}:{}:1", parts[0], parts[1])));
+        // Another pid namespace (a container's Switchyard): never judged from here.
+        assert!(owner_alive(&format!("1:{}:1", parts[1])));
+        assert!(owner_alive("garbage"));
     }
 }

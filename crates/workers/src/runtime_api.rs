@@ -332,8 +332,20 @@ async fn next(State(api): State<RuntimeApi>) -> Response {
 
 /// Reads a body of at most [`MAX_PAYLOAD_BYTES`]; `None` when larger.
 async fn read_limited(body: Body) -> Result<Option<Bytes>, Box<Response>> {
+    Ok(read_limited_with_trailers(body)
+        .await?
+        .map(|(body, _)| body))
+}
+
+/// Reads a body of at most [`MAX_PAYLOAD_BYTES`] and its trailers; `None` when larger.
+async fn read_limited_with_trailers(
+    body: Body,
+) -> Result<Option<(Bytes, Option<HeaderMap>)>, Box<Response>> {
     match Limited::new(body, MAX_PAYLOAD_BYTES).collect().await {
-        Ok(collected) => Ok(Some(collected.to_bytes())),
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            Ok(Some((collected.to_bytes(), trailers)))
+        }
         Err(error) if error.is::<http_body_util::LengthLimitError>() => Ok(None),
         Err(error) => Err(Box::new(error_body(
             StatusCode::BAD_REQUEST,
@@ -395,8 +407,37 @@ async fn response(
         Ok(answer) => answer,
         Err(response) => return *response,
     };
-    match read_limited(body).await {
-        Ok(Some(body)) => {
+    match read_limited_with_trailers(body).await {
+        Ok(Some((body, trailers))) => {
+            // A streamed response that failed midway says so in its trailers
+            // (`Lambda-Runtime-Function-Error-Type`, and the error body base64 in
+            // `Lambda-Runtime-Function-Error-Body`): a failed invocation, not a
+            // response.
+            let failed_type = trailers.as_ref().and_then(|trailers| {
+                trailers
+                    .get("lambda-runtime-function-error-type")
+                    .and_then(|value| value.to_str().ok())
+                    .map(normalise_error_type)
+            });
+            if let Some(error_type) = failed_type {
+                use base64::Engine as _;
+                let error_body = trailers
+                    .as_ref()
+                    .and_then(|trailers| trailers.get("lambda-runtime-function-error-body"))
+                    .and_then(|value| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(value.as_bytes())
+                            .ok()
+                    })
+                    .map(Bytes::from)
+                    .unwrap_or_default();
+                let _ = answer.send(Answer::Error {
+                    error_type,
+                    body: error_body,
+                    content_type: None,
+                });
+                return accepted();
+            }
             let _ = answer.send(Answer::Response {
                 body,
                 content_type: content_type(&headers),
@@ -451,7 +492,15 @@ async fn error(
             });
             too_large()
         }
-        Err(response) => *response,
+        // The error could not be read whole: still a failed invocation.
+        Err(response) => {
+            let _ = answer.send(Answer::Error {
+                error_type,
+                body: Bytes::new(),
+                content_type: None,
+            });
+            *response
+        }
     }
 }
 
@@ -614,6 +663,45 @@ mod tests {
                     .contains("State transition from RuntimeResponseSentState to Invocation"),
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_response_that_failed_in_its_trailers_is_an_error() {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let api = RuntimeApi::new();
+        let answer = api.invoke(invocation("r-s")).unwrap();
+        assert_eq!(call(&api, "GET", NEXT, vec![]).await.status(), 200);
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            "lambda-runtime-function-error-type",
+            HeaderValue::from_static("Function.StreamBroke"),
+        );
+        // base64 of {"errorMessage":"lost it"}
+        trailers.insert(
+            "lambda-runtime-function-error-body",
+            HeaderValue::from_static("eyJlcnJvck1lc3NhZ2UiOiJsb3N0IGl0In0="),
+        );
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"partial"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let request = Request::builder()
+            .method("POST")
+            .uri("/2018-06-01/runtime/invocation/r-s/response")
+            .header("lambda-runtime-function-response-mode", "streaming")
+            .body(Body::new(StreamBody::new(futures::stream::iter(frames))))
+            .unwrap();
+        let posted = api.router().oneshot(request).await.unwrap();
+        assert_eq!(posted.status(), 202);
+        assert_eq!(
+            answer.await.unwrap(),
+            Answer::Error {
+                error_type: "Function.StreamBroke".to_owned(),
+                body: Bytes::from_static(br#"{"errorMessage":"lost it"}"#),
+                content_type: None,
+            }
+        );
     }
 
     #[tokio::test]

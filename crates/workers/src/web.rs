@@ -29,6 +29,14 @@ pub(crate) async fn start(
     let port = free_port().map_err(|error| StartFailure {
         error_type: "Runtime.StartFailed".to_owned(),
         message: format!("finding a free port failed: {error}"),
+        output: None,
+    })?;
+    let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}{path}")).map_err(|error| {
+        StartFailure {
+            error_type: "Runtime.StartFailed".to_owned(),
+            message: format!("bad path `{path}`: {error}"),
+            output: None,
+        }
     })?;
     let mut environment = crate::lambda::base_environment(&spec.environment);
     environment.retain(|(name, _)| name != "PORT" && name != OWNER_VARIABLE);
@@ -55,6 +63,7 @@ pub(crate) async fn start(
         .map_err(|error| StartFailure {
             error_type: "Runtime.StartFailed".to_owned(),
             message: format!("creating the instance's cgroup failed: {error}"),
+            output: None,
         })?;
     let process = InstanceProcess::spawn(
         &Launch {
@@ -67,27 +76,30 @@ pub(crate) async fn start(
         },
         cgroup,
     )
+    .await
     .map_err(|error| StartFailure {
         error_type: "Runtime.InvalidEntrypoint".to_owned(),
         message: format!("starting `{program}` failed: {error}"),
+        output: None,
     })?;
     let ready = tokio::select! {
         () = wait_ready(&pool.shared.http, port, readiness_path) => Ok(()),
         exit = process.exited() => Err(StartFailure {
             error_type: "Runtime.ExitError".to_owned(),
-            message: format!("the process exited before it was ready: {exit}; last output: {}", crate::lambda::last_output(&process)),
+            message: format!("the process exited before it was ready: {exit} (its output is in the log)"),
+            output: Some(crate::lambda::last_output(&process)),
         }),
         () = tokio::time::sleep(spec.init_timeout) => Err(StartFailure {
             error_type: "Sandbox.Timedout".to_owned(),
             message: format!(
-                "not ready within {:.2} seconds ({}); last output: {}",
+                "not ready within {:.2} seconds ({}; its output is in the log)",
                 spec.init_timeout.as_secs_f64(),
                 match readiness_path {
                     Some(path) => format!("GET {path} on port {port} did not answer 2xx"),
                     None => format!("nothing accepted connections on port {port}"),
                 },
-                crate::lambda::last_output(&process)
             ),
+            output: Some(crate::lambda::last_output(&process)),
         }),
     };
     if let Err(failure) = ready {
@@ -95,12 +107,6 @@ pub(crate) async fn start(
         process.exited().await;
         return Err(failure);
     }
-    let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}{path}")).map_err(|error| {
-        StartFailure {
-            error_type: "Runtime.StartFailed".to_owned(),
-            message: format!("bad path `{path}`: {error}"),
-        }
-    })?;
     Ok(Instance {
         label: label.to_owned(),
         process,
@@ -152,12 +158,17 @@ pub(crate) async fn invoke(
     };
     let started = Instant::now();
     let process = &lease.instance.process;
+    // Retired until an outcome: dropped midway (the dispatcher gave up), the instance
+    // may still be working on the event.
+    lease.retire = true;
     // The target's own timeout is later than ours: ours decides.
     let outcome = tokio::select! {
         biased;
-        outcome = target.invoke(event, timeout + Duration::from_secs(1)) => outcome,
+        outcome = target.invoke(event, timeout + Duration::from_secs(1)) => {
+            lease.retire = false;
+            outcome
+        }
         () = tokio::time::sleep(timeout) => {
-            lease.retire = true;
             pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
             tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, event_id = %event.id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; the instance takes no more and stops once idle");
             return Outcome::RetryLater {
