@@ -860,3 +860,51 @@ async fn scale_down_never_stops_an_instance_with_an_invocation_in_flight() {
     wait_no_processes(&function, WAIT).await;
     switchyard.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_takes_several_invocations_with_lambda_multi_concurrency() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let meeting = directory.path().join("meeting");
+    std::fs::create_dir(&meeting).unwrap();
+    let function = random_name("multi");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    // Two invocations at once, on at most one instance: awslambdaric forks two
+    // workers (AWS_LAMBDA_MAX_CONCURRENCY=2), each asking for its own event.
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "instance_concurrency = 2\nmax_concurrency = 2\ntimeout = \"60s\"",
+        "",
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    for index in 0..2 {
+        post_job(
+            &switchyard,
+            &format!("meet-{index}"),
+            serde_json::json!({"action": "meet", "dir": meeting, "count": 2}),
+        )
+        .await;
+    }
+    let answered = collect_results(&mut answers, 2).await;
+    // Both were in the handler at once (the one alone would have waited 30s and
+    // answered 1), in two workers of one instance.
+    for answer in answered.values() {
+        assert_eq!(answer["met"], 2, "{answer}");
+    }
+    let pids: std::collections::HashSet<String> = answered
+        .values()
+        .map(|answer| answer["pid"].to_string())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    let status = switchyard.admin_json("/v1/functions").await;
+    assert_eq!(status["functions"][0]["cold_starts"], 1, "{status}");
+    assert_eq!(status["functions"][0]["limits"]["max_instances"], 1);
+    switchyard.stop().await;
+}

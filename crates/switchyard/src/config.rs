@@ -253,10 +253,15 @@ pub struct LambdaFunctionConfig {
     /// provisioned concurrency).
     #[serde(default)]
     pub min_instances: usize,
-    /// Invocations in flight at once over every trigger, which is also the most
-    /// instances at once (one invocation per instance).
+    /// Invocations in flight at once over every trigger; instances at once are
+    /// `max_concurrency / instance_concurrency`, rounded up.
     #[serde(default = "default_managed_concurrency")]
     pub max_concurrency: usize,
+    /// Invocations one instance takes at once: 1 is classic Lambda; more sets
+    /// `AWS_LAMBDA_MAX_CONCURRENCY` for runtime clients that support Lambda's
+    /// multi-concurrency (awslambdaric forks that many workers).
+    #[serde(default = "default_instance_concurrency")]
+    pub instance_concurrency: usize,
     /// Most instances of this function starting at once; more events wait in the
     /// stream.
     #[serde(default = "default_function_cold_starts")]
@@ -324,6 +329,14 @@ pub struct ProcessFunctionConfig {
 }
 
 impl ProcessFunctionConfig {
+    /// The most instances at once.
+    pub fn max_instances(&self) -> usize {
+        self.max_concurrency
+            .div_ceil(self.instance_concurrency.max(1))
+    }
+}
+
+impl LambdaFunctionConfig {
     /// The most instances at once.
     pub fn max_instances(&self) -> usize {
         self.max_concurrency
@@ -964,24 +977,33 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             );
         }
         match function {
-            FunctionConfig::Lambda(lambda) => managed_problems(
-                &mut check,
-                &span,
-                &ManagedSettings {
-                    command: &lambda.command,
-                    directory: &lambda.directory,
-                    environment: &lambda.environment,
-                    memory: lambda.memory,
-                    timeouts: [
-                        ("timeout", lambda.timeout),
-                        ("init_timeout", lambda.init_timeout),
-                        ("idle_timeout", lambda.idle_timeout),
-                    ],
-                    max_cold_starts: lambda.max_cold_starts,
-                    min_instances: lambda.min_instances,
-                    max_instances: lambda.max_concurrency,
-                },
-            ),
+            FunctionConfig::Lambda(lambda) => {
+                if lambda.instance_concurrency == 0 {
+                    check.error(
+                        span.clone(),
+                        "instance_concurrency",
+                        "must be at least 1".to_owned(),
+                    );
+                }
+                managed_problems(
+                    &mut check,
+                    &span,
+                    &ManagedSettings {
+                        command: &lambda.command,
+                        directory: &lambda.directory,
+                        environment: &lambda.environment,
+                        memory: lambda.memory,
+                        timeouts: [
+                            ("timeout", lambda.timeout),
+                            ("init_timeout", lambda.init_timeout),
+                            ("idle_timeout", lambda.idle_timeout),
+                        ],
+                        max_cold_starts: lambda.max_cold_starts,
+                        min_instances: lambda.min_instances,
+                        max_instances: lambda.max_instances(),
+                    },
+                );
+            }
             FunctionConfig::Process(process) => {
                 if process.instance_concurrency == 0 {
                     check.error(

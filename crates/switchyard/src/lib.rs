@@ -436,8 +436,8 @@ fn lambda_spec(lambda: &config::LambdaFunctionConfig) -> switchyard_workers::Fun
         idle_timeout: lambda.idle_timeout,
         memory_mb: lambda.memory,
         min_instances: lambda.min_instances,
-        max_instances: lambda.max_concurrency,
-        instance_concurrency: 1,
+        max_instances: lambda.max_instances(),
+        instance_concurrency: lambda.instance_concurrency.max(1),
         max_cold_starts: lambda.max_cold_starts,
     }
 }

@@ -39,7 +39,7 @@ pub(crate) async fn start(
             output: None,
         })?
         .to_string();
-    let api = RuntimeApi::new();
+    let api = RuntimeApi::with_concurrency(spec.instance_concurrency);
     let router = api.router();
     let server = AbortOnDropHandle::new(tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
@@ -56,8 +56,16 @@ pub(crate) async fn start(
     };
     let mut environment = base_environment(&spec.environment);
     environment = instance_environment(&identity, &environment);
-    environment.retain(|(name, _)| name != OWNER_VARIABLE);
+    environment.retain(|(name, _)| name != OWNER_VARIABLE && name != "AWS_LAMBDA_MAX_CONCURRENCY");
     environment.push((OWNER_VARIABLE.to_owned(), pool.shared.owner.clone()));
+    if spec.instance_concurrency > 1 {
+        // Lambda's multi-concurrency: clients that support it (awslambdaric forks
+        // that many workers) ask for that many events at once.
+        environment.push((
+            "AWS_LAMBDA_MAX_CONCURRENCY".to_owned(),
+            spec.instance_concurrency.to_string(),
+        ));
+    }
     let (program, args) = spec
         .command
         .split_first()
@@ -272,8 +280,12 @@ pub(crate) async fn invoke(
         },
         exit = process.exited() => exit_error(pool, &request_id, exit),
         () = tokio::time::sleep(timeout) => {
-            // Lambda's sandbox reset: the instance and everything it forked go.
-            process.kill();
+            // Lambda's sandbox reset: the instance and everything it forked go. With
+            // multi-concurrency the others in flight finish first: the instance
+            // only takes no new invocation (the lease stays retired).
+            if pool.spec.instance_concurrency <= 1 {
+                process.kill();
+            }
             pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
             tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, request_id = %request_id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; instance killed");
             retry(format!(

@@ -107,6 +107,10 @@ struct Inner {
     /// Taken by `/next`: the invocation the runtime works on (or answered last).
     current: Option<Current>,
     init_error: Option<(String, Bytes)>,
+    /// Multi-concurrency only: invocations handed over, not yet taken, and those
+    /// taken and not answered yet, by request id.
+    queued: std::collections::VecDeque<Current>,
+    running: std::collections::HashMap<String, Current>,
 }
 
 /// The Runtime API of one instance.
@@ -115,25 +119,41 @@ pub struct RuntimeApi {
     inner: Arc<Mutex<Inner>>,
     /// An invocation was handed over, or an init error reported.
     changed: Arc<Notify>,
+    /// Invocations at once: 1 is classic Lambda (the emulator's state machine); more
+    /// is Lambda's multi-concurrency (`AWS_LAMBDA_MAX_CONCURRENCY`), where each
+    /// `/next` takes another invocation and answers name theirs by id.
+    concurrency: usize,
 }
 
 impl Default for RuntimeApi {
     fn default() -> Self {
-        RuntimeApi {
-            inner: Arc::new(Mutex::new(Inner {
-                phase: Phase::Started,
-                pending: None,
-                current: None,
-                init_error: None,
-            })),
-            changed: Arc::new(Notify::new()),
-        }
+        RuntimeApi::with_concurrency(1)
     }
 }
 
 impl RuntimeApi {
     pub fn new() -> Self {
         RuntimeApi::default()
+    }
+
+    /// A Runtime API taking up to `concurrency` invocations at once.
+    pub fn with_concurrency(concurrency: usize) -> Self {
+        RuntimeApi {
+            inner: Arc::new(Mutex::new(Inner {
+                phase: Phase::Started,
+                pending: None,
+                current: None,
+                init_error: None,
+                queued: std::collections::VecDeque::new(),
+                running: std::collections::HashMap::new(),
+            })),
+            changed: Arc::new(Notify::new()),
+            concurrency: concurrency.max(1),
+        }
+    }
+
+    fn multi(&self) -> bool {
+        self.concurrency > 1
     }
 
     /// Hands `invocation` to the instance; its answer arrives on the receiver (which
@@ -146,20 +166,28 @@ impl RuntimeApi {
                 body: body.clone(),
             });
         }
-        let busy = inner.pending.is_some()
-            || (matches!(inner.phase, Phase::Running)
-                && inner
-                    .current
-                    .as_ref()
-                    .is_some_and(|current| current.answer.is_some()));
-        if busy {
-            return Err(InvokeError::Busy);
-        }
         let (sender, receiver) = oneshot::channel();
-        inner.pending = Some(Current {
+        let handed = Current {
             invocation,
             answer: Some(sender),
-        });
+        };
+        if self.multi() {
+            if inner.queued.len() + inner.running.len() >= self.concurrency {
+                return Err(InvokeError::Busy);
+            }
+            inner.queued.push_back(handed);
+        } else {
+            let busy = inner.pending.is_some()
+                || (matches!(inner.phase, Phase::Running)
+                    && inner
+                        .current
+                        .as_ref()
+                        .is_some_and(|current| current.answer.is_some()));
+            if busy {
+                return Err(InvokeError::Busy);
+            }
+            inner.pending = Some(handed);
+        }
         drop(inner);
         self.changed.notify_waiters();
         Ok(receiver)
@@ -291,6 +319,9 @@ fn event_response(invocation: &Invocation) -> Response {
 }
 
 async fn next(State(api): State<RuntimeApi>) -> Response {
+    if api.multi() {
+        return next_of_many(api).await;
+    }
     loop {
         let changed = api.changed.notified();
         tokio::pin!(changed);
@@ -330,6 +361,40 @@ async fn next(State(api): State<RuntimeApi>) -> Response {
     }
 }
 
+/// `/next` with multi-concurrency: each call takes the next invocation handed over
+/// (several runtime workers ask at once); the first call ends init.
+async fn next_of_many(api: RuntimeApi) -> Response {
+    loop {
+        let changed = api.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let mut init_over = false;
+        {
+            let mut inner = api.inner.lock().expect("runtime api lock");
+            match inner.phase {
+                Phase::InitError => return invalid_transition("InitError", "Ready"),
+                Phase::Started => {
+                    inner.phase = Phase::Ready;
+                    init_over = true;
+                }
+                _ => {}
+            }
+            if let Some(taken) = inner.queued.pop_front() {
+                let response = event_response(&taken.invocation);
+                inner
+                    .running
+                    .insert(taken.invocation.request_id.clone(), taken);
+                return response;
+            }
+        }
+        if init_over {
+            api.changed.notify_waiters();
+            continue;
+        }
+        changed.await;
+    }
+}
+
 /// Reads a body of at most [`MAX_PAYLOAD_BYTES`]; `None` when larger.
 async fn read_limited(body: Body) -> Result<Option<Bytes>, Box<Response>> {
     Ok(read_limited_with_trailers(body)
@@ -362,6 +427,15 @@ fn take_answer(
     to: &str,
 ) -> Result<oneshot::Sender<Answer>, Box<Response>> {
     let mut inner = api.inner.lock().expect("runtime api lock");
+    if api.multi() {
+        // As the emulator's multi-concurrency mode: an id not running (unknown, or
+        // answered already) is 400.
+        return inner
+            .running
+            .remove(id)
+            .and_then(|mut taken| taken.answer.take())
+            .ok_or_else(|| Box::new(invalid_request_id()));
+    }
     let matches = inner
         .current
         .as_ref()
@@ -702,6 +776,48 @@ mod tests {
                 content_type: None,
             }
         );
+    }
+
+    #[tokio::test]
+    async fn with_multi_concurrency_each_next_takes_another_invocation() {
+        let api = RuntimeApi::with_concurrency(2);
+        let first = api.invoke(invocation("m-1")).unwrap();
+        let second = api.invoke(invocation("m-2")).unwrap();
+        assert_eq!(
+            api.invoke(invocation("m-3")).unwrap_err(),
+            InvokeError::Busy
+        );
+        let one = call(&api, "GET", NEXT, vec![]).await;
+        let two = call(&api, "GET", NEXT, vec![]).await;
+        assert_eq!(one.headers()["lambda-runtime-aws-request-id"], "m-1");
+        assert_eq!(two.headers()["lambda-runtime-aws-request-id"], "m-2");
+        // Answered out of order, each by its id.
+        let answer = |id: &str, body: &'static [u8]| {
+            let path = format!("/2018-06-01/runtime/invocation/{id}/response");
+            let api = api.clone();
+            async move { call(&api, "POST", &path, body.to_vec()).await }
+        };
+        assert_eq!(answer("m-2", b"two").await.status(), 202);
+        assert_eq!(answer("m-1", b"one").await.status(), 202);
+        // Answered twice, or never handed out: 400.
+        assert_eq!(answer("m-1", b"again").await.status(), 400);
+        assert_eq!(answer("m-9", b"who").await.status(), 400);
+        assert_eq!(
+            second.await.unwrap(),
+            Answer::Response {
+                body: Bytes::from_static(b"two"),
+                content_type: None
+            }
+        );
+        assert_eq!(
+            first.await.unwrap(),
+            Answer::Response {
+                body: Bytes::from_static(b"one"),
+                content_type: None
+            }
+        );
+        // Room again.
+        assert!(api.invoke(invocation("m-3")).is_ok());
     }
 
     #[tokio::test]

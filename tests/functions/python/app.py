@@ -70,4 +70,14 @@ def handler(event, context):
         for index in range(0, len(block), 4096):
             block[index] = 1
         return {"allocated": data["mb"]}
+    if action == "meet":
+        # Waits (at most 30s) until `count` invocations are in here at once: only
+        # concurrent invocations get past it quickly.
+        directory = data["dir"]
+        with open(os.path.join(directory, f"{os.getpid()}-{event['id']}"), "w"):
+            pass
+        deadline = time.monotonic() + 30
+        while len(os.listdir(directory)) < int(data["count"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return {"met": len(os.listdir(directory)), "pid": os.getpid()}
     raise RuntimeError(f"unknown action {action}")
