@@ -908,3 +908,118 @@ async fn one_instance_takes_several_invocations_with_lambda_multi_concurrency() 
     assert_eq!(status["functions"][0]["limits"]["max_instances"], 1);
     switchyard.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_past_init_timeout_is_a_timed_out_start() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let function = random_name("slow");
+    let results = random_name("results");
+    let text = config_with(
+        &nats,
+        &function,
+        "slow",
+        "init_timeout = \"1s\"",
+        r#"retry = { policy = "fixed", initial = "50ms", attempts = 1, jitter = false }"#,
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    post_job(&switchyard, "waits", serde_json::json!({})).await;
+    let bus = switchyard.bus().await;
+    let dead = wait_for_dead_letters(&bus, "main", 1, WAIT).await;
+    assert!(
+        dead[0]
+            .dead_letter
+            .last_error
+            .starts_with("Sandbox.Timedout: init did not finish within 1.00 seconds"),
+        "{}",
+        dead[0].dead_letter.last_error
+    );
+    // The instance that never got ready was killed.
+    wait_no_processes(&function, WAIT).await;
+    switchyard.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_instances_keeps_a_warm_floor_with_its_limits_applied() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let starts_file = directory.path().join("starts");
+    let meeting = directory.path().join("meeting");
+    std::fs::create_dir(&meeting).unwrap();
+    let function = random_name("warm");
+    let results = random_name("results");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "min_instances = 1\nmax_concurrency = 2\nidle_timeout = \"200ms\"\ntimeout = \"60s\"",
+        "",
+        &starts_file,
+        &results,
+    );
+    let switchyard = Switchyard::start(text).await;
+    // Started before any event.
+    let instances = |status: &serde_json::Value| {
+        let counts = &status["functions"][0]["instances"];
+        counts["idle"].as_u64().unwrap() + counts["busy"].as_u64().unwrap()
+    };
+    let deadline = Instant::now() + WAIT;
+    while instances(&switchyard.admin_json("/v1/functions").await) < 1 {
+        assert!(Instant::now() < deadline, "the warm instance did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(starts(&starts_file).len(), 1);
+    let status = switchyard.admin_json("/v1/functions").await;
+    let isolation = status["functions"][0]["isolation"].as_str().unwrap();
+    if isolation.starts_with("cgroup v1") {
+        // The kernel's files of the running instance hold its limits: 128 MB,
+        // Lambda's 1,024 processes, 128/1769 of a CPU.
+        let owner_directory = |controller: &str| {
+            std::fs::read_dir(format!("/sys/fs/cgroup/{controller}/switchyard"))
+                .unwrap()
+                .flatten()
+                .map(|entry| entry.path().join(format!("{function}-1")))
+                .find(|path| path.exists())
+                .unwrap_or_else(|| panic!("no {controller} cgroup for {function}-1"))
+        };
+        let read = |controller: &str, file: &str| {
+            std::fs::read_to_string(owner_directory(controller).join(file))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(read("memory", "memory.limit_in_bytes"), "134217728");
+        assert_eq!(read("pids", "pids.max"), "1024");
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "7235");
+    } else {
+        println!("cgroup files not checked: {isolation}");
+    }
+    // Two invocations at once need a second instance, which goes when idle...
+    for index in 0..2 {
+        post_job(
+            &switchyard,
+            &format!("pair-{index}"),
+            serde_json::json!({"action": "meet", "dir": meeting, "count": 2}),
+        )
+        .await;
+    }
+    let answered = collect_results(&mut answers, 2).await;
+    assert!(answered.values().all(|answer| answer["met"] == 2));
+    let deadline = Instant::now() + WAIT;
+    while function_processes(&function).len() != 1 {
+        assert!(Instant::now() < deadline, "not back to the floor");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and the floor stays, idle, well past idle_timeout (letting time pass is
+    // the point here: nothing must happen).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(function_processes(&function).len(), 1);
+    assert_eq!(instances(&switchyard.admin_json("/v1/functions").await), 1);
+    switchyard.stop().await;
+    wait_no_processes(&function, WAIT).await;
+}

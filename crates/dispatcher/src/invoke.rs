@@ -128,13 +128,17 @@ pub(crate) async fn handle(
     let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
     // Capacity first (a function whose instances Switchyard runs may cold-start one):
     // waiting for it is not an attempt, and the event stays unacknowledged meanwhile.
-    let reserved = tokio::select! {
-        reserved = trigger.function.target.reserve() => reserved,
-        () = abandon.cancelled() => {
-            // Not called: handed back with only what earlier attempts did recorded.
-            Box::pin(handling.hand_back_recorded(None, None, None, None)).await;
-            return Settled::Done;
+    let reserved = if trigger.function.target.reserves() {
+        tokio::select! {
+            reserved = trigger.function.target.reserve() => reserved,
+            () = abandon.cancelled() => {
+                // Not called: handed back with only what earlier attempts did recorded.
+                Box::pin(handling.hand_back_recorded(None, None, None, None)).await;
+                return Settled::Done;
+            }
         }
+    } else {
+        Ok(None)
     };
     trigger.metrics.dispatched.inc();
     tracing::debug!(event_id = %event.id, trigger = %trigger.config.name, function = %trigger.function.name, attempt = handling.delivery.attempt, "invoking function");

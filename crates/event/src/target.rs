@@ -110,6 +110,12 @@ pub trait Target: Send + Sync + 'static {
     /// Invokes the function once with `event`; `timeout` bounds the whole call.
     async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome;
 
+    /// Whether [`Target::reserve`] can wait or fail (targets that run their own
+    /// instances); the dispatcher skips it otherwise.
+    fn reserves(&self) -> bool {
+        false
+    }
+
     /// Waits until the function can start an invocation at once. Targets that run
     /// their own instances wait here for a ready one (starting one when none is
     /// idle); the dispatcher waits before the attempt counts, with the event still

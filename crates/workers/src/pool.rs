@@ -639,6 +639,10 @@ impl Target for ManagedFunction {
         self.invoke_reserved(reservation, event, timeout).await
     }
 
+    fn reserves(&self) -> bool {
+        true
+    }
+
     async fn reserve(&self) -> Result<Option<Reservation>, Failure> {
         self.pool
             .acquire()
