@@ -182,13 +182,16 @@ fn rust_runtime() -> Runtime {
 /// it raises, the dead letter carries its error type and message after the
 /// configured attempts; from zero processes and back to zero.
 async fn handler_round_trip(runtime: Runtime) {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
-    let function = random_name(runtime.name);
-    let results = random_name("results");
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let mut result_messages = client.subscribe(results.clone()).await.unwrap();
+    let Fixture {
+        nats,
+        directory: _directory,
+        starts_file,
+        function,
+        results,
+        answers: mut result_messages,
+        _client,
+        ..
+    } = Fixture::new(runtime.name).await;
     let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(HOOK);
     text.push_str(&format!(
@@ -284,6 +287,38 @@ async fn a_rust_handler_on_lambda_runtime_answers_a_webhook_and_its_errors_reach
     handler_round_trip(rust_runtime()).await;
 }
 
+/// What every test starts with: a nats-server, a directory (with the file the
+/// handlers append their starts to), a function name, and a subscription to the
+/// subject its trigger publishes answers to.
+struct Fixture {
+    nats: NatsServer,
+    directory: tempfile::TempDir,
+    starts_file: PathBuf,
+    function: String,
+    results: String,
+    answers: async_nats::Subscriber,
+    _client: async_nats::Client,
+}
+
+impl Fixture {
+    async fn new(prefix: &str) -> Fixture {
+        let nats = NatsServer::start();
+        let directory = tempfile::tempdir().unwrap();
+        let results = random_name("results");
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let answers = client.subscribe(results.clone()).await.unwrap();
+        Fixture {
+            starts_file: directory.path().join("starts"),
+            function: random_name(prefix),
+            nats,
+            directory,
+            results,
+            answers,
+            _client: client,
+        }
+    }
+}
+
 /// Collects answers on `results` until `count` distinct events answered (bounded).
 async fn collect_results(
     results: &mut async_nats::Subscriber,
@@ -341,13 +376,16 @@ on_success = {{ type = "nats", subject = "{results}" }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_scale_up_to_max_concurrency_with_load_and_back_to_zero() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
-    let function = random_name("scale");
-    let results = random_name("results");
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let Fixture {
+        nats,
+        directory: _directory,
+        starts_file,
+        function,
+        results,
+        mut answers,
+        _client,
+        ..
+    } = Fixture::new("scale").await;
     let text = config_with(
         &nats,
         &function,
@@ -415,14 +453,17 @@ fn gone(pid: i32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_instance_dies_with_its_children_and_the_retry_gets_a_fresh_one() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
+    let Fixture {
+        nats,
+        directory,
+        starts_file,
+        function,
+        results,
+        mut answers,
+        _client,
+        ..
+    } = Fixture::new("hang").await;
     let marker = directory.path().join("hung");
-    let function = random_name("hang");
-    let results = random_name("results");
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let mut answers = client.subscribe(results.clone()).await.unwrap();
     let text = config_with(
         &nats,
         &function,
@@ -471,14 +512,17 @@ async fn a_timed_out_instance_dies_with_its_children_and_the_retry_gets_a_fresh_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_that_exits_mid_invocation_is_retried_on_a_fresh_instance() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
+    let Fixture {
+        nats,
+        directory,
+        starts_file,
+        function,
+        results,
+        mut answers,
+        _client,
+        ..
+    } = Fixture::new("exit").await;
     let marker = directory.path().join("exited");
-    let function = random_name("exit");
-    let results = random_name("results");
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let mut answers = client.subscribe(results.clone()).await.unwrap();
     let text = config_with(
         &nats,
         &function,
@@ -507,11 +551,15 @@ async fn a_runtime_that_exits_mid_invocation_is_retried_on_a_fresh_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_init_error_fails_attempts_without_a_cold_start_storm() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
-    let function = random_name("broken");
-    let results = random_name("results");
+    let Fixture {
+        nats,
+        directory: _directory,
+        starts_file,
+        function,
+        results,
+        _client,
+        ..
+    } = Fixture::new("broken").await;
     let text = config_with(
         &nats,
         &function,
@@ -581,14 +629,17 @@ async fn an_init_error_fails_attempts_without_a_cold_start_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_do_not_outlive_a_killed_switchyard_and_every_event_is_delivered() {
     use nix::sys::signal::Signal;
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
+    let Fixture {
+        nats,
+        directory,
+        starts_file,
+        function,
+        results,
+        mut answers,
+        _client,
+        ..
+    } = Fixture::new("killed").await;
     let marker = directory.path().join("child");
-    let function = random_name("killed");
-    let results = random_name("results");
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let mut answers = client.subscribe(results.clone()).await.unwrap();
     let text = config_with(
         &nats,
         &function,
@@ -680,14 +731,17 @@ async fn instances_do_not_outlive_a_killed_switchyard_and_every_event_is_deliver
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_function_scales_from_zero_waits_for_readiness_and_keeps_instance_concurrency() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
+    let Fixture {
+        nats,
+        directory,
+        starts_file,
+        function,
+        results,
+        mut answers,
+        _client,
+        ..
+    } = Fixture::new("web").await;
     let early_file = directory.path().join("early");
-    let function = random_name("web");
-    let results = random_name("results");
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let mut answers = client.subscribe(results.clone()).await.unwrap();
     let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(HOOK);
     text.push_str(&format!(
@@ -762,11 +816,15 @@ on_success = {{ type = "nats", subject = "{results}" }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_over_its_memory_is_killed_and_reported_out_of_memory() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
-    let function = random_name("oom");
-    let results = random_name("results");
+    let Fixture {
+        nats,
+        directory: _directory,
+        starts_file,
+        function,
+        results,
+        _client,
+        ..
+    } = Fixture::new("oom").await;
     let text = config_with(
         &nats,
         &function,
@@ -816,13 +874,16 @@ async fn a_handler_over_its_memory_is_killed_and_reported_out_of_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_down_never_stops_an_instance_with_an_invocation_in_flight() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
-    let function = random_name("busy");
-    let results = random_name("results");
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    let Fixture {
+        nats,
+        directory: _directory,
+        starts_file,
+        function,
+        results,
+        mut answers,
+        _client,
+        ..
+    } = Fixture::new("busy").await;
     // Invocations ten times longer than the idle timeout, and the reaper looking
     // every 50ms.
     let text = config_with(
@@ -911,11 +972,15 @@ async fn one_instance_takes_several_invocations_with_lambda_multi_concurrency() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_init_past_init_timeout_is_a_timed_out_start() {
-    let nats = NatsServer::start();
-    let directory = tempfile::tempdir().unwrap();
-    let starts_file = directory.path().join("starts");
-    let function = random_name("slow");
-    let results = random_name("results");
+    let Fixture {
+        nats,
+        directory: _directory,
+        starts_file,
+        function,
+        results,
+        _client,
+        ..
+    } = Fixture::new("slow").await;
     let text = config_with(
         &nats,
         &function,

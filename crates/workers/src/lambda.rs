@@ -13,7 +13,7 @@ use switchyard_event::{
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::pool::{Endpoint, Instance, Lease, Pool, StartFailure};
-use crate::process::{InstanceProcess, Launch, OWNER_VARIABLE};
+use crate::process::{InstanceProcess, OWNER_VARIABLE};
 use crate::runtime_api::{Answer, InstanceIdentity, Invocation, RuntimeApi, instance_environment};
 
 /// Starts an instance and waits for its runtime's first `/next` (init over), an init
@@ -66,41 +66,7 @@ pub(crate) async fn start(
             spec.instance_concurrency.to_string(),
         ));
     }
-    let (program, args) = spec
-        .command
-        .split_first()
-        .expect("validated: a command has a program");
-    let cgroup = pool
-        .shared
-        .cgroups
-        .create(
-            label,
-            crate::cgroup::Limits {
-                memory_mb: spec.memory_mb,
-            },
-        )
-        .map_err(|error| StartFailure {
-            error_type: "Runtime.StartFailed".to_owned(),
-            message: format!("creating the instance's cgroup failed: {error}"),
-            output: None,
-        })?;
-    let process = InstanceProcess::spawn(
-        &Launch {
-            program,
-            args,
-            directory: &spec.directory,
-            environment: &environment,
-            function: &spec.name,
-            instance: label,
-        },
-        cgroup,
-    )
-    .await
-    .map_err(|error| StartFailure {
-        error_type: "Runtime.InvalidEntrypoint".to_owned(),
-        message: format!("starting `{program}` failed: {error}"),
-        output: None,
-    })?;
+    let process = pool.spawn_instance(label, &environment).await?;
     let ready = tokio::select! {
         ready = api.wait_init() => ready.map_err(|(error_type, body)| {
             let (reported_type, message) = reported_error(&body);

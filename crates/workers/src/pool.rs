@@ -508,6 +508,51 @@ impl Pool {
         }
     }
 
+    /// Starts the function's command for instance `label` with `environment`, in
+    /// cgroups of its own where the host allows.
+    pub(crate) async fn spawn_instance(
+        &self,
+        label: &str,
+        environment: &[(String, String)],
+    ) -> Result<InstanceProcess, StartFailure> {
+        let spec = &self.spec;
+        let (program, args) = spec
+            .command
+            .split_first()
+            .expect("validated: a command has a program");
+        let cgroup = self
+            .shared
+            .cgroups
+            .create(
+                label,
+                crate::cgroup::Limits {
+                    memory_mb: spec.memory_mb,
+                },
+            )
+            .map_err(|error| StartFailure {
+                error_type: "Runtime.StartFailed".to_owned(),
+                message: format!("creating the instance's cgroup failed: {error}"),
+                output: None,
+            })?;
+        InstanceProcess::spawn(
+            &crate::process::Launch {
+                program,
+                args,
+                directory: &spec.directory,
+                environment,
+                function: &spec.name,
+                instance: label,
+            },
+            cgroup,
+        )
+        .await
+        .map_err(|error| StartFailure {
+            error_type: "Runtime.InvalidEntrypoint".to_owned(),
+            message: format!("starting `{program}` failed: {error}"),
+            output: None,
+        })
+    }
+
     /// Until the instance's process ends: then takes it out of routing.
     async fn watch(&self, id: u64, instance: Arc<Instance>) {
         let exit = instance.process.exited().await;

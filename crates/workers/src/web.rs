@@ -15,7 +15,7 @@ use switchyard_event::{Event, Failure, Outcome, Target};
 use switchyard_targets::HttpTarget;
 
 use crate::pool::{Endpoint, Instance, Lease, Pool, StartFailure};
-use crate::process::{InstanceProcess, Launch, OWNER_VARIABLE};
+use crate::process::OWNER_VARIABLE;
 
 /// Starts an instance on a free port and waits until its readiness check passes, it
 /// exits, or `init_timeout` passes.
@@ -47,41 +47,7 @@ pub(crate) async fn start(
         spec.memory_mb.to_string(),
     ));
     environment.push((OWNER_VARIABLE.to_owned(), pool.shared.owner.clone()));
-    let (program, args) = spec
-        .command
-        .split_first()
-        .expect("validated: a command has a program");
-    let cgroup = pool
-        .shared
-        .cgroups
-        .create(
-            label,
-            crate::cgroup::Limits {
-                memory_mb: spec.memory_mb,
-            },
-        )
-        .map_err(|error| StartFailure {
-            error_type: "Runtime.StartFailed".to_owned(),
-            message: format!("creating the instance's cgroup failed: {error}"),
-            output: None,
-        })?;
-    let process = InstanceProcess::spawn(
-        &Launch {
-            program,
-            args,
-            directory: &spec.directory,
-            environment: &environment,
-            function: &spec.name,
-            instance: label,
-        },
-        cgroup,
-    )
-    .await
-    .map_err(|error| StartFailure {
-        error_type: "Runtime.InvalidEntrypoint".to_owned(),
-        message: format!("starting `{program}` failed: {error}"),
-        output: None,
-    })?;
+    let process = pool.spawn_instance(label, &environment).await?;
     let ready = tokio::select! {
         () = wait_ready(&pool.shared.http, port, readiness_path) => Ok(()),
         exit = process.exited() => Err(StartFailure {
