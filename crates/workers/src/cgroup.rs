@@ -43,8 +43,13 @@ impl Limits {
 
 #[derive(Debug)]
 enum Hierarchy {
-    /// `<mount>/switchyard/<owner>`, with memory, pids and cpu enabled for children.
-    V2 { base: PathBuf },
+    /// `<mount>/switchyard/<owner>`, with memory (and pids and cpu where the host
+    /// offers them) enabled for children.
+    V2 {
+        base: PathBuf,
+        pids: bool,
+        cpu: bool,
+    },
     /// `<controller mount>/switchyard/<owner>` for each controller present.
     V1 {
         memory: PathBuf,
@@ -99,9 +104,22 @@ impl Cgroups {
             if controllers.split_whitespace().any(|name| name == "memory") {
                 match prepare_v2(&mount, &owner, &owner_alive) {
                     Ok(base) => {
+                        // What the instances' parent really offers them.
+                        let enabled = std::fs::read_to_string(base.join("cgroup.subtree_control"))
+                            .unwrap_or_default();
+                        let has =
+                            |name: &str| enabled.split_whitespace().any(|offered| offered == name);
+                        let (pids, cpu) = (has("pids"), has("cpu"));
+                        let mut controllers = vec!["memory"];
+                        if pids {
+                            controllers.push("pids");
+                        }
+                        if cpu {
+                            controllers.push("cpu");
+                        }
                         return Cgroups {
-                            hierarchy: Some(Hierarchy::V2 { base }),
-                            description: "cgroup v2 (memory, pids, cpu)".to_owned(),
+                            description: format!("cgroup v2 ({})", controllers.join(", ")),
+                            hierarchy: Some(Hierarchy::V2 { base, pids, cpu }),
                         };
                     }
                     Err(error) => {
@@ -219,16 +237,20 @@ impl Cgroups {
             Ok(directory)
         };
         match hierarchy {
-            Hierarchy::V2 { base } => {
+            Hierarchy::V2 { base, pids, cpu } => {
                 let directory = make(base)?;
                 write(&directory.join("memory.max"), limits.memory_bytes())?;
                 // No swap: over the limit is over the limit, as on Lambda.
                 let _ = write(&directory.join("memory.swap.max"), 0);
-                write(&directory.join("pids.max"), PIDS_MAX)?;
-                std::fs::write(
-                    directory.join("cpu.max"),
-                    format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us()),
-                )?;
+                if *pids {
+                    write(&directory.join("pids.max"), PIDS_MAX)?;
+                }
+                if *cpu {
+                    std::fs::write(
+                        directory.join("cpu.max"),
+                        format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us()),
+                    )?;
+                }
                 cgroup.memory = directory;
             }
             Hierarchy::V1 { memory, pids, cpu } => {
@@ -393,7 +415,7 @@ impl InstanceCgroup {
     /// Kills everything in the instance's cgroups (processes that left its process
     /// group included) and removes them.
     pub(crate) fn kill_and_remove(&self) {
-        if self.v2 {
+        if self.v2 && !self.memory.as_os_str().is_empty() {
             let _ = std::fs::write(self.memory.join("cgroup.kill"), "1");
         }
         for directory in &self.directories {
@@ -433,6 +455,8 @@ mod tests {
         let cgroups = Cgroups {
             hierarchy: Some(Hierarchy::V2 {
                 base: base.path().to_owned(),
+                pids: true,
+                cpu: true,
             }),
             description: "cgroup v2 (memory, pids, cpu)".to_owned(),
         };
@@ -453,6 +477,21 @@ mod tests {
         )
         .unwrap();
         assert!(cgroup.oom_killed());
+        // A host whose v2 tree offers memory only: no pids or cpu files are written.
+        let lean = Cgroups {
+            hierarchy: Some(Hierarchy::V2 {
+                base: base.path().to_owned(),
+                pids: false,
+                cpu: false,
+            }),
+            description: "cgroup v2 (memory)".to_owned(),
+        };
+        lean.create("thumbs-2", Limits { memory_mb: 128 })
+            .unwrap()
+            .unwrap();
+        assert!(base.path().join("thumbs-2/memory.max").exists());
+        assert!(!base.path().join("thumbs-2/pids.max").exists());
+        assert!(!base.path().join("thumbs-2/cpu.max").exists());
         assert_eq!(
             cgroup.procs,
             vec![

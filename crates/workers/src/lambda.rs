@@ -210,7 +210,11 @@ pub(crate) async fn invoke(
     };
     let started = std::time::Instant::now();
     let process = &lease.instance.process;
-    process.set_request(Some(&request_id));
+    // One tag per instance: with several invocations at once it would name the wrong
+    // one, so their lines go untagged.
+    if pool.spec.instance_concurrency <= 1 {
+        process.set_request(Some(&request_id));
+    }
     let outcome = tokio::select! {
         biased;
         answer = answer => match answer {
@@ -239,7 +243,10 @@ pub(crate) async fn invoke(
             Err(_) => match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), process.exited()).await {
                 Ok(exit) => exit_error(pool, &request_id, exit),
                 Err(_) => {
-                    process.kill();
+                    // Retired either way; killed only when nothing else runs in it.
+                    if pool.spec.instance_concurrency <= 1 {
+                        process.kill();
+                    }
                     retry(format!("Runtime.TruncatedResponse: RequestId: {request_id} Error: the runtime's answer could not be read"))
                 }
             },
@@ -253,7 +260,7 @@ pub(crate) async fn invoke(
                 process.kill();
             }
             pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
-            tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, request_id = %request_id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; instance killed");
+            tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, request_id = %request_id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; the instance is killed (or, with multi-concurrency, stopped once its other invocations end)");
             retry(format!(
                 "Sandbox.Timedout: RequestId: {request_id} Error: Task timed out after {}",
                 seconds(timeout)

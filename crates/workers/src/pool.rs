@@ -129,6 +129,9 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let mut state = self.pool.state.lock().expect("pool lock");
         let mut retired = None;
+        if !self.retire && state.init.backoff.failing() {
+            state.init.backoff.succeeded();
+        }
         if let Some(slot) = state.instances.get_mut(&self.id) {
             slot.in_flight -= 1;
             slot.idle_since = Instant::now();
@@ -274,22 +277,29 @@ impl Pool {
 
     /// Whether a waiting invocation should start an instance: more invocations wait
     /// than starting instances will take, and the function is under its limit.
-    /// While the last start failed, one start at a time probes whether it works again.
+    /// Starts pause after a failure; then, while the last start failed, one start at
+    /// a time probes whether it works again.
     fn start_needed(&self, state: &State) -> bool {
         !state.closed
+            && !Self::starts_paused(state)
             && state.waiting > state.starting * self.spec.instance_concurrency.max(1)
             && state.instances.len() + state.starting < self.spec.max_instances
             && !(state.init.backoff.failing() && state.starting > 0)
     }
 
-    /// The init failure that attempts fail with while starts are backed off and no
-    /// instance runs (with instances running, an invocation waits for one of them).
-    fn backed_off(&self, state: &State) -> Option<Failure> {
-        if !state.instances.is_empty() {
-            return None;
-        }
-        let (retry_at, _) = state.init.retry_at.as_ref()?;
-        if Instant::now() >= *retry_at {
+    /// Whether starts pause after a failure (until `retry_at`), whatever runs.
+    fn starts_paused(state: &State) -> bool {
+        state
+            .init
+            .retry_at
+            .as_ref()
+            .is_some_and(|(retry_at, _)| Instant::now() < *retry_at)
+    }
+
+    /// The init failure an attempt fails with at once: starts pause and no instance
+    /// runs (with instances running, an invocation waits for one of them).
+    fn failing_fast(state: &State) -> Option<Failure> {
+        if !state.instances.is_empty() || !Self::starts_paused(state) {
             return None;
         }
         let (failure, _) = state.init.last.as_ref()?;
@@ -333,7 +343,7 @@ impl Pool {
                         retire: false,
                     });
                 }
-                if let Some(failure) = self.backed_off(&state) {
+                if let Some(failure) = Self::failing_fast(&state) {
                     drop(state);
                     return Err(failure);
                 }
@@ -341,10 +351,24 @@ impl Pool {
                     state.waiting += 1;
                     waiting = Some(Waiting(self));
                 }
-                self.start_needed(&state)
+                let pause_ends = Self::starts_paused(&state)
+                    .then(|| state.init.retry_at.as_ref().map(|(at, _)| *at))
+                    .flatten();
+                (self.start_needed(&state), pause_ends)
             };
+            let (start, pause_ends) = start;
             if !start {
-                changed.await;
+                // Wait for a change, or for the pause on starts to end (instances
+                // are all busy: a start may be needed then).
+                match pause_ends {
+                    Some(at) => {
+                        tokio::select! {
+                            () = &mut changed => {}
+                            () = tokio::time::sleep_until(at.into()) => {}
+                        }
+                    }
+                    None => changed.await,
+                }
                 continue;
             }
             // Under the cold-start caps: wait for a place, unless something changes
@@ -352,7 +376,7 @@ impl Pool {
             tokio::select! {
                 permits = self.start_permits() => {
                     let mut state = self.state.lock().expect("pool lock");
-                    if self.start_needed(&state) && self.backed_off(&state).is_none() {
+                    if self.start_needed(&state) {
                         state.starting += 1;
                         self.publish_counts(&state);
                         drop(state);
@@ -421,7 +445,10 @@ impl Pool {
                     let closed = {
                         let mut state = pool.state.lock().expect("pool lock");
                         state.starting -= 1;
-                        state.init.backoff.succeeded();
+                        // Ready is not yet healthy: the failure count (and so the
+                        // next pause) goes back to zero only once an instance has
+                        // answered an invocation, so a function that dies soon
+                        // after init is not restarted every second.
                         state.init.last = None;
                         state.init.retry_at = None;
                         if !state.closed {
@@ -637,7 +664,7 @@ impl Pool {
                     .spec
                     .min_instances
                     .saturating_sub(state.instances.len() + state.starting);
-                let missing = if self.backed_off(&state).is_some() {
+                let missing = if Self::starts_paused(&state) {
                     0
                 } else {
                     missing

@@ -104,7 +104,10 @@ impl InstanceProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0);
+            .process_group(0)
+            // A child whose handle is dropped unwaited (its start abandoned before
+            // the spawn returned) is not left running.
+            .kill_on_drop(true);
         let parent = nix::unistd::getpid();
         let cgroup = cgroup.map(Arc::new);
         let joining = cgroup.clone();
@@ -278,7 +281,9 @@ fn spawner() -> &'static std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>> {
             .name("instance-spawner".to_owned())
             .spawn(move || {
                 for job in receiver {
-                    job();
+                    // A job that panics must not end the thread: every instance it
+                    // forked would get its parent-death signal.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 }
             })
             .expect("starting the instance spawner thread");
@@ -356,14 +361,18 @@ fn start_time(pid: i32) -> Option<u64> {
 /// another pid namespace, or a malformed one, is taken for a live owner: nothing is
 /// killed on a guess.
 pub fn owner_alive(mark: &str) -> bool {
-    let mut parts = mark.splitn(3, ':');
-    let (Some(namespace), Some(pid), Some(start)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return true;
+    let parts: Vec<&str> = mark.split(':').collect();
+    let (pid, start) = match parts[..] {
+        [namespace, pid, start] => {
+            if namespace.parse::<u64>().ok() != pid_namespace("self") {
+                return true;
+            }
+            (pid, start)
+        }
+        // Marks written before the namespace was part of them.
+        [pid, start] => (pid, start),
+        _ => return true,
     };
-    if namespace.parse::<u64>().ok() != pid_namespace("self") {
-        return true;
-    }
     pid.parse::<i32>()
         .ok()
         .is_some_and(|pid| start_time(pid).map(|time| time.to_string()).as_deref() == Some(start))
@@ -569,5 +578,8 @@ mod tests {
         // Another pid namespace (a container's Switchyard): never judged from here.
         assert!(owner_alive(&format!("1:{}:1", parts[1])));
         assert!(owner_alive("garbage"));
+        // Marks from before the namespace was in them: judged by pid and start time.
+        assert!(owner_alive(&format!("{}:{}", parts[1], parts[2])));
+        assert!(!owner_alive(&format!("{}:1", parts[1])));
     }
 }

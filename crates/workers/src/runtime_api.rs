@@ -379,6 +379,15 @@ async fn next_of_many(api: RuntimeApi) -> Response {
                 }
                 _ => {}
             }
+            // Skips invocations whose caller has given up.
+            while inner.queued.front().is_some_and(|queued| {
+                queued
+                    .answer
+                    .as_ref()
+                    .is_none_or(|answer| answer.is_closed())
+            }) {
+                inner.queued.pop_front();
+            }
             if let Some(taken) = inner.queued.pop_front() {
                 let response = event_response(&taken.invocation);
                 inner

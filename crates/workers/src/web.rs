@@ -130,10 +130,7 @@ pub(crate) async fn invoke(
     // The target's own timeout is later than ours: ours decides.
     let outcome = tokio::select! {
         biased;
-        outcome = target.invoke(event, timeout + Duration::from_secs(1)) => {
-            lease.retire = false;
-            outcome
-        }
+        outcome = target.invoke(event, timeout + Duration::from_secs(1)) => outcome,
         () = tokio::time::sleep(timeout) => {
             pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
             tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, event_id = %event.id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; the instance takes no more and stops once idle");
@@ -172,5 +169,7 @@ pub(crate) async fn invoke(
             ),
         };
     }
+    // Answered, and alive: the instance goes back to the pool.
+    lease.retire = false;
     outcome
 }
