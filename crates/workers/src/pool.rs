@@ -479,6 +479,12 @@ impl Pool {
                     {
                         let mut state = pool.state.lock().expect("pool lock");
                         state.starting -= 1;
+                        pool.publish_counts(&state);
+                    }
+                    if pool.shared.shutdown.is_cancelled() {
+                        // Abandoned at shutdown: not the function's failure.
+                        pool.changed.notify_waiters();
+                        return;
                     }
                     pool.start_failed(&label, &failure);
                 }
