@@ -67,6 +67,15 @@ if [ "$what" = all ] && ! { [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAM
     touch "$LAMBDA_PYTHON_DIR/.complete"
 fi
 
+# AWS's own clients, boto3 and the AWS CLI (PyPI), for the Invoke API tests.
+if [ "$what" = all ] && [ ! -f "$AWS_CLIENTS_DIR/.complete" ]; then
+    echo "installing awscli $AWSCLI_VERSION and boto3 $BOTO3_VERSION into $AWS_CLIENTS_DIR" >&2
+    rm -rf "$AWS_CLIENTS_DIR"
+    python3 -m venv "$AWS_CLIENTS_DIR"
+    "$AWS_CLIENTS_DIR/bin/pip" install --quiet --disable-pip-version-check "awscli==$AWSCLI_VERSION" "boto3==$BOTO3_VERSION"
+    touch "$AWS_CLIENTS_DIR/.complete"
+fi
+
 # AWS's Lambda runtime interface client for Node.js (aws-lambda-ric, from npm). Its
 # install scripts build the AWS Lambda C++ runtime and libcurl from source, which
 # needs autoconf, automake and libtool besides cmake, make and g++: installed from

@@ -396,3 +396,19 @@ batch = { max_events = 10 }
         );
     }
 }
+
+/// The Invoke API checks no signatures yet: a listener off loopback needs the
+/// operator's explicit word.
+#[test]
+fn an_invoke_api_open_to_the_network_is_refused_without_insecure() {
+    let (ok, output) = validate("[invoke_api]\nlisten = \"0.0.0.0:9001\"\n");
+    assert!(!ok);
+    assert!(
+        output.contains("field `invoke_api.listen`: `0.0.0.0:9001` is open to the network"),
+        "{output}"
+    );
+    let (ok, output) = validate("[invoke_api]\nlisten = \"0.0.0.0:9001\"\ninsecure = true\n");
+    assert!(ok, "{output}");
+    let (ok, output) = validate("[invoke_api]\nlisten = \"127.0.0.1:9001\"\n");
+    assert!(ok, "{output}");
+}

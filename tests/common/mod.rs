@@ -441,6 +441,8 @@ pub struct Switchyard {
     pub running: Option<switchyard::Running>,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// Lambda's Invoke API, when the configuration turns it on.
+    pub invoke_api: Option<SocketAddr>,
     pub config_text: String,
 }
 
@@ -463,10 +465,12 @@ impl Switchyard {
         let running = switchyard::start(config).await.unwrap();
         let http = running.sources["http"];
         let admin = running.admin.unwrap();
+        let invoke_api = running.invoke_api;
         let switchyard = Switchyard {
             running: Some(running),
             http,
             admin,
+            invoke_api,
             config_text,
         };
         let set_up = tokio::time::timeout(

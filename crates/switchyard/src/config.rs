@@ -38,6 +38,9 @@ pub struct Config {
     /// Settings shared by the functions whose instances Switchyard runs.
     #[serde(default)]
     pub workers: WorkersConfig,
+    /// AWS Lambda's Invoke API for `lambda` functions.
+    #[serde(default)]
+    pub invoke_api: InvokeApiConfig,
     /// Object stores, by name, for `s3` poll sources and enriching triggers.
     #[serde(default)]
     pub stores: BTreeMap<String, Spanned<StoreConfig>>,
@@ -368,6 +371,38 @@ fn default_managed_concurrency() -> usize {
 }
 fn default_function_cold_starts() -> usize {
     4
+}
+
+/// AWS Lambda's Invoke API (`POST /2015-03-31/functions/{name}/invocations`) for
+/// `lambda` functions, on a listener of its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeApiConfig {
+    /// Address to listen on; empty (the default) turns the Invoke API off.
+    #[serde(default)]
+    pub listen: String,
+    /// How long a call waits for a place in the function's `max_concurrency` before
+    /// it is answered 429 (Lambda's throttling answer).
+    #[serde(default = "default_invoke_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Request signatures are not checked yet: a listener off loopback is refused
+    /// unless this says the network in front of it is trusted.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+impl Default for InvokeApiConfig {
+    fn default() -> Self {
+        InvokeApiConfig {
+            listen: String::new(),
+            max_wait: default_invoke_max_wait(),
+            insecure: false,
+        }
+    }
+}
+
+fn default_invoke_max_wait() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Settings shared by every function whose instances Switchyard runs.
@@ -1317,6 +1352,30 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 config.admin.listen
             ),
         });
+    }
+    if !config.invoke_api.listen.is_empty() {
+        let problem = match config.invoke_api.listen.parse::<SocketAddr>() {
+            Err(_) => Some(format!(
+                "`{}` is not an address like 127.0.0.1:9001",
+                config.invoke_api.listen
+            )),
+            Ok(address) if !address.ip().is_loopback() && !config.invoke_api.insecure => {
+                Some(format!(
+                    "`{}` is open to the network, and the Invoke API does not check request signatures yet: listen on loopback, or set invoke_api.insecure = true if the network in front of it is trusted",
+                    config.invoke_api.listen
+                ))
+            }
+            Ok(_) => None,
+        };
+        if let Some(message) = problem {
+            check.errors.push(ConfigError {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                field: Some("invoke_api.listen".to_owned()),
+                message,
+            });
+        }
     }
     check.errors
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod dlq;
+pub mod invoke_api;
 pub mod sources;
 
 use std::collections::HashMap;
@@ -36,6 +37,8 @@ pub struct Running {
     /// Turns true once connected, streams and consumers set up, sources started.
     pub ready: tokio::sync::watch::Receiver<bool>,
     pub admin: Option<SocketAddr>,
+    /// Where Lambda's Invoke API listens, when `[invoke_api] listen` is set.
+    pub invoke_api: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
 }
@@ -52,6 +55,7 @@ impl Running {
         serde_json::json!({
             "pid": std::process::id(),
             "admin": self.admin.map(|address| address.to_string()),
+            "invoke_api": self.invoke_api.map(|address| address.to_string()),
             "sources": self
                 .sources
                 .iter()
@@ -183,6 +187,30 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let reserved = Arc::new(reserved_sources(&config));
     let admin_state = admin::AdminState::new(registry.clone(), ready.clone(), workers.clone());
+    let invoke_api_state =
+        invoke_api::InvokeApiState::new(config.workers.region.clone(), config.invoke_api.max_wait);
+    let invoke_api_address = if config.invoke_api.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&config.invoke_api.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "invoke_api: cannot listen on `{}`",
+                    config.invoke_api.listen
+                )
+            })?;
+        let address = listener.local_addr()?;
+        let router = invoke_api::router(invoke_api_state.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        tracing::info!(listen = %address, "lambda invoke api listening (POST /2015-03-31/functions/{{name}}/invocations)");
+        Some(address)
+    };
     let admin_address = if config.admin.listen.is_empty() {
         None
     } else {
@@ -226,6 +254,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         let client = http_client();
         let mut functions = HashMap::new();
+        // `lambda` functions, for the Invoke API: the function and its budget.
+        let mut invocable = HashMap::new();
+        let mut callable = Vec::new();
         for function in &config.functions {
             let function = function.get_ref();
             let (target, timeout): (Arc<dyn Target>, Duration) = match function {
@@ -244,7 +275,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 ),
                 config::FunctionConfig::Lambda(lambda) => {
                     let workers = workers.as_ref().expect("set up for managed functions");
-                    (Arc::new(workers.add(lambda_spec(lambda))), lambda.timeout)
+                    let managed = workers.add(lambda_spec(lambda));
+                    callable.push((managed.clone(), lambda.timeout));
+                    (Arc::new(managed), lambda.timeout)
                 }
                 config::FunctionConfig::Process(process) => {
                     let workers = workers.as_ref().expect("set up for managed functions");
@@ -254,19 +287,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     )
                 }
             };
+            let limit = AdaptiveLimit::new(function.max_concurrency());
+            if let Some((managed, timeout)) = callable.pop() {
+                invocable.insert(
+                    function.name().to_owned(),
+                    invoke_api::InvokeFunction {
+                        function: managed,
+                        limit: limit.clone(),
+                        timeout,
+                    },
+                );
+            }
             functions.insert(
                 function.name().to_owned(),
                 Arc::new(FunctionRuntime {
                     name: function.name().to_owned(),
                     target,
                     timeout,
-                    limit: AdaptiveLimit::new(function.max_concurrency()),
+                    limit,
                     cluster_slots: (function.concurrency_scope()
                         == config::ConcurrencyScope::Cluster)
                         .then_some(function.max_concurrency()),
                 }),
             );
         }
+        // Lambda's Invoke API calls them from now on.
+        invoke_api_state.set_functions(invocable);
         let triggers: Vec<TriggerConfig> = config
             .triggers
             .iter()
@@ -412,6 +458,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         sources,
         ready: ready_watch,
         admin: admin_address,
+        invoke_api: invoke_api_address,
         shutdown,
         task,
     })

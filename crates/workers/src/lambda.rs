@@ -170,13 +170,71 @@ fn trace_id() -> String {
     format!("Root=1-{now:08x}-{root:024x};Parent={parent:016x};Sampled=0")
 }
 
-/// Runs one invocation on the leased instance.
-pub(crate) async fn invoke(
+/// What one invocation of a lambda instance came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Called {
+    /// The handler's response.
+    Response {
+        body: Bytes,
+        content_type: Option<String>,
+    },
+    /// The handler reported an error: its type and message, and the body as posted
+    /// (`{"errorMessage":...,"errorType":...,"stackTrace":...}`).
+    FunctionError {
+        error_type: String,
+        message: String,
+        body: Bytes,
+    },
+    /// The invocation failed around the handler (timeout, exit, out of memory,
+    /// oversize or unreadable answer, or the function could not start), in Lambda's
+    /// words.
+    Failed { error_type: String, message: String },
+}
+
+impl Called {
+    /// As an attempt of an event: a response delivers, anything else is retried per
+    /// the trigger's policy with `<errorType>: <errorMessage>` on the record.
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Called::Response { body, content_type } => delivered(body, content_type),
+            Called::FunctionError {
+                error_type,
+                message,
+                ..
+            }
+            | Called::Failed {
+                error_type,
+                message,
+            } => Outcome::RetryLater {
+                not_before: None,
+                failure: Failure::new(None, format!("{error_type}: {message}")),
+            },
+        }
+    }
+}
+
+/// Runs one invocation of an event on the leased instance.
+pub(crate) async fn invoke(pool: &Pool, lease: Lease, event: &Event, timeout: Duration) -> Outcome {
+    call(
+        pool,
+        lease,
+        Bytes::from(to_structured_json(event)),
+        None,
+        timeout,
+    )
+    .await
+    .into_outcome()
+}
+
+/// Runs one invocation with `payload` as the event (as Lambda's Invoke API passes
+/// its request body) on the leased instance.
+pub(crate) async fn call(
     pool: &Pool,
     mut lease: Lease,
-    event: &Event,
+    payload: Bytes,
+    client_context: Option<String>,
     timeout: Duration,
-) -> Outcome {
+) -> Called {
     let Endpoint::Lambda { api, .. } = &lease.instance.endpoint else {
         unreachable!("a lambda instance serves the runtime api")
     };
@@ -184,14 +242,14 @@ pub(crate) async fn invoke(
     let deadline = SystemTime::now() + timeout;
     let invocation = Invocation {
         request_id: request_id.clone(),
-        event: Bytes::from(to_structured_json(event)),
+        event: payload,
         deadline_ms: deadline
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64,
         function_arn: pool.arn.clone(),
         trace_id: Some(trace_id()),
-        client_context: None,
+        client_context,
         cognito_identity: None,
     };
     // Until the instance has answered, it is retired: if this invocation is dropped
@@ -203,9 +261,10 @@ pub(crate) async fn invoke(
         Err(error) => {
             // Not expected (leases give an instance one invocation at a time): the
             // instance stays retired rather than trusted.
-            return retry(format!(
-                "the instance could not take the invocation: {error}"
-            ));
+            return Called::Failed {
+                error_type: "Runtime.Unavailable".to_owned(),
+                message: format!("the instance could not take the invocation: {error}"),
+            };
         }
     };
     let started = std::time::Instant::now();
@@ -215,28 +274,31 @@ pub(crate) async fn invoke(
     if pool.spec.instance_concurrency <= 1 {
         process.set_request(Some(&request_id));
     }
-    let outcome = tokio::select! {
+    tokio::select! {
         biased;
         answer = answer => match answer {
             Ok(Answer::Response { body, content_type }) => {
                 lease.retire = false;
-                delivered(body, content_type)
+                Called::Response { body, content_type }
             }
             Ok(Answer::Error { error_type, body, .. }) => {
                 lease.retire = false;
                 let (reported_type, message) = reported_error(&body);
-                retry(format!(
-                    "{}: {}",
-                    reported_type.unwrap_or(error_type),
-                    message.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
-                ))
+                Called::FunctionError {
+                    error_type: reported_type.unwrap_or(error_type),
+                    message: message.unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+                    body,
+                }
             }
             Ok(Answer::TooLarge) => {
                 lease.retire = false;
-                retry(format!(
-                    "Function.ResponseSizeTooLarge: RequestId: {request_id} Error: the response is larger than {} bytes",
-                    crate::runtime_api::MAX_PAYLOAD_BYTES
-                ))
+                Called::Failed {
+                    error_type: "Function.ResponseSizeTooLarge".to_owned(),
+                    message: format!(
+                        "RequestId: {request_id} Error: the response is larger than {} bytes",
+                        crate::runtime_api::MAX_PAYLOAD_BYTES
+                    ),
+                }
             }
             // The Runtime API let the answer go without one: the instance went away
             // (its exit is reported as such), or its answer could not be read.
@@ -247,7 +309,10 @@ pub(crate) async fn invoke(
                     if pool.spec.instance_concurrency <= 1 {
                         process.kill();
                     }
-                    retry(format!("Runtime.TruncatedResponse: RequestId: {request_id} Error: the runtime's answer could not be read"))
+                    Called::Failed {
+                        error_type: "Runtime.TruncatedResponse".to_owned(),
+                        message: format!("RequestId: {request_id} Error: the runtime's answer could not be read"),
+                    }
                 }
             },
         },
@@ -261,16 +326,15 @@ pub(crate) async fn invoke(
             }
             pool.shared.metrics.function_timeouts.get_or_create(&pool.labels).inc();
             tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, request_id = %request_id, timeout_ms = timeout.as_millis() as u64, "invocation timed out; the instance is killed (or, with multi-concurrency, stopped once its other invocations end)");
-            retry(format!(
-                "Sandbox.Timedout: RequestId: {request_id} Error: Task timed out after {}",
-                seconds(timeout)
-            ))
+            Called::Failed {
+                error_type: "Sandbox.Timedout".to_owned(),
+                message: format!("RequestId: {request_id} Error: Task timed out after {}", seconds(timeout)),
+            }
         }
-    };
-    outcome
+    }
 }
 
-fn exit_error(pool: &Pool, request_id: &str, exit: crate::process::Exit) -> Outcome {
+fn exit_error(pool: &Pool, request_id: &str, exit: crate::process::Exit) -> Called {
     let error_type = if exit == crate::process::Exit::OutOfMemory {
         pool.shared
             .metrics
@@ -287,15 +351,9 @@ fn exit_error(pool: &Pool, request_id: &str, exit: crate::process::Exit) -> Outc
         "Runtime.ExitError"
     };
     tracing::warn!(function = %pool.spec.name, request_id = %request_id, %exit, memory_mb = pool.spec.memory_mb, "instance exited during an invocation");
-    retry(format!(
-        "{error_type}: RequestId: {request_id} Error: Runtime exited with error: {exit}"
-    ))
-}
-
-fn retry(error: String) -> Outcome {
-    Outcome::RetryLater {
-        not_before: None,
-        failure: Failure::new(None, error),
+    Called::Failed {
+        error_type: error_type.to_owned(),
+        message: format!("RequestId: {request_id} Error: Runtime exited with error: {exit}"),
     }
 }
 

@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use lambda::Called;
 pub use metrics::WorkerMetrics;
 pub use pool::ManagedFunction;
 

@@ -298,17 +298,17 @@ impl Pool {
 
     /// The init failure an attempt fails with at once: starts pause and no instance
     /// runs (with instances running, an invocation waits for one of them).
-    fn failing_fast(state: &State) -> Option<Failure> {
+    fn failing_fast(state: &State) -> Option<StartFailure> {
         if !state.instances.is_empty() || !Self::starts_paused(state) {
             return None;
         }
         let (failure, _) = state.init.last.as_ref()?;
-        Some(init_failure(failure))
+        Some(failure.clone())
     }
 
     /// Waits for an instance with room for one more invocation, cold-starting one
     /// when none has room.
-    async fn acquire(self: &Arc<Self>) -> Result<Lease, Failure> {
+    async fn acquire(self: &Arc<Self>) -> Result<Lease, StartFailure> {
         let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let changed = self.changed.notified();
@@ -318,7 +318,11 @@ impl Pool {
                 let mut state = self.state.lock().expect("pool lock");
                 if state.closed {
                     drop(state);
-                    return Err(Failure::new(None, "the function is stopping"));
+                    return Err(StartFailure {
+                        error_type: "Runtime.Stopping".to_owned(),
+                        message: "the function is stopping".to_owned(),
+                        output: None,
+                    });
                 }
                 let limit = self.spec.instance_concurrency.max(1);
                 // The most recently freed instance first: the others go idle and are
@@ -702,6 +706,44 @@ pub(crate) fn init_failure(failure: &StartFailure) -> Failure {
     Failure::new(None, format!("{}: {}", failure.error_type, failure.message))
 }
 
+impl ManagedFunction {
+    /// Whether the function's instances speak the Lambda Runtime API (and so take a
+    /// raw payload, as Lambda's Invoke API passes it).
+    pub fn is_lambda(&self) -> bool {
+        matches!(self.pool.spec.kind, crate::Kind::Lambda { .. })
+    }
+
+    /// One invocation with `payload` as the event, as Lambda's Invoke API
+    /// (`RequestResponse`) runs it: on an idle instance or a cold-started one. The
+    /// caller holds the function's concurrency permit. Only for `lambda` functions.
+    pub async fn call(
+        &self,
+        payload: bytes::Bytes,
+        client_context: Option<String>,
+        timeout: Duration,
+    ) -> crate::lambda::Called {
+        assert!(self.is_lambda(), "call is for lambda functions");
+        match self.pool.acquire().await {
+            Ok(lease) => {
+                let started = Instant::now();
+                let called =
+                    crate::lambda::call(&self.pool, lease, payload, client_context, timeout).await;
+                self.pool
+                    .shared
+                    .metrics
+                    .function_invocation_duration_seconds
+                    .get_or_create(&self.pool.labels)
+                    .observe(started.elapsed().as_secs_f64());
+                called
+            }
+            Err(failure) => crate::lambda::Called::Failed {
+                error_type: failure.error_type,
+                message: failure.message,
+            },
+        }
+    }
+}
+
 #[async_trait]
 impl Target for ManagedFunction {
     async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome {
@@ -726,6 +768,7 @@ impl Target for ManagedFunction {
             .acquire()
             .await
             .map(|lease| Some(Reservation::new(lease)))
+            .map_err(|failure| init_failure(&failure))
     }
 
     async fn invoke_reserved(
@@ -741,7 +784,7 @@ impl Target for ManagedFunction {
                 Err(failure) => {
                     return Outcome::RetryLater {
                         not_before: None,
-                        failure,
+                        failure: init_failure(&failure),
                     };
                 }
             },

@@ -1,0 +1,236 @@
+//! AWS Lambda's Invoke API (`POST /2015-03-31/functions/{name}/invocations`, API
+//! version 2015-03-31) for `lambda` functions, so existing callers (boto3, the AWS
+//! CLI, any AWS SDK pointed at `--endpoint-url`) invoke them unchanged.
+//!
+//! `RequestResponse` (the default) runs the handler with the request body as its
+//! event and answers with what it returned, as Lambda does: `200` with the response;
+//! `200` with `X-Amz-Function-Error: Unhandled` and the error document when the handler
+//! raised, timed out, crashed or could not start. `DryRun` answers `204` for a known
+//! function. A synchronous call takes a permit of the function's `max_concurrency`
+//! (the budget its triggers use in this process), waiting at most `max_wait`, then
+//! answers `429 TooManyRequestsException` with `Retry-After`; it is not stored on the
+//! bus. Request signatures are not checked: the listener is for loopback unless
+//! `insecure_listen` says otherwise. Not yet: `Event` invocations (answered
+//! `400 InvalidParameterValueException`), `X-Amz-Log-Type: Tail`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use switchyard_dispatcher::AdaptiveLimit;
+use switchyard_workers::{Called, ManagedFunction};
+
+/// Largest synchronous payload, as Lambda's (6 MB).
+pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
+
+/// A function the Invoke API can call.
+pub struct InvokeFunction {
+    pub function: ManagedFunction,
+    /// The function's concurrency budget in this process, shared with its triggers.
+    pub limit: Arc<AdaptiveLimit>,
+    pub timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct InvokeApiState {
+    functions: Arc<OnceLock<HashMap<String, InvokeFunction>>>,
+    region: String,
+    max_wait: Duration,
+}
+
+impl InvokeApiState {
+    pub fn new(region: String, max_wait: Duration) -> Self {
+        InvokeApiState {
+            functions: Arc::new(OnceLock::new()),
+            region,
+            max_wait,
+        }
+    }
+
+    /// Makes the functions callable (once the dispatcher built them).
+    pub fn set_functions(&self, functions: HashMap<String, InvokeFunction>) {
+        let _ = self.functions.set(functions);
+    }
+}
+
+pub fn router(state: InvokeApiState) -> Router {
+    Router::new()
+        .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// An error as the Lambda API renders it: the type in `x-amzn-ErrorType` and the body.
+fn api_error(status: StatusCode, error_type: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "Type": "User", "message": message });
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(error_type) {
+        response.headers_mut().insert("x-amzn-errortype", value);
+    }
+    response
+}
+
+/// The function name of `FunctionName`: a name, `name:qualifier`, or an ARN
+/// (`arn:aws:lambda:<region>:<account>:function:<name>[:<qualifier>]`).
+fn function_name(given: &str) -> &str {
+    match given.strip_prefix("arn:") {
+        Some(arn) => arn.split(':').nth(5).unwrap_or_default(),
+        None => given.split(':').next().unwrap_or_default(),
+    }
+}
+
+async fn invoke(
+    State(state): State<InvokeApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(functions) = state.functions.get() else {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceException",
+            "switchyard is starting",
+        );
+    };
+    let name = function_name(&name);
+    let arn = switchyard_workers::runtime_api::function_arn(&state.region, name);
+    let Some(target) = functions.get(name) else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            &format!("Function not found: {arn}"),
+        );
+    };
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    match header("x-amz-invocation-type").unwrap_or("RequestResponse") {
+        "RequestResponse" => {}
+        "DryRun" => return StatusCode::NO_CONTENT.into_response(),
+        "Event" => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                "Event invocations are not supported yet: use a trigger",
+            );
+        }
+        other => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                &format!(
+                    "invalid X-Amz-Invocation-Type `{other}`: RequestResponse, Event or DryRun"
+                ),
+            );
+        }
+    }
+    let payload = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        MAX_PAYLOAD_BYTES,
+    ))
+    .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                &format!(
+                    "Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction operation"
+                ),
+            );
+        }
+        Err(error) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestContentException",
+                &format!("the request body could not be read: {error}"),
+            );
+        }
+    };
+    // Lambda passes the client context (base64 JSON) to the runtime decoded.
+    let client_context = header("x-amz-client-context").and_then(|encoded| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|decoded| String::from_utf8(decoded).ok())
+    });
+    // The function's budget, shared with its triggers: a bounded wait, then
+    // Lambda's throttling answer.
+    let Ok(_permit) = tokio::time::timeout(state.max_wait, target.limit.acquire()).await else {
+        let mut response = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequestsException",
+            "Rate Exceeded.",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    let called = target
+        .function
+        .call(payload, client_context, target.timeout)
+        .await;
+    let (body, content_type, function_error) = match called {
+        Called::Response { body, content_type } => (body, content_type, false),
+        Called::FunctionError { body, .. } => (body, Some("application/json".to_owned()), true),
+        Called::Failed {
+            error_type,
+            message,
+        } => (
+            Bytes::from(
+                serde_json::to_vec(&serde_json::json!({
+                    "errorMessage": message,
+                    "errorType": error_type,
+                }))
+                .expect("json serializes"),
+            ),
+            Some("application/json".to_owned()),
+            true,
+        ),
+    };
+    let mut response = (StatusCode::OK, body).into_response();
+    let response_headers = response.headers_mut();
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        content_type
+            .and_then(|value| HeaderValue::from_str(&value).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    response_headers.insert(
+        "x-amz-executed-version",
+        HeaderValue::from_static("$LATEST"),
+    );
+    if function_error {
+        response_headers.insert(
+            "x-amz-function-error",
+            HeaderValue::from_static("Unhandled"),
+        );
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_are_read_from_names_qualifiers_and_arns() {
+        assert_eq!(function_name("thumbs"), "thumbs");
+        assert_eq!(function_name("thumbs:$LATEST"), "thumbs");
+        assert_eq!(
+            function_name("arn:aws:lambda:us-east-1:000000000000:function:thumbs"),
+            "thumbs"
+        );
+        assert_eq!(
+            function_name("arn:aws:lambda:us-east-1:000000000000:function:thumbs:prod"),
+            "thumbs"
+        );
+    }
+}

@@ -1,0 +1,37 @@
+"""Calls Lambda's Invoke API with boto3, as any existing caller would, and prints
+what came back as one JSON line. Arguments: endpoint, function name, invocation
+type, payload (JSON text)."""
+
+import json
+import sys
+
+import boto3
+from botocore.config import Config
+
+endpoint, function, invocation_type, payload = sys.argv[1:5]
+client = boto3.client(
+    "lambda",
+    endpoint_url=endpoint,
+    region_name="us-east-1",
+    aws_access_key_id="test",
+    aws_secret_access_key="test",
+    config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
+)
+try:
+    response = client.invoke(
+        FunctionName=function, InvocationType=invocation_type, Payload=payload.encode()
+    )
+except client.exceptions.ResourceNotFoundException as error:
+    print(json.dumps({"error": "ResourceNotFoundException", "message": str(error)}))
+    sys.exit(0)
+body = response["Payload"].read()
+print(
+    json.dumps(
+        {
+            "StatusCode": response["StatusCode"],
+            "FunctionError": response.get("FunctionError"),
+            "ExecutedVersion": response.get("ExecutedVersion"),
+            "Payload": json.loads(body) if body else None,
+        }
+    )
+)

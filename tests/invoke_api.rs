@@ -1,0 +1,220 @@
+//! Lambda's Invoke API against a real nats-server, called by AWS's own clients
+//! (boto3 and the AWS CLI, installed by scripts/install-deps.sh) with dummy
+//! credentials, the handler run by awslambdaric.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{NatsServer, Switchyard, WAIT, base_config, random_name};
+
+fn installed(variable: &str) -> String {
+    let path = std::env::var(variable).unwrap_or_else(|_| {
+        panic!("{variable} is not set: run the tests through scripts/test.sh (it installs it)")
+    });
+    assert!(
+        Path::new(&path).exists(),
+        "{path} does not exist: run scripts/install-deps.sh"
+    );
+    path
+}
+
+fn functions_directory() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/functions")
+}
+
+/// Switchyard with the Invoke API on and one `lambda` function running the test
+/// handlers (`app.handler`).
+async fn start(function: &str, extra: &str, invoke_api: &str) -> (NatsServer, Switchyard) {
+    let nats = NatsServer::start();
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(&format!(
+        r#"
+[invoke_api]
+listen = "127.0.0.1:0"
+{invoke_api}
+
+[[functions]]
+type = "lambda"
+name = "{function}"
+command = ["{python}", "-m", "awslambdaric", "app.handler"]
+handler = "app.handler"
+directory = "{directory}"
+timeout = "20s"
+{extra}
+"#,
+        python = installed("SWITCHYARD_LAMBDA_PYTHON"),
+        directory = functions_directory().join("python").display(),
+    ));
+    let switchyard = Switchyard::start(text).await;
+    (nats, switchyard)
+}
+
+/// One boto3 `invoke`, as JSON: StatusCode, FunctionError, ExecutedVersion, Payload.
+async fn boto3_invoke(
+    endpoint: &str,
+    function: &str,
+    invocation_type: &str,
+    payload: serde_json::Value,
+) -> serde_json::Value {
+    let python = installed("SWITCHYARD_AWS_PYTHON");
+    let script = functions_directory().join("invoke_with_boto3.py");
+    let arguments = vec![
+        script.display().to_string(),
+        endpoint.to_owned(),
+        function.to_owned(),
+        invocation_type.to_owned(),
+        payload.to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(arguments)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "boto3 failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|error| panic!("{error}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_and_the_aws_cli_invoke_a_lambda_function_as_they_would_on_aws() {
+    let function = random_name("sync");
+    let (_nats, switchyard) = start(&function, "", "").await;
+    let endpoint = format!("http://{}", switchyard.invoke_api.expect("invoke api on"));
+
+    // RequestResponse: the request body is the event; the handler's answer comes back.
+    let answer = boto3_invoke(
+        &endpoint,
+        &function,
+        "RequestResponse",
+        serde_json::json!({"id": "direct-1", "data": {"action": "echo", "order": 7}}),
+    )
+    .await;
+    assert_eq!(answer["StatusCode"], 200, "{answer}");
+    assert_eq!(answer["FunctionError"], serde_json::Value::Null);
+    assert_eq!(answer["ExecutedVersion"], "$LATEST");
+    assert_eq!(answer["Payload"]["echo"]["order"], 7);
+    assert_eq!(answer["Payload"]["event_id"], "direct-1");
+    assert_eq!(answer["Payload"]["function"], function.as_str());
+
+    // A handler that raises: 200, FunctionError Unhandled, the error document.
+    let raised = boto3_invoke(
+        &endpoint,
+        &function,
+        "RequestResponse",
+        serde_json::json!({"data": {"action": "raise", "value": "y"}}),
+    )
+    .await;
+    assert_eq!(raised["StatusCode"], 200);
+    assert_eq!(raised["FunctionError"], "Unhandled");
+    assert_eq!(raised["Payload"]["errorType"], "ValueError");
+    assert_eq!(raised["Payload"]["errorMessage"], "bad input: y");
+
+    // DryRun: 204; an unknown function: ResourceNotFoundException.
+    let dry = boto3_invoke(&endpoint, &function, "DryRun", serde_json::json!({})).await;
+    assert_eq!(dry["StatusCode"], 204);
+    let missing = boto3_invoke(&endpoint, "nope", "RequestResponse", serde_json::json!({})).await;
+    assert_eq!(missing["error"], "ResourceNotFoundException", "{missing}");
+
+    // The AWS CLI (v1, from PyPI: `--payload` is the JSON itself), as a user would
+    // type it.
+    let directory = tempfile::tempdir().unwrap();
+    let out = directory.path().join("out.json");
+    let cli = installed("SWITCHYARD_AWS_CLI");
+    let arguments: Vec<String> = vec![
+        "lambda".into(),
+        "invoke".into(),
+        "--endpoint-url".into(),
+        endpoint.clone(),
+        "--region".into(),
+        "us-east-1".into(),
+        "--function-name".into(),
+        function.clone(),
+        "--payload".into(),
+        r#"{"id": "cli-1", "data": {"action": "echo", "order": 8}}"#.into(),
+        out.display().to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(cli)
+            .args(arguments)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "aws lambda invoke failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["StatusCode"], 200, "{printed}");
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(written["echo"]["order"], 8);
+    assert_eq!(written["event_id"], "cli-1");
+    switchyard.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_function_answers_429_after_the_bounded_wait() {
+    let function = random_name("full");
+    let (_nats, switchyard) = start(&function, "max_concurrency = 1", "max_wait = \"200ms\"").await;
+    let url = format!(
+        "http://{}/2015-03-31/functions/{function}/invocations",
+        switchyard.invoke_api.expect("invoke api on")
+    );
+    let client = reqwest::Client::new();
+    // One slow call holds the function's only place...
+    let slow = {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .body(r#"{"data": {"action": "sleep", "seconds": 3}}"#)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = switchyard.admin_json("/v1/functions").await;
+        if status["functions"][0]["instances"]["busy"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never ran: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...so the next waits 200ms, then gets Lambda's throttling answer.
+    let throttled = client
+        .post(&url)
+        .body(r#"{"data": {"action": "echo"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(throttled.status(), 429);
+    assert_eq!(throttled.headers()["retry-after"], "1");
+    assert_eq!(
+        throttled.headers()["x-amzn-errortype"],
+        "TooManyRequestsException"
+    );
+    assert_eq!(slow.await.unwrap(), 200);
+    switchyard.stop().await;
+}
