@@ -164,6 +164,36 @@ async fn boto3_and_the_aws_cli_invoke_a_lambda_function_as_they_would_on_aws() {
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(written["echo"]["order"], 8);
     assert_eq!(written["event_id"], "cli-1");
+
+    // `switchyard invoke`: the answer printed; a failed function exits 1.
+    let address = switchyard.invoke_api.unwrap().to_string();
+    let (ok, printed) = common::run_cli(
+        Path::new("/nonexistent.toml"),
+        &[
+            "invoke",
+            &function,
+            "--invoke-api",
+            &address,
+            "--data",
+            r#"{"data": {"action": "echo", "order": 9}}"#,
+        ],
+    );
+    assert!(ok, "{printed}");
+    let printed: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(printed["echo"]["order"], 9);
+    let (ok, printed) = common::run_cli(
+        Path::new("/nonexistent.toml"),
+        &[
+            "invoke",
+            &function,
+            "--invoke-api",
+            &address,
+            "--data",
+            r#"{"data": {"action": "raise", "value": "z"}}"#,
+        ],
+    );
+    assert!(!ok);
+    assert!(printed.contains("bad input: z"), "{printed}");
     switchyard.stop().await;
 }
 

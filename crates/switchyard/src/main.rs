@@ -72,6 +72,19 @@ enum Command {
         #[arg(long, default_value = "application/json")]
         content_type: String,
     },
+    /// Invoke a `lambda` function synchronously through the running process's Invoke
+    /// API (`invoke_api.listen`) and print its answer. Exits 1 when the function
+    /// failed (its error document is printed).
+    Invoke {
+        /// The function's name.
+        name: String,
+        /// The event: JSON text, `@FILE`, or `-` for standard input.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// The Invoke API to call, instead of the configuration's `invoke_api.listen`.
+        #[arg(long)]
+        invoke_api: Option<String>,
+    },
     /// Show the functions whose instances Switchyard runs (`lambda`, `process`):
     /// instances starting, idle and busy, cold starts, the last init error, limits.
     /// Asks the running process's admin listener (`admin.listen`).
@@ -323,6 +336,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         ""
                     }
                 );
+            }
+            Ok(())
+        }
+        Command::Invoke {
+            name,
+            data,
+            invoke_api,
+        } => {
+            let address = match invoke_api {
+                Some(address) => address,
+                None => {
+                    let loaded = load(&config)?;
+                    let listen = loaded.invoke_api.listen;
+                    if listen.is_empty() || listen.ends_with(":0") {
+                        anyhow::bail!(
+                            "{} has no fixed Invoke API address (invoke_api.listen = `{listen}`): set one, or pass --invoke-api HOST:PORT",
+                            config.display()
+                        );
+                    }
+                    listen
+                }
+            };
+            let payload = if data == "-" {
+                let mut read = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut read)?;
+                read
+            } else if let Some(file) = data.strip_prefix('@') {
+                std::fs::read(file).with_context(|| format!("reading {file}"))?
+            } else {
+                data.into_bytes()
+            };
+            let base = if address.starts_with("http://") {
+                address.trim_end_matches('/').to_owned()
+            } else {
+                format!("http://{address}")
+            };
+            let url = format!("{base}/2015-03-31/functions/{name}/invocations");
+            let response = reqwest::Client::new()
+                .post(&url)
+                .body(payload)
+                .send()
+                .await
+                .with_context(|| {
+                    format!("calling {url} (is switchyard running with invoke_api.listen?)")
+                })?;
+            let status = response.status();
+            let failed = response.headers().contains_key("x-amz-function-error");
+            let body = response.bytes().await?;
+            if !status.is_success() {
+                anyhow::bail!(
+                    "{url} answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            println!("{}", String::from_utf8_lossy(&body));
+            if failed {
+                std::process::exit(1);
             }
             Ok(())
         }
