@@ -28,6 +28,12 @@ fn functions_directory() -> PathBuf {
 /// handlers (`app.handler`).
 async fn start(function: &str, extra: &str, invoke_api: &str) -> (NatsServer, Switchyard) {
     let nats = NatsServer::start();
+    let text = config(&nats, function, extra, invoke_api);
+    let switchyard = Switchyard::start(text).await;
+    (nats, switchyard)
+}
+
+fn config(nats: &NatsServer, function: &str, extra: &str, invoke_api: &str) -> String {
     let mut text = base_config(&nats.url(), 0, 0);
     text.push_str(&format!(
         r#"
@@ -47,8 +53,7 @@ timeout = "20s"
         python = installed("SWITCHYARD_LAMBDA_PYTHON"),
         directory = functions_directory().join("python").display(),
     ));
-    let switchyard = Switchyard::start(text).await;
-    (nats, switchyard)
+    text
 }
 
 /// One boto3 `invoke`, as JSON: StatusCode, FunctionError, ExecutedVersion, Payload.
@@ -247,4 +252,80 @@ async fn a_full_function_answers_429_after_the_bounded_wait() {
     );
     assert_eq!(slow.await.unwrap(), 200);
     switchyard.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_functions_cluster_budget_holds_synchronous_calls_across_processes() {
+    // Two Switchyard processes, one configuration: max_concurrency = 1 across both
+    // (concurrency_scope = "cluster", the default).
+    let nats = NatsServer::start();
+    let function = random_name("shared");
+    let text = config(
+        &nats,
+        &function,
+        "max_concurrency = 1",
+        "max_wait = \"300ms\"",
+    );
+    let first = Switchyard::start(text.clone()).await;
+    let second = Switchyard::start(text).await;
+    let url = |switchyard: &Switchyard| {
+        format!(
+            "http://{}/2015-03-31/functions/{function}/invocations",
+            switchyard.invoke_api.expect("invoke api on")
+        )
+    };
+    let client = reqwest::Client::new();
+    let slow = {
+        let client = client.clone();
+        let url = url(&first);
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .body(r#"{"data": {"action": "sleep", "seconds": 3}}"#)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = first.admin_json("/v1/functions").await;
+        if status["functions"][0]["instances"]["busy"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never ran: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other process has its own local budget free, but the function's one
+    // cluster slot is taken.
+    let throttled = client
+        .post(url(&second))
+        .body(r#"{"data": {"action": "echo"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(throttled.status(), 429);
+    assert_eq!(slow.await.unwrap(), 200);
+    // Free again: the other process calls it, once the slot has moved over (a
+    // caller retries 429s, as AWS's clients do).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answered = client
+            .post(url(&second))
+            .body(r#"{"data": {"action": "echo", "order": 3}}"#)
+            .send()
+            .await
+            .unwrap();
+        if answered.status() == 200 {
+            break;
+        }
+        assert_eq!(answered.status(), 429);
+        assert!(Instant::now() < deadline, "the slot never came back");
+    }
+    second.stop().await;
+    first.stop().await;
 }

@@ -426,6 +426,15 @@ impl Dispatcher {
         })
     }
 
+    /// The cluster-wide slots of `function` (with `concurrency_scope = "cluster"`),
+    /// for callers outside the triggers that share its budget (synchronous calls).
+    pub fn function_slots(&self, function: &str) -> Option<Arc<FunctionSlots>> {
+        self.slots
+            .iter()
+            .find(|slots| slots.function() == function)
+            .cloned()
+    }
+
     pub fn view(&self) -> DispatcherView {
         DispatcherView {
             triggers: self.triggers.clone(),

@@ -171,6 +171,11 @@ impl FunctionSlots {
     }
 
     /// Takes a cached slot without waiting.
+    /// The function these slots belong to.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
     pub fn try_acquire(self: &Arc<Self>) -> Option<SlotPermit> {
         self.take_free()
     }

@@ -7,7 +7,8 @@
 //! `200` with `X-Amz-Function-Error: Unhandled` and the error document when the handler
 //! raised, timed out, crashed or could not start. `DryRun` answers `204` for a known
 //! function. A synchronous call takes a permit of the function's `max_concurrency`
-//! (the budget its triggers use in this process), waiting at most `max_wait`, then
+//! (the budget its triggers use: in this process, and across processes with the
+//! default `concurrency_scope = "cluster"`), waiting at most `max_wait`, then
 //! answers `429 TooManyRequestsException` with `Retry-After`; it is not stored on the
 //! bus. Request signatures are not checked: the listener is for loopback unless
 //! `insecure_listen` says otherwise. Not yet: `Event` invocations (answered
@@ -23,7 +24,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use switchyard_dispatcher::AdaptiveLimit;
+use switchyard_dispatcher::{AdaptiveLimit, FunctionSlots};
 use switchyard_workers::{Called, ManagedFunction};
 
 /// Largest synchronous payload, as Lambda's (6 MB).
@@ -34,6 +35,9 @@ pub struct InvokeFunction {
     pub function: ManagedFunction,
     /// The function's concurrency budget in this process, shared with its triggers.
     pub limit: Arc<AdaptiveLimit>,
+    /// Its budget across every process (`concurrency_scope = "cluster"`), shared
+    /// with its triggers too.
+    pub slots: Option<Arc<FunctionSlots>>,
     pub timeout: Duration,
 }
 
@@ -160,9 +164,18 @@ async fn invoke(
             .ok()
             .and_then(|decoded| String::from_utf8(decoded).ok())
     });
-    // The function's budget, shared with its triggers: a bounded wait, then
-    // Lambda's throttling answer.
-    let Ok(_permit) = tokio::time::timeout(state.max_wait, target.limit.acquire()).await else {
+    // The function's budget, shared with its triggers (in this process, then across
+    // processes): a bounded wait, then Lambda's throttling answer.
+    let permits = tokio::time::timeout(state.max_wait, async {
+        let local = target.limit.acquire().await;
+        let cluster = match &target.slots {
+            Some(slots) => Some(slots.acquire().await),
+            None => None,
+        };
+        (local, cluster)
+    })
+    .await;
+    let Ok(_permits) = permits else {
         let mut response = api_error(
             StatusCode::TOO_MANY_REQUESTS,
             "TooManyRequestsException",

@@ -255,7 +255,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let client = http_client();
         let mut functions = HashMap::new();
         // `lambda` functions, for the Invoke API: the function and its budget.
-        let mut invocable = HashMap::new();
+        let mut invocable = Vec::new();
         let mut callable = Vec::new();
         for function in &config.functions {
             let function = function.get_ref();
@@ -289,14 +289,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             };
             let limit = AdaptiveLimit::new(function.max_concurrency());
             if let Some((managed, timeout)) = callable.pop() {
-                invocable.insert(
-                    function.name().to_owned(),
-                    invoke_api::InvokeFunction {
-                        function: managed,
-                        limit: limit.clone(),
-                        timeout,
-                    },
-                );
+                invocable.push((function.name().to_owned(), managed, limit.clone(), timeout));
             }
             functions.insert(
                 function.name().to_owned(),
@@ -311,8 +304,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }),
             );
         }
-        // Lambda's Invoke API calls them from now on.
-        invoke_api_state.set_functions(invocable);
+
         let triggers: Vec<TriggerConfig> = config
             .triggers
             .iter()
@@ -358,6 +350,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .context("starting the dispatcher")?;
         admin_state.set_dispatcher(dispatcher.view(), bus.clone());
+        // Lambda's Invoke API calls them from now on, within the same budgets as
+        // their triggers.
+        invoke_api_state.set_functions(
+            invocable
+                .into_iter()
+                .map(|(name, function, limit, timeout)| {
+                    let slots = dispatcher.function_slots(&name);
+                    (
+                        name,
+                        invoke_api::InvokeFunction {
+                            function,
+                            limit,
+                            slots,
+                            timeout,
+                        },
+                    )
+                })
+                .collect(),
+        );
         let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
         let source_shutdown = CancellationToken::new();
         let mut supervised: Vec<Arc<dyn Source>> = Vec::new();
