@@ -63,6 +63,17 @@ async fn boto3_invoke(
     invocation_type: &str,
     payload: serde_json::Value,
 ) -> serde_json::Value {
+    boto3_invoke_logged(endpoint, function, invocation_type, payload, "None").await
+}
+
+/// As [`boto3_invoke`], with boto3's `LogType`; the decoded log is in `Log`.
+async fn boto3_invoke_logged(
+    endpoint: &str,
+    function: &str,
+    invocation_type: &str,
+    payload: serde_json::Value,
+    log_type: &str,
+) -> serde_json::Value {
     let python = installed("SWITCHYARD_AWS_PYTHON");
     let script = functions_directory().join("invoke_with_boto3.py");
     let arguments = vec![
@@ -71,6 +82,7 @@ async fn boto3_invoke(
         function.to_owned(),
         invocation_type.to_owned(),
         payload.to_string(),
+        log_type.to_owned(),
     ];
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
@@ -109,6 +121,22 @@ async fn boto3_and_the_aws_cli_invoke_a_lambda_function_as_they_would_on_aws() {
     assert_eq!(answer["Payload"]["echo"]["order"], 7);
     assert_eq!(answer["Payload"]["event_id"], "direct-1");
     assert_eq!(answer["Payload"]["function"], function.as_str());
+
+    // LogType Tail: the invocation's log comes back with the answer.
+    let logged = boto3_invoke_logged(
+        &endpoint,
+        &function,
+        "RequestResponse",
+        serde_json::json!({"id": "tail-1", "data": {"action": "echo"}}),
+        "Tail",
+    )
+    .await;
+    assert_eq!(logged["StatusCode"], 200);
+    let log = logged["Log"].as_str().expect("a log came back");
+    assert!(log.starts_with("START RequestId: "), "{log}");
+    assert!(log.contains("echoing tail-1"), "{log}");
+    assert!(log.contains("\nEND RequestId: "), "{log}");
+    assert!(log.contains("\nREPORT RequestId: "), "{log}");
 
     // A handler that raises: 200, FunctionError Unhandled, the error document.
     let raised = boto3_invoke(

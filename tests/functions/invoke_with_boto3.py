@@ -1,7 +1,8 @@
 """Calls Lambda's Invoke API with boto3, as any existing caller would, and prints
 what came back as one JSON line. Arguments: endpoint, function name, invocation
-type, payload (JSON text)."""
+type, payload (JSON text), and optionally `Tail` for the log."""
 
+import base64
 import json
 import sys
 
@@ -9,6 +10,7 @@ import boto3
 from botocore.config import Config
 
 endpoint, function, invocation_type, payload = sys.argv[1:5]
+log_type = sys.argv[5] if len(sys.argv) > 5 else "None"
 client = boto3.client(
     "lambda",
     endpoint_url=endpoint,
@@ -19,7 +21,10 @@ client = boto3.client(
 )
 try:
     response = client.invoke(
-        FunctionName=function, InvocationType=invocation_type, Payload=payload.encode()
+        FunctionName=function,
+        InvocationType=invocation_type,
+        LogType=log_type,
+        Payload=payload.encode(),
     )
 except client.exceptions.ResourceNotFoundException as error:
     print(json.dumps({"error": "ResourceNotFoundException", "message": str(error)}))
@@ -32,6 +37,9 @@ print(
             "FunctionError": response.get("FunctionError"),
             "ExecutedVersion": response.get("ExecutedVersion"),
             "Payload": json.loads(body) if body else None,
+            "Log": base64.b64decode(response["LogResult"]).decode()
+            if "LogResult" in response
+            else None,
         }
     )
 )

@@ -10,9 +10,10 @@
 //! (the budget its triggers use: in this process, and across processes with the
 //! default `concurrency_scope = "cluster"`), waiting at most `max_wait`, then
 //! answers `429 TooManyRequestsException` with `Retry-After`; it is not stored on the
-//! bus. Request signatures are not checked: the listener is for loopback unless
-//! `insecure_listen` says otherwise. Not yet: `Event` invocations (answered
-//! `400 InvalidParameterValueException`), `X-Amz-Log-Type: Tail`.
+//! bus. `X-Amz-Log-Type: Tail` returns the invocation's log (its last 4 KB, base64)
+//! in `X-Amz-Log-Result`. Request signatures are not checked: the listener is for
+//! loopback unless `insecure` says otherwise. Not yet: `Event` invocations (answered
+//! `400 InvalidParameterValueException`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -186,9 +187,10 @@ async fn invoke(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let called = target
+    let tail = header("x-amz-log-type") == Some("Tail");
+    let (called, log) = target
         .function
-        .call(payload, client_context, target.timeout)
+        .call(payload, client_context, target.timeout, tail)
         .await;
     let (body, content_type, function_error) = match called {
         Called::Response { body, content_type } => (body, content_type, false),
@@ -225,6 +227,19 @@ async fn invoke(
             "x-amz-function-error",
             HeaderValue::from_static("Unhandled"),
         );
+    }
+    if let Some(log) = log {
+        // The last 4 KB of the invocation's log, base64, as Lambda returns it.
+        use base64::Engine as _;
+        let mut start = log.len().saturating_sub(4096);
+        while !log.is_char_boundary(start) {
+            start += 1;
+        }
+        if let Ok(value) = HeaderValue::from_str(
+            &base64::engine::general_purpose::STANDARD.encode(&log.as_bytes()[start..]),
+        ) {
+            response_headers.insert("x-amz-log-result", value);
+        }
     }
     response
 }

@@ -221,24 +221,58 @@ pub(crate) async fn invoke(pool: &Pool, lease: Lease, event: &Event, timeout: Du
         Bytes::from(to_structured_json(event)),
         None,
         timeout,
+        false,
     )
     .await
+    .0
     .into_outcome()
 }
 
 /// Runs one invocation with `payload` as the event (as Lambda's Invoke API passes
-/// its request body) on the leased instance.
+/// its request body) on the leased instance; with `log`, also returns its log as
+/// Lambda's `LogType: Tail` shows it (`START`, what the handler printed, `END`,
+/// `REPORT`), when the instance takes one invocation at a time.
 pub(crate) async fn call(
     pool: &Pool,
+    lease: Lease,
+    payload: Bytes,
+    client_context: Option<String>,
+    timeout: Duration,
+    log: bool,
+) -> (Called, Option<String>) {
+    let collect = log && pool.spec.instance_concurrency <= 1;
+    let instance = lease.instance.clone();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    if collect {
+        instance.process.start_log(&request_id);
+    }
+    let started = std::time::Instant::now();
+    let called = run(pool, lease, &request_id, payload, client_context, timeout).await;
+    if !collect {
+        return (called, None);
+    }
+    let printed = instance.process.finish_log().await;
+    let duration = started.elapsed().as_secs_f64() * 1000.0;
+    let log = format!(
+        "START RequestId: {request_id} Version: $LATEST\n{printed}END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\t\n",
+        duration.ceil() as u64,
+        pool.spec.memory_mb
+    );
+    (called, Some(log))
+}
+
+async fn run(
+    pool: &Pool,
     mut lease: Lease,
+    request_id: &str,
     payload: Bytes,
     client_context: Option<String>,
     timeout: Duration,
 ) -> Called {
+    let request_id = request_id.to_owned();
     let Endpoint::Lambda { api, .. } = &lease.instance.endpoint else {
         unreachable!("a lambda instance serves the runtime api")
     };
-    let request_id = uuid::Uuid::new_v4().to_string();
     let deadline = SystemTime::now() + timeout;
     let invocation = Invocation {
         request_id: request_id.clone(),

@@ -721,13 +721,15 @@ impl ManagedFunction {
         payload: bytes::Bytes,
         client_context: Option<String>,
         timeout: Duration,
-    ) -> crate::lambda::Called {
+        log: bool,
+    ) -> (crate::lambda::Called, Option<String>) {
         assert!(self.is_lambda(), "call is for lambda functions");
         match self.pool.acquire().await {
             Ok(lease) => {
                 let started = Instant::now();
                 let called =
-                    crate::lambda::call(&self.pool, lease, payload, client_context, timeout).await;
+                    crate::lambda::call(&self.pool, lease, payload, client_context, timeout, log)
+                        .await;
                 self.pool
                     .shared
                     .metrics
@@ -736,10 +738,13 @@ impl ManagedFunction {
                     .observe(started.elapsed().as_secs_f64());
                 called
             }
-            Err(failure) => crate::lambda::Called::Failed {
-                error_type: failure.error_type,
-                message: failure.message,
-            },
+            Err(failure) => (
+                crate::lambda::Called::Failed {
+                    error_type: failure.error_type,
+                    message: failure.message,
+                },
+                None,
+            ),
         }
     }
 }

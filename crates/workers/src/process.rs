@@ -78,6 +78,54 @@ pub struct InstanceProcess {
 struct Output {
     request: Mutex<Option<String>>,
     tail: Mutex<VecDeque<String>>,
+    /// The log of one invocation being collected (for Lambda's `LogType: Tail`): its
+    /// request id and its lines so far.
+    invocation: Mutex<Option<(String, String)>>,
+    /// Each captured stream's pipe and how far it was read and handled, so the log
+    /// of an invocation can wait until what it printed before answering is in.
+    streams: Mutex<Vec<Arc<StreamProgress>>>,
+}
+
+/// How far one captured pipe was read, and handled line by line.
+struct StreamProgress {
+    fd: std::os::fd::RawFd,
+    read: std::sync::atomic::AtomicU64,
+    handled: std::sync::atomic::AtomicU64,
+}
+
+impl StreamProgress {
+    /// Nothing left in the pipe, and everything read handled.
+    fn drained(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut pending: nix::libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; the fd is the pipe the capture reads
+        // (a failed call, e.g. after it closed, counts as nothing pending).
+        let result = unsafe { nix::libc::ioctl(self.fd, nix::libc::FIONREAD, &mut pending) };
+        (result != 0 || pending == 0)
+            && self.read.load(Ordering::SeqCst) == self.handled.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts what is read through it.
+struct Counting<R> {
+    inner: R,
+    progress: Arc<StreamProgress>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buffer.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(context, buffer);
+        let read = (buffer.filled().len() - before) as u64;
+        self.progress
+            .read
+            .fetch_add(read, std::sync::atomic::Ordering::SeqCst);
+        polled
+    }
 }
 
 impl InstanceProcess {
@@ -156,6 +204,8 @@ impl InstanceProcess {
         let output = Arc::new(Output {
             request: Mutex::new(None),
             tail: Mutex::new(VecDeque::new()),
+            invocation: Mutex::new(None),
+            streams: Mutex::new(Vec::new()),
         });
         let (exit_sender, exit) = watch::channel(None);
         if let Some(stdout) = child.stdout.take() {
@@ -229,6 +279,33 @@ impl InstanceProcess {
         *self.output.request.lock().expect("output lock") = request.map(str::to_owned);
     }
 
+    /// Starts collecting what the instance prints for invocation `request` (one
+    /// invocation at a time).
+    pub fn start_log(&self, request: &str) {
+        *self.output.invocation.lock().expect("output lock") =
+            Some((request.to_owned(), String::new()));
+    }
+
+    /// What the instance printed for the invocation of [`Self::start_log`]: waits
+    /// (at most 100 ms) until what it wrote before answering has been read.
+    pub async fn finish_log(&self) -> String {
+        let streams: Vec<Arc<StreamProgress>> =
+            self.output.streams.lock().expect("output lock").clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        while !streams.iter().all(|stream| stream.drained())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.output
+            .invocation
+            .lock()
+            .expect("output lock")
+            .take()
+            .map(|(_, log)| log)
+            .unwrap_or_default()
+    }
+
     /// The instance's last lines of output, oldest first.
     pub fn tail(&self) -> String {
         let tail = self.output.tail.lock().expect("output lock");
@@ -294,23 +371,41 @@ fn spawner() -> &'static std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>> {
 /// Logs `stream` line by line, tagged with the function, the instance and the
 /// request in progress; keeps the last lines for error messages.
 async fn capture(
-    stream: impl AsyncRead + Unpin,
+    stream: impl AsyncRead + Unpin + std::os::fd::AsRawFd,
     name: &'static str,
     function: String,
     instance: String,
     output: Arc<Output>,
 ) {
     use futures::StreamExt;
+    use std::sync::atomic::Ordering;
+    let progress = Arc::new(StreamProgress {
+        fd: stream.as_raw_fd(),
+        read: std::sync::atomic::AtomicU64::new(0),
+        handled: std::sync::atomic::AtomicU64::new(0),
+    });
+    output
+        .streams
+        .lock()
+        .expect("output lock")
+        .push(progress.clone());
     let mut lines = FramedRead::new(
-        stream,
+        Counting {
+            inner: stream,
+            progress: progress.clone(),
+        },
         AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE_BYTES),
     );
     while let Some(line) = lines.next().await {
-        let line: Bytes = match line {
-            Ok(line) => line,
+        let (line, counted) = match line {
+            Ok(line) => (line, false),
             // A line over the limit: the codec drops the rest of it.
             Err(tokio_util::codec::AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
-                Bytes::from_static(b"[line longer than 16 KiB cut]")
+                // What was read of it is handled (dropped).
+                progress
+                    .handled
+                    .store(progress.read.load(Ordering::SeqCst), Ordering::SeqCst);
+                (Bytes::from_static(b"[line longer than 16 KiB cut]"), true)
             }
             Err(_) => break,
         };
@@ -322,12 +417,39 @@ async fn capture(
         for part in text.split('\r') {
             tracing::info!(target: "switchyard::function", function = %function, instance = %instance, request_id = request.as_deref().unwrap_or(""), stream = name, "{part}");
         }
-        let mut tail = output.tail.lock().expect("output lock");
-        tail.push_back(text.replace('\r', "\n"));
-        while tail.iter().map(String::len).sum::<usize>() > TAIL_BYTES && tail.len() > 1 {
-            tail.pop_front();
+        if let Some((collecting, log)) = output.invocation.lock().expect("output lock").as_mut()
+            && request.as_deref() == Some(collecting.as_str())
+        {
+            log.push_str(&text.replace('\r', "\n"));
+            log.push('\n');
+            // Kept small: only its end is returned.
+            if log.len() > 64 * 1024 {
+                let mut cut = log.len() - 32 * 1024;
+                while !log.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                log.drain(..cut);
+            }
+        }
+        {
+            let mut tail = output.tail.lock().expect("output lock");
+            tail.push_back(text.replace('\r', "\n"));
+            while tail.iter().map(String::len).sum::<usize>() > TAIL_BYTES && tail.len() > 1 {
+                tail.pop_front();
+            }
+        }
+        // The line and its newline, as read (a line cut at the limit was counted
+        // above).
+        if !counted {
+            progress
+                .handled
+                .fetch_add(line.len() as u64 + 1, Ordering::SeqCst);
         }
     }
+    // Closed: nothing more will come.
+    progress
+        .handled
+        .store(progress.read.load(Ordering::SeqCst), Ordering::SeqCst);
 }
 
 /// This process's owner mark for its instances: `<pid namespace>:<pid>:<start

@@ -23,6 +23,7 @@ def handler(event, context):
     data = _data(event)
     action = data.get("action", "echo")
     if action == "echo":
+        print(f"echoing {event.get('id')}")
         return {
             "echo": data,
             "event_id": event.get("id"),
