@@ -11,7 +11,9 @@
 //! (e) Kafka -> function beside bare rdkafka loops (see `kafka.rs`), with `--kafka`;
 //! (f) object store -> function (see `objects.rs`);
 //! (g) managed lambda functions: cold start beside a bare start, warm invocations
-//!     beside AWS's Runtime Interface Emulator, idle memory (see `functions.rs`).
+//!     beside AWS's Runtime Interface Emulator, idle memory (see `functions.rs`);
+//! (h) synchronous invocation through the Lambda Invoke API beside the emulator's
+//!     invoke endpoint, at 1, 8 and 64 callers (`--invoke-only`).
 //!
 //! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
@@ -622,6 +624,11 @@ fn main() -> anyhow::Result<()> {
             .any(|argument| argument == "--functions-only")
         {
             functions::bench_functions(&nats, &binary, quick).await?;
+            functions::bench_sync_invoke(&nats, &binary, quick).await?;
+            return Ok(());
+        }
+        if arguments.iter().any(|argument| argument == "--invoke-only") {
+            functions::bench_sync_invoke(&nats, &binary, quick).await?;
             return Ok(());
         }
         if arguments.iter().any(|argument| argument == "--kafka-only") {
@@ -647,6 +654,7 @@ fn main() -> anyhow::Result<()> {
         let (notified, polled) = if quick { (500, 2_000) } else { (2_000, 20_000) };
         objects::bench_objects(&nats, notified, polled).await?;
         functions::bench_functions(&nats, &binary, quick).await?;
+        functions::bench_sync_invoke(&nats, &binary, quick).await?;
         Ok(())
     })
 }
