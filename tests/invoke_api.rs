@@ -230,19 +230,16 @@ async fn boto3_and_the_aws_cli_invoke_a_lambda_function_as_they_would_on_aws() {
     switchyard.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_function_answers_429_after_the_bounded_wait() {
-    let function = random_name("full");
-    let (_nats, switchyard) = start(&function, "max_concurrency = 1", "max_wait = \"200ms\"").await;
-    let url = format!(
-        "http://{}/2015-03-31/functions/{function}/invocations",
-        switchyard.invoke_api.expect("invoke api on")
-    );
-    let client = reqwest::Client::new();
-    // One slow call holds the function's only place...
+/// Starts a 3-second call of the function at `url` and waits (bounded) until
+/// `switchyard` runs it; the task answers the call's status.
+async fn hold_the_function(
+    client: &reqwest::Client,
+    url: &str,
+    switchyard: &Switchyard,
+) -> tokio::task::JoinHandle<reqwest::StatusCode> {
     let slow = {
         let client = client.clone();
-        let url = url.clone();
+        let url = url.to_owned();
         tokio::spawn(async move {
             client
                 .post(url)
@@ -257,7 +254,7 @@ async fn a_full_function_answers_429_after_the_bounded_wait() {
     loop {
         let status = switchyard.admin_json("/v1/functions").await;
         if status["functions"][0]["instances"]["busy"] == 1 {
-            break;
+            return slow;
         }
         assert!(
             Instant::now() < deadline,
@@ -265,6 +262,19 @@ async fn a_full_function_answers_429_after_the_bounded_wait() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_function_answers_429_after_the_bounded_wait() {
+    let function = random_name("full");
+    let (_nats, switchyard) = start(&function, "max_concurrency = 1", "max_wait = \"200ms\"").await;
+    let url = format!(
+        "http://{}/2015-03-31/functions/{function}/invocations",
+        switchyard.invoke_api.expect("invoke api on")
+    );
+    let client = reqwest::Client::new();
+    // One slow call holds the function's only place...
+    let slow = hold_the_function(&client, &url, &switchyard).await;
     // ...so the next waits 200ms, then gets Lambda's throttling answer.
     let throttled = client
         .post(&url)
@@ -303,31 +313,7 @@ async fn a_functions_cluster_budget_holds_synchronous_calls_across_processes() {
         )
     };
     let client = reqwest::Client::new();
-    let slow = {
-        let client = client.clone();
-        let url = url(&first);
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .body(r#"{"data": {"action": "sleep", "seconds": 3}}"#)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = first.admin_json("/v1/functions").await;
-        if status["functions"][0]["instances"]["busy"] == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slow call never ran: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slow = hold_the_function(&client, &url(&first), &first).await;
     // The other process has its own local budget free, but the function's one
     // cluster slot is taken.
     let throttled = client

@@ -311,11 +311,12 @@ impl Warm {
     }
 }
 
-/// The Rust handler under aws-lambda-rie, invoked over HTTP one at a time.
-async fn rie_warm(binary: &str, count: usize) -> anyhow::Result<Warm> {
+/// aws-lambda-rie running `binary`, once its first invocation (which starts the
+/// runtime) answered: the process and its invoke URL.
+async fn start_rie(binary: &str) -> anyhow::Result<(std::process::Child, String)> {
     let rie = installed("SWITCHYARD_LAMBDA_RIE")?;
     let (front, runtime) = (free_port(), free_port());
-    let mut child = Command::new(rie)
+    let child = Command::new(rie)
         .arg("--runtime-interface-emulator-address")
         .arg(format!("127.0.0.1:{front}"))
         .arg("--runtime-api-address")
@@ -327,19 +328,20 @@ async fn rie_warm(binary: &str, count: usize) -> anyhow::Result<Warm> {
         .stderr(Stdio::null())
         .spawn()?;
     let url = format!("http://127.0.0.1:{front}/2015-03-31/functions/function/invocations");
-    let client = reqwest::Client::new();
     let body = switchyard_event::to_structured_json(&bench_event("rie"));
     let deadline = Instant::now() + Duration::from_secs(30);
-    // The first invocation starts the runtime.
-    loop {
-        if let Ok(response) = client.post(&url).body(body.clone()).send().await
-            && response.status().is_success()
-        {
-            break;
-        }
+    while http_load(&url, &body, 1, 1).await.1.is_empty() {
         anyhow::ensure!(Instant::now() < deadline, "aws-lambda-rie did not answer");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok((child, url))
+}
+
+/// The Rust handler under aws-lambda-rie, invoked over HTTP one at a time.
+async fn rie_warm(binary: &str, count: usize) -> anyhow::Result<Warm> {
+    let (mut child, url) = start_rie(binary).await?;
+    let client = reqwest::Client::new();
+    let body = switchyard_event::to_structured_json(&bench_event("rie"));
     let mut latencies = Vec::with_capacity(count);
     let started = Instant::now();
     for _ in 0..count {
@@ -659,25 +661,7 @@ pub(crate) async fn bench_sync_invoke(
     let rust = installed("SWITCHYARD_LAMBDA_RUST")?;
     let body = switchyard_event::to_structured_json(&bench_event("sync"));
     // aws-lambda-rie, started and warmed as in (g).
-    let rie = installed("SWITCHYARD_LAMBDA_RIE")?;
-    let (front, runtime) = (free_port(), free_port());
-    let mut emulator = Command::new(rie)
-        .arg("--runtime-interface-emulator-address")
-        .arg(format!("127.0.0.1:{front}"))
-        .arg("--runtime-api-address")
-        .arg(format!("127.0.0.1:{runtime}"))
-        .arg(&rust)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let rie_url = format!("http://127.0.0.1:{front}/2015-03-31/functions/function/invocations");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_load(&rie_url, &body, 1, 1).await.1.is_empty() {
-        anyhow::ensure!(Instant::now() < deadline, "aws-lambda-rie did not answer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut emulator, rie_url) = start_rie(&rust).await?;
     // Switchyard with the Invoke API and the same binary as a lambda function.
     let prefix = format!(
         "benchsync{}",

@@ -545,6 +545,15 @@ impl Pool {
         }
     }
 
+    /// Records how long an invocation took from `started`.
+    fn observe_invocation(&self, started: Instant) {
+        self.shared
+            .metrics
+            .function_invocation_duration_seconds
+            .get_or_create(&self.labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// Starts the function's command for instance `label` with `environment`, in
     /// cgroups of its own where the host allows.
     pub(crate) async fn spawn_instance(
@@ -730,12 +739,7 @@ impl ManagedFunction {
                 let called =
                     crate::lambda::call(&self.pool, lease, payload, client_context, timeout, log)
                         .await;
-                self.pool
-                    .shared
-                    .metrics
-                    .function_invocation_duration_seconds
-                    .get_or_create(&self.pool.labels)
-                    .observe(started.elapsed().as_secs_f64());
+                self.pool.observe_invocation(started);
                 called
             }
             Err(failure) => (
@@ -801,12 +805,7 @@ impl Target for ManagedFunction {
             }
             Endpoint::Http { .. } => crate::web::invoke(&self.pool, lease, event, timeout).await,
         };
-        self.pool
-            .shared
-            .metrics
-            .function_invocation_duration_seconds
-            .get_or_create(&self.pool.labels)
-            .observe(started.elapsed().as_secs_f64());
+        self.pool.observe_invocation(started);
         outcome
     }
 }

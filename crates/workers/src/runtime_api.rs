@@ -320,40 +320,29 @@ fn event_response(invocation: &Invocation) -> Response {
 
 async fn next(State(api): State<RuntimeApi>) -> Response {
     if api.multi() {
-        return next_of_many(api).await;
+        wait_for_next(&api, next_of_many).await
+    } else {
+        wait_for_next(&api, next_of_one).await
     }
+}
+
+/// Looks (under the lock) for what `/next` answers, until `step` has a response.
+/// `step` also says whether this call ended init (the runtime's first `/next`):
+/// whoever waits for that goes on, and this call looks again.
+async fn wait_for_next(
+    api: &RuntimeApi,
+    step: impl Fn(&mut Inner) -> (Option<Response>, bool),
+) -> Response {
     loop {
         let changed = api.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let mut init_over = false;
-        {
-            let mut inner = api.inner.lock().expect("runtime api lock");
-            match inner.phase {
-                Phase::InitError => return invalid_transition("InitError", "Ready"),
-                // Asked again before answering: the same event again, as the
-                // emulator does.
-                Phase::Running => {
-                    if let Some(current) = &inner.current {
-                        return event_response(&current.invocation);
-                    }
-                }
-                Phase::Started => {
-                    inner.phase = Phase::Ready;
-                    init_over = true;
-                }
-                Phase::Ready | Phase::ResponseSent => inner.phase = Phase::Ready,
-            }
-            if let Some(pending) = inner.pending.take() {
-                let response = event_response(&pending.invocation);
-                inner.current = Some(pending);
-                inner.phase = Phase::Running;
-                return response;
-            }
+        let (response, init_over) = step(&mut api.inner.lock().expect("runtime api lock"));
+        if let Some(response) = response {
+            return response;
         }
         if init_over {
-            // The first `/next`: init is over; whoever waits for it goes on. (This
-            // wakes our own wait too: look again with a fresh one.)
+            // This wakes our own wait too: look again with a fresh one.
             api.changed.notify_waiters();
             continue;
         }
@@ -361,47 +350,61 @@ async fn next(State(api): State<RuntimeApi>) -> Response {
     }
 }
 
-/// `/next` with multi-concurrency: each call takes the next invocation handed over
-/// (several runtime workers ask at once); the first call ends init.
-async fn next_of_many(api: RuntimeApi) -> Response {
-    loop {
-        let changed = api.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let mut init_over = false;
-        {
-            let mut inner = api.inner.lock().expect("runtime api lock");
-            match inner.phase {
-                Phase::InitError => return invalid_transition("InitError", "Ready"),
-                Phase::Started => {
-                    inner.phase = Phase::Ready;
-                    init_over = true;
-                }
-                _ => {}
-            }
-            // Skips invocations whose caller has given up.
-            while inner.queued.front().is_some_and(|queued| {
-                queued
-                    .answer
-                    .as_ref()
-                    .is_none_or(|answer| answer.is_closed())
-            }) {
-                inner.queued.pop_front();
-            }
-            if let Some(taken) = inner.queued.pop_front() {
-                let response = event_response(&taken.invocation);
-                inner
-                    .running
-                    .insert(taken.invocation.request_id.clone(), taken);
-                return response;
+/// Classic `/next`: the invocation handed over, or the same one again when asked
+/// twice before answering (as the emulator does).
+fn next_of_one(inner: &mut Inner) -> (Option<Response>, bool) {
+    let mut init_over = false;
+    match inner.phase {
+        Phase::InitError => return (Some(invalid_transition("InitError", "Ready")), false),
+        Phase::Running => {
+            if let Some(current) = &inner.current {
+                return (Some(event_response(&current.invocation)), false);
             }
         }
-        if init_over {
-            api.changed.notify_waiters();
-            continue;
+        Phase::Started => {
+            inner.phase = Phase::Ready;
+            init_over = true;
         }
-        changed.await;
+        Phase::Ready | Phase::ResponseSent => inner.phase = Phase::Ready,
     }
+    if let Some(pending) = inner.pending.take() {
+        let response = event_response(&pending.invocation);
+        inner.current = Some(pending);
+        inner.phase = Phase::Running;
+        return (Some(response), init_over);
+    }
+    (None, init_over)
+}
+
+/// `/next` with multi-concurrency: each call takes the next invocation handed over
+/// (several runtime workers ask at once).
+fn next_of_many(inner: &mut Inner) -> (Option<Response>, bool) {
+    let mut init_over = false;
+    match inner.phase {
+        Phase::InitError => return (Some(invalid_transition("InitError", "Ready")), false),
+        Phase::Started => {
+            inner.phase = Phase::Ready;
+            init_over = true;
+        }
+        _ => {}
+    }
+    // Skips invocations whose caller has given up.
+    while inner.queued.front().is_some_and(|queued| {
+        queued
+            .answer
+            .as_ref()
+            .is_none_or(|answer| answer.is_closed())
+    }) {
+        inner.queued.pop_front();
+    }
+    if let Some(taken) = inner.queued.pop_front() {
+        let response = event_response(&taken.invocation);
+        inner
+            .running
+            .insert(taken.invocation.request_id.clone(), taken);
+        return (Some(response), init_over);
+    }
+    (None, init_over)
 }
 
 /// Reads a body of at most [`MAX_PAYLOAD_BYTES`]; `None` when larger.
