@@ -412,3 +412,45 @@ fn an_invoke_api_open_to_the_network_is_refused_without_insecure() {
     let (ok, output) = validate("[invoke_api]\nlisten = \"127.0.0.1:9001\"\n");
     assert!(ok, "{output}");
 }
+
+/// AWS-shaped payloads are for `lambda` functions; with the Invoke API on, each
+/// `lambda` function's `invoke-<name>` trigger name is taken and its `async`
+/// settings are checked.
+#[test]
+fn aws_payload_and_event_invocation_mistakes_are_located() {
+    let text = r#"
+[invoke_api]
+listen = "127.0.0.1:9001"
+
+[[functions]]
+type = "log"
+name = "printer"
+
+[[functions]]
+type = "lambda"
+name = "thumbs"
+command = ["python3"]
+async = { attempts = 0 }
+
+[[triggers]]
+name = "shaped"
+function = "printer"
+payload = "aws"
+
+[[triggers]]
+name = "invoke-thumbs"
+function = "thumbs"
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:13:1: field `async`: `attempts` must be at least 1",
+        "DIR/broken.toml:18:1: field `payload`: `aws` payloads are for `lambda` functions; `printer` receives CloudEvents",
+        "DIR/broken.toml:21:1: field `name`: `invoke-thumbs` is the name of the trigger delivering function `thumbs`'s Event invocations",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

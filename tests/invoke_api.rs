@@ -7,6 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use switchyard_bus::async_nats;
+
 use common::{NatsServer, Switchyard, WAIT, base_config, random_name};
 
 fn installed(variable: &str) -> String {
@@ -342,4 +345,180 @@ async fn a_functions_cluster_budget_holds_synchronous_calls_across_processes() {
     }
     second.stop().await;
     first.stop().await;
+}
+
+/// Runs the AWS CLI (v1, from PyPI) with dummy credentials; its stdout as JSON.
+async fn aws_cli(arguments: Vec<String>) -> serde_json::Value {
+    let cli = installed("SWITCHYARD_AWS_CLI");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(cli)
+            .args(arguments)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "the aws cli failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_invocations_are_stored_then_delivered_with_retries_and_a_dead_letter() {
+    let function = random_name("async");
+    let nats = NatsServer::start();
+    let results = format!("results.{function}");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = client.subscribe(results.clone()).await.unwrap();
+    client.flush().await.unwrap();
+    let text = config(
+        &nats,
+        &function,
+        &format!(
+            r#"async = {{ attempts = 2, retry_delay = "50ms", on_success = {{ type = "nats", subject = "{results}" }} }}"#
+        ),
+        "",
+    );
+    let switchyard = Switchyard::start(text).await;
+    let endpoint = format!("http://{}", switchyard.invoke_api.expect("invoke api on"));
+
+    // boto3's InvocationType=Event: 202 once stored, then the handler runs it with
+    // the payload as given and the request id the caller was told.
+    let accepted = boto3_invoke(
+        &endpoint,
+        &function,
+        "Event",
+        serde_json::json!({"id": "async-1", "data": {"action": "echo", "order": 5}}),
+    )
+    .await;
+    assert_eq!(accepted["StatusCode"], 202, "{accepted}");
+    assert_eq!(accepted["Payload"], serde_json::Value::Null);
+    let request_id = accepted["RequestId"]
+        .as_str()
+        .expect("a request id")
+        .to_owned();
+    let answer = tokio::time::timeout(WAIT, answers.next())
+        .await
+        .expect("the Event invocation ran")
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer["echo"]["order"], 5, "{answer}");
+    assert_eq!(answer["event_id"], "async-1");
+    assert_eq!(answer["request_id"], request_id.as_str());
+
+    // The AWS CLI's --invocation-type Event.
+    let printed = aws_cli(vec![
+        "lambda".into(),
+        "invoke".into(),
+        "--endpoint-url".into(),
+        endpoint.clone(),
+        "--region".into(),
+        "us-east-1".into(),
+        "--function-name".into(),
+        function.clone(),
+        "--invocation-type".into(),
+        "Event".into(),
+        "--payload".into(),
+        r#"{"id": "async-2", "data": {"action": "echo", "order": 6}}"#.into(),
+        "/dev/null".into(),
+    ])
+    .await;
+    assert_eq!(printed["StatusCode"], 202, "{printed}");
+    let answer = tokio::time::timeout(WAIT, answers.next())
+        .await
+        .expect("the CLI's Event invocation ran")
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer["event_id"], "async-2", "{answer}");
+
+    // `switchyard invoke --async`.
+    let address = switchyard.invoke_api.unwrap().to_string();
+    let (ok, printed) = common::run_cli(
+        Path::new("/nonexistent.toml"),
+        &[
+            "invoke",
+            &function,
+            "--async",
+            "--invoke-api",
+            &address,
+            "--data",
+            r#"{"id": "async-3", "data": {"action": "echo"}}"#,
+        ],
+    );
+    assert!(ok, "{printed}");
+    assert!(printed.contains("stored; request id "), "{printed}");
+    let answer = tokio::time::timeout(WAIT, answers.next())
+        .await
+        .expect("the CLI's --async invocation ran")
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer["event_id"], "async-3", "{answer}");
+
+    // A handler that raises: retried per `async`, then dead-lettered by the
+    // function's own trigger, the same request id on every attempt.
+    let raised = boto3_invoke(
+        &endpoint,
+        &function,
+        "Event",
+        serde_json::json!({"id": "async-4", "data": {"action": "raise", "value": "q"}}),
+    )
+    .await;
+    assert_eq!(raised["StatusCode"], 202);
+    let dead = common::wait_for_dead_letters(
+        &switchyard.bus().await,
+        &format!("invoke-{function}"),
+        1,
+        WAIT,
+    )
+    .await;
+    let dead = &dead[0].dead_letter;
+    assert_eq!(dead.attempts, 2);
+    assert_eq!(dead.last_error, "ValueError: bad input: q");
+    assert_eq!(dead.event.id, raised["RequestId"].as_str().unwrap());
+    let stored: serde_json::Value = serde_json::from_slice(&dead.event.data).unwrap();
+    assert_eq!(stored["id"], "async-4");
+    // Each successful invocation ran once.
+    assert_eq!(
+        switchyard
+            .metric("switchyard_dispatch_succeeded_total")
+            .await,
+        3.0
+    );
+
+    // Not JSON: refused at the door, as Lambda does; too large for the bus: 413.
+    let url = format!("{endpoint}/2015-03-31/functions/{function}/invocations");
+    let http = reqwest::Client::new();
+    let refused = http
+        .post(&url)
+        .header("x-amz-invocation-type", "Event")
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert_eq!(
+        refused.headers()["x-amzn-errortype"],
+        "InvalidRequestContentException"
+    );
+    let large = format!("\"{}\"", "x".repeat(2 * 1024 * 1024));
+    let refused = http
+        .post(&url)
+        .header("x-amz-invocation-type", "Event")
+        .body(large)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+    assert_eq!(
+        refused.headers()["x-amzn-errortype"],
+        "RequestTooLargeException"
+    );
+    switchyard.stop().await;
 }

@@ -36,6 +36,7 @@ print(
             "StatusCode": response["StatusCode"],
             "FunctionError": response.get("FunctionError"),
             "ExecutedVersion": response.get("ExecutedVersion"),
+            "RequestId": response["ResponseMetadata"].get("RequestId"),
             "Payload": json.loads(body) if body else None,
             "Log": base64.b64decode(response["LogResult"]).decode()
             if "LogResult" in response

@@ -208,7 +208,7 @@ async fn handle_batch(
         }
         let invocation = async {
             let Some(enricher) = &trigger.destinations.enricher else {
-                return trigger.function.target.invoke_batch(&events, timeout).await;
+                return trigger.target().invoke_batch(&events, timeout).await;
             };
             let mut enriched = events.clone();
             for event in &mut enriched {
@@ -219,11 +219,7 @@ async fn handle_batch(
                     });
                 }
             }
-            trigger
-                .function
-                .target
-                .invoke_batch(&enriched, timeout)
-                .await
+            trigger.target().invoke_batch(&enriched, timeout).await
         };
         let outcome = bounded(
             invocation,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use switchyard_event::{Destination, Enricher};
+use switchyard_event::{Destination, Enricher, Target};
 
 use crate::batch::BatchSettings;
 use crate::filter::Filter;
@@ -103,6 +103,23 @@ pub struct TriggerConfig {
     /// store just before the function sees them.
     #[serde(default)]
     pub enrich: Option<EnrichConfig>,
+    /// What a `lambda` function receives: the structured CloudEvent, or the event as
+    /// AWS would have sent it (`aws`).
+    #[serde(default)]
+    pub payload: PayloadFormat,
+}
+
+/// The shape of what a trigger hands its function.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// The CloudEvent (structured JSON for `lambda` functions, binary mode over HTTP).
+    #[default]
+    CloudEvent,
+    /// For `lambda` functions: the event as AWS would send it (an S3 notification's
+    /// `Records`, a self-managed Kafka event, an API Gateway HTTP API request, an
+    /// Invoke API payload as given), the structured CloudEvent for anything else.
+    Aws,
 }
 
 /// What a trigger adds to object events before its function sees them; see the S3
@@ -158,6 +175,10 @@ pub struct Destinations {
     pub on_failure: Option<Arc<dyn Destination>>,
     /// Adds to each event before the function sees it (`enrich`).
     pub enricher: Option<Arc<dyn Enricher>>,
+    /// The function as this trigger calls it, when not as the function's own target
+    /// (a `lambda` function given AWS-shaped payloads, `payload = "aws"`). It shares
+    /// the function's instances and budget.
+    pub target: Option<Arc<dyn Target>>,
 }
 
 /// Whether a trigger keeps events in order.

@@ -128,9 +128,9 @@ pub(crate) async fn handle(
     let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
     // Capacity first (a function whose instances Switchyard runs may cold-start one):
     // waiting for it is not an attempt, and the event stays unacknowledged meanwhile.
-    let reserved = if trigger.function.target.reserves() {
+    let reserved = if trigger.target().reserves() {
         tokio::select! {
-            reserved = trigger.function.target.reserve() => reserved,
+            reserved = trigger.target().reserve() => reserved,
             () = abandon.cancelled() => {
                 // Not called: handed back with only what earlier attempts did recorded.
                 Box::pin(handling.hand_back_recorded(None, None, None, None)).await;
@@ -157,8 +157,7 @@ pub(crate) async fn handle(
         match &trigger.destinations.enricher {
             None => {
                 trigger
-                    .function
-                    .target
+                    .target()
                     .invoke_reserved(reservation, &event, timeout)
                     .await
             }
@@ -171,8 +170,7 @@ pub(crate) async fn handle(
                     };
                 }
                 trigger
-                    .function
-                    .target
+                    .target()
                     .invoke_reserved(reservation, &enriched, timeout)
                     .await
             }

@@ -57,8 +57,8 @@ use tokio_util::task::TaskTracker;
 
 pub use batch::BatchSettings;
 pub use config::{
-    DestinationConfig, Destinations, DispatcherConfig, EnrichConfig, OrderingMode, StartPosition,
-    TriggerConfig,
+    DestinationConfig, Destinations, DispatcherConfig, EnrichConfig, OrderingMode, PayloadFormat,
+    StartPosition, TriggerConfig,
 };
 pub use consumers::ConsumerRole;
 pub use filter::{Filter, Matcher};
@@ -144,6 +144,16 @@ struct TriggerRuntime {
     in_flight: AtomicI64,
     lag: AtomicU64,
     retrying: AtomicU64,
+}
+
+impl TriggerRuntime {
+    /// The function as this trigger calls it.
+    fn target(&self) -> &Arc<dyn switchyard_event::Target> {
+        self.destinations
+            .target
+            .as_ref()
+            .unwrap_or(&self.function.target)
+    }
 }
 
 struct Shared {

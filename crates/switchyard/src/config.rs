@@ -55,6 +55,26 @@ pub struct Config {
     pub triggers: Vec<Spanned<TriggerConfig>>,
 }
 
+impl Config {
+    /// The triggers written in the file, then, with the Invoke API on, one per
+    /// `lambda` function delivering its `Event` invocations.
+    pub fn all_triggers(&self) -> Vec<TriggerConfig> {
+        let mut triggers: Vec<TriggerConfig> = self
+            .triggers
+            .iter()
+            .map(|trigger| trigger.get_ref().clone())
+            .collect();
+        if !self.invoke_api.listen.is_empty() {
+            for function in &self.functions {
+                if let FunctionConfig::Lambda(lambda) = function.get_ref() {
+                    triggers.push(lambda.invoke_trigger());
+                }
+            }
+        }
+        triggers
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -273,6 +293,63 @@ pub struct LambdaFunctionConfig {
     /// in each process (`process`).
     #[serde(default)]
     pub concurrency_scope: ConcurrencyScope,
+    /// How the Invoke API's `Event` invocations of this function are retried and
+    /// where their results go (Lambda's asynchronous invocation settings).
+    #[serde(default, rename = "async")]
+    pub asynchronous: AsyncInvokeConfig,
+}
+
+/// Lambda's asynchronous invocation settings for a `lambda` function: the Invoke
+/// API's `Event` invocations are stored on the bus and delivered by a trigger of
+/// their own, `invoke-<function>`, with these settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncInvokeConfig {
+    /// Attempts in all, the first included: Lambda's `MaximumRetryAttempts` (2) + 1.
+    #[serde(default = "default_async_attempts")]
+    pub attempts: u32,
+    /// Delay before the first retry, doubled for each next one (Lambda waits about
+    /// a minute, then two).
+    #[serde(default = "default_async_retry_delay", with = "humantime_serde")]
+    pub retry_delay: Duration,
+    /// An invocation stored longer ago than this is dead-lettered instead of
+    /// attempted again: Lambda's `MaximumEventAgeInSeconds` (6 hours by default).
+    #[serde(default = "default_async_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Where each successful invocation's result is also published.
+    #[serde(default)]
+    pub on_success: Option<switchyard_dispatcher::DestinationConfig>,
+    /// Where each invocation that failed every attempt is also published (besides
+    /// the dead-letter stream).
+    #[serde(default)]
+    pub on_failure: Option<switchyard_dispatcher::DestinationConfig>,
+}
+
+impl Default for AsyncInvokeConfig {
+    fn default() -> Self {
+        AsyncInvokeConfig {
+            attempts: default_async_attempts(),
+            retry_delay: default_async_retry_delay(),
+            max_age: default_async_max_age(),
+            on_success: None,
+            on_failure: None,
+        }
+    }
+}
+
+fn default_async_attempts() -> u32 {
+    3
+}
+fn default_async_retry_delay() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_async_max_age() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+
+/// The trigger that delivers the Invoke API's `Event` invocations of `function`.
+pub fn invoke_trigger_name(function: &str) -> String {
+    format!("invoke-{function}")
 }
 
 /// Any program that serves HTTP on the port in `$PORT` (a web framework's server,
@@ -340,6 +417,49 @@ impl ProcessFunctionConfig {
 }
 
 impl LambdaFunctionConfig {
+    /// The trigger delivering this function's Invoke API `Event` invocations: they
+    /// are stored as CloudEvents of type `dev.switchyard.function.invoke` from
+    /// `/functions/<name>`, and handed to the function as the payload given.
+    pub fn invoke_trigger(&self) -> TriggerConfig {
+        use switchyard_dispatcher::{Filter, Matcher};
+        let settings = &self.asynchronous;
+        TriggerConfig {
+            name: invoke_trigger_name(&self.name),
+            function: self.name.clone(),
+            filter: Filter::All(vec![
+                Filter::Attribute {
+                    name: "source".to_owned(),
+                    matcher: Matcher::Exact(switchyard_workers::aws::invoke_source(&self.name)),
+                },
+                Filter::Attribute {
+                    name: "type".to_owned(),
+                    matcher: Matcher::Exact(switchyard_workers::aws::INVOKE_TYPE.to_owned()),
+                },
+            ]),
+            max_concurrency: self.max_concurrency,
+            retry: switchyard_dispatcher::RetryPolicy {
+                policy: switchyard_dispatcher::BackoffKind::Exponential,
+                initial: settings.retry_delay,
+                max: settings.retry_delay.saturating_mul(2),
+                attempts: settings.attempts,
+                max_age: Some(settings.max_age),
+                jitter: false,
+                ..switchyard_dispatcher::RetryPolicy::default()
+            },
+            timeout: None,
+            ack_wait: Duration::from_secs(30),
+            publish_replies: false,
+            start: switchyard_dispatcher::StartPosition::New,
+            ordering: switchyard_dispatcher::OrderingMode::None,
+            partitions: 8,
+            batch: None,
+            on_success: settings.on_success.clone(),
+            on_failure: settings.on_failure.clone(),
+            enrich: None,
+            payload: switchyard_dispatcher::PayloadFormat::Aws,
+        }
+    }
+
     /// The most instances at once.
     pub fn max_instances(&self) -> usize {
         self.max_concurrency
@@ -1013,6 +1133,27 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         }
         match function {
             FunctionConfig::Lambda(lambda) => {
+                if !config.invoke_api.listen.is_empty()
+                    && valid_name(&lambda.name)
+                    && let Some(problem) = switchyard_dispatcher::consumers::trigger_name_problem(
+                        &invoke_trigger_name(&lambda.name),
+                    )
+                {
+                    check.error(
+                        span.clone(),
+                        "name",
+                        format!(
+                            "with the Invoke API on, its Event invocations get a trigger: {problem}"
+                        ),
+                    );
+                }
+                if lambda.asynchronous.attempts == 0 {
+                    check.error(
+                        span.clone(),
+                        "async",
+                        "`attempts` must be at least 1 (the first attempt counts)".to_owned(),
+                    );
+                }
                 if lambda.instance_concurrency == 0 {
                     check.error(
                         span.clone(),
@@ -1128,6 +1269,38 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     FunctionConfig::Lambda(_) | FunctionConfig::Process(_)
                 )
         });
+        if trigger.payload == switchyard_dispatcher::PayloadFormat::Aws
+            && function_names.contains(&trigger.function)
+            && !config.functions.iter().any(|function| {
+                function.get_ref().name() == trigger.function
+                    && matches!(function.get_ref(), FunctionConfig::Lambda(_))
+            })
+        {
+            check.error(
+                span.clone(),
+                "payload",
+                format!(
+                    "`aws` payloads are for `lambda` functions; `{}` receives CloudEvents (remove `payload`)",
+                    trigger.function
+                ),
+            );
+        }
+        if !config.invoke_api.listen.is_empty()
+            && let Some(function) = trigger.name.strip_prefix("invoke-")
+            && config.functions.iter().any(|candidate| {
+                candidate.get_ref().name() == function
+                    && matches!(candidate.get_ref(), FunctionConfig::Lambda(_))
+            })
+        {
+            check.error(
+                span.clone(),
+                "name",
+                format!(
+                    "`{}` is the name of the trigger delivering function `{function}`'s Event invocations (the Invoke API); choose another",
+                    trigger.name
+                ),
+            );
+        }
         if managed && trigger.batch.is_some() {
             check.error(
                 span.clone(),

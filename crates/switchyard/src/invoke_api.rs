@@ -11,9 +11,12 @@
 //! default `concurrency_scope = "cluster"`), waiting at most `max_wait`, then
 //! answers `429 TooManyRequestsException` with `Retry-After`; it is not stored on the
 //! bus. `X-Amz-Log-Type: Tail` returns the invocation's log (its last 4 KB, base64)
-//! in `X-Amz-Log-Result`. Request signatures are not checked: the listener is for
-//! loopback unless `insecure` says otherwise. Not yet: `Event` invocations (answered
-//! `400 InvalidParameterValueException`).
+//! in `X-Amz-Log-Result`. `Event` invocations are stored on the bus (answered `202`
+//! once JetStream acknowledged them) and delivered by the function's
+//! `invoke-<name>` trigger with its asynchronous retry settings and dead letter, the
+//! payload as given and the same request id on every attempt. Payloads must be JSON,
+//! as Lambda's. Request signatures are not checked: the listener is for loopback
+//! unless `insecure` says otherwise.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -25,7 +28,9 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use switchyard_bus::Bus;
 use switchyard_dispatcher::{AdaptiveLimit, FunctionSlots};
+use switchyard_event::{Event, PublishError};
 use switchyard_workers::{Called, ManagedFunction};
 
 /// Largest synchronous payload, as Lambda's (6 MB).
@@ -42,9 +47,15 @@ pub struct InvokeFunction {
     pub timeout: Duration,
 }
 
+/// The functions, and the bus `Event` invocations are stored on.
+struct Callable {
+    functions: HashMap<String, InvokeFunction>,
+    bus: Bus,
+}
+
 #[derive(Clone)]
 pub struct InvokeApiState {
-    functions: Arc<OnceLock<HashMap<String, InvokeFunction>>>,
+    callable: Arc<OnceLock<Callable>>,
     region: String,
     max_wait: Duration,
 }
@@ -52,15 +63,16 @@ pub struct InvokeApiState {
 impl InvokeApiState {
     pub fn new(region: String, max_wait: Duration) -> Self {
         InvokeApiState {
-            functions: Arc::new(OnceLock::new()),
+            callable: Arc::new(OnceLock::new()),
             region,
             max_wait,
         }
     }
 
-    /// Makes the functions callable (once the dispatcher built them).
-    pub fn set_functions(&self, functions: HashMap<String, InvokeFunction>) {
-        let _ = self.functions.set(functions);
+    /// Makes the functions callable (once the dispatcher built them and their
+    /// `invoke-<name>` triggers' consumers exist).
+    pub fn set_functions(&self, functions: HashMap<String, InvokeFunction>, bus: Bus) {
+        let _ = self.callable.set(Callable { functions, bus });
     }
 }
 
@@ -96,7 +108,7 @@ async fn invoke(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(functions) = state.functions.get() else {
+    let Some(Callable { functions, bus }) = state.callable.get() else {
         return api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "ServiceException",
@@ -113,16 +125,10 @@ async fn invoke(
         );
     };
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    match header("x-amz-invocation-type").unwrap_or("RequestResponse") {
-        "RequestResponse" => {}
+    let asynchronous = match header("x-amz-invocation-type").unwrap_or("RequestResponse") {
+        "RequestResponse" => false,
+        "Event" => true,
         "DryRun" => return StatusCode::NO_CONTENT.into_response(),
-        "Event" => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValueException",
-                "Event invocations are not supported yet: use a trigger",
-            );
-        }
         other => {
             return api_error(
                 StatusCode::BAD_REQUEST,
@@ -132,7 +138,7 @@ async fn invoke(
                 ),
             );
         }
-    }
+    };
     let payload = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
         body,
         MAX_PAYLOAD_BYTES,
@@ -157,6 +163,20 @@ async fn invoke(
             );
         }
     };
+    // Lambda takes JSON only (an empty payload too).
+    if !payload.is_empty()
+        && let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload)
+    {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            &format!("Could not parse request body into json: {error}"),
+        );
+    }
+    let request_id = uuid::Uuid::new_v4().to_string();
+    if asynchronous {
+        return store_invocation(bus, name, request_id, payload).await;
+    }
     // Lambda passes the client context (base64 JSON) to the runtime decoded.
     let client_context = header("x-amz-client-context").and_then(|encoded| {
         use base64::Engine as _;
@@ -190,7 +210,13 @@ async fn invoke(
     let tail = header("x-amz-log-type") == Some("Tail");
     let (called, log) = target
         .function
-        .call(payload, client_context, target.timeout, tail)
+        .call(
+            request_id.clone(),
+            payload,
+            client_context,
+            target.timeout,
+            tail,
+        )
         .await;
     let (body, content_type, function_error) = match called {
         Called::Response { body, content_type } => (body, content_type, false),
@@ -222,6 +248,7 @@ async fn invoke(
         "x-amz-executed-version",
         HeaderValue::from_static("$LATEST"),
     );
+    insert_request_id(response_headers, &request_id);
     if function_error {
         response_headers.insert(
             "x-amz-function-error",
@@ -242,6 +269,50 @@ async fn invoke(
         }
     }
     response
+}
+
+fn insert_request_id(headers: &mut HeaderMap, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert("x-amzn-requestid", value);
+    }
+}
+
+/// An `Event` invocation: stored on the bus as a CloudEvent for the function's
+/// `invoke-<name>` trigger, which delivers it with the function's asynchronous retry
+/// settings and dead letter; `202` once JetStream acknowledged it.
+async fn store_invocation(bus: &Bus, name: &str, request_id: String, payload: Bytes) -> Response {
+    let mut event = Event::new(
+        request_id.clone(),
+        switchyard_workers::aws::invoke_source(name),
+        switchyard_workers::aws::INVOKE_TYPE,
+    );
+    event.time = Some(switchyard_event::timestamp::now_rfc3339());
+    event.datacontenttype = Some("application/json".to_owned());
+    event.data = payload;
+    match bus.publish_events(std::slice::from_ref(&event)).await {
+        Ok(_) => {
+            let mut response = StatusCode::ACCEPTED.into_response();
+            insert_request_id(response.headers_mut(), &request_id);
+            response
+        }
+        Err(PublishError::TooLarge(message)) => api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            &format!("the Event invocation cannot be stored: {message}"),
+        ),
+        Err(error) => {
+            tracing::warn!(function = %name, %error, "an Event invocation could not be stored");
+            let mut response = api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceException",
+                &format!("the Event invocation could not be stored: {error}"),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
 }
 
 #[cfg(test)]

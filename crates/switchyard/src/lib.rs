@@ -25,6 +25,7 @@ use switchyard_dispatcher::{
 use switchyard_event::backoff::Backoff;
 use switchyard_event::{Destination, EventSink, Source, Target};
 use switchyard_targets::{HttpTarget, LogTarget, http_client};
+use switchyard_workers::ManagedFunction;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -305,10 +306,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             );
         }
 
-        let triggers: Vec<TriggerConfig> = config
-            .triggers
+        let triggers: Vec<TriggerConfig> = config.all_triggers();
+        let lambdas: HashMap<&str, &ManagedFunction> = invocable
             .iter()
-            .map(|trigger| trigger.get_ref().clone())
+            .map(|(name, managed, _, _)| (name.as_str(), managed))
             .collect();
         let mut destinations = HashMap::new();
         for trigger in &triggers {
@@ -326,9 +327,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                         .with_context(|| format!("trigger `{}`: enrich", trigger.name))?,
                 ),
             };
+            // `payload = "aws"` (validated to name a `lambda` function).
+            let target = match (trigger.payload, lambdas.get(trigger.function.as_str())) {
+                (switchyard_dispatcher::PayloadFormat::Aws, Some(managed)) => {
+                    Some(Arc::new(managed.aws_payloads()) as Arc<dyn Target>)
+                }
+                _ => None,
+            };
             destinations.insert(
                 trigger.name.clone(),
                 Destinations {
+                    target,
                     enricher,
                     on_success: build(&trigger.on_success)
                         .with_context(|| format!("trigger `{}`: on_success", trigger.name))?,
@@ -337,6 +346,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 },
             );
         }
+        drop(lambdas);
         // Consumers exist before any source accepts an event, so a new trigger that
         // starts at `new` sees every event accepted from now on.
         let dispatcher = Dispatcher::new(
@@ -368,6 +378,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     )
                 })
                 .collect(),
+            bus.clone(),
         );
         let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
         let source_shutdown = CancellationToken::new();
@@ -604,6 +615,13 @@ async fn build_enricher(
 /// sources when a hook takes them. `POST /v1/events` refuses events claiming one.
 fn reserved_sources(config: &config::Config) -> switchyard_connector_http::ReservedSources {
     let mut reserved = switchyard_connector_http::ReservedSources::default();
+    // The Invoke API's `Event` invocations.
+    if !config.invoke_api.listen.is_empty() {
+        reserved.reserve_prefix(
+            switchyard_workers::aws::INVOKE_SOURCE_PREFIX,
+            "the lambda invoke api".to_owned(),
+        );
+    }
     for source in &config.sources {
         match source.get_ref() {
             config::SourceConfig::Http(http) => {

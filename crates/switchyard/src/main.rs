@@ -72,15 +72,21 @@ enum Command {
         #[arg(long, default_value = "application/json")]
         content_type: String,
     },
-    /// Invoke a `lambda` function synchronously through the running process's Invoke
-    /// API (`invoke_api.listen`) and print its answer. Exits 1 when the function
-    /// failed (its error document is printed).
+    /// Invoke a `lambda` function through the running process's Invoke API
+    /// (`invoke_api.listen`). Synchronously by default: prints its answer and exits 1
+    /// when the function failed (its error document is printed). With `--async`, an
+    /// `Event` invocation: prints its request id once it is stored on the bus.
     Invoke {
         /// The function's name.
         name: String,
         /// The event: JSON text, `@FILE`, or `-` for standard input.
         #[arg(long, default_value = "{}")]
         data: String,
+        /// Store the invocation and return (Lambda's `Event` invocation type): the
+        /// function's `invoke-<name>` trigger delivers it, with retries and a dead
+        /// letter.
+        #[arg(long = "async")]
+        asynchronous: bool,
         /// The Invoke API to call, instead of the configuration's `invoke_api.listen`.
         #[arg(long)]
         invoke_api: Option<String>,
@@ -342,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invoke {
             name,
             data,
+            asynchronous,
             invoke_api,
         } => {
             let address = match invoke_api {
@@ -375,6 +382,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let url = format!("{base}/2015-03-31/functions/{name}/invocations");
             let response = reqwest::Client::new()
                 .post(&url)
+                .header(
+                    "x-amz-invocation-type",
+                    if asynchronous {
+                        "Event"
+                    } else {
+                        "RequestResponse"
+                    },
+                )
                 .body(payload)
                 .send()
                 .await
@@ -383,12 +398,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
             let status = response.status();
             let failed = response.headers().contains_key("x-amz-function-error");
+            let request_id = response
+                .headers()
+                .get("x-amzn-requestid")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
             let body = response.bytes().await?;
             if !status.is_success() {
                 anyhow::bail!(
                     "{url} answered {status}: {}",
                     String::from_utf8_lossy(&body)
                 );
+            }
+            if asynchronous {
+                println!(
+                    "stored; request id {}",
+                    request_id.as_deref().unwrap_or("(none given)")
+                );
+                return Ok(());
             }
             println!("{}", String::from_utf8_lossy(&body));
             if failed {

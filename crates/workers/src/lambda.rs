@@ -7,9 +7,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use switchyard_event::{
-    Event, Failure, FunctionAnswer, Outcome, parse_structured, to_structured_json,
-};
+use switchyard_event::{Failure, FunctionAnswer, Outcome, parse_structured};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::pool::{Endpoint, Instance, Lease, Pool, StartFailure};
@@ -213,28 +211,30 @@ impl Called {
     }
 }
 
-/// Runs one invocation of an event on the leased instance.
-pub(crate) async fn invoke(pool: &Pool, lease: Lease, event: &Event, timeout: Duration) -> Outcome {
-    call(
-        pool,
-        lease,
-        Bytes::from(to_structured_json(event)),
-        None,
-        timeout,
-        false,
-    )
-    .await
-    .0
-    .into_outcome()
+/// Runs one invocation of an event on the leased instance, with `payload` (the event
+/// as the trigger renders it) as what the handler receives.
+pub(crate) async fn invoke(
+    pool: &Pool,
+    lease: Lease,
+    request_id: Option<String>,
+    payload: Bytes,
+    timeout: Duration,
+) -> Outcome {
+    call(pool, lease, request_id, payload, None, timeout, false)
+        .await
+        .0
+        .into_outcome()
 }
 
 /// Runs one invocation with `payload` as the event (as Lambda's Invoke API passes
 /// its request body) on the leased instance; with `log`, also returns its log as
 /// Lambda's `LogType: Tail` shows it (`START`, what the handler printed, `END`,
-/// `REPORT`), when the instance takes one invocation at a time.
+/// `REPORT`), when the instance takes one invocation at a time. The request id is
+/// `request_id`, or a new one.
 pub(crate) async fn call(
     pool: &Pool,
     lease: Lease,
+    request_id: Option<String>,
     payload: Bytes,
     client_context: Option<String>,
     timeout: Duration,
@@ -242,7 +242,7 @@ pub(crate) async fn call(
 ) -> (Called, Option<String>) {
     let collect = log && pool.spec.instance_concurrency <= 1;
     let instance = lease.instance.clone();
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     if collect {
         instance.process.start_log(&request_id);
     }

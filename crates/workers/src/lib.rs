@@ -19,6 +19,8 @@
 pub mod process;
 pub mod runtime_api;
 
+pub mod aws;
+
 mod cgroup;
 mod lambda;
 mod metrics;

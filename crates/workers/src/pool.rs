@@ -727,6 +727,7 @@ impl ManagedFunction {
     /// caller holds the function's concurrency permit. Only for `lambda` functions.
     pub async fn call(
         &self,
+        request_id: String,
         payload: bytes::Bytes,
         client_context: Option<String>,
         timeout: Duration,
@@ -736,9 +737,16 @@ impl ManagedFunction {
         match self.pool.acquire().await {
             Ok(lease) => {
                 let started = Instant::now();
-                let called =
-                    crate::lambda::call(&self.pool, lease, payload, client_context, timeout, log)
-                        .await;
+                let called = crate::lambda::call(
+                    &self.pool,
+                    lease,
+                    Some(request_id),
+                    payload,
+                    client_context,
+                    timeout,
+                    log,
+                )
+                .await;
                 self.pool.observe_invocation(started);
                 called
             }
@@ -786,6 +794,24 @@ impl Target for ManagedFunction {
         event: &Event,
         timeout: Duration,
     ) -> Outcome {
+        self.invoke_rendered(reservation, event, timeout, |event| {
+            bytes::Bytes::from(switchyard_event::to_structured_json(event))
+        })
+        .await
+    }
+}
+
+impl ManagedFunction {
+    /// One invocation of `event` on what [`Target::reserve`] set aside; a `lambda`
+    /// instance gets `render(event)` as its payload, a `process` instance the event
+    /// in binary mode.
+    pub(crate) async fn invoke_rendered(
+        &self,
+        reservation: Option<Reservation>,
+        event: &Event,
+        timeout: Duration,
+        render: impl FnOnce(&Event) -> bytes::Bytes,
+    ) -> Outcome {
         let lease = match reservation.and_then(Reservation::into_inner::<Lease>) {
             Some(lease) => lease,
             None => match self.pool.acquire().await {
@@ -801,7 +827,14 @@ impl Target for ManagedFunction {
         let started = Instant::now();
         let outcome = match &lease.instance.endpoint {
             Endpoint::Lambda { .. } => {
-                crate::lambda::invoke(&self.pool, lease, event, timeout).await
+                crate::lambda::invoke(
+                    &self.pool,
+                    lease,
+                    crate::aws::request_id(event),
+                    render(event),
+                    timeout,
+                )
+                .await
             }
             Endpoint::Http { .. } => crate::web::invoke(&self.pool, lease, event, timeout).await,
         };
