@@ -17,7 +17,11 @@ export SWITCHYARD_S3_SERVER="${SWITCHYARD_S3_SERVER:-$VERSITYGW_DIR/bin/versityg
 # AWS's Lambda runtime interface clients, for the managed-function tests: Python's
 # awslambdaric (PyPI) in a virtualenv of its own.
 AWSLAMBDARIC_VERSION="4.2.2"
-LAMBDA_PYTHON_DIR="$SWITCHYARD_CACHE/awslambdaric-$AWSLAMBDARIC_VERSION"
+# AWS's Powertools for Lambda (Python), beside it: the tests' handlers parse what
+# they receive with its event source data classes, the conformance oracle of the
+# AWS-shaped payloads.
+POWERTOOLS_VERSION="3.37.0"
+LAMBDA_PYTHON_DIR="$SWITCHYARD_CACHE/awslambdaric-$AWSLAMBDARIC_VERSION-powertools-$POWERTOOLS_VERSION"
 export SWITCHYARD_LAMBDA_PYTHON="${SWITCHYARD_LAMBDA_PYTHON:-$LAMBDA_PYTHON_DIR/bin/python}"
 # Node.js's aws-lambda-ric (npm; 3.x runs on Node.js 20, 4.x needs 22), built from
 # source by its install scripts (autoconf, automake, libtool, cmake, make, g++).

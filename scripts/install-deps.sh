@@ -58,12 +58,14 @@ if [ "$what" = all ] && [ ! -x "$VERSITYGW_DIR/bin/versitygw" ]; then
 fi
 
 # AWS's Lambda runtime interface client for Python (awslambdaric, from PyPI): the
-# managed-function tests run handlers through it, unchanged, as Lambda does.
+# managed-function tests run handlers through it, unchanged, as Lambda does; and
+# Powertools for AWS Lambda, whose parsers check the AWS-shaped events.
 if [ "$what" = all ] && ! { [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAMBDA_PYTHON_DIR/.complete" ]; }; then
-    echo "installing awslambdaric $AWSLAMBDARIC_VERSION into $LAMBDA_PYTHON_DIR" >&2
+    echo "installing awslambdaric $AWSLAMBDARIC_VERSION and aws-lambda-powertools $POWERTOOLS_VERSION into $LAMBDA_PYTHON_DIR" >&2
     rm -rf "$LAMBDA_PYTHON_DIR"
     python3 -m venv "$LAMBDA_PYTHON_DIR"
-    "$LAMBDA_PYTHON_DIR/bin/pip" install --quiet --disable-pip-version-check "awslambdaric==$AWSLAMBDARIC_VERSION"
+    "$LAMBDA_PYTHON_DIR/bin/pip" install --quiet --disable-pip-version-check \
+        "awslambdaric==$AWSLAMBDARIC_VERSION" "aws-lambda-powertools==$POWERTOOLS_VERSION"
     touch "$LAMBDA_PYTHON_DIR/.complete"
 fi
 

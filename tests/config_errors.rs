@@ -454,3 +454,46 @@ function = "thumbs"
         );
     }
 }
+
+/// Function URL mistakes: a route open to the network without authentication (unless
+/// `public`), a path the source serves itself, a function that cannot answer, a
+/// method that is none, CORS credentials with a wildcard.
+#[test]
+fn route_mistakes_are_located() {
+    let text = r#"
+[[sources]]
+type = "http"
+name = "web"
+listen = "0.0.0.0:8080"
+
+[[sources.routes]]
+path = "/api"
+function = "printer"
+methods = ["GE T"]
+
+[[sources.routes]]
+path = "/hooks/x"
+function = "nope"
+public = true
+cors = { allow_origins = ["*"], allow_credentials = true }
+
+[[functions]]
+type = "log"
+name = "printer"
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:7:1: field `public`: route `/api` on `0.0.0.0:8080`, which is open to the network, has no authentication",
+        "DIR/broken.toml:9:1: field `function`: route `/api`: function `printer` only logs events and cannot answer a request",
+        "DIR/broken.toml:10:1: field `methods`: route `/api`: `GE T` is not an HTTP method",
+        "DIR/broken.toml:13:1: field `path`: route path `/hooks/x` is the source's own",
+        "DIR/broken.toml:14:1: field `function`: route `/hooks/x` names unknown function `nope`",
+        "DIR/broken.toml:16:1: field `cors`: route `/hooks/x`: `allow_credentials` cannot go with `*`",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

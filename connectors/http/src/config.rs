@@ -21,6 +21,76 @@ pub struct HttpSourceConfig {
     /// Plain webhooks, each at `POST /hooks/{name}`.
     #[serde(default)]
     pub hooks: Vec<HookConfig>,
+    /// Function URLs: requests under a path answered synchronously by a function.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// A function URL: requests whose path is `path` or under it (and whose method is one
+/// of `methods`) are answered by `function`, synchronously. Not stored on the bus
+/// (unless `record`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix, e.g. `/api/orders` (takes `/api/orders` and `/api/orders/...`);
+    /// `/` takes every path the source does not serve itself.
+    pub path: String,
+    /// The function answering.
+    pub function: String,
+    /// HTTP methods taken (any when empty); others get `405`.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Requests must carry `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Requests must carry a valid HMAC-SHA256 signature (as hooks').
+    #[serde(default)]
+    pub signature: Option<SignatureConfig>,
+    /// No authentication, on purpose (a function URL with `AuthType: NONE`): needed
+    /// for a route without `bearer_token` or `signature` on a listener that is not
+    /// loopback-only.
+    #[serde(default)]
+    pub public: bool,
+    /// Cross-origin settings, as a function URL's.
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+    /// How long a request waits for a place in the function's `max_concurrency`
+    /// before it is answered `429` with `Retry-After`.
+    #[serde(default = "default_route_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Also publish each request and its response as a CloudEvent (type
+    /// `dev.switchyard.route.call`), for audit.
+    #[serde(default)]
+    pub record: bool,
+}
+
+fn default_route_max_wait() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// A function URL's CORS settings (`AllowOrigins`, `AllowMethods`, `AllowHeaders`,
+/// `ExposeHeaders`, `MaxAge`, `AllowCredentials`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed (`https://example.com`), or `["*"]`.
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    /// Methods allowed, or `["*"]`.
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    /// Request headers allowed, or `["*"]`.
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    /// Response headers the browser may read.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Whether cookies and credentials are allowed.
+    #[serde(default)]
+    pub allow_credentials: bool,
 }
 
 fn default_listen() -> String {

@@ -32,7 +32,10 @@ use switchyard_event::{
     DedupHorizon, Event, EventSink, PublishError, parse_batch, parse_structured,
 };
 
-pub use config::{HookConfig, HookFormat, HttpSourceConfig, SignatureConfig, SignatureEncoding};
+pub use config::{
+    CorsConfig, HookConfig, HookFormat, HttpSourceConfig, RouteConfig, SignatureConfig,
+    SignatureEncoding,
+};
 use signature::{AuthError, check_bearer, check_signature};
 
 /// Labels of the HTTP source's counters.
@@ -167,7 +170,12 @@ impl switchyard_event::Source for HttpSource {
             .map_err(|error| format!("listener: {error}"))?;
         health.up();
         let original = self.listener.clone();
-        axum::serve(listener, self.router.clone())
+        // The peer's address reaches handlers (function URLs tell it as `sourceIp`).
+        let service = self
+            .router
+            .clone()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, service)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;
                 // axum drops its copy; the socket closes once this one goes too.
@@ -178,13 +186,15 @@ impl switchyard_event::Source for HttpSource {
     }
 }
 
-/// Builds the router of one HTTP source.
+/// Builds the router of one HTTP source; `routes` (its function URLs, built by the
+/// caller, without a fallback) are served beside `/v1/events` and `/hooks/{name}`.
 pub fn router(
     config: HttpSourceConfig,
     sink: Arc<dyn EventSink>,
     metrics: HttpSourceMetrics,
     reserved: Arc<ReservedSources>,
     horizons: HashMap<String, Arc<dyn DedupHorizon>>,
+    routes: Router,
 ) -> Router {
     let hooks = config
         .hooks
@@ -236,9 +246,10 @@ pub fn router(
     Router::new()
         .route("/v1/events", post(post_events))
         .route("/hooks/{name}", post(post_hook))
+        .with_state(state.clone())
+        .merge(routes)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
 }
 
 /// A refusal, answered as `{"error": "..."}` with its status.

@@ -67,7 +67,7 @@ pub use metrics::DispatcherMetrics;
 use pulling::pull_loop;
 use retries::retry_loop;
 pub use retry::{BackoffKind, RetryPolicy};
-pub use slots::FunctionSlots;
+pub use slots::{FunctionSlots, SlotPermit};
 
 use metrics::{FunctionLabels, TriggerLabels};
 

@@ -1043,6 +1043,171 @@ struct ManagedSettings<'a> {
     max_instances: usize,
 }
 
+/// Where each `[[sources.routes]]` table of the source whose table starts at
+/// `source` is (its header to the next header), in order; empty when the routes are
+/// written inline.
+fn route_spans(text: &str, source: &Range<usize>) -> Vec<Range<usize>> {
+    let mut spans: Vec<Range<usize>> = Vec::new();
+    let mut offset = source.start.min(text.len());
+    let mut first = true;
+    for line in text[offset..].split_inclusive('\n') {
+        let header = line.trim();
+        if header.starts_with('[') {
+            if let Some(open) = spans.last_mut()
+                && open.end == usize::MAX
+            {
+                open.end = offset;
+            }
+            match header {
+                "[[sources.routes]]" => spans.push(offset..usize::MAX),
+                _ if first => {}
+                _ if header.starts_with("[sources.") || header.starts_with("[[sources.") => {}
+                _ => break,
+            }
+            first = false;
+        }
+        offset += line.len();
+    }
+    for span in &mut spans {
+        span.end = span.end.min(text.len());
+    }
+    spans
+}
+
+/// What is wrong with an HTTP source's routes (function URLs).
+fn route_problems(
+    check: &mut Checker<'_>,
+    span: &Range<usize>,
+    http: &HttpSourceConfig,
+    config: &Config,
+) {
+    let open = http
+        .listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|address| !address.ip().is_loopback());
+    let mut cors_by_path: HashMap<&str, &Option<switchyard_connector_http::CorsConfig>> =
+        HashMap::new();
+    let spans = route_spans(check.text, span);
+    for (index, route) in http.routes.iter().enumerate() {
+        let span = spans.get(index).unwrap_or(span);
+        let path = route.path.as_str();
+        let normalized = crate::routes::normalized(path);
+        let reserved =
+            |prefix: &str| normalized == prefix || normalized.starts_with(&format!("{prefix}/"));
+        if !path.starts_with('/') {
+            check.error(
+                span.clone(),
+                "path",
+                format!("route path `{path}` must start with `/`"),
+            );
+        } else if path.contains(['{', '}', '*', '?', '#']) {
+            check.error(
+                span.clone(),
+                "path",
+                format!(
+                    "route path `{path}` is a prefix: it may not hold `{{`, `}}`, `*`, `?` or `#`"
+                ),
+            );
+        } else if reserved("/v1/events") || reserved("/hooks") {
+            check.error(
+                span.clone(),
+                "path",
+                format!("route path `{path}` is the source's own (`/v1/events`, `/hooks/<name>`): choose another"),
+            );
+        }
+        match config
+            .functions
+            .iter()
+            .map(|function| function.get_ref())
+            .find(|function| function.name() == route.function)
+        {
+            None => check.error(
+                span.clone(),
+                "function",
+                format!("route `{path}` names unknown function `{}`", route.function),
+            ),
+            Some(FunctionConfig::Log(_)) => check.error(
+                span.clone(),
+                "function",
+                format!(
+                    "route `{path}`: function `{}` only logs events and cannot answer a request; use a `lambda`, `process` or `http` function",
+                    route.function
+                ),
+            ),
+            Some(_) => {}
+        }
+        for method in &route.methods {
+            if axum::http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()).is_err() {
+                check.error(
+                    span.clone(),
+                    "methods",
+                    format!("route `{path}`: `{method}` is not an HTTP method"),
+                );
+            }
+        }
+        if route.bearer_token.as_deref() == Some("") {
+            check.error(
+                span.clone(),
+                "bearer_token",
+                format!("route `{path}`: an empty bearer token would let anyone in"),
+            );
+        }
+        let authenticated = route.bearer_token.is_some() || route.signature.is_some();
+        if open && !authenticated && !route.public {
+            check.error(
+                span.clone(),
+                "public",
+                format!(
+                    "route `{path}` on `{}`, which is open to the network, has no authentication: set `bearer_token` or `signature`, or `public = true` to serve anyone (a function URL with AuthType NONE)",
+                    http.listen
+                ),
+            );
+        }
+        if authenticated && route.public {
+            check.error(
+                span.clone(),
+                "public",
+                format!("route `{path}` is `public` but also asks for a bearer token or signature: choose one"),
+            );
+        }
+        if let Some(cors) = &route.cors {
+            let wildcard = [
+                &cors.allow_origins,
+                &cors.allow_headers,
+                &cors.allow_methods,
+                &cors.expose_headers,
+            ]
+            .iter()
+            .any(|values| values.iter().any(|value| value == "*"));
+            if cors.allow_credentials && wildcard {
+                check.error(
+                    span.clone(),
+                    "cors",
+                    format!("route `{path}`: `allow_credentials` cannot go with `*` (browsers refuse it): list the origins, methods and headers"),
+                );
+            }
+            for origin in &cors.allow_origins {
+                if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                    check.error(
+                        span.clone(),
+                        "cors",
+                        format!("route `{path}`: origin `{origin}` is not a valid header value"),
+                    );
+                }
+            }
+        }
+        if let Some(earlier) = cors_by_path.insert(normalized, &route.cors)
+            && earlier != &route.cors
+        {
+            check.error(
+                span.clone(),
+                "cors",
+                format!("routes at `{normalized}` differ in `cors`: routes sharing a path share one CORS setting"),
+            );
+        }
+    }
+}
+
 /// What is wrong with a managed (`lambda` or `process`) function's settings.
 fn managed_problems(check: &mut Checker<'_>, span: &Range<usize>, settings: &ManagedSettings<'_>) {
     match settings.command.first() {
@@ -1511,6 +1676,7 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                         );
                     }
                 }
+                route_problems(&mut check, &span, http, config);
             }
         }
     }

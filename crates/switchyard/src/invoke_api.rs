@@ -29,27 +29,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use switchyard_bus::Bus;
-use switchyard_dispatcher::{AdaptiveLimit, FunctionSlots};
 use switchyard_event::{Event, PublishError};
-use switchyard_workers::{Called, ManagedFunction};
+use switchyard_workers::Called;
+
+use crate::calls::{CallKind, SyncFunction};
 
 /// Largest synchronous payload, as Lambda's (6 MB).
 pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
 
-/// A function the Invoke API can call.
-pub struct InvokeFunction {
-    pub function: ManagedFunction,
-    /// The function's concurrency budget in this process, shared with its triggers.
-    pub limit: Arc<AdaptiveLimit>,
-    /// Its budget across every process (`concurrency_scope = "cluster"`), shared
-    /// with its triggers too.
-    pub slots: Option<Arc<FunctionSlots>>,
-    pub timeout: Duration,
-}
-
 /// The functions, and the bus `Event` invocations are stored on.
 struct Callable {
-    functions: HashMap<String, InvokeFunction>,
+    /// `lambda` functions, by name.
+    functions: HashMap<String, Arc<SyncFunction>>,
     bus: Bus,
 }
 
@@ -71,7 +62,12 @@ impl InvokeApiState {
 
     /// Makes the functions callable (once the dispatcher built them and their
     /// `invoke-<name>` triggers' consumers exist).
-    pub fn set_functions(&self, functions: HashMap<String, InvokeFunction>, bus: Bus) {
+    pub fn set_functions(&self, functions: &HashMap<String, Arc<SyncFunction>>, bus: Bus) {
+        let functions = functions
+            .iter()
+            .filter(|(_, function)| matches!(function.kind, CallKind::Lambda(_)))
+            .map(|(name, function)| (name.clone(), function.clone()))
+            .collect();
         let _ = self.callable.set(Callable { functions, bus });
     }
 }
@@ -187,16 +183,7 @@ async fn invoke(
     });
     // The function's budget, shared with its triggers (in this process, then across
     // processes): a bounded wait, then Lambda's throttling answer.
-    let permits = tokio::time::timeout(state.max_wait, async {
-        let local = target.limit.acquire().await;
-        let cluster = match &target.slots {
-            Some(slots) => Some(slots.acquire().await),
-            None => None,
-        };
-        (local, cluster)
-    })
-    .await;
-    let Ok(_permits) = permits else {
+    let Some(_budget) = target.take_budget(state.max_wait).await else {
         let mut response = api_error(
             StatusCode::TOO_MANY_REQUESTS,
             "TooManyRequestsException",
@@ -207,9 +194,11 @@ async fn invoke(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
+    let CallKind::Lambda(function) = &target.kind else {
+        unreachable!("only lambda functions are listed")
+    };
     let tail = header("x-amz-log-type") == Some("Tail");
-    let (called, log) = target
-        .function
+    let (called, log) = function
         .call(
             request_id.clone(),
             payload,

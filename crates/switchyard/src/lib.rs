@@ -3,9 +3,11 @@
 //! on shutdown (sources first, so nothing new is accepted; then the dispatcher drains).
 
 pub mod admin;
+pub mod calls;
 pub mod config;
 pub mod dlq;
 pub mod invoke_api;
+pub mod routes;
 pub mod sources;
 
 use std::collections::HashMap;
@@ -127,6 +129,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     poll_metrics.register(&mut registry);
     let supervisor_metrics = sources::SourceMetrics::default();
     supervisor_metrics.register(&mut registry);
+    let route_metrics = routes::RouteMetrics::default();
+    route_metrics.register(&mut registry);
     let worker_metrics = switchyard_workers::WorkerMetrics::default();
     worker_metrics.register(&mut registry);
     let registry = Arc::new(registry);
@@ -255,42 +259,56 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         let client = http_client();
         let mut functions = HashMap::new();
-        // `lambda` functions, for the Invoke API: the function and its budget.
-        let mut invocable = Vec::new();
-        let mut callable = Vec::new();
+        // What synchronous calls (the Invoke API, function URLs) reach, with the
+        // budget the function's triggers use; slots are added once the dispatcher
+        // made them.
+        let mut callable: Vec<(calls::CallKind, Arc<AdaptiveLimit>, Duration)> = Vec::new();
+        let mut callable_names = Vec::new();
         for function in &config.functions {
             let function = function.get_ref();
-            let (target, timeout): (Arc<dyn Target>, Duration) = match function {
-                config::FunctionConfig::Http(http) => (
-                    Arc::new(HttpTarget::new(
-                        http.name.clone(),
-                        reqwest::Url::parse(&http.url)
-                            .with_context(|| format!("function `{}`: bad url", http.name))?,
-                        client.clone(),
-                    )),
-                    http.timeout,
-                ),
-                config::FunctionConfig::Log(log) => (
-                    Arc::new(LogTarget::new(log.name.clone())),
-                    Duration::from_secs(5),
-                ),
-                config::FunctionConfig::Lambda(lambda) => {
-                    let workers = workers.as_ref().expect("set up for managed functions");
-                    let managed = workers.add(lambda_spec(lambda));
-                    callable.push((managed.clone(), lambda.timeout));
-                    (Arc::new(managed), lambda.timeout)
-                }
-                config::FunctionConfig::Process(process) => {
-                    let workers = workers.as_ref().expect("set up for managed functions");
-                    (
-                        Arc::new(workers.add(process_spec(process))),
-                        process.timeout,
-                    )
-                }
-            };
             let limit = AdaptiveLimit::new(function.max_concurrency());
-            if let Some((managed, timeout)) = callable.pop() {
-                invocable.push((function.name().to_owned(), managed, limit.clone(), timeout));
+            let (target, timeout, call): (Arc<dyn Target>, Duration, Option<calls::CallKind>) =
+                match function {
+                    config::FunctionConfig::Http(http) => {
+                        let target = Arc::new(HttpTarget::new(
+                            http.name.clone(),
+                            reqwest::Url::parse(&http.url)
+                                .with_context(|| format!("function `{}`: bad url", http.name))?,
+                            client.clone(),
+                        ));
+                        (
+                            target.clone(),
+                            http.timeout,
+                            Some(calls::CallKind::Http(target)),
+                        )
+                    }
+                    config::FunctionConfig::Log(log) => (
+                        Arc::new(LogTarget::new(log.name.clone())),
+                        Duration::from_secs(5),
+                        None,
+                    ),
+                    config::FunctionConfig::Lambda(lambda) => {
+                        let workers = workers.as_ref().expect("set up for managed functions");
+                        let managed = workers.add(lambda_spec(lambda));
+                        (
+                            Arc::new(managed.clone()),
+                            lambda.timeout,
+                            Some(calls::CallKind::Lambda(managed)),
+                        )
+                    }
+                    config::FunctionConfig::Process(process) => {
+                        let workers = workers.as_ref().expect("set up for managed functions");
+                        let managed = workers.add(process_spec(process));
+                        (
+                            Arc::new(managed.clone()),
+                            process.timeout,
+                            Some(calls::CallKind::Process(managed)),
+                        )
+                    }
+                };
+            if let Some(call) = call {
+                callable.push((call, limit.clone(), timeout));
+                callable_names.push(function.name().to_owned());
             }
             functions.insert(
                 function.name().to_owned(),
@@ -307,9 +325,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
 
         let triggers: Vec<TriggerConfig> = config.all_triggers();
-        let lambdas: HashMap<&str, &ManagedFunction> = invocable
+        let lambdas: HashMap<&str, &ManagedFunction> = callable_names
             .iter()
-            .map(|(name, managed, _, _)| (name.as_str(), managed))
+            .zip(&callable)
+            .filter_map(|(name, (kind, _, _))| match kind {
+                calls::CallKind::Lambda(managed) => Some((name.as_str(), managed)),
+                _ => None,
+            })
             .collect();
         let mut destinations = HashMap::new();
         for trigger in &triggers {
@@ -360,26 +382,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .context("starting the dispatcher")?;
         admin_state.set_dispatcher(dispatcher.view(), bus.clone());
+        let callable: HashMap<String, Arc<calls::SyncFunction>> = callable_names
+            .into_iter()
+            .zip(callable)
+            .map(|(name, (kind, limit, timeout))| {
+                let slots = dispatcher.function_slots(&name);
+                (
+                    name.clone(),
+                    Arc::new(calls::SyncFunction {
+                        name,
+                        kind,
+                        limit,
+                        slots,
+                        timeout,
+                    }),
+                )
+            })
+            .collect();
         // Lambda's Invoke API calls them from now on, within the same budgets as
         // their triggers.
-        invoke_api_state.set_functions(
-            invocable
-                .into_iter()
-                .map(|(name, function, limit, timeout)| {
-                    let slots = dispatcher.function_slots(&name);
-                    (
-                        name,
-                        invoke_api::InvokeFunction {
-                            function,
-                            limit,
-                            slots,
-                            timeout,
-                        },
-                    )
-                })
-                .collect(),
-            bus.clone(),
-        );
+        invoke_api_state.set_functions(&callable, bus.clone());
         let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
         let source_shutdown = CancellationToken::new();
         let mut supervised: Vec<Arc<dyn Source>> = Vec::new();
@@ -400,12 +422,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     horizons.insert(hook.name.clone(), Arc::new(store));
                 }
             }
+            let routes = routes::router(
+                &http,
+                &callable,
+                &bus,
+                &config.workers.region,
+                &route_metrics,
+            )
+            .with_context(|| format!("source `{}`: routes", http.name))?;
             let router = switchyard_connector_http::router(
                 http.clone(),
                 sink.clone(),
                 source_metrics.clone(),
                 reserved.clone(),
                 horizons,
+                routes,
             );
             tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
             supervised.push(Arc::new(switchyard_connector_http::HttpSource::new(
@@ -615,6 +646,17 @@ async fn build_enricher(
 /// sources when a hook takes them. `POST /v1/events` refuses events claiming one.
 fn reserved_sources(config: &config::Config) -> switchyard_connector_http::ReservedSources {
     let mut reserved = switchyard_connector_http::ReservedSources::default();
+    // Recorded calls of function URLs.
+    for source in &config.sources {
+        if let config::SourceConfig::Http(http) = source.get_ref()
+            && http.routes.iter().any(|route| route.record)
+        {
+            reserved.reserve(
+                routes::record_source(&http.name),
+                format!("the routes of source `{}`", http.name),
+            );
+        }
+    }
     // The Invoke API's `Event` invocations.
     if !config.invoke_api.listen.is_empty() {
         reserved.reserve_prefix(

@@ -14,6 +14,8 @@
 //!
 //! [`LogTarget`] prints events, for debugging and the quick start.
 
+pub mod forward;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -58,6 +60,16 @@ impl HttpTarget {
             url,
             function: function.into(),
         }
+    }
+
+    /// Where events are POSTed.
+    pub fn url(&self) -> &reqwest::Url {
+        &self.url
+    }
+
+    /// The client it sends with.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
     }
 }
 

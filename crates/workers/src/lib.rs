@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 pub use lambda::Called;
 pub use metrics::WorkerMetrics;
 pub use pool::ManagedFunction;
+pub use web::CallFailure;
 
 /// What kind of program a function's instances run.
 #[derive(Debug, Clone)]

@@ -761,6 +761,36 @@ impl ManagedFunction {
     }
 }
 
+impl ManagedFunction {
+    /// Whether instances serve HTTP (`process` functions): requests can be forwarded.
+    pub fn is_process(&self) -> bool {
+        matches!(self.pool.spec.kind, crate::Kind::Process { .. })
+    }
+
+    /// Forwards one HTTP request to an instance (an idle one or a cold-started one)
+    /// and returns its answer. The caller holds the function's concurrency permit.
+    /// Only for `process` functions.
+    pub async fn forward(
+        &self,
+        request: switchyard_targets::forward::Forward<'_>,
+        timeout: Duration,
+    ) -> Result<switchyard_targets::forward::Forwarded, crate::web::CallFailure> {
+        assert!(self.is_process(), "forward is for process functions");
+        let lease = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|failure| crate::web::CallFailure {
+                error_type: failure.error_type,
+                message: failure.message,
+            })?;
+        let started = Instant::now();
+        let answer = crate::web::forward(&self.pool, lease, request, timeout).await;
+        self.pool.observe_invocation(started);
+        answer
+    }
+}
+
 #[async_trait]
 impl Target for ManagedFunction {
     async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome {

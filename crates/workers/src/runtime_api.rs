@@ -988,8 +988,11 @@ pub struct InstanceIdentity<'a> {
 /// The ARN an instance's invocations name: Lambda's shape, account `000000000000`
 /// (there is no AWS account behind it).
 pub fn function_arn(region: &str, function: &str) -> String {
-    format!("arn:aws:lambda:{region}:000000000000:function:{function}")
+    format!("arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{function}")
 }
+
+/// The AWS account id Switchyard's ARNs and events name.
+pub const ACCOUNT_ID: &str = "000000000000";
 
 /// The environment Lambda gives a function's runtime, for one instance: what the
 /// official runtime clients read (the Rust `lambda_runtime` panics without the

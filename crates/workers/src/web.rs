@@ -173,3 +173,88 @@ pub(crate) async fn invoke(
     lease.retire = false;
     outcome
 }
+
+/// Why a forwarded request got no answer from the function, in Lambda's words
+/// (`Sandbox.Timedout`, `Runtime.ExitError`, an init error, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFailure {
+    pub error_type: String,
+    pub message: String,
+}
+
+/// Forwards one HTTP request (a function URL's) to the leased `process` instance and
+/// returns its answer; past `timeout` the instance is retired as for events.
+pub(crate) async fn forward(
+    pool: &Pool,
+    mut lease: Lease,
+    request: switchyard_targets::forward::Forward<'_>,
+    timeout: Duration,
+) -> Result<switchyard_targets::forward::Forwarded, CallFailure> {
+    use switchyard_targets::forward::ForwardError;
+    let Endpoint::Http { target } = &lease.instance.endpoint else {
+        unreachable!("a process instance has an HTTP endpoint")
+    };
+    let started = Instant::now();
+    lease.retire = true;
+    let answer =
+        switchyard_targets::forward::forward(target.client(), target.url(), request, timeout).await;
+    match answer {
+        Ok(forwarded) => {
+            lease.retire = false;
+            Ok(forwarded)
+        }
+        Err(ForwardError::TimedOut) => {
+            pool.shared
+                .metrics
+                .function_timeouts
+                .get_or_create(&pool.labels)
+                .inc();
+            tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, timeout_ms = timeout.as_millis() as u64, "request timed out; the instance takes no more and stops once idle");
+            Err(CallFailure {
+                error_type: "Sandbox.Timedout".to_owned(),
+                message: format!("Task timed out after {:.2} seconds", timeout.as_secs_f64()),
+            })
+        }
+        Err(ForwardError::TooLarge) => {
+            lease.retire = false;
+            Err(CallFailure {
+                error_type: "Function.ResponseSizeTooLarge".to_owned(),
+                message: format!(
+                    "the answer is larger than {} bytes",
+                    switchyard_targets::forward::MAX_FORWARDED_ANSWER_BYTES
+                ),
+            })
+        }
+        Err(ForwardError::Unreachable(error)) => {
+            let process = &lease.instance.process;
+            match tokio::time::timeout(
+                Duration::from_millis(100).min(timeout.saturating_sub(started.elapsed())),
+                process.exited(),
+            )
+            .await
+            {
+                Ok(exit) => {
+                    let (error_type, counter) = if exit == crate::process::Exit::OutOfMemory {
+                        (
+                            "Runtime.OutOfMemory",
+                            &pool.shared.metrics.function_oom_kills,
+                        )
+                    } else {
+                        ("Runtime.ExitError", &pool.shared.metrics.function_crashes)
+                    };
+                    counter.get_or_create(&pool.labels).inc();
+                    tracing::warn!(function = %pool.spec.name, instance = %lease.instance.label, %exit, "instance exited during a request");
+                    Err(CallFailure {
+                        error_type: error_type.to_owned(),
+                        message: format!("the process exited with {exit}"),
+                    })
+                }
+                // Alive but the exchange broke: the instance is not trusted again.
+                Err(_) => Err(CallFailure {
+                    error_type: "Function.Unreachable".to_owned(),
+                    message: error,
+                }),
+            }
+        }
+    }
+}
