@@ -468,13 +468,30 @@ fn shorten(text: &str) -> String {
     }
 }
 
+/// What a raw hook keeps of its request besides the body, for handlers that want
+/// it as an HTTP request (an API Gateway payload with `payload = "aws"`).
+struct RequestMeta {
+    path: String,
+    query: Option<String>,
+    client_ip: Option<std::net::IpAddr>,
+}
+
 async fn post_hook(
     State(state): State<Arc<SourceState>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Response {
-    match accept_hook(&state, &name, &headers, body).await {
+    let (parts, body) = request.into_parts();
+    let meta = RequestMeta {
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        client_ip: parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|axum::extract::ConnectInfo(address)| address.ip()),
+    };
+    let headers = parts.headers;
+    match accept_hook(&state, &name, &headers, body, &meta).await {
         Ok(response) => response,
         Err(error) => refuse(&state, Some(&name), error),
     }
@@ -485,6 +502,7 @@ async fn accept_hook(
     name: &str,
     headers: &HeaderMap,
     body: Body,
+    meta: &RequestMeta,
 ) -> Result<Response, ApiError> {
     let hook = state.hooks.get(name).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, format!("no webhook named `{name}`"))
@@ -527,6 +545,7 @@ async fn accept_hook(
         .map(str::to_owned);
     event.data = body;
     carry_trace_context(headers, &mut event);
+    keep_request(headers, meta, &mut event);
     event.validate().map_err(|error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -557,6 +576,45 @@ async fn accept_hook(
         tracing::warn!(source = %state.config.name, hook = %hook.name, %error, stage = "dedup", "recording a delivery id failed; a late redelivery may be delivered again");
     }
     Ok(response)
+}
+
+/// Headers never kept on a hook's event: credentials (the bus is no place for them).
+const UNKEPT_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
+
+/// Keeps the request's path, query, client address and headers (without
+/// credentials and cookies; repeated ones joined by commas, as API Gateway does) in
+/// the extensions `httppath`, `httpquery`, `httpsourceip` and `httpheaders` (a JSON
+/// object), so a `lambda` function with `payload = "aws"` gets the request as API
+/// Gateway's payload format 2.0.
+fn keep_request(headers: &HeaderMap, meta: &RequestMeta, event: &mut Event) {
+    let mut kept = serde_json::Map::new();
+    for (name, value) in headers {
+        if UNKEPT_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value.as_bytes());
+        match kept.get_mut(name.as_str()) {
+            Some(serde_json::Value::String(joined)) => {
+                joined.push(',');
+                joined.push_str(&value);
+            }
+            _ => {
+                kept.insert(name.as_str().to_owned(), value.into_owned().into());
+            }
+        }
+    }
+    let extensions = &mut event.extensions;
+    extensions.insert("httppath".to_owned(), meta.path.clone());
+    if let Some(query) = meta.query.as_ref().filter(|query| !query.is_empty()) {
+        extensions.insert("httpquery".to_owned(), query.clone());
+    }
+    if let Some(ip) = meta.client_ip {
+        extensions.insert("httpsourceip".to_owned(), ip.to_string());
+    }
+    extensions.insert(
+        "httpheaders".to_owned(),
+        serde_json::Value::Object(kept).to_string(),
+    );
 }
 
 /// An S3 event notification: one event per record, all published or none answered

@@ -587,6 +587,11 @@ fn consume(
             key: message.key(),
             headers,
             timestamp: message.timestamp().to_millis(),
+            timestamp_type: match message.timestamp() {
+                rdkafka::Timestamp::CreateTime(_) => Some("CREATE_TIME"),
+                rdkafka::Timestamp::LogAppendTime(_) => Some("LOG_APPEND_TIME"),
+                rdkafka::Timestamp::NotAvailable => None,
+            },
             payload: message.payload(),
         };
         let item = match record::to_events(config, &record) {

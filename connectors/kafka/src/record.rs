@@ -48,6 +48,8 @@ pub struct Record<'a> {
     pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
     /// Milliseconds since the epoch (create or log-append time).
     pub timestamp: Option<i64>,
+    /// `CREATE_TIME` or `LOG_APPEND_TIME`, as AWS names them.
+    pub timestamp_type: Option<&'static str>,
     pub payload: Option<&'a [u8]>,
 }
 
@@ -217,7 +219,36 @@ fn plain_event(
             .extensions
             .insert(extension_name(name), value.map(text).unwrap_or_default());
     }
+    event.extensions.insert(
+        RECORD_EXTENSION.to_owned(),
+        record_extension(config, record),
+    );
     event
+}
+
+/// The extension of a plain record's event that keeps the record exactly (its
+/// coordinates, timestamp and type, key and headers as bytes, the brokers it came
+/// from), so a `lambda` function with `payload = "aws"` gets it as Lambda's
+/// self-managed Kafka event. It wins over a header whose extension name is the same.
+pub const RECORD_EXTENSION: &str = "kafkarecord";
+
+fn record_extension(config: &KafkaSourceConfig, record: &Record<'_>) -> String {
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    serde_json::json!({
+        "bootstrapServers": config.brokers,
+        "topic": record.at.topic,
+        "partition": record.at.partition,
+        "offset": record.at.offset,
+        "timestamp": record.timestamp,
+        "timestampType": record.timestamp_type,
+        "key": record.key.map(encode),
+        "headers": record
+            .headers
+            .iter()
+            .map(|(name, value)| serde_json::json!([name, value.map(encode)]))
+            .collect::<Vec<_>>(),
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -245,6 +276,7 @@ mod tests {
             key: Some(b"customer-7"),
             headers,
             timestamp: Some(1_700_000_000_123),
+            timestamp_type: Some("CREATE_TIME"),
             payload: Some(payload),
         }
     }

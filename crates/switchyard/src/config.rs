@@ -1466,12 +1466,17 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 ),
             );
         }
-        if managed && trigger.batch.is_some() {
+        let aws_lambda = trigger.payload == switchyard_dispatcher::PayloadFormat::Aws
+            && config.functions.iter().any(|function| {
+                function.get_ref().name() == trigger.function
+                    && matches!(function.get_ref(), FunctionConfig::Lambda(_))
+            });
+        if managed && trigger.batch.is_some() && !aws_lambda {
             check.error(
                 span.clone(),
                 "batch",
                 format!(
-                    "function `{}` runs as instances Switchyard manages, which take one event per invocation for now; remove `batch`",
+                    "function `{}` runs as instances Switchyard manages, which take one event per invocation unless a `lambda` function gets AWS-shaped batches (`payload = \"aws\"`); remove `batch`",
                     trigger.function
                 ),
             );

@@ -89,7 +89,41 @@ pub fn classify_batch_answer(
     status: u16,
     body: Result<&[u8], &str>,
 ) -> BatchOutcome {
-    match batch_failures(events, body) {
+    classify_batch_answer_with(status, body, &|identifier| {
+        event_id_identifier(events, identifier)
+    })
+}
+
+/// An `itemIdentifier` that is the id of an event of the batch.
+pub fn event_id_identifier(
+    events: &[Event],
+    identifier: &serde_json::Value,
+) -> Result<String, String> {
+    use serde_json::Value;
+    let id = match identifier {
+        Value::String(id) if !id.is_empty() => id.clone(),
+        Value::String(_) => return Err("is empty".to_owned()),
+        Value::Null => return Err("is null or missing".to_owned()),
+        _ => return Err("is not a string".to_owned()),
+    };
+    if !events.iter().any(|event| event.id == id) {
+        return Err(format!(
+            "names id `{}`, which was not in the batch",
+            short_id(&id)
+        ));
+    }
+    Ok(id)
+}
+
+/// [`classify_batch_answer`] with `identify` telling which event an
+/// `itemIdentifier` names (its id), or why it names none (which fails the whole
+/// batch).
+pub fn classify_batch_answer_with(
+    status: u16,
+    body: Result<&[u8], &str>,
+    identify: &dyn Fn(&serde_json::Value) -> Result<String, String>,
+) -> BatchOutcome {
+    match batch_failures(body, identify) {
         Ok(failed) if failed.is_empty() => BatchOutcome::All(Outcome::delivered()),
         Ok(failed) => BatchOutcome::Partial { failed },
         Err(reason) => BatchOutcome::All(Outcome::RetryLater {
@@ -100,7 +134,10 @@ pub fn classify_batch_answer(
 }
 
 /// The ids a batch answer reports failed, or why the answer fails the whole batch.
-fn batch_failures(events: &[Event], body: Result<&[u8], &str>) -> Result<Vec<String>, String> {
+fn batch_failures(
+    body: Result<&[u8], &str>,
+    identify: &dyn Fn(&serde_json::Value) -> Result<String, String>,
+) -> Result<Vec<String>, String> {
     use serde_json::Value;
     let body = body.map_err(|error| format!("the answer could not be read: {error}"))?;
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -140,30 +177,8 @@ fn batch_failures(events: &[Event], body: Result<&[u8], &str>) -> Result<Vec<Str
                 "batchItemFailures[{index}] has the key `{other}`; the key is `itemIdentifier`"
             ));
         }
-        let id = match item.get("itemIdentifier") {
-            Some(Value::String(id)) if !id.is_empty() => id.clone(),
-            Some(Value::String(_)) => {
-                return Err(format!(
-                    "batchItemFailures[{index}].itemIdentifier is empty"
-                ));
-            }
-            Some(Value::Null) | None => {
-                return Err(format!(
-                    "batchItemFailures[{index}].itemIdentifier is null or missing"
-                ));
-            }
-            Some(_) => {
-                return Err(format!(
-                    "batchItemFailures[{index}].itemIdentifier is not a string"
-                ));
-            }
-        };
-        if !events.iter().any(|event| event.id == id) {
-            return Err(format!(
-                "batchItemFailures names id `{}`, which was not in the batch",
-                short_id(&id)
-            ));
-        }
+        let id = identify(item.get("itemIdentifier").unwrap_or(&Value::Null))
+            .map_err(|reason| format!("batchItemFailures[{index}].itemIdentifier {reason}"))?;
         failed.push(id);
     }
     Ok(failed)

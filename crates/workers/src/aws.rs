@@ -1,8 +1,10 @@
 //! What a `lambda` function receives from a trigger with `payload = "aws"`: the
 //! event as AWS would have sent it, so handlers written for AWS run unchanged.
 //!
-//! An Invoke API `Event` invocation (type [`INVOKE_TYPE`]) is its payload, as given.
-//! Anything else is the structured CloudEvent, as with `payload = "cloudevent"`.
+//! An Invoke API `Event` invocation (type [`INVOKE_TYPE`]) is its payload, as given;
+//! an object event of the S3 connector an S3 notification (`{"Records": [...]}`); a
+//! webhook's request API Gateway's payload format 2.0. Anything else is the
+//! structured CloudEvent, as with `payload = "cloudevent"`.
 //!
 //! Function URLs use [`http_api_request`] and [`http_api_response`]: API Gateway's
 //! HTTP API payload format 2.0, which Lambda's function URLs use too. The shapes are
@@ -15,9 +17,11 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
-use switchyard_event::{Event, Failure, Outcome, Reservation, Target, to_structured_json};
+use switchyard_event::{
+    BatchOutcome, Event, Failure, Outcome, Reservation, Target, to_structured_json,
+};
 
-use crate::ManagedFunction;
+use crate::{Called, ManagedFunction};
 
 /// The CloudEvent type of an Invoke API `Event` invocation stored on the bus: its
 /// data is the payload, its source [`invoke_source`].
@@ -38,12 +42,232 @@ pub fn request_id(event: &Event) -> Option<String> {
     (event.ty == INVOKE_TYPE).then(|| event.id.clone())
 }
 
+/// Where an event came from, as far as its AWS shape goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// An Invoke API `Event` invocation.
+    Invoke,
+    /// An object event of the S3 connector (a notification or a poll).
+    S3,
+    /// A webhook's request (it kept its headers in `httpheaders`).
+    Hook,
+    /// A plain Kafka record (it kept itself in `kafkarecord`).
+    Kafka,
+    /// Anything else: the structured CloudEvent.
+    Other,
+}
+
+fn origin(event: &Event) -> Origin {
+    if event.ty == INVOKE_TYPE {
+        Origin::Invoke
+    } else if event.ty.starts_with("com.amazonaws.s3.") && event.extensions.contains_key("s3bucket")
+    {
+        Origin::S3
+    } else if event.extensions.contains_key(KAFKA_RECORD) {
+        Origin::Kafka
+    } else if event.extensions.contains_key("httpheaders") {
+        Origin::Hook
+    } else {
+        Origin::Other
+    }
+}
+
 /// The payload AWS would have sent for `event`.
 pub fn render(event: &Event) -> Bytes {
-    if event.ty == INVOKE_TYPE {
-        return event.data.clone();
+    match origin(event) {
+        Origin::Invoke => event.data.clone(),
+        Origin::S3 => json_bytes(&json!({ "Records": [s3_record(event)] })),
+        Origin::Hook => json_bytes(&hook_request(event)),
+        Origin::Kafka => json_bytes(&kafka_event(std::slice::from_ref(event))),
+        Origin::Other => Bytes::from(to_structured_json(event)),
     }
-    Bytes::from(to_structured_json(event))
+}
+
+/// The extension a plain Kafka record's event keeps the record in (written by the
+/// Kafka connector).
+const KAFKA_RECORD: &str = "kafkarecord";
+
+/// Lambda's self-managed Kafka event for Kafka events (`eventSource`
+/// `SelfManagedKafka`, `bootstrapServers`, `records` by `<topic>-<partition>` in
+/// order, key and value in base64, headers as arrays of byte values).
+fn kafka_event(events: &[Event]) -> Value {
+    let mut records: Map<String, Value> = Map::new();
+    let mut bootstrap = String::new();
+    for event in events {
+        let kept: Value = event
+            .extensions
+            .get(KAFKA_RECORD)
+            .and_then(|kept| serde_json::from_str(kept).ok())
+            .unwrap_or_default();
+        if bootstrap.is_empty() {
+            bootstrap = kept["bootstrapServers"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+        }
+        let topic = kept["topic"].as_str().unwrap_or_default();
+        let partition = kept["partition"].as_i64().unwrap_or_default();
+        let headers: Vec<Value> = kept["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|pair| {
+                let name = pair[0].as_str()?;
+                let bytes = match pair[1].as_str() {
+                    Some(encoded) => base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .ok()?,
+                    None => Vec::new(),
+                };
+                Some(json!({ name: bytes }))
+            })
+            .collect();
+        let mut record = json!({
+            "topic": topic,
+            "partition": partition,
+            "offset": kept["offset"],
+            "timestamp": kept["timestamp"],
+            "timestampType": kept["timestampType"].as_str().unwrap_or("CREATE_TIME"),
+            "value": base64::engine::general_purpose::STANDARD.encode(&event.data),
+            "headers": headers,
+        });
+        if let Some(key) = kept["key"].as_str() {
+            record["key"] = Value::from(key);
+        }
+        match records
+            .entry(format!("{topic}-{partition}"))
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
+            Value::Array(list) => list.push(record),
+            _ => unreachable!("inserted as a list"),
+        }
+    }
+    json!({
+        "eventSource": "SelfManagedKafka",
+        "bootstrapServers": bootstrap,
+        "records": records,
+    })
+}
+
+/// The event a Kafka `itemIdentifier` (`{"partition": "<topic>-<partition>",
+/// "offset": <offset>}`, as Powertools' batch processor writes it) names.
+fn kafka_identifier(events: &[Event], identifier: &Value) -> Result<String, String> {
+    let (Some(partition), Some(offset)) = (
+        identifier["partition"].as_str(),
+        identifier["offset"].as_i64(),
+    ) else {
+        return Err(
+            "is not {\"partition\": \"<topic>-<partition>\", \"offset\": <offset>}".to_owned(),
+        );
+    };
+    events
+        .iter()
+        .find(|event| {
+            let kept: Value = event
+                .extensions
+                .get(KAFKA_RECORD)
+                .and_then(|kept| serde_json::from_str(kept).ok())
+                .unwrap_or_default();
+            kept["offset"].as_i64() == Some(offset)
+                && kept["topic"]
+                    .as_str()
+                    .zip(kept["partition"].as_i64())
+                    .is_some_and(|(topic, number)| format!("{topic}-{number}") == partition)
+        })
+        .map(|event| event.id.clone())
+        .ok_or_else(|| format!("names {partition} offset {offset}, which was not in the batch"))
+}
+
+/// The payload AWS would have sent for a batch: S3 object events as one
+/// `{"Records": [...]}`, Kafka records as one self-managed Kafka event; anything
+/// else as a JSON array of structured CloudEvents.
+pub fn render_batch(events: &[Event]) -> Bytes {
+    if !events.is_empty() && events.iter().all(|event| origin(event) == Origin::S3) {
+        let records: Vec<Value> = events.iter().map(s3_record).collect();
+        return json_bytes(&json!({ "Records": records }));
+    }
+    if !events.is_empty() && events.iter().all(|event| origin(event) == Origin::Kafka) {
+        return json_bytes(&kafka_event(events));
+    }
+    let mut array = Vec::with_capacity(events.iter().map(|event| event.data.len() + 256).sum());
+    array.push(b'[');
+    for (index, event) in events.iter().enumerate() {
+        if index > 0 {
+            array.push(b',');
+        }
+        array.extend_from_slice(&to_structured_json(event));
+    }
+    array.push(b']');
+    Bytes::from(array)
+}
+
+fn json_bytes(value: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("a JSON value serializes"))
+}
+
+/// An object key as S3 notifications write it: URL-encoded, a space as `+` (`red
+/// flower.jpg` is `red+flower.jpg`), `/` kept.
+pub fn s3_encode_key(key: &str) -> String {
+    key.split('/')
+        .map(|segment| form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// An S3 event notification record (event version 2.1) for an object event of the
+/// S3 connector: its `s3` member is the event's data with the key URL-encoded again;
+/// `eventSource`, `awsRegion`, `eventName` and `eventTime` come from the event's
+/// source, type and time. What the connector does not keep (`userIdentity`,
+/// `requestParameters`, `responseElements`) is present with empty values.
+fn s3_record(event: &Event) -> Value {
+    let bucket = event.extensions.get("s3bucket").map_or("", String::as_str);
+    // `{eventSource}.{awsRegion}.{bucket}`: the event source has no dot.
+    let (event_source, rest) = event.source.split_once('.').unwrap_or(("aws:s3", ""));
+    let region = rest
+        .strip_suffix(bucket)
+        .and_then(|region| region.strip_suffix('.'))
+        .unwrap_or_default();
+    let mut s3: Value = serde_json::from_slice(&event.data).unwrap_or_else(|_| json!({}));
+    if !s3.is_object() {
+        s3 = json!({});
+    }
+    if let Some(key) = event.extensions.get("s3key") {
+        s3["object"]["key"] = Value::from(s3_encode_key(key));
+    }
+    if s3["bucket"]["name"].is_null() {
+        s3["bucket"]["name"] = Value::from(bucket);
+        s3["bucket"]["arn"] = Value::from(format!("arn:aws:s3:::{bucket}"));
+    }
+    for (name, extension) in [
+        ("size", "s3size"),
+        ("eTag", "s3etag"),
+        ("versionId", "s3versionid"),
+        ("sequencer", "s3sequencer"),
+    ] {
+        if s3["object"][name].is_null()
+            && let Some(value) = event.extensions.get(extension)
+        {
+            s3["object"][name] = if name == "size" {
+                value.parse::<u64>().map_or(Value::Null, Value::from)
+            } else {
+                Value::from(value.as_str())
+            };
+        }
+    }
+    if s3["s3SchemaVersion"].is_null() {
+        s3["s3SchemaVersion"] = Value::from("1.0");
+    }
+    json!({
+        "eventVersion": "2.1",
+        "eventSource": event_source,
+        "awsRegion": region,
+        "eventTime": event.time.as_deref().unwrap_or_default(),
+        "eventName": event.ty.strip_prefix("com.amazonaws.s3.").unwrap_or(&event.ty),
+        "userIdentity": { "principalId": "" },
+        "requestParameters": { "sourceIPAddress": "" },
+        "responseElements": { "x-amz-request-id": "", "x-amz-id-2": "" },
+        "s3": s3,
+    })
 }
 
 /// One HTTP request, as a function URL hands it to a `lambda` function.
@@ -201,6 +425,52 @@ pub fn http_api_request(request: &HttpRequest<'_>) -> Value {
     event
 }
 
+/// A webhook's event as the request API Gateway's HTTP API would have passed on
+/// (payload format 2.0): its path, query, client address and headers as the hook
+/// kept them, the body as data; the event id is `requestContext.requestId`.
+fn hook_request(event: &Event) -> Value {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(Ok(Value::Object(kept))) = event
+        .extensions
+        .get("httpheaders")
+        .map(|kept| serde_json::from_str::<Value>(kept))
+    {
+        for (name, value) in kept {
+            if let (Ok(name), Some(Ok(value))) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                value.as_str().map(reqwest::header::HeaderValue::from_str),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+    let time = event
+        .time
+        .as_deref()
+        .and_then(|time| {
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .unwrap_or_else(time::OffsetDateTime::now_utc);
+    let path = event.extensions.get("httppath").map_or("/", String::as_str);
+    http_api_request(&HttpRequest {
+        method: "POST",
+        path,
+        query: event.extensions.get("httpquery").map_or("", String::as_str),
+        headers: &headers,
+        body: &event.data,
+        protocol: "HTTP/1.1",
+        source_ip: event
+            .extensions
+            .get("httpsourceip")
+            .cloned()
+            .unwrap_or_default(),
+        request_id: &event.id,
+        api_id: "hooks",
+        account_id: crate::runtime_api::ACCOUNT_ID,
+        time,
+    })
+}
+
 /// An HTTP response read from a handler's answer by the function URL rules.
 #[derive(Debug, PartialEq, Eq)]
 pub struct HttpResponse {
@@ -344,11 +614,65 @@ impl Target for AwsPayloads {
             .invoke_rendered(reservation, event, timeout, render)
             .await
     }
+
+    /// One invocation with the whole batch ([`render_batch`]); the answer is read by
+    /// Lambda's partial batch response rules (`batchItemFailures` naming events by
+    /// id, or Kafka records by `{"partition", "offset"}`; a malformed answer fails
+    /// the whole batch), a function error fails it whole.
+    async fn invoke_batch(&self, events: &[Event], timeout: Duration) -> BatchOutcome {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let (called, _) = self
+            .function
+            .call(request_id, render_batch(events), None, timeout, false)
+            .await;
+        match called {
+            Called::Response { body, .. } => {
+                switchyard_targets::classify_batch_answer_with(200, Ok(&body), &|identifier| {
+                    match identifier {
+                        Value::Object(_) => kafka_identifier(events, identifier),
+                        _ => switchyard_targets::event_id_identifier(events, identifier),
+                    }
+                })
+            }
+            failed => BatchOutcome::All(failed.into_outcome()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_object_events_become_notification_records() {
+        let mut event = Event::new(
+            "images/a b+c.jpg@abc",
+            "minio:s3.eu-west-1.my.bucket",
+            "com.amazonaws.s3.ObjectCreated:Put",
+        );
+        event.time = Some("2026-12-02T08:00:00.000Z".to_owned());
+        event
+            .extensions
+            .insert("s3bucket".into(), "my.bucket".into());
+        event
+            .extensions
+            .insert("s3key".into(), "dir/a b+c ü.jpg".into());
+        event.data = Bytes::from_static(
+            br#"{"s3SchemaVersion":"1.0","configurationId":"c","bucket":{"name":"my.bucket","arn":"arn:aws:s3:::my.bucket"},"object":{"key":"dir/a b+c \u00fc.jpg","size":3,"eTag":"abc"}}"#,
+        );
+        let rendered: Value = serde_json::from_slice(&render(&event)).unwrap();
+        let record = &rendered["Records"][0];
+        assert_eq!(record["eventVersion"], "2.1");
+        assert_eq!(record["eventSource"], "minio:s3");
+        assert_eq!(record["awsRegion"], "eu-west-1");
+        assert_eq!(record["eventName"], "ObjectCreated:Put");
+        assert_eq!(record["eventTime"], "2026-12-02T08:00:00.000Z");
+        assert_eq!(record["s3"]["bucket"]["name"], "my.bucket");
+        assert_eq!(record["s3"]["object"]["key"], "dir/a+b%2Bc+%C3%BC.jpg");
+        assert_eq!(record["s3"]["object"]["size"], 3);
+        let batch: Value = serde_json::from_slice(&render_batch(&[event.clone(), event])).unwrap();
+        assert_eq!(batch["Records"].as_array().unwrap().len(), 2);
+    }
 
     #[test]
     fn a_request_becomes_payload_format_2() {

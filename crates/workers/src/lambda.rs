@@ -192,7 +192,7 @@ pub enum Called {
 impl Called {
     /// As an attempt of an event: a response delivers, anything else is retried per
     /// the trigger's policy with `<errorType>: <errorMessage>` on the record.
-    fn into_outcome(self) -> Outcome {
+    pub(crate) fn into_outcome(self) -> Outcome {
         match self {
             Called::Response { body, content_type } => delivered(body, content_type),
             Called::FunctionError {

@@ -1,0 +1,100 @@
+"""Handlers written for AWS Lambda that read their events with Powertools for AWS
+Lambda (AWS's own parsers): each writes what it read, as one JSON line per record, to
+$SEEN_FILE, so a test compares it with what was uploaded, produced or requested."""
+
+import base64
+import json
+import os
+
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes import (
+    APIGatewayProxyEventV2,
+    S3Event,
+)
+from aws_lambda_powertools.utilities.data_classes.kafka_event import KafkaEventRecord
+
+
+def _seen(line):
+    with open(os.environ["SEEN_FILE"], "a") as seen:
+        seen.write(json.dumps(line) + "\n")
+
+
+def _b64(data):
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def s3(event, context):
+    parsed = S3Event(event)
+    for record in parsed.records:
+        _seen(
+            {
+                "bucket": record.s3.bucket.name,
+                # What a handler does with a notification's key: Powertools'
+                # object_key / unquote_plus of the URL-encoded key.
+                "key": S3Event({"Records": [record.raw_event]}).object_key,
+                "size": record.s3.get_object.size,
+                "etag": record.s3.get_object.etag,
+                "event_name": record.event_name,
+                "event_source": record.event_source,
+                "records_in_event": len(list(parsed.records)),
+            }
+        )
+    return {"ok": True}
+
+
+_batch_size = 0
+
+
+def _kafka_record(record: KafkaEventRecord):
+    _seen(
+        {
+            "batch_size": _batch_size,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "timestamp_type": record.timestamp_type,
+            "key": _b64(record.decoded_key),
+            "value": _b64(record.decoded_value),
+            "headers": [
+                [name, _b64(bytes(value))]
+                for header in record.headers
+                for name, value in header.items()
+            ],
+        }
+    )
+    if record.decoded_value == b"fail":
+        raise ValueError("this record fails")
+
+
+processor = BatchProcessor(event_type=EventType.Kafka)
+
+
+def kafka(event, context):
+    global _batch_size
+    assert event["eventSource"] == "SelfManagedKafka", event
+    _batch_size = sum(len(records) for records in event["records"].values())
+    return process_partial_response(
+        event=event, record_handler=_kafka_record, processor=processor, context=context
+    )
+
+
+def hook(event, context):
+    request = APIGatewayProxyEventV2(event)
+    _seen(
+        {
+            "method": request.request_context.http.method,
+            "raw_path": request.raw_path,
+            "raw_query_string": request.raw_query_string,
+            "query": request.query_string_parameters,
+            "headers": dict(request.headers),
+            "body": request.decoded_body,
+            "is_base64_encoded": request.is_base64_encoded,
+            "source_ip": request.request_context.http.source_ip,
+            "request_id": request.request_context.request_id,
+        }
+    )
+    return {"statusCode": 200}
