@@ -305,6 +305,8 @@ payload = "aws"
     );
     assert_eq!(line["headers"]["x-repeated"], "one,two");
     assert_eq!(line["headers"]["content-type"], "application/json");
+    // The id header is the event's id, given back as the header.
+    assert_eq!(line["headers"]["idempotency-key"], "order-77");
     // The hook's credentials never reach the bus, nor the handler.
     assert_eq!(line["headers"].get("authorization"), None, "{line}");
     assert_eq!(line["body"], r#"{"order": 77}"#);

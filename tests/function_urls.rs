@@ -264,10 +264,24 @@ filter = {{ type = {{ exact = "dev.switchyard.route.call" }} }}
 
     // `record = true`: each call of /api is published as an event, the request in
     // payload format 2.0 and the response.
-    let records = audit.wait_for(1, WAIT).await;
-    let first = &records[0];
+    // (Records are delivered in parallel: the first call's is found by its id.)
+    let deadline = Instant::now() + WAIT;
+    let first = loop {
+        if let Some(found) = audit
+            .received()
+            .into_iter()
+            .find(|record| record.header("ce-id") == Some(request_id.as_str()))
+        {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record of the first call among {} records",
+            audit.received().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(first.header("ce-type"), Some("dev.switchyard.route.call"));
-    assert_eq!(first.header("ce-id"), Some(request_id.as_str()));
     let record: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
     assert_eq!(record["function"], function.as_str());
     assert_eq!(record["request"]["rawPath"], "/api/echo");

@@ -545,7 +545,7 @@ async fn accept_hook(
         .map(str::to_owned);
     event.data = body;
     carry_trace_context(headers, &mut event);
-    keep_request(headers, meta, &mut event);
+    keep_request(headers, meta, hook, &mut event);
     event.validate().map_err(|error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -581,15 +581,29 @@ async fn accept_hook(
 /// Headers never kept on a hook's event: credentials (the bus is no place for them).
 const UNKEPT_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
 
+/// Most bytes of request headers a hook's event keeps (as JSON): more is not kept.
+pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
+
 /// Keeps the request's path, query, client address and headers (without
 /// credentials and cookies; repeated ones joined by commas, as API Gateway does) in
 /// the extensions `httppath`, `httpquery`, `httpsourceip` and `httpheaders` (a JSON
 /// object), so a `lambda` function with `payload = "aws"` gets the request as API
-/// Gateway's payload format 2.0.
-fn keep_request(headers: &HeaderMap, meta: &RequestMeta, event: &mut Event) {
+/// Gateway's payload format 2.0. The `id_header` and `subject_header` are not copied
+/// (they are the event's id and subject; `httpidheader` and `httpsubjectheader` name
+/// them); headers over [`MAX_KEPT_HEADER_BYTES`] in all are not kept at all
+/// (`httpheaders` is then absent and `httpheadersdropped` says how large they were).
+fn keep_request(headers: &HeaderMap, meta: &RequestMeta, hook: &HookConfig, event: &mut Event) {
     let mut kept = serde_json::Map::new();
+    let is = |name: &axum::http::HeaderName, configured: &Option<String>| {
+        configured
+            .as_deref()
+            .is_some_and(|configured| name.as_str().eq_ignore_ascii_case(configured))
+    };
     for (name, value) in headers {
-        if UNKEPT_HEADERS.contains(&name.as_str()) {
+        if UNKEPT_HEADERS.contains(&name.as_str())
+            || is(name, &hook.id_header)
+            || is(name, &hook.subject_header)
+        {
             continue;
         }
         let value = String::from_utf8_lossy(value.as_bytes());
@@ -611,10 +625,26 @@ fn keep_request(headers: &HeaderMap, meta: &RequestMeta, event: &mut Event) {
     if let Some(ip) = meta.client_ip {
         extensions.insert("httpsourceip".to_owned(), ip.to_string());
     }
-    extensions.insert(
-        "httpheaders".to_owned(),
-        serde_json::Value::Object(kept).to_string(),
-    );
+    if let Some(name) = hook
+        .id_header
+        .as_ref()
+        .filter(|name| headers.contains_key(name.as_str()))
+    {
+        extensions.insert("httpidheader".to_owned(), name.to_ascii_lowercase());
+    }
+    if let Some(name) = hook
+        .subject_header
+        .as_ref()
+        .filter(|name| headers.contains_key(name.as_str()))
+    {
+        extensions.insert("httpsubjectheader".to_owned(), name.to_ascii_lowercase());
+    }
+    let kept = serde_json::Value::Object(kept).to_string();
+    if kept.len() > MAX_KEPT_HEADER_BYTES {
+        extensions.insert("httpheadersdropped".to_owned(), kept.len().to_string());
+    } else {
+        extensions.insert("httpheaders".to_owned(), kept);
+    }
 }
 
 /// An S3 event notification: one event per record, all published or none answered

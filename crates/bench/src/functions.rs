@@ -314,6 +314,15 @@ impl Warm {
 /// aws-lambda-rie running `binary`, once its first invocation (which starts the
 /// runtime) answered: the process and its invoke URL.
 async fn start_rie(binary: &str) -> anyhow::Result<(std::process::Child, String)> {
+    start_rie_command(&[binary.to_owned()], &tests_functions()).await
+}
+
+/// aws-lambda-rie running `command` in `directory` (as Lambda's images run a
+/// runtime), once its first invocation answered: the process and its invoke URL.
+async fn start_rie_command(
+    command: &[String],
+    directory: &Path,
+) -> anyhow::Result<(std::process::Child, String)> {
     let rie = installed("SWITCHYARD_LAMBDA_RIE")?;
     let (front, runtime) = (free_port(), free_port());
     let child = Command::new(rie)
@@ -321,7 +330,8 @@ async fn start_rie(binary: &str) -> anyhow::Result<(std::process::Child, String)
         .arg(format!("127.0.0.1:{front}"))
         .arg("--runtime-api-address")
         .arg(format!("127.0.0.1:{runtime}"))
-        .arg(binary)
+        .args(command)
+        .current_dir(directory)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .stdout(Stdio::null())
@@ -649,9 +659,28 @@ async fn http_load(
     (per_second, latencies, failed, first)
 }
 
-/// (h) Synchronous invocation of the Rust handler through Switchyard's Invoke API
-/// (the `switchyard` binary, up to 64 instances) beside the same binary under
-/// aws-lambda-rie's own invoke endpoint, at 1, 8 and 64 concurrent callers.
+/// A bare HTTP server answering every request with a small JSON: the `http`
+/// function of (h), called directly and through a function URL.
+async fn start_echo_server() -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let router = axum::Router::new().fallback(|body: bytes::Bytes| async move {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            format!("{{\"echoed\":{}}}", body.len()),
+        )
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok(format!("http://{address}"))
+}
+
+/// (h) Synchronous invocation of the Rust and Python handlers through Switchyard's
+/// Invoke API and a function URL (the `switchyard` binary, up to 64 and 16
+/// instances) beside the same handlers under aws-lambda-rie's own invoke endpoint;
+/// and an `http` function called directly beside through a function URL; at 1, 8
+/// and 64 concurrent callers.
 pub(crate) async fn bench_sync_invoke(
     nats: &Nats,
     binary: &Path,
@@ -659,10 +688,17 @@ pub(crate) async fn bench_sync_invoke(
 ) -> anyhow::Result<()> {
     let count = if quick { 1_000 } else { 5_000 };
     let rust = installed("SWITCHYARD_LAMBDA_RUST")?;
+    let python = installed("SWITCHYARD_LAMBDA_PYTHON")?;
+    let python_command = vec![
+        python.clone(),
+        "-m".to_owned(),
+        "awslambdaric".to_owned(),
+        "app.handler".to_owned(),
+    ];
+    let python_directory = tests_functions().join("python");
     let body = switchyard_event::to_structured_json(&bench_event("sync"));
-    // aws-lambda-rie, started and warmed as in (g).
-    let (mut emulator, rie_url) = start_rie(&rust).await?;
-    // Switchyard with the Invoke API and the same binary as a lambda function.
+    let echo = start_echo_server().await?;
+    // Switchyard with the Invoke API, the handlers as lambda functions, and routes.
     let prefix = format!(
         "benchsync{}",
         uuid::Uuid::new_v4()
@@ -671,10 +707,55 @@ pub(crate) async fn bench_sync_invoke(
             .get(..6)
             .unwrap_or("x")
     );
-    let (invoke_port, admin_port) = (free_port(), free_port());
+    let (invoke_port, http_port, admin_port) = (free_port(), free_port(), free_port());
     let mut text = config_header(&nats.url(), &prefix, admin_port);
     text.push_str(&format!(
-        "[invoke_api]\nlisten = \"127.0.0.1:{invoke_port}\"\nmax_wait = \"10s\"\n\n[[functions]]\ntype = \"lambda\"\nname = \"sync\"\ncommand = [{rust:?}]\nhandler = \"bootstrap\"\nmemory = 3538\nmax_concurrency = 64\nmax_cold_starts = 16\ntimeout = \"30s\"\nidle_timeout = \"10m\"\n"
+        r#"
+[invoke_api]
+listen = "127.0.0.1:{invoke_port}"
+max_wait = "10s"
+
+[[sources]]
+type = "http"
+name = "http"
+listen = "127.0.0.1:{http_port}"
+max_body_bytes = 65536
+routes = [
+  {{ path = "/rust", function = "rust", max_wait = "10s" }},
+  {{ path = "/python", function = "python", max_wait = "10s" }},
+  {{ path = "/direct", function = "direct", max_wait = "10s" }},
+]
+
+[[functions]]
+type = "lambda"
+name = "rust"
+command = [{rust:?}]
+handler = "bootstrap"
+memory = 3538
+max_concurrency = 64
+max_cold_starts = 16
+timeout = "30s"
+idle_timeout = "10m"
+
+[[functions]]
+type = "lambda"
+name = "python"
+command = {python_command:?}
+handler = "app.handler"
+directory = {python_directory:?}
+memory = 1769
+max_concurrency = 16
+max_cold_starts = 16
+timeout = "30s"
+idle_timeout = "10m"
+
+[[functions]]
+type = "http"
+name = "direct"
+url = "{echo}"
+max_concurrency = 64
+"#,
+        python_directory = python_directory.display().to_string(),
     ));
     let directory = tempfile::tempdir()?;
     let config = directory.path().join("sync.toml");
@@ -686,30 +767,66 @@ pub(crate) async fn bench_sync_invoke(
         .stderr(Stdio::null())
         .spawn()?;
     wait_ready(format!("127.0.0.1:{admin_port}").parse()?).await;
-    let switchyard_url =
-        format!("http://127.0.0.1:{invoke_port}/2015-03-31/functions/sync/invocations");
-    // Warm: 64 instances started.
-    let (_, warmed, failed, _) = http_load(&switchyard_url, &body, 64, 2_000).await;
-    anyhow::ensure!(
-        failed == 0 && !warmed.is_empty(),
-        "warm-up failed ({failed} failures)"
-    );
-    println!("### (h) synchronous invocation of the Rust handler, {count} calls per row\n");
+    let invoke = |function: &str| {
+        format!("http://127.0.0.1:{invoke_port}/2015-03-31/functions/{function}/invocations")
+    };
+    let route = |path: &str| format!("http://127.0.0.1:{http_port}{path}");
+    println!("### (h) synchronous invocation, {count} calls per row\n");
     println!(
-        "| callers | path | invocations/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|---|"
+        "| handler | callers | path | invocations/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|---|---|"
     );
+    let handlers: [(&str, Vec<String>, PathBuf, &str, usize); 2] = [
+        ("rust", vec![rust.clone()], tests_functions(), "rust", 64),
+        ("python", python_command, python_directory, "python", 16),
+    ];
+    for (name, command, directory, function, instances) in handlers {
+        let (mut emulator, rie_url) = start_rie_command(&command, &directory).await?;
+        // Warm: every instance started, through both doors.
+        for url in [invoke(function), route(&format!("/{function}"))] {
+            let (_, warmed, failed, first) = http_load(&url, &body, instances, 2_000).await;
+            anyhow::ensure!(
+                failed == 0 && !warmed.is_empty(),
+                "warm-up of {url} failed ({failed} failures, first: {first:?})"
+            );
+        }
+        for callers in [1, 8, 64] {
+            for (path, url) in [
+                (
+                    "aws-lambda-rie invoke endpoint (1 instance)".to_owned(),
+                    rie_url.clone(),
+                ),
+                (
+                    format!("switchyard Invoke API (up to {instances} instances)"),
+                    invoke(function),
+                ),
+                (
+                    format!("switchyard function URL (up to {instances} instances)"),
+                    route(&format!("/{function}")),
+                ),
+            ] {
+                let (per_second, latencies, failed, first) =
+                    http_load(&url, &body, callers, count).await;
+                println!(
+                    "| {name} | {callers} | {path} | {per_second:.0} | {} | {} | {failed}{} |",
+                    milliseconds(percentile(&latencies, 0.5)),
+                    milliseconds(percentile(&latencies, 0.99)),
+                    first.map_or_else(String::new, |first| format!(" (first: {first})")),
+                );
+            }
+        }
+        let _ = emulator.kill();
+        let _ = emulator.wait();
+    }
+    // An `http` function: called directly, and through a function URL.
     for callers in [1, 8, 64] {
-        for (name, url) in [
-            ("aws-lambda-rie invoke endpoint (1 instance)", &rie_url),
-            (
-                "switchyard Invoke API (up to 64 instances)",
-                &switchyard_url,
-            ),
+        for (path, url) in [
+            ("http function called directly", format!("{echo}/direct")),
+            ("http function through a function URL", route("/direct")),
         ] {
             let (per_second, latencies, failed, first) =
-                http_load(url, &body, callers, count).await;
+                http_load(&url, &body, callers, count).await;
             println!(
-                "| {callers} | {name} | {per_second:.0} | {} | {} | {failed}{} |",
+                "| http (bare axum) | {callers} | {path} | {per_second:.0} | {} | {} | {failed}{} |",
                 milliseconds(percentile(&latencies, 0.5)),
                 milliseconds(percentile(&latencies, 0.99)),
                 first.map_or_else(String::new, |first| format!(" (first: {first})")),
@@ -721,7 +838,5 @@ pub(crate) async fn bench_sync_invoke(
     );
     let _ = child.kill();
     let _ = child.wait();
-    let _ = emulator.kill();
-    let _ = emulator.wait();
     Ok(())
 }

@@ -49,7 +49,8 @@ enum Origin {
     Invoke,
     /// An object event of the S3 connector (a notification or a poll).
     S3,
-    /// A webhook's request (it kept its headers in `httpheaders`).
+    /// A webhook's request (it kept its path in `httppath`, its headers in
+    /// `httpheaders`).
     Hook,
     /// A plain Kafka record (it kept itself in `kafkarecord`).
     Kafka,
@@ -65,7 +66,7 @@ fn origin(event: &Event) -> Origin {
         Origin::S3
     } else if event.extensions.contains_key(KAFKA_RECORD) {
         Origin::Kafka
-    } else if event.extensions.contains_key("httpheaders") {
+    } else if event.extensions.contains_key("httppath") {
         Origin::Hook
     } else {
         Origin::Other
@@ -442,6 +443,20 @@ fn hook_request(event: &Event) -> Value {
             ) {
                 headers.insert(name, value);
             }
+        }
+    }
+    // The id and subject headers are the event's id and subject.
+    for (extension, value) in [
+        ("httpidheader", Some(&event.id)),
+        ("httpsubjectheader", event.subject.as_ref()),
+    ] {
+        if let (Some(name), Some(value)) = (event.extensions.get(extension), value)
+            && let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_str(value),
+            )
+        {
+            headers.insert(name, value);
         }
     }
     let time = event
