@@ -477,6 +477,16 @@ function = "nope"
 public = true
 cors = { allow_origins = ["*"], allow_credentials = true }
 
+[[sources.routes]]
+path = "/api/:v1"
+function = "printer"
+public = true
+
+[[sources.routes]]
+path = "/api/"
+function = "printer"
+public = true
+
 [[functions]]
 type = "log"
 name = "printer"
@@ -484,6 +494,8 @@ name = "printer"
     let (ok, output) = validate(text);
     assert!(!ok);
     for expected in [
+        "DIR/broken.toml:19:1: field `path`: route path `/api/:v1` is a prefix of letters, digits",
+        "DIR/broken.toml:23:1: field `methods`: route `/api/` takes methods an earlier route at `/api` takes already",
         "DIR/broken.toml:7:1: field `public`: route `/api` on `0.0.0.0:8080`, which is open to the network, has no authentication",
         "DIR/broken.toml:9:1: field `function`: route `/api`: function `printer` only logs events and cannot answer a request",
         "DIR/broken.toml:10:1: field `methods`: route `/api`: `GE T` is not an HTTP method",

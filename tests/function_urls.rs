@@ -206,6 +206,30 @@ filter = {{ type = {{ exact = "dev.switchyard.route.call" }} }}
         .unwrap();
     assert_eq!(deleted.status(), 405);
     assert_eq!(deleted.headers()["allow"], "GET, POST");
+    // HEAD is taken with GET.
+    let head = client
+        .head(switchyard.url("/api/plain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    // A `..` segment (here percent-encoded, which clients would normalise away) would
+    // leave the route's prefix: refused.
+    let mut stream = tokio::net::TcpStream::connect(switchyard.http)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /api/%2e%2e/admin HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut raw)
+        .await
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
     // A path no route takes is still the source's 404.
     let elsewhere = client.get(switchyard.url("/apix")).send().await.unwrap();
     assert_eq!(elsewhere.status(), 404);
@@ -288,6 +312,9 @@ filter = {{ type = {{ exact = "dev.switchyard.route.call" }} }}
     assert_eq!(record["request"]["body"], r#"{"order": 42}"#);
     assert_eq!(record["response"]["statusCode"], 201);
     assert_eq!(record["response"]["headers"]["x-handled-by"], "web.py");
+    // Credentials and cookies are not recorded.
+    assert_eq!(record["request"].get("cookies"), None, "{record}");
+    assert_eq!(record["response"]["headers"].get("set-cookie"), None);
     switchyard.stop().await;
 }
 

@@ -109,6 +109,8 @@ impl ReservedSources {
 
 struct SourceState {
     config: HttpSourceConfig,
+    /// Raw hooks keep their request on the event (`keep_request`).
+    keep_requests: bool,
     reserved: Arc<ReservedSources>,
     /// Delivery ids remembered past the duplicate window, by hook name.
     horizons: HashMap<String, Arc<dyn DedupHorizon>>,
@@ -188,6 +190,8 @@ impl switchyard_event::Source for HttpSource {
 
 /// Builds the router of one HTTP source; `routes` (its function URLs, built by the
 /// caller, without a fallback) are served beside `/v1/events` and `/hooks/{name}`.
+/// With `keep_requests`, raw hooks keep their request on the event (for `lambda`
+/// functions given AWS-shaped payloads).
 pub fn router(
     config: HttpSourceConfig,
     sink: Arc<dyn EventSink>,
@@ -195,6 +199,7 @@ pub fn router(
     reserved: Arc<ReservedSources>,
     horizons: HashMap<String, Arc<dyn DedupHorizon>>,
     routes: Router,
+    keep_requests: bool,
 ) -> Router {
     let hooks = config
         .hooks
@@ -235,6 +240,7 @@ pub fn router(
         .collect();
     let state = Arc::new(SourceState {
         config,
+        keep_requests,
         reserved,
         horizons,
         hooks,
@@ -545,7 +551,9 @@ async fn accept_hook(
         .map(str::to_owned);
     event.data = body;
     carry_trace_context(headers, &mut event);
-    keep_request(headers, meta, hook, &mut event);
+    if state.keep_requests {
+        keep_request(headers, meta, hook, &mut event);
+    }
     event.validate().map_err(|error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

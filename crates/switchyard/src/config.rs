@@ -1088,6 +1088,7 @@ fn route_problems(
     let mut cors_by_path: HashMap<&str, &Option<switchyard_connector_http::CorsConfig>> =
         HashMap::new();
     let spans = route_spans(check.text, span);
+    let mut methods_by_path: Vec<(&str, HashSet<String>)> = Vec::new();
     for (index, route) in http.routes.iter().enumerate() {
         let span = spans.get(index).unwrap_or(span);
         let path = route.path.as_str();
@@ -1100,13 +1101,16 @@ fn route_problems(
                 "path",
                 format!("route path `{path}` must start with `/`"),
             );
-        } else if path.contains(['{', '}', '*', '?', '#']) {
+        } else if !path.chars().all(|character| {
+            character.is_ascii_alphanumeric() || "-._~!$&'()+,;=@/".contains(character)
+        }) || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+        {
             check.error(
                 span.clone(),
                 "path",
-                format!(
-                    "route path `{path}` is a prefix: it may not hold `{{`, `}}`, `*`, `?` or `#`"
-                ),
+                format!("route path `{path}` is a prefix of letters, digits and `-._~!$&'()+,;=@/`, without `.` or `..` segments"),
             );
         } else if reserved("/v1/events") || reserved("/hooks") {
             check.error(
@@ -1196,6 +1200,27 @@ fn route_problems(
                 }
             }
         }
+        let methods: HashSet<String> = route
+            .methods
+            .iter()
+            .map(|method| method.to_ascii_uppercase())
+            .collect();
+        if let Some(other) = methods_by_path.iter().find(|(other_path, other_methods)| {
+            *other_path == normalized
+                && (methods.is_empty()
+                    || other_methods.is_empty()
+                    || !methods.is_disjoint(other_methods))
+        }) {
+            check.error(
+                span.clone(),
+                "methods",
+                format!(
+                    "route `{path}` takes methods an earlier route at `{}` takes already: it would never be reached",
+                    other.0
+                ),
+            );
+        }
+        methods_by_path.push((normalized, methods));
         if let Some(earlier) = cors_by_path.insert(normalized, &route.cors)
             && earlier != &route.cors
         {
@@ -1310,6 +1335,30 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                         format!(
                             "with the Invoke API on, its Event invocations get a trigger: {problem}"
                         ),
+                    );
+                }
+                for (name, destination) in [
+                    ("on_success", &lambda.asynchronous.on_success),
+                    ("on_failure", &lambda.asynchronous.on_failure),
+                ] {
+                    if let Some(destination) = destination
+                        && let Some(problem) = destination_problem(destination)
+                    {
+                        check.error(span.clone(), "async", format!("`{name}`: {problem}"));
+                    }
+                }
+                if !config.invoke_api.listen.is_empty()
+                    && config
+                        .nats
+                        .events_stream
+                        .duplicate_window
+                        .unwrap_or(Duration::from_secs(120))
+                        <= lambda.invoke_trigger().ack_wait
+                {
+                    check.error(
+                        span.clone(),
+                        "name",
+                        "with the Invoke API on, its Event invocations get a trigger whose ack_wait (30s) must be shorter than the events stream's duplicate_window; raise nats.events_stream.duplicate_window".to_owned(),
                     );
                 }
                 if lambda.asynchronous.attempts == 0 {

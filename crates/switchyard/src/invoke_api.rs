@@ -183,7 +183,7 @@ async fn invoke(
     });
     // The function's budget, shared with its triggers (in this process, then across
     // processes): a bounded wait, then Lambda's throttling answer.
-    let Some(_budget) = target.take_budget(state.max_wait).await else {
+    let Some(budget) = target.take_budget(state.max_wait).await else {
         let mut response = api_error(
             StatusCode::TOO_MANY_REQUESTS,
             "TooManyRequestsException",
@@ -198,15 +198,23 @@ async fn invoke(
         unreachable!("only lambda functions are listed")
     };
     let tail = header("x-amz-log-type") == Some("Tail");
-    let (called, log) = function
-        .call(
-            request_id.clone(),
-            payload,
-            client_context,
-            target.timeout,
-            tail,
-        )
-        .await;
+    // In a task of its own, holding the budget: a caller that goes away does not
+    // abandon the invocation midway (its instance would be retired).
+    let (function, id, timeout) = (function.clone(), request_id.clone(), target.timeout);
+    let call = tokio::spawn(async move {
+        let called = function
+            .call(id, payload, client_context, timeout, tail)
+            .await;
+        drop(budget);
+        called
+    });
+    let Ok((called, log)) = call.await else {
+        return api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ServiceException",
+            "the invocation failed inside switchyard",
+        );
+    };
     let (body, content_type, function_error) = match called {
         Called::Response { body, content_type } => (body, content_type, false),
         Called::FunctionError { body, .. } => (body, Some("application/json".to_owned()), true),

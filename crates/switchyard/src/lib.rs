@@ -405,6 +405,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
         let source_shutdown = CancellationToken::new();
         let mut supervised: Vec<Arc<dyn Source>> = Vec::new();
+        // Hooks keep their request (headers, path, client) only when a trigger may
+        // hand it to a handler as an API Gateway request.
+        let keep_requests = config
+            .triggers
+            .iter()
+            .any(|trigger| trigger.get_ref().payload == switchyard_dispatcher::PayloadFormat::Aws);
         for (http, listener) in source_listeners {
             let mut horizons: HashMap<String, Arc<dyn switchyard_event::DedupHorizon>> =
                 HashMap::new();
@@ -437,6 +443,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 reserved.clone(),
                 horizons,
                 routes,
+                keep_requests,
             );
             tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
             supervised.push(Arc::new(switchyard_connector_http::HttpSource::new(

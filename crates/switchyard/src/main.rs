@@ -277,11 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })??;
                 let mut problems = bus.stream_conflicts().await?;
                 if let Ok(stream) = bus.jetstream().get_stream(bus.events_stream()).await {
-                    let triggers: Vec<_> = loaded
-                        .triggers
-                        .iter()
-                        .map(|trigger| trigger.get_ref().clone())
-                        .collect();
+                    let triggers = loaded.all_triggers();
                     problems.extend(
                         switchyard_dispatcher::consumers::start_conflicts(&stream, &triggers).await,
                     );
@@ -507,9 +503,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } => {
                     if !trigger.starts_with("source:")
                         && !loaded
-                            .triggers
+                            .all_triggers()
                             .iter()
-                            .any(|known| known.get_ref().name == trigger)
+                            .any(|known| known.name == trigger)
                     {
                         anyhow::bail!(
                             "trigger `{trigger}` is not in {}: replaying would send its dead letters to a subject no consumer reads (list them with `dlq list`, purge them with `dlq purge`, or replay a source's with `--trigger source:<name>`)",
@@ -544,9 +540,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 DlqAction::Drain { trigger } => {
                     if loaded
-                        .triggers
+                        .all_triggers()
                         .iter()
-                        .any(|known| known.get_ref().name == trigger)
+                        .any(|known| known.name == trigger)
                     {
                         anyhow::bail!(
                             "trigger `{trigger}` is in {}: only a removed trigger's consumers are drained",

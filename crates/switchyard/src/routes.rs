@@ -196,11 +196,9 @@ fn cors_layer(cors: &CorsConfig) -> CorsLayer {
         .allow_methods(if any(&cors.allow_methods) {
             AllowMethods::any()
         } else {
-            AllowMethods::list(
-                cors.allow_methods
-                    .iter()
-                    .filter_map(|method| Method::from_bytes(method.as_bytes()).ok()),
-            )
+            AllowMethods::list(cors.allow_methods.iter().filter_map(|method| {
+                Method::from_bytes(method.to_ascii_uppercase().as_bytes()).ok()
+            }))
         })
         .allow_headers(if any(&cors.allow_headers) {
             AllowHeaders::any()
@@ -243,13 +241,29 @@ fn function_failed(error_type: &str) -> Response {
     response
 }
 
+/// Whether `route` takes `method` (a route taking `GET` takes `HEAD` too).
+fn takes(route: &Route, method: &Method) -> bool {
+    route.methods.is_empty()
+        || route.methods.contains(method)
+        || (method == Method::HEAD && route.methods.contains(&Method::GET))
+}
+
+/// Whether a path holds a `.` or `..` segment (also percent-encoded): such a path
+/// would leave the route's prefix once normalised, so it is refused.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    })
+}
+
 async fn serve(State(group): State<Arc<RouteGroup>>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let Some(route) = group
+    let Some(index) = group
         .routes
         .iter()
-        .find(|route| route.methods.is_empty() || route.methods.contains(&parts.method))
+        .position(|route| takes(route, &parts.method))
     else {
         let allowed: Vec<&str> = group
             .routes
@@ -260,9 +274,24 @@ async fn serve(State(group): State<Arc<RouteGroup>>, request: Request) -> Respon
         if let Ok(value) = HeaderValue::from_str(&allowed.join(", ")) {
             response.headers_mut().insert(header::ALLOW, value);
         }
+        count(&group, &group.routes[0], &response);
         return response;
     };
-    let response = call(&group, route, parts, body).await;
+    let route = &group.routes[index];
+    let response = if has_dot_segment(parts.uri.path()) {
+        refusal(
+            StatusCode::BAD_REQUEST,
+            "the path holds a `.` or `..` segment",
+        )
+    } else {
+        call(&group, index, parts, body).await
+    };
+    count(&group, route, &response);
+    tracing::debug!(source = %group.source, function = %route.function.name, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "route answered");
+    response
+}
+
+fn count(group: &RouteGroup, route: &Route, response: &Response) {
     group
         .metrics
         .requests
@@ -272,8 +301,6 @@ async fn serve(State(group): State<Arc<RouteGroup>>, request: Request) -> Respon
             code: response.status().as_u16(),
         })
         .inc();
-    tracing::debug!(source = %group.source, function = %route.function.name, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "route answered");
-    response
 }
 
 fn auth_refusal(error: AuthError) -> Response {
@@ -283,12 +310,16 @@ fn auth_refusal(error: AuthError) -> Response {
     }
 }
 
+/// Authenticates and reads the request, then runs the call in a task of its own:
+/// a client that goes away does not abandon the function midway (its instance
+/// would be retired, and the next caller would pay a cold start).
 async fn call(
-    group: &RouteGroup,
-    route: &Route,
+    group: &Arc<RouteGroup>,
+    index: usize,
     parts: axum::http::request::Parts,
     body: Body,
 ) -> Response {
+    let route = &group.routes[index];
     if let Some(token) = &route.config.bearer_token
         && let Err(error) = check_bearer(&parts.headers, token)
     {
@@ -312,6 +343,31 @@ async fn call(
             return auth_refusal(error);
         }
     }
+    let group = group.clone();
+    match tokio::spawn(async move { answer(&group, index, parts, body).await }).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::error!(%error, "a route call panicked");
+            refusal(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+        }
+    }
+}
+
+/// Headers never put on the bus by `record = true`: credentials and cookies.
+const UNRECORDED_HEADERS: [&str; 4] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+];
+
+async fn answer(
+    group: &RouteGroup,
+    index: usize,
+    parts: axum::http::request::Parts,
+    body: Bytes,
+) -> Response {
+    let route = &group.routes[index];
     // Switchyard's own bearer token is not the function's to see.
     let withheld: &[HeaderName] = if route.config.bearer_token.is_some() {
         &[header::AUTHORIZATION]
@@ -346,16 +402,6 @@ async fn call(
         account_id: switchyard_workers::runtime_api::ACCOUNT_ID,
         time,
     };
-    let event = match &route.function.kind {
-        CallKind::Lambda(_) => {
-            let event = serde_json::to_vec(&http_api_request(&aws_request)).expect("json");
-            if event.len() > MAX_LAMBDA_PAYLOAD {
-                return refusal(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
-            }
-            Some(Bytes::from(event))
-        }
-        _ => None,
-    };
     let Some(budget) = route.function.take_budget(route.config.max_wait).await else {
         let mut response = refusal(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
         response
@@ -374,9 +420,14 @@ async fn call(
     };
     let mut response = match &route.function.kind {
         CallKind::Lambda(function) => {
-            let event = event.expect("rendered for lambda functions");
+            // Rendered once a place is held: requests waiting for one hold only
+            // their body.
+            let event = serde_json::to_vec(&http_api_request(&aws_request)).expect("json");
+            if event.len() > MAX_LAMBDA_PAYLOAD {
+                return refusal(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
+            }
             let (called, _) = function
-                .call(request_id.clone(), event, None, timeout, false)
+                .call(request_id.clone(), Bytes::from(event), None, timeout, false)
                 .await;
             lambda_response(group, route, called)
         }
@@ -434,6 +485,12 @@ fn lambda_response(group: &RouteGroup, route: &Route, called: Called) -> Respons
                         HeaderName::from_bytes(name.as_bytes()),
                         HeaderValue::from_str(value),
                     ) {
+                        // The body's length and framing are the server's to set.
+                        (Ok(name), Ok(_))
+                            if name == header::CONTENT_LENGTH
+                                || name == header::TRANSFER_ENCODING
+                                || name == header::CONNECTION
+                                || name == header::UPGRADE => {}
                         (Ok(name), Ok(value)) => {
                             headers.insert(name, value);
                         }
@@ -493,6 +550,9 @@ async fn record(
     };
     let mut headers = serde_json::Map::new();
     for (name, value) in &parts.headers {
+        if UNRECORDED_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
         match headers.get_mut(name.as_str()) {
             Some(serde_json::Value::String(joined)) => {
@@ -511,10 +571,19 @@ async fn record(
             true,
         ),
     };
+    // Credentials and cookies are not recorded.
+    let mut recorded_headers = request.headers.clone();
+    for name in UNRECORDED_HEADERS {
+        recorded_headers.remove(name);
+    }
+    let recorded = HttpRequest {
+        headers: &recorded_headers,
+        ..request.clone()
+    };
     let mut data = serde_json::json!({
         "function": route.function.name,
         "region": group.region,
-        "request": http_api_request(request),
+        "request": http_api_request(&recorded),
         "response": {
             "statusCode": parts.status.as_u16(),
             "headers": headers,

@@ -124,6 +124,7 @@ pub async fn forward(
     if let Some(host) = request.headers.get(reqwest::header::HOST) {
         headers.insert("x-forwarded-host", host.clone());
     }
+    let head = request.method == reqwest::Method::HEAD;
     let exchange = async {
         let mut response = client
             .request(request.method, url)
@@ -143,9 +144,16 @@ pub async fn forward(
             }
             body.extend_from_slice(&chunk);
         }
+        let mut headers = end_to_end(response.headers(), &[]);
+        // An answer without a body still says how long the body would be.
+        if (head || response.status() == reqwest::StatusCode::NOT_MODIFIED)
+            && let Some(length) = response.headers().get(reqwest::header::CONTENT_LENGTH)
+        {
+            headers.insert(reqwest::header::CONTENT_LENGTH, length.clone());
+        }
         Ok(Forwarded {
             status: response.status(),
-            headers: end_to_end(response.headers(), &[]),
+            headers,
             body: Bytes::from(body),
         })
     };

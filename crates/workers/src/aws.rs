@@ -39,7 +39,8 @@ pub const INVOKE_SOURCE_PREFIX: &str = "/functions/";
 /// keeps the one its caller was given, on every attempt (as Lambda's do); other
 /// events get a new one per attempt.
 pub fn request_id(event: &Event) -> Option<String> {
-    (event.ty == INVOKE_TYPE).then(|| event.id.clone())
+    (event.ty == INVOKE_TYPE && event.source.starts_with(INVOKE_SOURCE_PREFIX))
+        .then(|| event.id.clone())
 }
 
 /// Where an event came from, as far as its AWS shape goes.
@@ -219,7 +220,8 @@ pub fn s3_encode_key(key: &str) -> String {
 /// S3 connector: its `s3` member is the event's data with the key URL-encoded again;
 /// `eventSource`, `awsRegion`, `eventName` and `eventTime` come from the event's
 /// source, type and time. What the connector does not keep (`userIdentity`,
-/// `requestParameters`, `responseElements`) is present with empty values.
+/// `requestParameters`, `responseElements`) is present with empty values (the source
+/// address `0.0.0.0`, so parsers that check it as an address accept it).
 fn s3_record(event: &Event) -> Value {
     let bucket = event.extensions.get("s3bucket").map_or("", String::as_str);
     // `{eventSource}.{awsRegion}.{bucket}`: the event source has no dot.
@@ -228,36 +230,57 @@ fn s3_record(event: &Event) -> Value {
         .strip_suffix(bucket)
         .and_then(|region| region.strip_suffix('.'))
         .unwrap_or_default();
-    let mut s3: Value = serde_json::from_slice(&event.data).unwrap_or_else(|_| json!({}));
-    if !s3.is_object() {
-        s3 = json!({});
-    }
-    if let Some(key) = event.extensions.get("s3key") {
-        s3["object"]["key"] = Value::from(s3_encode_key(key));
-    }
-    if s3["bucket"]["name"].is_null() {
-        s3["bucket"]["name"] = Value::from(bucket);
-        s3["bucket"]["arn"] = Value::from(format!("arn:aws:s3:::{bucket}"));
+    // The data is the record's `s3` member as the connector stored it; built afresh
+    // here, field by field, so data of another shape (an event posted by a client
+    // under an S3 type) cannot make this fail.
+    let data: Value = serde_json::from_slice(&event.data).unwrap_or_default();
+    let text = |value: &Value| value.as_str().map(str::to_owned);
+    let mut object = Map::new();
+    object.insert(
+        "key".to_owned(),
+        Value::from(s3_encode_key(
+            event
+                .extensions
+                .get("s3key")
+                .map(String::as_str)
+                .or_else(|| data["object"]["key"].as_str())
+                .unwrap_or_default(),
+        )),
+    );
+    let size = data["object"]["size"].as_u64().or_else(|| {
+        event
+            .extensions
+            .get("s3size")
+            .and_then(|size| size.parse().ok())
+    });
+    if let Some(size) = size {
+        object.insert("size".to_owned(), Value::from(size));
     }
     for (name, extension) in [
-        ("size", "s3size"),
         ("eTag", "s3etag"),
         ("versionId", "s3versionid"),
         ("sequencer", "s3sequencer"),
     ] {
-        if s3["object"][name].is_null()
-            && let Some(value) = event.extensions.get(extension)
+        if let Some(value) =
+            text(&data["object"][name]).or_else(|| event.extensions.get(extension).cloned())
         {
-            s3["object"][name] = if name == "size" {
-                value.parse::<u64>().map_or(Value::Null, Value::from)
-            } else {
-                Value::from(value.as_str())
-            };
+            object.insert(name.to_owned(), Value::from(value));
         }
     }
-    if s3["s3SchemaVersion"].is_null() {
-        s3["s3SchemaVersion"] = Value::from("1.0");
+    let bucket_name = text(&data["bucket"]["name"]).unwrap_or_else(|| bucket.to_owned());
+    let mut bucket_member = json!({
+        "name": bucket_name,
+        "arn": text(&data["bucket"]["arn"]).unwrap_or_else(|| format!("arn:aws:s3:::{bucket_name}")),
+    });
+    if let Some(owner) = text(&data["bucket"]["ownerIdentity"]["principalId"]) {
+        bucket_member["ownerIdentity"] = json!({ "principalId": owner });
     }
+    let s3 = json!({
+        "s3SchemaVersion": text(&data["s3SchemaVersion"]).unwrap_or_else(|| "1.0".to_owned()),
+        "configurationId": text(&data["configurationId"]).unwrap_or_default(),
+        "bucket": bucket_member,
+        "object": object,
+    });
     json!({
         "eventVersion": "2.1",
         "eventSource": event_source,
@@ -265,13 +288,14 @@ fn s3_record(event: &Event) -> Value {
         "eventTime": event.time.as_deref().unwrap_or_default(),
         "eventName": event.ty.strip_prefix("com.amazonaws.s3.").unwrap_or(&event.ty),
         "userIdentity": { "principalId": "" },
-        "requestParameters": { "sourceIPAddress": "" },
+        "requestParameters": { "sourceIPAddress": "0.0.0.0" },
         "responseElements": { "x-amz-request-id": "", "x-amz-id-2": "" },
         "s3": s3,
     })
 }
 
 /// One HTTP request, as a function URL hands it to a `lambda` function.
+#[derive(Clone)]
 pub struct HttpRequest<'a> {
     pub method: &'a str,
     /// The path as received (still percent-encoded).
@@ -521,7 +545,7 @@ pub fn http_api_response(answer: &[u8]) -> Result<HttpResponse, String> {
                 .as_str()
                 .and_then(|text| text.parse().ok())
         })
-        .filter(|status| (100..=599).contains(status))
+        .filter(|status| (200..=599).contains(status))
         .ok_or_else(|| {
             format!(
                 "`statusCode` {} is not an HTTP status",
@@ -641,6 +665,17 @@ impl Target for AwsPayloads {
             .call(request_id, render_batch(events), None, timeout, false)
             .await;
         match called {
+            // AWS ignores what an S3-triggered handler returns: any answer delivers,
+            // unless it names failures.
+            Called::Response { body, .. }
+                if events.iter().all(|event| origin(event) == Origin::S3)
+                    && serde_json::from_slice::<Value>(&body)
+                        .ok()
+                        .and_then(|answer| answer.get("batchItemFailures").cloned())
+                        .is_none() =>
+            {
+                BatchOutcome::All(Outcome::delivered())
+            }
             Called::Response { body, .. } => {
                 switchyard_targets::classify_batch_answer_with(200, Ok(&body), &|identifier| {
                     match identifier {
