@@ -77,6 +77,27 @@ async fn boto3_invoke_logged(
     payload: serde_json::Value,
     log_type: &str,
 ) -> serde_json::Value {
+    boto3_invoke_as(
+        endpoint,
+        function,
+        invocation_type,
+        payload,
+        log_type,
+        ("test", "test"),
+    )
+    .await
+}
+
+/// As [`boto3_invoke_logged`], signing with the access key `(id, secret)`.
+async fn boto3_invoke_as(
+    endpoint: &str,
+    function: &str,
+    invocation_type: &str,
+    payload: serde_json::Value,
+    log_type: &str,
+    key: (&str, &str),
+) -> serde_json::Value {
+    let (key_id, secret) = (key.0.to_owned(), key.1.to_owned());
     let python = installed("SWITCHYARD_AWS_PYTHON");
     let script = functions_directory().join("invoke_with_boto3.py");
     let arguments = vec![
@@ -90,6 +111,8 @@ async fn boto3_invoke_logged(
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .args(arguments)
+            .env("INVOKE_ACCESS_KEY_ID", key_id)
+            .env("INVOKE_SECRET_ACCESS_KEY", secret)
             .output()
             .unwrap()
     })
@@ -349,12 +372,18 @@ async fn a_functions_cluster_budget_holds_synchronous_calls_across_processes() {
 
 /// Runs the AWS CLI (v1, from PyPI) with dummy credentials; its stdout as JSON.
 async fn aws_cli(arguments: Vec<String>) -> serde_json::Value {
+    aws_cli_as(arguments, ("test", "test")).await
+}
+
+/// Runs the AWS CLI signing with the access key `(id, secret)`; its stdout as JSON.
+async fn aws_cli_as(arguments: Vec<String>, key: (&str, &str)) -> serde_json::Value {
     let cli = installed("SWITCHYARD_AWS_CLI");
+    let (key_id, secret) = (key.0.to_owned(), key.1.to_owned());
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(cli)
             .args(arguments)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_ACCESS_KEY_ID", key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .output()
@@ -520,5 +549,83 @@ async fn event_invocations_are_stored_then_delivered_with_retries_and_a_dead_let
         refused.headers()["x-amzn-errortype"],
         "RequestTooLargeException"
     );
+    switchyard.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_credentials_only_requests_signed_by_a_known_key_are_served() {
+    let function = random_name("signed");
+    let (_nats, switchyard) = start(
+        &function,
+        "",
+        r#"credentials = [{ access_key_id = "AKIDSWITCHYARD", secret_access_key = "s3cr3t/with+chars" }]"#,
+    )
+    .await;
+    let endpoint = format!("http://{}", switchyard.invoke_api.expect("invoke api on"));
+    let payload = serde_json::json!({"id": "signed-1", "data": {"action": "echo", "order": 1}});
+    // boto3 signs with SigV4, as for Lambda: the right key is served...
+    let answer = boto3_invoke_as(
+        &endpoint,
+        &function,
+        "RequestResponse",
+        payload.clone(),
+        "None",
+        ("AKIDSWITCHYARD", "s3cr3t/with+chars"),
+    )
+    .await;
+    assert_eq!(answer["StatusCode"], 200, "{answer}");
+    assert_eq!(answer["Payload"]["event_id"], "signed-1");
+    // ...a wrong secret or an unknown key is refused as AWS refuses them.
+    let wrong = boto3_invoke_as(
+        &endpoint,
+        &function,
+        "RequestResponse",
+        payload.clone(),
+        "None",
+        ("AKIDSWITCHYARD", "guess"),
+    )
+    .await;
+    assert_eq!(wrong["error"], "InvalidSignatureException", "{wrong}");
+    let unknown = boto3_invoke_as(
+        &endpoint,
+        &function,
+        "RequestResponse",
+        payload,
+        "None",
+        ("AKIDOTHER", "s3cr3t/with+chars"),
+    )
+    .await;
+    assert_eq!(unknown["error"], "UnrecognizedClientException", "{unknown}");
+    // Unsigned: refused before saying whether the function exists.
+    let unsigned = reqwest::Client::new()
+        .post(format!("{endpoint}/2015-03-31/functions/nope/invocations"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 403);
+    assert_eq!(
+        unsigned.headers()["x-amzn-errortype"],
+        "MissingAuthenticationTokenException"
+    );
+    // The AWS CLI signs the same way.
+    let printed = aws_cli_as(
+        vec![
+            "lambda".into(),
+            "invoke".into(),
+            "--endpoint-url".into(),
+            endpoint.clone(),
+            "--region".into(),
+            "eu-west-1".into(),
+            "--function-name".into(),
+            format!("arn:aws:lambda:eu-west-1:000000000000:function:{function}"),
+            "--payload".into(),
+            r#"{"id": "signed-cli"}"#.into(),
+            "/dev/null".into(),
+        ],
+        ("AKIDSWITCHYARD", "s3cr3t/with+chars"),
+    )
+    .await;
+    assert_eq!(printed["StatusCode"], 200, "{printed}");
     switchyard.stop().await;
 }

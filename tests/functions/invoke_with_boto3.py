@@ -4,6 +4,7 @@ type, payload (JSON text), and optionally `Tail` for the log."""
 
 import base64
 import json
+import os
 import sys
 
 import boto3
@@ -15,8 +16,8 @@ client = boto3.client(
     "lambda",
     endpoint_url=endpoint,
     region_name="us-east-1",
-    aws_access_key_id="test",
-    aws_secret_access_key="test",
+    aws_access_key_id=os.environ.get("INVOKE_ACCESS_KEY_ID", "test"),
+    aws_secret_access_key=os.environ.get("INVOKE_SECRET_ACCESS_KEY", "test"),
     config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
 )
 try:
@@ -28,6 +29,9 @@ try:
     )
 except client.exceptions.ResourceNotFoundException as error:
     print(json.dumps({"error": "ResourceNotFoundException", "message": str(error)}))
+    sys.exit(0)
+except client.exceptions.ClientError as error:
+    print(json.dumps({"error": error.response["Error"]["Code"], "message": str(error)}))
     sys.exit(0)
 body = response["Payload"].read()
 print(

@@ -505,10 +505,33 @@ pub struct InvokeApiConfig {
     /// it is answered 429 (Lambda's throttling answer).
     #[serde(default = "default_invoke_max_wait", with = "humantime_serde")]
     pub max_wait: Duration,
-    /// Request signatures are not checked yet: a listener off loopback is refused
-    /// unless this says the network in front of it is trusted.
+    /// Access keys requests must be signed with (AWS Signature Version 4), as AWS's
+    /// clients sign them for Lambda; when empty, signatures are not checked.
+    #[serde(default)]
+    pub credentials: Vec<InvokeCredential>,
+    /// Without `credentials`, a listener off loopback is refused unless this says the
+    /// network in front of it is trusted.
     #[serde(default)]
     pub insecure: bool,
+}
+
+/// An access key of the Invoke API.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeCredential {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for InvokeCredential {
+    /// The secret never reaches a log.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("InvokeCredential")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Default for InvokeApiConfig {
@@ -516,6 +539,7 @@ impl Default for InvokeApiConfig {
         InvokeApiConfig {
             listen: String::new(),
             max_wait: default_invoke_max_wait(),
+            credentials: Vec::new(),
             insecure: false,
         }
     }
@@ -1752,9 +1776,13 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 "`{}` is not an address like 127.0.0.1:9001",
                 config.invoke_api.listen
             )),
-            Ok(address) if !address.ip().is_loopback() && !config.invoke_api.insecure => {
+            Ok(address)
+                if !address.ip().is_loopback()
+                    && config.invoke_api.credentials.is_empty()
+                    && !config.invoke_api.insecure =>
+            {
                 Some(format!(
-                    "`{}` is open to the network, and the Invoke API does not check request signatures yet: listen on loopback, or set invoke_api.insecure = true if the network in front of it is trusted",
+                    "`{}` is open to the network and invoke_api has no `credentials` to check request signatures against: add them, listen on loopback, or set invoke_api.insecure = true if the network in front of it is trusted",
                     config.invoke_api.listen
                 ))
             }
@@ -1767,6 +1795,18 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 column: 0,
                 field: Some("invoke_api.listen".to_owned()),
                 message,
+            });
+        }
+    }
+    for credential in &config.invoke_api.credentials {
+        if credential.access_key_id.is_empty() || credential.secret_access_key.is_empty() {
+            check.errors.push(ConfigError {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                field: Some("invoke_api.credentials".to_owned()),
+                message: "an access key needs a non-empty access_key_id and secret_access_key"
+                    .to_owned(),
             });
         }
     }

@@ -15,8 +15,10 @@
 //! once JetStream acknowledged them) and delivered by the function's
 //! `invoke-<name>` trigger with its asynchronous retry settings and dead letter, the
 //! payload as given and the same request id on every attempt. Payloads must be JSON,
-//! as Lambda's. Request signatures are not checked: the listener is for loopback
-//! unless `insecure` says otherwise.
+//! as Lambda's. With `credentials`, every request must be signed (AWS Signature
+//! Version 4) with one of their access keys, as AWS's clients sign for Lambda;
+//! without, signatures are not checked and the listener is for loopback unless
+//! `insecure` says otherwise.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -49,14 +51,17 @@ pub struct InvokeApiState {
     callable: Arc<OnceLock<Callable>>,
     region: String,
     max_wait: Duration,
+    /// The access keys requests must be signed with (SigV4); none: not checked.
+    keys: crate::sigv4::Keys,
 }
 
 impl InvokeApiState {
-    pub fn new(region: String, max_wait: Duration) -> Self {
+    pub fn new(region: String, max_wait: Duration, keys: crate::sigv4::Keys) -> Self {
         InvokeApiState {
             callable: Arc::new(OnceLock::new()),
             region,
             max_wait,
+            keys,
         }
     }
 
@@ -101,9 +106,48 @@ fn function_name(given: &str) -> &str {
 async fn invoke(
     State(state): State<InvokeApiState>,
     Path(name): Path<String>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let payload = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        MAX_PAYLOAD_BYTES,
+    ))
+    .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                &format!(
+                    "Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction operation"
+                ),
+            );
+        }
+        Err(error) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestContentException",
+                &format!("the request body could not be read: {error}"),
+            );
+        }
+    };
+    // Signed by a known access key, when keys are configured: before anything else
+    // is said about the request (not even whether the function exists).
+    if !state.keys.is_empty()
+        && let Err(refusal) = state.keys.verify(
+            &method,
+            &uri,
+            &headers,
+            &payload,
+            time::OffsetDateTime::now_utc(),
+        )
+    {
+        return api_error(StatusCode::FORBIDDEN, refusal.error_type, &refusal.message);
+    }
     let Some(Callable { functions, bus }) = state.callable.get() else {
         return api_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -132,30 +176,6 @@ async fn invoke(
                 &format!(
                     "invalid X-Amz-Invocation-Type `{other}`: RequestResponse, Event or DryRun"
                 ),
-            );
-        }
-    };
-    let payload = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-        body,
-        MAX_PAYLOAD_BYTES,
-    ))
-    .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            return api_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestTooLargeException",
-                &format!(
-                    "Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction operation"
-                ),
-            );
-        }
-        Err(error) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidRequestContentException",
-                &format!("the request body could not be read: {error}"),
             );
         }
     };

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dlq;
 pub mod invoke_api;
 pub mod routes;
+pub mod sigv4;
 pub mod sources;
 
 use std::collections::HashMap;
@@ -192,8 +193,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let reserved = Arc::new(reserved_sources(&config));
     let admin_state = admin::AdminState::new(registry.clone(), ready.clone(), workers.clone());
-    let invoke_api_state =
-        invoke_api::InvokeApiState::new(config.workers.region.clone(), config.invoke_api.max_wait);
+    let invoke_api_state = invoke_api::InvokeApiState::new(
+        config.workers.region.clone(),
+        config.invoke_api.max_wait,
+        sigv4::Keys::new(config.invoke_api.credentials.iter().map(|credential| {
+            (
+                credential.access_key_id.clone(),
+                credential.secret_access_key.clone(),
+            )
+        })),
+    );
     let invoke_api_address = if config.invoke_api.listen.is_empty() {
         None
     } else {
