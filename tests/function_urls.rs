@@ -414,6 +414,11 @@ function = "{process}"
 path = "/direct"
 function = "direct"
 
+[[sources.routes]]
+path = "/signed"
+function = "direct"
+signature = {{ scheme = "hmac", secret = "route-secret", header = "X-Signature" }}
+
 [[functions]]
 type = "process"
 name = "{process}"
@@ -481,5 +486,33 @@ timeout = "2s"
         assert_eq!(slow.status(), 504, "{prefix}");
         assert_eq!(slow.headers()["x-amzn-errortype"], "Sandbox.Timedout");
     }
+    // A route with an HMAC signature: unsigned 401, wrongly signed 403, signed 200.
+    let body = br#"{"signed": true}"#;
+    let unsigned = client
+        .post(switchyard.url("/signed"))
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    let wrong = client
+        .post(switchyard.url("/signed"))
+        .header("x-signature", "00")
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"route-secret").unwrap();
+    mac.update(body);
+    let signed = client
+        .post(switchyard.url("/signed"))
+        .header("x-signature", hex::encode(mac.finalize().into_bytes()))
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 200);
     switchyard.stop().await;
 }
