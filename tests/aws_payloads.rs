@@ -7,30 +7,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
 use base64::Engine as _;
-use common::{NatsServer, Switchyard, base_config, random_name, wait_for_dead_letters};
+use common::{NatsServer, Switchyard, base_config, installed, random_name, wait_for_dead_letters};
 use switchyard_testkit::object_store::{Notifications, ObjectStore};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn installed(variable: &str) -> String {
-    let path = std::env::var(variable).unwrap_or_else(|_| {
-        panic!("{variable} is not set: run the tests through scripts/test.sh (it installs it)")
-    });
-    assert!(
-        Path::new(&path).exists(),
-        "{path} does not exist: run scripts/install-deps.sh"
-    );
-    path
-}
-
-fn python_functions() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/functions/python")
-}
 
 /// A `lambda` function running `shapes.<handler>`, writing what it read to `seen`.
 fn shapes_function(name: &str, handler: &str, seen: &Path) -> String {
@@ -46,7 +31,7 @@ timeout = "20s"
 environment = {{ SEEN_FILE = "{seen}" }}
 "#,
         python = installed("SWITCHYARD_LAMBDA_PYTHON"),
-        directory = python_functions().display(),
+        directory = common::test_functions().join("python").display(),
         seen = seen.display(),
     )
 }

@@ -6,26 +6,12 @@
 mod common;
 
 use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{FunctionServer, NatsServer, Reply, Switchyard, WAIT, base_config, random_name};
-
-fn installed(variable: &str) -> String {
-    let path = std::env::var(variable).unwrap_or_else(|_| {
-        panic!("{variable} is not set: run the tests through scripts/test.sh (it installs it)")
-    });
-    assert!(
-        Path::new(&path).exists(),
-        "{path} does not exist: run scripts/install-deps.sh"
-    );
-    path
-}
-
-fn python_functions() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/functions/python")
-}
+use common::{
+    FunctionServer, NatsServer, Reply, Switchyard, WAIT, base_config, installed, random_name,
+};
 
 /// A `lambda` function running tests/functions/python/web.py.
 fn web_function(name: &str, extra: &str) -> String {
@@ -41,7 +27,7 @@ timeout = "3s"
 {extra}
 "#,
         python = installed("SWITCHYARD_LAMBDA_PYTHON"),
-        directory = python_functions().display(),
+        directory = common::test_functions().join("python").display(),
     )
 }
 
@@ -372,7 +358,11 @@ struct EchoServer {
 impl EchoServer {
     fn start() -> EchoServer {
         let mut child = std::process::Command::new("python3")
-            .arg(python_functions().join("echo_server.py"))
+            .arg(
+                common::test_functions()
+                    .join("python")
+                    .join("echo_server.py"),
+            )
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -432,7 +422,7 @@ name = "direct"
 url = "{echo}"
 timeout = "2s"
 "#,
-        directory = python_functions().display(),
+        directory = common::test_functions().join("python").display(),
         echo = echo.url,
     ));
     let switchyard = Switchyard::start(text).await;

@@ -4,28 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use switchyard_bus::async_nats;
 
-use common::{NatsServer, Switchyard, WAIT, base_config, random_name};
-
-fn installed(variable: &str) -> String {
-    let path = std::env::var(variable).unwrap_or_else(|_| {
-        panic!("{variable} is not set: run the tests through scripts/test.sh (it installs it)")
-    });
-    assert!(
-        Path::new(&path).exists(),
-        "{path} does not exist: run scripts/install-deps.sh"
-    );
-    path
-}
-
-fn functions_directory() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/functions")
-}
+use common::{NatsServer, Switchyard, WAIT, base_config, installed, random_name};
 
 /// Switchyard with the Invoke API on and one `lambda` function running the test
 /// handlers (`app.handler`).
@@ -54,7 +39,7 @@ timeout = "20s"
 {extra}
 "#,
         python = installed("SWITCHYARD_LAMBDA_PYTHON"),
-        directory = functions_directory().join("python").display(),
+        directory = common::test_functions().join("python").display(),
     ));
     text
 }
@@ -99,7 +84,7 @@ async fn boto3_invoke_as(
 ) -> serde_json::Value {
     let (key_id, secret) = (key.0.to_owned(), key.1.to_owned());
     let python = installed("SWITCHYARD_AWS_PYTHON");
-    let script = functions_directory().join("invoke_with_boto3.py");
+    let script = common::test_functions().join("invoke_with_boto3.py");
     let arguments = vec![
         script.display().to_string(),
         endpoint.to_owned(),
@@ -187,8 +172,7 @@ async fn boto3_and_the_aws_cli_invoke_a_lambda_function_as_they_would_on_aws() {
     // type it.
     let directory = tempfile::tempdir().unwrap();
     let out = directory.path().join("out.json");
-    let cli = installed("SWITCHYARD_AWS_CLI");
-    let arguments: Vec<String> = vec![
+    let printed = aws_cli(vec![
         "lambda".into(),
         "invoke".into(),
         "--endpoint-url".into(),
@@ -200,25 +184,8 @@ async fn boto3_and_the_aws_cli_invoke_a_lambda_function_as_they_would_on_aws() {
         "--payload".into(),
         r#"{"id": "cli-1", "data": {"action": "echo", "order": 8}}"#.into(),
         out.display().to_string(),
-    ];
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(cli)
-            .args(arguments)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "aws lambda invoke failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    ])
+    .await;
     assert_eq!(printed["StatusCode"], 200, "{printed}");
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(written["echo"]["order"], 8);

@@ -24,6 +24,24 @@ pub use switchyard_testkit::{NatsServer, free_port};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The path a tool installed by scripts/install-deps.sh is at, from its variable
+/// (set by scripts/env.sh).
+pub fn installed(variable: &str) -> String {
+    let path = std::env::var(variable).unwrap_or_else(|_| {
+        panic!("{variable} is not set: run the tests through scripts/test.sh (it installs it)")
+    });
+    assert!(
+        Path::new(&path).exists(),
+        "{path} does not exist: run scripts/install-deps.sh"
+    );
+    path
+}
+
+/// tests/functions: the handlers and servers the tests run as functions.
+pub fn test_functions() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/functions")
+}
+
 /// A `switchyard run` process, killed on drop. It binds the ports its configuration
 /// names (port 0: any free one) and reports them in its `--ready-file` once ready, so
 /// no port is chosen here and freed before the process takes it.

@@ -132,12 +132,12 @@ pub async fn forward(
             .body(request.body)
             .send()
             .await
-            .map_err(|error| ForwardError::Unreachable(error_chain(&error)))?;
+            .map_err(|error| ForwardError::Unreachable(crate::error_chain(&error)))?;
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|error| ForwardError::Unreachable(error_chain(&error)))?
+            .map_err(|error| ForwardError::Unreachable(crate::error_chain(&error)))?
         {
             if body.len() + chunk.len() > MAX_FORWARDED_ANSWER_BYTES {
                 return Err(ForwardError::TooLarge);
@@ -160,18 +160,6 @@ pub async fn forward(
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or(Err(ForwardError::TimedOut))
-}
-
-/// An error with its causes, as one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
