@@ -12,6 +12,11 @@ pub use switchyard_event::PropertyValue;
 pub struct KafkaSourceConfig {
     /// Name of the source, used in logs, metrics and the default group id.
     pub name: String,
+    /// Whether plain records' events keep the record exactly (the `kafkarecord`
+    /// extension), for `lambda` functions given AWS-shaped payloads. Not read from
+    /// the file: set by Switchyard when a trigger has `payload = "aws"`.
+    #[serde(skip)]
+    pub keep_records: bool,
     /// Bootstrap brokers, `host:port` separated by commas.
     pub brokers: String,
     /// Topics to consume.

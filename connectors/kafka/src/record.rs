@@ -219,17 +219,20 @@ fn plain_event(
             .extensions
             .insert(extension_name(name), value.map(text).unwrap_or_default());
     }
-    event.extensions.insert(
-        RECORD_EXTENSION.to_owned(),
-        record_extension(config, record),
-    );
+    if config.keep_records {
+        event.extensions.insert(
+            RECORD_EXTENSION.to_owned(),
+            record_extension(config, record),
+        );
+    }
     event
 }
 
 /// The extension of a plain record's event that keeps the record exactly (its
 /// coordinates, timestamp and type, key and headers as bytes, the brokers it came
 /// from), so a `lambda` function with `payload = "aws"` gets it as Lambda's
-/// self-managed Kafka event. It wins over a header whose extension name is the same.
+/// self-managed Kafka event; written when the source's `keep_records` is set. It wins
+/// over a header whose extension name is the same.
 pub const RECORD_EXTENSION: &str = "kafkarecord";
 
 fn record_extension(config: &KafkaSourceConfig, record: &Record<'_>) -> String {
@@ -279,6 +282,38 @@ mod tests {
             timestamp_type: Some("CREATE_TIME"),
             payload: Some(payload),
         }
+    }
+
+    #[test]
+    fn a_plain_record_is_kept_whole_only_when_asked() {
+        let produced = record(
+            vec![
+                ("h", Some(&[1u8, 2][..])),
+                ("h", Some(b"x")),
+                ("none", None),
+            ],
+            b"v",
+        );
+        let event = to_event(&config(), &produced).unwrap();
+        assert_eq!(event.extensions.get(RECORD_EXTENSION), None);
+        let mut keeping = config();
+        keeping.keep_records = true;
+        let event = to_event(&keeping, &produced).unwrap();
+        let kept: serde_json::Value =
+            serde_json::from_str(&event.extensions[RECORD_EXTENSION]).unwrap();
+        assert_eq!(
+            kept,
+            serde_json::json!({
+                "bootstrapServers": "127.0.0.1:9092",
+                "topic": "orders",
+                "partition": 2,
+                "offset": 41,
+                "timestamp": 1_700_000_000_123_i64,
+                "timestampType": "CREATE_TIME",
+                "key": "Y3VzdG9tZXItNw==",
+                "headers": [["h", "AQI="], ["h", "eA=="], ["none", null]],
+            })
+        );
     }
 
     #[test]

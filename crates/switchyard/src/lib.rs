@@ -169,7 +169,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         match source.get_ref() {
             config::SourceConfig::Nats(nats) => nats_sources.push(nats.clone()),
             #[cfg(feature = "kafka")]
-            config::SourceConfig::Kafka(kafka) => kafka_sources.push(kafka.clone()),
+            config::SourceConfig::Kafka(kafka) => {
+                // Records keep themselves exactly only when a trigger may hand them
+                // to a handler as Lambda's Kafka event.
+                let mut kafka = kafka.clone();
+                kafka.keep_records = config.triggers.iter().any(|trigger| {
+                    trigger.get_ref().payload == switchyard_dispatcher::PayloadFormat::Aws
+                });
+                kafka_sources.push(kafka);
+            }
             #[cfg(feature = "s3")]
             config::SourceConfig::S3(poll) => {
                 let store = config
