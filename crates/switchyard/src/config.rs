@@ -1798,7 +1798,17 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             });
         }
     }
+    let mut key_ids = HashSet::new();
     for credential in &config.invoke_api.credentials {
+        if !key_ids.insert(credential.access_key_id.as_str()) {
+            check.errors.push(ConfigError {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                field: Some("invoke_api.credentials".to_owned()),
+                message: format!("access key `{}` is listed twice", credential.access_key_id),
+            });
+        }
         if credential.access_key_id.is_empty() || credential.secret_access_key.is_empty() {
             check.errors.push(ConfigError {
                 file: file.to_owned(),

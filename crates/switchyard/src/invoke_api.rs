@@ -111,6 +111,28 @@ async fn invoke(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // What can be refused before the body is read, is.
+    if !state.keys.is_empty()
+        && let Err(refusal) = state
+            .keys
+            .precheck(&headers, time::OffsetDateTime::now_utc())
+    {
+        return api_error(StatusCode::FORBIDDEN, refusal.error_type, &refusal.message);
+    }
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .is_some_and(|length| length > MAX_PAYLOAD_BYTES)
+    {
+        return api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            &format!(
+                "Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction operation"
+            ),
+        );
+    }
     let payload = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
         body,
         MAX_PAYLOAD_BYTES,

@@ -34,17 +34,37 @@ fn refuse(error_type: &'static str, message: impl Into<String>) -> Refusal {
     }
 }
 
-/// The access keys requests may be signed with: access key id to secret.
-#[derive(Clone, Default)]
-pub struct Keys(HashMap<String, String>);
+/// The access keys requests may be signed with (access key id to secret), for one
+/// service (`lambda`).
+#[derive(Clone)]
+pub struct Keys {
+    keys: HashMap<String, String>,
+    service: &'static str,
+}
 
 impl Keys {
     pub fn new(keys: impl IntoIterator<Item = (String, String)>) -> Self {
-        Keys(keys.into_iter().collect())
+        Keys {
+            keys: keys.into_iter().collect(),
+            service: "lambda",
+        }
+    }
+
+    /// For signatures scoped to another service (AWS's published examples).
+    pub fn for_service(mut self, service: &'static str) -> Self {
+        self.service = service;
+        self
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.keys.is_empty()
+    }
+
+    /// What can be checked before the body is read (the `Authorization` header, the
+    /// key, the time, what is signed): refusing here spares reading a body for a
+    /// request that cannot be served.
+    pub fn precheck(&self, headers: &HeaderMap, now: time::OffsetDateTime) -> Result<(), Refusal> {
+        self.parse(headers, now).map(|_| ())
     }
 
     /// Checks the request's signature; `now` is the current time.
@@ -56,6 +76,70 @@ impl Keys {
         body: &[u8],
         now: time::OffsetDateTime,
     ) -> Result<(), Refusal> {
+        let signed = self.parse(headers, now)?;
+        let mut canonical_headers = String::new();
+        for name in &signed.headers {
+            let values: Vec<String> = headers
+                .get_all(*name)
+                .iter()
+                .map(|value| {
+                    String::from_utf8_lossy(value.as_bytes())
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            canonical_headers.push_str(name);
+            canonical_headers.push(':');
+            canonical_headers.push_str(&values.join(","));
+            canonical_headers.push('\n');
+        }
+        let payload_hash = hex::encode(Sha256::digest(body));
+        if let Some(given) = headers
+            .get("x-amz-content-sha256")
+            .and_then(|value| value.to_str().ok())
+            && given != payload_hash
+        {
+            return Err(refuse(
+                "InvalidSignatureException",
+                "X-Amz-Content-Sha256 does not match the body",
+            ));
+        }
+        let canonical_request = format!(
+            "{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{payload_hash}",
+            path = canonical_path(uri.path()),
+            query = canonical_query(uri.query().unwrap_or_default()),
+            signed_headers = signed.headers.join(";"),
+        );
+        let string_to_sign = format!(
+            "AWS4-HMAC-SHA256\n{}\n{}\n{}",
+            signed.amz_date,
+            signed.scope,
+            hex::encode(Sha256::digest(canonical_request.as_bytes()))
+        );
+        let mut key = hmac(
+            format!("AWS4{}", signed.secret).as_bytes(),
+            signed.date.as_bytes(),
+        );
+        for part in [signed.region, signed.service, "aws4_request"] {
+            key = hmac(&key, part.as_bytes());
+        }
+        let expected = hex::encode(hmac(&key, string_to_sign.as_bytes()));
+        if bool::from(expected.as_bytes().ct_eq(signed.signature.as_bytes())) {
+            Ok(())
+        } else {
+            Err(refuse(
+                "InvalidSignatureException",
+                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
+            ))
+        }
+    }
+
+    fn parse<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        now: time::OffsetDateTime,
+    ) -> Result<Signed<'a>, Refusal> {
         let authorization = headers
             .get("authorization")
             .and_then(|value| value.to_str().ok())
@@ -95,9 +179,7 @@ impl Keys {
             ));
         };
         // `<access key id>/<date>/<region>/<service>/aws4_request`
-        let mut scope = credential.splitn(2, '/');
-        let access_key = scope.next().unwrap_or_default();
-        let scope = scope.next().unwrap_or_default();
+        let (access_key, scope) = credential.split_once('/').unwrap_or((credential, ""));
         let parts: Vec<&str> = scope.split('/').collect();
         let [date, region, service, "aws4_request"] = parts[..] else {
             return Err(refuse(
@@ -107,12 +189,36 @@ impl Keys {
                 ),
             ));
         };
-        let Some(secret) = self.0.get(access_key) else {
+        if service != self.service {
+            return Err(refuse(
+                "InvalidSignatureException",
+                format!(
+                    "the signature is scoped to service `{service}`, not `{}`",
+                    self.service
+                ),
+            ));
+        }
+        let Some(secret) = self.keys.get(access_key) else {
             return Err(refuse(
                 "UnrecognizedClientException",
                 "The security token included in the request is invalid.",
             ));
         };
+        if headers.contains_key("x-amz-security-token") {
+            return Err(refuse(
+                "UnrecognizedClientException",
+                "session credentials (X-Amz-Security-Token) are not accepted: sign with one of invoke_api.credentials",
+            ));
+        }
+        if headers
+            .get("x-amz-content-sha256")
+            .is_some_and(|value| value.as_bytes().starts_with(b"UNSIGNED-PAYLOAD"))
+        {
+            return Err(refuse(
+                "InvalidSignatureException",
+                "an unsigned payload is not accepted: sign the body",
+            ));
+        }
         let amz_date = headers
             .get("x-amz-date")
             .and_then(|value| value.to_str().ok())
@@ -129,75 +235,57 @@ impl Keys {
                 "Signature expired: the request's X-Amz-Date is more than 15 minutes from now",
             ));
         }
-        if !amz_date.starts_with(date) {
+        if amz_date.get(..8) != Some(date) {
             return Err(refuse(
                 "InvalidSignatureException",
                 "the credential scope's date is not the request's",
             ));
         }
         let names: Vec<&str> = signed_headers.split(';').collect();
-        if !names.contains(&"host") {
+        // What the request says must be what was signed: the host, the time and
+        // every `x-amz-*` header (the invocation type, the log type, the client
+        // context).
+        for required in ["host", "x-amz-date"] {
+            if !names.contains(&required) {
+                return Err(refuse(
+                    "InvalidSignatureException",
+                    format!("the signature does not cover the `{required}` header"),
+                ));
+            }
+        }
+        if let Some(unsigned) = headers.keys().find(|name| {
+            name.as_str().starts_with("x-amz-")
+                && name.as_str() != "x-amz-content-sha256"
+                && !names.contains(&name.as_str())
+        }) {
             return Err(refuse(
                 "InvalidSignatureException",
-                "the signature does not cover the Host header",
+                format!("the signature does not cover the `{unsigned}` header"),
             ));
         }
-        let mut canonical_headers = String::new();
-        for name in &names {
-            let values: Vec<String> = headers
-                .get_all(*name)
-                .iter()
-                .map(|value| {
-                    String::from_utf8_lossy(value.as_bytes())
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
-                .collect();
-            canonical_headers.push_str(name);
-            canonical_headers.push(':');
-            canonical_headers.push_str(&values.join(","));
-            canonical_headers.push('\n');
-        }
-        let payload_hash = match headers
-            .get("x-amz-content-sha256")
-            .and_then(|value| value.to_str().ok())
-        {
-            Some(given) if given != "UNSIGNED-PAYLOAD" => {
-                let actual = hex::encode(Sha256::digest(body));
-                if given != actual {
-                    return Err(refuse(
-                        "InvalidSignatureException",
-                        "X-Amz-Content-Sha256 does not match the body",
-                    ));
-                }
-                actual
-            }
-            _ => hex::encode(Sha256::digest(body)),
-        };
-        let canonical_request = format!(
-            "{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{payload_hash}",
-            path = canonical_path(uri.path()),
-            query = canonical_query(uri.query().unwrap_or_default()),
-        );
-        let string_to_sign = format!(
-            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical_request.as_bytes()))
-        );
-        let mut key = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
-        for part in [region, service, "aws4_request"] {
-            key = hmac(&key, part.as_bytes());
-        }
-        let expected = hex::encode(hmac(&key, string_to_sign.as_bytes()));
-        if bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
-            Ok(())
-        } else {
-            Err(refuse(
-                "InvalidSignatureException",
-                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
-            ))
-        }
+        Ok(Signed {
+            secret,
+            scope,
+            date,
+            region,
+            service,
+            headers: names,
+            signature,
+            amz_date,
+        })
     }
+}
+
+/// What a request's `Authorization` header and time say, once checked.
+struct Signed<'a> {
+    secret: &'a str,
+    scope: &'a str,
+    date: &'a str,
+    region: &'a str,
+    service: &'a str,
+    headers: Vec<&'a str>,
+    signature: &'a str,
+    amz_date: &'a str,
 }
 
 /// `20150830T123600Z` as a time.
@@ -289,7 +377,8 @@ mod tests {
         let keys = Keys::new([(
             "AKIDEXAMPLE".to_owned(),
             "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".to_owned(),
-        )]);
+        )])
+        .for_service("iam");
         let mut headers = HeaderMap::new();
         headers.insert("host", "iam.amazonaws.com".parse().unwrap());
         headers.insert(
@@ -315,7 +404,21 @@ mod tests {
             keys.verify(&Method::GET, &uri, &headers, b"", late)
                 .is_err()
         );
-        let unknown = Keys::new([("OTHER".to_owned(), "x".to_owned())]);
+        // Scoped to another service than the one served.
+        let lambda = Keys::new([(
+            "AKIDEXAMPLE".to_owned(),
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".to_owned(),
+        )]);
+        assert!(
+            lambda
+                .verify(&Method::GET, &uri, &headers, b"", at)
+                .is_err()
+        );
+        // An x-amz- header outside the signature.
+        let mut added = headers.clone();
+        added.insert("x-amz-log-type", "Tail".parse().unwrap());
+        assert!(keys.verify(&Method::GET, &uri, &added, b"", at).is_err());
+        let unknown = Keys::new([("OTHER".to_owned(), "x".to_owned())]).for_service("iam");
         assert_eq!(
             unknown
                 .verify(&Method::GET, &uri, &headers, b"", at)
