@@ -509,3 +509,31 @@ name = "printer"
         );
     }
 }
+
+/// Listener limits that would refuse everyone or nothing are located.
+#[test]
+fn listener_limit_mistakes_are_located() {
+    let text = r#"
+[[sources]]
+type = "http"
+name = "web"
+limits = { header_timeout = "0s", max_requests = 0, rate_limit = { per_second = 0 } }
+
+[admin]
+listen = "127.0.0.1:9090"
+limits = { max_connections = 0 }
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:5:1: field `limits`: `header_timeout` must be longer than 0s",
+        "DIR/broken.toml:5:1: field `limits`: `max_requests` must be at least 1",
+        "DIR/broken.toml:5:1: field `limits`: `rate_limit` `per_second` and `burst` must be at least 1",
+        "field `admin.limits.max_connections`: must be at least 1",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

@@ -24,6 +24,9 @@ pub struct HttpSourceConfig {
     /// Function URLs: requests under a path answered synchronously by a function.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Timeouts, connection and request caps, per-client rate limit.
+    #[serde(default)]
+    pub limits: crate::listener::ListenerLimits,
 }
 
 /// A function URL: requests whose path is `path` or under it (and whose method is one

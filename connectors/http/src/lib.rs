@@ -8,6 +8,7 @@
 //! deduplicated). A batch is validated whole before anything is published.
 
 pub mod config;
+pub mod listener;
 pub mod signature;
 
 use std::collections::HashMap;
@@ -130,16 +131,23 @@ pub struct HttpSource {
     /// the requests in flight finish.
     listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
     router: Router,
+    limits: listener::ListenerLimits,
 }
 
 impl HttpSource {
     /// `listener` must be in non-blocking mode (as `tokio::net::TcpListener::into_std`
     /// leaves it).
-    pub fn new(name: String, listener: std::net::TcpListener, router: Router) -> Self {
+    pub fn new(
+        name: String,
+        listener: std::net::TcpListener,
+        router: Router,
+        limits: listener::ListenerLimits,
+    ) -> Self {
         HttpSource {
             name,
             listener: Arc::new(std::sync::Mutex::new(Some(listener))),
             router,
+            limits,
         }
     }
 }
@@ -172,19 +180,13 @@ impl switchyard_event::Source for HttpSource {
             .map_err(|error| format!("listener: {error}"))?;
         health.up();
         let original = self.listener.clone();
-        // The peer's address reaches handlers (function URLs tell it as `sourceIp`).
-        let service = self
-            .router
-            .clone()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, service)
-            .with_graceful_shutdown(async move {
-                shutdown.cancelled().await;
-                // axum drops its copy; the socket closes once this one goes too.
-                drop(original.lock().expect("listener lock").take());
-            })
-            .await
-            .map_err(|error| format!("serving failed: {error}"))
+        listener::serve(listener, self.router.clone(), &self.limits, async move {
+            shutdown.cancelled().await;
+            // The server drops its copy; the socket closes once this one goes too.
+            drop(original.lock().expect("listener lock").take());
+        })
+        .await
+        .map_err(|error| format!("serving failed: {error}"))
     }
 }
 
@@ -331,11 +333,27 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body exceeds the limit of {limit} bytes"),
         )),
+        Err(error) if is_body_timeout(error.as_ref()) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body was not received within the listener's body_timeout",
+        )),
         Err(error) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("reading the request body failed: {error}"),
         )),
     }
+}
+
+/// Whether a body read failed because the listener's `body_timeout` passed.
+pub fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 fn content_type(headers: &HeaderMap) -> Option<&str> {

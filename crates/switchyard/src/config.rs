@@ -81,12 +81,16 @@ pub struct AdminConfig {
     /// Address of the admin listener; empty disables it.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// Timeouts, connection and request caps, per-client rate limit.
+    #[serde(default)]
+    pub limits: switchyard_connector_http::listener::ListenerLimits,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            limits: Default::default(),
         }
     }
 }
@@ -513,6 +517,9 @@ pub struct InvokeApiConfig {
     /// network in front of it is trusted.
     #[serde(default)]
     pub insecure: bool,
+    /// Timeouts, connection and request caps, per-client rate limit.
+    #[serde(default)]
+    pub limits: switchyard_connector_http::listener::ListenerLimits,
 }
 
 /// An access key of the Invoke API.
@@ -541,6 +548,7 @@ impl Default for InvokeApiConfig {
             max_wait: default_invoke_max_wait(),
             credentials: Vec::new(),
             insecure: false,
+            limits: Default::default(),
         }
     }
 }
@@ -1755,6 +1763,9 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     }
                 }
                 route_problems(&mut check, &span, http, config);
+                for (field, message) in http.limits.problems() {
+                    check.error(span.clone(), "limits", format!("`{field}` {message}"));
+                }
             }
         }
     }
@@ -1794,6 +1805,20 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 line: 0,
                 column: 0,
                 field: Some("invoke_api.listen".to_owned()),
+                message,
+            });
+        }
+    }
+    for (section, limits) in [
+        ("admin.limits", &config.admin.limits),
+        ("invoke_api.limits", &config.invoke_api.limits),
+    ] {
+        for (field, message) in limits.problems() {
+            check.errors.push(ConfigError {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                field: Some(format!("{section}.{field}")),
                 message,
             });
         }

@@ -225,9 +225,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let address = listener.local_addr()?;
         let router = invoke_api::router(invoke_api_state.clone());
         let stop = shutdown.clone();
+        let limits = config.invoke_api.limits.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
+            let _ =
+                switchyard_connector_http::listener::serve(listener, router, &limits, async move {
+                    stop.cancelled().await
+                })
                 .await;
         });
         tracing::info!(listen = %address, "lambda invoke api listening (POST /2015-03-31/functions/{{name}}/invocations)");
@@ -242,9 +245,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let address = listener.local_addr()?;
         let router = admin::router(admin_state.clone());
         let stop = shutdown.clone();
+        let limits = config.admin.limits.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
+            let _ =
+                switchyard_connector_http::listener::serve(listener, router, &limits, async move {
+                    stop.cancelled().await
+                })
                 .await;
         });
         Some(address)
@@ -467,6 +473,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 http.name.clone(),
                 listener.into_std()?,
                 router,
+                http.limits.clone(),
             )));
         }
         for nats in nats_sources {
