@@ -27,6 +27,9 @@ pub struct HttpSourceConfig {
     /// Timeouts, connection and request caps, per-client rate limit.
     #[serde(default)]
     pub limits: crate::listener::ListenerLimits,
+    /// HTTPS: `{ cert_file, key_file }` (PEM), reloaded when they change.
+    #[serde(default)]
+    pub tls: Option<crate::listener::TlsFiles>,
 }
 
 /// A function URL: requests whose path is `path` or under it (and whose method is one

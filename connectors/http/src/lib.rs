@@ -132,6 +132,7 @@ pub struct HttpSource {
     listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
     router: Router,
     limits: listener::ListenerLimits,
+    tls: Option<listener::TlsFiles>,
 }
 
 impl HttpSource {
@@ -142,12 +143,14 @@ impl HttpSource {
         listener: std::net::TcpListener,
         router: Router,
         limits: listener::ListenerLimits,
+        tls: Option<listener::TlsFiles>,
     ) -> Self {
         HttpSource {
             name,
             listener: Arc::new(std::sync::Mutex::new(Some(listener))),
             router,
             limits,
+            tls,
         }
     }
 }
@@ -180,11 +183,17 @@ impl switchyard_event::Source for HttpSource {
             .map_err(|error| format!("listener: {error}"))?;
         health.up();
         let original = self.listener.clone();
-        listener::serve(listener, self.router.clone(), &self.limits, async move {
-            shutdown.cancelled().await;
-            // The server drops its copy; the socket closes once this one goes too.
-            drop(original.lock().expect("listener lock").take());
-        })
+        listener::serve(
+            listener,
+            self.router.clone(),
+            &self.limits,
+            self.tls.as_ref(),
+            async move {
+                shutdown.cancelled().await;
+                // The server drops its copy; the socket closes once this one goes too.
+                drop(original.lock().expect("listener lock").take());
+            },
+        )
         .await
         .map_err(|error| format!("serving failed: {error}"))
     }

@@ -17,6 +17,10 @@
 //! - At shutdown the listener closes, connections finish what they are answering
 //!   within `shutdown_timeout`, and are then abandoned: a stalled client never holds
 //!   shutdown longer.
+//! - `tls`: HTTPS with rustls (TLS 1.2 and 1.3, the ring provider) from a PEM
+//!   certificate chain and key, read again when either file changes (checked every
+//!   few seconds; a pair that does not load is logged and the one in use is kept).
+//!   The handshake must complete within `header_timeout`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -130,6 +134,113 @@ impl ListenerLimits {
     }
 }
 
+/// HTTPS for a listener: PEM files, relative to the configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert_file: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
+}
+
+/// How often the certificate files are checked for changes.
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+use tokio_rustls::rustls;
+
+fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsFiles {
+    /// The certificate and key, checked to belong together.
+    pub fn load(&self) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert_file)
+            .and_then(|certificates| certificates.collect::<Result<_, _>>())
+            .map_err(|error| format!("cert_file `{}`: {error}", self.cert_file.display()))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "cert_file `{}` holds no certificate",
+                self.cert_file.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key_file)
+            .map_err(|error| format!("key_file `{}`: {error}", self.key_file.display()))?;
+        rustls::sign::CertifiedKey::from_der(chain, key, &crypto())
+            .map(Arc::new)
+            .map_err(|error| format!("the certificate and key do not make a pair: {error}"))
+    }
+
+    fn modified(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let modified = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .and_then(|meta| meta.modified())
+                .ok()
+        };
+        Some((modified(&self.cert_file)?, modified(&self.key_file)?))
+    }
+
+    /// A TLS acceptor serving the files' certificate, reloaded when they change
+    /// (for as long as the acceptor is in use).
+    pub fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, String> {
+        let resolver = Arc::new(Reloading {
+            current: std::sync::RwLock::new(self.load()?),
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(crypto())
+            .with_safe_default_protocol_versions()
+            .map_err(|error| error.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let files = self.clone();
+        let watched = Arc::downgrade(&resolver);
+        tokio::spawn(async move {
+            let mut seen = files.modified();
+            loop {
+                tokio::time::sleep(TLS_RELOAD_EVERY).await;
+                let Some(resolver) = watched.upgrade() else {
+                    break;
+                };
+                let now = files.modified();
+                if now == seen {
+                    continue;
+                }
+                match files.load() {
+                    Ok(key) => {
+                        *resolver.current.write().expect("certificate lock") = key;
+                        seen = now;
+                        tracing::info!(cert_file = %files.cert_file.display(), "tls certificate reloaded");
+                    }
+                    Err(error) => {
+                        // Half-written files, say: tried again at the next change.
+                        seen = now;
+                        tracing::error!(%error, "tls certificate not reloaded; the previous one is still served");
+                    }
+                }
+            }
+        });
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// Serves the certificate loaded last.
+#[derive(Debug)]
+struct Reloading {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for Reloading {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().expect("certificate lock").clone())
+    }
+}
+
 /// `503` for a request over `max_requests`.
 async fn overloaded(_: tower::BoxError) -> Response {
     let mut response = (
@@ -192,14 +303,20 @@ fn limited(router: Router, limits: &ListenerLimits) -> Router {
     )
 }
 
-/// Serves `router` on `listener` with `limits` until `shutdown` completes; then
-/// closes the listener and gives connections `shutdown_timeout` to finish.
+/// Serves `router` on `listener` with `limits` (over TLS with `tls`) until
+/// `shutdown` completes; then closes the listener and gives connections
+/// `shutdown_timeout` to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     limits: &ListenerLimits,
+    tls: Option<&TlsFiles>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let acceptor = tls
+        .map(TlsFiles::acceptor)
+        .transpose()
+        .map_err(std::io::Error::other)?;
     let router = limited(router, limits);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -231,15 +348,34 @@ pub async fn serve(
                 ConnectInfo::<SocketAddr>(peer),
             ))
             .service(router.clone());
-        let connection = builder.serve_connection(
-            TokioIo::new(stream),
-            hyper_util::service::TowerToHyperService::new(service),
-        );
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-            drop(permit);
-        });
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        match &acceptor {
+            None => {
+                let connection =
+                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                // The handshake, bounded like a request's headers; then HTTP/1 over it.
+                let (acceptor, builder, header_timeout) =
+                    (acceptor.clone(), builder.clone(), limits.header_timeout);
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let connection =
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    let _ = connection.await;
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())

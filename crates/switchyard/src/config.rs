@@ -84,6 +84,9 @@ pub struct AdminConfig {
     /// Timeouts, connection and request caps, per-client rate limit.
     #[serde(default)]
     pub limits: switchyard_connector_http::listener::ListenerLimits,
+    /// HTTPS: `{ cert_file, key_file }` (PEM), reloaded when they change.
+    #[serde(default)]
+    pub tls: Option<switchyard_connector_http::listener::TlsFiles>,
 }
 
 impl Default for AdminConfig {
@@ -91,6 +94,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
             limits: Default::default(),
+            tls: None,
         }
     }
 }
@@ -520,6 +524,9 @@ pub struct InvokeApiConfig {
     /// Timeouts, connection and request caps, per-client rate limit.
     #[serde(default)]
     pub limits: switchyard_connector_http::listener::ListenerLimits,
+    /// HTTPS: `{ cert_file, key_file }` (PEM), reloaded when they change.
+    #[serde(default)]
+    pub tls: Option<switchyard_connector_http::listener::TlsFiles>,
 }
 
 /// An access key of the Invoke API.
@@ -549,6 +556,7 @@ impl Default for InvokeApiConfig {
             credentials: Vec::new(),
             insecure: false,
             limits: Default::default(),
+            tls: None,
         }
     }
 }
@@ -800,6 +808,20 @@ pub fn parse(
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // Certificate files are relative to the configuration file's directory.
+    let relative = |files: &mut Option<switchyard_connector_http::listener::TlsFiles>| {
+        if let Some(files) = files {
+            files.cert_file = base.join(&files.cert_file);
+            files.key_file = base.join(&files.key_file);
+        }
+    };
+    relative(&mut config.admin.tls);
+    relative(&mut config.invoke_api.tls);
+    for source in &mut config.sources {
+        if let SourceConfig::Http(http) = source.get_mut() {
+            relative(&mut http.tls);
+        }
+    }
     for function in &mut config.functions {
         // Absolute: the instance's working directory and `LAMBDA_TASK_ROOT` must not
         // depend on where Switchyard was started from.
@@ -1763,6 +1785,11 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     }
                 }
                 route_problems(&mut check, &span, http, config);
+                if let Some(tls) = &http.tls
+                    && let Err(error) = tls.load()
+                {
+                    check.error(span.clone(), "tls", error);
+                }
                 for (field, message) in http.limits.problems() {
                     check.error(span.clone(), "limits", format!("`{field}` {message}"));
                 }
@@ -1805,6 +1832,22 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 line: 0,
                 column: 0,
                 field: Some("invoke_api.listen".to_owned()),
+                message,
+            });
+        }
+    }
+    for (section, tls) in [
+        ("admin.tls", &config.admin.tls),
+        ("invoke_api.tls", &config.invoke_api.tls),
+    ] {
+        if let Some(tls) = tls
+            && let Err(message) = tls.load()
+        {
+            check.errors.push(ConfigError {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                field: Some(section.to_owned()),
                 message,
             });
         }

@@ -225,13 +225,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let address = listener.local_addr()?;
         let router = invoke_api::router(invoke_api_state.clone());
         let stop = shutdown.clone();
-        let limits = config.invoke_api.limits.clone();
+        let (limits, tls) = (
+            config.invoke_api.limits.clone(),
+            config.invoke_api.tls.clone(),
+        );
         tokio::spawn(async move {
-            let _ =
-                switchyard_connector_http::listener::serve(listener, router, &limits, async move {
-                    stop.cancelled().await
-                })
-                .await;
+            if let Err(error) = switchyard_connector_http::listener::serve(
+                listener,
+                router,
+                &limits,
+                tls.as_ref(),
+                async move { stop.cancelled().await },
+            )
+            .await
+            {
+                tracing::error!(%error, "the invoke api listener stopped");
+            }
         });
         tracing::info!(listen = %address, "lambda invoke api listening (POST /2015-03-31/functions/{{name}}/invocations)");
         Some(address)
@@ -245,13 +254,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let address = listener.local_addr()?;
         let router = admin::router(admin_state.clone());
         let stop = shutdown.clone();
-        let limits = config.admin.limits.clone();
+        let (limits, tls) = (config.admin.limits.clone(), config.admin.tls.clone());
         tokio::spawn(async move {
-            let _ =
-                switchyard_connector_http::listener::serve(listener, router, &limits, async move {
-                    stop.cancelled().await
-                })
-                .await;
+            if let Err(error) = switchyard_connector_http::listener::serve(
+                listener,
+                router,
+                &limits,
+                tls.as_ref(),
+                async move { stop.cancelled().await },
+            )
+            .await
+            {
+                tracing::error!(%error, "the admin listener stopped");
+            }
         });
         Some(address)
     };
@@ -474,6 +489,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 listener.into_std()?,
                 router,
                 http.limits.clone(),
+                http.tls.clone(),
             )));
         }
         for nats in nats_sources {
