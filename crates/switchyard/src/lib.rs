@@ -224,24 +224,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             })?;
         let address = listener.local_addr()?;
         let router = invoke_api::router(invoke_api_state.clone());
-        let stop = shutdown.clone();
-        let (limits, tls) = (
+        serve_in_background(
+            "the invoke api listener",
+            listener,
+            router,
             config.invoke_api.limits.clone(),
             config.invoke_api.tls.clone(),
+            shutdown.clone(),
         );
-        tokio::spawn(async move {
-            if let Err(error) = switchyard_connector_http::listener::serve(
-                listener,
-                router,
-                &limits,
-                tls.as_ref(),
-                async move { stop.cancelled().await },
-            )
-            .await
-            {
-                tracing::error!(%error, "the invoke api listener stopped");
-            }
-        });
         tracing::info!(listen = %address, "lambda invoke api listening (POST /2015-03-31/functions/{{name}}/invocations)");
         Some(address)
     };
@@ -253,21 +243,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .with_context(|| format!("admin: cannot listen on `{}`", config.admin.listen))?;
         let address = listener.local_addr()?;
         let router = admin::router(admin_state.clone());
-        let stop = shutdown.clone();
-        let (limits, tls) = (config.admin.limits.clone(), config.admin.tls.clone());
-        tokio::spawn(async move {
-            if let Err(error) = switchyard_connector_http::listener::serve(
-                listener,
-                router,
-                &limits,
-                tls.as_ref(),
-                async move { stop.cancelled().await },
-            )
-            .await
-            {
-                tracing::error!(%error, "the admin listener stopped");
-            }
-        });
+        serve_in_background(
+            "the admin listener",
+            listener,
+            router,
+            config.admin.limits.clone(),
+            config.admin.tls.clone(),
+            shutdown.clone(),
+        );
         Some(address)
     };
 
@@ -562,6 +545,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// Serves `router` on `listener` (the Invoke API, the admin listener) until
+/// `shutdown`, logging why it stopped if it fails.
+fn serve_in_background(
+    name: &'static str,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: switchyard_connector_http::listener::ListenerLimits,
+    tls: Option<switchyard_connector_http::listener::TlsFiles>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = switchyard_connector_http::listener::serve(
+            listener,
+            router,
+            &limits,
+            tls.as_ref(),
+            async move { shutdown.cancelled().await },
+        )
+        .await
+        {
+            tracing::error!(%error, "{name} stopped");
+        }
+    });
 }
 
 /// What the workers need of a `lambda` function's configuration.

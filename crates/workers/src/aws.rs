@@ -623,16 +623,8 @@ impl ManagedFunction {
 #[async_trait]
 impl Target for AwsPayloads {
     async fn invoke(&self, event: &Event, timeout: Duration) -> Outcome {
-        let reservation = match self.reserve().await {
-            Ok(reservation) => reservation,
-            Err(failure) => {
-                return Outcome::RetryLater {
-                    not_before: None,
-                    failure,
-                };
-            }
-        };
-        self.invoke_reserved(reservation, event, timeout).await
+        // Without a reservation, an instance is acquired for the call.
+        self.invoke_reserved(None, event, timeout).await
     }
 
     fn reserves(&self) -> bool {
