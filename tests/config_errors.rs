@@ -31,9 +31,12 @@ fn every_shipped_configuration_is_valid() {
             .extension()
             .is_some_and(|extension| extension == "toml")
         {
+            // The docker configuration's tokens come from the environment.
             let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
                 .args(["validate", "--config"])
                 .arg(&path)
+                .env("SWITCHYARD_TOKEN", "shipped-token")
+                .env("SWITCHYARD_ADMIN_TOKEN", "shipped-admin-token")
                 .output()
                 .unwrap();
             assert!(
@@ -536,4 +539,223 @@ limits = { max_connections = 0 }
             "missing `{expected}` in:\n{output}"
         );
     }
+}
+
+/// A listener open to the network that takes events needs authentication: a token,
+/// a signature, client certificates, or the operator's explicit `insecure = true`.
+#[test]
+fn an_http_source_open_to_the_network_needs_authentication() {
+    let open = r#"
+[[sources]]
+type = "http"
+name = "web"
+listen = "0.0.0.0:8080"
+
+[[sources.hooks]]
+name = "plain"
+event_type = "com.example.plain"
+
+[[sources.hooks]]
+name = "github"
+event_type = "com.github.event"
+signature = { scheme = "github", secret = "s3cret" }
+"#;
+    let (ok, output) = validate(open);
+    assert!(!ok);
+    assert!(
+        output.contains("DIR/broken.toml:5:1: field `listen`: source `web` listens on `0.0.0.0:8080`, open to the network, and its `/v1/events` would take events from anyone"),
+        "{output}"
+    );
+    assert!(
+        output.contains("field `hooks`: hook `plain` of source `web` is open to the network"),
+        "{output}"
+    );
+    assert!(!output.contains("hook `github`"), "{output}");
+    // The source's token guards `/v1/events` and the hook without its own.
+    let (ok, output) = validate(&open.replace(
+        "listen = \"0.0.0.0:8080\"\n",
+        "listen = \"0.0.0.0:8080\"\nbearer_token = \"t0ken\"\n",
+    ));
+    assert!(ok, "{output}");
+    // Only the signed hook, the CloudEvents endpoint off.
+    let signed_only = open.replace(
+        "listen = \"0.0.0.0:8080\"\n",
+        "listen = \"0.0.0.0:8080\"\nevents_endpoint = false\n",
+    );
+    let (ok, output) = validate(&signed_only);
+    assert!(!ok && !output.contains("/v1/events"), "{output}");
+    let (ok, output) = validate(&signed_only.replace(
+        "[[sources.hooks]]\nname = \"plain\"\nevent_type = \"com.example.plain\"\n\n",
+        "",
+    ));
+    assert!(ok, "{output}");
+    // The operator's word.
+    let (ok, output) = validate(&open.replace(
+        "listen = \"0.0.0.0:8080\"\n",
+        "listen = \"0.0.0.0:8080\"\ninsecure = true\n",
+    ));
+    assert!(ok, "{output}");
+    // Client certificates (mutual TLS).
+    let directory = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(directory.path().join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(
+        directory.path().join("key.pem"),
+        certified.key_pair.serialize_pem(),
+    )
+    .unwrap();
+    let (ok, output) = validate(&open.replace(
+        "listen = \"0.0.0.0:8080\"\n",
+        &format!(
+            "listen = \"0.0.0.0:8080\"\ntls = {{ cert_file = \"{dir}/cert.pem\", key_file = \"{dir}/key.pem\", client_ca_file = \"{dir}/cert.pem\" }}\n",
+            dir = directory.path().display()
+        ),
+    ));
+    assert!(ok, "{output}");
+    // On loopback nothing is needed.
+    let (ok, output) = validate(&open.replace("0.0.0.0:8080", "127.0.0.1:8080"));
+    assert!(ok, "{output}");
+}
+
+#[test]
+fn empty_tokens_and_secrets_are_refused() {
+    let text = r#"
+[admin]
+bearer_token = ""
+
+[[sources]]
+type = "http"
+name = "web"
+bearer_tokens = ["good", " "]
+
+[[sources.hooks]]
+name = "github"
+event_type = "com.github.event"
+signature = { scheme = "github", secret = "" }
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:3:1: field `admin.bearer_token`: an empty bearer token would let anyone in",
+        "field `bearer_token`: source `web`: an empty bearer token would let anyone in",
+        "field `secret`: hook `github`: an empty signature secret would let anyone sign",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}
+
+#[test]
+fn an_admin_listener_open_to_the_network_needs_a_token() {
+    let (ok, output) = validate("[admin]\nlisten = \"0.0.0.0:9090\"\n");
+    assert!(!ok);
+    assert!(
+        output.contains(
+            "DIR/broken.toml:2:1: field `admin.listen`: `0.0.0.0:9090` is open to the network"
+        ),
+        "{output}"
+    );
+    let (ok, output) = validate("[admin]\nlisten = \"0.0.0.0:9090\"\nbearer_token = \"t\"\n");
+    assert!(ok, "{output}");
+    let (ok, output) = validate("[admin]\nlisten = \"0.0.0.0:9090\"\ninsecure = true\n");
+    assert!(ok, "{output}");
+}
+
+/// `<secret>_file` reads a secret from a file; a missing or empty file, or both
+/// forms at once, are located.
+#[test]
+fn secret_file_mistakes_are_located() {
+    let text = r#"
+[admin]
+bearer_token_file = "missing-token"
+
+[[sources]]
+type = "http"
+name = "web"
+bearer_token = "inline"
+bearer_token_file = "token"
+
+[[sources.hooks]]
+name = "github"
+event_type = "com.github.event"
+signature = { scheme = "github", secret_file = "empty" }
+"#;
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("broken.toml");
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(directory.path().join("token"), "t\n").unwrap();
+    std::fs::write(directory.path().join("empty"), "\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let output = String::from_utf8_lossy(&output.stderr)
+        .replace(&directory.path().display().to_string(), "DIR");
+    for expected in [
+        "DIR/broken.toml:3:1: field `bearer_token_file`: cannot read `DIR/missing-token`",
+        "DIR/broken.toml:9:1: field `bearer_token_file`: set `bearer_token` or `bearer_token_file`, not both",
+        "DIR/broken.toml:14:34: field `secret_file`: `DIR/empty` is empty",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}
+
+/// A `${VAR}` value cannot change the file's structure.
+#[test]
+fn substituted_values_stay_values() {
+    let run = |text: &str, value: &str| {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("broken.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["validate", "--config"])
+            .arg(&path)
+            .env("SWITCHYARD_TEST_VALUE", value)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr)
+                .replace(&directory.path().display().to_string(), "DIR"),
+        )
+    };
+    // A value that would close the string and add a table is one string.
+    let injected = "x\"\n[admin]\nlisten = \"0.0.0.0:1\"\ninsecure = true\n#";
+    let text = "[[sources]]\ntype = \"http\"\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\n[[sources.hooks]]\nname = \"h\"\nevent_type = \"${SWITCHYARD_TEST_VALUE}\"\n";
+    let (ok, output) = run(text, injected);
+    assert!(ok, "{output}");
+    // Outside quotes, only a number, boolean or date-time.
+    let (ok, output) = run(
+        "[dispatcher]\nshutdown_grace = \"1s\"\n[workers]\nmax_cold_starts = ${SWITCHYARD_TEST_VALUE}\n",
+        "1\n[admin]",
+    );
+    assert!(!ok);
+    assert!(
+        output.contains(
+            "DIR/broken.toml:4:19: `${SWITCHYARD_TEST_VALUE}` outside quotes must be a number"
+        ),
+        "{output}"
+    );
+    let (ok, output) = run(
+        "[workers]\nmax_cold_starts = ${SWITCHYARD_TEST_VALUE}\n",
+        "8",
+    );
+    assert!(ok, "{output}");
+    // A literal string cannot hold a quote.
+    let (ok, output) = run(
+        "[[sources]]\ntype = \"http\"\nname = 'x${SWITCHYARD_TEST_VALUE}'\n",
+        "a'b",
+    );
+    assert!(!ok);
+    assert!(
+        output.contains("DIR/broken.toml:3:10: the value of `SWITCHYARD_TEST_VALUE` holds a `'`"),
+        "{output}"
+    );
 }

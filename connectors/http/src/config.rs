@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use secrecy::SecretString;
 use serde::Deserialize;
 
 /// An HTTP source: the CloudEvents endpoint `POST /v1/events` and the webhooks
@@ -15,9 +16,22 @@ pub struct HttpSourceConfig {
     /// Largest request body accepted, in bytes; larger requests get `413`.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// When set, `POST /v1/events` requires `Authorization: Bearer <token>`.
+    /// When set, `POST /v1/events` (and every hook without authentication of its
+    /// own) requires `Authorization: Bearer <token>`.
     #[serde(default)]
-    pub bearer_token: Option<String>,
+    pub bearer_token: Option<SecretString>,
+    /// Several tokens, any of which is accepted (to rotate one without downtime).
+    #[serde(default)]
+    pub bearer_tokens: Vec<SecretString>,
+    /// Accept events from the network without authentication: needed for a
+    /// listener off loopback whose `/v1/events` or hooks have neither a token, a
+    /// signature nor client certificates (`tls.client_ca_file`).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Serve `POST /v1/events` (the CloudEvents endpoint); `false` leaves only the
+    /// hooks and routes.
+    #[serde(default = "yes")]
+    pub events_endpoint: bool,
     /// Plain webhooks, each at `POST /hooks/{name}`.
     #[serde(default)]
     pub hooks: Vec<HookConfig>,
@@ -48,7 +62,10 @@ pub struct RouteConfig {
     pub methods: Vec<String>,
     /// Requests must carry `Authorization: Bearer <token>`.
     #[serde(default)]
-    pub bearer_token: Option<String>,
+    pub bearer_token: Option<SecretString>,
+    /// Several tokens, any of which is accepted (rotation).
+    #[serde(default)]
+    pub bearer_tokens: Vec<SecretString>,
     /// Requests must carry a valid HMAC-SHA256 signature (as hooks').
     #[serde(default)]
     pub signature: Option<SignatureConfig>,
@@ -97,6 +114,57 @@ pub struct CorsConfig {
     /// Whether cookies and credentials are allowed.
     #[serde(default)]
     pub allow_credentials: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Every token of a `bearer_token` and `bearer_tokens` pair.
+pub fn tokens<'a>(
+    one: &'a Option<SecretString>,
+    many: &'a [SecretString],
+) -> Vec<&'a SecretString> {
+    one.iter().chain(many).collect()
+}
+
+impl HttpSourceConfig {
+    /// The tokens `/v1/events` accepts (and hooks without their own authentication).
+    pub fn tokens(&self) -> Vec<&SecretString> {
+        tokens(&self.bearer_token, &self.bearer_tokens)
+    }
+}
+
+impl HookConfig {
+    /// The hook's own tokens.
+    pub fn tokens(&self) -> Vec<&SecretString> {
+        tokens(&self.bearer_token, &self.bearer_tokens)
+    }
+
+    /// Whether the hook authenticates its requests itself: its own tokens, a
+    /// signature, or SNS's signatures (an `s3` hook with `sns_topics` takes only
+    /// signed SNS messages). A hook that does not takes the source's tokens.
+    pub fn authenticates_itself(&self) -> bool {
+        !self.tokens().is_empty()
+            || self.signature.is_some()
+            || (self.format == HookFormat::S3 && !self.sns_topics.is_empty())
+    }
+}
+
+impl RouteConfig {
+    /// The route's tokens.
+    pub fn tokens(&self) -> Vec<&SecretString> {
+        tokens(&self.bearer_token, &self.bearer_tokens)
+    }
+}
+
+impl SignatureConfig {
+    /// The shared secret.
+    pub fn secret(&self) -> &SecretString {
+        match self {
+            SignatureConfig::Github { secret } | SignatureConfig::Hmac { secret, .. } => secret,
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -172,7 +240,10 @@ pub struct HookConfig {
     pub subject_header: Option<String>,
     /// When set, requests must carry `Authorization: Bearer <token>`.
     #[serde(default)]
-    pub bearer_token: Option<String>,
+    pub bearer_token: Option<SecretString>,
+    /// Several tokens, any of which is accepted (rotation).
+    #[serde(default)]
+    pub bearer_tokens: Vec<SecretString>,
     /// When set, requests must carry a valid HMAC-SHA256 signature.
     #[serde(default)]
     pub signature: Option<SignatureConfig>,
@@ -192,13 +263,13 @@ pub enum HookFormat {
 #[serde(tag = "scheme", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SignatureConfig {
     /// GitHub: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>`.
-    Github { secret: String },
+    Github { secret: SecretString },
     /// Any provider: `header` carries the HMAC-SHA256 (after an optional `prefix`,
     /// hex or base64). With `timestamp_header`, the signed message is
     /// `{timestamp}.{body}` (unix seconds) and a timestamp further than `tolerance`
     /// from now is refused, which stops replays.
     Hmac {
-        secret: String,
+        secret: SecretString,
         header: String,
         #[serde(default)]
         prefix: Option<String>,

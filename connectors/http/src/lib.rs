@@ -260,8 +260,12 @@ pub fn router(
         metrics,
         labels,
     });
-    Router::new()
-        .route("/v1/events", post(post_events))
+    let events_endpoint = state.config.events_endpoint;
+    let mut router = Router::new();
+    if events_endpoint {
+        router = router.route("/v1/events", post(post_events));
+    }
+    router
         .route("/hooks/{name}", post(post_hook))
         .with_state(state.clone())
         .merge(routes)
@@ -423,8 +427,9 @@ async fn accept_events(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    if let Some(token) = &state.config.bearer_token {
-        check_bearer(headers, token)?;
+    let tokens = state.config.tokens();
+    if !tokens.is_empty() {
+        check_bearer(headers, &tokens)?;
     }
     let body = read_body(body, state.config.max_body_bytes).await?;
     let content_type = content_type(headers);
@@ -540,8 +545,15 @@ async fn accept_hook(
     let hook = state.hooks.get(name).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, format!("no webhook named `{name}`"))
     })?;
-    if let Some(token) = &hook.bearer_token {
-        check_bearer(headers, token)?;
+    // A hook's own token(s), signature or SNS signatures; a hook with none takes the
+    // source's tokens.
+    let tokens = if hook.authenticates_itself() {
+        hook.tokens()
+    } else {
+        state.config.tokens()
+    };
+    if !tokens.is_empty() {
+        check_bearer(headers, &tokens)?;
     }
     let body = read_body(body, state.config.max_body_bytes).await?;
     if let Some(signature) = &hook.signature {

@@ -142,6 +142,10 @@ pub struct TlsFiles {
     pub cert_file: std::path::PathBuf,
     /// The private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: std::path::PathBuf,
+    /// Mutual TLS: clients must present a certificate issued by one of these CAs
+    /// (PEM); such a listener counts as authenticated. Read at start.
+    #[serde(default)]
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 /// How often the certificate files are checked for changes.
@@ -174,6 +178,38 @@ impl TlsFiles {
             .map_err(|error| format!("the certificate and key do not make a pair: {error}"))
     }
 
+    /// Whether the files load: the pair, and the client CAs when set.
+    pub fn check(&self) -> Result<(), String> {
+        self.load()?;
+        self.client_roots()?;
+        Ok(())
+    }
+
+    /// The client CAs of mutual TLS, when configured.
+    pub fn client_roots(&self) -> Result<Option<rustls::RootCertStore>, String> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject as _;
+        let Some(path) = &self.client_ca_file else {
+            return Ok(None);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|certificates| certificates.collect::<Result<_, _>>())
+            .map_err(|error| format!("client_ca_file `{}`: {error}", path.display()))?;
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|error| format!("client_ca_file `{}`: {error}", path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "client_ca_file `{}` holds no certificate",
+                path.display()
+            ));
+        }
+        Ok(Some(roots))
+    }
+
     fn modified(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
         let modified = |path: &std::path::Path| {
             std::fs::metadata(path)
@@ -189,11 +225,21 @@ impl TlsFiles {
         let resolver = Arc::new(Reloading {
             current: std::sync::RwLock::new(self.load()?),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(crypto())
+        let builder = rustls::ServerConfig::builder_with_provider(crypto())
             .with_safe_default_protocol_versions()
-            .map_err(|error| error.to_string())?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
+            .map_err(|error| error.to_string())?;
+        let builder = match self.client_roots()? {
+            None => builder.with_no_client_auth(),
+            Some(roots) => builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    crypto(),
+                )
+                .build()
+                .map_err(|error| format!("client_ca_file: {error}"))?,
+            ),
+        };
+        let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let files = self.clone();
         let watched = Arc::downgrade(&resolver);

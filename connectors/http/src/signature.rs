@@ -4,6 +4,7 @@
 use axum::http::HeaderMap;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret as _, SecretString};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
@@ -18,7 +19,9 @@ pub enum AuthError {
     Invalid(String),
 }
 
-pub fn check_bearer(headers: &HeaderMap, expected: &str) -> Result<(), AuthError> {
+/// Checks `Authorization: Bearer <token>` against every accepted token (each
+/// compared in constant time, all of them compared).
+pub fn check_bearer(headers: &HeaderMap, accepted: &[&SecretString]) -> Result<(), AuthError> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -31,7 +34,10 @@ pub fn check_bearer(headers: &HeaderMap, expected: &str) -> Result<(), AuthError
         .ok_or_else(|| {
             AuthError::Invalid("authorization header is not a bearer token".to_owned())
         })?;
-    if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) {
+    let matched = accepted.iter().fold(false, |matched, expected| {
+        matched | bool::from(token.as_bytes().ct_eq(expected.expose_secret().as_bytes()))
+    });
+    if matched {
         Ok(())
     } else {
         Err(AuthError::Invalid("bearer token is not valid".to_owned()))
@@ -45,8 +51,9 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AuthEr
         .ok_or_else(|| AuthError::Missing(format!("signature header `{name}`")))
 }
 
-fn mac(secret: &str) -> Hmac<Sha256> {
-    Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac accepts keys of any length")
+fn mac(secret: &SecretString) -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+        .expect("hmac accepts keys of any length")
 }
 
 /// Checks a request's signature. `now_unix` is the current time in unix seconds.
@@ -126,7 +133,7 @@ pub fn check_signature(
 /// Computes a hex HMAC-SHA256, as a sender would.
 #[cfg(test)]
 fn hmac_sha256_hex(secret: &str, message: &[u8]) -> String {
-    let mut mac = mac(secret);
+    let mut mac = mac(&SecretString::from(secret));
     mac.update(message);
     hex::encode(mac.finalize().into_bytes())
 }
@@ -147,19 +154,42 @@ mod tests {
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
+        let accepted = SecretString::from("t0k");
         for value in ["Bearer t0k", "bearer t0k", "BEARER t0k", "Bearer  t0k"] {
             assert_eq!(
-                check_bearer(&headers(&[("authorization", value.to_owned())]), "t0k"),
+                check_bearer(
+                    &headers(&[("authorization", value.to_owned())]),
+                    &[&accepted]
+                ),
                 Ok(()),
                 "{value}"
             );
         }
         for value in ["Basic t0k", "Bearert0k", "Bearer other"] {
             assert!(
-                check_bearer(&headers(&[("authorization", value.to_owned())]), "t0k").is_err(),
+                check_bearer(
+                    &headers(&[("authorization", value.to_owned())]),
+                    &[&accepted]
+                )
+                .is_err(),
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn any_of_several_tokens_is_accepted() {
+        let old = SecretString::from("old-token");
+        let new = SecretString::from("new-token");
+        for token in ["old-token", "new-token"] {
+            let request = headers(&[("authorization", format!("Bearer {token}"))]);
+            assert_eq!(check_bearer(&request, &[&old, &new]), Ok(()), "{token}");
+        }
+        let request = headers(&[("authorization", "Bearer other".to_owned())]);
+        assert!(check_bearer(&request, &[&old, &new]).is_err());
+        // No accepted token: nothing passes.
+        let request = headers(&[("authorization", "Bearer ".to_owned())]);
+        assert!(check_bearer(&request, &[]).is_err());
     }
 
     #[test]

@@ -3,17 +3,26 @@
 //! `/v1/triggers` (a read-only JSON view of each trigger with its lag and in-flight
 //! count), `/v1/sources` (each source's state, restarts and last error) and
 //! `/v1/functions` (each managed function's instances, cold starts, last init error
-//! and limits).
+//! and limits), and with a bearer token the dead letters: `GET
+//! /v1/dead-letters/{trigger}` (a page), `GET /v1/dead-letters/{trigger}/{sequence}`,
+//! `POST /v1/dead-letters/{trigger}/replay` and `POST
+//! /v1/dead-letters/{trigger}/purge`, so operators need no NATS credentials.
+//!
+//! With `bearer_token` set, every endpoint but `/healthz` and `/readyz` (the
+//! orchestrator's probes) requires it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use prometheus_client::registry::Registry;
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::json;
 use switchyard_bus::Bus;
 use switchyard_dispatcher::DispatcherView;
 
@@ -26,6 +35,7 @@ pub struct AdminState {
     running: Arc<OnceLock<(DispatcherView, Bus)>>,
     sources: Arc<OnceLock<Vec<Arc<SourceCell>>>>,
     workers: Option<Arc<switchyard_workers::Workers>>,
+    tokens: Arc<Vec<SecretString>>,
 }
 
 impl AdminState {
@@ -40,7 +50,15 @@ impl AdminState {
             workers,
             running: Arc::new(OnceLock::new()),
             sources: Arc::new(OnceLock::new()),
+            tokens: Arc::new(Vec::new()),
         }
+    }
+
+    /// The tokens the endpoints but the probes require; none leaves them open and
+    /// the dead-letter endpoints off.
+    pub fn with_tokens(mut self, tokens: Vec<SecretString>) -> Self {
+        self.tokens = Arc::new(tokens);
+        self
     }
 
     pub fn set_sources(&self, sources: Vec<Arc<SourceCell>>) {
@@ -60,14 +78,277 @@ impl AdminState {
 }
 
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/triggers", get(triggers))
         .route("/v1/sources", get(sources))
         .route("/v1/functions", get(functions))
+        .route("/v1/dead-letters/{trigger}", get(dead_letters))
+        .route("/v1/dead-letters/{trigger}/{sequence}", get(dead_letter))
+        .route("/v1/dead-letters/{trigger}/replay", post(replay))
+        .route("/v1/dead-letters/{trigger}/purge", post(purge))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
         .with_state(state)
+}
+
+/// A refused admin request, answered as `{"error": "..."}`.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal(status, message.into())
+}
+
+fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
+    error(status, message).into_response()
+}
+
+/// Requires one of the admin tokens, when there are any.
+async fn authenticate(
+    State(state): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !state.tokens.is_empty() {
+        let tokens: Vec<&SecretString> = state.tokens.iter().collect();
+        if let Err(refusal) =
+            switchyard_connector_http::signature::check_bearer(request.headers(), &tokens)
+        {
+            let status = match refusal {
+                switchyard_connector_http::signature::AuthError::Missing(_) => {
+                    StatusCode::UNAUTHORIZED
+                }
+                _ => StatusCode::FORBIDDEN,
+            };
+            return (
+                status,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(json!({ "error": refusal.to_string() })),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The bus, once connected, for the dead-letter endpoints; they need an admin token.
+fn dead_letter_bus(state: &AdminState) -> Result<(Bus, Vec<String>), Refusal> {
+    if state.tokens.is_empty() {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "the dead-letter endpoints are served only with admin.bearer_token set",
+        ));
+    }
+    let (view, bus) = state
+        .running
+        .get()
+        .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "not connected to nats yet"))?;
+    let triggers = view
+        .triggers()
+        .into_iter()
+        .map(|trigger| trigger.name)
+        .collect();
+    Ok((bus.clone(), triggers))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    /// Only dead letters after this sequence.
+    #[serde(default)]
+    after: u64,
+    /// At most this many (100 by default, at most 1000).
+    #[serde(default = "default_page")]
+    limit: u64,
+}
+
+fn default_page() -> u64 {
+    100
+}
+
+async fn dead_letters(
+    State(state): State<AdminState>,
+    Path(trigger): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    let (bus, _) = match dead_letter_bus(&state) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let limit = page.limit.clamp(1, 1000);
+    match crate::dlq::list_page(&bus, &trigger, page.after, limit).await {
+        Ok(entries) => {
+            let next = (entries.len() as u64 == limit)
+                .then(|| entries.last().map(|entry| entry.sequence))
+                .flatten();
+            axum::Json(json!({
+                "trigger": trigger,
+                "dead_letters": entries.iter().map(crate::dlq::entry_json).collect::<Vec<_>>(),
+                // Pass as `after` for the next page; null on the last.
+                "next_after": next,
+            }))
+            .into_response()
+        }
+        Err(problem) => error_response(StatusCode::BAD_GATEWAY, format!("{problem:#}")),
+    }
+}
+
+async fn dead_letter(
+    State(state): State<AdminState>,
+    Path((trigger, sequence)): Path<(String, u64)>,
+) -> Response {
+    let (bus, _) = match dead_letter_bus(&state) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    match crate::dlq::show(&bus, &trigger, sequence).await {
+        Ok(entry) => axum::Json(crate::dlq::entry_json(&entry)).into_response(),
+        Err(problem) => error_response(StatusCode::NOT_FOUND, format!("{problem:#}")),
+    }
+}
+
+/// Which dead letters an operation takes: `{"sequences": [..]}` or `{"all": true}`
+/// (with replay, optionally only those of one `reason`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Selection {
+    #[serde(default)]
+    sequences: Vec<u64>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl Selection {
+    fn problem(&self) -> Option<&'static str> {
+        match (self.all, self.sequences.is_empty()) {
+            (false, true) => Some("name the dead letters by `sequences`, or pass `\"all\": true`"),
+            (true, false) => Some("pass `sequences` or `\"all\": true`, not both"),
+            _ => None,
+        }
+    }
+}
+
+fn selection(body: &[u8]) -> Result<Selection, Refusal> {
+    let selection: Selection = serde_json::from_slice(body).map_err(|problem| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be {{\"sequences\": [..]}} or {{\"all\": true}}: {problem}"),
+        )
+    })?;
+    match selection.problem() {
+        Some(problem) => Err(error(StatusCode::BAD_REQUEST, problem)),
+        None => Ok(selection),
+    }
+}
+
+async fn replay(
+    State(state): State<AdminState>,
+    Path(trigger): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let (bus, triggers) = match dead_letter_bus(&state) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let selection = match selection(&body) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if !trigger.starts_with("source:") && !triggers.contains(&trigger) {
+        return error_response(
+            StatusCode::CONFLICT,
+            format!(
+                "trigger `{trigger}` is not configured: replaying would send its dead letters to a subject no consumer reads (list or purge them instead)"
+            ),
+        );
+    }
+    let entries = if selection.all {
+        match crate::dlq::list(&bus, &trigger).await {
+            Ok(entries) => entries
+                .into_iter()
+                .filter(|entry| {
+                    selection
+                        .reason
+                        .as_ref()
+                        .is_none_or(|reason| &entry.dead_letter.reason == reason)
+                })
+                .collect(),
+            Err(problem) => return error_response(StatusCode::BAD_GATEWAY, format!("{problem:#}")),
+        }
+    } else {
+        let mut entries = Vec::new();
+        for &sequence in &selection.sequences {
+            match crate::dlq::show(&bus, &trigger, sequence).await {
+                Ok(entry) => entries.push(entry),
+                Err(problem) => {
+                    return error_response(StatusCode::NOT_FOUND, format!("{problem:#}"));
+                }
+            }
+        }
+        entries
+    };
+    if let Some(entry) = entries
+        .iter()
+        .find(|entry| entry.malformed_headers.is_some() || entry.incomplete.is_some())
+    {
+        return error_response(
+            StatusCode::CONFLICT,
+            format!(
+                "dead letter {} cannot be replayed as it was (not a whole CloudEvent); show it, fix it and send it again",
+                entry.sequence
+            ),
+        );
+    }
+    match crate::dlq::replay(&bus, &trigger, &entries).await {
+        Ok(replayed) => axum::Json(json!({ "replayed": replayed })).into_response(),
+        Err(problem) => error_response(StatusCode::BAD_GATEWAY, format!("{problem:#}")),
+    }
+}
+
+async fn purge(
+    State(state): State<AdminState>,
+    Path(trigger): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let (bus, _) = match dead_letter_bus(&state) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let selection = match selection(&body) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if selection.reason.is_some() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "`reason` selects dead letters to replay only",
+        );
+    }
+    let sequences = (!selection.all).then_some(selection.sequences.as_slice());
+    if let Some(sequences) = sequences {
+        for &sequence in sequences {
+            if let Err(problem) = crate::dlq::show(&bus, &trigger, sequence).await {
+                return error_response(StatusCode::NOT_FOUND, format!("{problem:#}"));
+            }
+        }
+    }
+    match crate::dlq::purge(&bus, &trigger, sequences).await {
+        Ok(purged) => axum::Json(json!({ "purged": purged })).into_response(),
+        Err(problem) => error_response(StatusCode::BAD_GATEWAY, format!("{problem:#}")),
+    }
 }
 
 /// Managed functions (`lambda`): instances by state, cold starts, the last init error

@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use switchyard_bus::BusConfig;
 use switchyard_connector_http::HttpSourceConfig;
@@ -81,6 +82,17 @@ pub struct AdminConfig {
     /// Address of the admin listener; empty disables it.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// Token every admin endpoint but `/healthz` and `/readyz` requires as
+    /// `Authorization: Bearer <token>`; the dead-letter endpoints are served only
+    /// with one.
+    #[serde(default)]
+    pub bearer_token: Option<SecretString>,
+    /// Several tokens, any of which is accepted (rotation).
+    #[serde(default)]
+    pub bearer_tokens: Vec<SecretString>,
+    /// Serve the admin endpoints off loopback without a token (a trusted network).
+    #[serde(default)]
+    pub insecure: bool,
     /// Timeouts, connection and request caps, per-client rate limit.
     #[serde(default)]
     pub limits: switchyard_connector_http::listener::ListenerLimits,
@@ -93,6 +105,9 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            bearer_token: None,
+            bearer_tokens: Vec::new(),
+            insecure: false,
             limits: Default::default(),
             tls: None,
         }
@@ -529,23 +544,12 @@ pub struct InvokeApiConfig {
     pub tls: Option<switchyard_connector_http::listener::TlsFiles>,
 }
 
-/// An access key of the Invoke API.
-#[derive(Clone, Deserialize)]
+/// An access key of the Invoke API (its secret prints as `[REDACTED]`).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InvokeCredential {
     pub access_key_id: String,
-    pub secret_access_key: String,
-}
-
-impl std::fmt::Debug for InvokeCredential {
-    /// The secret never reaches a log.
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("InvokeCredential")
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .finish()
-    }
+    pub secret_access_key: SecretString,
 }
 
 impl Default for InvokeApiConfig {
@@ -693,8 +697,89 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Replaces `${VAR}` and `${VAR:-default}` with the environment's values; `$${` is a
-/// literal `${`. Comments are left alone.
+/// Where a `${...}` stands in the TOML text, which decides how its value is written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Context {
+    /// Outside strings: the value must be a number, boolean or date-time.
+    Bare,
+    /// `"..."` or `"""..."""`: the value is escaped.
+    Basic {
+        multiline: bool,
+    },
+    /// `'...'` or `'''...'''`: no escapes exist, so quotes and control characters
+    /// cannot be written.
+    Literal {
+        multiline: bool,
+    },
+    Comment,
+}
+
+/// How `value` is written at `context` so that it stays one value of the TOML text
+/// (never closing its string, starting a line or adding a key), or why it cannot be.
+fn written(value: &str, context: Context, name: &str) -> Result<String, String> {
+    match context {
+        Context::Basic { .. } => {
+            let mut output = String::with_capacity(value.len());
+            for character in value.chars() {
+                match character {
+                    '"' => output.push_str("\\\""),
+                    '\\' => output.push_str("\\\\"),
+                    '\n' => output.push_str("\\n"),
+                    '\t' => output.push_str("\\t"),
+                    '\r' => output.push_str("\\r"),
+                    control if control.is_control() => {
+                        output.push_str(&format!("\\u{:04X}", control as u32))
+                    }
+                    other => output.push(other),
+                }
+            }
+            Ok(output)
+        }
+        Context::Literal { .. } => {
+            if value
+                .chars()
+                .any(|character| character == '\'' || (character.is_control() && character != '\t'))
+            {
+                Err(format!(
+                    "the value of `{name}` holds a `'` or a control character, which a '...' string cannot hold: write \"${{{name}}}\""
+                ))
+            } else {
+                Ok(value.to_owned())
+            }
+        }
+        Context::Bare | Context::Comment => {
+            let scalar = !value.is_empty()
+                && value.chars().all(|character| {
+                    character.is_ascii_alphanumeric() || "_+-.:".contains(character)
+                })
+                && toml::from_str::<toml::Table>(&format!("v = {value}"))
+                    .ok()
+                    .and_then(|table| table.get("v").cloned())
+                    .is_some_and(|parsed| {
+                        matches!(
+                            parsed,
+                            toml::Value::Integer(_)
+                                | toml::Value::Float(_)
+                                | toml::Value::Boolean(_)
+                                | toml::Value::Datetime(_)
+                        )
+                    });
+            if scalar {
+                Ok(value.to_owned())
+            } else {
+                Err(format!(
+                    "`${{{name}}}` outside quotes must be a number, a boolean or a date-time, and its value is not: write \"${{{name}}}\""
+                ))
+            }
+        }
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` with the environment's values (or the
+/// default); `$${` is a literal `${`. Comments are left alone. A value never changes
+/// the file's structure: inside `"..."` it is escaped, inside `'...'` a value a
+/// literal string cannot hold is an error, and outside quotes it must be a number,
+/// boolean or date-time.
 pub fn interpolate(
     file: &Path,
     text: &str,
@@ -702,82 +787,116 @@ pub fn interpolate(
 ) -> Result<String, ConfigErrors> {
     let mut output = String::with_capacity(text.len());
     let mut errors = Vec::new();
-    for (line_index, line) in text.split_inclusive('\n').enumerate() {
-        let comment_start = comment_start(line);
-        let (code, comment) = line.split_at(comment_start);
-        let mut rest = code;
-        while let Some(start) = rest.find('$') {
-            output.push_str(&rest[..start]);
-            let after = &rest[start..];
-            if let Some(after_escape) = after.strip_prefix("$${") {
-                output.push_str("${");
-                rest = after_escape;
-                continue;
-            }
-            if !after.starts_with("${") {
-                output.push('$');
-                rest = &after[1..];
-                continue;
-            }
-            let Some(end) = after.find('}') else {
-                errors.push(ConfigError {
-                    file: file.to_owned(),
-                    line: line_index + 1,
-                    column: code.len() - rest.len() + start + 1,
-                    field: None,
-                    message: "unclosed `${` (write `$${` for a literal)".to_owned(),
-                });
-                output.push_str(after);
-                rest = "";
-                break;
-            };
-            let expression = &after[2..end];
-            let (name, default) = match expression.split_once(":-") {
-                Some((name, default)) => (name, Some(default)),
-                None => (expression, None),
-            };
-            match (env(name).filter(|value| !value.is_empty()), default) {
-                (Some(value), _) => output.push_str(&value),
-                (None, Some(default)) => output.push_str(default),
-                (None, None) => errors.push(ConfigError {
-                    file: file.to_owned(),
-                    line: line_index + 1,
-                    column: code.len() - rest.len() + start + 1,
-                    field: None,
-                    message: format!("environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"),
-                }),
-            }
-            rest = &after[end + 1..];
+    let mut context = Context::Bare;
+    let bytes = text.as_bytes();
+    let mut index = 0;
+    let error_at = |index: usize, message: String| {
+        let (line, column) = position(text, index);
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            field: None,
+            message,
         }
-        output.push_str(rest);
-        output.push_str(comment);
+    };
+    while index < text.len() {
+        let rest = &text[index..];
+        // A run of quotes (`"""`, and up to two quotes of content before a closing one).
+        let run = |quote: u8| {
+            bytes[index..]
+                .iter()
+                .take_while(|&&byte| byte == quote)
+                .count()
+        };
+        match (context, bytes[index]) {
+            (Context::Comment, b'\n') => context = Context::Bare,
+            (Context::Comment, _) => {}
+            (Context::Bare, b'#') => context = Context::Comment,
+            (Context::Bare, b'"') if rest.starts_with("\"\"\"") => {
+                output.push_str("\"\"\"");
+                index += 3;
+                context = Context::Basic { multiline: true };
+                continue;
+            }
+            (Context::Bare, b'"') => context = Context::Basic { multiline: false },
+            (Context::Bare, b'\'') if rest.starts_with("\'\'\'") => {
+                output.push_str("\'\'\'");
+                index += 3;
+                context = Context::Literal { multiline: true };
+                continue;
+            }
+            (Context::Bare, b'\'') => context = Context::Literal { multiline: false },
+            (Context::Basic { .. }, b'\\') => {
+                // An escape: the backslash and the character after it.
+                let escaped = rest[1..].chars().next().map_or(0, char::len_utf8);
+                output.push_str(&rest[..1 + escaped]);
+                index += 1 + escaped;
+                continue;
+            }
+            (Context::Basic { multiline: false }, b'"' | b'\n')
+            | (Context::Literal { multiline: false }, b'\'' | b'\n') => context = Context::Bare,
+            (Context::Basic { multiline: true }, b'"') if run(b'"') >= 3 => {
+                let length = run(b'"');
+                output.push_str(&rest[..length]);
+                index += length;
+                context = Context::Bare;
+                continue;
+            }
+            (Context::Literal { multiline: true }, b'\'') if run(b'\'') >= 3 => {
+                let length = run(b'\'');
+                output.push_str(&rest[..length]);
+                index += length;
+                context = Context::Bare;
+                continue;
+            }
+            (_, b'$') if rest.starts_with("$${") => {
+                output.push_str("${");
+                index += 3;
+                continue;
+            }
+            (_, b'$') if rest.starts_with("${") => {
+                let Some(end) = rest.find('}').filter(|end| !rest[..*end].contains('\n')) else {
+                    errors.push(error_at(
+                        index,
+                        "unclosed `${` (write `$${` for a literal)".to_owned(),
+                    ));
+                    output.push_str(rest);
+                    break;
+                };
+                let expression = &rest[2..end];
+                let (name, default) = match expression.split_once(":-") {
+                    Some((name, default)) => (name, Some(default)),
+                    None => (expression, None),
+                };
+                let value = match (env(name).filter(|value| !value.is_empty()), default) {
+                    (Some(value), _) => Some(value),
+                    (None, Some(default)) => Some(default.to_owned()),
+                    (None, None) => {
+                        errors.push(error_at(index, format!("environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)")));
+                        None
+                    }
+                };
+                if let Some(value) = value {
+                    match written(&value, context, name) {
+                        Ok(text) => output.push_str(&text),
+                        Err(message) => errors.push(error_at(index, message)),
+                    }
+                }
+                index += end + 1;
+                continue;
+            }
+            _ => {}
+        }
+        let character = rest.chars().next().map_or(1, char::len_utf8);
+        output.push_str(&rest[..character]);
+        index += character;
     }
     if errors.is_empty() {
         Ok(output)
     } else {
         Err(ConfigErrors(errors))
     }
-}
-
-/// Byte offset where a line's comment starts (outside strings), or its length.
-fn comment_start(line: &str) -> usize {
-    let mut in_basic = false;
-    let mut in_literal = false;
-    let mut escaped = false;
-    for (index, character) in line.char_indices() {
-        match character {
-            '\\' if in_basic && !escaped => {
-                escaped = true;
-                continue;
-            }
-            '"' if !in_literal && !escaped => in_basic = !in_basic,
-            '\'' if !in_basic => in_literal = !in_literal,
-            '#' if !in_basic && !in_literal => return index,
-            _ => {}
-        }
-        escaped = false;
-    }
-    line.len()
 }
 
 /// Reads, interpolates, parses and validates a configuration file.
@@ -800,19 +919,24 @@ pub fn parse(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    let text = interpolate(file, text, env)?;
-    let mut config: Config =
-        toml::from_str(&text).map_err(|error| ConfigErrors(parse_errors(file, &text, error)))?;
-    // A function's directory is relative to the configuration file's.
+    // A function's directory, certificate and secret files are relative to the
+    // configuration file's directory.
     let base = file
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let text = interpolate(file, text, env)?;
+    let text = secret_files(file, &text, base)?;
+    let mut config: Config =
+        toml::from_str(&text).map_err(|error| ConfigErrors(parse_errors(file, &text, error)))?;
     // Certificate files are relative to the configuration file's directory.
     let relative = |files: &mut Option<switchyard_connector_http::listener::TlsFiles>| {
         if let Some(files) = files {
             files.cert_file = base.join(&files.cert_file);
             files.key_file = base.join(&files.key_file);
+            if let Some(client_ca_file) = &mut files.client_ca_file {
+                *client_ca_file = base.join(&*client_ca_file);
+            }
         }
     };
     relative(&mut config.admin.tls);
@@ -841,6 +965,152 @@ pub fn parse(
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Fields holding secrets; each can instead be read from a file with `<field>_file`.
+const SECRET_FIELDS: [&str; 7] = [
+    "bearer_token",
+    "bearer_tokens",
+    "secret",
+    "password",
+    "token",
+    "nkey_seed",
+    "secret_access_key",
+];
+
+/// Replaces every `<secret>_file = "path"` (`bearer_token_file`, `secret_file`,
+/// `password_file`, ...) with `<secret> = "<the file's contents>"` where it is written,
+/// so secrets can come from mounted files (a Kubernetes or Docker secret) rather than
+/// the configuration. A file's trailing line break is not part of the secret;
+/// `bearer_tokens_file` holds one token per line. The text keeps its lines, so later
+/// errors are still located. Text that does not parse is left to the deserializer
+/// to report.
+fn secret_files(file: &Path, text: &str, base: &Path) -> Result<String, ConfigErrors> {
+    if !text.contains("_file") {
+        return Ok(text.to_owned());
+    }
+    let Ok(document) = toml_edit::ImDocument::parse(text) else {
+        return Ok(text.to_owned());
+    };
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    let mut errors = Vec::new();
+    let mut error = |offset: usize, field: &str, message: String| {
+        let (line, column) = position(text, offset);
+        errors.push(ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            field: Some(field.to_owned()),
+            message,
+        });
+    };
+    let mut pending: Vec<&dyn toml_edit::TableLike> = vec![document.as_table()];
+    while let Some(table) = pending.pop() {
+        let keys: Vec<String> = table.iter().map(|(key, _)| key.to_owned()).collect();
+        for key in &keys {
+            let Some((key_repr, item)) = table.get_key_value(key) else {
+                continue;
+            };
+            match item {
+                toml_edit::Item::Table(inner) => pending.push(inner),
+                toml_edit::Item::ArrayOfTables(array) => {
+                    pending.extend(array.iter().map(|inner| inner as &dyn toml_edit::TableLike))
+                }
+                toml_edit::Item::Value(toml_edit::Value::InlineTable(inner)) => pending.push(inner),
+                toml_edit::Item::Value(toml_edit::Value::Array(array)) => {
+                    pending.extend(array.iter().filter_map(|value| {
+                        value
+                            .as_inline_table()
+                            .map(|inner| inner as &dyn toml_edit::TableLike)
+                    }))
+                }
+                _ => {}
+            }
+            let Some(stem) = key
+                .strip_suffix("_file")
+                .filter(|stem| SECRET_FIELDS.contains(stem))
+            else {
+                continue;
+            };
+            let (Some(key_span), Some(value_span)) = (key_repr.span(), item.span()) else {
+                continue;
+            };
+            if table.contains_key(stem) {
+                error(
+                    key_span.start,
+                    key,
+                    format!("set `{stem}` or `{key}`, not both"),
+                );
+                continue;
+            }
+            let Some(path) = item.as_str() else {
+                error(
+                    key_span.start,
+                    key,
+                    "must be a file path (a string)".to_owned(),
+                );
+                continue;
+            };
+            let path = base.join(path);
+            let contents = match std::fs::read_to_string(&path) {
+                Ok(contents) => contents,
+                Err(problem) => {
+                    error(
+                        key_span.start,
+                        key,
+                        format!("cannot read `{}`: {problem}", path.display()),
+                    );
+                    continue;
+                }
+            };
+            let basic = |value: &str| {
+                format!(
+                    "\"{}\"",
+                    written(value, Context::Basic { multiline: false }, key)
+                        .expect("a basic string holds any value")
+                )
+            };
+            let value = if stem == "bearer_tokens" {
+                let tokens: Vec<String> = contents
+                    .lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty())
+                    .map(basic)
+                    .collect();
+                if tokens.is_empty() {
+                    error(
+                        key_span.start,
+                        key,
+                        format!("`{}` holds no token", path.display()),
+                    );
+                    continue;
+                }
+                format!("[{}]", tokens.join(", "))
+            } else {
+                let secret = contents.trim_end_matches(['\n', '\r']);
+                if secret.is_empty() {
+                    error(
+                        key_span.start,
+                        key,
+                        format!("`{}` is empty", path.display()),
+                    );
+                    continue;
+                }
+                basic(secret)
+            };
+            edits.push((value_span, value));
+            edits.push((key_span, stem.to_owned()));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
+    let mut output = text.to_owned();
+    for (span, replacement) in edits {
+        output.replace_range(span, &replacement);
+    }
+    Ok(output)
 }
 
 /// Every mistake the TOML deserializer finds, each at its own field's line: serde stops
@@ -1128,6 +1398,91 @@ fn route_spans(text: &str, source: &Range<usize>) -> Vec<Range<usize>> {
     spans
 }
 
+/// An error about `field` of the top-level table `[section]`, at the line the field
+/// is written on (or the table's header; line 0 when the table is not written).
+fn section_error(
+    file: &Path,
+    text: &str,
+    section: &str,
+    field: &str,
+    message: String,
+) -> ConfigError {
+    let header = format!("[{section}]");
+    let mut offset = 0;
+    let mut span: Option<Range<usize>> = None;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if let Some(open) = &mut span {
+            if trimmed.starts_with('[') {
+                open.end = offset;
+                break;
+            }
+        } else if trimmed == header || trimmed.starts_with(&format!("{header} ")) {
+            span = Some(offset..text.len());
+        }
+        offset += line.len();
+    }
+    let field_name = field.rsplit('.').next().unwrap_or(field);
+    match span {
+        Some(span) => {
+            let mut error = locate(file, text, span, field_name, message);
+            error.field = Some(format!("{section}.{field_name}"));
+            error
+        }
+        None => ConfigError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            field: Some(format!("{section}.{field_name}")),
+            message,
+        },
+    }
+}
+
+/// Empty tokens and secrets: an empty token or HMAC key lets anyone in.
+fn auth_secret_problems(
+    tokens: &[&SecretString],
+    signature: Option<&switchyard_connector_http::SignatureConfig>,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if tokens
+        .iter()
+        .any(|token| token.expose_secret().trim().is_empty())
+    {
+        problems.push((
+            "bearer_token",
+            "an empty bearer token would let anyone in".to_owned(),
+        ));
+    }
+    if signature.is_some_and(|signature| signature.secret().expose_secret().is_empty()) {
+        problems.push((
+            "secret",
+            "an empty signature secret would let anyone sign".to_owned(),
+        ));
+    }
+    problems
+}
+
+/// Empty tokens and secrets of an HTTP source and its hooks.
+fn secret_problems(check: &mut Checker<'_>, span: &Range<usize>, http: &HttpSourceConfig) {
+    for (field, problem) in auth_secret_problems(&http.tokens(), None) {
+        check.error(
+            span.clone(),
+            field,
+            format!("source `{}`: {problem}", http.name),
+        );
+    }
+    for hook in &http.hooks {
+        for (field, problem) in auth_secret_problems(&hook.tokens(), hook.signature.as_ref()) {
+            check.error(
+                span.clone(),
+                field,
+                format!("hook `{}`: {problem}", hook.name),
+            );
+        }
+    }
+}
+
 /// What is wrong with an HTTP source's routes (function URLs).
 fn route_problems(
     check: &mut Checker<'_>,
@@ -1203,15 +1558,15 @@ fn route_problems(
                 );
             }
         }
-        if route.bearer_token.as_deref() == Some("") {
-            check.error(
-                span.clone(),
-                "bearer_token",
-                format!("route `{path}`: an empty bearer token would let anyone in"),
-            );
+        for (field, problem) in auth_secret_problems(&route.tokens(), route.signature.as_ref()) {
+            check.error(span.clone(), field, format!("route `{path}`: {problem}"));
         }
-        let authenticated = route.bearer_token.is_some() || route.signature.is_some();
-        if open && !authenticated && !route.public {
+        let authenticated = !route.tokens().is_empty() || route.signature.is_some();
+        let client_certificates = http
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca_file.is_some());
+        if open && !authenticated && !route.public && !client_certificates {
             check.error(
                 span.clone(),
                 "public",
@@ -1784,9 +2139,43 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                         );
                     }
                 }
+                secret_problems(&mut check, &span, http);
+                let open = http
+                    .listen
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|address| !address.ip().is_loopback());
+                let client_certificates = http
+                    .tls
+                    .as_ref()
+                    .is_some_and(|tls| tls.client_ca_file.is_some());
+                if open && !client_certificates && !http.insecure {
+                    let source_tokens = !http.tokens().is_empty();
+                    if http.events_endpoint && !source_tokens {
+                        check.error(
+                            span.clone(),
+                            "listen",
+                            format!(
+                                "source `{}` listens on `{}`, open to the network, and its `/v1/events` would take events from anyone: set `bearer_token` (or `bearer_tokens`), require client certificates with `tls.client_ca_file`, set `events_endpoint = false` if only its hooks are used, or `insecure = true` if the network in front of it is trusted",
+                                http.name, http.listen
+                            ),
+                        );
+                    }
+                    for hook in &http.hooks {
+                        if !hook.authenticates_itself() && !source_tokens {
+                            check.error(
+                                span.clone(),
+                                "hooks",
+                                format!(
+                                    "hook `{}` of source `{}` is open to the network (`{}`) without authentication: give it a `bearer_token` or `signature` (or the source a `bearer_token`), or set the source's `insecure = true` if the network in front of it is trusted",
+                                    hook.name, http.name, http.listen
+                                ),
+                            );
+                        }
+                    }
+                }
                 route_problems(&mut check, &span, http, config);
                 if let Some(tls) = &http.tls
-                    && let Err(error) = tls.load()
+                    && let Err(error) = tls.check()
                 {
                     check.error(span.clone(), "tls", error);
                 }
@@ -1795,6 +2184,36 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 }
             }
         }
+    }
+    let admin_tokens: Vec<&SecretString> = switchyard_connector_http::config::tokens(
+        &config.admin.bearer_token,
+        &config.admin.bearer_tokens,
+    );
+    for (field, problem) in auth_secret_problems(&admin_tokens, None) {
+        check
+            .errors
+            .push(section_error(file, text, "admin", field, problem));
+    }
+    if let Ok(address) = config.admin.listen.parse::<SocketAddr>()
+        && !address.ip().is_loopback()
+        && admin_tokens.is_empty()
+        && !config.admin.insecure
+        && config
+            .admin
+            .tls
+            .as_ref()
+            .is_none_or(|tls| tls.client_ca_file.is_none())
+    {
+        check.errors.push(section_error(
+            file,
+            text,
+            "admin",
+            "listen",
+            format!(
+                "`{}` is open to the network and the admin endpoints (metrics, triggers, dead letters) would answer anyone: set admin.bearer_token, listen on loopback, or set admin.insecure = true if the network in front of it is trusted",
+                config.admin.listen
+            ),
+        ));
     }
     if !config.admin.listen.is_empty() && config.admin.listen.parse::<SocketAddr>().is_err() {
         check.errors.push(ConfigError {
@@ -1841,7 +2260,7 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         ("invoke_api.tls", &config.invoke_api.tls),
     ] {
         if let Some(tls) = tls
-            && let Err(message) = tls.load()
+            && let Err(message) = tls.check()
         {
             check.errors.push(ConfigError {
                 file: file.to_owned(),
@@ -1877,7 +2296,9 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 message: format!("access key `{}` is listed twice", credential.access_key_id),
             });
         }
-        if credential.access_key_id.is_empty() || credential.secret_access_key.is_empty() {
+        if credential.access_key_id.is_empty()
+            || credential.secret_access_key.expose_secret().is_empty()
+        {
             check.errors.push(ConfigError {
                 file: file.to_owned(),
                 line: 0,
@@ -1911,6 +2332,44 @@ mod tests {
             "a = \"example.org\"\nb = \"4222\" # ${NOT_SET}\nc = \"${HOST} $5\"\n"
         );
         let error = interpolate(file, "\n\nx = \"${MISSING}\"", &env).unwrap_err();
+        assert_eq!(error.0[0].line, 3);
+        // Values are values, whatever they hold, in every kind of string.
+        for value in [
+            "plain",
+            "quote\" and \\ backslash",
+            "line\nbreak [admin]\r\t\u{1}",
+            "${NESTED} $${ '''\"\"\"",
+            "ünïcødé ✓",
+        ] {
+            let lookup = |name: &str| (name == "V").then(|| value.to_owned());
+            for (text, literal) in [
+                ("x = \"${V}\"\ny = 1\n", false),
+                ("x = \"\"\"\n${V}\"\"\"\ny = 1\n", false),
+                ("x = 'a${V}'\ny = 1\n", true),
+            ] {
+                let result = interpolate(file, text, &lookup);
+                let literal_cannot = literal
+                    && value
+                        .chars()
+                        .any(|c| c == '\'' || (c.is_control() && c != '\t'));
+                if literal_cannot {
+                    assert!(result.is_err(), "{value:?} in {text:?}");
+                    continue;
+                }
+                let table: toml::Table = toml::from_str(&result.unwrap()).unwrap();
+                let expected = if literal {
+                    format!("a{value}")
+                } else {
+                    value.to_owned()
+                };
+                assert_eq!(table["x"].as_str(), Some(expected.as_str()), "{text:?}");
+                assert_eq!(
+                    table.len(),
+                    2,
+                    "{value:?} changed the structure of {text:?}"
+                );
+            }
+        }
         assert_eq!(error.0[0].line, 3);
         assert!(
             error.0[0]

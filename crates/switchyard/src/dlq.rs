@@ -129,19 +129,35 @@ async fn dead_letter_stream(bus: &Bus) -> anyhow::Result<jetstream::stream::Stre
 
 /// Every dead letter of `trigger`, oldest first.
 pub async fn list(bus: &Bus, trigger: &str) -> anyhow::Result<Vec<Entry>> {
+    list_page(bus, trigger, 0, u64::MAX).await
+}
+
+/// At most `limit` dead letters of `trigger` whose sequence is after `after`,
+/// oldest first.
+pub async fn list_page(
+    bus: &Bus,
+    trigger: &str,
+    after: u64,
+    limit: u64,
+) -> anyhow::Result<Vec<Entry>> {
     let stream = dead_letter_stream(bus).await?;
     let replays = replays_bucket(bus).await?;
     let consumer = stream
         .create_consumer(pull::Config {
             filter_subject: bus.subjects().dead_letter(trigger),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy: match after {
+                0 => jetstream::consumer::DeliverPolicy::All,
+                after => jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+            },
             ack_policy: jetstream::consumer::AckPolicy::None,
             inactive_threshold: Duration::from_secs(30),
             ..Default::default()
         })
         .await
         .context("reading the dead letters")?;
-    let mut remaining = consumer.cached_info().num_pending;
+    let mut remaining = consumer.cached_info().num_pending.min(limit);
     let mut entries = Vec::new();
     while remaining > 0 {
         let mut batch = consumer

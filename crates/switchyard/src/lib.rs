@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
+use secrecy::ExposeSecret as _;
 use switchyard_bus::Bus;
 use switchyard_connector_http::HttpSourceMetrics;
 use switchyard_dispatcher::{
@@ -200,14 +201,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     }
     let reserved = Arc::new(reserved_sources(&config));
-    let admin_state = admin::AdminState::new(registry.clone(), ready.clone(), workers.clone());
+    let admin_state = admin::AdminState::new(registry.clone(), ready.clone(), workers.clone())
+        .with_tokens(
+            config
+                .admin
+                .bearer_token
+                .iter()
+                .chain(&config.admin.bearer_tokens)
+                .cloned()
+                .collect(),
+        );
     let invoke_api_state = invoke_api::InvokeApiState::new(
         config.workers.region.clone(),
         config.invoke_api.max_wait,
         sigv4::Keys::new(config.invoke_api.credentials.iter().map(|credential| {
             (
                 credential.access_key_id.clone(),
-                credential.secret_access_key.clone(),
+                credential.secret_access_key.expose_secret().to_owned(),
             )
         })),
     );

@@ -320,8 +320,9 @@ async fn call(
     body: Body,
 ) -> Response {
     let route = &group.routes[index];
-    if let Some(token) = &route.config.bearer_token
-        && let Err(error) = check_bearer(&parts.headers, token)
+    let tokens = route.config.tokens();
+    if !tokens.is_empty()
+        && let Err(error) = check_bearer(&parts.headers, &tokens)
     {
         return auth_refusal(error);
     }
@@ -369,7 +370,7 @@ async fn answer(
 ) -> Response {
     let route = &group.routes[index];
     // Switchyard's own bearer token is not the function's to see.
-    let withheld: &[HeaderName] = if route.config.bearer_token.is_some() {
+    let withheld: &[HeaderName] = if !route.config.tokens().is_empty() {
         &[header::AUTHORIZATION]
     } else {
         &[]
