@@ -759,3 +759,35 @@ fn substituted_values_stay_values() {
         "{output}"
     );
 }
+
+#[test]
+fn nats_credential_mistakes_are_located() {
+    let text = r#"
+[nats]
+url = "nats://127.0.0.1:4222"
+user = "switchyard"
+token = "t"
+nkey_seed = "not-a-seed"
+creds_file = "missing.creds"
+tls = { cert_file = "client.pem" }
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:4:1: field `nats.user`: choose one way to authenticate",
+        "DIR/broken.toml:4:1: field `nats.user`: needs `password` (or `password_file`)",
+        "DIR/broken.toml:6:1: field `nats.nkey_seed`: is not a user seed",
+        "DIR/broken.toml:7:1: field `nats.creds_file`: `DIR/missing.creds`",
+        "DIR/broken.toml:8:1: field `nats.tls`: `cert_file` and `key_file` go together",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+    let (ok, output) = validate("[nats]\nurl = \"nats://a:b@127.0.0.1:4222\"\ntoken = \"t\"\n");
+    assert!(
+        !ok && output.contains("field `nats.url`: holds credentials"),
+        "{output}"
+    );
+}

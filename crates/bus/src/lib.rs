@@ -22,6 +22,7 @@ use async_nats::{HeaderMap, connection::State};
 use async_trait::async_trait;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use switchyard_event::{
     Event, EventError, EventSink, PublishError, PublishReceipt, encode_header_value,
@@ -43,13 +44,31 @@ pub struct ConnectionMetrics {
     pub messages_dropped: Counter,
 }
 
-/// How Switchyard reaches NATS and lays out its streams.
-#[derive(Debug, Clone, Deserialize)]
+/// How Switchyard reaches NATS and lays out its streams. Its `Debug` redacts the
+/// URL's credentials; secrets print as `[REDACTED]`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusConfig {
-    /// NATS server URL(s), comma-separated for a cluster.
+    /// NATS server URL(s), comma-separated for a cluster. `tls://` requires TLS.
     #[serde(default = "default_url")]
     pub url: String,
+    /// User name, with `password`.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    /// Token authentication.
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// NKey authentication: the user's seed (`SU...`).
+    #[serde(default)]
+    pub nkey_seed: Option<SecretString>,
+    /// Decentralised JWT authentication: a `.creds` file (user JWT and NKey seed).
+    #[serde(default)]
+    pub creds_file: Option<std::path::PathBuf>,
+    /// TLS to the servers.
+    #[serde(default)]
+    pub tls: Option<NatsTls>,
     /// First token of every subject Switchyard uses.
     #[serde(default = "default_subject_prefix")]
     pub subject_prefix: String,
@@ -67,10 +86,261 @@ pub struct BusConfig {
     pub dead_letter_stream: StreamSettings,
 }
 
+/// TLS to the NATS servers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// CAs that issued the servers' certificates (PEM); the system's when unset.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM), with `key_file`: for servers that verify
+    /// clients (`verify` / `verify_and_map`).
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// The name the servers' certificates are checked against, when it is not the
+    /// host of the URL (servers reached by IP address or through a proxy).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Start TLS before the server's INFO (`handshake_first` on the server).
+    #[serde(default)]
+    pub handshake_first: bool,
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("BusConfig")
+            .field("url", &redact_url(&self.url))
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("token", &self.token)
+            .field("nkey_seed", &self.nkey_seed)
+            .field("creds_file", &self.creds_file)
+            .field("tls", &self.tls)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("events_stream", &self.events_stream)
+            .field("dead_letter_stream", &self.dead_letter_stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BusConfig {
+    /// What is wrong with the credentials and TLS settings: `(field, message)`.
+    pub fn auth_problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let kinds = [
+            self.user.is_some() || self.password.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if kinds.iter().filter(|&&kind| kind).count() > 1 {
+            problems.push((
+                "user",
+                "choose one way to authenticate: user and password, token, nkey_seed or creds_file"
+                    .to_owned(),
+            ));
+        }
+        match (&self.user, &self.password) {
+            (Some(_), None) => {
+                problems.push(("user", "needs `password` (or `password_file`)".to_owned()))
+            }
+            (None, Some(_)) => problems.push(("password", "needs `user`".to_owned())),
+            _ => {}
+        }
+        let url_credentials = self.url.split(',').any(|url| {
+            let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+            rest.split('/').next().unwrap_or_default().contains('@')
+        });
+        if url_credentials && kinds.iter().any(|&kind| kind) {
+            problems.push((
+                "url",
+                "holds credentials (`user:password@`) and so do the fields: keep one".to_owned(),
+            ));
+        }
+        for (field, secret) in [
+            ("password", &self.password),
+            ("token", &self.token),
+            ("nkey_seed", &self.nkey_seed),
+        ] {
+            if secret
+                .as_ref()
+                .is_some_and(|secret| secret.expose_secret().trim().is_empty())
+            {
+                problems.push((field, "must not be empty".to_owned()));
+            }
+        }
+        if let Some(seed) = &self.nkey_seed
+            && !seed.expose_secret().trim().is_empty()
+            && !seed.expose_secret().trim().starts_with("SU")
+        {
+            problems.push((
+                "nkey_seed",
+                "is not a user seed (it starts with `SU`)".to_owned(),
+            ));
+        }
+        if let Some(path) = &self.creds_file
+            && let Err(error) = std::fs::metadata(path)
+        {
+            problems.push(("creds_file", format!("`{}`: {error}", path.display())));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                problems.push(("tls", "`cert_file` and `key_file` go together".to_owned()));
+            }
+            for path in [&tls.ca_file, &tls.cert_file, &tls.key_file]
+                .into_iter()
+                .flatten()
+            {
+                if let Err(error) = std::fs::metadata(path) {
+                    problems.push(("tls", format!("`{}`: {error}", path.display())));
+                }
+            }
+            if let Some(name) = &tls.server_name
+                && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                problems.push((
+                    "tls",
+                    format!("server_name `{name}` is not a DNS name or IP address"),
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Makes relative file paths relative to `base` (the configuration's directory).
+    pub fn files_relative_to(&mut self, base: &std::path::Path) {
+        let join = |path: &mut Option<std::path::PathBuf>| {
+            if let Some(path) = path {
+                *path = base.join(&*path);
+            }
+        };
+        join(&mut self.creds_file);
+        if let Some(tls) = &mut self.tls {
+            join(&mut tls.ca_file);
+            join(&mut tls.cert_file);
+            join(&mut tls.key_file);
+        }
+    }
+}
+
+/// Checks the server's certificate against a configured name rather than the host
+/// the client connected to.
+#[derive(Debug)]
+struct NamedServer {
+    name: rustls_pki_types::ServerName<'static>,
+    inner: Arc<tokio_rustls::rustls::client::WebPkiServerVerifier>,
+}
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for NamedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
+    {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A rustls client configuration checking the servers against `server_name`.
+fn tls_with_server_name(
+    tls: &NatsTls,
+    server_name: &str,
+) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            for certificate in CertificateDer::pem_file_iter(path)
+                .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?
+            {
+                let certificate = certificate
+                    .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?;
+                roots
+                    .add(certificate)
+                    .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|error| error.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|error| format!("server_name `{server_name}`: {error}"))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NamedServer { name, inner }));
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert_file), Some(key_file)) => {
+            let chain = CertificateDer::pem_file_iter(cert_file)
+                .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+                .map_err(|error| format!("cert_file `{}`: {error}", cert_file.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|error| format!("key_file `{}`: {error}", key_file.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|error| error.to_string())
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
 impl Default for BusConfig {
     fn default() -> Self {
         BusConfig {
             url: default_url(),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            creds_file: None,
+            tls: None,
             subject_prefix: default_subject_prefix(),
             max_publishes_in_flight: default_max_publishes_in_flight(),
             publish_timeout: default_publish_timeout(),
@@ -260,6 +530,46 @@ impl Bus {
                 Some(password) => options.user_and_password(user, decode(password)),
                 None => options.token(user),
             };
+        }
+        let connect_error = |reason: String| BusError::Connect {
+            url: redact_url(&config.url),
+            reason,
+        };
+        if let (Some(user), Some(password)) = (&config.user, &config.password) {
+            options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.expose_secret().trim().to_owned());
+        }
+        if let Some(seed) = &config.nkey_seed {
+            options = options.nkey(seed.expose_secret().trim().to_owned());
+        }
+        if let Some(path) = &config.creds_file {
+            options = options.credentials_file(path).await.map_err(|error| {
+                connect_error(format!("creds_file `{}`: {error}", path.display()))
+            })?;
+        }
+        if let Some(tls) = &config.tls {
+            options = options.require_tls(true);
+            if tls.handshake_first {
+                options = options.tls_first();
+            }
+            match &tls.server_name {
+                Some(server_name) => {
+                    options = options.tls_client_config(
+                        tls_with_server_name(tls, server_name).map_err(connect_error)?,
+                    );
+                }
+                None => {
+                    if let Some(ca_file) = &tls.ca_file {
+                        options = options.add_root_certificates(ca_file.clone());
+                    }
+                    if let (Some(cert_file), Some(key_file)) = (&tls.cert_file, &tls.key_file) {
+                        options =
+                            options.add_client_certificate(cert_file.clone(), key_file.clone());
+                    }
+                }
+            }
         }
         let client = options
             .name("switchyard")

@@ -939,6 +939,7 @@ pub fn parse(
             }
         }
     };
+    config.nats.files_relative_to(base);
     relative(&mut config.admin.tls);
     relative(&mut config.invoke_api.tls);
     for source in &mut config.sources {
@@ -2184,6 +2185,11 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 }
             }
         }
+    }
+    for (field, problem) in config.nats.auth_problems() {
+        check
+            .errors
+            .push(section_error(file, text, "nats", field, problem));
     }
     let admin_tokens: Vec<&SecretString> = switchyard_connector_http::config::tokens(
         &config.admin.bearer_token,

@@ -101,7 +101,32 @@ async fn connect_bus(
 /// Starts everything the configuration describes. Listeners are bound before this
 /// returns; the bus connection and stream setup continue in the background, and
 /// `/readyz` turns ready once they are done.
+/// Says loudly, at every start, which doors open to the network authenticate
+/// nobody because the configuration said `insecure = true`.
+fn warn_insecure(config: &Config) {
+    let open = |listen: &str| {
+        listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|address| !address.ip().is_loopback())
+    };
+    for source in &config.sources {
+        if let config::SourceConfig::Http(http) = source.get_ref()
+            && http.insecure
+            && open(&http.listen)
+        {
+            tracing::warn!(source = %http.name, listen = %http.listen, "insecure = true: this source takes events from anyone who reaches it without a token or signature; put it behind a network you trust");
+        }
+    }
+    if config.admin.insecure && open(&config.admin.listen) {
+        tracing::warn!(listen = %config.admin.listen, "admin.insecure = true: metrics and the trigger view are served to anyone who reaches them");
+    }
+    if config.invoke_api.insecure && open(&config.invoke_api.listen) {
+        tracing::warn!(listen = %config.invoke_api.listen, "invoke_api.insecure = true: anyone who reaches it can invoke functions");
+    }
+}
+
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    warn_insecure(&config);
     let shutdown = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
     let (ready_signal, ready_watch) = tokio::sync::watch::channel(false);

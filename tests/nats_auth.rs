@@ -1,0 +1,386 @@
+//! Switchyard against nats-servers that enforce who may do what: an account whose
+//! users hold only the permissions docs/CONFIG.md lists (user and password, NKey),
+//! a token, TLS with a client certificate checked against a configured server name;
+//! a user without them is refused; no secret reaches the log.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{FunctionServer, NatsServer, Reply, Switchyard, WAIT, random_name};
+
+/// The permissions docs/CONFIG.md ("NATS permissions") gives Switchyard's user, for
+/// subject prefix `prefix`.
+fn permissions(prefix: &str) -> String {
+    format!(
+        r#"{{
+        publish: {{ allow: ["{prefix}.>", "$JS.API.>", "$JS.ACK.>", "$KV.>"] }}
+        subscribe: {{ allow: ["_INBOX.>"] }}
+      }}"#
+    )
+}
+
+/// A configuration for `prefix` on `url` with `nats_fields` added to `[nats]`, an
+/// HTTP source with a deduplicating hook, and a trigger to `function` that dead-
+/// letters what it answers 422 to.
+fn config(url: &str, prefix: &str, nats_fields: &str, function: &str) -> String {
+    let upper = prefix.to_uppercase();
+    format!(
+        r#"
+[nats]
+url = "{url}"
+subject_prefix = "{prefix}"
+publish_timeout = "2s"
+events_stream = {{ name = "{upper}_EVENTS", storage = "memory", duplicate_window = "1m" }}
+dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
+{nats_fields}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "${{SWITCHYARD_TEST_LOG:-error}}"
+
+[dispatcher]
+shutdown_grace = "2s"
+
+[[sources]]
+type = "http"
+name = "http"
+listen = "127.0.0.1:0"
+
+[[sources.hooks]]
+name = "plain"
+event_type = "com.example.plain"
+id_header = "Idempotency-Key"
+
+[[functions]]
+type = "http"
+name = "fn"
+url = "{function}"
+
+[[triggers]]
+name = "main"
+function = "fn"
+"#
+    )
+}
+
+fn nats_with(directory: &Path, text: &str) -> NatsServer {
+    let path = directory.join("nats.conf");
+    std::fs::write(&path, text).unwrap();
+    NatsServer::start_with(&["--config", path.to_str().unwrap()])
+}
+
+async fn hook(switchyard: &Switchyard, key: &str, body: &'static str) -> reqwest::StatusCode {
+    reqwest::Client::new()
+        .post(switchyard.url("/hooks/plain"))
+        .header("idempotency-key", key)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Events in, through the function, a dead letter out, a redelivery dropped: the
+/// streams, consumers and KV buckets all work under the permissions given.
+async fn exercise(switchyard: &Switchyard, function: &FunctionServer) {
+    assert_eq!(hook(switchyard, "k-1", "ok").await, 202);
+    assert_eq!(hook(switchyard, "k-2", "poison").await, 202);
+    assert_eq!(hook(switchyard, "k-1", "ok").await, 202);
+    let received = function.wait_for(2, WAIT).await;
+    assert_eq!(received.len(), 2);
+    let bus = switchyard.bus().await;
+    let dead = common::wait_for_dead_letters(&bus, "main", 1, WAIT).await;
+    assert_eq!(dead[0].dead_letter.event.id, "k-2");
+}
+
+fn function_behaviour(received: &common::Received, _: usize) -> Reply {
+    if &received.body[..] == b"poison" {
+        Reply::status(422)
+    } else {
+        Reply::ok()
+    }
+}
+
+#[tokio::test]
+async fn users_with_the_documented_permissions_work_and_others_are_refused() {
+    let directory = tempfile::tempdir().unwrap();
+    let prefix = random_name("p");
+    let seed = nkeys::KeyPair::new_user();
+    let nats = nats_with(
+        directory.path(),
+        &format!(
+            r#"
+accounts {{
+  SWITCHYARD {{
+    jetstream: enabled
+    users: [
+      {{ user: switchyard, password: "pass-w0rd-secret", permissions: {perms} }}
+      {{ nkey: {public}, permissions: {perms} }}
+      {{ user: producer, password: "producer-pass", permissions: {{ publish: {{ allow: ["$JS.API.>"] }}, subscribe: {{ allow: ["_INBOX.>"] }} }} }}
+    ]
+  }}
+}}
+"#,
+            perms = permissions(&prefix),
+            public = seed.public_key(),
+        ),
+    );
+    let function = FunctionServer::start(function_behaviour).await;
+
+    // User and password, the password from a file.
+    std::fs::write(directory.path().join("password"), "pass-w0rd-secret\n").unwrap();
+    let text = config(
+        &nats.url(),
+        &prefix,
+        &format!(
+            "user = \"switchyard\"\npassword_file = \"{}\"",
+            directory.path().join("password").display()
+        ),
+        &function.url,
+    );
+    let switchyard = Switchyard::start(text).await;
+    exercise(&switchyard, &function).await;
+    switchyard.stop().await;
+
+    // NKey, the seed from the environment.
+    let function = FunctionServer::start(function_behaviour).await;
+    // SAFETY: no other thread of this test reads the environment meanwhile.
+    unsafe { std::env::set_var("SWITCHYARD_TEST_NKEY_SEED", seed.seed().unwrap()) };
+    let prefix_nkey = prefix.clone();
+    let text = config(
+        &nats.url(),
+        &prefix_nkey,
+        "nkey_seed = \"${SWITCHYARD_TEST_NKEY_SEED}\"",
+        &function.url,
+    );
+    let switchyard = Switchyard::start(text).await;
+    // A fresh hook key: the previous run's dedup entries are in the same buckets.
+    assert_eq!(hook(&switchyard, "nkey-1", "ok").await, 202);
+    let received = function.wait_for(1, WAIT).await;
+    assert_eq!(received[0].id(), "nkey-1");
+    switchyard.stop().await;
+
+    // A user without publish rights on the prefix cannot store events: the server
+    // enforces the permissions (so the runs above held no more than those given).
+    let text = config(
+        &nats.url(),
+        &prefix,
+        "user = \"producer\"\npassword = \"producer-pass\"",
+        &function.url,
+    );
+    let parsed =
+        switchyard::config::parse(Path::new("t.toml"), &text, &|name| std::env::var(name).ok())
+            .unwrap();
+    let bus = switchyard_bus::Bus::connect(&parsed.nats).await.unwrap();
+    use switchyard_event::EventSink as _;
+    let published = bus
+        .publish_all(vec![switchyard_event::Event::new(
+            "refused-1",
+            "/tests",
+            "com.example.plain",
+        )])
+        .await;
+    assert!(published.is_err(), "{published:?}");
+}
+
+#[tokio::test]
+async fn a_token_from_a_file_authenticates() {
+    let directory = tempfile::tempdir().unwrap();
+    let nats = nats_with(
+        directory.path(),
+        "authorization { token: \"t0ken-secret-value\" }\n",
+    );
+    std::fs::write(directory.path().join("token"), "t0ken-secret-value\n").unwrap();
+    let function = FunctionServer::start(function_behaviour).await;
+    let prefix = random_name("p");
+    let text = config(
+        &nats.url(),
+        &prefix,
+        &format!(
+            "token_file = \"{}\"",
+            directory.path().join("token").display()
+        ),
+        &function.url,
+    );
+    let switchyard = Switchyard::start(text).await;
+    exercise(&switchyard, &function).await;
+    switchyard.stop().await;
+}
+
+struct Pki {
+    ca: rcgen::CertifiedKey,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Pki {
+            ca: rcgen::CertifiedKey {
+                cert,
+                key_pair: key,
+            },
+        }
+    }
+
+    /// Writes `{name}.pem` and `{name}-key.pem`, a certificate for `dns_name`.
+    fn issue(&self, directory: &Path, name: &str, dns_name: &str) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
+        let cert = params
+            .signed_by(&key, &self.ca.cert, &self.ca.key_pair)
+            .unwrap();
+        std::fs::write(directory.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(
+            directory.join(format!("{name}-key.pem")),
+            key.serialize_pem(),
+        )
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn tls_with_a_client_certificate_and_a_server_name() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path();
+    let pki = Pki::new();
+    std::fs::write(dir.join("ca.pem"), pki.ca.cert.pem()).unwrap();
+    pki.issue(dir, "server", "nats.test");
+    pki.issue(dir, "client", "switchyard.test");
+    let nats = nats_with(
+        dir,
+        &format!(
+            "tls {{\n  cert_file: \"{d}/server.pem\"\n  key_file: \"{d}/server-key.pem\"\n  ca_file: \"{d}/ca.pem\"\n  verify: true\n}}\n",
+            d = dir.display()
+        ),
+    );
+    let function = FunctionServer::start(function_behaviour).await;
+    let prefix = random_name("p");
+    // Reached by IP address, the certificate names nats.test.
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let tls = format!(
+        "tls = {{ ca_file = \"{d}/ca.pem\", cert_file = \"{d}/client.pem\", key_file = \"{d}/client-key.pem\", server_name = \"nats.test\" }}",
+        d = dir.display()
+    );
+    let switchyard = Switchyard::start(config(&url, &prefix, &tls, &function.url)).await;
+    exercise(&switchyard, &function).await;
+    switchyard.stop().await;
+
+    // Without the server name the certificate does not match 127.0.0.1; without a
+    // client certificate the server refuses the client.
+    for fields in [
+        format!(
+            "tls = {{ ca_file = \"{d}/ca.pem\", cert_file = \"{d}/client.pem\", key_file = \"{d}/client-key.pem\" }}",
+            d = dir.display()
+        ),
+        format!(
+            "tls = {{ ca_file = \"{d}/ca.pem\", server_name = \"nats.test\" }}",
+            d = dir.display()
+        ),
+    ] {
+        let parsed = switchyard::config::parse(
+            Path::new("t.toml"),
+            &config(&url, &prefix, &fields, &function.url),
+            &|name| std::env::var(name).ok(),
+        )
+        .unwrap();
+        // The bus's first connection reports its failure (Switchyard itself keeps
+        // trying, not ready meanwhile).
+        let connected = switchyard_bus::Bus::connect(&parsed.nats).await;
+        assert!(connected.is_err(), "{fields}");
+        let error = connected.err().unwrap().to_string();
+        assert!(!error.contains("-key.pem\""), "{error}");
+    }
+}
+
+/// Secrets given in the configuration do not reach the log, even at debug level.
+#[tokio::test]
+async fn secrets_never_reach_the_log() {
+    let directory = tempfile::tempdir().unwrap();
+    let prefix = random_name("p");
+    let nats = nats_with(
+        directory.path(),
+        &format!(
+            "accounts {{ SWITCHYARD {{ jetstream: enabled, users: [ {{ user: switchyard, password: \"pass-w0rd-secret\", permissions: {} }} ] }} }}\n",
+            permissions(&prefix)
+        ),
+    );
+    let function = FunctionServer::start(function_behaviour).await;
+    let text = config(
+        &nats.url(),
+        &prefix,
+        "user = \"switchyard\"\npassword = \"pass-w0rd-secret\"",
+        &function.url,
+    )
+    .replace(
+        "level = \"${SWITCHYARD_TEST_LOG:-error}\"",
+        "level = \"debug\"",
+    )
+    .replace(
+        "[[sources.hooks]]",
+        "bearer_token = \"source-token-secret\"\n\n[[sources.hooks]]",
+    );
+    let config_path = directory.path().join("switchyard.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let log_path = directory.path().join("log");
+    let ready = directory.path().join("ready.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let report: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready)
+            && let Ok(report) = serde_json::from_str(&text)
+        {
+            break report;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "switchyard exited");
+        assert!(Instant::now() < deadline, "switchyard did not become ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let http = report["sources"]["http"].as_str().unwrap();
+    let client = reqwest::Client::new();
+    for token in ["source-token-secret", "wrong-token"] {
+        client
+            .post(format!("http://{http}/hooks/plain"))
+            .bearer_auth(token)
+            .header("idempotency-key", format!("log-{}", token.len()))
+            .body("ok")
+            .send()
+            .await
+            .unwrap();
+    }
+    function.wait_for(1, WAIT).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "switchyard did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("connected to nats"),
+        "the log was written: {log}"
+    );
+    for secret in ["pass-w0rd-secret", "source-token-secret"] {
+        assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
+    }
+}
