@@ -373,3 +373,73 @@ async fn without_an_admin_token_the_dead_letter_endpoints_are_off() {
     );
     switchyard.stop().await;
 }
+
+/// GitHub's signature covers the body only, and `X-GitHub-Delivery` is not signed:
+/// a captured request replayed with a fresh delivery id is still dropped within the
+/// dedup horizon, because the signed body is remembered too.
+#[tokio::test]
+async fn a_replayed_signed_body_is_dropped_whatever_its_delivery_id() {
+    use hmac::Mac as _;
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let mut text = base_config(&nats.url(), 0, 0);
+    text.push_str(&format!(
+        r#"
+[[sources.hooks]]
+name = "github"
+event_type = "com.github.event"
+id_header = "X-GitHub-Delivery"
+signature = {{ scheme = "github", secret = "gh-secret" }}
+
+[[functions]]
+type = "http"
+name = "fn"
+url = "{}"
+
+[[triggers]]
+name = "main"
+function = "fn"
+"#,
+        function.url
+    ));
+    let switchyard = Switchyard::start(text).await;
+    let send = |body: &'static str, delivery: &'static str| {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"gh-secret").unwrap();
+        mac.update(body.as_bytes());
+        let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let url = switchyard.url("/hooks/github");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("x-github-delivery", delivery)
+                .header("x-hub-signature-256", signature)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            (status, response.text().await.unwrap())
+        }
+    };
+    let (status, body) = send(r#"{"action":"opened","number":1}"#, "delivery-1").await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"duplicate\":false"), "{body}");
+    // The captured request, replayed with a new delivery id: dropped.
+    let (status, body) = send(r#"{"action":"opened","number":1}"#, "forged-2").await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"duplicate\":true"), "{body}");
+    // Another delivery with its own body goes through.
+    let (status, body) = send(r#"{"action":"closed","number":1}"#, "delivery-3").await;
+    assert!(
+        status == 202 && body.contains("\"duplicate\":false"),
+        "{body}"
+    );
+    let received = function.wait_for(2, WAIT).await;
+    let ids: Vec<&str> = received.iter().map(|call| call.id()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(
+        ids.contains(&"delivery-1") && ids.contains(&"delivery-3"),
+        "{ids:?}"
+    );
+    switchyard.stop().await;
+}

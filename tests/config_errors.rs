@@ -318,7 +318,7 @@ name = "fn"
 [[triggers]]
 name = "t"
 function = "fn"
-enrich = { store = "elsewhere", presign = "30d" }
+enrich = { store = "elsewhere", presign = "30d", content_max_bytes = 10000000 }
 "#,
     );
     assert!(!ok);
@@ -332,6 +332,8 @@ enrich = { store = "elsewhere", presign = "30d" }
         "field `event_type`: hook `s3` reads S3 notifications",
         "field `enrich`: no store named `elsewhere`",
         "field `enrich`: `presign` must be more than zero and at most 7 days",
+        "field `enrich`: list the `buckets` whose objects may be enriched (`[\"*\"]` for any)",
+        "field `enrich`: `content_max_bytes` must be between 1 and 4194304",
     ] {
         assert!(
             output.contains(expected),
@@ -790,4 +792,30 @@ tls = { cert_file = "client.pem" }
         !ok && output.contains("field `nats.url`: holds credentials"),
         "{output}"
     );
+}
+
+/// A hook whose signature carries a timestamp remembers delivery ids at least as
+/// long as it accepts a timestamp, or a captured request could be replayed between.
+#[test]
+fn a_dedup_horizon_shorter_than_the_signature_tolerance_is_refused() {
+    let text = r#"
+[[sources]]
+type = "http"
+name = "web"
+
+[[sources.hooks]]
+name = "stamped"
+event_type = "com.example.stamped"
+id_header = "Idempotency-Key"
+dedup_horizon = "5m"
+signature = { scheme = "hmac", secret = "k", header = "X-Signature", timestamp_header = "X-Timestamp", tolerance = "10m" }
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    assert!(
+        output.contains("DIR/broken.toml:10:1: field `dedup_horizon`: hook `stamped` forgets delivery ids after 5m but accepts signed timestamps up to 10m old"),
+        "{output}"
+    );
+    let (ok, output) = validate(&text.replace("\"5m\"", "\"10m\""));
+    assert!(ok, "{output}");
 }

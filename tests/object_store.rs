@@ -687,6 +687,8 @@ struct SnsFixture {
     directory: tempfile::TempDir,
     base: String,
     confirmations: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests for anything but the certificate and the confirmation (404s).
+    misses: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl SnsFixture {
@@ -715,6 +717,8 @@ impl SnsFixture {
         let certificate = std::fs::read(directory.path().join("cert.pem")).unwrap();
         let confirmations = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = confirmations.clone();
+        let misses = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let missed = misses.clone();
         let router = axum::Router::new()
             .route(
                 "/cert.pem",
@@ -729,7 +733,11 @@ impl SnsFixture {
                     counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     async { "<ConfirmSubscriptionResponse/>" }
                 }),
-            );
+            )
+            .fallback(move || {
+                missed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { (axum::http::StatusCode::NOT_FOUND, "no such certificate") }
+            });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}/", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -737,6 +745,7 @@ impl SnsFixture {
             directory,
             base,
             confirmations,
+            misses,
         }
     }
 
@@ -830,6 +839,15 @@ async fn sns_subscriptions_are_confirmed_and_signed_notifications_delivered_afte
     let response = post("Notification", elsewhere).await.unwrap();
     assert_eq!(response.status(), 403);
     assert!(response.text().await.unwrap().contains("SigningCertURL"));
+    // A certificate that cannot be fetched: 503 (SNS retries), and the failure is
+    // remembered, so a sender cannot make Switchyard fetch on every request.
+    let mut missing = notification.clone();
+    missing["SigningCertURL"] = Value::String(format!("{}missing.pem", sns.base));
+    for _ in 0..3 {
+        let response = post("Notification", missing.clone()).await.unwrap();
+        assert_eq!(response.status(), 503);
+    }
+    assert_eq!(sns.misses.load(std::sync::atomic::Ordering::SeqCst), 1);
     // Another topic is refused.
     let mut other_topic = notification.clone();
     other_topic["TopicArn"] = Value::String("arn:aws:sns:us-east-1:123456789012:other".to_owned());

@@ -159,6 +159,29 @@ impl RouteConfig {
 }
 
 impl SignatureConfig {
+    /// Whether the signature covers a timestamp (so an old request is refused).
+    pub fn timestamped(&self) -> bool {
+        matches!(
+            self,
+            SignatureConfig::Hmac {
+                timestamp_header: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// How old a signed timestamp may be, when the signature covers one.
+    pub fn tolerance(&self) -> Option<Duration> {
+        match self {
+            SignatureConfig::Hmac {
+                timestamp_header: Some(_),
+                tolerance,
+                ..
+            } => Some(*tolerance),
+            _ => None,
+        }
+    }
+
     /// The shared secret.
     pub fn secret(&self) -> &SecretString {
         match self {

@@ -602,7 +602,30 @@ async fn accept_hook(
     let Some(horizon) = state.horizons.get(&hook.name) else {
         return publish(state, vec![event]).await;
     };
-    match horizon.seen(&event).await {
+    // A signature over the body alone (GitHub's scheme, an HMAC without a timestamp)
+    // leaves the id header unsigned: a captured request replayed with a fresh id
+    // would pass. So the body is remembered too, and a signed body seen within the
+    // horizon is dropped as a replay.
+    let body_seen = hook
+        .signature
+        .as_ref()
+        .filter(|signature| !signature.timestamped())
+        .map(|_| {
+            use sha2::Digest as _;
+            Event::new(
+                format!("sha256:{}", hex::encode(sha2::Sha256::digest(&event.data))),
+                event.source.clone(),
+                "dev.switchyard.hook.body",
+            )
+        });
+    let seen = match &body_seen {
+        Some(body) => match (horizon.seen(&event).await, horizon.seen(body).await) {
+            (Ok(id), Ok(body)) => Ok(id || body),
+            (Err(error), _) | (_, Err(error)) => Err(error),
+        },
+        None => horizon.seen(&event).await,
+    };
+    match seen {
         Ok(true) => {
             tracing::debug!(source = %state.config.name, hook = %hook.name, event_id = %event.id, "redelivery within the dedup horizon dropped");
             return Ok((
@@ -619,8 +642,10 @@ async fn accept_hook(
     }
     let remembered = Event::new(event.id.clone(), event.source.clone(), event.ty.clone());
     let response = publish(state, vec![event]).await?;
-    if let Err(error) = horizon.remember(&remembered).await {
-        tracing::warn!(source = %state.config.name, hook = %hook.name, %error, stage = "dedup", "recording a delivery id failed; a late redelivery may be delivered again");
+    for remembered in std::iter::once(&remembered).chain(&body_seen) {
+        if let Err(error) = horizon.remember(remembered).await {
+            tracing::warn!(source = %state.config.name, hook = %hook.name, %error, stage = "dedup", "recording a delivery failed; a late redelivery may be delivered again");
+        }
     }
     Ok(response)
 }

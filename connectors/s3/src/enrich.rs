@@ -88,7 +88,11 @@ impl Enricher for ObjectEnricher {
         ) else {
             return Ok(());
         };
-        if !self.buckets.is_empty() && !self.buckets.contains(&bucket) {
+        if !self
+            .buckets
+            .iter()
+            .any(|allowed| allowed == "*" || *allowed == bucket)
+        {
             event.extensions.insert(
                 "s3enrichment".to_owned(),
                 "bucket not in this trigger's enrich.buckets".to_owned(),

@@ -17,8 +17,9 @@
 //! The certificate's public key is read with `x509-cert` and the signature checked with
 //! `ring` (already in the build for TLS).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde::Deserialize;
@@ -74,6 +75,61 @@ pub struct SnsVerifier {
     client: reqwest::Client,
     /// Certificate URL -> the RSA public key (DER `RSAPublicKey`).
     keys: Mutex<HashMap<String, Vec<u8>>>,
+    fetches: Mutex<Fetches>,
+}
+
+/// How long a certificate URL that could not be fetched or read is not tried again.
+pub const FAILED_FETCH_RETRY: Duration = Duration::from_secs(300);
+/// Certificates fetched per minute at most, per hook: a sender cannot make Switchyard
+/// fetch on every request (SNS signs with one certificate for months).
+pub const FETCHES_PER_MINUTE: usize = 10;
+
+/// Recent certificate fetches and the URLs that failed.
+#[derive(Default)]
+struct Fetches {
+    recent: VecDeque<Instant>,
+    failed: HashMap<String, (Instant, String)>,
+}
+
+impl Fetches {
+    /// Whether `url` may be fetched now; counts the fetch if so.
+    fn allow(&mut self, url: &str, now: Instant) -> Result<(), String> {
+        if let Some((at, reason)) = self.failed.get(url) {
+            let since = now.duration_since(*at);
+            if since < FAILED_FETCH_RETRY {
+                return Err(format!(
+                    "fetching it failed {}s ago ({reason}); tried again {}s after that",
+                    since.as_secs(),
+                    FAILED_FETCH_RETRY.as_secs()
+                ));
+            }
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(60))
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= FETCHES_PER_MINUTE {
+            return Err(format!(
+                "{FETCHES_PER_MINUTE} certificates were fetched in the last minute; no more until it passes"
+            ));
+        }
+        self.recent.push_back(now);
+        Ok(())
+    }
+
+    fn failed(&mut self, url: &str, reason: &str, now: Instant) {
+        if self.failed.len() >= 256 {
+            self.failed
+                .retain(|_, (at, _)| now.duration_since(*at) < FAILED_FETCH_RETRY);
+            if self.failed.len() >= 256 {
+                self.failed.clear();
+            }
+        }
+        self.failed.insert(url.to_owned(), (now, reason.to_owned()));
+    }
 }
 
 /// Whether `url` is under `prefix`: same scheme, host and port, and a path that
@@ -141,6 +197,7 @@ impl SnsVerifier {
             url_prefixes,
             client,
             keys: Mutex::new(HashMap::new()),
+            fetches: Mutex::new(Fetches::default()),
         }
     }
 
@@ -191,18 +248,33 @@ impl SnsVerifier {
         if let Some(key) = self.keys.lock().expect("key cache").get(url) {
             return Ok(key.clone());
         }
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|error| SnsError::Certificate(error.to_string()))?;
-        let pem = response
-            .bytes()
-            .await
-            .map_err(|error| SnsError::Certificate(error.to_string()))?;
-        let key = rsa_public_key(&pem).map_err(SnsError::Certificate)?;
+        self.fetches
+            .lock()
+            .expect("fetches")
+            .allow(url, Instant::now())
+            .map_err(|reason| SnsError::Certificate(format!("`{url}`: {reason}")))?;
+        let fetched = async {
+            let response = self
+                .client
+                .get(url)
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|error| error.to_string())?;
+            let pem = response.bytes().await.map_err(|error| error.to_string())?;
+            rsa_public_key(&pem)
+        }
+        .await;
+        let key = match fetched {
+            Ok(key) => key,
+            Err(reason) => {
+                self.fetches
+                    .lock()
+                    .expect("fetches")
+                    .failed(url, &reason, Instant::now());
+                return Err(SnsError::Certificate(reason));
+            }
+        };
         let mut keys = self.keys.lock().expect("key cache");
         if keys.len() > 64 {
             keys.clear();
@@ -284,6 +356,41 @@ pub fn string_to_sign(message: &SnsMessage) -> Result<String, SnsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_fetches_are_bounded_and_failures_remembered() {
+        let mut fetches = Fetches::default();
+        let start = Instant::now();
+        assert!(fetches.allow("https://a/1.pem", start).is_ok());
+        fetches.failed("https://a/1.pem", "404 Not Found", start);
+        // A failed URL is not fetched again for a while, then it is.
+        let refused = fetches
+            .allow("https://a/1.pem", start + Duration::from_secs(10))
+            .unwrap_err();
+        assert!(refused.contains("404 Not Found"), "{refused}");
+        // Other URLs: at most FETCHES_PER_MINUTE in any minute.
+        for index in 2..=FETCHES_PER_MINUTE {
+            assert!(
+                fetches
+                    .allow(&format!("https://a/{index}.pem"), start)
+                    .is_ok()
+            );
+        }
+        let refused = fetches
+            .allow("https://a/new.pem", start + Duration::from_secs(59))
+            .unwrap_err();
+        assert!(refused.contains("in the last minute"), "{refused}");
+        assert!(
+            fetches
+                .allow("https://a/new.pem", start + Duration::from_secs(60))
+                .is_ok()
+        );
+        assert!(
+            fetches
+                .allow("https://a/1.pem", start + FAILED_FETCH_RETRY)
+                .is_ok()
+        );
+    }
 
     #[test]
     fn only_https_sns_endpoints_are_trusted_by_default() {

@@ -122,6 +122,11 @@ pub enum PayloadFormat {
     Aws,
 }
 
+/// The most `content_max_bytes` may be: 4 MiB, whose base64 (5.6 MB) still fits the
+/// 6 MB payload of a synchronous Lambda invocation; every delivery in flight may hold
+/// that much.
+pub const CONTENT_MAX_BYTES_LIMIT: u64 = 4 * 1024 * 1024;
+
 /// What a trigger adds to object events before its function sees them; see the S3
 /// connector's `enrich` module. Nothing is stored: a retry enriches afresh (a new
 /// presigned URL, the object's current metadata).
@@ -130,9 +135,9 @@ pub enum PayloadFormat {
 pub struct EnrichConfig {
     /// The `[stores.<name>]` the objects are in.
     pub store: String,
-    /// Only objects in these buckets are enriched (any when empty): the bucket and key
-    /// come from the event, so this bounds what an event's sender can make
-    /// Switchyard read with the store's credentials.
+    /// Only objects in these buckets are enriched (`["*"]`: any; required): the
+    /// bucket and key come from the event, so this bounds what an event's sender can
+    /// make Switchyard read with the store's credentials.
     #[serde(default)]
     pub buckets: Vec<String>,
     /// A presigned GET URL valid this long, in the `s3url` extension.
@@ -145,8 +150,8 @@ pub struct EnrichConfig {
     /// The object's tags, in the data's `object.tags`.
     #[serde(default)]
     pub tags: bool,
-    /// Objects up to this many bytes are read and put inline, base64, in the data's
-    /// `object.content`.
+    /// Objects up to this many bytes (at most [`CONTENT_MAX_BYTES_LIMIT`]) are read
+    /// and put inline, base64, in the data's `object.content`.
     #[serde(default)]
     pub content_max_bytes: Option<u64>,
 }

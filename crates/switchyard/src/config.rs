@@ -1372,6 +1372,12 @@ struct ManagedSettings<'a> {
 /// `source` is (its header to the next header), in order; empty when the routes are
 /// written inline.
 fn route_spans(text: &str, source: &Range<usize>) -> Vec<Range<usize>> {
+    sub_table_spans(text, source, "[[sources.routes]]")
+}
+
+/// Where each `header` table (`[[sources.hooks]]`, `[[sources.routes]]`) of the source
+/// whose table starts at `source` is, in order; empty when written inline.
+fn sub_table_spans(text: &str, source: &Range<usize>, wanted: &str) -> Vec<Range<usize>> {
     let mut spans: Vec<Range<usize>> = Vec::new();
     let mut offset = source.start.min(text.len());
     let mut first = true;
@@ -1384,7 +1390,7 @@ fn route_spans(text: &str, source: &Range<usize>) -> Vec<Range<usize>> {
                 open.end = offset;
             }
             match header {
-                "[[sources.routes]]" => spans.push(offset..usize::MAX),
+                _ if header == wanted => spans.push(offset..usize::MAX),
                 _ if first => {}
                 _ if header.starts_with("[sources.") || header.starts_with("[[sources.") => {}
                 _ => break,
@@ -2034,6 +2040,25 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     ),
                 );
             }
+            if enrich.buckets.is_empty() {
+                check.error(
+                    span.clone(),
+                    "enrich",
+                    "list the `buckets` whose objects may be enriched (`[\"*\"]` for any): the bucket and key come from the event, so without a list any sender of events could make Switchyard read any object the store's credentials reach".to_owned(),
+                );
+            }
+            if let Some(limit) = enrich.content_max_bytes
+                && (limit == 0 || limit > switchyard_dispatcher::config::CONTENT_MAX_BYTES_LIMIT)
+            {
+                check.error(
+                    span.clone(),
+                    "enrich",
+                    format!(
+                        "`content_max_bytes` must be between 1 and {} (4 MiB: inlined as base64 it still fits a 6 MB Lambda payload)",
+                        switchyard_dispatcher::config::CONTENT_MAX_BYTES_LIMIT
+                    ),
+                );
+            }
             if enrich
                 .presign
                 .is_some_and(|valid| valid.is_zero() || valid > Duration::from_secs(7 * 24 * 3600))
@@ -2122,7 +2147,9 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     ),
                 }
                 let mut hook_names = HashSet::new();
-                for hook in &http.hooks {
+                let hook_spans = sub_table_spans(check.text, &span, "[[sources.hooks]]");
+                for (index, hook) in http.hooks.iter().enumerate() {
+                    let hook_span = hook_spans.get(index).unwrap_or(&span).clone();
                     check.name(&span, "hook", &hook.name, &mut hook_names);
                     let raw = hook.format == switchyard_connector_http::HookFormat::Raw;
                     if raw && hook.event_type.as_deref().is_none_or(str::is_empty) {
@@ -2131,6 +2158,32 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                             "event_type",
                             format!("hook `{}` needs a non-empty event_type", hook.name),
                         );
+                    }
+                    if let (Some(tolerance), Some(_)) = (
+                        hook.signature
+                            .as_ref()
+                            .and_then(|signature| signature.tolerance()),
+                        &hook.id_header,
+                    ) {
+                        let remembered = hook.dedup_horizon().unwrap_or(
+                            config
+                                .nats
+                                .events_stream
+                                .duplicate_window
+                                .unwrap_or(Duration::from_secs(120)),
+                        );
+                        if remembered < tolerance {
+                            check.error(
+                                hook_span.clone(),
+                                "dedup_horizon",
+                                format!(
+                                    "hook `{}` forgets delivery ids after {} but accepts signed timestamps up to {} old: a captured request could be replayed in between; remember ids at least as long as the tolerance",
+                                    hook.name,
+                                    humantime::format_duration(remembered),
+                                    humantime::format_duration(tolerance)
+                                ),
+                            );
+                        }
                     }
                     if !raw && hook.event_type.is_some() {
                         check.error(
