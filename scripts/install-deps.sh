@@ -69,6 +69,16 @@ if [ "$what" = all ] && ! { [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAM
     touch "$LAMBDA_PYTHON_DIR/.complete"
 fi
 
+# The Standard Webhooks library (PyPI), which verifies the signatures Switchyard puts
+# on calls to functions with `auth = { scheme = "hmac" }`.
+if [ "$what" = all ] && [ ! -f "$WEBHOOK_CLIENTS_DIR/.complete" ]; then
+    echo "installing standardwebhooks $STANDARDWEBHOOKS_VERSION into $WEBHOOK_CLIENTS_DIR" >&2
+    rm -rf "$WEBHOOK_CLIENTS_DIR"
+    python3 -m venv "$WEBHOOK_CLIENTS_DIR"
+    "$WEBHOOK_CLIENTS_DIR/bin/pip" install --quiet --disable-pip-version-check "standardwebhooks==$STANDARDWEBHOOKS_VERSION"
+    touch "$WEBHOOK_CLIENTS_DIR/.complete"
+fi
+
 # AWS's own clients, boto3 and the AWS CLI (PyPI), for the Invoke API tests.
 if [ "$what" = all ] && [ ! -f "$AWS_CLIENTS_DIR/.complete" ]; then
     echo "installing awscli $AWSCLI_VERSION and boto3 $BOTO3_VERSION into $AWS_CLIENTS_DIR" >&2

@@ -819,3 +819,35 @@ signature = { scheme = "hmac", secret = "k", header = "X-Signature", timestamp_h
     let (ok, output) = validate(&text.replace("\"5m\"", "\"10m\""));
     assert!(ok, "{output}");
 }
+
+#[test]
+fn function_tls_and_auth_mistakes_are_located() {
+    let text = r#"
+[[functions]]
+type = "http"
+name = "plain"
+url = "http://functions.example.com/"
+tls = { ca_file = "ca.pem" }
+auth = { scheme = "bearer", token = "t" }
+
+[[functions]]
+type = "http"
+name = "signed"
+url = "https://functions.example.com/"
+tls = { ca_file = "missing-ca.pem" }
+auth = { scheme = "hmac", secret = "not-the-form" }
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:6:1: field `tls`: is for https:// functions",
+        "DIR/broken.toml:7:1: field `auth`: a token sent over plain http:// to another host can be read",
+        "DIR/broken.toml:13:1: field `tls`: ca_file `DIR/missing-ca.pem`",
+        "DIR/broken.toml:14:1: field `auth`: `secret` must be `whsec_` and base64",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

@@ -230,8 +230,16 @@ impl FunctionConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpFunctionConfig {
     pub name: String,
-    /// Where events are POSTed.
+    /// Where events are POSTed: `http://` or `https://`.
     pub url: String,
+    /// For `https://`: the CA to trust, a client certificate to present.
+    #[serde(default)]
+    pub tls: Option<switchyard_targets::FunctionTls>,
+    /// Credentials presented on every call: `{ scheme = "bearer", token }`,
+    /// `{ scheme = "header", header, token }` or `{ scheme = "hmac", secret }`
+    /// (Standard Webhooks signatures).
+    #[serde(default)]
+    pub auth: Option<switchyard_targets::auth::FunctionAuth>,
     /// Per-invocation timeout (a trigger may override it).
     #[serde(default = "default_function_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -955,6 +963,11 @@ pub fn parse(
             std::path::absolute(&joined).unwrap_or(joined)
         };
         match function.get_mut() {
+            FunctionConfig::Http(http) => {
+                if let Some(tls) = &mut http.tls {
+                    tls.files_relative_to(base);
+                }
+            }
             FunctionConfig::Lambda(lambda) => lambda.directory = absolute(&lambda.directory),
             FunctionConfig::Process(process) => process.directory = absolute(&process.directory),
             _ => {}
@@ -1855,11 +1868,55 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         }
         if let FunctionConfig::Http(http) = function {
             match reqwest::Url::parse(&http.url) {
-                Ok(url) if url.scheme() == "http" => {}
+                Ok(url) if url.scheme() == "http" || url.scheme() == "https" => {
+                    if url.scheme() == "http" && http.tls.is_some() {
+                        check.error(
+                            span.clone(),
+                            "tls",
+                            "is for https:// functions; this url is http://".to_owned(),
+                        );
+                    }
+                    if url.scheme() == "http" && http.auth.is_some() {
+                        let host = url.host_str().unwrap_or_default();
+                        let local = host == "localhost"
+                            || host
+                                .trim_matches(['[', ']'])
+                                .parse::<std::net::IpAddr>()
+                                .is_ok_and(|ip| ip.is_loopback());
+                        if !local
+                            && matches!(
+                                http.auth,
+                                Some(
+                                    switchyard_targets::auth::FunctionAuth::Bearer { .. }
+                                        | switchyard_targets::auth::FunctionAuth::Header { .. }
+                                )
+                            )
+                        {
+                            check.error(
+                                span.clone(),
+                                "auth",
+                                "a token sent over plain http:// to another host can be read on the way: use https:// (or the `hmac` scheme, which sends no secret)".to_owned(),
+                            );
+                        }
+                    }
+                    if let Some(tls) = &http.tls
+                        && let Err(problem) = tls.client()
+                    {
+                        check.error(span.clone(), "tls", problem);
+                    }
+                    if let Some(auth) = &http.auth {
+                        for (field, problem) in auth.problems() {
+                            check.error(span.clone(), "auth", format!("`{field}` {problem}"));
+                        }
+                    }
+                }
                 Ok(url) => check.error(
                     span.clone(),
                     "url",
-                    format!("scheme `{}` is not supported, use http://", url.scheme()),
+                    format!(
+                        "scheme `{}` is not supported, use http:// or https://",
+                        url.scheme()
+                    ),
                 ),
                 Err(error) => check.error(
                     span.clone(),

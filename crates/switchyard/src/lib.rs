@@ -326,12 +326,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let (target, timeout, call): (Arc<dyn Target>, Duration, Option<calls::CallKind>) =
                 match function {
                     config::FunctionConfig::Http(http) => {
-                        let target = Arc::new(HttpTarget::new(
-                            http.name.clone(),
-                            reqwest::Url::parse(&http.url)
-                                .with_context(|| format!("function `{}`: bad url", http.name))?,
-                            client.clone(),
-                        ));
+                        let url = reqwest::Url::parse(&http.url)
+                            .with_context(|| format!("function `{}`: bad url", http.name))?;
+                        // https:// functions get a client of their own (their CA, their
+                        // client certificate); http:// ones share one without TLS.
+                        let client =
+                            if url.scheme() == "https" {
+                                http.tls.clone().unwrap_or_default().client().map_err(
+                                    |problem| {
+                                        anyhow::anyhow!("function `{}`: tls: {problem}", http.name)
+                                    },
+                                )?
+                            } else {
+                                client.clone()
+                            };
+                        let target = Arc::new(
+                            HttpTarget::new(http.name.clone(), url, client)
+                                .with_auth(http.auth.clone()),
+                        );
                         (
                             target.clone(),
                             http.timeout,

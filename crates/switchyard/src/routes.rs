@@ -411,6 +411,10 @@ async fn answer(
         return response;
     };
     let timeout = route.function.timeout;
+    let auth = match &route.function.kind {
+        CallKind::Http(target) => target.auth().map(|auth| (auth, request_id.as_str())),
+        _ => None,
+    };
     let forward = || Forward {
         method: parts.method.clone(),
         path_and_query,
@@ -418,6 +422,7 @@ async fn answer(
         body: body.clone(),
         client_ip,
         withheld,
+        auth,
     };
     let mut response = match &route.function.kind {
         CallKind::Lambda(function) => {

@@ -23,6 +23,8 @@ pub struct Forward<'a> {
     /// Headers not forwarded besides the hop-by-hop ones (an `Authorization` that was
     /// Switchyard's own bearer token).
     pub withheld: &'a [HeaderName],
+    /// Credentials Switchyard presents to the function, with the call's id.
+    pub auth: Option<(&'a crate::auth::FunctionAuth, &'a str)>,
 }
 
 /// The function's answer.
@@ -123,6 +125,11 @@ pub async fn forward(
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Some(host) = request.headers.get(reqwest::header::HOST) {
         headers.insert("x-forwarded-host", host.clone());
+    }
+    if let Some((auth, id)) = request.auth {
+        for (name, value) in auth.headers_now(id, &request.body) {
+            headers.insert(name, value);
+        }
     }
     let head = request.method == reqwest::Method::HEAD;
     let exchange = async {

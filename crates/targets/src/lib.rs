@@ -14,6 +14,7 @@
 //!
 //! [`LogTarget`] prints events, for debugging and the quick start.
 
+pub mod auth;
 pub mod forward;
 
 use std::time::Duration;
@@ -34,16 +35,81 @@ const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// One HTTP client for every HTTP function of the process: a pool of keep-alive
 /// connections per host.
 pub fn http_client() -> reqwest::Client {
+    client_builder()
+        // For http:// functions: no TLS root store to load and keep in memory.
+        .tls_built_in_root_certs(false)
+        .build()
+        .expect("the http client configuration is valid")
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .pool_max_idle_per_host(usize::MAX)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .redirect(reqwest::redirect::Policy::none())
-        // Functions are reached over http:// (validate refuses other schemes): no TLS
-        // root store to load and keep in memory.
-        .tls_built_in_root_certs(false)
-        .build()
-        .expect("the http client configuration is valid")
+}
+
+/// TLS to an `https://` function.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionTls {
+    /// CAs that issued the function's certificate (PEM); the system's and Mozilla's
+    /// when unset.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate chain (PEM) presented to the function, with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl FunctionTls {
+    /// A client for `https://` functions with these settings, or why not.
+    pub fn client(&self) -> Result<reqwest::Client, String> {
+        let mut builder = client_builder().https_only(true);
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?;
+            if certificates.is_empty() {
+                return Err(format!("ca_file `{}` holds no certificate", path.display()));
+            }
+            builder = builder.tls_built_in_root_certs(false);
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert_file), Some(key_file)) => {
+                let mut pem = std::fs::read(cert_file)
+                    .map_err(|error| format!("cert_file `{}`: {error}", cert_file.display()))?;
+                pem.push(b'\n');
+                pem.extend(
+                    std::fs::read(key_file)
+                        .map_err(|error| format!("key_file `{}`: {error}", key_file.display()))?,
+                );
+                let identity = reqwest::Identity::from_pem(&pem)
+                    .map_err(|error| format!("cert_file and key_file: {error}"))?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => return Err("`cert_file` and `key_file` go together".to_owned()),
+        }
+        builder.build().map_err(|error| error.to_string())
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn files_relative_to(&mut self, base: &std::path::Path) {
+        for path in [&mut self.ca_file, &mut self.cert_file, &mut self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            *path = base.join(&*path);
+        }
+    }
 }
 
 /// An HTTP function at a URL.
@@ -51,6 +117,7 @@ pub struct HttpTarget {
     client: reqwest::Client,
     url: reqwest::Url,
     function: String,
+    auth: Option<auth::FunctionAuth>,
 }
 
 impl HttpTarget {
@@ -59,7 +126,19 @@ impl HttpTarget {
             client,
             url,
             function: function.into(),
+            auth: None,
         }
+    }
+
+    /// Presents `auth` on every call.
+    pub fn with_auth(mut self, auth: Option<auth::FunctionAuth>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The credentials it presents, if any.
+    pub fn auth(&self) -> Option<&auth::FunctionAuth> {
+        self.auth.as_ref()
     }
 
     /// Where events are POSTed.
@@ -263,6 +342,11 @@ impl Target for HttpTarget {
                 request = request.header(name, value.as_str());
             }
         }
+        if let Some(auth) = &self.auth {
+            for (name, value) in auth.headers_now(&event.id, &event.data) {
+                request = request.header(name, value);
+            }
+        }
         let (mut outcome, headers, body) =
             self.call(request.body(event.data.clone()), timeout).await;
         if let Outcome::Delivered { reply, answer } = &mut outcome
@@ -300,12 +384,23 @@ impl Target for HttpTarget {
             body.extend_from_slice(&to_structured_json(event));
         }
         body.push(b']');
-        let request = self
+        let mut request = self
             .client
             .post(self.url.clone())
             .timeout(timeout)
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(body);
+            .header("content-type", "application/cloudevents-batch+json");
+        if let Some(auth) = &self.auth {
+            // One message id per batch: its first event's, with the count.
+            let id = format!(
+                "{}+{}",
+                events.first().map_or("", |event| event.id.as_str()),
+                events.len()
+            );
+            for (name, value) in auth.headers_now(&id, &body) {
+                request = request.header(name, value);
+            }
+        }
+        let request = request.body(body);
         let (outcome, headers, body) = self.call(request, timeout).await;
         drop(headers);
         match outcome {
