@@ -144,6 +144,21 @@ impl Process {
         format!("http://{}{path}", self.source("http"))
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().as_ref().unwrap().id()
+    }
+
+    /// Its resident memory, in KiB (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     pub fn signal(&self, signal: Signal) {
         let pid = self.child.lock().unwrap().as_ref().unwrap().id();
         kill(Pid::from_raw(pid as i32), signal).unwrap();
@@ -223,6 +238,8 @@ pub struct Reply {
     pub headers: Vec<(&'static str, String)>,
     pub delay: Duration,
     pub body: Bytes,
+    /// Crash: the connection is dropped without an answer.
+    pub abort: bool,
 }
 
 impl Reply {
@@ -232,7 +249,14 @@ impl Reply {
             headers: Vec::new(),
             delay: Duration::ZERO,
             body: Bytes::new(),
+            abort: false,
         }
+    }
+
+    /// No answer at all: the connection is dropped, as when a function crashes.
+    pub fn abort(mut self) -> Reply {
+        self.abort = true;
+        self
     }
 
     pub fn ok() -> Reply {
@@ -307,6 +331,10 @@ async fn handle(
         tokio::time::sleep(reply.delay).await;
     }
     state.received.lock().unwrap().push(received);
+    if reply.abort {
+        // Unwinds the connection's task: the socket is closed without an answer.
+        std::panic::resume_unwind(Box::new("the function crashed"));
+    }
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     for (name, value) in reply.headers {
         response.headers_mut().insert(name, value.parse().unwrap());

@@ -361,7 +361,10 @@ impl NatsServer {
 pub struct NatsCluster {
     nodes: Vec<Option<Child>>,
     ports: Vec<u16>,
-    _store: tempfile::TempDir,
+    /// Each node's cluster (route) port.
+    cluster_ports: Vec<u16>,
+    cluster_name: String,
+    store: tempfile::TempDir,
 }
 
 impl NatsCluster {
@@ -372,6 +375,7 @@ impl NatsCluster {
         let cluster_name = format!("c{}", uuid::Uuid::new_v4().simple());
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
+        let mut cluster_ports = Vec::new();
         let mut first_route: Option<u16> = None;
         for index in 0..size {
             let directory = store.path().join(format!("n{index}"));
@@ -402,13 +406,70 @@ impl NatsCluster {
             let cluster = cluster.expect("a clustered nats-server reports its cluster port");
             first_route.get_or_insert(cluster);
             ports.push(client);
+            cluster_ports.push(cluster);
             nodes.push(Some(child));
         }
         NatsCluster {
             nodes,
             ports,
-            _store: store,
+            cluster_ports,
+            cluster_name,
+            store,
         }
+    }
+
+    /// The name of node `index` (`n<index>`), as JetStream reports leaders.
+    pub fn name(index: usize) -> String {
+        format!("n{index}")
+    }
+
+    /// Node `index`'s process id, while it runs.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.nodes[index].as_ref().map(Child::id)
+    }
+
+    /// Starts node `index` again (after [`NatsCluster::kill`]) on its ports, with its
+    /// store, routed to every other node; waits until it listens.
+    pub fn restart(&mut self, index: usize) {
+        self.kill(index);
+        let directory = self.store.path().join(format!("n{index}"));
+        let ports_directory = directory.join("ports");
+        let _ = std::fs::remove_dir_all(&ports_directory);
+        std::fs::create_dir_all(&ports_directory).unwrap();
+        let routes: Vec<String> = self
+            .cluster_ports
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, port)| format!("nats://127.0.0.1:{port}"))
+            .collect();
+        let mut child = Command::new(nats_server_binary())
+            .args(["--jetstream", "--addr", "127.0.0.1"])
+            .args(["--port", &self.ports[index].to_string()])
+            .args(["--server_name", &Self::name(index)])
+            .args(["--cluster_name", &self.cluster_name])
+            .args([
+                "--cluster",
+                &format!("nats://127.0.0.1:{}", self.cluster_ports[index]),
+            ])
+            .args(["--routes", &routes.join(",")])
+            .arg("--store_dir")
+            .arg(directory.join("jetstream"))
+            .arg("--ports_file_dir")
+            .arg(&ports_directory)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting nats-server: {error}"));
+        wait_for_ports(&mut child, &ports_directory, "nats-server");
+        self.nodes[index] = Some(child);
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to node `index`.
+    pub fn signal(&self, index: usize, signal: nix::sys::signal::Signal) {
+        let pid = self.pid(index).expect("the node runs");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .unwrap_or_else(|error| panic!("{signal} to nats-server {pid}: {error}"));
     }
 
     /// Every node's client URL, comma-separated (as `nats.url` takes them).
