@@ -1,5 +1,5 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (connected to NATS,
-//! the streams exist, every source is up), `/metrics` (Prometheus text format),
+//! the events stream answers, every source is up), `/metrics` (Prometheus text format),
 //! `/v1/triggers` (a read-only JSON view of each trigger with its lag and in-flight
 //! count), `/v1/sources` (each source's state, restarts and last error) and
 //! `/v1/functions` (each managed function's instances, cold starts, last init error
@@ -36,7 +36,13 @@ pub struct AdminState {
     sources: Arc<OnceLock<Vec<Arc<SourceCell>>>>,
     workers: Option<Arc<switchyard_workers::Workers>>,
     tokens: Arc<Vec<SecretString>>,
+    /// The last check that the events stream answers (it has a leader), and when:
+    /// `/readyz` asks NATS at most once a second, however often it is asked.
+    stream_check: Arc<tokio::sync::Mutex<Option<StreamCheck>>>,
 }
+
+/// When the events stream was last asked for, and what it answered.
+type StreamCheck = (std::time::Instant, Result<(), String>);
 
 impl AdminState {
     pub fn new(
@@ -51,7 +57,35 @@ impl AdminState {
             running: Arc::new(OnceLock::new()),
             sources: Arc::new(OnceLock::new()),
             tokens: Arc::new(Vec::new()),
+            stream_check: Arc::default(),
         }
+    }
+
+    /// Whether the events stream answers now (checked at most once a second).
+    async fn events_stream_answers(&self, bus: &Bus) -> Result<(), String> {
+        let mut check = self.stream_check.lock().await;
+        if let Some((at, result)) = &*check
+            && at.elapsed() < std::time::Duration::from_secs(1)
+        {
+            return result.clone();
+        }
+        let stream = bus.events_stream().to_owned();
+        let result = match tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            bus.jetstream().get_stream(&stream),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!(
+                "the events stream `{stream}` does not answer: {error}"
+            )),
+            Err(_) => Err(format!(
+                "the events stream `{stream}` did not answer within 2s"
+            )),
+        };
+        *check = Some((std::time::Instant::now(), result.clone()));
+        result
     }
 
     /// The tokens the endpoints but the probes require; none leaves them open and
@@ -385,7 +419,17 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         )
             .into_response()
     } else if state.ready.load(Ordering::SeqCst) && connected {
-        (StatusCode::OK, "ready\n").into_response()
+        // Connected is not enough: with its stream leaderless (a cluster electing
+        // one) or its server hung, publishes fail; a balancer should send elsewhere.
+        let bus = &state.running.get().expect("connected implies running").1;
+        match state.events_stream_answers(bus).await {
+            Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+            Err(problem) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {problem}\n"),
+            )
+                .into_response(),
+        }
     } else if !connected && state.ready.load(Ordering::SeqCst) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
