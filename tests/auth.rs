@@ -391,6 +391,12 @@ event_type = "com.github.event"
 id_header = "X-GitHub-Delivery"
 signature = {{ scheme = "github", secret = "gh-secret" }}
 
+[[sources.hooks]]
+name = "stamped"
+event_type = "com.example.stamped"
+id_header = "Idempotency-Key"
+signature = {{ scheme = "hmac", secret = "k2", header = "X-Signature", prefix = "v1=", timestamp_header = "X-Timestamp", tolerance = "5m" }}
+
 [[functions]]
 type = "http"
 name = "fn"
@@ -434,12 +440,49 @@ function = "fn"
         status == 202 && body.contains("\"duplicate\":false"),
         "{body}"
     );
-    let received = function.wait_for(2, WAIT).await;
-    let ids: Vec<&str> = received.iter().map(|call| call.id()).collect();
-    assert_eq!(ids.len(), 2);
+    // A timestamped HMAC: within the tolerance, the same signed timestamp and body
+    // with a fresh id is a replay; the same body signed at another time is not.
+    let stamped = |timestamp: i64, key: &'static str| {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"k2").unwrap();
+        mac.update(format!("{timestamp}.{{\"n\":1}}").as_bytes());
+        let signature = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
+        let url = switchyard.url("/hooks/stamped");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("idempotency-key", key)
+                .header("x-timestamp", timestamp.to_string())
+                .header("x-signature", signature)
+                .body("{\"n\":1}")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            (status, response.text().await.unwrap())
+        }
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (status, body) = stamped(now, "s-1").await;
     assert!(
-        ids.contains(&"delivery-1") && ids.contains(&"delivery-3"),
-        "{ids:?}"
+        status == 202 && body.contains("\"duplicate\":false"),
+        "{body}"
     );
+    let (status, body) = stamped(now, "s-forged").await;
+    assert!(
+        status == 202 && body.contains("\"duplicate\":true"),
+        "{body}"
+    );
+    let (status, body) = stamped(now - 1, "s-2").await;
+    assert!(
+        status == 202 && body.contains("\"duplicate\":false"),
+        "{body}"
+    );
+
+    let received = function.wait_for(4, WAIT).await;
+    let ids: Vec<&str> = received.iter().map(|call| call.id()).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    for id in ["delivery-1", "delivery-3", "s-1", "s-2"] {
+        assert!(ids.contains(&id), "{ids:?}");
+    }
     switchyard.stop().await;
 }

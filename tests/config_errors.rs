@@ -37,6 +37,7 @@ fn every_shipped_configuration_is_valid() {
                 .arg(&path)
                 .env("SWITCHYARD_TOKEN", "shipped-token")
                 .env("SWITCHYARD_ADMIN_TOKEN", "shipped-admin-token")
+                .env("GITHUB_WEBHOOK_SECRET", "shipped-github-secret")
                 .output()
                 .unwrap();
             assert!(
@@ -813,10 +814,10 @@ signature = { scheme = "hmac", secret = "k", header = "X-Signature", timestamp_h
     let (ok, output) = validate(text);
     assert!(!ok);
     assert!(
-        output.contains("DIR/broken.toml:10:1: field `dedup_horizon`: hook `stamped` forgets delivery ids after 5m but accepts signed timestamps up to 10m old"),
+        output.contains("DIR/broken.toml:10:1: field `dedup_horizon`: hook `stamped` forgets deliveries after 5m but accepts signed timestamps 10m either side of now"),
         "{output}"
     );
-    let (ok, output) = validate(&text.replace("\"5m\"", "\"10m\""));
+    let (ok, output) = validate(&text.replace("\"5m\"", "\"20m\""));
     assert!(ok, "{output}");
 }
 
@@ -850,4 +851,32 @@ auth = { scheme = "hmac", secret = "not-the-form" }
             "missing `{expected}` in:\n{output}"
         );
     }
+}
+
+/// `<secret>_file` is a field only where the field is: in a function's environment an
+/// entry named `token_file` is the user's own variable.
+#[test]
+fn an_environment_entry_named_like_a_secret_file_is_left_alone() {
+    let directory = tempfile::tempdir().unwrap();
+    std::fs::create_dir(directory.path().join("fn")).unwrap();
+    let text = r#"
+[[functions]]
+type = "process"
+name = "web"
+command = ["python3", "server.py"]
+directory = "fn"
+environment = { token_file = "/run/secrets/not-read-by-switchyard" }
+"#;
+    let path = directory.path().join("switchyard.toml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -602,22 +602,31 @@ async fn accept_hook(
     let Some(horizon) = state.horizons.get(&hook.name) else {
         return publish(state, vec![event]).await;
     };
-    // A signature over the body alone (GitHub's scheme, an HMAC without a timestamp)
-    // leaves the id header unsigned: a captured request replayed with a fresh id
-    // would pass. So the body is remembered too, and a signed body seen within the
-    // horizon is dropped as a replay.
-    let body_seen = hook
-        .signature
-        .as_ref()
-        .filter(|signature| !signature.timestamped())
-        .map(|_| {
-            use sha2::Digest as _;
-            Event::new(
-                format!("sha256:{}", hex::encode(sha2::Sha256::digest(&event.data))),
-                event.source.clone(),
-                "dev.switchyard.hook.body",
-            )
-        });
+    // The id header is not signed: a captured request replayed with a fresh id would
+    // pass. So what the signature covers is remembered too, and seen again within
+    // the horizon it is dropped as a replay: GitHub's body (its deliveries' bodies
+    // differ), or an HMAC's `<timestamp>.<body>` (a resend signs a new timestamp). An
+    // HMAC over the body alone is not: a generic provider may send the same body
+    // twice on purpose (CONFIG.md says what that scheme cannot stop).
+    let signed_message = match &hook.signature {
+        Some(SignatureConfig::Github { .. }) => Some(event.data.to_vec()),
+        Some(SignatureConfig::Hmac {
+            timestamp_header: Some(name),
+            ..
+        }) => headers
+            .get(name.as_str())
+            .and_then(|value| value.to_str().ok())
+            .map(|timestamp| [timestamp.trim().as_bytes(), b".", &event.data].concat()),
+        _ => None,
+    };
+    let body_seen = signed_message.map(|message| {
+        use sha2::Digest as _;
+        Event::new(
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&message))),
+            event.source.clone(),
+            "dev.switchyard.hook.signed",
+        )
+    });
     let seen = match &body_seen {
         Some(body) => match (horizon.seen(&event).await, horizon.seen(body).await) {
             (Ok(id), Ok(body)) => Ok(id || body),

@@ -73,21 +73,27 @@ pub struct SnsVerifier {
     topics: Vec<String>,
     url_prefixes: Vec<String>,
     client: reqwest::Client,
-    /// Certificate URL -> the RSA public key (DER `RSAPublicKey`).
-    keys: Mutex<HashMap<String, Vec<u8>>>,
+    /// Certificate URL -> the RSA public key (DER `RSAPublicKey`) and when it was last
+    /// used; the least recently used goes when [`MAX_KEYS`] are kept.
+    keys: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
     fetches: Mutex<Fetches>,
 }
 
-/// How long a certificate URL that could not be fetched or read is not tried again.
-pub const FAILED_FETCH_RETRY: Duration = Duration::from_secs(300);
-/// Certificates fetched per minute at most, per hook: a sender cannot make Switchyard
-/// fetch on every request (SNS signs with one certificate for months).
-pub const FETCHES_PER_MINUTE: usize = 10;
+/// How long a certificate URL that could not be fetched or read is not tried again:
+/// shorter than SNS's retry interval (20 s by default), so a passing network failure
+/// does not outlast SNS's retries.
+pub const FAILED_FETCH_RETRY: Duration = Duration::from_secs(15);
+/// Failed certificate fetches per minute at most, per hook: a sender cannot make
+/// Switchyard fetch made-up URLs on every request. Fetches that succeed are cached and
+/// not counted (SNS signs with one certificate for months).
+pub const FAILED_FETCHES_PER_MINUTE: usize = 10;
+/// Signing keys kept per hook.
+pub const MAX_KEYS: usize = 64;
 
-/// Recent certificate fetches and the URLs that failed.
+/// Recent failed certificate fetches and the URLs that failed.
 #[derive(Default)]
 struct Fetches {
-    recent: VecDeque<Instant>,
+    recent_failures: VecDeque<Instant>,
     failed: HashMap<String, (Instant, String)>,
 }
 
@@ -105,22 +111,22 @@ impl Fetches {
             }
         }
         while self
-            .recent
+            .recent_failures
             .front()
             .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(60))
         {
-            self.recent.pop_front();
+            self.recent_failures.pop_front();
         }
-        if self.recent.len() >= FETCHES_PER_MINUTE {
+        if self.recent_failures.len() >= FAILED_FETCHES_PER_MINUTE {
             return Err(format!(
-                "{FETCHES_PER_MINUTE} certificates were fetched in the last minute; no more until it passes"
+                "{FAILED_FETCHES_PER_MINUTE} certificate fetches failed in the last minute; no new one until it passes"
             ));
         }
-        self.recent.push_back(now);
         Ok(())
     }
 
     fn failed(&mut self, url: &str, reason: &str, now: Instant) {
+        self.recent_failures.push_back(now);
         if self.failed.len() >= 256 {
             self.failed
                 .retain(|_, (at, _)| now.duration_since(*at) < FAILED_FETCH_RETRY);
@@ -182,6 +188,20 @@ fn is_aws_sns_url(url: &str) -> bool {
         })
 }
 
+/// Whether an AWS `SigningCertURL` has the shape SNS gives it:
+/// `/SimpleNotificationService-<hex>.pem`, no query.
+fn is_aws_certificate_path(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    url.query().is_none()
+        && url
+            .path()
+            .strip_prefix("/SimpleNotificationService-")
+            .and_then(|rest| rest.strip_suffix(".pem"))
+            .is_some_and(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 impl SnsVerifier {
     /// `topics`: accepted topic ARNs (SNS messages are refused when empty: any AWS
     /// account could otherwise subscribe its own topic, and its messages would be
@@ -222,7 +242,9 @@ impl SnsVerifier {
         if !self.topics.contains(&message.topic_arn) {
             return Err(SnsError::Topic(message.topic_arn));
         }
-        if !self.trusted(&message.signing_cert_url) {
+        if !self.trusted(&message.signing_cert_url)
+            || (self.url_prefixes.is_empty() && !is_aws_certificate_path(&message.signing_cert_url))
+        {
             return Err(SnsError::UntrustedUrl(
                 "SigningCertURL",
                 message.signing_cert_url,
@@ -245,7 +267,8 @@ impl SnsVerifier {
     }
 
     async fn public_key(&self, url: &str) -> Result<Vec<u8>, SnsError> {
-        if let Some(key) = self.keys.lock().expect("key cache").get(url) {
+        if let Some((key, used)) = self.keys.lock().expect("key cache").get_mut(url) {
+            *used = Instant::now();
             return Ok(key.clone());
         }
         self.fetches
@@ -276,10 +299,15 @@ impl SnsVerifier {
             }
         };
         let mut keys = self.keys.lock().expect("key cache");
-        if keys.len() > 64 {
-            keys.clear();
+        if keys.len() >= MAX_KEYS
+            && let Some(oldest) = keys
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(url, _)| url.clone())
+        {
+            keys.remove(&oldest);
         }
-        keys.insert(url.to_owned(), key.clone());
+        keys.insert(url.to_owned(), (key.clone(), Instant::now()));
         Ok(key)
     }
 
@@ -368,13 +396,12 @@ mod tests {
             .allow("https://a/1.pem", start + Duration::from_secs(10))
             .unwrap_err();
         assert!(refused.contains("404 Not Found"), "{refused}");
-        // Other URLs: at most FETCHES_PER_MINUTE in any minute.
-        for index in 2..=FETCHES_PER_MINUTE {
-            assert!(
-                fetches
-                    .allow(&format!("https://a/{index}.pem"), start)
-                    .is_ok()
-            );
+        // Failures of other URLs: at most FAILED_FETCHES_PER_MINUTE in any minute,
+        // then no new URL is fetched until the minute passes.
+        for index in 2..=FAILED_FETCHES_PER_MINUTE {
+            let url = format!("https://a/{index}.pem");
+            assert!(fetches.allow(&url, start).is_ok());
+            fetches.failed(&url, "404", start);
         }
         let refused = fetches
             .allow("https://a/new.pem", start + Duration::from_secs(59))
@@ -390,6 +417,21 @@ mod tests {
                 .allow("https://a/1.pem", start + FAILED_FETCH_RETRY)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn aws_certificate_urls_have_sns_shape() {
+        assert!(is_aws_certificate_path(
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-9c6465fa7f48f5cacd23014631ec1136.pem"
+        ));
+        for url in [
+            "https://sns.us-east-1.amazonaws.com/x.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-zz.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-ab.pem?x=1",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-.pem",
+        ] {
+            assert!(!is_aws_certificate_path(url), "{url}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! How Switchyard reaches an object store: `[stores.<name>]` in the config, shared by
 //! poll sources and by triggers that enrich object events.
 
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
 /// An S3-compatible object store.
@@ -23,9 +24,9 @@ pub struct StoreConfig {
     #[serde(default)]
     pub access_key_id: Option<String>,
     #[serde(default)]
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<SecretString>,
     #[serde(default)]
-    pub session_token: Option<String>,
+    pub session_token: Option<SecretString>,
     /// The `eventSource` this store's notifications carry: `aws:s3` (AWS, and most
     /// S3-compatible stores) or `minio:s3` (MinIO). Polls use it, so an object that a
     /// notification and a poll both notice has one `source` and one id.
@@ -98,8 +99,10 @@ impl StoreConfig {
         if let (Some(key), Some(secret)) = (&self.access_key_id, &self.secret_access_key) {
             loader = loader.credentials_provider(Credentials::new(
                 key,
-                secret,
-                self.session_token.clone(),
+                secret.expose_secret(),
+                self.session_token
+                    .as_ref()
+                    .map(|token| token.expose_secret().to_owned()),
                 None,
                 "switchyard-config",
             ));

@@ -77,12 +77,12 @@ impl AdminState {
         .await
         {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(format!(
-                "the events stream `{stream}` does not answer: {error}"
-            )),
-            Err(_) => Err(format!(
-                "the events stream `{stream}` did not answer within 2s"
-            )),
+            Ok(Err(error)) => {
+                // The cause is logged, not told to unauthenticated callers.
+                tracing::warn!(%error, stream = %stream, "readiness: the events stream does not answer");
+                Err("the events stream does not answer".to_owned())
+            }
+            Err(_) => Err("the events stream did not answer within 2s".to_owned()),
         };
         *check = Some((std::time::Instant::now(), result.clone()));
         result

@@ -982,7 +982,7 @@ pub fn parse(
 }
 
 /// Fields holding secrets; each can instead be read from a file with `<field>_file`.
-const SECRET_FIELDS: [&str; 7] = [
+const SECRET_FIELDS: [&str; 8] = [
     "bearer_token",
     "bearer_tokens",
     "secret",
@@ -990,7 +990,12 @@ const SECRET_FIELDS: [&str; 7] = [
     "token",
     "nkey_seed",
     "secret_access_key",
+    "session_token",
 ];
+
+/// Tables whose keys are the user's own names, not fields: `<x>_file` there is not
+/// a secret file (an environment variable named `token_file`, say).
+const FREE_FORM_TABLES: [&str; 3] = ["environment", "properties", "types"];
 
 /// Replaces every `<secret>_file = "path"` (`bearer_token_file`, `secret_file`,
 /// `password_file`, ...) with `<secret> = "<the file's contents>"` where it is written,
@@ -1025,6 +1030,9 @@ fn secret_files(file: &Path, text: &str, base: &Path) -> Result<String, ConfigEr
             let Some((key_repr, item)) = table.get_key_value(key) else {
                 continue;
             };
+            if FREE_FORM_TABLES.contains(&key.as_str()) {
+                continue;
+            }
             match item {
                 toml_edit::Item::Table(inner) => pending.push(inner),
                 toml_edit::Item::ArrayOfTables(array) => {
@@ -1474,7 +1482,7 @@ fn auth_secret_problems(
             "an empty bearer token would let anyone in".to_owned(),
         ));
     }
-    if signature.is_some_and(|signature| signature.secret().expose_secret().is_empty()) {
+    if signature.is_some_and(|signature| signature.secret().expose_secret().trim().is_empty()) {
         problems.push((
             "secret",
             "an empty signature secret would let anyone sign".to_owned(),
@@ -2229,15 +2237,17 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                                 .duplicate_window
                                 .unwrap_or(Duration::from_secs(120)),
                         );
-                        if remembered < tolerance {
+                        // Timestamps are accepted `tolerance` either side of now.
+                        if remembered < tolerance * 2 {
                             check.error(
                                 hook_span.clone(),
                                 "dedup_horizon",
                                 format!(
-                                    "hook `{}` forgets delivery ids after {} but accepts signed timestamps up to {} old: a captured request could be replayed in between; remember ids at least as long as the tolerance",
+                                    "hook `{}` forgets deliveries after {} but accepts signed timestamps {} either side of now: a captured request could be replayed in between; remember them at least twice the tolerance ({})",
                                     hook.name,
                                     humantime::format_duration(remembered),
-                                    humantime::format_duration(tolerance)
+                                    humantime::format_duration(tolerance),
+                                    humantime::format_duration(tolerance * 2)
                                 ),
                             );
                         }
@@ -2352,7 +2362,12 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             Ok(address)
                 if !address.ip().is_loopback()
                     && config.invoke_api.credentials.is_empty()
-                    && !config.invoke_api.insecure =>
+                    && !config.invoke_api.insecure
+                    && config
+                        .invoke_api
+                        .tls
+                        .as_ref()
+                        .is_none_or(|tls| tls.client_ca_file.is_none()) =>
             {
                 Some(format!(
                     "`{}` is open to the network and invoke_api has no `credentials` to check request signatures against: add them, listen on loopback, or set invoke_api.insecure = true if the network in front of it is trusted",

@@ -148,7 +148,7 @@ pub async fn list_page(
             deliver_policy: match after {
                 0 => jetstream::consumer::DeliverPolicy::All,
                 after => jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
+                    start_sequence: after.saturating_add(1),
                 },
             },
             ack_policy: jetstream::consumer::AckPolicy::None,

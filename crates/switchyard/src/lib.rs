@@ -98,9 +98,6 @@ async fn connect_bus(
     }
 }
 
-/// Starts everything the configuration describes. Listeners are bound before this
-/// returns; the bus connection and stream setup continue in the background, and
-/// `/readyz` turns ready once they are done.
 /// Says loudly, at every start, which doors open to the network authenticate
 /// nobody because the configuration said `insecure = true`.
 fn warn_insecure(config: &Config) {
@@ -125,6 +122,9 @@ fn warn_insecure(config: &Config) {
     }
 }
 
+/// Starts everything the configuration describes. Listeners are bound before this
+/// returns; the bus connection and stream setup continue in the background, and
+/// `/readyz` turns ready once they are done.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     warn_insecure(&config);
     let shutdown = CancellationToken::new();

@@ -126,7 +126,7 @@ impl ObjectStore {
             region: REGION.to_owned(),
             path_style: None,
             access_key_id: Some(ACCESS_KEY.to_owned()),
-            secret_access_key: Some(SECRET_KEY.to_owned()),
+            secret_access_key: Some(SECRET_KEY.into()),
             session_token: None,
             event_source: "aws:s3".to_owned(),
             event_region: None,
