@@ -384,3 +384,95 @@ async fn secrets_never_reach_the_log() {
         assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
     }
 }
+
+/// A NATS JWT (`header.claims.signature`, base64url without padding, Ed25519 by the
+/// issuer's NKey), as `nsc` writes them.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine as _;
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": time::OffsetDateTime::now_utc().unix_timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = format!("{header}.{}", encode(claims.to_string().as_bytes()));
+    let signature = issuer.sign(body.as_bytes()).unwrap();
+    format!("{body}.{}", encode(&signature))
+}
+
+/// Decentralised authentication: an operator, an account with JetStream and a user
+/// whose JWT carries the documented permissions, given to Switchyard as a `.creds`
+/// file.
+#[tokio::test]
+async fn a_creds_file_authenticates_against_an_operator_mode_server() {
+    let directory = tempfile::tempdir().unwrap();
+    let prefix = random_name("p");
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "OP",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "SWITCHYARD",
+        serde_json::json!({"limits": unlimited, "type": "account", "version": 2}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "switchyard",
+        serde_json::json!({
+            "pub": {"allow": [format!("{prefix}.>"), "$JS.API.>", "$JS.ACK.>", "$KV.>"]},
+            "sub": {"allow": ["_INBOX.>"]},
+            "subs": -1, "data": -1, "payload": -1,
+            "type": "user", "version": 2,
+        }),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let server_config = format!(
+        "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {sys}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+        account.public_key(),
+        sys = system.public_key(),
+    );
+    let nats = nats_with(directory.path(), &server_config);
+    let creds = directory.path().join("switchyard.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let function = FunctionServer::start(function_behaviour).await;
+    let text = config(
+        &nats.url(),
+        &prefix,
+        &format!("creds_file = \"{}\"", creds.display()),
+        &function.url,
+    );
+    let switchyard = Switchyard::start(text).await;
+    exercise(&switchyard, &function).await;
+    switchyard.stop().await;
+}

@@ -1147,7 +1147,12 @@ fn parse_errors(file: &Path, text: &str, first: toml::de::Error) -> Vec<ConfigEr
     let mut blanked: Vec<String> = Vec::new();
     let mut error = first;
     for _ in 0..50 {
-        let message = error.message().trim().to_owned();
+        let message = match error.message().trim() {
+            // The parser gives some mistakes no words (`a=` at the end of the text,
+            // found by tests/fuzz.rs).
+            "" => "not valid TOML here (a key needs `= value`)".to_owned(),
+            message => message.to_owned(),
+        };
         if let Some(missing) = backticked_after(&message, "missing field ")
             && blanked.contains(&missing)
         {
