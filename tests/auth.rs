@@ -88,25 +88,12 @@ struct Issued {
     key: String,
 }
 
-fn issue(ca: &rcgen::CertifiedKey, name: &str) -> Issued {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-    let cert = params.signed_by(&key, &ca.cert, &ca.key_pair).unwrap();
+fn issued(ca: &rcgen::CertifiedKey, name: &str) -> Issued {
+    let (cert, key) = common::issue(ca, name);
     Issued {
         ca: ca.cert.pem(),
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    }
-}
-
-fn authority() -> rcgen::CertifiedKey {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).unwrap();
-    rcgen::CertifiedKey {
         cert,
-        key_pair: key,
+        key,
     }
 }
 
@@ -114,11 +101,11 @@ fn authority() -> rcgen::CertifiedKey {
 async fn a_listener_with_client_certificates_lets_only_their_holders_in() {
     const NAME: &str = "switchyard.test";
     let directory = tempfile::tempdir().unwrap();
-    let server_ca = authority();
-    let client_ca = authority();
-    let server = issue(&server_ca, NAME);
-    let trusted = issue(&client_ca, "client.example");
-    let stranger = issue(&authority(), "client.example");
+    let server_ca = common::authority();
+    let client_ca = common::authority();
+    let server = issued(&server_ca, NAME);
+    let trusted = issued(&client_ca, "client.example");
+    let stranger = issued(&common::authority(), "client.example");
     for (name, text) in [
         ("cert.pem", &server.cert),
         ("key.pem", &server.key),

@@ -65,28 +65,11 @@ async fn https_function(
     (address, calls)
 }
 
-fn issue(ca: &rcgen::CertifiedKey, directory: &Path, name: &str, dns_name: &str) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
-    let cert = params.signed_by(&key, &ca.cert, &ca.key_pair).unwrap();
-    std::fs::write(directory.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(
-        directory.join(format!("{name}-key.pem")),
-        key.serialize_pem(),
-    )
-    .unwrap();
-}
-
+/// A certificate authority, its certificate written to `{name}.pem`.
 fn authority(directory: &Path, name: &str) -> rcgen::CertifiedKey {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).unwrap();
-    std::fs::write(directory.join(format!("{name}.pem")), cert.pem()).unwrap();
-    rcgen::CertifiedKey {
-        cert,
-        key_pair: key,
-    }
+    let ca = common::authority();
+    std::fs::write(directory.join(format!("{name}.pem")), ca.cert.pem()).unwrap();
+    ca
 }
 
 async fn wait_for_calls(calls: &Mutex<Vec<Call>>, count: usize) -> Vec<Call> {
@@ -143,8 +126,8 @@ async fn an_https_function_with_a_client_certificate_verifies_signed_calls() {
     let dir = directory.path();
     let server_ca = authority(dir, "server-ca");
     let client_ca = authority(dir, "client-ca");
-    issue(&server_ca, dir, "function", "localhost");
-    issue(&client_ca, dir, "switchyard", "switchyard.test");
+    common::issue_files(&server_ca, dir, "function", "localhost");
+    common::issue_files(&client_ca, dir, "switchyard", "switchyard.test");
     let (address, calls) = https_function(dir, Some(&dir.join("client-ca.pem"))).await;
     let nats = NatsServer::start();
     let mut text = base_config(&nats.url(), 0, 0);
@@ -223,7 +206,7 @@ async fn without_the_client_certificate_the_function_is_not_reached() {
     let dir = directory.path();
     let server_ca = authority(dir, "server-ca");
     authority(dir, "client-ca");
-    issue(&server_ca, dir, "function", "localhost");
+    common::issue_files(&server_ca, dir, "function", "localhost");
     let (address, calls) = https_function(dir, Some(&dir.join("client-ca.pem"))).await;
     let nats = NatsServer::start();
     let mut text = base_config(&nats.url(), 0, 0);

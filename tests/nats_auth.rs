@@ -212,48 +212,14 @@ async fn a_token_from_a_file_authenticates() {
     switchyard.stop().await;
 }
 
-struct Pki {
-    ca: rcgen::CertifiedKey,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        Pki {
-            ca: rcgen::CertifiedKey {
-                cert,
-                key_pair: key,
-            },
-        }
-    }
-
-    /// Writes `{name}.pem` and `{name}-key.pem`, a certificate for `dns_name`.
-    fn issue(&self, directory: &Path, name: &str, dns_name: &str) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
-        let cert = params
-            .signed_by(&key, &self.ca.cert, &self.ca.key_pair)
-            .unwrap();
-        std::fs::write(directory.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(
-            directory.join(format!("{name}-key.pem")),
-            key.serialize_pem(),
-        )
-        .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn tls_with_a_client_certificate_and_a_server_name() {
     let directory = tempfile::tempdir().unwrap();
     let dir = directory.path();
-    let pki = Pki::new();
-    std::fs::write(dir.join("ca.pem"), pki.ca.cert.pem()).unwrap();
-    pki.issue(dir, "server", "nats.test");
-    pki.issue(dir, "client", "switchyard.test");
+    let ca = common::authority();
+    std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+    common::issue_files(&ca, dir, "server", "nats.test");
+    common::issue_files(&ca, dir, "client", "switchyard.test");
     let nats = nats_with(
         dir,
         &format!(

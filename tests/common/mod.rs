@@ -623,3 +623,30 @@ pub fn binary_event(
         .header("content-type", "text/plain")
         .body(body)
 }
+
+/// A certificate authority, made with rcgen.
+pub fn authority() -> rcgen::CertifiedKey {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    rcgen::CertifiedKey {
+        cert,
+        key_pair: key,
+    }
+}
+
+/// A certificate for `dns_name` issued by `ca`: its PEM and its key's PEM.
+pub fn issue(ca: &rcgen::CertifiedKey, dns_name: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key_pair).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// [`issue`], written to `{name}.pem` and `{name}-key.pem` in `directory`.
+pub fn issue_files(ca: &rcgen::CertifiedKey, directory: &Path, name: &str, dns_name: &str) {
+    let (cert, key) = issue(ca, dns_name);
+    std::fs::write(directory.join(format!("{name}.pem")), cert).unwrap();
+    std::fs::write(directory.join(format!("{name}-key.pem")), key).unwrap();
+}
