@@ -138,3 +138,34 @@ async fn shutdown_is_not_held_by_a_stalled_client() {
         .await
         .expect("shutdown was held by a stalled client");
 }
+
+/// From the moment its port is bound until the bus is set up, an HTTP source answers
+/// at once with `503 not ready` and `Retry-After` (a NATS "server" that never speaks
+/// keeps Switchyard connecting), rather than leaving requests unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_bus_is_ready_requests_get_a_fast_503() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nats://{}", silent.local_addr().unwrap());
+    let mut text = base_config(&url, 0, 0);
+    text.push_str(HOOK);
+    let config = switchyard::config::parse(std::path::Path::new("t.toml"), &text, &|name| {
+        std::env::var(name).ok()
+    })
+    .unwrap();
+    let running = switchyard::start(config).await.unwrap();
+    let http = running.sources["http"];
+    let response = reqwest::Client::builder()
+        .timeout(WAIT)
+        .build()
+        .unwrap()
+        .post(format!("http://{http}/hooks/plain"))
+        .body("{}")
+        .send()
+        .await
+        .expect("answered, not left waiting");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(response.text().await.unwrap().contains("not ready"));
+    running.stop().await.unwrap();
+    drop(silent);
+}

@@ -133,6 +133,39 @@ pub struct HttpSource {
     router: Router,
     limits: listener::ListenerLimits,
     tls: Option<listener::TlsFiles>,
+    /// Stops the [`not_ready`] server answering on the listener until the source runs.
+    interim: tokio_util::sync::CancellationToken,
+}
+
+/// Serves `listener` with `503 not ready` (and `Retry-After`) until `until` is
+/// cancelled: from the moment the port is bound until the source runs (the bus
+/// connected and set up), a client gets a fast answer instead of waiting unanswered.
+pub fn not_ready(
+    listener: tokio::net::TcpListener,
+    limits: listener::ListenerLimits,
+    tls: Option<listener::TlsFiles>,
+    until: tokio_util::sync::CancellationToken,
+) {
+    let router = Router::new().fallback(|| async {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            axum::Json(json!({ "error": "not ready: connecting to the event bus" })),
+        )
+    });
+    tokio::spawn(async move {
+        if let Err(error) = listener::serve(
+            listener,
+            router,
+            &limits,
+            tls.as_ref(),
+            until.cancelled_owned(),
+        )
+        .await
+        {
+            tracing::warn!(%error, "the not-ready answers stopped");
+        }
+    });
 }
 
 impl HttpSource {
@@ -144,6 +177,7 @@ impl HttpSource {
         router: Router,
         limits: listener::ListenerLimits,
         tls: Option<listener::TlsFiles>,
+        interim: tokio_util::sync::CancellationToken,
     ) -> Self {
         HttpSource {
             name,
@@ -151,6 +185,7 @@ impl HttpSource {
             router,
             limits,
             tls,
+            interim,
         }
     }
 }
@@ -181,6 +216,8 @@ impl switchyard_event::Source for HttpSource {
             .try_clone()
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|error| format!("listener: {error}"))?;
+        // The source answers from now on: the interim `503`s stop.
+        self.interim.cancel();
         health.up();
         let original = self.listener.clone();
         listener::serve(

@@ -221,7 +221,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                         format!("source `{}`: cannot listen on `{}`", http.name, http.listen)
                     })?;
                 sources.insert(http.name.clone(), listener.local_addr()?);
-                source_listeners.push((http.clone(), listener));
+                // Until the source runs, requests get a fast `503 not ready`.
+                let interim = shutdown.child_token();
+                let listener = listener.into_std()?;
+                switchyard_connector_http::not_ready(
+                    tokio::net::TcpListener::from_std(listener.try_clone()?)?,
+                    http.limits.clone(),
+                    http.tls.clone(),
+                    interim.clone(),
+                );
+                source_listeners.push((
+                    http.clone(),
+                    tokio::net::TcpListener::from_std(listener)?,
+                    interim,
+                ));
             }
         }
     }
@@ -479,7 +492,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .triggers
             .iter()
             .any(|trigger| trigger.get_ref().payload == switchyard_dispatcher::PayloadFormat::Aws);
-        for (http, listener) in source_listeners {
+        for (http, listener, interim) in source_listeners {
             let mut horizons: HashMap<String, Arc<dyn switchyard_event::DedupHorizon>> =
                 HashMap::new();
             for hook in &http.hooks {
@@ -520,6 +533,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 router,
                 http.limits.clone(),
                 http.tls.clone(),
+                interim,
             )));
         }
         for nats in nats_sources {
