@@ -26,31 +26,13 @@ fn permissions(prefix: &str) -> String {
 /// HTTP source with a deduplicating hook, and a trigger to `function` that dead-
 /// letters what it answers 422 to.
 fn config(url: &str, prefix: &str, nats_fields: &str, function: &str) -> String {
-    let upper = prefix.to_uppercase();
-    format!(
+    let mut text = common::base_config_prefixed(url, prefix, 0, 0).replacen(
+        "\n[admin]",
+        &format!("{nats_fields}\n\n[admin]"),
+        1,
+    );
+    text.push_str(&format!(
         r#"
-[nats]
-url = "{url}"
-subject_prefix = "{prefix}"
-publish_timeout = "2s"
-events_stream = {{ name = "{upper}_EVENTS", storage = "memory", duplicate_window = "1m" }}
-dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
-{nats_fields}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-level = "${{SWITCHYARD_TEST_LOG:-error}}"
-
-[dispatcher]
-shutdown_grace = "2s"
-
-[[sources]]
-type = "http"
-name = "http"
-listen = "127.0.0.1:0"
-
 [[sources.hooks]]
 name = "plain"
 event_type = "com.example.plain"
@@ -65,7 +47,8 @@ url = "{function}"
 name = "main"
 function = "fn"
 "#
-    )
+    ));
+    text
 }
 
 fn nats_with(directory: &Path, text: &str) -> NatsServer {

@@ -444,7 +444,16 @@ pub fn random_name(prefix: &str) -> String {
 /// The `[nats]`, `[admin]` and HTTP source sections for a test; `extra_source` is
 /// appended inside the `[[sources]]` table (hooks, bearer token, ...).
 pub fn base_config(nats_url: &str, http_port: u16, admin_port: u16) -> String {
-    let prefix = random_name("t");
+    base_config_prefixed(nats_url, &random_name("t"), http_port, admin_port)
+}
+
+/// [`base_config`] with the subject prefix given (streams are named after it).
+pub fn base_config_prefixed(
+    nats_url: &str,
+    prefix: &str,
+    http_port: u16,
+    admin_port: u16,
+) -> String {
     format!(
         r#"
 [nats]

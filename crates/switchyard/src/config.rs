@@ -114,6 +114,27 @@ impl Default for AdminConfig {
     }
 }
 
+impl AdminConfig {
+    /// Every token the admin endpoints accept.
+    pub fn tokens(&self) -> Vec<&SecretString> {
+        switchyard_connector_http::config::tokens(&self.bearer_token, &self.bearer_tokens)
+    }
+}
+
+/// Whether a listener at `listen` is reachable from the network (an address off
+/// loopback; `0.0.0.0` included).
+pub fn open_to_network(listen: &str) -> bool {
+    listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|address| !address.ip().is_loopback())
+}
+
+/// Whether a listener's TLS asks clients for certificates (mutual TLS), which
+/// authenticates them.
+fn verifies_clients(tls: &Option<switchyard_connector_http::listener::TlsFiles>) -> bool {
+    tls.as_ref().is_some_and(|tls| tls.client_ca_file.is_some())
+}
+
 fn default_admin_listen() -> String {
     "127.0.0.1:9090".to_owned()
 }
@@ -1523,10 +1544,7 @@ fn route_problems(
     http: &HttpSourceConfig,
     config: &Config,
 ) {
-    let open = http
-        .listen
-        .parse::<SocketAddr>()
-        .is_ok_and(|address| !address.ip().is_loopback());
+    let open = open_to_network(&http.listen);
     let mut cors_by_path: HashMap<&str, &Option<switchyard_connector_http::CorsConfig>> =
         HashMap::new();
     let spans = route_spans(check.text, span);
@@ -1595,11 +1613,7 @@ fn route_problems(
             check.error(span.clone(), field, format!("route `{path}`: {problem}"));
         }
         let authenticated = !route.tokens().is_empty() || route.signature.is_some();
-        let client_certificates = http
-            .tls
-            .as_ref()
-            .is_some_and(|tls| tls.client_ca_file.is_some());
-        if open && !authenticated && !route.public && !client_certificates {
+        if open && !authenticated && !route.public && !verifies_clients(&http.tls) {
             check.error(
                 span.clone(),
                 "public",
@@ -2266,15 +2280,7 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                     }
                 }
                 secret_problems(&mut check, &span, http);
-                let open = http
-                    .listen
-                    .parse::<SocketAddr>()
-                    .is_ok_and(|address| !address.ip().is_loopback());
-                let client_certificates = http
-                    .tls
-                    .as_ref()
-                    .is_some_and(|tls| tls.client_ca_file.is_some());
-                if open && !client_certificates && !http.insecure {
+                if open_to_network(&http.listen) && !verifies_clients(&http.tls) && !http.insecure {
                     let source_tokens = !http.tokens().is_empty();
                     if http.events_endpoint && !source_tokens {
                         check.error(
@@ -2316,24 +2322,16 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             .errors
             .push(section_error(file, text, "nats", field, problem));
     }
-    let admin_tokens: Vec<&SecretString> = switchyard_connector_http::config::tokens(
-        &config.admin.bearer_token,
-        &config.admin.bearer_tokens,
-    );
+    let admin_tokens = config.admin.tokens();
     for (field, problem) in auth_secret_problems(&admin_tokens, None) {
         check
             .errors
             .push(section_error(file, text, "admin", field, problem));
     }
-    if let Ok(address) = config.admin.listen.parse::<SocketAddr>()
-        && !address.ip().is_loopback()
+    if open_to_network(&config.admin.listen)
         && admin_tokens.is_empty()
         && !config.admin.insecure
-        && config
-            .admin
-            .tls
-            .as_ref()
-            .is_none_or(|tls| tls.client_ca_file.is_none())
+        && !verifies_clients(&config.admin.tls)
     {
         check.errors.push(section_error(
             file,
@@ -2368,11 +2366,7 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                 if !address.ip().is_loopback()
                     && config.invoke_api.credentials.is_empty()
                     && !config.invoke_api.insecure
-                    && config
-                        .invoke_api
-                        .tls
-                        .as_ref()
-                        .is_none_or(|tls| tls.client_ca_file.is_none()) =>
+                    && !verifies_clients(&config.invoke_api.tls) =>
             {
                 Some(format!(
                     "`{}` is open to the network and invoke_api has no `credentials` to check request signatures against: add them, listen on loopback, or set invoke_api.insecure = true if the network in front of it is trusted",

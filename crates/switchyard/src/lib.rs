@@ -101,11 +101,7 @@ async fn connect_bus(
 /// Says loudly, at every start, which doors open to the network authenticate
 /// nobody because the configuration said `insecure = true`.
 fn warn_insecure(config: &Config) {
-    let open = |listen: &str| {
-        listen
-            .parse::<SocketAddr>()
-            .is_ok_and(|address| !address.ip().is_loopback())
-    };
+    let open = config::open_to_network;
     for source in &config.sources {
         if let config::SourceConfig::Http(http) = source.get_ref()
             && http.insecure
@@ -240,15 +236,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let reserved = Arc::new(reserved_sources(&config));
     let admin_state = admin::AdminState::new(registry.clone(), ready.clone(), workers.clone())
-        .with_tokens(
-            config
-                .admin
-                .bearer_token
-                .iter()
-                .chain(&config.admin.bearer_tokens)
-                .cloned()
-                .collect(),
-        );
+        .with_tokens(config.admin.tokens().into_iter().cloned().collect());
     let invoke_api_state = invoke_api::InvokeApiState::new(
         config.workers.region.clone(),
         config.invoke_api.max_wait,
