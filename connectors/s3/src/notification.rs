@@ -151,6 +151,14 @@ fn record_event(
     if let Some(object) = raw.pointer_mut("/s3/object/key") {
         *object = Value::String(key.clone());
     }
+    // Some stores (versitygw) write the ETag with its HTTP quotes (`"\"<md5>\""`);
+    // AWS writes it bare, and a poll stores it bare: the data is made the same,
+    // so one upload reaches a function in one shape whichever path noticed it.
+    if let Some(etag) = raw.pointer_mut("/s3/object/eTag")
+        && let Some(text) = etag.as_str()
+    {
+        *etag = Value::String(bare_etag(text).to_owned());
+    }
     let data = raw.get_mut("s3").map(Value::take).unwrap_or(Value::Null);
     notice
         .event(&data)
@@ -212,6 +220,47 @@ mod tests {
         assert_eq!(event.id, "images/big file.bin@5d2b0a6f61b9a8e1c1e2-2");
         assert_eq!(event.attribute("s3key"), Some("big file.bin"));
         assert_eq!(event.attribute("s3versionid"), None);
+    }
+
+    // What versitygw 1.8.0 sends for a PutObject (s3event/event.go): the ETag with
+    // its HTTP quotes, a null version id, the keys unencoded.
+    const VERSITYGW: &str = r#"{"Records":[{"eventVersion":"2.2","eventSource":"aws:s3","awsRegion":"us-east-1",
+      "eventTime":"2026-11-27T10:00:00Z","eventName":"ObjectCreated:Put","userIdentity":{"PrincipalId":"user"},
+      "requestParameters":{"sourceIPAddress":"127.0.0.1"},"responseElements":{"x-amz-request-id":"","x-amz-id-2":""},
+      "s3":{"s3SchemaVersion":"1.0","configurationId":"","bucket":{"name":"bkt","ownerIdentity":{"PrincipalId":"user"},"arn":"arn:aws:s3:::bkt/a b.txt"},
+        "object":{"key":"a b.txt","size":3,"eTag":"\"900150983cd24fb0d6963f7d28e17f72\"","versionId":null,"sequencer":"18B1A2C3D4E5F6A7"}},
+      "glacierEventData":{"restoreEventData":{"lifecycleRestorationExpiryTime":"","lifecycleRestoreStorageClass":""}}}]}"#;
+
+    #[test]
+    fn a_quoted_etag_is_stored_bare_as_a_poll_stores_it() {
+        let event = &object_events_with(VERSITYGW.as_bytes(), KeyEncoding::None).unwrap()[0];
+        let etag = "900150983cd24fb0d6963f7d28e17f72";
+        assert_eq!(event.id, format!("bkt/a b.txt@{etag}"));
+        assert_eq!(event.attribute("s3etag"), Some(etag));
+        let data: Value = serde_json::from_slice(&event.data).unwrap();
+        assert_eq!(data["object"]["eTag"], etag, "{data}");
+        // What a poll of the same object stores: the same id, ETag and data ETag.
+        let polled = ObjectNotice {
+            event_source: "aws:s3",
+            region: "us-east-1",
+            bucket: "bkt",
+            key: "a b.txt",
+            event_name: "ObjectCreated:Put",
+            time: None,
+            size: Some(3),
+            etag: Some(etag),
+            version_id: None,
+            sequencer: None,
+        };
+        assert_eq!(polled.id().unwrap(), event.id);
+        assert_eq!(
+            polled.record_data()["object"]["eTag"],
+            data["object"]["eTag"]
+        );
+        // A MinIO multipart ETag in quotes too.
+        let minio = &object_events(MINIO.as_bytes()).unwrap()[0];
+        let data: Value = serde_json::from_slice(&minio.data).unwrap();
+        assert_eq!(data["object"]["eTag"], "5d2b0a6f61b9a8e1c1e2-2");
     }
 
     #[test]

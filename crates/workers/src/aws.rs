@@ -261,9 +261,18 @@ fn s3_record(event: &Event) -> Value {
         ("versionId", "s3versionid"),
         ("sequencer", "s3sequencer"),
     ] {
-        if let Some(value) =
+        if let Some(mut value) =
             text(&data["object"][name]).or_else(|| event.extensions.get(extension).cloned())
         {
+            // AWS writes the ETag bare; the S3 connector stores it so, but an event
+            // stored by an older version (or posted by a client) may keep quotes.
+            if name == "eTag" {
+                value = value
+                    .trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_owned();
+            }
             object.insert(name.to_owned(), Value::from(value));
         }
     }
@@ -712,8 +721,23 @@ mod tests {
         assert_eq!(record["s3"]["bucket"]["name"], "my.bucket");
         assert_eq!(record["s3"]["object"]["key"], "dir/a+b%2Bc+%C3%BC.jpg");
         assert_eq!(record["s3"]["object"]["size"], 3);
+        assert_eq!(record["s3"]["object"]["eTag"], "abc");
         let batch: Value = serde_json::from_slice(&render_batch(&[event.clone(), event])).unwrap();
         assert_eq!(batch["Records"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_quoted_etag_is_rendered_bare_as_aws_writes_it() {
+        let mut event = Event::new(
+            "b/k@abc",
+            "aws:s3.us-east-1.b",
+            "com.amazonaws.s3.ObjectCreated:Put",
+        );
+        event.extensions.insert("s3bucket".into(), "b".into());
+        event.extensions.insert("s3key".into(), "k".into());
+        event.data = Bytes::from_static(br#"{"object":{"key":"k","eTag":"\"abc\""}}"#);
+        let rendered: Value = serde_json::from_slice(&render(&event)).unwrap();
+        assert_eq!(rendered["Records"][0]["s3"]["object"]["eTag"], "abc");
     }
 
     #[test]
