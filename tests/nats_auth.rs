@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{FunctionServer, NatsServer, Reply, Switchyard, WAIT, random_name};
@@ -249,58 +249,137 @@ async fn tls_with_a_client_certificate_and_a_server_name() {
     }
 }
 
+/// A `switchyard run` process whose log (stderr) is kept in a file, with `RUST_LOG`
+/// set or removed; killed on drop.
+struct LoggedProcess {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    ready: std::path::PathBuf,
+    _directory: tempfile::TempDir,
+}
+
+impl LoggedProcess {
+    fn start(config_text: &str, rust_log: Option<&str>) -> LoggedProcess {
+        let directory = tempfile::tempdir().unwrap();
+        let config_path = directory.path().join("switchyard.toml");
+        std::fs::write(&config_path, config_text).unwrap();
+        let log = directory.path().join("log");
+        let ready = directory.path().join("ready.json");
+        // One open file for both, so neither writes over the other.
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        match rust_log {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
+        LoggedProcess {
+            child: command.spawn().unwrap(),
+            log,
+            ready,
+            _directory: directory,
+        }
+    }
+
+    /// What it wrote to stdout and stderr so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// Its ready file, once written.
+    async fn wait_ready(&mut self) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&self.ready)
+                && let Ok(report) = serde_json::from_str(&text)
+            {
+                return report;
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "switchyard exited:\n{}",
+                self.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "switchyard did not become ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops it (SIGTERM) and returns its whole log.
+    async fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + WAIT;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "switchyard did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.log()
+    }
+}
+
+impl Drop for LoggedProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A nats-server whose account SWITCHYARD (JetStream, the documented permissions
+/// for `prefix`) has user `switchyard` with `password`.
+fn nats_with_user(directory: &Path, prefix: &str, password: &str) -> NatsServer {
+    nats_with(
+        directory,
+        &format!(
+            "accounts {{ SWITCHYARD {{ jetstream: enabled, users: [ {{ user: switchyard, password: \"{password}\", permissions: {} }} ] }} }}\n",
+            permissions(prefix)
+        ),
+    )
+}
+
+/// `text` logging at `level`.
+fn at_level(text: &str, level: &str) -> String {
+    text.replace(
+        "level = \"${SWITCHYARD_TEST_LOG:-error}\"",
+        &format!("level = \"{level}\""),
+    )
+}
+
 /// Secrets given in the configuration do not reach the log, even at debug level.
 #[tokio::test]
 async fn secrets_never_reach_the_log() {
     let directory = tempfile::tempdir().unwrap();
     let prefix = random_name("p");
-    let nats = nats_with(
-        directory.path(),
-        &format!(
-            "accounts {{ SWITCHYARD {{ jetstream: enabled, users: [ {{ user: switchyard, password: \"pass-w0rd-secret\", permissions: {} }} ] }} }}\n",
-            permissions(&prefix)
-        ),
-    );
+    let nats = nats_with_user(directory.path(), &prefix, "pass-w0rd-secret");
     let function = FunctionServer::start(function_behaviour).await;
-    let text = config(
-        &nats.url(),
-        &prefix,
-        "user = \"switchyard\"\npassword = \"pass-w0rd-secret\"",
-        &function.url,
-    )
-    .replace(
-        "level = \"${SWITCHYARD_TEST_LOG:-error}\"",
-        "level = \"debug\"",
+    let text = at_level(
+        &config(
+            &nats.url(),
+            &prefix,
+            "user = \"switchyard\"\npassword = \"pass-w0rd-secret\"",
+            &function.url,
+        ),
+        "debug",
     )
     .replace(
         "[[sources.hooks]]",
         "bearer_token = \"source-token-secret\"\n\n[[sources.hooks]]",
     );
-    let config_path = directory.path().join("switchyard.toml");
-    std::fs::write(&config_path, &text).unwrap();
-    let log_path = directory.path().join("log");
-    let ready = directory.path().join("ready.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .arg("--ready-file")
-        .arg(&ready)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    let report: serde_json::Value = loop {
-        if let Ok(text) = std::fs::read_to_string(&ready)
-            && let Ok(report) = serde_json::from_str(&text)
-        {
-            break report;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "switchyard exited");
-        assert!(Instant::now() < deadline, "switchyard did not become ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut process = LoggedProcess::start(&text, None);
+    let report = process.wait_ready().await;
     let http = report["sources"]["http"].as_str().unwrap();
     let client = reqwest::Client::new();
     for token in ["source-token-secret", "wrong-token"] {
@@ -314,23 +393,60 @@ async fn secrets_never_reach_the_log() {
             .unwrap();
     }
     function.wait_for(1, WAIT).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "switchyard did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = process.stop().await;
     assert!(
         log.contains("connected to nats"),
         "the log was written: {log}"
     );
     for secret in ["pass-w0rd-secret", "source-token-secret"] {
         assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
+    }
+}
+
+/// Credentials in `nats.url` (`nats://user:password@host`) reach the server but not
+/// the log, at debug level from the configuration and at trace level from
+/// `RUST_LOG` (which overrides it), libraries' own lines included.
+#[tokio::test]
+async fn credentials_in_the_url_never_reach_the_log() {
+    let directory = tempfile::tempdir().unwrap();
+    let prefix = random_name("p");
+    // A `/` the URL must percent-encode: neither spelling may be printed.
+    let password = "url-pass/w0rd-secret";
+    let nats = nats_with_user(directory.path(), &prefix, password);
+    let url = format!(
+        "nats://switchyard:{}@127.0.0.1:{}",
+        password.replace('/', "%2F"),
+        nats.port
+    );
+    for (level, rust_log) in [("debug", None), ("info", Some("trace"))] {
+        let function = FunctionServer::start(function_behaviour).await;
+        let text = at_level(&config(&url, &prefix, "", &function.url), level);
+        let mut process = LoggedProcess::start(&text, rust_log);
+        let report = process.wait_ready().await;
+        let http = report["sources"]["http"].as_str().unwrap();
+        let key = format!("url-{level}");
+        let accepted = reqwest::Client::new()
+            .post(format!("http://{http}/hooks/plain"))
+            .header("idempotency-key", &key)
+            .body("ok")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(accepted, 202);
+        assert_eq!(function.wait_for(1, WAIT).await[0].id(), key);
+        let log = process.stop().await;
+        // The client's own debug lines were written (they name the server).
+        assert!(
+            log.contains("connected to nats") && log.contains("attempting connection"),
+            "{level}, RUST_LOG={rust_log:?}: the log was written: {log}"
+        );
+        for secret in ["url-pass", "w0rd-secret"] {
+            assert!(
+                !log.contains(secret),
+                "{level}, RUST_LOG={rust_log:?}: `{secret}` in the log:\n{log}"
+            );
+        }
     }
 }
 

@@ -448,6 +448,18 @@ pub fn server_addresses(urls: &str) -> Result<Vec<async_nats::ServerAddr>, Strin
     Ok(servers)
 }
 
+/// A server address without the `user:password@` or `token@` of its URL.
+fn without_credentials(server: async_nats::ServerAddr) -> async_nats::ServerAddr {
+    if !server.has_user_pass() {
+        return server;
+    }
+    let mut url = server.clone().into_inner();
+    // Both fail only for URLs that cannot have credentials, which these had.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    async_nats::ServerAddr::from_url(url).unwrap_or(server)
+}
+
 /// A failure talking to NATS, with the stage it happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -517,7 +529,8 @@ impl Bus {
             reason,
         })?;
         // async-nats does not read credentials from the URLs: a `user:password@` or
-        // `token@` in `nats.url` is passed on here.
+        // `token@` in `nats.url` is passed on here, and the URLs handed to the client
+        // carry none (it prints them in its own debug lines).
         let mut options = async_nats::ConnectOptions::new();
         if let Some(server) = servers.iter().find(|server| server.has_user_pass()) {
             let decode = |text: &str| {
@@ -531,6 +544,10 @@ impl Bus {
                 None => options.token(user),
             };
         }
+        let servers = servers
+            .into_iter()
+            .map(without_credentials)
+            .collect::<Vec<_>>();
         let connect_error = |reason: String| BusError::Connect {
             url: redact_url(&config.url),
             reason,
@@ -1465,6 +1482,26 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn the_addresses_given_to_the_client_carry_no_credentials() {
+        for url in [
+            "nats://switchyard:pass-w0rd@127.0.0.1:4222",
+            "tls://t0ken@nats.example.com:4222",
+            "nats://127.0.0.1:4222",
+        ] {
+            let server = server_addresses(url).unwrap().remove(0);
+            let bare = without_credentials(server.clone());
+            assert!(!bare.has_user_pass(), "{url}");
+            let printed = format!("{bare:?} {}", bare.as_url_str());
+            assert!(!printed.contains("pass-w0rd"), "{printed}");
+            assert!(!printed.contains("t0ken"), "{printed}");
+            assert!(!printed.contains('@'), "{printed}");
+            assert_eq!(bare.host(), server.host());
+            assert_eq!(bare.port(), server.port());
+            assert_eq!(bare.tls_required(), server.tls_required());
+        }
+    }
 
     #[test]
     fn credentials_are_left_out_of_printed_urls() {
