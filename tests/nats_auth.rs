@@ -450,6 +450,81 @@ async fn credentials_in_the_url_never_reach_the_log() {
     }
 }
 
+/// A wrong password: `/readyz` and the log say the server refused the credentials
+/// and what it said, not that NATS is unreachable, and print no password.
+#[tokio::test]
+async fn refused_credentials_are_reported_as_such() {
+    let directory = tempfile::tempdir().unwrap();
+    let prefix = random_name("p");
+    let nats = nats_with_user(directory.path(), &prefix, "right-pass-secret");
+    let function = FunctionServer::start(function_behaviour).await;
+    let text = at_level(
+        &config(
+            &nats.url(),
+            &prefix,
+            "user = \"switchyard\"\npassword = \"wrong-pass-secret\"",
+            &function.url,
+        ),
+        "info",
+    )
+    .replace("[log]\n", "[log]\nformat = \"json\"\n");
+    let process = LoggedProcess::start(&text, None);
+    // Never ready, so no ready file: the admin address is in the log.
+    let deadline = Instant::now() + WAIT;
+    let admin = loop {
+        let found = process.log().lines().find_map(|line| {
+            let line: serde_json::Value = serde_json::from_str(line).ok()?;
+            Some(line.get("admin")?.as_str()?.to_owned())
+        });
+        if let Some(admin) = found {
+            break admin;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no admin address in the log:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = reqwest::Client::new();
+    let (status, body) = loop {
+        let response = client
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        if body.contains("refused") || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body,
+        "not ready: nats refused the credentials: authorization violation\n"
+    );
+    let log = loop {
+        let log = process.log();
+        if log.contains("nats refused the credentials") || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let line = log
+        .lines()
+        .find(|line| line.contains("nats refused the credentials"))
+        .unwrap_or_else(|| panic!("no line saying the credentials were refused:\n{log}"));
+    assert!(line.contains("authorization violation"), "{line}");
+    assert!(!log.contains("nats unreachable"), "{log}");
+    let log = process.stop().await;
+    for secret in ["wrong-pass-secret", "right-pass-secret"] {
+        assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
+        assert!(!body.contains(secret), "{body}");
+    }
+}
+
 /// A NATS JWT (`header.claims.signature`, base64url without padding, Ed25519 by the
 /// issuer's NKey), as `nsc` writes them.
 fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {

@@ -465,6 +465,11 @@ fn without_credentials(server: async_nats::ServerAddr) -> async_nats::ServerAddr
 pub enum BusError {
     #[error("connect to nats at `{url}` failed: {reason}")]
     Connect { url: String, reason: String },
+    /// The server answered and refused the credentials (`reason` is what it said,
+    /// `authorization violation`): retrying helps only once the credentials or the
+    /// server's accounts change. Neither field holds a secret.
+    #[error("nats at `{url}` refused the credentials: {reason}")]
+    CredentialsRefused { url: String, reason: String },
     #[error("set up stream `{stream}` failed: {reason}")]
     StreamSetup { stream: String, reason: String },
     #[error("{stage} failed: {reason}")]
@@ -621,9 +626,19 @@ impl Bus {
             .connection_timeout(Duration::from_secs(5))
             .connect(servers.as_slice())
             .await
-            .map_err(|error| BusError::Connect {
-                url: redact_url(&config.url),
-                reason: error.to_string(),
+            .map_err(|error| match error.kind() {
+                // The kind's words (the server's `-ERR`), not a source that could
+                // quote more.
+                async_nats::ConnectErrorKind::AuthorizationViolation => {
+                    BusError::CredentialsRefused {
+                        url: redact_url(&config.url),
+                        reason: error.kind().to_string(),
+                    }
+                }
+                _ => BusError::Connect {
+                    url: redact_url(&config.url),
+                    reason: error.to_string(),
+                },
             })?;
         let in_flight = config.max_publishes_in_flight.max(1);
         // async-nats' own bound sits above ours, which leaves room for the dispatcher's

@@ -39,6 +39,9 @@ pub struct AdminState {
     /// The last check that the events stream answers (it has a leader), and when:
     /// `/readyz` asks NATS at most once a second, however often it is asked.
     stream_check: Arc<tokio::sync::Mutex<Option<StreamCheck>>>,
+    /// Why the last attempt to connect to NATS failed, when the server said why
+    /// (refused credentials): `/readyz` tells it; no secret is in it.
+    connect_problem: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// When the events stream was last asked for, and what it answered.
@@ -58,7 +61,13 @@ impl AdminState {
             sources: Arc::new(OnceLock::new()),
             tokens: Arc::new(Vec::new()),
             stream_check: Arc::default(),
+            connect_problem: Arc::default(),
         }
+    }
+
+    /// What `/readyz` says while connecting: why the server refused, or none.
+    pub fn set_connect_problem(&self, problem: Option<String>) {
+        *self.connect_problem.lock().expect("not poisoned") = problem;
     }
 
     /// Whether the events stream answers now (checked at most once a second).
@@ -434,6 +443,12 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: disconnected from nats\n",
+        )
+            .into_response()
+    } else if let Some(problem) = state.connect_problem.lock().expect("not poisoned").clone() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {problem}\n"),
         )
             .into_response()
     } else {

@@ -80,13 +80,29 @@ impl Running {
 async fn connect_bus(
     config: &Config,
     connection_metrics: &switchyard_bus::ConnectionMetrics,
+    admin_state: &admin::AdminState,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Bus>> {
     let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         match Bus::connect_counting(&config.nats, connection_metrics.clone()).await {
-            Ok(bus) => return Ok(Some(bus)),
+            Ok(bus) => {
+                admin_state.set_connect_problem(None);
+                return Ok(Some(bus));
+            }
+            // Not unreachable: the server answered and said no; `/readyz` says so too.
+            Err(switchyard_bus::BusError::CredentialsRefused { url, reason }) => {
+                admin_state
+                    .set_connect_problem(Some(format!("nats refused the credentials: {reason}")));
+                if failures.failed() {
+                    tracing::error!(%url, %reason, attempt = failures.failures(), "nats refused the credentials, retrying");
+                }
+                if !failures.pause(shutdown.cancelled()).await {
+                    return Ok(None);
+                }
+            }
             Err(error) => {
+                admin_state.set_connect_problem(None);
                 if failures.failed() {
                     tracing::warn!(%error, attempt = failures.failures(), "nats unreachable, retrying");
                 }
@@ -292,7 +308,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let task_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
-        let Some(bus) = connect_bus(&config, &connection_metrics, &task_shutdown).await? else {
+        let Some(bus) =
+            connect_bus(&config, &connection_metrics, &admin_state, &task_shutdown).await?
+        else {
             return Ok(());
         };
         let mut failures = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
