@@ -164,32 +164,37 @@ struct Shared {
     records: delivery::DeliveryRecords,
 }
 
-/// A running set of triggers.
+/// A set of triggers whose consumers exist, not running yet ([`Dispatcher::start`]).
 pub struct Dispatcher {
     /// Consumers of triggers no longer configured that still held events at start.
-    orphaned: Arc<Vec<consumers::OrphanedConsumer>>,
+    orphaned: Vec<consumers::OrphanedConsumer>,
     shared: Arc<Shared>,
     triggers: Vec<Arc<TriggerRuntime>>,
-    slots: Vec<Arc<FunctionSlots>>,
+    slots: HashMap<String, Arc<FunctionSlots>>,
     config: DispatcherConfig,
+    stream: jetstream::stream::Stream,
+    positions: Arc<consumers::Positions>,
 }
 
-/// Read-only view of a dispatcher, for the admin endpoint.
+/// Read-only view of a dispatcher, for the admin endpoint; follows triggers added
+/// and removed while it runs.
 #[derive(Clone)]
 pub struct DispatcherView {
-    triggers: Vec<Arc<TriggerRuntime>>,
-    orphaned: Arc<Vec<consumers::OrphanedConsumer>>,
+    triggers: Arc<std::sync::RwLock<Vec<Arc<TriggerRuntime>>>>,
+    orphaned: Arc<std::sync::RwLock<Vec<consumers::OrphanedConsumer>>>,
 }
 
 impl DispatcherView {
     /// Consumers of triggers no longer in the configuration that held events when
-    /// this process started.
-    pub fn orphaned(&self) -> &[consumers::OrphanedConsumer] {
-        &self.orphaned
+    /// this process started or last changed its triggers.
+    pub fn orphaned(&self) -> Vec<consumers::OrphanedConsumer> {
+        self.orphaned.read().expect("orphan view lock").clone()
     }
 
     pub fn triggers(&self) -> Vec<TriggerStatus> {
         self.triggers
+            .read()
+            .expect("trigger view lock")
             .iter()
             .map(|trigger| TriggerStatus {
                 name: trigger.config.name.clone(),
@@ -220,6 +225,186 @@ const MAX_WAITING_RETRIES: i64 = 100_000;
 /// behind their key's head).
 const ORDERED_BUFFER: i64 = 512;
 
+/// What a trigger is made of.
+struct TriggerParts {
+    trigger: TriggerConfig,
+    function: Arc<FunctionRuntime>,
+    destinations: Destinations,
+    slots: Option<Arc<FunctionSlots>>,
+}
+
+/// Creates (or updates, keeping its position) a trigger's durable consumers and
+/// builds its runtime state.
+async fn build_trigger(
+    bus: &Bus,
+    metrics: &DispatcherMetrics,
+    stream: &jetstream::stream::Stream,
+    positions: &Arc<consumers::Positions>,
+    parts: TriggerParts,
+) -> Result<Arc<TriggerRuntime>, DispatchError> {
+    let TriggerParts {
+        trigger,
+        function,
+        destinations,
+        slots,
+    } = parts;
+    if let Some(problem) = consumers::trigger_name_problem(&trigger.name) {
+        return Err(DispatchError::InvalidTriggerName(problem));
+    }
+    let subjects = bus.subjects();
+    let hints = trigger.filter.subject_hints();
+    let direct_subject = subjects.direct(&trigger.name);
+    let retry_subject = subjects.retry(&trigger.name);
+    let consumer_config = pull::Config {
+        durable_name: Some(ConsumerRole::Main.name(&trigger.name)),
+        description: Some(format!(
+            "switchyard trigger `{}` -> `{}`",
+            trigger.name, trigger.function
+        )),
+        // One filter subject: JetStream serves a consumer with several
+        // (`filter_subjects`) through a much slower path, 3-4x the server's
+        // CPU per event when events carry many subjects. Due retries and
+        // replays come through the trigger's direct consumer instead.
+        filter_subject: subjects.event_filter(
+            None,
+            hints.source_exact,
+            hints.type_exact,
+            hints.type_prefix,
+        ),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: trigger.ack_wait,
+        max_deliver: -1,
+        // Events in flight: one per invocation, or a batch's worth.
+        max_ack_pending: (trigger.max_concurrency
+            * trigger
+                .batch
+                .as_ref()
+                .map_or(1, |batch| batch.max_events.max(1))) as i64,
+        // One pull request per free permit can be waiting at worst.
+        max_waiting: (trigger.max_concurrency as i64 + 64).max(512),
+        deliver_policy: match trigger.start {
+            StartPosition::New => jetstream::consumer::DeliverPolicy::New,
+            StartPosition::All => jetstream::consumer::DeliverPolicy::All,
+        },
+        ..Default::default()
+    };
+    let retry_consumer_config = pull::Config {
+        durable_name: Some(ConsumerRole::Retry.name(&trigger.name)),
+        description: Some(format!(
+            "switchyard trigger `{}`: events waiting to be retried",
+            trigger.name
+        )),
+        filter_subject: retry_subject.clone(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: MAX_WAITING_RETRIES,
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    let direct_consumer_config = pull::Config {
+        durable_name: Some(ConsumerRole::Direct.name(&trigger.name)),
+        description: Some(format!(
+            "switchyard trigger `{}`: due retries and replays",
+            trigger.name
+        )),
+        filter_subject: direct_subject.clone(),
+        deliver_policy: jetstream::consumer::DeliverPolicy::New,
+        ..consumer_config.clone()
+    };
+    // An ordered trigger reads new events through its key partitions instead.
+    if trigger.ordering != OrderingMode::Key {
+        consumers::ensure(stream, &consumer_config, positions).await?;
+    }
+    consumers::ensure(stream, &direct_consumer_config, positions).await?;
+    consumers::ensure(stream, &retry_consumer_config, positions).await?;
+    let mut partition_configs = Vec::new();
+    if trigger.ordering == OrderingMode::Key {
+        let partitions = trigger.partitions.clamp(1, switchyard_bus::KEY_BUCKETS);
+        for index in 0..partitions {
+            let config = pull::Config {
+                durable_name: Some(
+                    ConsumerRole::Partition {
+                        index,
+                        of: partitions,
+                    }
+                    .name(&trigger.name),
+                ),
+                description: Some(format!(
+                    "switchyard trigger `{}`: key partition {index} of {partitions}",
+                    trigger.name
+                )),
+                filter_subjects: (0..switchyard_bus::KEY_BUCKETS)
+                    .filter(|bucket| bucket % partitions == index)
+                    .map(|bucket| {
+                        subjects.event_filter(
+                            Some(bucket),
+                            hints.source_exact,
+                            hints.type_exact,
+                            hints.type_prefix,
+                        )
+                    })
+                    .collect(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: trigger.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: ORDERED_BUFFER,
+                deliver_policy: consumer_config.deliver_policy,
+                priority_groups: vec![ordered::OWNER_GROUP.to_owned()],
+                priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+                priority_timeout: ordered::OWNER_TIMEOUT,
+                ..Default::default()
+            };
+            consumers::ensure(stream, &config, positions).await?;
+            partition_configs.push(config);
+        }
+    }
+    let labels = TriggerLabels {
+        trigger: trigger.name.clone(),
+        function: function.name.clone(),
+    };
+    let function_limit = metrics
+        .function_concurrency_limit
+        .get_or_create(&FunctionLabels {
+            function: function.name.clone(),
+        })
+        .clone();
+    function_limit.set(function.limit.limit() as i64);
+    let trigger_metrics = TriggerMetrics {
+        dispatched: metrics.events_dispatched.get_or_create(&labels).clone(),
+        succeeded: metrics.dispatch_succeeded.get_or_create(&labels).clone(),
+        retried: metrics.dispatch_retried.get_or_create(&labels).clone(),
+        rejected: metrics.dispatch_rejected.get_or_create(&labels).clone(),
+        filtered: metrics.events_filtered.get_or_create(&labels).clone(),
+        in_flight: metrics.events_in_flight.get_or_create(&labels).clone(),
+        duration: metrics
+            .invocation_duration_seconds
+            .get_or_create(&labels)
+            .clone(),
+        function_limit,
+    };
+    Ok(Arc::new(TriggerRuntime {
+        destinations,
+        metrics: trigger_metrics,
+        permits: Arc::new(Semaphore::new(trigger.max_concurrency.max(1))),
+        permit_wanted: tokio::sync::Notify::new(),
+        slots,
+        config: trigger,
+        function,
+        stream: stream.clone(),
+        positions: positions.clone(),
+        consumer_config,
+        direct_consumer_config,
+        retry_consumer_config,
+        partition_configs,
+        direct_subject,
+        retry_subject,
+        in_flight: AtomicI64::new(0),
+        lag: AtomicU64::new(0),
+        retrying: AtomicU64::new(0),
+    }))
+}
+
 impl Dispatcher {
     /// Creates (or updates) every trigger's durable consumers.
     pub async fn new(
@@ -247,183 +432,38 @@ impl Dispatcher {
         }
         let mut runtimes = Vec::with_capacity(triggers.len());
         for trigger in triggers {
-            if let Some(problem) = consumers::trigger_name_problem(&trigger.name) {
-                return Err(DispatchError::InvalidTriggerName(problem));
-            }
             let function = functions.get(&trigger.function).cloned().ok_or_else(|| {
                 DispatchError::UnknownFunction {
                     trigger: trigger.name.clone(),
                     function: trigger.function.clone(),
                 }
             })?;
-            let subjects = bus.subjects();
-            let hints = trigger.filter.subject_hints();
-            let direct_subject = subjects.direct(&trigger.name);
-            let retry_subject = subjects.retry(&trigger.name);
-            let consumer_config = pull::Config {
-                durable_name: Some(ConsumerRole::Main.name(&trigger.name)),
-                description: Some(format!(
-                    "switchyard trigger `{}` -> `{}`",
-                    trigger.name, trigger.function
-                )),
-                // One filter subject: JetStream serves a consumer with several
-                // (`filter_subjects`) through a much slower path, 3-4x the server's
-                // CPU per event when events carry many subjects. Due retries and
-                // replays come through the trigger's direct consumer instead.
-                filter_subject: subjects.event_filter(
-                    None,
-                    hints.source_exact,
-                    hints.type_exact,
-                    hints.type_prefix,
-                ),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: trigger.ack_wait,
-                max_deliver: -1,
-                // Events in flight: one per invocation, or a batch's worth.
-                max_ack_pending: (trigger.max_concurrency
-                    * trigger
-                        .batch
-                        .as_ref()
-                        .map_or(1, |batch| batch.max_events.max(1)))
-                    as i64,
-                // One pull request per free permit can be waiting at worst.
-                max_waiting: (trigger.max_concurrency as i64 + 64).max(512),
-                deliver_policy: match trigger.start {
-                    StartPosition::New => jetstream::consumer::DeliverPolicy::New,
-                    StartPosition::All => jetstream::consumer::DeliverPolicy::All,
-                },
-                ..Default::default()
-            };
-            let retry_consumer_config = pull::Config {
-                durable_name: Some(ConsumerRole::Retry.name(&trigger.name)),
-                description: Some(format!(
-                    "switchyard trigger `{}`: events waiting to be retried",
-                    trigger.name
-                )),
-                filter_subject: retry_subject.clone(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_deliver: -1,
-                max_ack_pending: MAX_WAITING_RETRIES,
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                ..Default::default()
-            };
-            let direct_consumer_config = pull::Config {
-                durable_name: Some(ConsumerRole::Direct.name(&trigger.name)),
-                description: Some(format!(
-                    "switchyard trigger `{}`: due retries and replays",
-                    trigger.name
-                )),
-                filter_subject: direct_subject.clone(),
-                deliver_policy: jetstream::consumer::DeliverPolicy::New,
-                ..consumer_config.clone()
-            };
-            // An ordered trigger reads new events through its key partitions instead.
-            if trigger.ordering != OrderingMode::Key {
-                consumers::ensure(&stream, &consumer_config, &positions).await?;
-            }
-            consumers::ensure(&stream, &direct_consumer_config, &positions).await?;
-            consumers::ensure(&stream, &retry_consumer_config, &positions).await?;
-            let mut partition_configs = Vec::new();
-            if trigger.ordering == OrderingMode::Key {
-                let partitions = trigger.partitions.clamp(1, switchyard_bus::KEY_BUCKETS);
-                for index in 0..partitions {
-                    let config = pull::Config {
-                        durable_name: Some(
-                            ConsumerRole::Partition {
-                                index,
-                                of: partitions,
-                            }
-                            .name(&trigger.name),
-                        ),
-                        description: Some(format!(
-                            "switchyard trigger `{}`: key partition {index} of {partitions}",
-                            trigger.name
-                        )),
-                        filter_subjects: (0..switchyard_bus::KEY_BUCKETS)
-                            .filter(|bucket| bucket % partitions == index)
-                            .map(|bucket| {
-                                subjects.event_filter(
-                                    Some(bucket),
-                                    hints.source_exact,
-                                    hints.type_exact,
-                                    hints.type_prefix,
-                                )
-                            })
-                            .collect(),
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ack_wait: trigger.ack_wait,
-                        max_deliver: -1,
-                        max_ack_pending: ORDERED_BUFFER,
-                        deliver_policy: consumer_config.deliver_policy,
-                        priority_groups: vec![ordered::OWNER_GROUP.to_owned()],
-                        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
-                        priority_timeout: ordered::OWNER_TIMEOUT,
-                        ..Default::default()
-                    };
-                    consumers::ensure(&stream, &config, &positions).await?;
-                    partition_configs.push(config);
-                }
-            }
-            let labels = TriggerLabels {
-                trigger: trigger.name.clone(),
-                function: function.name.clone(),
-            };
-            let function_limit = metrics
-                .function_concurrency_limit
-                .get_or_create(&FunctionLabels {
-                    function: function.name.clone(),
-                })
-                .clone();
-            function_limit.set(function.limit.limit() as i64);
-            let trigger_metrics = TriggerMetrics {
-                dispatched: metrics.events_dispatched.get_or_create(&labels).clone(),
-                succeeded: metrics.dispatch_succeeded.get_or_create(&labels).clone(),
-                retried: metrics.dispatch_retried.get_or_create(&labels).clone(),
-                rejected: metrics.dispatch_rejected.get_or_create(&labels).clone(),
-                filtered: metrics.events_filtered.get_or_create(&labels).clone(),
-                in_flight: metrics.events_in_flight.get_or_create(&labels).clone(),
-                duration: metrics
-                    .invocation_duration_seconds
-                    .get_or_create(&labels)
-                    .clone(),
-                function_limit,
-            };
-            runtimes.push(Arc::new(TriggerRuntime {
-                destinations: destinations.remove(&trigger.name).unwrap_or_default(),
-                metrics: trigger_metrics,
-                permits: Arc::new(Semaphore::new(trigger.max_concurrency.max(1))),
-                permit_wanted: tokio::sync::Notify::new(),
-                slots: slots_by_function.get(&function.name).cloned(),
-                config: trigger,
-                function,
-                stream: stream.clone(),
-                positions: positions.clone(),
-                consumer_config,
-                direct_consumer_config,
-                retry_consumer_config,
-                partition_configs,
-                direct_subject,
-                retry_subject,
-                in_flight: AtomicI64::new(0),
-                lag: AtomicU64::new(0),
-                retrying: AtomicU64::new(0),
-            }));
+            let destinations = destinations.remove(&trigger.name).unwrap_or_default();
+            let slots = slots_by_function.get(&function.name).cloned();
+            runtimes.push(
+                build_trigger(
+                    &bus,
+                    &metrics,
+                    &stream,
+                    &positions,
+                    TriggerParts {
+                        trigger,
+                        function,
+                        destinations,
+                        slots,
+                    },
+                )
+                .await?,
+            );
         }
         let configured: std::collections::HashSet<&str> = runtimes
             .iter()
             .map(|trigger| trigger.config.name.as_str())
             .collect();
         let orphaned = consumers::orphaned(&stream, &configured).await;
-        for orphan in &orphaned {
-            tracing::warn!(
-                consumer = %orphan.consumer, trigger = %orphan.trigger, pending = orphan.pending, ack_pending = orphan.ack_pending,
-                "a trigger no longer in the configuration still holds events: they will not be delivered; `switchyard dlq drain --trigger {}` moves them to its dead letters",
-                orphan.trigger
-            );
-        }
+        warn_orphaned(&orphaned);
         Ok(Dispatcher {
-            orphaned: Arc::new(orphaned),
+            orphaned,
             shared: Arc::new(Shared {
                 records: delivery::DeliveryRecords::open(&bus, stream_epoch).await?,
                 bus,
@@ -431,112 +471,375 @@ impl Dispatcher {
                 global: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             }),
             triggers: runtimes,
-            slots: slots_by_function.into_values().collect(),
+            slots: slots_by_function,
             config,
+            stream,
+            positions,
+        })
+    }
+
+    /// A dispatcher with no trigger yet: they are added once it runs
+    /// ([`RunningDispatcher::upsert`]), and [`RunningDispatcher::check_orphans`]
+    /// then tells which consumers belong to none.
+    pub async fn empty(
+        bus: Bus,
+        config: DispatcherConfig,
+        metrics: DispatcherMetrics,
+    ) -> Result<Dispatcher, DispatchError> {
+        let stream = bus
+            .jetstream()
+            .get_stream(bus.events_stream())
+            .await
+            .map_err(|error| BusError::operation("open events stream", error))?;
+        let stream_epoch = stream.cached_info().created.unix_timestamp_nanos();
+        let positions = Arc::new(consumers::Positions::open(&bus, stream_epoch).await?);
+        Ok(Dispatcher {
+            orphaned: Vec::new(),
+            shared: Arc::new(Shared {
+                records: delivery::DeliveryRecords::open(&bus, stream_epoch).await?,
+                bus,
+                metrics,
+                global: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
+            }),
+            triggers: Vec::new(),
+            slots: HashMap::new(),
+            config,
+            stream,
+            positions,
         })
     }
 
     /// The cluster-wide slots of `function` (with `concurrency_scope = "cluster"`),
     /// for callers outside the triggers that share its budget (synchronous calls).
     pub fn function_slots(&self, function: &str) -> Option<Arc<FunctionSlots>> {
-        self.slots
-            .iter()
-            .find(|slots| slots.function() == function)
-            .cloned()
+        self.slots.get(function).cloned()
     }
 
-    pub fn view(&self) -> DispatcherView {
-        DispatcherView {
-            triggers: self.triggers.clone(),
-            orphaned: self.orphaned.clone(),
-        }
-    }
-
-    /// Runs every trigger until `shutdown` is cancelled, then stops pulling, lets
-    /// in-flight invocations finish within the shutdown grace, and hands the rest back
-    /// to JetStream (NAK) so another process takes them at once.
+    /// Runs every trigger until `shutdown` is cancelled, then stops as
+    /// [`RunningDispatcher::stop`] does.
     pub async fn run(self, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
-        let abandon = CancellationToken::new();
-        // Slots outlive the in-flight invocations that hold them.
-        let slots_shutdown = CancellationToken::new();
-        let mut slot_tasks = Vec::new();
-        for slots in &self.slots {
-            slot_tasks.push(tokio::spawn(
-                slots.clone().lease_loop(slots_shutdown.clone()),
-            ));
-            slot_tasks.push(tokio::spawn(slots.clone().maintain(slots_shutdown.clone())));
+        let running = self.start();
+        shutdown.cancelled().await;
+        running.stop().await;
+    }
+
+    /// Starts pulling for every trigger; triggers can then be added, changed and
+    /// removed while it runs.
+    pub fn start(self) -> RunningDispatcher {
+        let view = Arc::new(std::sync::RwLock::new(Vec::new()));
+        let running = RunningDispatcher {
+            inner: Arc::new(RunningInner {
+                shared: self.shared,
+                config: self.config,
+                stream: self.stream,
+                positions: self.positions,
+                tracker: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+                abandon: CancellationToken::new(),
+                slots_shutdown: CancellationToken::new(),
+                members_shutdown: CancellationToken::new(),
+                state: std::sync::Mutex::new(RunState::default()),
+                view: DispatcherView {
+                    triggers: view,
+                    orphaned: Arc::new(std::sync::RwLock::new(self.orphaned)),
+                },
+            }),
+        };
+        for (_, slots) in self.slots {
+            running.inner.adopt_slots(slots);
         }
+        for trigger in self.triggers {
+            running.inner.launch(trigger);
+        }
+        running
+    }
+}
+
+/// A trigger's loops, stopped together when it is removed or replaced.
+struct LaunchedTrigger {
+    runtime: Arc<TriggerRuntime>,
+    stop: CancellationToken,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct RunState {
+    /// By trigger name, in the order they were added.
+    triggers: Vec<(String, LaunchedTrigger)>,
+    slots: HashMap<String, Arc<FunctionSlots>>,
+    slot_tasks: Vec<tokio::task::JoinHandle<()>>,
+    members: Option<(members::Members, tokio::task::JoinHandle<()>)>,
+}
+
+struct RunningInner {
+    shared: Arc<Shared>,
+    config: DispatcherConfig,
+    stream: jetstream::stream::Stream,
+    positions: Arc<consumers::Positions>,
+    /// Every invocation in flight, of every trigger (removed ones' included).
+    tracker: TaskTracker,
+    /// Parent of every trigger's own stop token.
+    shutdown: CancellationToken,
+    abandon: CancellationToken,
+    slots_shutdown: CancellationToken,
+    members_shutdown: CancellationToken,
+    state: std::sync::Mutex<RunState>,
+    view: DispatcherView,
+}
+
+/// A running dispatcher: triggers can be added, changed and removed while events
+/// flow, and it stops by draining ([`RunningDispatcher::stop`]).
+pub struct RunningDispatcher {
+    inner: Arc<RunningInner>,
+}
+
+impl RunningInner {
+    fn adopt_slots(&self, slots: Arc<FunctionSlots>) {
+        let mut state = self.state.lock().expect("dispatcher state lock");
+        state.slot_tasks.push(tokio::spawn(
+            slots.clone().lease_loop(self.slots_shutdown.clone()),
+        ));
+        state.slot_tasks.push(tokio::spawn(
+            slots.clone().maintain(self.slots_shutdown.clone()),
+        ));
+        state.slots.insert(slots.function().to_owned(), slots);
+    }
+
+    /// Spawns a trigger's loops, under a stop token of its own.
+    fn launch(&self, trigger: Arc<TriggerRuntime>) {
+        let stop = self.shutdown.child_token();
         let mut loops = Vec::new();
-        let members_shutdown = CancellationToken::new();
-        let members = self
-            .triggers
-            .iter()
-            .any(|trigger| !trigger.partition_configs.is_empty())
-            .then(|| members::start(self.shared.bus.clone(), members_shutdown.clone()));
-        for trigger in &self.triggers {
-            let mut consumers = vec![trigger.direct_consumer_config.clone()];
-            if trigger.partition_configs.is_empty() {
-                consumers.push(trigger.consumer_config.clone());
-            }
-            for config in consumers {
-                if trigger.config.batch.is_some() {
-                    loops.push(tokio::spawn(batch::batch_loop(
-                        trigger.clone(),
-                        self.shared.clone(),
-                        config,
-                        tracker.clone(),
-                        shutdown.clone(),
-                        abandon.clone(),
-                    )));
-                } else {
-                    loops.push(tokio::spawn(pull_loop(
-                        trigger.clone(),
-                        self.shared.clone(),
-                        config,
-                        tracker.clone(),
-                        shutdown.clone(),
-                        abandon.clone(),
-                    )));
-                }
-            }
-            for index in 0..trigger.partition_configs.len() {
-                let (members, _) = members.as_ref().expect("started for ordered triggers");
-                loops.push(tokio::spawn(ordered::partition_loop(
+        let mut state = self.state.lock().expect("dispatcher state lock");
+        let members = if trigger.partition_configs.is_empty() {
+            None
+        } else {
+            let (members, _) = state.members.get_or_insert_with(|| {
+                members::start(self.shared.bus.clone(), self.members_shutdown.clone())
+            });
+            Some(members.clone())
+        };
+        let mut consumers = vec![trigger.direct_consumer_config.clone()];
+        if trigger.partition_configs.is_empty() {
+            consumers.push(trigger.consumer_config.clone());
+        }
+        for config in consumers {
+            if trigger.config.batch.is_some() {
+                loops.push(tokio::spawn(batch::batch_loop(
                     trigger.clone(),
                     self.shared.clone(),
-                    index,
-                    members.clone(),
-                    tracker.clone(),
-                    shutdown.clone(),
-                    abandon.clone(),
+                    config,
+                    self.tracker.clone(),
+                    stop.clone(),
+                    self.abandon.clone(),
+                )));
+            } else {
+                loops.push(tokio::spawn(pull_loop(
+                    trigger.clone(),
+                    self.shared.clone(),
+                    config,
+                    self.tracker.clone(),
+                    stop.clone(),
+                    self.abandon.clone(),
                 )));
             }
-            loops.push(tokio::spawn(retry_loop(
+        }
+        for index in 0..trigger.partition_configs.len() {
+            let members = members.clone().expect("started for ordered triggers");
+            loops.push(tokio::spawn(ordered::partition_loop(
                 trigger.clone(),
                 self.shared.clone(),
-                shutdown.clone(),
-            )));
-            loops.push(tokio::spawn(consumers::lag_loop(
-                trigger.clone(),
-                self.shared.clone(),
-                shutdown.clone(),
+                index,
+                members,
+                self.tracker.clone(),
+                stop.clone(),
+                self.abandon.clone(),
             )));
         }
-        shutdown.cancelled().await;
+        loops.push(tokio::spawn(retry_loop(
+            trigger.clone(),
+            self.shared.clone(),
+            stop.clone(),
+        )));
+        loops.push(tokio::spawn(consumers::lag_loop(
+            trigger.clone(),
+            self.shared.clone(),
+            stop.clone(),
+        )));
+        let name = trigger.config.name.clone();
+        let launched = LaunchedTrigger {
+            runtime: trigger,
+            stop,
+            loops,
+        };
+        match state
+            .triggers
+            .iter_mut()
+            .find(|(existing, _)| *existing == name)
+        {
+            Some((_, slot)) => *slot = launched,
+            None => state.triggers.push((name, launched)),
+        }
+        *self.view.triggers.write().expect("trigger view lock") = state
+            .triggers
+            .iter()
+            .map(|(_, launched)| launched.runtime.clone())
+            .collect();
+    }
+
+    /// Takes a trigger out: stops its loops (nothing new is pulled; what a loop held
+    /// but had not started is handed back to JetStream) and returns them to await.
+    /// Invocations in flight go on and settle as usual.
+    fn take_out(&self, name: &str) -> Option<LaunchedTrigger> {
+        let mut state = self.state.lock().expect("dispatcher state lock");
+        let index = state
+            .triggers
+            .iter()
+            .position(|(existing, _)| existing == name)?;
+        let (_, launched) = state.triggers.remove(index);
+        launched.stop.cancel();
+        *self.view.triggers.write().expect("trigger view lock") = state
+            .triggers
+            .iter()
+            .map(|(_, launched)| launched.runtime.clone())
+            .collect();
+        Some(launched)
+    }
+}
+
+impl RunningDispatcher {
+    pub fn view(&self) -> DispatcherView {
+        self.inner.view.clone()
+    }
+
+    /// Finds the consumers of triggers not running here that still hold events,
+    /// says so in the log and shows them in the view.
+    pub async fn check_orphans(&self) {
+        let names = self.trigger_names();
+        let configured: std::collections::HashSet<&str> =
+            names.iter().map(String::as_str).collect();
+        let orphaned = consumers::orphaned(&self.inner.stream, &configured).await;
+        warn_orphaned(&orphaned);
+        *self.inner.view.orphaned.write().expect("orphan view lock") = orphaned;
+    }
+
+    /// The names of the running triggers.
+    pub fn trigger_names(&self) -> Vec<String> {
+        self.inner
+            .state
+            .lock()
+            .expect("dispatcher state lock")
+            .triggers
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The cluster-wide slots of `function`, opening them when the function has
+    /// `cluster_slots` and none are open yet. Slots already open keep their count
+    /// (a changed count applies at the next start).
+    pub async fn function_slots(
+        &self,
+        function: &FunctionRuntime,
+    ) -> Result<Option<Arc<FunctionSlots>>, DispatchError> {
+        let Some(count) = function.cluster_slots else {
+            return Ok(None);
+        };
+        if let Some(slots) = self
+            .inner
+            .state
+            .lock()
+            .expect("dispatcher state lock")
+            .slots
+            .get(&function.name)
+        {
+            return Ok(Some(slots.clone()));
+        }
+        let slots =
+            FunctionSlots::open(&self.inner.shared.bus, &function.name, count.max(1)).await?;
+        self.inner.adopt_slots(slots.clone());
+        Ok(Some(slots))
+    }
+
+    /// Adds a trigger, or replaces the one of the same name: its consumers are
+    /// created or updated in place (keeping their positions) before the old loops
+    /// stop, so a failure leaves the running trigger as it was. The old loops stop
+    /// pulling and hand back what they had not started; its invocations in flight
+    /// finish and settle; the new loops pull from the same durable consumers, so no
+    /// event is delivered twice because of the change.
+    pub async fn upsert(
+        &self,
+        trigger: TriggerConfig,
+        function: Arc<FunctionRuntime>,
+        destinations: Destinations,
+    ) -> Result<(), DispatchError> {
+        let slots = self.function_slots(&function).await?;
+        let runtime = build_trigger(
+            &self.inner.shared.bus,
+            &self.inner.shared.metrics,
+            &self.inner.stream,
+            &self.inner.positions,
+            TriggerParts {
+                trigger,
+                function,
+                destinations,
+                slots,
+            },
+        )
+        .await?;
+        if let Some(old) = self.inner.take_out(&runtime.config.name) {
+            for task in old.loops {
+                let _ = task.await;
+            }
+        }
+        self.inner.launch(runtime);
+        Ok(())
+    }
+
+    /// Removes a trigger: it stops pulling, its invocations in flight finish and
+    /// settle. Its durable consumers stay (with their positions), so adding it back
+    /// later continues where it stopped.
+    pub async fn remove(&self, name: &str) {
+        if let Some(old) = self.inner.take_out(name) {
+            for task in old.loops {
+                let _ = task.await;
+            }
+        }
+    }
+
+    /// Stops pulling for every trigger, lets in-flight invocations finish within the
+    /// shutdown grace, and hands the rest back to JetStream (NAK) so another process
+    /// takes them at once.
+    pub async fn stop(self) {
+        let inner = self.inner;
+        inner.shutdown.cancel();
+        let (loops, members, slot_tasks, slots) = {
+            let mut state = inner.state.lock().expect("dispatcher state lock");
+            let loops: Vec<_> = state
+                .triggers
+                .drain(..)
+                .flat_map(|(_, launched)| launched.loops)
+                .collect();
+            (
+                loops,
+                state.members.take(),
+                std::mem::take(&mut state.slot_tasks),
+                state.slots.values().cloned().collect::<Vec<_>>(),
+            )
+        };
         for pull in loops {
             let _ = pull.await;
         }
+        let tracker = &inner.tracker;
         tracker.close();
         let in_flight = tracker.len();
         if in_flight > 0 {
             tracing::info!(
                 in_flight,
-                grace_ms = self.config.shutdown_grace.as_millis() as u64,
+                grace_ms = inner.config.shutdown_grace.as_millis() as u64,
                 "waiting for in-flight invocations"
             );
         }
-        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
+        if tokio::time::timeout(inner.config.shutdown_grace, tracker.wait())
             .await
             .is_err()
         {
@@ -544,23 +847,33 @@ impl Dispatcher {
                 abandoned = tracker.len(),
                 "shutdown grace over, handing in-flight events back to jetstream"
             );
-            abandon.cancel();
+            inner.abandon.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
         // Leaving the members only now: partitions were released above.
-        members_shutdown.cancel();
+        inner.members_shutdown.cancel();
         if let Some((_, task)) = members {
             let _ = task.await;
         }
-        slots_shutdown.cancel();
+        inner.slots_shutdown.cancel();
         for task in slot_tasks {
             let _ = task.await;
         }
         // Only now that nothing can lease or use a slot: give them all back, so other
         // processes need not wait out the lease timeout.
-        for slots in &self.slots {
+        for slots in &slots {
             slots.return_all().await;
         }
+    }
+}
+
+fn warn_orphaned(orphaned: &[consumers::OrphanedConsumer]) {
+    for orphan in orphaned {
+        tracing::warn!(
+            consumer = %orphan.consumer, trigger = %orphan.trigger, pending = orphan.pending, ack_pending = orphan.ack_pending,
+            "a trigger no longer in the configuration still holds events: they will not be delivered; `switchyard dlq drain --trigger {}` moves them to its dead letters",
+            orphan.trigger
+        );
     }
 }
 

@@ -33,8 +33,13 @@ pub struct AdminState {
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
     running: Arc<OnceLock<(DispatcherView, Bus)>>,
-    sources: Arc<OnceLock<Vec<Arc<SourceCell>>>>,
-    workers: Option<Arc<switchyard_workers::Workers>>,
+    sources: Arc<std::sync::RwLock<Vec<Arc<SourceCell>>>>,
+    /// Made when the first managed function is.
+    workers: Arc<OnceLock<Arc<switchyard_workers::Workers>>>,
+    /// The state this process runs.
+    revision: Arc<std::sync::RwLock<crate::live::Revision>>,
+    /// Where `POST /v1/reload` asks the running process to re-read its file.
+    reloads: Option<tokio::sync::mpsc::Sender<crate::ReloadRequest>>,
     tokens: Arc<Vec<SecretString>>,
     /// The last check that the events stream answers (it has a leader), and when:
     /// `/readyz` asks NATS at most once a second, however often it is asked.
@@ -51,14 +56,18 @@ impl AdminState {
     pub fn new(
         registry: Arc<Registry>,
         ready: Arc<AtomicBool>,
-        workers: Option<Arc<switchyard_workers::Workers>>,
+        workers: Arc<OnceLock<Arc<switchyard_workers::Workers>>>,
+        revision: Arc<std::sync::RwLock<crate::live::Revision>>,
+        reloads: Option<tokio::sync::mpsc::Sender<crate::ReloadRequest>>,
     ) -> Self {
         AdminState {
             registry,
             ready,
             workers,
+            revision,
+            reloads,
             running: Arc::new(OnceLock::new()),
-            sources: Arc::new(OnceLock::new()),
+            sources: Arc::default(),
             tokens: Arc::new(Vec::new()),
             stream_check: Arc::default(),
             connect_problem: Arc::default(),
@@ -104,15 +113,22 @@ impl AdminState {
         self
     }
 
+    /// The sources running now (replaced at every reload).
     pub fn set_sources(&self, sources: Vec<Arc<SourceCell>>) {
-        let _ = self.sources.set(sources);
+        *self.sources.write().expect("sources lock") = sources;
     }
 
     fn source_statuses(&self) -> Vec<SourceStatus> {
         self.sources
-            .get()
-            .map(|cells| cells.iter().map(|cell| cell.status()).collect())
-            .unwrap_or_default()
+            .read()
+            .expect("sources lock")
+            .iter()
+            .map(|cell| cell.status())
+            .collect()
+    }
+
+    fn revision(&self) -> crate::live::Revision {
+        self.revision.read().expect("revision lock").clone()
     }
 
     pub fn set_dispatcher(&self, view: DispatcherView, bus: Bus) {
@@ -126,6 +142,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/triggers", get(triggers))
         .route("/v1/sources", get(sources))
         .route("/v1/functions", get(functions))
+        .route("/v1/reload", post(reload))
         .route("/v1/dead-letters/{trigger}", get(dead_letters))
         .route("/v1/dead-letters/{trigger}/{sequence}", get(dead_letter))
         .route("/v1/dead-letters/{trigger}/replay", post(replay))
@@ -399,10 +416,41 @@ async fn purge(
 async fn functions(State(state): State<AdminState>) -> Response {
     let functions = state
         .workers
-        .as_ref()
+        .get()
         .map(|workers| workers.status())
         .unwrap_or_default();
-    axum::Json(serde_json::json!({ "functions": functions })).into_response()
+    axum::Json(serde_json::json!({
+        "revision": state.revision(),
+        "functions": functions,
+    }))
+    .into_response()
+}
+
+/// Re-reads the configuration file and applies what changed: `200` with what
+/// changed (or `unchanged`), `422` with the located mistakes when the file is
+/// refused (nothing changed then), `500` when part of it could not be applied.
+async fn reload(State(state): State<AdminState>) -> Response {
+    let Some(reloads) = &state.reloads else {
+        return error_response(
+            StatusCode::CONFLICT,
+            "this process was not started from a configuration file",
+        );
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if reloads.send(crate::ReloadRequest { reply }).await.is_err() {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "switchyard is stopping");
+    }
+    match answer.await {
+        Ok(outcome) => {
+            let status = match outcome.result {
+                "applied" | "unchanged" => StatusCode::OK,
+                "refused" => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, axum::Json(outcome)).into_response()
+        }
+        Err(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "switchyard is stopping"),
+    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
@@ -483,9 +531,10 @@ async fn triggers(State(state): State<AdminState>) -> Response {
     let (triggers, orphaned) = state
         .running
         .get()
-        .map(|(view, _)| (view.triggers(), view.orphaned().to_vec()))
+        .map(|(view, _)| (view.triggers(), view.orphaned()))
         .unwrap_or_default();
     axum::Json(serde_json::json!({
+        "revision": state.revision(),
         "triggers": triggers,
         // Triggers no longer configured whose consumers still held events at start:
         // `switchyard dlq drain --trigger <name>` moves them to its dead letters.
@@ -495,5 +544,9 @@ async fn triggers(State(state): State<AdminState>) -> Response {
 }
 
 async fn sources(State(state): State<AdminState>) -> Response {
-    axum::Json(serde_json::json!({ "sources": state.source_statuses() })).into_response()
+    axum::Json(serde_json::json!({
+        "revision": state.revision(),
+        "sources": state.source_statuses(),
+    }))
+    .into_response()
 }

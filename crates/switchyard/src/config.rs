@@ -23,7 +23,7 @@ use switchyard_dispatcher::{DispatcherConfig, TriggerConfig};
 use toml::Spanned;
 
 /// The whole configuration.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// How to reach NATS and the streams' settings.
@@ -54,6 +54,13 @@ pub struct Config {
     /// Which events go to which function.
     #[serde(default)]
     pub triggers: Vec<Spanned<TriggerConfig>>,
+    /// The file as values (after `${VAR}` and `<secret>_file` substitution): what a
+    /// reload compares, table by table, to tell what changed.
+    #[serde(skip)]
+    pub document: toml::Table,
+    /// The file it was read from, re-read on reload.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 impl Config {
@@ -99,6 +106,10 @@ pub struct AdminConfig {
     /// HTTPS: `{ cert_file, key_file }` (PEM), reloaded when they change.
     #[serde(default)]
     pub tls: Option<switchyard_connector_http::listener::TlsFiles>,
+    /// Re-read the configuration file when it changes (checked every second), as
+    /// SIGHUP and `switchyard reload` do.
+    #[serde(default)]
+    pub watch_config: bool,
 }
 
 impl Default for AdminConfig {
@@ -110,6 +121,7 @@ impl Default for AdminConfig {
             insecure: false,
             limits: Default::default(),
             tls: None,
+            watch_config: false,
         }
     }
 }
@@ -939,7 +951,9 @@ pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read the file: {error}"),
         }])
     })?;
-    parse(file, &text, &|name| std::env::var(name).ok())
+    let mut config = parse(file, &text, &|name| std::env::var(name).ok())?;
+    config.file = Some(file.to_owned());
+    Ok(config)
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
@@ -958,6 +972,7 @@ pub fn parse(
     let text = secret_files(file, &text, base)?;
     let mut config: Config =
         toml::from_str(&text).map_err(|error| ConfigErrors(parse_errors(file, &text, error)))?;
+    config.document = toml::from_str(&text).unwrap_or_default();
     // Certificate files are relative to the configuration file's directory.
     let relative = |files: &mut Option<switchyard_connector_http::listener::TlsFiles>| {
         if let Some(files) = files {

@@ -21,7 +21,7 @@
 //! `insecure` says otherwise.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -48,7 +48,7 @@ struct Callable {
 
 #[derive(Clone)]
 pub struct InvokeApiState {
-    callable: Arc<OnceLock<Callable>>,
+    callable: Arc<std::sync::RwLock<Option<Arc<Callable>>>>,
     region: String,
     max_wait: Duration,
     /// The access keys requests must be signed with (SigV4); none: not checked.
@@ -58,7 +58,7 @@ pub struct InvokeApiState {
 impl InvokeApiState {
     pub fn new(region: String, max_wait: Duration, keys: crate::sigv4::Keys) -> Self {
         InvokeApiState {
-            callable: Arc::new(OnceLock::new()),
+            callable: Arc::default(),
             region,
             max_wait,
             keys,
@@ -66,6 +66,8 @@ impl InvokeApiState {
     }
 
     /// Makes the functions callable (once the dispatcher built them and their
+    /// `invoke-<name>` triggers' consumers exist); each call replaces the set, so a
+    /// reload adds, changes and removes what is callable.
     /// `invoke-<name>` triggers' consumers exist).
     pub fn set_functions(&self, functions: &HashMap<String, Arc<SyncFunction>>, bus: Bus) {
         let functions = functions
@@ -73,7 +75,8 @@ impl InvokeApiState {
             .filter(|(_, function)| matches!(function.kind, CallKind::Lambda(_)))
             .map(|(name, function)| (name.clone(), function.clone()))
             .collect();
-        let _ = self.callable.set(Callable { functions, bus });
+        *self.callable.write().expect("callable lock") =
+            Some(Arc::new(Callable { functions, bus }));
     }
 }
 
@@ -170,7 +173,8 @@ async fn invoke(
     {
         return api_error(StatusCode::FORBIDDEN, refusal.error_type, &refusal.message);
     }
-    let Some(Callable { functions, bus }) = state.callable.get() else {
+    let callable = state.callable.read().expect("callable lock").clone();
+    let Some(Callable { functions, bus }) = callable.as_deref() else {
         return api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "ServiceException",

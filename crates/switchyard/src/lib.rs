@@ -7,6 +7,7 @@ pub mod calls;
 pub mod config;
 pub mod dlq;
 pub mod invoke_api;
+pub mod live;
 pub mod routes;
 pub mod sigv4;
 pub mod sources;
@@ -18,18 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use secrecy::ExposeSecret as _;
 use switchyard_bus::Bus;
 use switchyard_connector_http::HttpSourceMetrics;
-use switchyard_dispatcher::{
-    AdaptiveLimit, DestinationConfig, Destinations, Dispatcher, DispatcherMetrics, FunctionRuntime,
-    TriggerConfig,
-};
+use switchyard_dispatcher::{DestinationConfig, DispatcherMetrics};
+use switchyard_event::Destination;
 use switchyard_event::backoff::Backoff;
-use switchyard_event::{Destination, EventSink, Source, Target};
-use switchyard_targets::{HttpTarget, LogTarget, http_client};
-use switchyard_workers::ManagedFunction;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +41,8 @@ pub struct Running {
     pub admin: Option<SocketAddr>,
     /// Where Lambda's Invoke API listens, when `[invoke_api] listen` is set.
     pub invoke_api: Option<SocketAddr>,
+    /// Asks the running process to re-read its configuration file.
+    pub reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
 }
@@ -67,6 +66,19 @@ impl Running {
                 .map(|(name, address)| (name.clone(), serde_json::Value::from(address.to_string())))
                 .collect::<serde_json::Map<_, _>>(),
         })
+    }
+
+    /// Re-reads the configuration file and applies what changed (as SIGHUP and
+    /// `POST /v1/reload` do).
+    pub async fn reload(&self) -> anyhow::Result<live::ReloadOutcome> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.reloads
+            .send(ReloadRequest { reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("switchyard is stopping"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("switchyard stopped before reloading"))
     }
 
     /// Stops accepting, drains in-flight invocations and waits until everything ended.
@@ -172,87 +184,55 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     route_metrics.register(&mut registry);
     let worker_metrics = switchyard_workers::WorkerMetrics::default();
     worker_metrics.register(&mut registry);
+    let reload_results =
+        prometheus_client::metrics::family::Family::<ReloadLabels, Counter>::default();
+    registry.register(
+        "config_reloads",
+        "configuration reloads, by result: applied, unchanged, refused (nothing changed) or failed (partly applied)",
+        reload_results.clone(),
+    );
     let registry = Arc::new(registry);
-    // Functions whose instances Switchyard runs: set up (and what a killed
-    // predecessor left behind reaped) before anything starts one.
-    let workers = config
-        .functions
-        .iter()
-        .any(|function| {
-            matches!(
-                function.get_ref(),
-                config::FunctionConfig::Lambda(_) | config::FunctionConfig::Process(_)
-            )
-        })
-        .then(|| {
-            Arc::new(switchyard_workers::Workers::new(
-                switchyard_workers::WorkersSettings {
-                    region: config.workers.region.clone(),
-                    max_cold_starts: config.workers.max_cold_starts,
-                    stop_grace: config.workers.stop_grace,
-                    cgroups: config.workers.isolation == config::Isolation::Auto,
-                },
-                worker_metrics,
-            ))
-        });
+    // Made when the first function whose instances Switchyard runs is; it first
+    // reaps what a killed predecessor left behind.
+    let workers = Arc::new(std::sync::OnceLock::new());
+    let revision = Arc::new(std::sync::RwLock::new(live::Revision {
+        number: 0,
+        config_sha256: live::config_sha256(&config),
+        applied_at: switchyard_event::timestamp::now_rfc3339(),
+    }));
+    let (reload_sender, mut reload_requests) = tokio::sync::mpsc::channel::<ReloadRequest>(16);
+    let reloadable = config.file.is_some();
 
-    let mut source_listeners = Vec::new();
-    let mut nats_sources = Vec::new();
-    #[cfg(feature = "kafka")]
-    let mut kafka_sources = Vec::new();
-    #[cfg(feature = "s3")]
-    let mut poll_sources = Vec::new();
+    // HTTP sources bind now: until the bus is set up they answer `503 not ready`.
+    let mut listeners = HashMap::new();
     let mut sources = HashMap::new();
     for source in &config.sources {
-        match source.get_ref() {
-            config::SourceConfig::Nats(nats) => nats_sources.push(nats.clone()),
-            #[cfg(feature = "kafka")]
-            config::SourceConfig::Kafka(kafka) => {
-                // Records keep themselves exactly only when a trigger may hand them
-                // to a handler as Lambda's Kafka event.
-                let mut kafka = kafka.clone();
-                kafka.keep_records = config.triggers.iter().any(|trigger| {
-                    trigger.get_ref().payload == switchyard_dispatcher::PayloadFormat::Aws
-                });
-                kafka_sources.push(kafka);
-            }
-            #[cfg(feature = "s3")]
-            config::SourceConfig::S3(poll) => {
-                let store = config
-                    .stores
-                    .get(&poll.store)
-                    .with_context(|| format!("source `{}`: no store `{}`", poll.name, poll.store))?
-                    .get_ref()
-                    .clone();
-                poll_sources.push((poll.clone(), store));
-            }
-            config::SourceConfig::Http(http) => {
-                let listener = tokio::net::TcpListener::bind(&http.listen)
-                    .await
-                    .with_context(|| {
-                        format!("source `{}`: cannot listen on `{}`", http.name, http.listen)
-                    })?;
-                sources.insert(http.name.clone(), listener.local_addr()?);
-                // Until the source runs, requests get a fast `503 not ready`.
-                let interim = shutdown.child_token();
-                let listener = listener.into_std()?;
-                switchyard_connector_http::not_ready(
-                    tokio::net::TcpListener::from_std(listener.try_clone()?)?,
-                    http.limits.clone(),
-                    http.tls.clone(),
-                    interim.clone(),
-                );
-                source_listeners.push((
-                    http.clone(),
-                    tokio::net::TcpListener::from_std(listener)?,
-                    interim,
-                ));
-            }
+        if let config::SourceConfig::Http(http) = source.get_ref() {
+            let listener = tokio::net::TcpListener::bind(&http.listen)
+                .await
+                .with_context(|| {
+                    format!("source `{}`: cannot listen on `{}`", http.name, http.listen)
+                })?;
+            sources.insert(http.name.clone(), listener.local_addr()?);
+            let interim = shutdown.child_token();
+            let listener = listener.into_std()?;
+            switchyard_connector_http::not_ready(
+                tokio::net::TcpListener::from_std(listener.try_clone()?)?,
+                http.limits.clone(),
+                http.tls.clone(),
+                interim.clone(),
+            );
+            listeners.insert(http.name.clone(), (listener, interim));
         }
     }
-    let reserved = Arc::new(reserved_sources(&config));
-    let admin_state = admin::AdminState::new(registry.clone(), ready.clone(), workers.clone())
-        .with_tokens(config.admin.tokens().into_iter().cloned().collect());
+    let admin_state = admin::AdminState::new(
+        registry.clone(),
+        ready.clone(),
+        workers.clone(),
+        revision.clone(),
+        reloadable.then(|| reload_sender.clone()),
+    )
+    .with_tokens(config.admin.tokens().into_iter().cloned().collect());
     let invoke_api_state = invoke_api::InvokeApiState::new(
         config.workers.region.clone(),
         config.invoke_api.max_wait,
@@ -305,6 +285,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
         Some(address)
     };
+    if let Some(file) = config.file.clone() {
+        watch_config_file(
+            file,
+            Arc::new(AtomicBool::new(config.admin.watch_config)),
+            reload_sender.clone(),
+            shutdown.clone(),
+        );
+    }
 
     let task_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -332,275 +320,60 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
-        let client = http_client();
-        let mut functions = HashMap::new();
-        // What synchronous calls (the Invoke API, function URLs) reach, with the
-        // budget the function's triggers use; slots are added once the dispatcher
-        // made them.
-        let mut callable: Vec<(calls::CallKind, Arc<AdaptiveLimit>, Duration)> = Vec::new();
-        let mut callable_names = Vec::new();
-        for function in &config.functions {
-            let function = function.get_ref();
-            let limit = AdaptiveLimit::new(function.max_concurrency());
-            let (target, timeout, call): (Arc<dyn Target>, Duration, Option<calls::CallKind>) =
-                match function {
-                    config::FunctionConfig::Http(http) => {
-                        let url = reqwest::Url::parse(&http.url)
-                            .with_context(|| format!("function `{}`: bad url", http.name))?;
-                        // https:// functions get a client of their own (their CA, their
-                        // client certificate); http:// ones share one without TLS.
-                        let client =
-                            if url.scheme() == "https" {
-                                http.tls.clone().unwrap_or_default().client().map_err(
-                                    |problem| {
-                                        anyhow::anyhow!("function `{}`: tls: {problem}", http.name)
-                                    },
-                                )?
-                            } else {
-                                client.clone()
-                            };
-                        let target = Arc::new(
-                            HttpTarget::new(http.name.clone(), url, client)
-                                .with_auth(http.auth.clone()),
-                        );
-                        (
-                            target.clone(),
-                            http.timeout,
-                            Some(calls::CallKind::Http(target)),
-                        )
-                    }
-                    config::FunctionConfig::Log(log) => (
-                        Arc::new(LogTarget::new(log.name.clone())),
-                        Duration::from_secs(5),
-                        None,
-                    ),
-                    config::FunctionConfig::Lambda(lambda) => {
-                        let workers = workers.as_ref().expect("set up for managed functions");
-                        let managed = workers.add(lambda_spec(lambda));
-                        (
-                            Arc::new(managed.clone()),
-                            lambda.timeout,
-                            Some(calls::CallKind::Lambda(managed)),
-                        )
-                    }
-                    config::FunctionConfig::Process(process) => {
-                        let workers = workers.as_ref().expect("set up for managed functions");
-                        let managed = workers.add(process_spec(process));
-                        (
-                            Arc::new(managed.clone()),
-                            process.timeout,
-                            Some(calls::CallKind::Process(managed)),
-                        )
-                    }
-                };
-            if let Some(call) = call {
-                callable.push((call, limit.clone(), timeout));
-                callable_names.push(function.name().to_owned());
-            }
-            functions.insert(
-                function.name().to_owned(),
-                Arc::new(FunctionRuntime {
-                    name: function.name().to_owned(),
-                    target,
-                    timeout,
-                    limit,
-                    cluster_slots: (function.concurrency_scope()
-                        == config::ConcurrencyScope::Cluster)
-                        .then_some(function.max_concurrency()),
-                }),
-            );
-        }
-
-        let triggers: Vec<TriggerConfig> = config.all_triggers();
-        let lambdas: HashMap<&str, &ManagedFunction> = callable_names
-            .iter()
-            .zip(&callable)
-            .filter_map(|(name, (kind, _, _))| match kind {
-                calls::CallKind::Lambda(managed) => Some((name.as_str(), managed)),
-                _ => None,
-            })
-            .collect();
-        let mut destinations = HashMap::new();
-        for trigger in &triggers {
-            let build = |destination: &Option<DestinationConfig>| {
-                destination
-                    .as_ref()
-                    .map(|destination| build_destination(&bus, destination))
-                    .transpose()
-            };
-            let enricher = match &trigger.enrich {
-                None => None,
-                Some(enrich) => Some(
-                    build_enricher(&config, enrich)
-                        .await
-                        .with_context(|| format!("trigger `{}`: enrich", trigger.name))?,
-                ),
-            };
-            // `payload = "aws"` (validated to name a `lambda` function).
-            let target = match (trigger.payload, lambdas.get(trigger.function.as_str())) {
-                (switchyard_dispatcher::PayloadFormat::Aws, Some(managed)) => {
-                    Some(Arc::new(managed.aws_payloads()) as Arc<dyn Target>)
-                }
-                _ => None,
-            };
-            destinations.insert(
-                trigger.name.clone(),
-                Destinations {
-                    target,
-                    enricher,
-                    on_success: build(&trigger.on_success)
-                        .with_context(|| format!("trigger `{}`: on_success", trigger.name))?,
-                    on_failure: build(&trigger.on_failure)
-                        .with_context(|| format!("trigger `{}`: on_failure", trigger.name))?,
-                },
-            );
-        }
-        drop(lambdas);
-        // Consumers exist before any source accepts an event, so a new trigger that
-        // starts at `new` sees every event accepted from now on.
-        let dispatcher = Dispatcher::new(
-            bus.clone(),
-            config.dispatcher.clone(),
-            triggers,
-            functions,
-            destinations,
+        let watching = config.admin.watch_config;
+        let handles = live::Handles {
+            bus: bus.clone(),
+            workers,
+            workers_settings: switchyard_workers::WorkersSettings {
+                region: config.workers.region.clone(),
+                max_cold_starts: config.workers.max_cold_starts,
+                stop_grace: config.workers.stop_grace,
+                cgroups: config.workers.isolation == config::Isolation::Auto,
+            },
+            worker_metrics,
             dispatcher_metrics,
-        )
-        .await
-        .context("starting the dispatcher")?;
-        admin_state.set_dispatcher(dispatcher.view(), bus.clone());
-        let callable: HashMap<String, Arc<calls::SyncFunction>> = callable_names
-            .into_iter()
-            .zip(callable)
-            .map(|(name, (kind, limit, timeout))| {
-                let slots = dispatcher.function_slots(&name);
-                (
-                    name.clone(),
-                    Arc::new(calls::SyncFunction {
-                        name,
-                        kind,
-                        limit,
-                        slots,
-                        timeout,
-                    }),
-                )
-            })
-            .collect();
-        // Lambda's Invoke API calls them from now on, within the same budgets as
-        // their triggers.
-        invoke_api_state.set_functions(&callable, bus.clone());
-        let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
-        let source_shutdown = CancellationToken::new();
-        let mut supervised: Vec<Arc<dyn Source>> = Vec::new();
-        // Hooks keep their request (headers, path, client) only when a trigger may
-        // hand it to a handler as an API Gateway request.
-        let keep_requests = config
-            .triggers
-            .iter()
-            .any(|trigger| trigger.get_ref().payload == switchyard_dispatcher::PayloadFormat::Aws);
-        for (http, listener, interim) in source_listeners {
-            let mut horizons: HashMap<String, Arc<dyn switchyard_event::DedupHorizon>> =
-                HashMap::new();
-            for hook in &http.hooks {
-                if let Some(horizon) = hook.dedup_horizon() {
-                    // Names may hold `_` and `-`: the source name's length makes the
-                    // split unambiguous (`a_b`+`c` is `3_a_b_c`, `a`+`b_c` is `1_a_b_c`).
-                    let store = switchyard_bus::horizon::KvHorizon::open(
-                        &bus,
-                        &format!("{}_{}_{}", http.name.len(), http.name, hook.name),
-                        horizon,
-                    )
-                    .await
-                    .with_context(|| format!("hook `{}`: opening its dedup horizon", hook.name))?;
-                    horizons.insert(hook.name.clone(), Arc::new(store));
-                }
-            }
-            let routes = routes::router(
-                &http,
-                &callable,
-                &bus,
-                &config.workers.region,
-                &route_metrics,
-            )
-            .with_context(|| format!("source `{}`: routes", http.name))?;
-            let router = switchyard_connector_http::router(
-                http.clone(),
-                sink.clone(),
-                source_metrics.clone(),
-                reserved.clone(),
-                horizons,
-                routes,
-                keep_requests,
-            );
-            tracing::info!(source = %http.name, listen = %listener.local_addr()?, "http source listening");
-            supervised.push(Arc::new(switchyard_connector_http::HttpSource::new(
-                http.name.clone(),
-                listener.into_std()?,
-                router,
-                http.limits.clone(),
-                http.tls.clone(),
-                interim,
-            )));
-        }
-        for nats in nats_sources {
-            tracing::info!(source = %nats.name, "nats source consuming");
-            supervised.push(Arc::new(switchyard_connector_nats::NatsSource::new(
-                nats,
-                bus.clone(),
-            )));
-        }
-        #[cfg(feature = "kafka")]
-        for kafka in kafka_sources {
-            supervised.push(Arc::new(switchyard_connector_kafka::KafkaSource::new(
-                kafka,
-                bus.clone(),
-                kafka_metrics.clone(),
-            )));
-        }
-        #[cfg(feature = "s3")]
-        for (poll, store) in poll_sources {
-            tracing::info!(source = %poll.name, buckets = ?poll.buckets, "s3 poll source started");
-            supervised.push(Arc::new(switchyard_connector_s3::poll::PollSource::new(
-                poll,
-                store,
-                bus.clone(),
-                poll_metrics.clone(),
-            )));
-        }
-        let mut servers = Vec::new();
-        let mut cells = Vec::new();
-        for source in supervised {
-            let (cell, task) =
-                sources::supervise(source, &supervisor_metrics, source_shutdown.clone());
-            cells.push(cell);
-            servers.push(task);
-        }
-        admin_state.set_sources(cells);
+            source_metrics,
+            #[cfg(feature = "kafka")]
+            kafka_metrics,
+            #[cfg(feature = "s3")]
+            poll_metrics,
+            supervisor_metrics,
+            route_metrics,
+            admin_state,
+            invoke_api_state,
+            revision,
+        };
+        let triggers = config.triggers.len();
+        let source_count = config.sources.len();
+        let mut live = live::Live::start(handles, config, listeners).await?;
         ready.store(true, Ordering::SeqCst);
         ready_signal.send_replace(true);
         tracing::info!(
-            triggers = config.triggers.len(),
-            sources = config.sources.len(),
+            triggers,
+            sources = source_count,
+            watching,
             "switchyard ready"
         );
-        let dispatcher_shutdown = CancellationToken::new();
-        let dispatching = tokio::spawn(dispatcher.run(dispatcher_shutdown.clone()));
-        task_shutdown.cancelled().await;
+        loop {
+            tokio::select! {
+                () = task_shutdown.cancelled() => break,
+                Some(request) = reload_requests.recv() => {
+                    let outcome = live.reload().await;
+                    reload_results
+                        .get_or_create(&ReloadLabels { result: outcome.result.to_owned() })
+                        .inc();
+                    match outcome.result {
+                        "applied" => tracing::info!(revision = outcome.revision.number, changes = ?outcome.changes, "configuration reloaded"),
+                        "unchanged" => tracing::info!(revision = outcome.revision.number, "configuration reloaded: nothing changed"),
+                        "refused" => tracing::error!(errors = ?outcome.errors, "configuration reload refused: the running configuration stays"),
+                        _ => tracing::error!(revision = outcome.revision.number, changes = ?outcome.changes, errors = ?outcome.errors, "configuration reload applied in part"),
+                    }
+                    let _ = request.reply.send(outcome);
+                }
+            }
+        }
         ready.store(false, Ordering::SeqCst);
-        tracing::info!("shutting down: closing sources");
-        source_shutdown.cancel();
-        for server in servers {
-            let _ = server.await;
-        }
-        tracing::info!("shutting down: draining the dispatcher");
-        dispatcher_shutdown.cancel();
-        let _ = dispatching.await;
-        if let Some(workers) = &workers {
-            tracing::info!("shutting down: stopping function instances");
-            workers.shutdown().await;
-        }
-        // Acks and NAKs sent while draining must reach the server before we leave.
-        let _ = tokio::time::timeout(Duration::from_secs(2), bus.client().flush()).await;
+        live.stop().await;
         tracing::info!("switchyard stopped");
         Ok(())
     });
@@ -609,9 +382,67 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ready: ready_watch,
         admin: admin_address,
         invoke_api: invoke_api_address,
+        reloads: reload_sender,
         shutdown,
         task,
     })
+}
+
+/// A request to re-read the configuration file, answered with what it changed.
+pub struct ReloadRequest {
+    pub reply: tokio::sync::oneshot::Sender<live::ReloadOutcome>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReloadLabels {
+    result: String,
+}
+
+/// With `[admin] watch_config = true`, asks for a reload whenever the file's
+/// contents change (read every second: this also sees a Kubernetes ConfigMap's
+/// symlink swap, which file-change notifications on the path miss).
+fn watch_config_file(
+    file: std::path::PathBuf,
+    enabled: Arc<AtomicBool>,
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut last = tokio::fs::read(&file).await.ok();
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let now = tokio::fs::read(&file).await.ok();
+            if now == last || now.is_none() {
+                continue;
+            }
+            last = now;
+            if !enabled.load(Ordering::Relaxed) {
+                continue;
+            }
+            tracing::info!(file = %file.display(), "configuration file changed, reloading");
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if reloads.send(ReloadRequest { reply }).await.is_err() {
+                return;
+            }
+            if answer.await.is_ok()
+                && let Some(watch) = outcome_watch_config(&file)
+            {
+                enabled.store(watch, Ordering::Relaxed);
+            }
+        }
+    });
+}
+
+/// Whether the file now asks to be watched (it can turn watching off live).
+fn outcome_watch_config(file: &std::path::Path) -> Option<bool> {
+    config::load(file)
+        .ok()
+        .map(|config| config.admin.watch_config)
 }
 
 /// Serves `router` on `listener` (the Invoke API, the admin listener) until

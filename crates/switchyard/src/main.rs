@@ -102,6 +102,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running process to re-read its configuration file and apply what
+    /// changed (as SIGHUP does): prints what changed, or the located mistakes of a
+    /// refused file (the running configuration then stays) and exits 1.
+    Reload {
+        /// The admin listener to ask, instead of the configuration's `admin.listen`.
+        #[arg(long)]
+        admin: Option<String>,
+        /// The admin bearer token, instead of the configuration's.
+        #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Inspect, replay and purge a trigger's dead letters.
     Dlq {
         #[command(subcommand)]
@@ -252,7 +263,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
             let shutdown = running.shutdown.clone();
+            let reloads = running.reloads.clone();
             let mut task = running.task;
+            tokio::spawn(reload_on_hangup(reloads));
             tokio::select! {
                 result = &mut task => return result.context("switchyard task panicked")?,
                 () = shutdown_signal() => {}
@@ -453,6 +466,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", functions_table(&status));
             Ok(())
         }
+        Command::Reload { admin, token } => reload_command(&config, admin, token).await,
         Command::Dlq { action } => {
             let loaded = load(&config)?;
             let bus = connect(&loaded).await?;
@@ -571,6 +585,113 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// SIGHUP re-reads the configuration file; the outcome is logged by the reload.
+async fn reload_on_hangup(reloads: tokio::sync::mpsc::Sender<switchyard::ReloadRequest>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!(
+                "installing the SIGHUP handler failed: reload with `switchyard reload`"
+            );
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received, reloading the configuration");
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if reloads
+                .send(switchyard::ReloadRequest { reply })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = answer.await;
+        }
+    }
+    #[cfg(not(unix))]
+    drop(reloads);
+}
+
+/// `switchyard reload`: `POST /v1/reload` on the running process's admin listener.
+async fn reload_command(
+    config: &std::path::Path,
+    admin: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    use secrecy::ExposeSecret as _;
+    // The file may be the broken edit being reloaded: then only --admin (and
+    // --token) say where to ask, and the process answers with the mistakes.
+    let loaded = switchyard::config::load(config);
+    let admin = match (admin, &loaded) {
+        (Some(admin), _) => admin,
+        (None, Ok(loaded)) => {
+            if loaded.admin.listen.is_empty() || loaded.admin.listen.ends_with(":0") {
+                anyhow::bail!(
+                    "{} has no fixed admin address (admin.listen = `{}`): pass --admin HOST:PORT",
+                    config.display(),
+                    loaded.admin.listen
+                );
+            }
+            loaded.admin.listen.clone()
+        }
+        (None, Err(errors)) => {
+            anyhow::bail!(
+                "{errors}\nnothing was reloaded: fix the file, or pass --admin HOST:PORT to have the running process check it"
+            );
+        }
+    };
+    let token = token.or_else(|| {
+        loaded.as_ref().ok().and_then(|loaded| {
+            loaded
+                .admin
+                .tokens()
+                .first()
+                .map(|token| token.expose_secret().to_owned())
+        })
+    });
+    let url = if admin.starts_with("http://") || admin.starts_with("https://") {
+        format!("{}/v1/reload", admin.trim_end_matches('/'))
+    } else {
+        format!("http://{admin}/v1/reload")
+    };
+    let mut request = reqwest::Client::new().post(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("asking {url} (is switchyard running?)"))?;
+    let status = response.status();
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await?)
+        .with_context(|| format!("{url} answered {status} without JSON"))?;
+    if let Some(error) = body.get("error").and_then(|error| error.as_str()) {
+        anyhow::bail!("{url} answered {status}: {error}");
+    }
+    let result = body["result"].as_str().unwrap_or("unknown");
+    let revision = &body["revision"]["number"];
+    for change in body["changes"].as_array().into_iter().flatten() {
+        println!("{}", change.as_str().unwrap_or_default());
+    }
+    for error in body["errors"].as_array().into_iter().flatten() {
+        eprintln!("{}", error.as_str().unwrap_or_default());
+    }
+    match result {
+        "applied" => {
+            println!("reloaded: revision {revision}");
+            Ok(())
+        }
+        "unchanged" => {
+            println!("nothing changed: revision {revision}");
+            Ok(())
+        }
+        "refused" => anyhow::bail!("reload refused: revision {revision} keeps running"),
+        _ => anyhow::bail!("reload applied in part: revision {revision}"),
     }
 }
 

@@ -47,6 +47,9 @@ pub struct SourceStatus {
     pub restarts: u64,
     /// Why it failed last, if it ever did.
     pub last_error: Option<String>,
+    /// Where an HTTP source listens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +97,11 @@ impl SourceCell {
         self.up.set(i64::from(state == SourceState::Running));
     }
 
+    /// Records where the source listens, for `/v1/sources`.
+    pub fn set_address(&self, address: std::net::SocketAddr) {
+        self.status.lock().expect("source status lock").address = Some(address.to_string());
+    }
+
     pub fn status(&self) -> SourceStatus {
         self.status.lock().expect("source status lock").clone()
     }
@@ -125,6 +133,7 @@ pub fn supervise(
             since: now_rfc3339(),
             restarts: 0,
             last_error: None,
+            address: None,
         }),
         up: metrics.up.get_or_create(&labels).clone(),
         up_since: Mutex::new(None),

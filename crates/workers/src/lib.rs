@@ -137,6 +137,10 @@ pub(crate) struct Shared {
 pub struct Workers {
     shared: Arc<Shared>,
     functions: Mutex<Vec<ManagedFunction>>,
+    /// Replaced or removed functions whose instances are still finishing.
+    retired: Mutex<Vec<ManagedFunction>>,
+    /// Definitions added so far, by function name.
+    generations: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Workers {
@@ -173,17 +177,52 @@ impl Workers {
                 cgroups,
             }),
             functions: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
+            generations: Mutex::default(),
         }
     }
 
     /// Adds a function; its warm floor (`min_instances`) starts now.
     pub fn add(&self, spec: FunctionSpec) -> ManagedFunction {
-        let function = ManagedFunction::new(spec, self.shared.clone());
+        let generation = {
+            let mut generations = self.generations.lock().expect("functions lock");
+            let generation = generations.entry(spec.name.clone()).or_default();
+            *generation += 1;
+            *generation
+        };
+        let function = ManagedFunction::new(spec, self.shared.clone(), generation);
         self.functions
             .lock()
             .expect("functions lock")
             .push(function.clone());
         function
+    }
+
+    /// Retires `function` (replaced by a new definition, or removed): it leaves
+    /// `/v1/functions` now; invocations already on their way are still served, its
+    /// idle instances stop now and busy ones once their invocations end.
+    pub fn retire(&self, function: &ManagedFunction) {
+        self.functions
+            .lock()
+            .expect("functions lock")
+            .retain(|kept| !kept.same(function));
+        function.retire();
+        let mut retired = self.retired.lock().expect("functions lock");
+        retired.retain(|kept| !kept.drained());
+        retired.push(function.clone());
+    }
+
+    /// Instances of retired functions still running (finishing what they hold).
+    pub fn retired_instances(&self) -> usize {
+        self.retired
+            .lock()
+            .expect("functions lock")
+            .iter()
+            .map(|function| {
+                let counts = function.counts();
+                counts.starting + counts.idle + counts.busy
+            })
+            .sum()
     }
 
     /// How instances are isolated here (cgroup version and controllers, or why none).
@@ -205,8 +244,9 @@ impl Workers {
     /// the dispatcher stopped.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
-        let functions: Vec<ManagedFunction> =
+        let mut functions: Vec<ManagedFunction> =
             self.functions.lock().expect("functions lock").clone();
+        functions.extend(self.retired.lock().expect("functions lock").iter().cloned());
         futures::future::join_all(functions.iter().map(ManagedFunction::stop_all)).await;
         self.shared.tasks.close();
         self.shared.tasks.wait().await;

@@ -69,6 +69,10 @@ pub(crate) struct Pool {
     /// This function's cold-start cap.
     starts: Arc<Semaphore>,
     pub(crate) labels: FunctionLabels,
+    /// How many definitions of this function's name this process has run, this one
+    /// included: instance labels (and cgroups) of a replaced definition never clash
+    /// with its successor's.
+    generation: u64,
 }
 
 struct State {
@@ -83,6 +87,9 @@ struct State {
     cold_starts: u64,
     init_failures: u64,
     closed: bool,
+    /// Retired (replaced or removed): no warm floor, every instance stops as soon as
+    /// it has nothing in flight, and the pool closes once none is left.
+    draining: bool,
 }
 
 struct Slot {
@@ -132,10 +139,11 @@ impl Drop for Lease {
         if !self.retire && state.init.backoff.failing() {
             state.init.backoff.succeeded();
         }
+        let draining = state.draining;
         if let Some(slot) = state.instances.get_mut(&self.id) {
             slot.in_flight -= 1;
             slot.idle_since = Instant::now();
-            slot.retiring |= self.retire;
+            slot.retiring |= self.retire || draining;
             if slot.retiring && slot.in_flight == 0 {
                 retired = state.instances.remove(&self.id);
             }
@@ -159,7 +167,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl ManagedFunction {
-    pub(crate) fn new(spec: FunctionSpec, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(spec: FunctionSpec, shared: Arc<Shared>, generation: u64) -> Self {
         let labels = FunctionLabels {
             function: spec.name.clone(),
         };
@@ -179,11 +187,13 @@ impl ManagedFunction {
                 cold_starts: 0,
                 init_failures: 0,
                 closed: false,
+                draining: false,
             }),
             changed: Notify::new(),
             spec,
             shared,
             labels,
+            generation,
         });
         {
             let state = pool.state.lock().expect("pool lock");
@@ -201,6 +211,29 @@ impl ManagedFunction {
 
     pub fn name(&self) -> &str {
         &self.pool.spec.name
+    }
+
+    /// Whether both are the same function (not merely of the same name).
+    pub fn same(&self, other: &ManagedFunction) -> bool {
+        Arc::ptr_eq(&self.pool, &other.pool)
+    }
+
+    /// Its instances now, by state.
+    pub fn counts(&self) -> InstanceCounts {
+        self.pool.state.lock().expect("pool lock").counts()
+    }
+
+    /// The process ids of its instances (the command each started), for tests and
+    /// the admin view.
+    pub fn instance_pids(&self) -> Vec<u32> {
+        self.pool
+            .state
+            .lock()
+            .expect("pool lock")
+            .instances
+            .values()
+            .map(|slot| slot.instance.process.pid() as u32)
+            .collect()
     }
 
     pub(crate) fn status(&self) -> FunctionStatus {
@@ -235,6 +268,40 @@ impl ManagedFunction {
         }
     }
 
+    /// Retires the function (replaced by a new definition, or removed): invocations
+    /// already on their way are still served, idle instances stop now, busy ones once
+    /// what they hold is done, and no warm floor is kept.
+    pub(crate) fn retire(&self) {
+        let pool = &self.pool;
+        let idle: Vec<Arc<Instance>> = {
+            let mut state = pool.state.lock().expect("pool lock");
+            state.draining = true;
+            let idle: Vec<u64> = state
+                .instances
+                .iter()
+                .filter(|(_, slot)| slot.in_flight == 0)
+                .map(|(id, _)| *id)
+                .collect();
+            for slot in state.instances.values_mut() {
+                slot.retiring = true;
+            }
+            idle.into_iter()
+                .filter_map(|id| state.instances.remove(&id))
+                .map(|slot| slot.instance)
+                .collect()
+        };
+        for instance in idle {
+            tracing::info!(function = %pool.spec.name, instance = %instance.label, "stopping instance of a retired function");
+            pool.stop_instance(instance);
+        }
+    }
+
+    /// Whether a retired function has stopped all its instances.
+    pub(crate) fn drained(&self) -> bool {
+        let state = self.pool.state.lock().expect("pool lock");
+        state.closed || (state.draining && state.instances.is_empty() && state.starting == 0)
+    }
+
     /// Stops every instance: out of routing first, then SIGTERM, grace, SIGKILL.
     pub(crate) async fn stop_all(&self) {
         let pool = &self.pool;
@@ -258,6 +325,10 @@ impl ManagedFunction {
 
 impl Pool {
     fn publish_counts(&self, state: &State) {
+        // The function's replacement owns its gauges now.
+        if state.draining {
+            return;
+        }
         let counts = state.counts();
         for (name, value) in [
             ("starting", counts.starting),
@@ -426,7 +497,11 @@ impl Pool {
                 .function_cold_starts
                 .get_or_create(&pool.labels)
                 .inc();
-            let label = format!("{}-{id}", pool.spec.name);
+            let label = if pool.generation <= 1 {
+                format!("{}-{id}", pool.spec.name)
+            } else {
+                format!("{}-v{}-{id}", pool.spec.name, pool.generation)
+            };
             let started = Instant::now();
             let result = tokio::select! {
                 result = pool.start_instance(&label) => result,
@@ -656,15 +731,25 @@ impl Pool {
                 if state.closed {
                     return;
                 }
-                let mut removable = state
-                    .instances
-                    .len()
-                    .saturating_sub(self.spec.min_instances);
+                if state.draining
+                    && state.instances.is_empty()
+                    && state.starting == 0
+                    && state.waiting == 0
+                {
+                    state.closed = true;
+                    return;
+                }
+                let (floor, idle_timeout) = if state.draining {
+                    (0, Duration::ZERO)
+                } else {
+                    (self.spec.min_instances, self.spec.idle_timeout)
+                };
+                let mut removable = state.instances.len().saturating_sub(floor);
                 let expired: Vec<u64> = state
                     .instances
                     .iter()
                     .filter(|(_, slot)| {
-                        slot.in_flight == 0 && slot.idle_since.elapsed() >= self.spec.idle_timeout
+                        slot.in_flight == 0 && slot.idle_since.elapsed() >= idle_timeout
                     })
                     .map(|(id, _)| *id)
                     .collect();
@@ -679,10 +764,7 @@ impl Pool {
                     }
                 }
                 self.publish_counts(&state);
-                let missing = self
-                    .spec
-                    .min_instances
-                    .saturating_sub(state.instances.len() + state.starting);
+                let missing = floor.saturating_sub(state.instances.len() + state.starting);
                 let missing = if Self::starts_paused(&state) {
                     0
                 } else {

@@ -1,0 +1,1032 @@
+//! The reconciler: what runs follows the desired state. The first configuration is
+//! applied at start; each reload (SIGHUP, `POST /v1/reload`, a watched file) compares
+//! the new file with the one running, table by table, and changes only what differs:
+//!
+//! - functions added, changed or removed: a changed function is built anew and its
+//!   triggers, routes and Invoke API entry move to it at once; the old one serves
+//!   what is already on its way, its idle instances stop now, busy ones once they
+//!   finish. Unchanged functions keep their instances.
+//! - triggers added, changed or removed through the running dispatcher: durable
+//!   consumers keep their positions, a removed trigger stops pulling and lets its
+//!   invocations in flight finish, so a change loses nothing and delivers nothing
+//!   twice.
+//! - sources started, restarted (when their table changed) or stopped by the
+//!   supervisor; an HTTP source's routes and hooks are swapped on its running
+//!   listener without dropping connections, and a new `listen` rebinds.
+//!
+//! What cannot change while running (the NATS connection and streams, the admin and
+//! Invoke API listeners, logging, the dispatcher's and workers' process-wide
+//! settings) is refused by name, and the running state is left as it was. Every
+//! apply that changes something is a new revision, shown by `/v1/functions`,
+//! `/v1/triggers` and `/v1/sources`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use serde::Serialize;
+use sha2::Digest as _;
+use switchyard_bus::Bus;
+use switchyard_connector_http::HttpSourceMetrics;
+use switchyard_dispatcher::{
+    AdaptiveLimit, Destinations, Dispatcher, DispatcherMetrics, FunctionRuntime, RunningDispatcher,
+    TriggerConfig,
+};
+use switchyard_event::{EventSink, Source, Target};
+use switchyard_targets::{HttpTarget, LogTarget};
+use switchyard_workers::{ManagedFunction, Workers};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::calls::{CallKind, SyncFunction};
+use crate::config::{self, Config, FunctionConfig, SourceConfig};
+use crate::sources::{SourceCell, SourceMetrics};
+use crate::{admin, invoke_api, routes};
+
+/// Which state a process runs: a number that grows with every change applied, and
+/// the SHA-256 of the configuration file's values it came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Revision {
+    pub number: u64,
+    pub config_sha256: String,
+    /// RFC 3339.
+    pub applied_at: String,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    /// `applied`, `unchanged`, `refused` (nothing changed) or `failed` (part of it
+    /// applied: `changes` says what, `errors` what not).
+    pub result: &'static str,
+    pub revision: Revision,
+    pub changes: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Everything a reload needs that lives as long as the process.
+pub(crate) struct Handles {
+    pub(crate) bus: Bus,
+    pub(crate) workers: Arc<OnceLock<Arc<Workers>>>,
+    pub(crate) workers_settings: switchyard_workers::WorkersSettings,
+    pub(crate) worker_metrics: switchyard_workers::WorkerMetrics,
+    pub(crate) dispatcher_metrics: DispatcherMetrics,
+    pub(crate) source_metrics: HttpSourceMetrics,
+    #[cfg(feature = "kafka")]
+    pub(crate) kafka_metrics: switchyard_connector_kafka::KafkaSourceMetrics,
+    #[cfg(feature = "s3")]
+    pub(crate) poll_metrics: switchyard_connector_s3::poll::PollMetrics,
+    pub(crate) supervisor_metrics: SourceMetrics,
+    pub(crate) route_metrics: routes::RouteMetrics,
+    pub(crate) admin_state: admin::AdminState,
+    pub(crate) invoke_api_state: invoke_api::InvokeApiState,
+    pub(crate) revision: Arc<RwLock<Revision>>,
+}
+
+/// A function as it runs.
+struct LiveFunction {
+    fingerprint: String,
+    runtime: Arc<FunctionRuntime>,
+    /// How synchronous calls reach it (not `log` functions).
+    call: Option<Arc<SyncFunction>>,
+    managed: Option<ManagedFunction>,
+}
+
+/// A supervised source as it runs.
+struct LiveSource {
+    fingerprint: String,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    cell: Arc<SourceCell>,
+    http: Option<LiveListener>,
+}
+
+/// An HTTP source's socket and the router its requests go to.
+struct LiveListener {
+    /// `listen`, `tls` and `limits`: a change there needs a new server.
+    fingerprint: String,
+    /// A copy of the bound socket, so a new server can take it over from the old.
+    socket: std::net::TcpListener,
+    address: SocketAddr,
+    router: Arc<RwLock<Router>>,
+}
+
+/// An HTTP source's listener made ready for this apply.
+struct PreparedListener {
+    socket: std::net::TcpListener,
+    address: SocketAddr,
+    /// Cancelled once the source answers (stops the `503 not ready` server).
+    interim: CancellationToken,
+    /// Reused from the running source with the same settings: only routes change.
+    same_server: bool,
+}
+
+/// The running state of one process.
+pub(crate) struct Live {
+    handles: Handles,
+    config: Config,
+    dispatcher: RunningDispatcher,
+    functions: HashMap<String, LiveFunction>,
+    /// Running triggers and their fingerprints.
+    triggers: HashMap<String, String>,
+    /// In the configuration's order.
+    sources: Vec<(String, LiveSource)>,
+    /// Parent of every source's own stop token.
+    source_shutdown: CancellationToken,
+}
+
+/// Tables whose change needs a restart, and what to do instead.
+const FIXED_TABLES: [(&str, &str); 6] = [
+    ("nats", "the NATS connection and streams"),
+    ("admin", "the admin listener"),
+    ("invoke_api", "the Invoke API listener"),
+    ("log", "logging"),
+    ("dispatcher", "the process-wide dispatch limits"),
+    ("workers", "the process-wide worker settings"),
+];
+
+fn fingerprint_of(value: Option<&toml::Value>) -> String {
+    value.map(|value| value.to_string()).unwrap_or_default()
+}
+
+/// The `index`th entry of an array of tables (`functions`, `triggers`, `sources`).
+fn entry<'a>(document: &'a toml::Table, array: &str, index: usize) -> Option<&'a toml::Value> {
+    document.get(array)?.as_array()?.get(index)
+}
+
+fn store_fingerprint(document: &toml::Table, store: &str) -> String {
+    fingerprint_of(
+        document
+            .get("stores")
+            .and_then(|stores| stores.as_table())
+            .and_then(|stores| stores.get(store)),
+    )
+}
+
+/// The SHA-256 of a configuration's values (comments and layout aside).
+pub(crate) fn config_sha256(config: &Config) -> String {
+    hex::encode(sha2::Sha256::digest(
+        toml::Value::Table(config.document.clone())
+            .to_string()
+            .as_bytes(),
+    ))
+}
+
+/// Which tables of the process-wide settings differ, each with what it governs.
+fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (table, what) in FIXED_TABLES {
+        let mut before = old.document.get(table).cloned();
+        let mut after = new.document.get(table).cloned();
+        // Watching the file can be turned on and off live.
+        for value in [&mut before, &mut after].into_iter().flatten() {
+            if let Some(table) = value.as_table_mut() {
+                table.remove("watch_config");
+            }
+        }
+        if before != after {
+            problems.push(format!(
+                "`[{table}]` changed, but {what} cannot change while switchyard runs: restart the process (in a cluster, one process at a time) to apply it; nothing else was changed"
+            ));
+        }
+    }
+    problems
+}
+
+/// The fingerprints of the triggers a configuration runs, with what they depend on
+/// (their function's definition, their enrichment's store).
+fn trigger_fingerprints(config: &Config) -> Vec<(TriggerConfig, String)> {
+    let function_fingerprint = |name: &str| {
+        config
+            .functions
+            .iter()
+            .position(|function| function.get_ref().name() == name)
+            .map(|index| fingerprint_of(entry(&config.document, "functions", index)))
+            .unwrap_or_default()
+    };
+    let written = config.triggers.len();
+    config
+        .all_triggers()
+        .into_iter()
+        .enumerate()
+        .map(|(index, trigger)| {
+            let own = if index < written {
+                fingerprint_of(entry(&config.document, "triggers", index))
+            } else {
+                // A `lambda` function's `invoke-<name>` trigger: its function's.
+                "invoke".to_owned()
+            };
+            let store = trigger
+                .enrich
+                .as_ref()
+                .map(|enrich| store_fingerprint(&config.document, &enrich.store))
+                .unwrap_or_default();
+            let fingerprint = format!(
+                "{own}|function={}|store={store}",
+                function_fingerprint(&trigger.function)
+            );
+            (trigger, fingerprint)
+        })
+        .collect()
+}
+
+/// Whether any trigger hands events to a handler as AWS shapes them (sources then
+/// keep what those shapes need).
+fn any_aws_payload(config: &Config) -> bool {
+    config
+        .triggers
+        .iter()
+        .any(|trigger| trigger.get_ref().payload == switchyard_dispatcher::PayloadFormat::Aws)
+}
+
+fn source_fingerprint(config: &Config, index: usize) -> String {
+    let own = fingerprint_of(entry(&config.document, "sources", index));
+    match config.sources[index].get_ref() {
+        #[cfg(feature = "kafka")]
+        SourceConfig::Kafka(_) => format!("{own}|keep_records={}", any_aws_payload(config)),
+        #[cfg(feature = "s3")]
+        SourceConfig::S3(poll) => {
+            format!(
+                "{own}|store={}",
+                store_fingerprint(&config.document, &poll.store)
+            )
+        }
+        _ => own,
+    }
+}
+
+fn listener_fingerprint(http: &switchyard_connector_http::HttpSourceConfig) -> String {
+    format!("{}|{:?}|{:?}", http.listen, http.tls, http.limits)
+}
+
+/// A router whose routes can be replaced while it serves: each request goes to the
+/// router current when it arrives, so connections stay open across a swap.
+fn swappable(current: Arc<RwLock<Router>>) -> Router {
+    use tower::ServiceExt as _;
+    Router::new().fallback_service(tower::service_fn(move |request: axum::extract::Request| {
+        let router = current.read().expect("router lock").clone();
+        async move { router.oneshot(request).await }
+    }))
+}
+
+impl Live {
+    /// Applies the first configuration: every function, trigger and source.
+    /// `listeners` are the HTTP sources' sockets, bound before the bus was set up.
+    pub(crate) async fn start(
+        handles: Handles,
+        config: Config,
+        listeners: HashMap<String, (std::net::TcpListener, CancellationToken)>,
+    ) -> anyhow::Result<Live> {
+        let dispatcher = Dispatcher::empty(
+            handles.bus.clone(),
+            config.dispatcher.clone(),
+            handles.dispatcher_metrics.clone(),
+        )
+        .await
+        .context("starting the dispatcher")?
+        .start();
+        handles
+            .admin_state
+            .set_dispatcher(dispatcher.view(), handles.bus.clone());
+        let mut live = Live {
+            handles,
+            config: Config::default(),
+            dispatcher,
+            functions: HashMap::new(),
+            triggers: HashMap::new(),
+            sources: Vec::new(),
+            source_shutdown: CancellationToken::new(),
+        };
+        let mut prepared = HashMap::new();
+        for (name, (socket, interim)) in listeners {
+            let address = socket.local_addr()?;
+            prepared.insert(
+                name,
+                PreparedListener {
+                    socket,
+                    address,
+                    interim,
+                    same_server: false,
+                },
+            );
+        }
+        let (_, errors) = live.apply(config, prepared).await;
+        if let Some(error) = errors.into_iter().next() {
+            anyhow::bail!("{error}");
+        }
+        live.dispatcher.check_orphans().await;
+        Ok(live)
+    }
+
+    /// Re-reads the file the running configuration came from and applies it.
+    pub(crate) async fn reload(&mut self) -> ReloadOutcome {
+        let refused = |revision: Revision, errors: Vec<String>| ReloadOutcome {
+            result: "refused",
+            revision,
+            changes: Vec::new(),
+            errors,
+        };
+        let current = self.handles.revision.read().expect("revision lock").clone();
+        let Some(file) = self.config.file.clone() else {
+            return refused(
+                current,
+                vec!["this process was not started from a file".to_owned()],
+            );
+        };
+        let new = match config::load(&file) {
+            Ok(new) => new,
+            Err(errors) => {
+                return refused(
+                    current,
+                    errors.0.iter().map(|error| error.to_string()).collect(),
+                );
+            }
+        };
+        let problems = fixed_changes(&self.config, &new);
+        if !problems.is_empty() {
+            return refused(current, problems);
+        }
+        if config_sha256(&new) == current.config_sha256 {
+            return ReloadOutcome {
+                result: "unchanged",
+                revision: current,
+                changes: Vec::new(),
+                errors: Vec::new(),
+            };
+        }
+        // Listeners first: a port that cannot be bound changes nothing.
+        let prepared = match self.prepare_listeners(&new).await {
+            Ok(prepared) => prepared,
+            Err(error) => return refused(current, vec![format!("{error:#}")]),
+        };
+        let (changes, errors) = self.apply(new, prepared).await;
+        self.dispatcher.check_orphans().await;
+        ReloadOutcome {
+            result: if errors.is_empty() {
+                "applied"
+            } else {
+                "failed"
+            },
+            revision: self.handles.revision.read().expect("revision lock").clone(),
+            changes,
+            errors,
+        }
+    }
+
+    /// Binds what the new configuration's HTTP sources need: the running socket when
+    /// its address stays, a new one otherwise.
+    async fn prepare_listeners(
+        &self,
+        new: &Config,
+    ) -> anyhow::Result<HashMap<String, PreparedListener>> {
+        let mut prepared = HashMap::new();
+        for source in &new.sources {
+            let SourceConfig::Http(http) = source.get_ref() else {
+                continue;
+            };
+            let running = self
+                .sources
+                .iter()
+                .find(|(name, _)| *name == http.name)
+                .and_then(|(_, source)| source.http.as_ref());
+            let listener = match running {
+                Some(running) if running.fingerprint == listener_fingerprint(http) => {
+                    PreparedListener {
+                        socket: running.socket.try_clone()?,
+                        address: running.address,
+                        interim: CancellationToken::new(),
+                        same_server: true,
+                    }
+                }
+                // Same address, other TLS or limits: a new server on the same socket.
+                Some(running)
+                    if running.fingerprint.split('|').next() == Some(http.listen.as_str()) =>
+                {
+                    PreparedListener {
+                        socket: running.socket.try_clone()?,
+                        address: running.address,
+                        interim: CancellationToken::new(),
+                        same_server: false,
+                    }
+                }
+                _ => {
+                    let socket = tokio::net::TcpListener::bind(&http.listen)
+                        .await
+                        .with_context(|| {
+                            format!("source `{}`: cannot listen on `{}`", http.name, http.listen)
+                        })?;
+                    let address = socket.local_addr()?;
+                    PreparedListener {
+                        socket: socket.into_std()?,
+                        address,
+                        interim: CancellationToken::new(),
+                        same_server: false,
+                    }
+                }
+            };
+            prepared.insert(http.name.clone(), listener);
+        }
+        Ok(prepared)
+    }
+
+    fn workers(&self) -> Arc<Workers> {
+        self.handles
+            .workers
+            .get_or_init(|| {
+                Arc::new(Workers::new(
+                    self.handles.workers_settings.clone(),
+                    self.handles.worker_metrics.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// Builds a function (not yet reachable by anything).
+    fn build_function(
+        &self,
+        function: &FunctionConfig,
+        fingerprint: String,
+        client: &reqwest::Client,
+    ) -> anyhow::Result<LiveFunction> {
+        let limit = AdaptiveLimit::new(function.max_concurrency());
+        let (target, timeout, call, managed): (
+            Arc<dyn Target>,
+            Duration,
+            Option<CallKind>,
+            Option<ManagedFunction>,
+        ) = match function {
+            FunctionConfig::Http(http) => {
+                let url = reqwest::Url::parse(&http.url)
+                    .with_context(|| format!("function `{}`: bad url", http.name))?;
+                // https:// functions get a client of their own (their CA, their
+                // client certificate); http:// ones share one without TLS.
+                let client = if url.scheme() == "https" {
+                    http.tls
+                        .clone()
+                        .unwrap_or_default()
+                        .client()
+                        .map_err(|problem| {
+                            anyhow::anyhow!("function `{}`: tls: {problem}", http.name)
+                        })?
+                } else {
+                    client.clone()
+                };
+                let target = Arc::new(
+                    HttpTarget::new(http.name.clone(), url, client).with_auth(http.auth.clone()),
+                );
+                (
+                    target.clone(),
+                    http.timeout,
+                    Some(CallKind::Http(target)),
+                    None,
+                )
+            }
+            FunctionConfig::Log(log) => (
+                Arc::new(LogTarget::new(log.name.clone())),
+                Duration::from_secs(5),
+                None,
+                None,
+            ),
+            FunctionConfig::Lambda(lambda) => {
+                let managed = self.workers().add(crate::lambda_spec(lambda));
+                (
+                    Arc::new(managed.clone()),
+                    lambda.timeout,
+                    Some(CallKind::Lambda(managed.clone())),
+                    Some(managed),
+                )
+            }
+            FunctionConfig::Process(process) => {
+                let managed = self.workers().add(crate::process_spec(process));
+                (
+                    Arc::new(managed.clone()),
+                    process.timeout,
+                    Some(CallKind::Process(managed.clone())),
+                    Some(managed),
+                )
+            }
+        };
+        let runtime = Arc::new(FunctionRuntime {
+            name: function.name().to_owned(),
+            target,
+            timeout,
+            limit: limit.clone(),
+            cluster_slots: (function.concurrency_scope() == config::ConcurrencyScope::Cluster)
+                .then_some(function.max_concurrency()),
+        });
+        let call = call.map(|kind| {
+            Arc::new(SyncFunction {
+                name: function.name().to_owned(),
+                kind,
+                limit,
+                slots: None,
+                timeout,
+            })
+        });
+        Ok(LiveFunction {
+            fingerprint,
+            runtime,
+            call,
+            managed,
+        })
+    }
+
+    /// A trigger's destinations, enricher and AWS-shaped target.
+    async fn destinations(
+        &self,
+        config: &Config,
+        trigger: &TriggerConfig,
+    ) -> anyhow::Result<Destinations> {
+        let bus = &self.handles.bus;
+        let build = |destination: &Option<switchyard_dispatcher::DestinationConfig>| {
+            destination
+                .as_ref()
+                .map(|destination| crate::build_destination(bus, destination))
+                .transpose()
+        };
+        let enricher = match &trigger.enrich {
+            None => None,
+            Some(enrich) => Some(
+                crate::build_enricher(config, enrich)
+                    .await
+                    .with_context(|| format!("trigger `{}`: enrich", trigger.name))?,
+            ),
+        };
+        // `payload = "aws"` (validated to name a `lambda` function).
+        let target = match (
+            trigger.payload,
+            self.functions
+                .get(&trigger.function)
+                .and_then(|function| function.managed.as_ref()),
+        ) {
+            (switchyard_dispatcher::PayloadFormat::Aws, Some(managed)) if managed.is_lambda() => {
+                Some(Arc::new(managed.aws_payloads()) as Arc<dyn Target>)
+            }
+            _ => None,
+        };
+        Ok(Destinations {
+            target,
+            enricher,
+            on_success: build(&trigger.on_success)
+                .with_context(|| format!("trigger `{}`: on_success", trigger.name))?,
+            on_failure: build(&trigger.on_failure)
+                .with_context(|| format!("trigger `{}`: on_failure", trigger.name))?,
+        })
+    }
+
+    /// Applies `new` with `prepared` listeners for its HTTP sources: what changed,
+    /// and what could not be applied.
+    async fn apply(
+        &mut self,
+        new: Config,
+        mut prepared: HashMap<String, PreparedListener>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut changes = Vec::new();
+        let mut errors = Vec::new();
+        let client = switchyard_targets::http_client();
+
+        // Functions: build the new and changed ones before anything points at them.
+        let mut built = HashMap::new();
+        for (index, function) in new.functions.iter().enumerate() {
+            let function = function.get_ref();
+            let fingerprint = fingerprint_of(entry(&new.document, "functions", index));
+            if self
+                .functions
+                .get(function.name())
+                .is_some_and(|running| running.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            match self.build_function(function, fingerprint, &client) {
+                Ok(live) => {
+                    built.insert(function.name().to_owned(), live);
+                }
+                Err(error) => errors.push(format!("{error:#}")),
+            }
+        }
+        if !errors.is_empty() {
+            // Nothing points at them yet: stop what was started.
+            for (_, function) in built {
+                self.retire(function);
+            }
+            return (changes, errors);
+        }
+        let mut retiring = Vec::new();
+        for (name, mut function) in built {
+            if let Some(call) = &mut function.call {
+                match self.dispatcher.function_slots(&function.runtime).await {
+                    Ok(slots) => {
+                        Arc::get_mut(call).expect("not shared yet").slots = slots;
+                    }
+                    Err(error) => errors.push(format!("function `{name}`: {error}")),
+                }
+            }
+            let verb = if self.functions.contains_key(&name) {
+                "changed"
+            } else {
+                "added"
+            };
+            changes.push(format!("function `{name}` {verb}"));
+            if let Some(old) = self.functions.insert(name, function) {
+                retiring.push(old);
+            }
+        }
+        let kept: std::collections::HashSet<&str> = new
+            .functions
+            .iter()
+            .map(|function| function.get_ref().name())
+            .collect();
+        let removed: Vec<String> = self
+            .functions
+            .keys()
+            .filter(|name| !kept.contains(name.as_str()))
+            .cloned()
+            .collect();
+
+        // Triggers: removed ones stop pulling first, then new and changed ones start.
+        let desired = trigger_fingerprints(&new);
+        let wanted: std::collections::HashSet<&str> = desired
+            .iter()
+            .map(|(trigger, _)| trigger.name.as_str())
+            .collect();
+        let gone: Vec<String> = self
+            .triggers
+            .keys()
+            .filter(|name| !wanted.contains(name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.dispatcher.remove(&name).await;
+            self.triggers.remove(&name);
+            changes.push(format!("trigger `{name}` removed"));
+        }
+        for (trigger, fingerprint) in desired {
+            if self.triggers.get(&trigger.name) == Some(&fingerprint) {
+                continue;
+            }
+            let Some(function) = self.functions.get(&trigger.function) else {
+                errors.push(format!(
+                    "trigger `{}`: no function `{}`",
+                    trigger.name, trigger.function
+                ));
+                continue;
+            };
+            let runtime = function.runtime.clone();
+            let name = trigger.name.clone();
+            let outcome = match self.destinations(&new, &trigger).await {
+                Ok(destinations) => self
+                    .dispatcher
+                    .upsert(trigger, runtime, destinations)
+                    .await
+                    .map_err(anyhow::Error::new),
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(()) => {
+                    let verb = if self.triggers.contains_key(&name) {
+                        "changed"
+                    } else {
+                        "added"
+                    };
+                    self.triggers.insert(name.clone(), fingerprint);
+                    changes.push(format!("trigger `{name}` {verb}"));
+                }
+                Err(error) => errors.push(format!("trigger `{name}`: {error:#}")),
+            }
+        }
+        for name in removed {
+            if let Some(old) = self.functions.remove(&name) {
+                changes.push(format!("function `{name}` removed"));
+                retiring.push(old);
+            }
+        }
+
+        // Synchronous calls reach the functions as they are now.
+        let callable: HashMap<String, Arc<SyncFunction>> = self
+            .functions
+            .iter()
+            .filter_map(|(name, function)| Some((name.clone(), function.call.clone()?)))
+            .collect();
+        self.handles
+            .invoke_api_state
+            .set_functions(&callable, self.handles.bus.clone());
+
+        // Sources.
+        let (source_changes, source_errors) =
+            self.apply_sources(&new, &callable, &mut prepared).await;
+        changes.extend(source_changes);
+        errors.extend(source_errors);
+
+        // Nothing new reaches the old functions now: let them finish and stop.
+        for old in retiring {
+            self.retire(old);
+        }
+        let number = {
+            let current = self.handles.revision.read().expect("revision lock");
+            current.number + u64::from(!changes.is_empty() || current.number == 0)
+        };
+        *self.handles.revision.write().expect("revision lock") = Revision {
+            number,
+            config_sha256: config_sha256(&new),
+            applied_at: switchyard_event::timestamp::now_rfc3339(),
+        };
+        self.config = new;
+        (changes, errors)
+    }
+
+    fn retire(&self, function: LiveFunction) {
+        if let Some(managed) = &function.managed
+            && let Some(workers) = self.handles.workers.get()
+        {
+            workers.retire(managed);
+        }
+    }
+
+    /// Starts, restarts and stops sources so they match `new`, and gives every
+    /// HTTP source the routes and hooks `new` describes.
+    async fn apply_sources(
+        &mut self,
+        new: &Config,
+        callable: &HashMap<String, Arc<SyncFunction>>,
+        prepared: &mut HashMap<String, PreparedListener>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut changes = Vec::new();
+        let mut errors = Vec::new();
+        let bus = self.handles.bus.clone();
+        let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
+        let reserved = Arc::new(crate::reserved_sources(new));
+        let keep_requests = any_aws_payload(new);
+        let mut running: HashMap<String, LiveSource> = self.sources.drain(..).collect();
+        let mut next = Vec::new();
+        // Stop sources no longer configured (or of another kind) first.
+        let wanted: HashMap<&str, &'static str> = new
+            .sources
+            .iter()
+            .map(|source| (source.get_ref().name(), source_kind(source.get_ref())))
+            .collect();
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(name, source)| wanted.get(name.as_str()) != Some(&source.cell.status().kind))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            let source = running.remove(&name).expect("listed");
+            stop_source(source).await;
+            changes.push(format!("source `{name}` removed"));
+        }
+        for (index, source) in new.sources.iter().enumerate() {
+            let source = source.get_ref();
+            let name = source.name().to_owned();
+            let fingerprint = source_fingerprint(new, index);
+            let old = running.remove(&name);
+            let outcome: anyhow::Result<LiveSource> = match source {
+                SourceConfig::Http(http) => {
+                    let Some(listener) = prepared.remove(&name) else {
+                        errors.push(format!("source `{name}`: no listener prepared"));
+                        if let Some(old) = old {
+                            next.push((name, old));
+                        }
+                        continue;
+                    };
+                    let router = match self
+                        .http_router(http, callable, &sink, &reserved, keep_requests)
+                        .await
+                    {
+                        Ok(router) => router,
+                        Err(error) => {
+                            errors.push(format!("source `{name}`: {error:#}"));
+                            if let Some(old) = old {
+                                next.push((name, old));
+                            }
+                            continue;
+                        }
+                    };
+                    match old {
+                        Some(old) if listener.same_server => {
+                            let live = old.http.as_ref().expect("an http source");
+                            if old.fingerprint != fingerprint {
+                                changes.push(format!("source `{name}`: routes and hooks changed"));
+                            }
+                            *live.router.write().expect("router lock") = router;
+                            Ok(LiveSource { fingerprint, ..old })
+                        }
+                        old => {
+                            let started = self.start_http(http, listener, router, fingerprint);
+                            match old {
+                                Some(old) => {
+                                    stop_source(old).await;
+                                    changes.push(format!("source `{name}` restarted"));
+                                }
+                                None => changes.push(format!("source `{name}` added")),
+                            }
+                            started
+                        }
+                    }
+                }
+                _ => match old {
+                    Some(old) if old.fingerprint == fingerprint => Ok(old),
+                    old => {
+                        let restarted = old.is_some();
+                        if let Some(old) = old {
+                            stop_source(old).await;
+                        }
+                        let started = self.start_source(new, source, fingerprint);
+                        if started.is_ok() {
+                            changes.push(format!(
+                                "source `{name}` {}",
+                                if restarted { "restarted" } else { "added" }
+                            ));
+                        }
+                        started
+                    }
+                },
+            };
+            match outcome {
+                Ok(live) => next.push((name, live)),
+                Err(error) => errors.push(format!("source `{name}`: {error:#}")),
+            }
+        }
+        self.sources = next;
+        self.handles.admin_state.set_sources(
+            self.sources
+                .iter()
+                .map(|(_, source)| source.cell.clone())
+                .collect(),
+        );
+        (changes, errors)
+    }
+
+    /// The router an HTTP source serves: its function URLs, `/v1/events` and hooks.
+    async fn http_router(
+        &self,
+        http: &switchyard_connector_http::HttpSourceConfig,
+        callable: &HashMap<String, Arc<SyncFunction>>,
+        sink: &Arc<dyn EventSink>,
+        reserved: &Arc<switchyard_connector_http::ReservedSources>,
+        keep_requests: bool,
+    ) -> anyhow::Result<Router> {
+        let bus = &self.handles.bus;
+        let mut horizons: HashMap<String, Arc<dyn switchyard_event::DedupHorizon>> = HashMap::new();
+        for hook in &http.hooks {
+            if let Some(horizon) = hook.dedup_horizon() {
+                // Names may hold `_` and `-`: the source name's length makes the
+                // split unambiguous (`a_b`+`c` is `3_a_b_c`, `a`+`b_c` is `1_a_b_c`).
+                let store = switchyard_bus::horizon::KvHorizon::open(
+                    bus,
+                    &format!("{}_{}_{}", http.name.len(), http.name, hook.name),
+                    horizon,
+                )
+                .await
+                .with_context(|| format!("hook `{}`: opening its dedup horizon", hook.name))?;
+                horizons.insert(hook.name.clone(), Arc::new(store));
+            }
+        }
+        let routes = routes::router(
+            http,
+            callable,
+            bus,
+            &self.handles.workers_settings.region,
+            &self.handles.route_metrics,
+        )
+        .context("routes")?;
+        Ok(switchyard_connector_http::router(
+            http.clone(),
+            sink.clone(),
+            self.handles.source_metrics.clone(),
+            reserved.clone(),
+            horizons,
+            routes,
+            keep_requests,
+        ))
+    }
+
+    fn start_http(
+        &self,
+        http: &switchyard_connector_http::HttpSourceConfig,
+        listener: PreparedListener,
+        router: Router,
+        fingerprint: String,
+    ) -> anyhow::Result<LiveSource> {
+        let current = Arc::new(RwLock::new(router));
+        tracing::info!(source = %http.name, listen = %listener.address, "http source listening");
+        let source = Arc::new(switchyard_connector_http::HttpSource::new(
+            http.name.clone(),
+            listener.socket.try_clone()?,
+            swappable(current.clone()),
+            http.limits.clone(),
+            http.tls.clone(),
+            listener.interim,
+        ));
+        let mut live = self.supervise(source, fingerprint);
+        live.http = Some(LiveListener {
+            fingerprint: listener_fingerprint(http),
+            socket: listener.socket,
+            address: listener.address,
+            router: current,
+        });
+        live.cell.set_address(listener.address);
+        Ok(live)
+    }
+
+    fn supervise(&self, source: Arc<dyn Source>, fingerprint: String) -> LiveSource {
+        let stop = self.source_shutdown.child_token();
+        let (cell, task) =
+            crate::sources::supervise(source, &self.handles.supervisor_metrics, stop.clone());
+        LiveSource {
+            fingerprint,
+            stop,
+            task,
+            cell,
+            http: None,
+        }
+    }
+
+    /// Starts a source that is not an HTTP listener.
+    fn start_source(
+        &self,
+        config: &Config,
+        source: &SourceConfig,
+        fingerprint: String,
+    ) -> anyhow::Result<LiveSource> {
+        let bus = self.handles.bus.clone();
+        let source: Arc<dyn Source> = match source {
+            SourceConfig::Http(_) => unreachable!("http sources are started by start_http"),
+            SourceConfig::Nats(nats) => {
+                tracing::info!(source = %nats.name, "nats source consuming");
+                Arc::new(switchyard_connector_nats::NatsSource::new(
+                    nats.clone(),
+                    bus,
+                ))
+            }
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(kafka) => {
+                // Records keep themselves exactly only when a trigger may hand them
+                // to a handler as Lambda's Kafka event.
+                let mut kafka = kafka.clone();
+                kafka.keep_records = any_aws_payload(config);
+                Arc::new(switchyard_connector_kafka::KafkaSource::new(
+                    kafka,
+                    bus,
+                    self.handles.kafka_metrics.clone(),
+                ))
+            }
+            #[cfg(feature = "s3")]
+            SourceConfig::S3(poll) => {
+                let store = config
+                    .stores
+                    .get(&poll.store)
+                    .with_context(|| format!("no store `{}`", poll.store))?
+                    .get_ref()
+                    .clone();
+                tracing::info!(source = %poll.name, buckets = ?poll.buckets, "s3 poll source started");
+                Arc::new(switchyard_connector_s3::poll::PollSource::new(
+                    poll.clone(),
+                    store,
+                    bus,
+                    self.handles.poll_metrics.clone(),
+                ))
+            }
+        };
+        Ok(self.supervise(source, fingerprint))
+    }
+
+    /// Stops everything in order: sources first (nothing new is accepted), then the
+    /// dispatcher drains, then function instances stop.
+    pub(crate) async fn stop(self) {
+        tracing::info!("shutting down: closing sources");
+        self.source_shutdown.cancel();
+        for (_, source) in self.sources {
+            let _ = source.task.await;
+        }
+        tracing::info!("shutting down: draining the dispatcher");
+        self.dispatcher.stop().await;
+        if let Some(workers) = self.handles.workers.get() {
+            tracing::info!("shutting down: stopping function instances");
+            workers.shutdown().await;
+        }
+        // Acks and NAKs sent while draining must reach the server before we leave.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.handles.bus.client().flush()).await;
+    }
+}
+
+fn source_kind(source: &SourceConfig) -> &'static str {
+    match source {
+        SourceConfig::Http(_) => "http",
+        SourceConfig::Nats(_) => "nats",
+        #[cfg(feature = "kafka")]
+        SourceConfig::Kafka(_) => "kafka",
+        #[cfg(feature = "s3")]
+        SourceConfig::S3(_) => "s3_poll",
+    }
+}
+
+/// Stops one source and waits until it returned (an HTTP source once its requests
+/// in flight are answered, a Kafka source once its positions are committed).
+async fn stop_source(source: LiveSource) {
+    source.stop.cancel();
+    let _ = source.task.await;
+}
