@@ -57,6 +57,8 @@ pub struct Process {
 pub struct Bound {
     pub admin: SocketAddr,
     pub sources: HashMap<String, SocketAddr>,
+    /// Lambda's Invoke API, when the configuration turns it on.
+    pub invoke_api: Option<SocketAddr>,
 }
 
 impl Process {
@@ -102,6 +104,9 @@ impl Process {
                     value.as_str().unwrap().parse().unwrap()
                 };
                 let bound = Bound {
+                    invoke_api: report["invoke_api"]
+                        .as_str()
+                        .map(|text| text.parse().unwrap()),
                     admin: address(&report["admin"]),
                     sources: report["sources"]
                         .as_object()

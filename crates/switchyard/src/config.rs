@@ -23,7 +23,7 @@ use switchyard_dispatcher::{DispatcherConfig, TriggerConfig};
 use toml::Spanned;
 
 /// The whole configuration.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// How to reach NATS and the streams' settings.
@@ -54,6 +54,12 @@ pub struct Config {
     /// Which events go to which function.
     #[serde(default)]
     pub triggers: Vec<Spanned<TriggerConfig>>,
+    /// Lambda runtime ids (`python3.12`, `nodejs22.x`, `provided.al2023`...) and the
+    /// command that runs a handler of a function created through the Lambda API;
+    /// `{handler}` in it becomes the function's handler. Defaults for every id
+    /// Switchyard knows ([`default_runtimes`]); a table here replaces one.
+    #[serde(default)]
+    pub runtimes: BTreeMap<String, RuntimeConfig>,
     /// The file as values (after `${VAR}` and `<secret>_file` substitution): what a
     /// reload compares, table by table, to tell what changed.
     #[serde(skip)]
@@ -185,7 +191,7 @@ pub enum LogFormat {
 }
 
 /// A source, chosen by `type`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
     /// CloudEvents over HTTP and webhooks.
@@ -214,7 +220,7 @@ impl SourceConfig {
 }
 
 /// A function, chosen by `type`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum FunctionConfig {
     /// An HTTP endpoint that receives events in CloudEvents binary mode.
@@ -259,7 +265,7 @@ impl FunctionConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpFunctionConfig {
     pub name: String,
@@ -286,7 +292,7 @@ pub struct HttpFunctionConfig {
     pub concurrency_scope: ConcurrencyScope,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogFunctionConfig {
     pub name: String,
@@ -300,7 +306,7 @@ pub struct LogFunctionConfig {
 /// Lambda's environment (`AWS_LAMBDA_RUNTIME_API`, `_HANDLER`, `LAMBDA_TASK_ROOT`,
 /// `AWS_LAMBDA_FUNCTION_*`, region, log group and stream) and asks Switchyard's Runtime
 /// API for events, one at a time per instance.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LambdaFunctionConfig {
     pub name: String,
@@ -421,7 +427,7 @@ pub fn invoke_trigger_name(function: &str) -> String {
 /// demand, POSTs each event to `path` in CloudEvents binary mode (as to `http`
 /// functions), and stops instances when idle. Instances get `PORT`,
 /// `SWITCHYARD_FUNCTION`, `SWITCHYARD_FUNCTION_MEMORY_MB` and their `environment`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessFunctionConfig {
     pub name: String,
@@ -629,6 +635,101 @@ pub struct WorkersConfig {
     /// hosts, where moving a process into a cgroup waits for the kernel).
     #[serde(default)]
     pub isolation: Isolation,
+    /// Where the code of functions created through the Lambda API is unpacked
+    /// (`<data_directory>/code/<sha256>`); by default `$HOME/.local/state/switchyard`.
+    #[serde(default)]
+    pub data_directory: Option<PathBuf>,
+}
+
+impl WorkersConfig {
+    /// Where code is unpacked.
+    pub fn data_directory(&self) -> PathBuf {
+        self.data_directory.clone().unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+                .join(".local/state/switchyard")
+        })
+    }
+}
+
+/// How a Lambda runtime id runs a handler.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// The program and its arguments; `{handler}` is replaced by the handler. Run in
+    /// the function's unpacked code, so `./bootstrap` names the package's own.
+    pub command: Vec<String>,
+}
+
+/// The runtimes Switchyard knows, each run by AWS's own runtime interface client:
+/// Python's `awslambdaric` (`$SWITCHYARD_LAMBDA_PYTHON`, else the one
+/// `scripts/install-deps.sh` installed, else `python3`), Node.js's `aws-lambda-ric`
+/// (`$SWITCHYARD_LAMBDA_NODE_RIC`, likewise), and the package's own `bootstrap` for
+/// `provided.*`.
+pub fn default_runtimes() -> BTreeMap<String, RuntimeConfig> {
+    let installed = |variable: &str, link: &str, fallback: &str| {
+        std::env::var(variable)
+            .ok()
+            .filter(|path| !path.is_empty())
+            .or_else(|| {
+                let home = std::env::var_os("HOME")?;
+                let path = PathBuf::from(home).join(".cache/switchyard/bin").join(link);
+                path.exists().then(|| path.display().to_string())
+            })
+            .unwrap_or_else(|| fallback.to_owned())
+    };
+    let python = installed("SWITCHYARD_LAMBDA_PYTHON", "lambda-python", "python3");
+    let node = installed(
+        "SWITCHYARD_LAMBDA_NODE_RIC",
+        "aws-lambda-ric",
+        "aws-lambda-ric",
+    );
+    let mut runtimes = BTreeMap::new();
+    for id in ["python3.12", "python3.13"] {
+        runtimes.insert(
+            id.to_owned(),
+            RuntimeConfig {
+                command: vec![
+                    python.clone(),
+                    "-m".to_owned(),
+                    "awslambdaric".to_owned(),
+                    "{handler}".to_owned(),
+                ],
+            },
+        );
+    }
+    for id in ["nodejs20.x", "nodejs22.x"] {
+        runtimes.insert(
+            id.to_owned(),
+            RuntimeConfig {
+                command: vec![node.clone(), "{handler}".to_owned()],
+            },
+        );
+    }
+    for id in ["provided.al2", "provided.al2023"] {
+        runtimes.insert(
+            id.to_owned(),
+            RuntimeConfig {
+                command: vec!["./bootstrap".to_owned()],
+            },
+        );
+    }
+    runtimes
+}
+
+impl Config {
+    /// The runtimes functions created through the API can use: the defaults, with
+    /// the configuration's `[runtimes]` over them.
+    pub fn all_runtimes(&self) -> BTreeMap<String, RuntimeConfig> {
+        let mut runtimes = default_runtimes();
+        runtimes.extend(
+            self.runtimes
+                .iter()
+                .map(|(id, runtime)| (id.clone(), runtime.clone())),
+        );
+        runtimes
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -646,6 +747,7 @@ impl Default for WorkersConfig {
             max_cold_starts: default_total_cold_starts(),
             stop_grace: default_stop_grace(),
             isolation: Isolation::Auto,
+            data_directory: None,
         }
     }
 }

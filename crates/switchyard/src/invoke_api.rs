@@ -49,10 +49,12 @@ struct Callable {
 #[derive(Clone)]
 pub struct InvokeApiState {
     callable: Arc<std::sync::RwLock<Option<Arc<Callable>>>>,
-    region: String,
+    pub(crate) region: String,
     max_wait: Duration,
     /// The access keys requests must be signed with (SigV4); none: not checked.
-    keys: crate::sigv4::Keys,
+    pub(crate) keys: crate::sigv4::Keys,
+    /// The control plane's view of functions, once the bus is set up.
+    pub(crate) control: Arc<std::sync::OnceLock<Arc<crate::live::ApiFunctions>>>,
 }
 
 impl InvokeApiState {
@@ -62,7 +64,13 @@ impl InvokeApiState {
             region,
             max_wait,
             keys,
+            control: Arc::default(),
         }
+    }
+
+    /// Serves the control plane (CreateFunction, GetFunction, ...) from now on.
+    pub(crate) fn set_control(&self, api: Arc<crate::live::ApiFunctions>) {
+        let _ = self.control.set(api);
     }
 
     /// Makes the functions callable (once the dispatcher built them and their
@@ -83,12 +91,13 @@ impl InvokeApiState {
 pub fn router(state: InvokeApiState) -> Router {
     Router::new()
         .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+        .merge(crate::control_api::routes())
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
 /// An error as the Lambda API renders it: the type in `x-amzn-ErrorType` and the body.
-fn api_error(status: StatusCode, error_type: &str, message: &str) -> Response {
+pub(crate) fn api_error(status: StatusCode, error_type: &str, message: &str) -> Response {
     let body = serde_json::json!({ "Type": "User", "message": message });
     let mut response = (status, axum::Json(body)).into_response();
     if let Ok(value) = HeaderValue::from_str(error_type) {
@@ -99,7 +108,7 @@ fn api_error(status: StatusCode, error_type: &str, message: &str) -> Response {
 
 /// The function name of `FunctionName`: a name, `name:qualifier`, or an ARN
 /// (`arn:aws:lambda:<region>:<account>:function:<name>[:<qualifier>]`).
-fn function_name(given: &str) -> &str {
+pub(crate) fn function_name(given: &str) -> &str {
     match given.strip_prefix("arn:") {
         Some(arn) => arn.split(':').nth(5).unwrap_or_default(),
         None => given.split(':').next().unwrap_or_default(),

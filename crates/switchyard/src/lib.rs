@@ -4,10 +4,13 @@
 
 pub mod admin;
 pub mod calls;
+pub mod code;
 pub mod config;
+pub mod control_api;
 pub mod dlq;
 pub mod invoke_api;
 pub mod live;
+pub mod registry;
 pub mod routes;
 pub mod sigv4;
 pub mod sources;
@@ -345,7 +348,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         };
         let triggers = config.triggers.len();
         let source_count = config.sources.len();
-        let mut live = live::Live::start(handles, config, listeners).await?;
+        // Functions defined through the Lambda API live where the Invoke API does.
+        let (api_sender, mut api_changes) = tokio::sync::mpsc::channel::<live::ApiChange>(256);
+        let api = if config.invoke_api.listen.is_empty() {
+            None
+        } else {
+            let registry = registry::Registry::open(&bus)
+                .await
+                .context("opening the lambda api's function registry")?;
+            watch_registry(registry.clone(), api_sender, task_shutdown.clone()).await?;
+            Some(live::ApiFunctions::new(registry))
+        };
+        let invoke_api_for_control = handles.invoke_api_state.clone();
+        let mut live = live::Live::start(handles, config, listeners, api.clone()).await?;
+        if let Some(api) = api {
+            invoke_api_for_control.set_control(api);
+        }
         ready.store(true, Ordering::SeqCst);
         ready_signal.send_replace(true);
         tracing::info!(
@@ -357,6 +375,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         loop {
             tokio::select! {
                 () = task_shutdown.cancelled() => break,
+                Some(change) = api_changes.recv() => live.apply_api(change).await,
                 Some(request) = reload_requests.recv() => {
                     let outcome = live.reload().await;
                     reload_results
@@ -386,6 +405,74 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// Follows the function registry: every definition put or deleted, by any process,
+/// reaches the reconciler. The watch starts before the first apply lists the
+/// definitions, so no change falls between the two (one seen twice is ignored).
+async fn watch_registry(
+    registry: registry::Registry,
+    changes: tokio::sync::mpsc::Sender<live::ApiChange>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let mut watch = registry
+        .watch()
+        .await
+        .context("watching the lambda api's function registry")?;
+    tokio::spawn(async move {
+        let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let entry = tokio::select! {
+                () = shutdown.cancelled() => return,
+                entry = watch.next() => entry,
+            };
+            let change = match entry {
+                Some(Ok(entry)) => {
+                    failures.succeeded();
+                    let record = match entry.operation {
+                        switchyard_bus::async_nats::jetstream::kv::Operation::Put => {
+                            match serde_json::from_slice(&entry.value) {
+                                Ok(record) => Some((record, entry.revision)),
+                                Err(error) => {
+                                    tracing::error!(function = %entry.key, %error, "a function definition in the registry does not parse; ignored");
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    live::ApiChange {
+                        name: entry.key,
+                        record,
+                    }
+                }
+                other => {
+                    if failures.failed() {
+                        let error = match other {
+                            Some(Err(error)) => error.to_string(),
+                            _ => "the watch ended".to_owned(),
+                        };
+                        tracing::warn!(%error, "watching the function registry failed, watching again");
+                    }
+                    if !failures.pause(shutdown.cancelled()).await {
+                        return;
+                    }
+                    match registry.watch().await {
+                        Ok(renewed) => watch = renewed,
+                        Err(error) => {
+                            tracing::warn!(%error, "watching the function registry failed")
+                        }
+                    }
+                    continue;
+                }
+            };
+            if changes.send(change).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
 }
 
 /// A request to re-read the configuration file, answered with what it changed.

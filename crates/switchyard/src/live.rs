@@ -67,6 +67,71 @@ pub struct ReloadOutcome {
     pub errors: Vec<String>,
 }
 
+/// What the control-plane API and the reconciler share about functions defined
+/// through the API.
+pub struct ApiFunctions {
+    pub registry: crate::registry::Registry,
+    /// The bucket revision of each API function this process runs now.
+    pub applied: RwLock<HashMap<String, u64>>,
+    /// API functions this process could not run, with the revision and why.
+    pub failed: RwLock<HashMap<String, (u64, String)>>,
+    /// Functions the file defines (the API may not change them), and the file.
+    pub file_functions: RwLock<HashMap<String, String>>,
+    /// The runtime ids API functions can use.
+    pub runtimes: RwLock<std::collections::BTreeMap<String, config::RuntimeConfig>>,
+    /// The file's `lambda` functions, for ListFunctions: name, handler, memory,
+    /// timeout in seconds.
+    pub file_lambdas: RwLock<Vec<(String, String, u32, u64)>>,
+}
+
+impl ApiFunctions {
+    pub fn new(registry: crate::registry::Registry) -> Arc<ApiFunctions> {
+        Arc::new(ApiFunctions {
+            registry,
+            applied: RwLock::default(),
+            failed: RwLock::default(),
+            file_functions: RwLock::default(),
+            runtimes: RwLock::default(),
+            file_lambdas: RwLock::default(),
+        })
+    }
+
+    /// What the file defines, for the API's answers.
+    fn learn_file(&self, file: &Config) {
+        let name = file
+            .file
+            .as_ref()
+            .map(|path| path.display().to_string())
+            .unwrap_or_else(|| "the configuration".to_owned());
+        *self.file_functions.write().expect("api lock") = file
+            .functions
+            .iter()
+            .map(|function| (function.get_ref().name().to_owned(), name.clone()))
+            .collect();
+        *self.file_lambdas.write().expect("api lock") = file
+            .functions
+            .iter()
+            .filter_map(|function| match function.get_ref() {
+                FunctionConfig::Lambda(lambda) => Some((
+                    lambda.name.clone(),
+                    lambda.handler.clone(),
+                    lambda.memory,
+                    lambda.timeout.as_secs(),
+                )),
+                _ => None,
+            })
+            .collect();
+        *self.runtimes.write().expect("api lock") = file.all_runtimes();
+    }
+}
+
+/// A change of the API's definitions: a function's record and revision, or its
+/// removal.
+pub(crate) struct ApiChange {
+    pub(crate) name: String,
+    pub(crate) record: Option<(crate::registry::FunctionRecord, u64)>,
+}
+
 /// Everything a reload needs that lives as long as the process.
 pub(crate) struct Handles {
     pub(crate) bus: Bus,
@@ -127,6 +192,12 @@ struct PreparedListener {
 /// The running state of one process.
 pub(crate) struct Live {
     handles: Handles,
+    /// The file as last loaded.
+    file: Config,
+    /// Functions defined through the API, by name, with their bucket revision.
+    api_records: std::collections::BTreeMap<String, (crate::registry::FunctionRecord, u64)>,
+    api: Option<Arc<ApiFunctions>>,
+    /// The file and the API's functions, as applied.
     config: Config,
     dispatcher: RunningDispatcher,
     functions: HashMap<String, LiveFunction>,
@@ -279,7 +350,20 @@ impl Live {
         handles: Handles,
         config: Config,
         listeners: HashMap<String, (std::net::TcpListener, CancellationToken)>,
+        api: Option<Arc<ApiFunctions>>,
     ) -> anyhow::Result<Live> {
+        let mut api_records = std::collections::BTreeMap::new();
+        if let Some(api) = &api {
+            api.learn_file(&config);
+            for (record, revision) in api
+                .registry
+                .list()
+                .await
+                .context("listing the functions defined through the lambda api")?
+            {
+                api_records.insert(record.function_name.clone(), (record, revision));
+            }
+        }
         let dispatcher = Dispatcher::empty(
             handles.bus.clone(),
             config.dispatcher.clone(),
@@ -293,6 +377,9 @@ impl Live {
             .set_dispatcher(dispatcher.view(), handles.bus.clone());
         let mut live = Live {
             handles,
+            file: config.clone(),
+            api_records,
+            api,
             config: Config::default(),
             dispatcher,
             functions: HashMap::new(),
@@ -313,7 +400,9 @@ impl Live {
                 },
             );
         }
-        let (_, errors) = live.apply(config, prepared).await;
+        let desired = live.desired(&config).await;
+        let (_, errors) = live.apply(desired, prepared).await;
+        live.note_applied();
         if let Some(error) = errors.into_iter().next() {
             anyhow::bail!("{error}");
         }
@@ -345,11 +434,11 @@ impl Live {
                 );
             }
         };
-        let problems = fixed_changes(&self.config, &new);
+        let problems = fixed_changes(&self.file, &new);
         if !problems.is_empty() {
             return refused(current, problems);
         }
-        if config_sha256(&new) == current.config_sha256 {
+        if config_sha256(&new) == config_sha256(&self.file) {
             return ReloadOutcome {
                 result: "unchanged",
                 revision: current,
@@ -362,7 +451,13 @@ impl Live {
             Ok(prepared) => prepared,
             Err(error) => return refused(current, vec![format!("{error:#}")]),
         };
-        let (changes, errors) = self.apply(new, prepared).await;
+        if let Some(api) = &self.api {
+            api.learn_file(&new);
+        }
+        self.file = new.clone();
+        let desired = self.desired(&new).await;
+        let (changes, errors) = self.apply(desired, prepared).await;
+        self.note_applied();
         self.dispatcher.check_orphans().await;
         ReloadOutcome {
             result: if errors.is_empty() {
@@ -374,6 +469,221 @@ impl Live {
             changes,
             errors,
         }
+    }
+
+    /// Applies a change of the API's definitions (from this process or another).
+    pub(crate) async fn apply_api(&mut self, change: ApiChange) {
+        match change.record {
+            Some(found) => {
+                if self.api_records.get(&change.name) == Some(&found) {
+                    return;
+                }
+                self.api_records.insert(change.name.clone(), found);
+            }
+            None => {
+                if self.api_records.remove(&change.name).is_none() {
+                    return;
+                }
+            }
+        }
+        let file = self.file.clone();
+        let prepared = match self.prepare_listeners(&file).await {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "applying a lambda api change failed");
+                return;
+            }
+        };
+        let desired = self.desired(&file).await;
+        let (changes, errors) = self.apply(desired, prepared).await;
+        self.note_applied();
+        if errors.is_empty() {
+            tracing::info!(function = %change.name, ?changes, "lambda api change applied");
+        } else {
+            tracing::error!(function = %change.name, ?changes, ?errors, "lambda api change applied in part");
+        }
+        if let Some(api) = &self.api {
+            let _ = api.registry.remove_unused_code().await;
+        }
+        self.remove_unused_code();
+    }
+
+    /// Records which API revisions run now (what GetFunction's state tells).
+    fn note_applied(&self) {
+        let Some(api) = &self.api else {
+            return;
+        };
+        let failed = api.failed.read().expect("api lock").clone();
+        *api.applied.write().expect("api lock") = self
+            .api_records
+            .iter()
+            .filter(|(name, (_, revision))| {
+                self.functions.contains_key(name.as_str())
+                    && failed
+                        .get(name.as_str())
+                        .is_none_or(|(failed_revision, _)| failed_revision != revision)
+            })
+            .map(|(name, (_, revision))| (name.clone(), *revision))
+            .collect();
+    }
+
+    fn code_root(&self) -> std::path::PathBuf {
+        self.file.workers.data_directory().join("code")
+    }
+
+    /// The unpacked code of `record`, fetched from the code store on first need.
+    async fn code_directory(
+        &self,
+        api: &ApiFunctions,
+        record: &crate::registry::FunctionRecord,
+    ) -> anyhow::Result<std::path::PathBuf> {
+        let directory = self.code_root().join(&record.code_key);
+        if directory.is_dir() {
+            return Ok(directory);
+        }
+        let zip = api
+            .registry
+            .code(&record.code_key)
+            .await
+            .with_context(|| format!("fetching the code {}", record.code_sha256))?;
+        let target = directory.clone();
+        tokio::task::spawn_blocking(move || {
+            if target.is_dir() {
+                return Ok(());
+            }
+            crate::code::unpack(&zip, &target)
+        })
+        .await
+        .context("unpacking the code")?
+        .with_context(|| format!("unpacking the code into {}", directory.display()))?;
+        Ok(directory)
+    }
+
+    /// Removes unpacked code no function of this process uses any more (a replaced
+    /// function's old instances keep theirs until they stopped).
+    fn remove_unused_code(&self) {
+        let root = self.code_root();
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
+        let in_use: std::collections::HashSet<std::path::PathBuf> = self
+            .handles
+            .workers
+            .get()
+            .map(|workers| workers.directories_in_use())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Staging directories of an unpack in progress start with `.`.
+            if name.starts_with('.') || in_use.contains(&path) {
+                continue;
+            }
+            if self
+                .api_records
+                .values()
+                .any(|(record, _)| record.code_key == name)
+            {
+                continue;
+            }
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+
+    /// The desired state: the file's functions, then the API's (a name the file
+    /// defines is the file's).
+    async fn desired(&self, file: &Config) -> Config {
+        let mut desired = file.clone();
+        let Some(api) = self.api.clone() else {
+            return desired;
+        };
+        let runtimes = file.all_runtimes();
+        let file_names: std::collections::HashSet<String> = file
+            .functions
+            .iter()
+            .map(|function| function.get_ref().name().to_owned())
+            .collect();
+        let mut failed = HashMap::new();
+        let mut tables = Vec::new();
+        for (name, (record, revision)) in &self.api_records {
+            if file_names.contains(name) {
+                tracing::warn!(function = %name, "a function defined through the lambda api has the name of one in the configuration file: the file's is used");
+                continue;
+            }
+            let table = match self.api_function_table(&api, record, &runtimes).await {
+                Ok(table) => table,
+                Err(error) => {
+                    let reason = format!("{error:#}");
+                    tracing::error!(function = %name, %reason, "a function defined through the lambda api cannot run here");
+                    failed.insert(name.clone(), (*revision, reason));
+                    continue;
+                }
+            };
+            match toml::Value::Table(table.clone()).try_into::<FunctionConfig>() {
+                Ok(function) => {
+                    desired.functions.push(toml::Spanned::new(0..0, function));
+                    tables.push(toml::Value::Table(table));
+                }
+                Err(error) => {
+                    failed.insert(name.clone(), (*revision, error.to_string()));
+                }
+            }
+        }
+        *api.failed.write().expect("api lock") = failed;
+        if !tables.is_empty() {
+            // Entries are compared by position: the file's first, then these.
+            let functions = desired
+                .document
+                .entry("functions")
+                .or_insert_with(|| toml::Value::Array(Vec::new()));
+            if let Some(array) = functions.as_array_mut() {
+                array.extend(tables);
+            }
+        }
+        desired
+    }
+
+    /// An API function as a `[[functions]]` table of `type = "lambda"`.
+    async fn api_function_table(
+        &self,
+        api: &ApiFunctions,
+        record: &crate::registry::FunctionRecord,
+        runtimes: &std::collections::BTreeMap<String, config::RuntimeConfig>,
+    ) -> anyhow::Result<toml::Table> {
+        let runtime = runtimes.get(&record.runtime).with_context(|| {
+            format!(
+                "runtime `{}` is not in [runtimes] (known: {})",
+                record.runtime,
+                runtimes.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        let directory = self.code_directory(api, record).await?;
+        let command: Vec<toml::Value> = runtime
+            .command
+            .iter()
+            .map(|part| toml::Value::String(part.replace("{handler}", &record.handler)))
+            .collect();
+        let mut table = toml::Table::new();
+        table.insert("type".into(), "lambda".into());
+        table.insert("name".into(), record.function_name.clone().into());
+        table.insert("command".into(), toml::Value::Array(command));
+        table.insert("handler".into(), record.handler.clone().into());
+        table.insert("directory".into(), directory.display().to_string().into());
+        table.insert("memory".into(), i64::from(record.memory_size).into());
+        table.insert("timeout".into(), format!("{}s", record.timeout).into());
+        table.insert(
+            "environment".into(),
+            toml::Value::Table(
+                record
+                    .environment
+                    .iter()
+                    .map(|(name, value)| (name.clone(), toml::Value::String(value.clone())))
+                    .collect(),
+            ),
+        );
+        Ok(table)
     }
 
     /// Binds what the new configuration's HTTP sources need: the running socket when

@@ -212,6 +212,20 @@ impl Workers {
         retired.push(function.clone());
     }
 
+    /// The working directories of every function, and of retired ones whose
+    /// instances still run.
+    pub fn directories_in_use(&self) -> Vec<PathBuf> {
+        let mut retired = self.retired.lock().expect("functions lock");
+        retired.retain(|function| !function.drained());
+        self.functions
+            .lock()
+            .expect("functions lock")
+            .iter()
+            .chain(retired.iter())
+            .map(|function| function.pool.spec.directory.clone())
+            .collect()
+    }
+
     /// Instances of retired functions still running (finishing what they hold).
     pub fn retired_instances(&self) -> usize {
         self.retired

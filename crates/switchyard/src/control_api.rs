@@ -1,0 +1,941 @@
+//! The Lambda control-plane API on the `[invoke_api]` listener (API version
+//! 2015-03-31, SigV4 as the Invoke API): CreateFunction (`ZipFile`), GetFunction,
+//! GetFunctionConfiguration, ListFunctions, UpdateFunctionCode,
+//! UpdateFunctionConfiguration and DeleteFunction, so `aws lambda ...` and boto3
+//! deploy to Switchyard unchanged.
+//!
+//! A definition is stored in the function registry ([`crate::registry`]) and every
+//! process's reconciler runs it; `State` and `LastUpdateStatus` say whether the
+//! process answering runs the stored revision yet (`Pending`/`InProgress` until it
+//! does), so `aws lambda wait function-active-v2` and `function-updated-v2` work. The
+//! configuration file's functions are listed too and cannot be changed here
+//! (`ResourceConflictException` naming the file).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchyard_workers::runtime_api::function_arn;
+
+use crate::invoke_api::{InvokeApiState, api_error, function_name};
+use crate::live::ApiFunctions;
+use crate::registry::{FunctionRecord, RegistryError};
+
+/// Lambda's limit on a CreateFunction or UpdateFunctionCode request.
+const MAX_REQUEST_BYTES: usize = 70_167_211;
+/// Lambda's limit on a function's environment variables, in total.
+const MAX_ENVIRONMENT_BYTES: usize = 4096;
+/// Code all functions may store together (Lambda's default quota, 75 GB).
+const CODE_STORAGE_BYTES: u64 = 75 * 1000 * 1000 * 1000;
+
+pub(crate) fn routes() -> Router<InvokeApiState> {
+    Router::new()
+        .route(
+            "/2015-03-31/functions",
+            post(create_function).get(list_functions),
+        )
+        .route(
+            "/2015-03-31/functions/",
+            post(create_function).get(list_functions),
+        )
+        .route(
+            "/2015-03-31/functions/{name}",
+            get(get_function).delete(delete_function),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/configuration",
+            get(get_configuration).put(update_configuration),
+        )
+        .route("/2015-03-31/functions/{name}/code", put(update_code))
+}
+
+/// A refusal, as Lambda words it.
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        api_error(self.0, self.1, &self.2)
+    }
+}
+
+fn not_found(region: &str, name: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        format!("Function not found: {}", function_arn(region, name)),
+    )
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        "InvalidParameterValueException",
+        message.into(),
+    )
+}
+
+fn validation(value: &str, field: &str, constraint: &str) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        format!(
+            "1 validation error detected: Value '{value}' at '{field}' failed to satisfy constraint: {constraint}"
+        ),
+    )
+}
+
+fn registry_error(error: RegistryError) -> ApiError {
+    match error {
+        RegistryError::Conflict => ApiError(
+            StatusCode::CONFLICT,
+            "ResourceConflictException",
+            "The operation cannot be performed at this time. The function was changed by another request meanwhile: retry".to_owned(),
+        ),
+        RegistryError::Store(problem) => {
+            tracing::error!(%problem, "the function registry failed");
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                "the function registry is unavailable; retry".to_owned(),
+            )
+        }
+    }
+}
+
+/// Reads a request's body within `limit` and checks its signature (when keys are
+/// configured), before anything is said about the request.
+async fn signed_body(
+    state: &InvokeApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    operation: &str,
+) -> Result<Bytes, ApiError> {
+    if !state.keys.is_empty()
+        && let Err(refusal) = state
+            .keys
+            .precheck(headers, time::OffsetDateTime::now_utc())
+    {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            refusal.error_type,
+            refusal.message,
+        ));
+    }
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLargeException",
+            format!("Request must be smaller than {limit} bytes for the {operation} operation"),
+        )
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .is_some_and(|length| length > limit)
+    {
+        return Err(too_large());
+    }
+    let payload =
+        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(error) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequestContentException",
+                    format!("the request body could not be read: {error}"),
+                ));
+            }
+        };
+    if !state.keys.is_empty()
+        && let Err(refusal) = state.keys.verify(
+            method,
+            uri,
+            headers,
+            &payload,
+            time::OffsetDateTime::now_utc(),
+        )
+    {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            refusal.error_type,
+            refusal.message,
+        ));
+    }
+    Ok(payload)
+}
+
+fn control(state: &InvokeApiState) -> Result<Arc<ApiFunctions>, ApiError> {
+    state.control.get().cloned().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceException",
+            "switchyard is starting".to_owned(),
+        )
+    })
+}
+
+/// A function name as Lambda takes it: 1 to 64 letters, digits, `-` and `_`.
+fn checked_name(given: &str) -> Result<String, ApiError> {
+    let name = function_name(given);
+    if name.is_empty()
+        || name.len() > 64
+        || !name.chars().all(|character| {
+            character.is_ascii_alphanumeric() || character == '-' || character == '_'
+        })
+    {
+        return Err(validation(
+            given,
+            "functionName",
+            "Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{2}(-gov)?-[a-z]+-\\d{1}:)?(\\d{12}:)?(function:)?([a-zA-Z0-9-_]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Only `$LATEST` (or none) until versions exist.
+fn check_qualifier(region: &str, given: &str, qualifier: Option<&str>) -> Result<(), ApiError> {
+    let from_name = given
+        .strip_prefix("arn:")
+        .map(|arn| arn.split(':').nth(6))
+        .unwrap_or_else(|| given.split(':').nth(1));
+    match qualifier.or(from_name) {
+        None | Some("$LATEST") => Ok(()),
+        Some(_) => Err(not_found(region, function_name(given))),
+    }
+}
+
+/// A function the file defines cannot be changed through the API.
+fn refuse_file_function(api: &ApiFunctions, name: &str) -> Result<(), ApiError> {
+    if let Some(file) = api.file_functions.read().expect("api lock").get(name) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "ResourceConflictException",
+            format!(
+                "Function {name} is defined in {file}; change it there (and reload), not through the API"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn now_lambda() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}+0000",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.millisecond()
+    )
+}
+
+/// Lambda's FunctionConfiguration of an API function, with its state in this
+/// process.
+fn configuration(
+    region: &str,
+    api: &ApiFunctions,
+    record: &FunctionRecord,
+    revision: u64,
+) -> Value {
+    let name = &record.function_name;
+    let applied = api.applied.read().expect("api lock").get(name).copied();
+    let failed = api
+        .failed
+        .read()
+        .expect("api lock")
+        .get(name)
+        .filter(|(failed, _)| *failed == revision)
+        .map(|(_, reason)| reason.clone());
+    let (state, update, reason) = match (failed, applied) {
+        (Some(reason), None) => ("Failed", "Failed", Some(reason)),
+        (Some(reason), Some(_)) => ("Active", "Failed", Some(reason)),
+        (None, Some(applied)) if applied == revision => ("Active", "Successful", None),
+        (None, Some(_)) => ("Active", "InProgress", None),
+        (None, None) => ("Pending", "InProgress", None),
+    };
+    let mut configuration = json!({
+        "FunctionName": name,
+        "FunctionArn": function_arn(region, name),
+        "Runtime": record.runtime,
+        "Role": record.role,
+        "Handler": record.handler,
+        "CodeSize": record.code_size,
+        "Description": record.description,
+        "Timeout": record.timeout,
+        "MemorySize": record.memory_size,
+        "LastModified": record.last_modified,
+        "CodeSha256": record.code_sha256,
+        "Version": "$LATEST",
+        "Environment": { "Variables": record.environment },
+        "TracingConfig": { "Mode": "PassThrough" },
+        "RevisionId": record.revision_id,
+        "State": state,
+        "LastUpdateStatus": update,
+        "PackageType": "Zip",
+        "Architectures": if record.architectures.is_empty() { vec!["x86_64".to_owned()] } else { record.architectures.clone() },
+        "EphemeralStorage": { "Size": 512 },
+    });
+    if let Some(reason) = reason {
+        if state == "Failed" {
+            configuration["StateReason"] = json!(reason);
+            configuration["StateReasonCode"] = json!("InternalError");
+        }
+        configuration["LastUpdateStatusReason"] = json!(reason);
+        configuration["LastUpdateStatusReasonCode"] = json!("InternalError");
+    } else if state == "Pending" {
+        configuration["StateReason"] = json!("The function is being created.");
+        configuration["StateReasonCode"] = json!("Creating");
+    }
+    configuration
+}
+
+/// A `lambda` function of the configuration file, as ListFunctions shows it.
+fn file_configuration(
+    region: &str,
+    file: &str,
+    (name, handler, memory, timeout): &(String, String, u32, u64),
+) -> Value {
+    json!({
+        "FunctionName": name,
+        "FunctionArn": function_arn(region, name),
+        "Handler": handler,
+        "MemorySize": memory,
+        "Timeout": timeout,
+        "Description": format!("defined in {file}"),
+        "Version": "$LATEST",
+        "State": "Active",
+        "LastUpdateStatus": "Successful",
+        "PackageType": "Zip",
+        "CodeSize": 0,
+        "CodeSha256": "",
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct EnvironmentInput {
+    #[serde(default)]
+    variables: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct CodeInput {
+    zip_file: Option<String>,
+    s3_bucket: Option<String>,
+    image_uri: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreateInput {
+    function_name: String,
+    runtime: Option<String>,
+    #[serde(default)]
+    handler: Option<String>,
+    #[serde(default)]
+    role: String,
+    code: Option<CodeInput>,
+    #[serde(default)]
+    description: String,
+    timeout: Option<u32>,
+    memory_size: Option<u32>,
+    environment: Option<EnvironmentInput>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    package_type: Option<String>,
+    // Accepted and ignored (CONFIG.md lists them): Publish, VpcConfig, Tags,
+    // Layers, KMSKeyArn, TracingConfig, DeadLetterConfig, EphemeralStorage...
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UpdateConfigurationInput {
+    runtime: Option<String>,
+    handler: Option<String>,
+    role: Option<String>,
+    description: Option<String>,
+    timeout: Option<u32>,
+    memory_size: Option<u32>,
+    environment: Option<EnvironmentInput>,
+    revision_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UpdateCodeInput {
+    zip_file: Option<String>,
+    s3_bucket: Option<String>,
+    image_uri: Option<String>,
+    revision_id: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|error| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            format!("Could not parse request body into json: {error}"),
+        )
+    })
+}
+
+/// Checks the settings both CreateFunction and UpdateFunctionConfiguration take.
+fn check_settings(api: &ApiFunctions, record: &FunctionRecord) -> Result<(), ApiError> {
+    let runtimes = api.runtimes.read().expect("api lock");
+    if !runtimes.contains_key(&record.runtime) {
+        return Err(invalid(format!(
+            "The runtime parameter of {} is not supported here: Switchyard runs {} (add others in [runtimes])",
+            record.runtime,
+            runtimes.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    if !(128..=10240).contains(&record.memory_size) {
+        return Err(validation(
+            &record.memory_size.to_string(),
+            "memorySize",
+            "Member must have value less than or equal to 10240 and greater than or equal to 128",
+        ));
+    }
+    if !(1..=900).contains(&record.timeout) {
+        return Err(validation(
+            &record.timeout.to_string(),
+            "timeout",
+            "Member must have value greater than or equal to 1 and less than or equal to 900",
+        ));
+    }
+    if record.handler.is_empty() && !record.runtime.starts_with("provided") {
+        return Err(invalid(
+            "Handler is required for a function with a runtime other than provided.*",
+        ));
+    }
+    if record.handler.len() > 128 {
+        return Err(validation(
+            &record.handler,
+            "handler",
+            "Member must have length less than or equal to 128",
+        ));
+    }
+    let environment_bytes: usize = record
+        .environment
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    if environment_bytes > MAX_ENVIRONMENT_BYTES {
+        return Err(invalid(format!(
+            "Lambda was unable to configure your environment variables because the environment variables you have provided exceeded the 4KB limit. String measured: {environment_bytes}"
+        )));
+    }
+    for name in record.environment.keys() {
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|first| first.is_ascii_alphabetic())
+            && name
+                .chars()
+                .all(|character| character.is_ascii_alphanumeric() || character == '_');
+        if !valid {
+            return Err(validation(
+                name,
+                "environment.variables",
+                "Member must satisfy regular expression pattern: [a-zA-Z]([a-zA-Z0-9_])+",
+            ));
+        }
+        if RESERVED_VARIABLES.contains(&name.as_str()) {
+            return Err(invalid(format!(
+                "Lambda was unable to configure your environment variables because the environment variables you have provided contains reserved keys that are currently not supported for modification. Reserved keys used in this request: {name}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Variables Lambda sets itself and refuses from users.
+const RESERVED_VARIABLES: [&str; 13] = [
+    "_HANDLER",
+    "_X_AMZN_TRACE_ID",
+    "AWS_REGION",
+    "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_INITIALIZATION_TYPE",
+    "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME",
+    "AWS_LAMBDA_RUNTIME_API",
+    "LAMBDA_TASK_ROOT",
+    "LAMBDA_RUNTIME_DIR",
+];
+
+/// Decodes, checks and stores a package; its digest and size.
+async fn store_code(api: &ApiFunctions, code: CodeInput) -> Result<crate::code::Package, ApiError> {
+    if code.s3_bucket.is_some() || code.image_uri.is_some() {
+        return Err(invalid(
+            "Switchyard takes code as ZipFile only (no S3Bucket/S3Key, no container images): upload the zip in the request",
+        ));
+    }
+    let encoded = code
+        .zip_file
+        .ok_or_else(|| invalid("Please provide a source for function code."))?;
+    let zip = base64::engine::general_purpose::STANDARD
+        .decode(encoded.as_bytes())
+        .map_err(|_| {
+            invalid(
+                "Could not unzip uploaded file. Please check your file, then try to upload again.",
+            )
+        })?;
+    let (zip, package) = tokio::task::spawn_blocking(move || {
+        let package = crate::code::check(&zip);
+        (zip, package)
+    })
+    .await
+    .map_err(|_| invalid("the package could not be checked"))?;
+    let package = package.map_err(|refusal| {
+        let status = if refusal.error_type == "RequestEntityTooLargeException" {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError(status, refusal.error_type, refusal.message)
+    })?;
+    let stored = api.registry.code_bytes().await.map_err(registry_error)?;
+    if stored + package.size > CODE_STORAGE_BYTES {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "CodeStorageExceededException",
+            format!("Code storage limit exceeded: {stored} bytes stored of {CODE_STORAGE_BYTES}"),
+        ));
+    }
+    api.registry
+        .put_code(&package.key, &zip)
+        .await
+        .map_err(registry_error)?;
+    Ok(package)
+}
+
+async fn create_function(
+    State(state): State<InvokeApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match create(&state, &method, &uri, &headers, body).await {
+        Ok(response) => response,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn create(
+    state: &InvokeApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = signed_body(
+        state,
+        method,
+        uri,
+        headers,
+        body,
+        MAX_REQUEST_BYTES,
+        "CreateFunction",
+    )
+    .await?;
+    let api = control(state)?;
+    let input: CreateInput = parse_json(&body)?;
+    let name = checked_name(&input.function_name)?;
+    if input.function_name.contains(':') {
+        return Err(invalid(
+            "FunctionName must be a name, not an ARN, for CreateFunction",
+        ));
+    }
+    if input
+        .package_type
+        .as_deref()
+        .is_some_and(|kind| kind != "Zip")
+    {
+        return Err(invalid(
+            "Switchyard runs Zip packages only (PackageType = Zip)",
+        ));
+    }
+    refuse_file_function(&api, &name)?;
+    let runtime = input
+        .runtime
+        .ok_or_else(|| invalid("Runtime is required for .zip file archive functions"))?;
+    let mut record = FunctionRecord {
+        function_name: name.clone(),
+        runtime,
+        handler: input.handler.unwrap_or_default(),
+        description: input.description,
+        memory_size: input.memory_size.unwrap_or(128),
+        timeout: input.timeout.unwrap_or(3),
+        environment: input.environment.unwrap_or_default().variables,
+        role: input.role,
+        architectures: input.architectures,
+        code_sha256: String::new(),
+        code_key: String::new(),
+        code_size: 0,
+        last_modified: now_lambda(),
+        revision_id: uuid::Uuid::new_v4().to_string(),
+    };
+    check_settings(&api, &record)?;
+    if api
+        .registry
+        .get(&name)
+        .await
+        .map_err(registry_error)?
+        .is_some()
+    {
+        return Err(already_exists(&name));
+    }
+    let package = store_code(&api, input.code.unwrap_or_default()).await?;
+    record.code_sha256 = package.sha256;
+    record.code_key = package.key;
+    record.code_size = package.size;
+    let revision = match api.registry.create(&record).await {
+        Ok(revision) => revision,
+        Err(RegistryError::Conflict) => return Err(already_exists(&name)),
+        Err(error) => return Err(registry_error(error)),
+    };
+    tracing::info!(function = %name, runtime = %record.runtime, code_sha256 = %record.code_sha256, "function created through the lambda api");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(configuration(&state.region, &api, &record, revision)),
+    )
+        .into_response())
+}
+
+fn already_exists(name: &str) -> ApiError {
+    ApiError(
+        StatusCode::CONFLICT,
+        "ResourceConflictException",
+        format!("Function already exist: {name}"),
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct QualifierQuery {
+    #[serde(rename = "Qualifier")]
+    qualifier: Option<String>,
+}
+
+/// The stored record of `given` (a name or ARN), or the file's function of that name.
+enum Found {
+    Api(FunctionRecord, u64),
+    File(String, (String, String, u32, u64)),
+}
+
+async fn find(state: &InvokeApiState, api: &ApiFunctions, given: &str) -> Result<Found, ApiError> {
+    let name = checked_name(given)?;
+    if let Some(file) = api
+        .file_functions
+        .read()
+        .expect("api lock")
+        .get(&name)
+        .cloned()
+        && let Some(lambda) = api
+            .file_lambdas
+            .read()
+            .expect("api lock")
+            .iter()
+            .find(|lambda| lambda.0 == name)
+            .cloned()
+    {
+        return Ok(Found::File(file, lambda));
+    }
+    match api.registry.get(&name).await.map_err(registry_error)? {
+        Some((record, revision)) => Ok(Found::Api(record, revision)),
+        None => Err(not_found(&state.region, &name)),
+    }
+}
+
+async fn get_function(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    Query(query): Query<QualifierQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        signed_body(&state, &method, &uri, &headers, body, 0, "GetFunction").await?;
+        let api = control(&state)?;
+        check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
+        Ok::<_, ApiError>(match find(&state, &api, &given).await? {
+            Found::Api(record, revision) => json!({
+                "Configuration": configuration(&state.region, &api, &record, revision),
+                "Code": { "RepositoryType": "S3", "Location": "" },
+            }),
+            Found::File(file, lambda) => json!({
+                "Configuration": file_configuration(&state.region, &file, &lambda),
+                "Code": { "RepositoryType": "S3", "Location": "" },
+            }),
+        })
+    }
+    .await;
+    match result {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn get_configuration(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    Query(query): Query<QualifierQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        signed_body(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            0,
+            "GetFunctionConfiguration",
+        )
+        .await?;
+        let api = control(&state)?;
+        check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
+        Ok::<_, ApiError>(match find(&state, &api, &given).await? {
+            Found::Api(record, revision) => configuration(&state.region, &api, &record, revision),
+            Found::File(file, lambda) => file_configuration(&state.region, &file, &lambda),
+        })
+    }
+    .await;
+    match result {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ListQuery {
+    #[serde(rename = "Marker")]
+    marker: Option<String>,
+    #[serde(rename = "MaxItems")]
+    max_items: Option<usize>,
+}
+
+async fn list_functions(
+    State(state): State<InvokeApiState>,
+    Query(query): Query<ListQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        signed_body(&state, &method, &uri, &headers, body, 0, "ListFunctions").await?;
+        let api = control(&state)?;
+        let max_items = query.max_items.unwrap_or(50);
+        if !(1..=10_000).contains(&max_items) {
+            return Err(validation(
+                &max_items.to_string(),
+                "maxItems",
+                "Member must have value less than or equal to 10000 and greater than or equal to 1",
+            ));
+        }
+        let mut all: BTreeMap<String, Value> = BTreeMap::new();
+        for (record, revision) in api.registry.list().await.map_err(registry_error)? {
+            all.insert(
+                record.function_name.clone(),
+                configuration(&state.region, &api, &record, revision),
+            );
+        }
+        // The file's names win.
+        let files = api.file_functions.read().expect("api lock").clone();
+        for lambda in api.file_lambdas.read().expect("api lock").iter() {
+            let file = files.get(&lambda.0).cloned().unwrap_or_default();
+            all.insert(lambda.0.clone(), file_configuration(&state.region, &file, lambda));
+        }
+        let page: Vec<(String, Value)> = all
+            .into_iter()
+            .filter(|(name, _)| query.marker.as_ref().is_none_or(|marker| name > marker))
+            .take(max_items + 1)
+            .collect();
+        let more = page.len() > max_items;
+        let page: Vec<(String, Value)> = page.into_iter().take(max_items).collect();
+        let mut answer = json!({
+            "Functions": page.iter().map(|(_, configuration)| configuration.clone()).collect::<Vec<_>>(),
+        });
+        if more && let Some((last, _)) = page.last() {
+            answer["NextMarker"] = json!(last);
+        }
+        Ok::<_, ApiError>(answer)
+    }
+    .await;
+    match result {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// Reads the API function `given` for an update, refusing the file's.
+async fn for_update(
+    state: &InvokeApiState,
+    api: &ApiFunctions,
+    given: &str,
+    revision_id: Option<&str>,
+) -> Result<(FunctionRecord, u64), ApiError> {
+    let name = checked_name(given)?;
+    refuse_file_function(api, &name)?;
+    let (record, revision) = api
+        .registry
+        .get(&name)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| not_found(&state.region, &name))?;
+    if let Some(expected) = revision_id
+        && expected != record.revision_id
+    {
+        return Err(ApiError(
+            StatusCode::PRECONDITION_FAILED,
+            "PreconditionFailedException",
+            "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".to_owned(),
+        ));
+    }
+    Ok((record, revision))
+}
+
+async fn update_code(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let body = signed_body(&state, &method, &uri, &headers, body, MAX_REQUEST_BYTES, "UpdateFunctionCode").await?;
+        let api = control(&state)?;
+        let input: UpdateCodeInput = parse_json(&body)?;
+        let (mut record, revision) = for_update(&state, &api, &given, input.revision_id.as_deref()).await?;
+        let package = store_code(
+            &api,
+            CodeInput {
+                zip_file: input.zip_file,
+                s3_bucket: input.s3_bucket,
+                image_uri: input.image_uri,
+            },
+        )
+        .await?;
+        record.code_sha256 = package.sha256;
+        record.code_key = package.key;
+        record.code_size = package.size;
+        if !input.architectures.is_empty() {
+            record.architectures = input.architectures;
+        }
+        record.last_modified = now_lambda();
+        record.revision_id = uuid::Uuid::new_v4().to_string();
+        let revision_now = api.registry.update(&record, revision).await.map_err(registry_error)?;
+        tracing::info!(function = %record.function_name, code_sha256 = %record.code_sha256, "function code updated through the lambda api");
+        Ok::<_, ApiError>(configuration(&state.region, &api, &record, revision_now))
+    }
+    .await;
+    match result {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn update_configuration(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let body = signed_body(&state, &method, &uri, &headers, body, 64 * 1024, "UpdateFunctionConfiguration").await?;
+        let api = control(&state)?;
+        let input: UpdateConfigurationInput = parse_json(&body)?;
+        let (mut record, revision) = for_update(&state, &api, &given, input.revision_id.as_deref()).await?;
+        if let Some(runtime) = input.runtime {
+            record.runtime = runtime;
+        }
+        if let Some(handler) = input.handler {
+            record.handler = handler;
+        }
+        if let Some(role) = input.role {
+            record.role = role;
+        }
+        if let Some(description) = input.description {
+            record.description = description;
+        }
+        if let Some(timeout) = input.timeout {
+            record.timeout = timeout;
+        }
+        if let Some(memory) = input.memory_size {
+            record.memory_size = memory;
+        }
+        if let Some(environment) = input.environment {
+            record.environment = environment.variables;
+        }
+        check_settings(&api, &record)?;
+        record.last_modified = now_lambda();
+        record.revision_id = uuid::Uuid::new_v4().to_string();
+        let revision_now = api.registry.update(&record, revision).await.map_err(registry_error)?;
+        tracing::info!(function = %record.function_name, "function configuration updated through the lambda api");
+        Ok::<_, ApiError>(configuration(&state.region, &api, &record, revision_now))
+    }
+    .await;
+    match result {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn delete_function(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    Query(query): Query<QualifierQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        signed_body(&state, &method, &uri, &headers, body, 0, "DeleteFunction").await?;
+        let api = control(&state)?;
+        check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
+        let (record, _) = for_update(&state, &api, &given, None).await?;
+        api.registry
+            .delete(&record.function_name)
+            .await
+            .map_err(registry_error)?;
+        tracing::info!(function = %record.function_name, "function deleted through the lambda api");
+        Ok::<_, ApiError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}

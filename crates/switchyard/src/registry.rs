@@ -1,0 +1,219 @@
+//! Functions defined through the Lambda control-plane API, shared by every process:
+//! their definitions in a JetStream key-value bucket (`<EVENTS>_FUNCTIONS`, one key
+//! per function, replicated like the events stream) that every process watches, and
+//! their code in a JetStream object store (`<EVENTS>_CODE`), each package stored once
+//! under its SHA-256. A definition names its package by digest, so a process that
+//! sees a definition can always fetch the code it needs.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use switchyard_bus::Bus;
+use switchyard_bus::async_nats::jetstream::{kv, object_store};
+use tokio::io::AsyncReadExt as _;
+
+/// A function as the control plane stored it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct FunctionRecord {
+    pub function_name: String,
+    pub runtime: String,
+    pub handler: String,
+    #[serde(default)]
+    pub description: String,
+    pub memory_size: u32,
+    /// Seconds.
+    pub timeout: u32,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    /// Accepted and returned, not used (there is no IAM here).
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Lambda's `CodeSha256` (base64).
+    pub code_sha256: String,
+    /// The package's name in the code store (hex SHA-256).
+    pub code_key: String,
+    pub code_size: u64,
+    /// ISO 8601, as Lambda writes it (`2026-12-05T14:00:00.000+0000`).
+    pub last_modified: String,
+    /// Changes with every update (Lambda's `RevisionId`).
+    pub revision_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the function registry: {0}")]
+    Store(String),
+    /// Someone else changed the function since it was read.
+    #[error("the function changed meanwhile")]
+    Conflict,
+}
+
+fn store_error(error: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Store(error.to_string())
+}
+
+/// The shared definitions and code.
+#[derive(Clone)]
+pub struct Registry {
+    definitions: kv::Store,
+    code: object_store::ObjectStore,
+}
+
+impl Registry {
+    pub async fn open(bus: &Bus) -> Result<Registry, RegistryError> {
+        let jetstream = bus.jetstream();
+        let definitions = jetstream
+            .create_or_update_key_value(kv::Config {
+                bucket: format!("{}_FUNCTIONS", bus.events_stream()),
+                description: "switchyard: functions defined through the lambda api".to_owned(),
+                history: 1,
+                num_replicas: bus.replicas(),
+                ..Default::default()
+            })
+            .await
+            .map_err(store_error)?;
+        let bucket = format!("{}_CODE", bus.events_stream());
+        let code = match jetstream.get_object_store(&bucket).await {
+            Ok(code) => code,
+            Err(_) => jetstream
+                .create_object_store(object_store::Config {
+                    bucket,
+                    description: Some(
+                        "switchyard: lambda deployment packages, by sha-256".to_owned(),
+                    ),
+                    num_replicas: bus.replicas(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(store_error)?,
+        };
+        Ok(Registry { definitions, code })
+    }
+
+    /// Stores a package unless one with its digest is there already.
+    pub async fn put_code(&self, key: &str, zip: &[u8]) -> Result<(), RegistryError> {
+        if self.code.info(key).await.is_ok() {
+            return Ok(());
+        }
+        let mut reader = zip;
+        self.code.put(key, &mut reader).await.map_err(store_error)?;
+        Ok(())
+    }
+
+    /// A stored package.
+    pub async fn code(&self, key: &str) -> Result<Vec<u8>, RegistryError> {
+        let mut object = self.code.get(key).await.map_err(store_error)?;
+        let mut zip = Vec::new();
+        object.read_to_end(&mut zip).await.map_err(store_error)?;
+        Ok(zip)
+    }
+
+    /// Bytes of every stored package.
+    pub async fn code_bytes(&self) -> Result<u64, RegistryError> {
+        let mut list = self.code.list().await.map_err(store_error)?;
+        let mut total = 0u64;
+        while let Some(info) = list.next().await {
+            total += info.map_err(store_error)?.size as u64;
+        }
+        Ok(total)
+    }
+
+    /// Removes packages no definition names any more.
+    pub async fn remove_unused_code(&self) -> Result<(), RegistryError> {
+        let used: std::collections::HashSet<String> = self
+            .list()
+            .await?
+            .into_iter()
+            .map(|(record, _)| record.code_key)
+            .collect();
+        let mut list = self.code.list().await.map_err(store_error)?;
+        let mut unused = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(store_error)?;
+            if !used.contains(&info.name) {
+                unused.push(info.name);
+            }
+        }
+        for name in unused {
+            let _ = self.code.delete(&name).await;
+        }
+        Ok(())
+    }
+
+    /// A definition and its revision in the bucket.
+    pub async fn get(&self, name: &str) -> Result<Option<(FunctionRecord, u64)>, RegistryError> {
+        let Some(entry) = self.definitions.entry(name).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let record = serde_json::from_slice(&entry.value).map_err(store_error)?;
+        Ok(Some((record, entry.revision)))
+    }
+
+    /// Every definition, by name.
+    pub async fn list(&self) -> Result<Vec<(FunctionRecord, u64)>, RegistryError> {
+        let mut keys = self.definitions.keys().await.map_err(store_error)?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            names.push(key.map_err(store_error)?);
+        }
+        names.sort();
+        let mut records = Vec::new();
+        for name in names {
+            if let Some(found) = self.get(&name).await? {
+                records.push(found);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Creates a definition; `Conflict` if one exists.
+    pub async fn create(&self, record: &FunctionRecord) -> Result<u64, RegistryError> {
+        let value = serde_json::to_vec(record).map_err(store_error)?;
+        match self
+            .definitions
+            .create(&record.function_name, value.into())
+            .await
+        {
+            Ok(revision) => Ok(revision),
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(RegistryError::Conflict)
+            }
+            Err(error) => Err(store_error(error)),
+        }
+    }
+
+    /// Replaces a definition read at `revision`; `Conflict` if it changed since.
+    pub async fn update(
+        &self,
+        record: &FunctionRecord,
+        revision: u64,
+    ) -> Result<u64, RegistryError> {
+        let value = serde_json::to_vec(record).map_err(store_error)?;
+        self.definitions
+            .update(&record.function_name, value.into(), revision)
+            .await
+            .map_err(|error| match error.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => RegistryError::Conflict,
+                _ => store_error(error),
+            })
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        self.definitions.delete(name).await.map_err(store_error)
+    }
+
+    /// Every change from now on (after the current values).
+    pub async fn watch(&self) -> Result<kv::Watch, RegistryError> {
+        self.definitions
+            .watch_with_history(">")
+            .await
+            .map_err(store_error)
+    }
+}

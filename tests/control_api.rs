@@ -1,0 +1,556 @@
+//! The Lambda control-plane API end to end, with AWS's own clients (the AWS CLI and
+//! boto3 from PyPI) pointed at two `switchyard run` processes on one nats-server: a
+//! Python function created from a zip through one process runs through both, its
+//! code and configuration are updated (`aws lambda wait function-updated-v2` then
+//! sees only the new code), it is deleted (404, and no process of it left); bad
+//! packages, unknown runtimes, names Lambda refuses and the file's own functions are
+//! refused with Lambda's errors, and nothing is stored for them.
+
+mod common;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{NatsServer, Process, WAIT, installed, random_name, test_functions};
+use sha2::Digest as _;
+
+/// A zip holding `main.py` whose handler answers `version` with its pid and memory.
+fn package(version: &str, extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    {
+        let mut writer = zip::ZipWriter::new(&mut buffer);
+        let options = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
+        writer.start_file("main.py", options).unwrap();
+        write!(
+            writer,
+            "import os\n\ndef handler(event, context):\n    return {{\"version\": \"{version}\", \"pid\": os.getpid(), \"memory\": context.memory_limit_in_mb, \"greeting\": os.environ.get(\"GREETING\")}}\n"
+        )
+        .unwrap();
+        for (name, content) in extra {
+            writer.start_file(*name, options).unwrap();
+            writer.write_all(content).unwrap();
+        }
+        writer.finish().unwrap();
+    }
+    buffer.into_inner()
+}
+
+/// The AWS CLI (v1, PyPI) with dummy credentials: success and stdout as JSON (or
+/// the error text).
+async fn aws(arguments: &[&str]) -> Result<serde_json::Value, String> {
+    let cli = installed("SWITCHYARD_AWS_CLI");
+    let arguments: Vec<String> = arguments
+        .iter()
+        .map(|argument| (*argument).to_owned())
+        .collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(cli)
+            .args(&arguments)
+            .args(["--region", "us-east-1", "--output", "json"])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if stdout.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{error}: {stdout}")))
+}
+
+/// Runs calls through boto3 (tests/functions/control_with_boto3.py): one answer per
+/// call, `{"ok": ...}` or `{"error", "message", "status"}`.
+async fn boto3(endpoint: &str, calls: serde_json::Value) -> Vec<serde_json::Value> {
+    let python = installed("SWITCHYARD_AWS_PYTHON");
+    let script = test_functions().join("control_with_boto3.py");
+    let endpoint = endpoint.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(endpoint)
+            .arg(calls.to_string())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "boto3 failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Invokes `function` through the CLI at `endpoint`; what the handler returned.
+async fn invoke(endpoint: &str, function: &str, directory: &Path) -> serde_json::Value {
+    let out = directory.join(format!("{}.json", uuid::Uuid::new_v4().simple()));
+    let answer = aws(&[
+        "lambda",
+        "invoke",
+        "--function-name",
+        function,
+        "--payload",
+        "{}",
+        "--endpoint-url",
+        endpoint,
+        out.to_str().unwrap(),
+    ])
+    .await
+    .unwrap_or_else(|error| panic!("invoking {function} at {endpoint}: {error}"));
+    assert_eq!(answer["StatusCode"], 200, "{answer}");
+    assert!(
+        answer.get("FunctionError").is_none(),
+        "{answer}: {}",
+        std::fs::read_to_string(&out).unwrap()
+    );
+    serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap()
+}
+
+/// Processes whose environment names `function` as their Lambda function.
+fn function_processes(function: &str) -> Vec<i32> {
+    let needle = format!("AWS_LAMBDA_FUNCTION_NAME={function}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environment| {
+                environment
+                    .split(|byte| *byte == 0)
+                    .any(|variable| variable == needle.as_bytes())
+            })
+        })
+        .collect()
+}
+
+fn config(nats: &NatsServer, prefix: &str, data: &Path) -> String {
+    let upper = prefix.to_uppercase();
+    format!(
+        r#"[nats]
+url = "{nats}"
+subject_prefix = "{prefix}"
+events_stream = {{ name = "{upper}_EVENTS", storage = "memory", duplicate_window = "1m" }}
+dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "${{SWITCHYARD_TEST_LOG:-warn}}"
+
+[invoke_api]
+listen = "127.0.0.1:0"
+
+[workers]
+data_directory = "{data}"
+
+[[functions]]
+type = "lambda"
+name = "from-file"
+command = ["{python}", "-m", "awslambdaric", "app.handler"]
+handler = "app.handler"
+directory = "{handlers}"
+"#,
+        nats = nats.url(),
+        data = data.display(),
+        python = installed("SWITCHYARD_LAMBDA_PYTHON"),
+        handlers = test_functions().join("python").display(),
+    )
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_cli_and_boto3_deploy_update_and_delete_a_function_served_by_every_process() {
+    let nats = NatsServer::start();
+    let prefix = random_name("c");
+    let directory = tempfile::tempdir().unwrap();
+    let processes: Vec<Process> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let data = directory.path().join(format!("data-{name}"));
+            let file = directory.path().join(format!("{name}.toml"));
+            std::fs::write(&file, config(&nats, &prefix, &data)).unwrap();
+            Process::start(&file, &[])
+        })
+        .collect();
+    let mut endpoints = Vec::new();
+    for process in &processes {
+        let bound = process.wait_ready().await;
+        endpoints.push(format!(
+            "http://{}",
+            bound.invoke_api.expect("invoke api bound")
+        ));
+    }
+    let (a, b) = (endpoints[0].as_str(), endpoints[1].as_str());
+    let function = random_name("hello");
+    let v1 = package("v1", &[]);
+    let v1_file = directory.path().join("v1.zip");
+    std::fs::write(&v1_file, &v1).unwrap();
+    let v1_uri = format!("fileb://{}", v1_file.display());
+
+    // Create through A with the CLI, as Lambda answers: its CodeSha256, $LATEST.
+    let created = aws(&[
+        "lambda",
+        "create-function",
+        "--function-name",
+        &function,
+        "--runtime",
+        "python3.12",
+        "--handler",
+        "main.handler",
+        "--zip-file",
+        &v1_uri,
+        "--role",
+        "arn:aws:iam::000000000000:role/ignored",
+        "--architectures",
+        "x86_64",
+        "--environment",
+        "Variables={GREETING=hi}",
+        "--endpoint-url",
+        a,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(created["FunctionName"], function.as_str(), "{created}");
+    assert_eq!(
+        created["CodeSha256"],
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&v1)),
+        "{created}"
+    );
+    assert_eq!(created["CodeSize"], v1.len(), "{created}");
+    assert_eq!(created["Version"], "$LATEST");
+    assert_eq!(
+        created["FunctionArn"],
+        format!("arn:aws:lambda:us-east-1:000000000000:function:{function}")
+    );
+    aws(&[
+        "lambda",
+        "wait",
+        "function-active-v2",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        a,
+    ])
+    .await
+    .unwrap();
+    let answer = invoke(a, &function, directory.path()).await;
+    assert_eq!(answer["version"], "v1", "{answer}");
+    assert_eq!(answer["greeting"], "hi", "{answer}");
+    // B runs it too, created through A: once B says Active, B invokes it.
+    aws(&[
+        "lambda",
+        "wait",
+        "function-active-v2",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        b,
+    ])
+    .await
+    .unwrap();
+    let answer = invoke(b, &function, directory.path()).await;
+    assert_eq!(answer["version"], "v1", "{answer}");
+
+    // New code through B with boto3; once updated (asked of A), A serves only v2.
+    let v2 = package("v2", &[("data/readme.txt", b"kept")]);
+    let updated = boto3(
+        b,
+        serde_json::json!([{ "op": "update_function_code", "args": {
+            "FunctionName": function,
+            "ZipFileBase64": base64::engine::general_purpose::STANDARD.encode(&v2),
+        }}]),
+    )
+    .await;
+    assert_eq!(
+        updated[0]["ok"]["CodeSha256"],
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&v2)),
+        "{updated:?}"
+    );
+    aws(&[
+        "lambda",
+        "wait",
+        "function-updated-v2",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        a,
+    ])
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let answer = invoke(a, &function, directory.path()).await;
+        assert_eq!(answer["version"], "v2", "{answer}");
+    }
+    aws(&[
+        "lambda",
+        "wait",
+        "function-updated-v2",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        b,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        invoke(b, &function, directory.path()).await["version"],
+        "v2"
+    );
+
+    // Configuration: memory and environment.
+    let changed = aws(&[
+        "lambda",
+        "update-function-configuration",
+        "--function-name",
+        &function,
+        "--memory-size",
+        "256",
+        "--environment",
+        "Variables={GREETING=hello}",
+        "--endpoint-url",
+        a,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(changed["MemorySize"], 256, "{changed}");
+    aws(&[
+        "lambda",
+        "wait",
+        "function-updated-v2",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        a,
+    ])
+    .await
+    .unwrap();
+    let answer = invoke(a, &function, directory.path()).await;
+    assert_eq!(
+        answer["memory"].to_string().trim_matches('"'),
+        "256",
+        "{answer}"
+    );
+    assert_eq!(answer["greeting"], "hello", "{answer}");
+    let got = aws(&[
+        "lambda",
+        "get-function",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        a,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(got["Configuration"]["State"], "Active", "{got}");
+    assert_eq!(
+        got["Configuration"]["LastUpdateStatus"], "Successful",
+        "{got}"
+    );
+    assert_eq!(got["Configuration"]["Runtime"], "python3.12", "{got}");
+
+    // ListFunctions shows both kinds, in pages.
+    let listed = boto3(
+        a,
+        serde_json::json!([
+            { "op": "list_functions", "args": { "MaxItems": 1 } },
+            { "op": "list_functions", "args": {} },
+        ]),
+    )
+    .await;
+    let first_page = &listed[0]["ok"];
+    assert_eq!(
+        first_page["Functions"].as_array().unwrap().len(),
+        1,
+        "{first_page}"
+    );
+    assert!(first_page["NextMarker"].is_string(), "{first_page}");
+    let names: Vec<&str> = listed[1]["ok"]["Functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|function| function["FunctionName"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"from-file") && names.contains(&function.as_str()),
+        "{names:?}"
+    );
+    let second_page = boto3(
+        a,
+        serde_json::json!([{ "op": "list_functions", "args": { "MaxItems": 1, "Marker": first_page["NextMarker"] } }]),
+    )
+    .await;
+    assert_ne!(
+        second_page[0]["ok"]["Functions"][0]["FunctionName"],
+        first_page["Functions"][0]["FunctionName"]
+    );
+
+    // Delete: 404 from both, and no process of it left anywhere.
+    aws(&[
+        "lambda",
+        "delete-function",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        b,
+    ])
+    .await
+    .unwrap();
+    for endpoint in [a, b] {
+        let missing = aws(&[
+            "lambda",
+            "get-function",
+            "--function-name",
+            &function,
+            "--endpoint-url",
+            endpoint,
+        ])
+        .await
+        .unwrap_err();
+        assert!(missing.contains("ResourceNotFoundException"), "{missing}");
+    }
+    wait_until("the deleted function's instances stop", async || {
+        function_processes(&function).is_empty()
+    })
+    .await;
+    wait_until("invocations of the deleted function get 404", async || {
+        let answer = boto3(
+            a,
+            serde_json::json!([{ "op": "invoke", "args": { "FunctionName": function, "Payload": "{}" } }]),
+        )
+        .await;
+        answer[0]["error"] == "ResourceNotFoundException"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_packages_runtimes_and_names_get_lambdas_errors_and_nothing_is_stored() {
+    let nats = NatsServer::start();
+    let prefix = random_name("c");
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    std::fs::write(
+        &file,
+        config(&nats, &prefix, &directory.path().join("data")),
+    )
+    .unwrap();
+    let process = Process::start(&file, &[]);
+    let endpoint = format!("http://{}", process.wait_ready().await.invoke_api.unwrap());
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let escaping = {
+        let mut buffer = std::io::Cursor::new(Vec::new());
+        let mut writer = zip::ZipWriter::new(&mut buffer);
+        writer
+            .start_file("../outside.py", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        writer.write_all(b"x = 1\n").unwrap();
+        writer.finish().unwrap();
+        buffer.into_inner()
+    };
+    let create = |name: &str, runtime: &str, zip: &[u8]| {
+        serde_json::json!({ "op": "create_function", "args": {
+            "FunctionName": name, "Runtime": runtime, "Handler": "main.handler",
+            "Role": "arn:aws:iam::000000000000:role/ignored", "ZipFileBase64": encode(zip),
+        }})
+    };
+    let good = package("v1", &[]);
+    let answers = boto3(
+        &endpoint,
+        serde_json::json!([
+            create("not-a-zip", "python3.12", b"this is not a zip file"),
+            create("escaping", "python3.12", &escaping),
+            create("unknown-runtime", "java99", &good),
+            create("bad name!", "python3.12", &good),
+            create("from-file", "python3.12", &good),
+            { "op": "update_function_code", "args": { "FunctionName": "from-file", "ZipFileBase64": encode(&good) } },
+            { "op": "delete_function", "args": { "FunctionName": "from-file" } },
+            { "op": "get_function", "args": { "FunctionName": "never-created" } },
+            { "op": "update_function_configuration", "args": { "FunctionName": "never-created", "MemorySize": 256 } },
+            create("fine", "python3.12", &good),
+            create("fine", "python3.12", &good),
+            { "op": "update_function_configuration", "args": { "FunctionName": "fine", "MemorySize": 20000 } },
+            { "op": "list_functions", "args": {} },
+        ]),
+    )
+    .await;
+    let expect = |index: usize, code: &str, status: u64, words: &str| {
+        let answer = &answers[index];
+        assert_eq!(answer["error"], code, "call {index}: {answer}");
+        assert_eq!(answer["status"], status, "call {index}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(words),
+            "call {index}: `{words}` not in {answer}"
+        );
+    };
+    expect(
+        0,
+        "InvalidParameterValueException",
+        400,
+        "Could not unzip uploaded file",
+    );
+    expect(
+        1,
+        "InvalidParameterValueException",
+        400,
+        "leaves the package",
+    );
+    expect(
+        2,
+        "InvalidParameterValueException",
+        400,
+        "java99 is not supported",
+    );
+    expect(3, "ValidationException", 400, "functionName");
+    expect(4, "ResourceConflictException", 409, "switchyard.toml");
+    expect(5, "ResourceConflictException", 409, "defined in");
+    expect(6, "ResourceConflictException", 409, "defined in");
+    expect(
+        7,
+        "ResourceNotFoundException",
+        404,
+        "Function not found: arn:aws:lambda:us-east-1:000000000000:function:never-created",
+    );
+    expect(8, "ResourceNotFoundException", 404, "Function not found");
+    assert!(answers[9].get("ok").is_some(), "{}", answers[9]);
+    expect(
+        10,
+        "ResourceConflictException",
+        409,
+        "Function already exist: fine",
+    );
+    expect(11, "ValidationException", 400, "memorySize");
+    let names: Vec<&str> = answers[12]["ok"]["Functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|function| function["FunctionName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["fine", "from-file"],
+        "only the valid function was stored"
+    );
+}
