@@ -735,6 +735,280 @@ async fn instances_do_not_outlive_a_killed_switchyard_and_every_event_is_deliver
     wait_no_processes(&function, WAIT).await;
 }
 
+/// A process a test watches: its pid and start time, which tell it from a later
+/// process that reuses the pid.
+#[derive(Debug, Clone, Copy)]
+struct Watched {
+    pid: i32,
+    start: u64,
+}
+
+/// State (field 3) and start time (field 22) of `/proc/<pid>/stat`.
+fn state_and_start(pid: i32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its end.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some((fields.first()?.to_string(), fields.get(19)?.parse().ok()?))
+}
+
+impl Watched {
+    /// Process `pid`, if it runs.
+    fn new(pid: i32) -> Option<Watched> {
+        let watched = state_and_start(pid).map(|(_, start)| Watched { pid, start })?;
+        watched.running().then_some(watched)
+    }
+
+    /// The same process, still running (a zombie has ended).
+    fn running(&self) -> bool {
+        state_and_start(self.pid)
+            .is_some_and(|(state, start)| start == self.start && state != "Z" && state != "X")
+    }
+}
+
+/// SIGKILLs whatever of its processes still runs when dropped: a failed test leaves
+/// no `sleep 600` behind.
+struct KillOnDrop(Vec<Watched>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for process in &self.0 {
+            if process.running() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(process.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// The cgroup directories of `function`'s instances in every cgroup hierarchy mounted
+/// (`<mount>/switchyard/<owner>/<function>-<n>`).
+fn instance_cgroups(function: &str) -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let prefix = format!("{function}-");
+    let mut found = Vec::new();
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 3 || !matches!(fields[2], "cgroup" | "cgroup2") {
+            continue;
+        }
+        let Ok(owners) = std::fs::read_dir(Path::new(fields[1]).join("switchyard")) else {
+            continue;
+        };
+        for owner in owners.flatten() {
+            let Ok(instances) = std::fs::read_dir(owner.path()) else {
+                continue;
+            };
+            found.extend(
+                instances
+                    .flatten()
+                    .filter(|instance| instance.file_name().to_string_lossy().starts_with(&prefix))
+                    .map(|instance| instance.path()),
+            );
+        }
+    }
+    found
+}
+
+/// What `/v1/functions` of a `switchyard run` process says its instances' isolation is.
+async fn isolation_of(switchyard: &common::Process) -> String {
+    let body = reqwest::get(format!("http://{}/v1/functions", switchyard.admin()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    status["functions"][0]["isolation"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs a `switchyard run` process (`workers` added to its configuration) whose
+/// instance starts `sleep 600` children every way a program can (`spawn_family`: in
+/// its process group, in a session of their own, double-forked, most without the
+/// owner mark), SIGKILLs that process while the invocation runs, and waits (at most
+/// 10 s, no other Switchyard started) until the instance and every child are gone,
+/// and so are the instance's cgroups. Returns the isolation that was in effect.
+async fn a_killed_switchyard_takes_everything_its_instance_started(workers: &str) -> String {
+    use nix::sys::signal::Signal;
+    let Fixture {
+        nats,
+        directory,
+        starts_file,
+        function,
+        results,
+        _client,
+        ..
+    } = Fixture::new("family").await;
+    let pids_file = directory.path().join("pids");
+    let mut text = config_with(
+        &nats,
+        &function,
+        "app",
+        "timeout = \"600s\"",
+        "",
+        &starts_file,
+        &results,
+    );
+    text.push_str(workers);
+    let config = common::write_config(directory.path(), &text);
+    let mut switchyard = common::Process::start(&config, &[]);
+    switchyard.wait_ready().await;
+    let response = reqwest::Client::new()
+        .post(switchyard.url("/hooks/jobs"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "family")
+        .body(
+            serde_json::json!({"action": "spawn_family", "pids": pids_file, "seconds": 600})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let deadline = Instant::now() + WAIT;
+    let pids: Vec<i32> = loop {
+        if let Ok(text) = std::fs::read_to_string(&pids_file) {
+            break text.lines().map(|line| line.parse().unwrap()).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the handler did not write its children's pids"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The instance and its four children, all running now.
+    assert_eq!(pids.len(), 5, "{pids:?}");
+    let family = KillOnDrop(
+        pids.iter()
+            .map(|pid| {
+                Watched::new(*pid).unwrap_or_else(|| panic!("{pid} of {pids:?} is not running"))
+            })
+            .collect(),
+    );
+    // The children are the sleeps (a double-forking shell names its child before the
+    // child has exec'd `sleep`).
+    let deadline = Instant::now() + WAIT;
+    while let Some(child) = pids[1..].iter().find(|child| {
+        std::fs::read_to_string(format!("/proc/{child}/comm"))
+            .is_ok_and(|command| command.trim() != "sleep")
+    }) {
+        assert!(Instant::now() < deadline, "child {child} is not a sleep");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(family.0.iter().all(Watched::running), "{pids:?}");
+    let isolation = isolation_of(&switchyard).await;
+    let cgroups = instance_cgroups(&function);
+    assert_eq!(
+        cgroups.is_empty(),
+        isolation.starts_with("process-group"),
+        "{isolation}: {cgroups:?}"
+    );
+
+    switchyard.signal(Signal::SIGKILL);
+    assert!(!switchyard.wait_exit().await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<i32> = family
+            .0
+            .iter()
+            .filter(|process| process.running())
+            .map(|process| process.pid)
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left:?} of {pids:?} (the instance, then its children) still running 10 s after switchyard was killed ({isolation})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Some(left) = cgroups.iter().find(|cgroup| cgroup.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "{} left 10 s after switchyard was killed",
+            left.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    isolation
+}
+
+/// Process groups only first: there, nothing but the instance's guard can find the
+/// children that left its group without the owner mark (not even a next start), so
+/// this fails without the guard whatever else runs on the machine. Then with the
+/// host's cgroups, where another Switchyard starting meanwhile could also kill them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_instance_started_dies_with_a_killed_switchyard_without_waiting_for_a_next_start() {
+    let isolation = a_killed_switchyard_takes_everything_its_instance_started(
+        "\n[workers]\nisolation = \"process-group\"\n",
+    )
+    .await;
+    assert!(isolation.starts_with("process-group"), "{isolation}");
+    let isolation = a_killed_switchyard_takes_everything_its_instance_started("").await;
+    println!("isolation: {isolation}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_switchyard_leaves_no_cgroup_directory_behind() {
+    use nix::sys::signal::Signal;
+    let Fixture {
+        nats,
+        directory,
+        starts_file,
+        function,
+        results,
+        _client,
+        ..
+    } = Fixture::new("tidy").await;
+    let text = config_with(
+        &nats,
+        &function,
+        "app",
+        "min_instances = 1",
+        "",
+        &starts_file,
+        &results,
+    );
+    let config = common::write_config(directory.path(), &text);
+    let mut switchyard = common::Process::start(&config, &[]);
+    switchyard.wait_ready().await;
+    // The warm instance runs (its cgroups were made before it started).
+    let deadline = Instant::now() + WAIT;
+    while starts(&starts_file).is_empty() {
+        assert!(Instant::now() < deadline, "the warm instance did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let isolation = isolation_of(&switchyard).await;
+    let owners: Vec<PathBuf> = instance_cgroups(&function)
+        .iter()
+        .filter_map(|cgroup| cgroup.parent().map(Path::to_owned))
+        .collect();
+    switchyard.signal(Signal::SIGTERM);
+    assert!(switchyard.wait_exit().await, "a clean exit on SIGTERM");
+    wait_no_processes(&function, WAIT).await;
+    if isolation.starts_with("process-group") {
+        println!("no cgroup directories to check: {isolation}");
+        return;
+    }
+    assert!(
+        !owners.is_empty(),
+        "{isolation}: no cgroup of the instance found"
+    );
+    for owner in &owners {
+        assert!(
+            !owner.exists(),
+            "{} is left after a clean stop",
+            owner.display()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_function_scales_from_zero_waits_for_readiness_and_keeps_instance_concurrency() {
     let Fixture {

@@ -522,6 +522,9 @@ impl Switchyard {
         })
         .unwrap_or_else(|errors| panic!("test config invalid:\n{errors}\n{config_text}"));
         switchyard::init_logging(&config.log);
+        // Function instances guarded as the binary guards them (this test process
+        // cannot be a guard itself).
+        switchyard_workers::guard::set_program(env!("CARGO_BIN_EXE_switchyard"));
         let running = switchyard::start(config).await.unwrap();
         let http = running.sources["http"];
         let admin = running.admin.unwrap();

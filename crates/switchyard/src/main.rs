@@ -714,6 +714,9 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    // Started by switchyard as a function instance's guard: that is all this process
+    // does (never returns). Otherwise this binary guards its own instances.
+    switchyard_workers::guard::run_if_requested();
     let cli = Cli::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.threads.filter(|threads| *threads > 0) {

@@ -8,14 +8,17 @@
 //! `cgroup.kill`); else cgroup v1 controllers mounted separately (`memory`, `pids`,
 //! `cpu`); else none, and instances are only process groups (said at start and in
 //! `/v1/functions`). Instances live under `switchyard/<owner>/<instance>` of each
-//! hierarchy, `<owner>` being the Switchyard process's mark, so a restarted
-//! Switchyard can remove what a dead one left.
+//! hierarchy, `<owner>` being the Switchyard process's mark: a Switchyard that stops
+//! cleanly removes its `<owner>` directories, an instance's guard removes the
+//! instance's (and tries its owner's) when Switchyard dies, and a Switchyard that
+//! starts removes what a dead one still left.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 
 /// Lambda's process and thread limit per sandbox.
 pub(crate) const PIDS_MAX: u64 = 1024;
@@ -66,6 +69,11 @@ pub(crate) struct Cgroups {
     pub(crate) description: String,
 }
 
+/// How many [`Cgroups`] of this process use each `<owner>` directory: the last to
+/// stop removes it.
+static OWNER_DIRECTORY_USERS: std::sync::Mutex<std::collections::BTreeMap<PathBuf, usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 /// Where the cgroup filesystems are mounted: (cgroup2 mount, v1 mounts by controller).
 fn mounts() -> (Option<PathBuf>, Vec<(String, PathBuf)>) {
     let text = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
@@ -95,6 +103,20 @@ impl Cgroups {
     /// Picks and prepares a hierarchy for this process's instances (`owner` names its
     /// directory), removing the directories of owners that are gone.
     pub(crate) fn detect(owner: &str, owner_alive: impl Fn(&str) -> bool) -> Cgroups {
+        // Under the lock that removing them takes: another user of the same
+        // directories in this process (tests run several) stopping meanwhile does not
+        // remove them from under this one.
+        let mut users = OWNER_DIRECTORY_USERS
+            .lock()
+            .expect("owner directories lock");
+        let cgroups = Self::pick(owner, owner_alive);
+        for directory in cgroups.owner_directories() {
+            *users.entry(directory.to_owned()).or_default() += 1;
+        }
+        cgroups
+    }
+
+    fn pick(owner: &str, owner_alive: impl Fn(&str) -> bool) -> Cgroups {
         let owner = owner.replace(':', "-");
         let (unified, v1) = mounts();
         let mut reasons = Vec::new();
@@ -187,6 +209,48 @@ impl Cgroups {
     /// Whether instances get limits.
     pub(crate) fn limited(&self) -> bool {
         self.hierarchy.is_some()
+    }
+
+    /// Removes this process's `<owner>` directories, once its instances' cgroups are
+    /// gone (at a clean stop), unless something else in this process still uses them.
+    /// One that still holds an instance's cgroup is left, and said, for the next
+    /// Switchyard to start.
+    pub(crate) fn remove_owner(&self) {
+        let mut users = OWNER_DIRECTORY_USERS
+            .lock()
+            .expect("owner directories lock");
+        for directory in self.owner_directories() {
+            let Some(count) = users.get_mut(directory) else {
+                continue;
+            };
+            *count -= 1;
+            if *count > 0 {
+                continue;
+            }
+            users.remove(directory);
+            match std::fs::remove_dir(directory) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(directory = %directory.display(), %error, "removing this process's cgroup directory failed")
+                }
+            }
+        }
+    }
+
+    /// The `<owner>` directories instances' cgroups are made in.
+    fn owner_directories(&self) -> Vec<&Path> {
+        match &self.hierarchy {
+            None => Vec::new(),
+            Some(Hierarchy::V2 { base, .. }) => vec![base.as_path()],
+            Some(Hierarchy::V1 { memory, pids, cpu }) => {
+                [Some(memory), pids.as_ref(), cpu.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(PathBuf::as_path)
+                    .collect()
+            }
+        }
     }
 
     /// Creates the cgroup of one instance with its limits; `None` without cgroups.
@@ -359,8 +423,10 @@ fn kill_members(directory: &Path) {
     }
 }
 
-/// One instance's cgroups (one per controller in v1).
-#[derive(Debug)]
+/// One instance's cgroups (one per controller in v1). Handed to the instance's guard
+/// (serialized), which joins the instance to them and kills and removes them if
+/// Switchyard dies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct InstanceCgroup {
     v2: bool,
     directories: Vec<PathBuf>,
@@ -415,12 +481,34 @@ impl InstanceCgroup {
     /// Kills everything in the instance's cgroups (processes that left its process
     /// group included) and removes them.
     pub(crate) fn kill_and_remove(&self) {
+        self.kill();
+        self.remove();
+    }
+
+    /// SIGKILLs everything in the instance's cgroups.
+    pub(crate) fn kill(&self) {
         if self.v2 && !self.memory.as_os_str().is_empty() {
             let _ = std::fs::write(self.memory.join("cgroup.kill"), "1");
         }
         for directory in &self.directories {
             kill_members(directory);
         }
+    }
+
+    /// Removes the instance's (emptied) cgroups, then the `<owner>` directories above
+    /// them if nothing else is left in them: after Switchyard died, the last guard to
+    /// clean up removes them.
+    pub(crate) fn remove_with_owner(&self) {
+        self.remove();
+        for directory in &self.directories {
+            if let Some(owner) = directory.parent() {
+                let _ = std::fs::remove_dir(owner);
+            }
+        }
+    }
+
+    /// Removes the instance's (emptied) cgroups.
+    fn remove(&self) {
         for directory in &self.directories {
             // Emptying is asynchronous: a few tries.
             for _ in 0..20 {
@@ -444,6 +532,43 @@ mod tests {
         assert_eq!(Limits { memory_mb: 3538 }.cpu_quota_us(), 200_000);
         assert_eq!(Limits { memory_mb: 128 }.cpu_quota_us(), 7_235);
         assert_eq!(Limits { memory_mb: 128 }.memory_bytes(), 134_217_728);
+    }
+
+    /// A clean stop removes the owner's directory when it is the last user of it in
+    /// the process, unless an instance's cgroup is still in it (plain directories
+    /// standing in for a v2 hierarchy).
+    #[test]
+    fn the_owner_directory_is_removed_by_its_last_user_once_it_is_empty() {
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("owner");
+        std::fs::create_dir(&base).unwrap();
+        let cgroups = Cgroups {
+            hierarchy: Some(Hierarchy::V2 {
+                base: base.clone(),
+                pids: false,
+                cpu: false,
+            }),
+            description: "cgroup v2 (memory)".to_owned(),
+        };
+        // Two users in this process, as `detect` counts them.
+        let users = |count: usize| {
+            OWNER_DIRECTORY_USERS
+                .lock()
+                .unwrap()
+                .insert(base.clone(), count);
+        };
+        users(2);
+        cgroups.remove_owner();
+        assert!(base.exists(), "removed while another user runs");
+        std::fs::create_dir(base.join("thumbs-1")).unwrap();
+        cgroups.remove_owner();
+        assert!(base.exists(), "removed with an instance's cgroup in it");
+        std::fs::remove_dir(base.join("thumbs-1")).unwrap();
+        users(1);
+        cgroups.remove_owner();
+        assert!(!base.exists());
+        // Not counted (gone already): nothing to do, nothing said.
+        cgroups.remove_owner();
     }
 
     /// The files a v2 instance cgroup gets, written into a plain directory laid out as

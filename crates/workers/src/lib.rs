@@ -16,6 +16,7 @@
 //! command serving HTTP on `$PORT`. `design.md` beside this crate states the
 //! lifecycle and what is promised.
 
+pub mod guard;
 pub mod process;
 pub mod runtime_api;
 
@@ -254,8 +255,9 @@ impl Workers {
             .collect()
     }
 
-    /// Stops every instance (SIGTERM, grace, SIGKILL) and waits for them; call after
-    /// the dispatcher stopped.
+    /// Stops every instance (SIGTERM, grace, SIGKILL) and waits for them and their
+    /// cgroups' removal, then removes this process's cgroup directories; call after the
+    /// dispatcher stopped.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
         let mut functions: Vec<ManagedFunction> =
@@ -263,7 +265,9 @@ impl Workers {
         functions.extend(self.retired.lock().expect("functions lock").iter().cloned());
         futures::future::join_all(functions.iter().map(ManagedFunction::stop_all)).await;
         self.shared.tasks.close();
+        // Each instance's exit watcher (which removes its cgroups) is one of them.
         self.shared.tasks.wait().await;
+        self.shared.cgroups.remove_owner();
     }
 }
 

@@ -665,6 +665,7 @@ impl Pool {
                 instance: label,
             },
             cgroup,
+            &self.shared.tasks,
         )
         .await
         .map_err(|error| StartFailure {

@@ -1,13 +1,16 @@
 //! One instance's operating-system process: started in a process group of its own so
-//! that everything it forks is signalled with it, killed by the kernel if Switchyard
-//! dies first (Linux's parent-death signal), its stdout and stderr captured line by
-//! line into Switchyard's log, and stopped by signalling the whole group.
+//! that everything it forks is signalled with it, under a guard ([`crate::guard`])
+//! that kills all it started when it ends or when Switchyard dies (whatever left its
+//! process group included), its stdout and stderr captured line by line into
+//! Switchyard's log, and stopped by signalling the whole group.
 //!
-//! Every instance carries its owner in its environment ([`OWNER_VARIABLE`]: the pid
-//! and start time of the Switchyard process that started it), and so do its
-//! children. The parent-death signal reaches only the instance's own process, so a
-//! Switchyard that starts after another was SIGKILLed kills, with
-//! [`reap_orphans`], what the dead one left behind.
+//! A process that does not run as Switchyard's binary and was given no guard program
+//! (tests that embed the workers) starts instances unguarded: killed by the kernel if
+//! Switchyard dies first (Linux's parent-death signal), their children left for the
+//! next start. Every instance carries its owner in its environment
+//! ([`OWNER_VARIABLE`]: the pid and start time of the Switchyard process that started
+//! it), and so do its children, so a Switchyard that starts after another died kills,
+//! with [`reap_orphans`], whatever the dead one's instances still left behind.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -22,6 +25,7 @@ use nix::unistd::Pid;
 use tokio::io::AsyncRead;
 use tokio::sync::watch;
 use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
+use tokio_util::task::TaskTracker;
 
 /// The environment variable that names an instance's owner (`<pid>:<start time>`).
 pub const OWNER_VARIABLE: &str = "SWITCHYARD_INSTANCE_OWNER";
@@ -68,8 +72,12 @@ pub struct Launch<'a> {
 
 /// A started instance process.
 pub struct InstanceProcess {
-    /// The process id, which is also its process group's id.
+    /// The instance's process id, which is also its process group's id.
     pid: i32,
+    /// The guard's socket, through which the process group is signalled: the guard,
+    /// the instance's parent, keeps its pid from being reused until the guard ends,
+    /// which Switchyard cannot. `None` for an unguarded instance, signalled directly.
+    guard: Option<std::os::unix::net::UnixStream>,
     exit: watch::Receiver<Option<Exit>>,
     output: Arc<Output>,
 }
@@ -130,10 +138,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
 
 impl InstanceProcess {
     /// Starts `launch` in a new process group (and in `cgroup`, which it then owns:
-    /// emptied and removed when the process ends), forked by the spawner thread.
+    /// emptied and removed when the process ends, by a task of `tasks`), forked by
+    /// the spawner thread: under a guard when there is a guard program, else directly.
     pub(crate) async fn spawn(
         launch: &Launch<'_>,
         cgroup: Option<crate::cgroup::InstanceCgroup>,
+        tasks: &TaskTracker,
     ) -> std::io::Result<InstanceProcess> {
         // A relative program with a `/` is the function's own (`./bootstrap`): found
         // in its directory, not Switchyard's (std leaves that case unspecified).
@@ -143,39 +153,19 @@ impl InstanceProcess {
         } else {
             program.to_owned()
         };
-        let mut command = tokio::process::Command::new(program);
+        let cgroup = cgroup.map(Arc::new);
+        let (mut command, guard) = match crate::guard::program() {
+            Some(guard_program) => {
+                let (command, ours, theirs) =
+                    crate::guard::command(&guard_program, launch.instance)?;
+                (command, Some((ours, theirs)))
+            }
+            None => (unguarded_command(&program, launch, cgroup.clone()), None),
+        };
         command
-            .args(launch.args)
-            .current_dir(launch.directory)
-            .env_clear()
-            .envs(launch.environment.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            // A child whose handle is dropped unwaited (its start abandoned before
-            // the spawn returned) is not left running.
-            .kill_on_drop(true);
-        let parent = nix::unistd::getpid();
-        let cgroup = cgroup.map(Arc::new);
-        let joining = cgroup.clone();
-        // SAFETY: runs in the forked child before exec; prctl, getppid and the
-        // cgroup join (open/write/close on prepared paths) are async-signal-safe and
-        // allocate nothing.
-        unsafe {
-            command.pre_exec(move || {
-                if let Some(cgroup) = &joining {
-                    cgroup.join_from_child()?;
-                }
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                // The parent died between fork and prctl: do not outlive it. (No
-                // allocation here: a raw OS error.)
-                if nix::unistd::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+            .stderr(Stdio::piped());
         let handle = tokio::runtime::Handle::current();
         let (spawned, receive) = tokio::sync::oneshot::channel();
         let sent = spawner().send(Box::new(move || {
@@ -188,8 +178,33 @@ impl InstanceProcess {
                 .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone"))),
             Err(_) => Err(std::io::Error::other("the spawner thread is gone")),
         };
-        let mut child = match spawned {
-            Ok(child) => child,
+        // The guard's instance, started once the guard is: its pid, and the link whose
+        // end (or Switchyard's) tells the guard to kill everything.
+        let started = match (spawned, guard) {
+            (Ok(child), None) => child
+                .id()
+                .and_then(|pid| i32::try_from(pid).ok())
+                .ok_or_else(|| std::io::Error::other("the started process has no id"))
+                .map(|pid| (child, pid, None)),
+            (Ok(child), Some((ours, theirs))) => {
+                drop(theirs);
+                let spec = crate::guard::Spec {
+                    program,
+                    args: launch.args.to_vec(),
+                    directory: launch.directory.to_owned(),
+                    environment: launch.environment.to_vec(),
+                    cgroup: cgroup.as_deref().cloned(),
+                };
+                // A guard that could not start the instance exits by itself (its
+                // handle, dropped, is reaped by the runtime).
+                crate::guard::hand_over(ours, &spec)
+                    .await
+                    .map(|(pid, link, signals)| (child, pid, Some((link, signals))))
+            }
+            (Err(error), _) => Err(error),
+        };
+        let (mut child, pid, guard) = match started {
+            Ok(started) => started,
             Err(error) => {
                 if let Some(cgroup) = cgroup {
                     let _ = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
@@ -197,10 +212,6 @@ impl InstanceProcess {
                 return Err(error);
             }
         };
-        let pid = child
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .ok_or_else(|| std::io::Error::other("the started process has no id"))?;
         let output = Arc::new(Output {
             request: Mutex::new(None),
             tail: Mutex::new(VecDeque::new()),
@@ -226,7 +237,10 @@ impl InstanceProcess {
                 output.clone(),
             ));
         }
-        tokio::spawn(async move {
+        let (link, guard) = guard.unzip();
+        tasks.spawn(async move {
+            // A guard ends as its instance did, once it has killed what the instance
+            // left.
             let exit = match child.wait().await {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -238,8 +252,15 @@ impl InstanceProcess {
                 }
                 Err(_) => Exit::Code(-1),
             };
-            // Whatever the instance forked dies with it.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            match link {
+                // The guard killed the group while the instance's zombie still held
+                // its id; the id may be another's now.
+                Some(link) => drop(link),
+                // Whatever the instance forked dies with it.
+                None => {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
             let exit = match &cgroup {
                 Some(cgroup) if exit == Exit::Signal(9) && cgroup.oom_killed() => Exit::OutOfMemory,
                 _ => exit,
@@ -251,7 +272,12 @@ impl InstanceProcess {
                 let _ = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
             }
         });
-        Ok(InstanceProcess { pid, exit, output })
+        Ok(InstanceProcess {
+            pid,
+            guard,
+            exit,
+            output,
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -318,7 +344,7 @@ impl InstanceProcess {
     /// SIGKILLs the process and everything in its group, at once.
     pub fn kill(&self) {
         if self.exit().is_none() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+            self.signal_group(Signal::SIGKILL);
         }
     }
 
@@ -328,10 +354,25 @@ impl InstanceProcess {
         if self.exit().is_some() {
             return;
         }
-        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGTERM);
+        self.signal_group(Signal::SIGTERM);
         if tokio::time::timeout(grace, self.exited()).await.is_err() {
             self.kill();
             self.exited().await;
+        }
+    }
+}
+
+impl InstanceProcess {
+    /// Signals the instance's process group: through its guard (a gone guard's
+    /// instance has ended), or directly.
+    fn signal_group(&self, signal: Signal) {
+        match &self.guard {
+            Some(guard) => {
+                let _ = std::io::Write::write(&mut &*guard, &[signal as i32 as u8]);
+            }
+            None => {
+                let _ = killpg(Pid::from_raw(self.pid), signal);
+            }
         }
     }
 }
@@ -344,11 +385,49 @@ impl Drop for InstanceProcess {
     }
 }
 
-/// The thread every instance is forked from. The parent-death signal follows the
-/// thread that forked, so it must live as long as the process (a runtime's blocking
-/// threads come and go); and a fork whose child waits for the kernel before exec
-/// (joining a cgroup v1 takes milliseconds) holds up this thread, not a runtime
-/// worker.
+/// An instance's command when there is no guard: the instance is Switchyard's own
+/// child, joins its cgroups and asks for the parent-death signal before exec.
+fn unguarded_command(
+    program: &Path,
+    launch: &Launch<'_>,
+    cgroup: Option<Arc<crate::cgroup::InstanceCgroup>>,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(launch.args)
+        .current_dir(launch.directory)
+        .env_clear()
+        .envs(launch.environment.iter().map(|(name, value)| (name, value)))
+        .process_group(0)
+        // A child whose handle is dropped unwaited (its start abandoned before
+        // the spawn returned) is not left running.
+        .kill_on_drop(true);
+    let parent = nix::unistd::getpid();
+    // SAFETY: runs in the forked child before exec; prctl, getppid and the
+    // cgroup join (open/write/close on prepared paths) are async-signal-safe and
+    // allocate nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(cgroup) = &cgroup {
+                cgroup.join_from_child()?;
+            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent died between fork and prctl: do not outlive it. (No
+            // allocation here: a raw OS error.)
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// The thread every instance (or its guard) is forked from. The parent-death signal
+/// of an unguarded instance follows the thread that forked, so it must live as long
+/// as the process (a runtime's blocking threads come and go); and a fork of this big
+/// process, or one whose child waits for the kernel before exec (joining a cgroup v1
+/// takes milliseconds), holds up this thread, not a runtime worker.
 fn spawner() -> &'static std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>> {
     static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>> =
         std::sync::OnceLock::new();
@@ -473,10 +552,32 @@ fn pid_namespace(process: &str) -> Option<u64> {
 
 /// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
 fn start_time(pid: i32) -> Option<u64> {
+    process_stat(pid).map(|process| process.start)
+}
+
+/// What the process table says of one process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProcessStat {
+    pub(crate) pid: i32,
+    pub(crate) parent: i32,
+    /// Ended, not yet reaped.
+    pub(crate) zombie: bool,
+    /// Clock ticks since boot: with the pid, tells a process from a later one that
+    /// reuses its pid.
+    pub(crate) start: u64,
+}
+
+/// `/proc/<pid>/stat`: state (field 3), parent (4) and start time (22).
+pub(crate) fn process_stat(pid: i32) -> Option<ProcessStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from its end.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some(ProcessStat {
+        pid,
+        parent: fields.get(1)?.parse().ok()?,
+        zombie: matches!(fields.first(), Some(&"Z") | Some(&"X")),
+        start: fields.get(19)?.parse().ok()?,
+    })
 }
 
 /// Whether the Switchyard process an owner mark names still runs. A mark from
@@ -595,7 +696,7 @@ mod tests {
             pid_file.display()
         );
         let args = vec!["-c".to_owned(), script];
-        let process = InstanceProcess::spawn(&launch(&args, &[]), None)
+        let process = InstanceProcess::spawn(&launch(&args, &[]), None, &TaskTracker::new())
             .await
             .unwrap();
         let child = loop {
@@ -630,7 +731,7 @@ mod tests {
             "-c".to_owned(),
             "echo one; echo two >&2; printf 'no newline'; exit 3".to_owned(),
         ];
-        let process = InstanceProcess::spawn(&launch(&args, &[]), None)
+        let process = InstanceProcess::spawn(&launch(&args, &[]), None, &TaskTracker::new())
             .await
             .unwrap();
         assert_eq!(process.exited().await, Exit::Code(3));
@@ -654,9 +755,10 @@ mod tests {
         let out = directory.path().join("env");
         let args = vec!["-c".to_owned(), format!("env > {}", out.display())];
         let environment = vec![("ONLY".to_owned(), "this".to_owned())];
-        let process = InstanceProcess::spawn(&launch(&args, &environment), None)
-            .await
-            .unwrap();
+        let process =
+            InstanceProcess::spawn(&launch(&args, &environment), None, &TaskTracker::new())
+                .await
+                .unwrap();
         assert_eq!(process.exited().await, Exit::Code(0));
         let seen = std::fs::read_to_string(out).unwrap();
         assert!(seen.contains("ONLY=this"), "{seen}");
@@ -680,6 +782,7 @@ mod tests {
                 instance: "test-1",
             },
             None,
+            &TaskTracker::new(),
         )
         .await
         .unwrap();

@@ -65,6 +65,37 @@ def handler(event, context):
                 out.write(str(child.pid))
         time.sleep(float(data["seconds"]))
         return {"slept": data["seconds"], "pid": os.getpid()}
+    if action == "spawn_family":
+        # Starts `sleep 600` children every way a program can (all but the first
+        # without the owner mark in their environment: nothing finds them by it),
+        # writes their pids and its own to `pids`, then works for `seconds`.
+        clean = {
+            name: value
+            for name, value in os.environ.items()
+            if name != "SWITCHYARD_INSTANCE_OWNER"
+        }
+        pids = [os.getpid()]
+        # In the instance's process group.
+        pids.append(subprocess.Popen(["sleep", "600"]).pid)
+        # In a session (and process group) of its own.
+        pids.append(subprocess.Popen(["sleep", "600"], start_new_session=True, env=clean).pid)
+        # Double-forked (the shell between exits at once): an orphan in the instance's
+        # process group, and one in a session of its own.
+        for command in ["sleep 600", "setsid sleep 600"]:
+            shell = subprocess.run(
+                ["sh", "-c", f"{command} >/dev/null 2>&1 </dev/null & echo $!"],
+                env=clean,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            pids.append(int(shell.stdout.strip()))
+        partial = data["pids"] + ".partial"
+        with open(partial, "w") as out:
+            out.write("".join(f"{pid}\n" for pid in pids))
+        os.rename(partial, data["pids"])
+        time.sleep(float(data["seconds"]))
+        return {"slept": data["seconds"], "pid": os.getpid()}
     if action == "allocate":
         # Touches every page, so the memory is really used.
         block = bytearray(int(data["mb"]) * 1024 * 1024)
