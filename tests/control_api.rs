@@ -554,3 +554,441 @@ async fn bad_packages_runtimes_and_names_get_lambdas_errors_and_nothing_is_store
         "only the valid function was stored"
     );
 }
+
+/// One process of this test's configuration on `nats`; its invoke API endpoint.
+async fn one_process(nats: &NatsServer, directory: &Path) -> (Process, String) {
+    let prefix = random_name("c");
+    let file = directory.join("switchyard.toml");
+    std::fs::write(&file, config(nats, &prefix, &directory.join("data"))).unwrap();
+    let process = Process::start(&file, &[]);
+    let endpoint = format!(
+        "http://{}",
+        process
+            .wait_ready()
+            .await
+            .invoke_api
+            .expect("invoke api bound")
+    );
+    (process, endpoint)
+}
+
+/// Creates `function` from `code` through the CLI and waits until it is active.
+async fn create(endpoint: &str, function: &str, code: &[u8], directory: &Path) {
+    let file = directory.join(format!("{}.zip", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, code).unwrap();
+    aws(&[
+        "lambda",
+        "create-function",
+        "--function-name",
+        function,
+        "--runtime",
+        "python3.12",
+        "--handler",
+        "main.handler",
+        "--role",
+        "arn:aws:iam::000000000000:role/ignored",
+        "--zip-file",
+        &format!("fileb://{}", file.display()),
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_for(endpoint, "function-active-v2", function).await;
+}
+
+/// `aws lambda wait <waiter> --function-name <function>`.
+async fn wait_for(endpoint: &str, waiter: &str, function: &str) {
+    aws(&[
+        "lambda",
+        "wait",
+        waiter,
+        "--function-name",
+        function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_or_else(|error| panic!("{waiter} {function}: {error}"));
+}
+
+/// New code for `function` through the CLI.
+async fn update_code(endpoint: &str, function: &str, code: &[u8], directory: &Path) {
+    let file = directory.join(format!("{}.zip", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, code).unwrap();
+    aws(&[
+        "lambda",
+        "update-function-code",
+        "--function-name",
+        function,
+        "--zip-file",
+        &format!("fileb://{}", file.display()),
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+}
+
+/// Invokes `function` (with `--qualifier` when given) through the CLI: the CLI's
+/// answer (StatusCode, ExecutedVersion) and what the handler returned.
+async fn invoke_qualified(
+    endpoint: &str,
+    function: &str,
+    qualifier: Option<&str>,
+    directory: &Path,
+) -> Result<(serde_json::Value, serde_json::Value), String> {
+    let out = directory.join(format!("{}.json", uuid::Uuid::new_v4().simple()));
+    let mut arguments = vec![
+        "lambda",
+        "invoke",
+        "--function-name",
+        function,
+        "--payload",
+        "{}",
+        "--endpoint-url",
+        endpoint,
+    ];
+    if let Some(qualifier) = qualifier {
+        arguments.extend(["--qualifier", qualifier]);
+    }
+    arguments.push(out.to_str().unwrap());
+    let answer = aws(&arguments).await?;
+    let returned = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    Ok((answer, returned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_callers_invoking_through_a_code_update_see_no_error_and_only_new_code_after_it() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let (_process, endpoint) = one_process(&nats, directory.path()).await;
+    let function = random_name("rolling");
+    create(&endpoint, &function, &package("v1", &[]), directory.path()).await;
+
+    // Eight boto3 callers invoke without pause from before the update until each
+    // has made 5 calls started after `function-updated-v2` returned.
+    let marker = directory.path().join("updated");
+    let mut callers = tokio::process::Command::new(installed("SWITCHYARD_AWS_PYTHON"))
+        .arg(test_functions().join("invoke_continuously.py"))
+        .args([&endpoint, &function, "8", marker.to_str().unwrap(), "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = callers.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let started = tokio::time::timeout(WAIT, async {
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line == "started" {
+                return Ok(());
+            }
+            seen.push(line);
+        }
+        Err(seen.join("\n"))
+    })
+    .await
+    .expect("the callers have every one an answer within the wait");
+    if let Err(output) = started {
+        panic!("the callers ended before all had an answer: {output}");
+    }
+    update_code(&endpoint, &function, &package("v2", &[]), directory.path()).await;
+    wait_for(&endpoint, "function-updated-v2", &function).await;
+    std::fs::write(&marker, b"").unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(120), callers.wait_with_output())
+        .await
+        .expect("the callers finish their calls")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let errors: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|result| result.get("error").is_some())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "calls failed during the update: {errors:?}"
+    );
+    let versions = |after: bool| -> Vec<&str> {
+        results
+            .iter()
+            .filter(|result| result["after_update"] == after)
+            .map(|result| result["version"].as_str().unwrap())
+            .collect()
+    };
+    let (before, after) = (versions(false), versions(true));
+    assert!(
+        before
+            .iter()
+            .all(|version| *version == "v1" || *version == "v2"),
+        "{before:?}"
+    );
+    assert!(before.contains(&"v1"), "{before:?}");
+    assert_eq!(after.len(), 8 * 5);
+    assert!(after.iter().all(|version| *version == "v2"), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_aliases_and_reserved_concurrency_work_as_lambdas() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let (process, endpoint) = one_process(&nats, directory.path()).await;
+    let endpoint = endpoint.as_str();
+    let dir = directory.path();
+    let function = random_name("versioned");
+    create(endpoint, &function, &package("v1", &[]), dir).await;
+
+    // Version 1 is what $LATEST runs now; alias `live` routes to it.
+    let published = aws(&[
+        "lambda",
+        "publish-version",
+        "--function-name",
+        &function,
+        "--description",
+        "first",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(published["Version"], "1", "{published}");
+    assert_eq!(
+        published["FunctionArn"],
+        format!("arn:aws:lambda:us-east-1:000000000000:function:{function}:1")
+    );
+    let alias = aws(&[
+        "lambda",
+        "create-alias",
+        "--function-name",
+        &function,
+        "--name",
+        "live",
+        "--function-version",
+        "1",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(alias["FunctionVersion"], "1", "{alias}");
+    assert_eq!(
+        alias["AliasArn"],
+        format!("arn:aws:lambda:us-east-1:000000000000:function:{function}:live")
+    );
+
+    // New code: $LATEST answers v2, the alias and the version still v1.
+    update_code(endpoint, &function, &package("v2", &[]), dir).await;
+    wait_for(endpoint, "function-updated-v2", &function).await;
+    let (answer, returned) = invoke_qualified(endpoint, &function, None, dir)
+        .await
+        .unwrap();
+    assert_eq!(returned["version"], "v2", "{returned}");
+    assert_eq!(answer["ExecutedVersion"], "$LATEST", "{answer}");
+    let (answer, returned) = invoke_qualified(endpoint, &function, Some("live"), dir)
+        .await
+        .unwrap();
+    assert_eq!(returned["version"], "v1", "{returned}");
+    assert_eq!(answer["ExecutedVersion"], "1", "{answer}");
+    let (_, returned) = invoke_qualified(endpoint, &format!("{function}:1"), None, dir)
+        .await
+        .unwrap();
+    assert_eq!(returned["version"], "v1", "{returned}");
+    // A version is an instance set of its own: its handler sees its version.
+    let running = function_processes(&function);
+    assert!(
+        running.len() >= 2,
+        "$LATEST and version 1 each run an instance: {running:?}"
+    );
+
+    // Version 2, the alias moved to it.
+    let published = aws(&[
+        "lambda",
+        "publish-version",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(published["Version"], "2", "{published}");
+    aws(&[
+        "lambda",
+        "update-alias",
+        "--function-name",
+        &function,
+        "--name",
+        "live",
+        "--function-version",
+        "2",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_until("the alias routes to version 2", async || {
+        invoke_qualified(endpoint, &function, Some("live"), dir)
+            .await
+            .is_ok_and(|(_, returned)| returned["version"] == "v2")
+    })
+    .await;
+    let versions = aws(&[
+        "lambda",
+        "list-versions-by-function",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    let listed: Vec<&str> = versions["Versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|version| version["Version"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["$LATEST", "1", "2"]);
+    let aliases = aws(&[
+        "lambda",
+        "list-aliases",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(aliases["Aliases"][0]["Name"], "live", "{aliases}");
+    assert_eq!(aliases["Aliases"][0]["FunctionVersion"], "2", "{aliases}");
+
+    // An Event invocation of a version is refused (Switchyard queues $LATEST only).
+    let refused = aws(&[
+        "lambda",
+        "invoke",
+        "--function-name",
+        &function,
+        "--qualifier",
+        "1",
+        "--invocation-type",
+        "Event",
+        "--payload",
+        "{}",
+        "--endpoint-url",
+        endpoint,
+        dir.join("event.json").to_str().unwrap(),
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("InvalidParameterValueException"),
+        "{refused}"
+    );
+
+    // Reserved concurrency is the function's instance limit.
+    let reserved = aws(&[
+        "lambda",
+        "put-function-concurrency",
+        "--function-name",
+        &function,
+        "--reserved-concurrent-executions",
+        "3",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(reserved["ReservedConcurrentExecutions"], 3, "{reserved}");
+    let admin = format!("http://{}/v1/functions", process.admin());
+    let max_instances = async |name: String| -> Option<u64> {
+        let body = reqwest::get(&admin).await.ok()?.bytes().await.ok()?;
+        let listed: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        listed["functions"]
+            .as_array()?
+            .iter()
+            .find(|entry| entry["name"] == name.as_str())?["limits"]["max_instances"]
+            .as_u64()
+    };
+    wait_until("the function's limit becomes 3", async || {
+        max_instances(function.clone()).await == Some(3)
+    })
+    .await;
+    let got = aws(&[
+        "lambda",
+        "get-function-concurrency",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(got["ReservedConcurrentExecutions"], 3, "{got}");
+    aws(&[
+        "lambda",
+        "delete-function-concurrency",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_until("the function's limit is the default again", async || {
+        max_instances(function.clone())
+            .await
+            .is_some_and(|limit| limit != 3)
+    })
+    .await;
+
+    // Deleting the alias, then version 1: both are gone, $LATEST stays.
+    aws(&[
+        "lambda",
+        "delete-alias",
+        "--function-name",
+        &function,
+        "--name",
+        "live",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_until("the deleted alias is not found", async || {
+        invoke_qualified(endpoint, &function, Some("live"), dir)
+            .await
+            .is_err_and(|error| error.contains("ResourceNotFoundException"))
+    })
+    .await;
+    aws(&[
+        "lambda",
+        "delete-function",
+        "--function-name",
+        &function,
+        "--qualifier",
+        "1",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_until("the deleted version is not found", async || {
+        invoke_qualified(endpoint, &function, Some("1"), dir)
+            .await
+            .is_err_and(|error| error.contains("ResourceNotFoundException"))
+    })
+    .await;
+    let (_, returned) = invoke_qualified(endpoint, &function, None, dir)
+        .await
+        .unwrap();
+    assert_eq!(returned["version"], "v2", "{returned}");
+}

@@ -80,7 +80,11 @@ impl Config {
             .collect();
         if !self.invoke_api.listen.is_empty() {
             for function in &self.functions {
-                if let FunctionConfig::Lambda(lambda) = function.get_ref() {
+                // A published version (`name:N`, from the Lambda API) is called
+                // synchronously only: `Event` invocations run `$LATEST`.
+                if let FunctionConfig::Lambda(lambda) = function.get_ref()
+                    && !lambda.name.contains(':')
+                {
                     triggers.push(lambda.invoke_trigger());
                 }
             }

@@ -55,6 +55,26 @@ pub(crate) fn routes() -> Router<InvokeApiState> {
             get(get_configuration).put(update_configuration),
         )
         .route("/2015-03-31/functions/{name}/code", put(update_code))
+        .route(
+            "/2015-03-31/functions/{name}/versions",
+            post(publish_version).get(list_versions),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/aliases",
+            post(create_alias).get(list_aliases),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/aliases/{alias}",
+            get(get_alias).put(update_alias).delete(delete_alias),
+        )
+        .route(
+            "/2017-10-31/functions/{name}/concurrency",
+            put(put_concurrency).delete(delete_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/concurrency",
+            get(get_concurrency),
+        )
 }
 
 /// A refusal, as Lambda words it.
@@ -205,13 +225,58 @@ fn checked_name(given: &str) -> Result<String, ApiError> {
     Ok(name.to_owned())
 }
 
-/// Only `$LATEST` (or none) until versions exist.
-fn check_qualifier(region: &str, given: &str, qualifier: Option<&str>) -> Result<(), ApiError> {
+/// The qualifier of a request: `?Qualifier=`, else the one in the name or ARN.
+pub(crate) fn qualifier_of<'a>(given: &'a str, qualifier: Option<&'a str>) -> Option<&'a str> {
     let from_name = given
         .strip_prefix("arn:")
         .map(|arn| arn.split(':').nth(6))
         .unwrap_or_else(|| given.split(':').nth(1));
-    match qualifier.or(from_name) {
+    qualifier
+        .or(from_name)
+        .filter(|qualifier| !qualifier.is_empty())
+}
+
+/// Which version a qualifier names of `record`: `None` for `$LATEST`; an alias
+/// is followed. Unknown: `ResourceNotFoundException` with the qualified ARN.
+fn version_of(
+    region: &str,
+    record: &FunctionRecord,
+    qualifier: Option<&str>,
+) -> Result<Option<u32>, ApiError> {
+    let name = &record.function_name;
+    let missing = |qualifier: &str| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            format!(
+                "Function not found: {}:{qualifier}",
+                function_arn(region, name)
+            ),
+        )
+    };
+    match qualifier {
+        None | Some("$LATEST") => Ok(None),
+        Some(text) => {
+            let target = match record.aliases.get(text) {
+                Some(alias) => alias.function_version.as_str(),
+                None => text,
+            };
+            if target == "$LATEST" {
+                return Ok(None);
+            }
+            let number: u32 = target.parse().map_err(|_| missing(text))?;
+            if record.versions.contains_key(&number) {
+                Ok(Some(number))
+            } else {
+                Err(missing(text))
+            }
+        }
+    }
+}
+
+/// Only `$LATEST` for functions of the configuration file.
+fn check_qualifier(region: &str, given: &str, qualifier: Option<&str>) -> Result<(), ApiError> {
+    match qualifier_of(given, qualifier) {
         None | Some("$LATEST") => Ok(()),
         Some(_) => Err(not_found(region, function_name(given))),
     }
@@ -245,15 +310,31 @@ fn now_lambda() -> String {
     )
 }
 
-/// Lambda's FunctionConfiguration of an API function, with its state in this
-/// process.
+/// Lambda's FunctionConfiguration of an API function's `$LATEST`, with its state
+/// in this process.
 fn configuration(
     region: &str,
     api: &ApiFunctions,
     record: &FunctionRecord,
     revision: u64,
 ) -> Value {
+    version_configuration(region, api, record, revision, None)
+}
+
+/// Lambda's FunctionConfiguration of `$LATEST` (`version` none) or of a published
+/// version.
+fn version_configuration(
+    region: &str,
+    api: &ApiFunctions,
+    record: &FunctionRecord,
+    revision: u64,
+    version: Option<u32>,
+) -> Value {
     let name = &record.function_name;
+    let settings = match version.and_then(|number| record.versions.get(&number)) {
+        Some(published) => published.clone(),
+        None => record.latest(),
+    };
     let applied = api.applied.read().expect("api lock").get(name).copied();
     let failed = api
         .failed
@@ -269,20 +350,30 @@ fn configuration(
         (None, Some(_)) => ("Active", "InProgress", None),
         (None, None) => ("Pending", "InProgress", None),
     };
+    // A published version never changes: once this process runs the function it
+    // runs the version as published.
+    let (state, update, reason) = if version.is_some() && applied.is_some() {
+        ("Active", "Successful", None)
+    } else {
+        (state, update, reason)
+    };
     let mut configuration = json!({
         "FunctionName": name,
-        "FunctionArn": function_arn(region, name),
-        "Runtime": record.runtime,
+        "FunctionArn": match version {
+            Some(number) => format!("{}:{number}", function_arn(region, name)),
+            None => function_arn(region, name),
+        },
+        "Runtime": settings.runtime,
         "Role": record.role,
-        "Handler": record.handler,
-        "CodeSize": record.code_size,
-        "Description": record.description,
-        "Timeout": record.timeout,
-        "MemorySize": record.memory_size,
-        "LastModified": record.last_modified,
-        "CodeSha256": record.code_sha256,
-        "Version": "$LATEST",
-        "Environment": { "Variables": record.environment },
+        "Handler": settings.handler,
+        "CodeSize": settings.code_size,
+        "Description": settings.description,
+        "Timeout": settings.timeout,
+        "MemorySize": settings.memory_size,
+        "LastModified": settings.last_modified,
+        "CodeSha256": settings.code_sha256,
+        "Version": version.map_or_else(|| "$LATEST".to_owned(), |number| number.to_string()),
+        "Environment": { "Variables": settings.environment },
         "TracingConfig": { "Mode": "PassThrough" },
         "RevisionId": record.revision_id,
         "State": state,
@@ -597,6 +688,10 @@ async fn create(
         code_size: 0,
         last_modified: now_lambda(),
         revision_id: uuid::Uuid::new_v4().to_string(),
+        versions: BTreeMap::new(),
+        last_version: 0,
+        aliases: BTreeMap::new(),
+        reserved_concurrency: None,
     };
     check_settings(&api, &record)?;
     if api
@@ -641,7 +736,7 @@ struct QualifierQuery {
 
 /// The stored record of `given` (a name or ARN), or the file's function of that name.
 enum Found {
-    Api(FunctionRecord, u64),
+    Api(Box<FunctionRecord>, u64),
     File(String, (String, String, u32, u64)),
 }
 
@@ -664,7 +759,7 @@ async fn find(state: &InvokeApiState, api: &ApiFunctions, given: &str) -> Result
         return Ok(Found::File(file, lambda));
     }
     match api.registry.get(&name).await.map_err(registry_error)? {
-        Some((record, revision)) => Ok(Found::Api(record, revision)),
+        Some((record, revision)) => Ok(Found::Api(Box::new(record), revision)),
         None => Err(not_found(&state.region, &name)),
     }
 }
@@ -681,16 +776,25 @@ async fn get_function(
     let result = async {
         signed_body(&state, &method, &uri, &headers, body, 0, "GetFunction").await?;
         let api = control(&state)?;
-        check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
         Ok::<_, ApiError>(match find(&state, &api, &given).await? {
-            Found::Api(record, revision) => json!({
-                "Configuration": configuration(&state.region, &api, &record, revision),
-                "Code": { "RepositoryType": "S3", "Location": "" },
-            }),
-            Found::File(file, lambda) => json!({
-                "Configuration": file_configuration(&state.region, &file, &lambda),
-                "Code": { "RepositoryType": "S3", "Location": "" },
-            }),
+            Found::Api(record, revision) => {
+                let version = version_of(&state.region, &record, qualifier_of(&given, query.qualifier.as_deref()))?;
+                let mut answer = json!({
+                    "Configuration": version_configuration(&state.region, &api, &record, revision, version),
+                    "Code": { "RepositoryType": "S3", "Location": "" },
+                });
+                if let Some(reserved) = record.reserved_concurrency {
+                    answer["Concurrency"] = json!({ "ReservedConcurrentExecutions": reserved });
+                }
+                answer
+            }
+            Found::File(file, lambda) => {
+                check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
+                json!({
+                    "Configuration": file_configuration(&state.region, &file, &lambda),
+                    "Code": { "RepositoryType": "S3", "Location": "" },
+                })
+            }
         })
     }
     .await;
@@ -721,10 +825,19 @@ async fn get_configuration(
         )
         .await?;
         let api = control(&state)?;
-        check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
         Ok::<_, ApiError>(match find(&state, &api, &given).await? {
-            Found::Api(record, revision) => configuration(&state.region, &api, &record, revision),
-            Found::File(file, lambda) => file_configuration(&state.region, &file, &lambda),
+            Found::Api(record, revision) => {
+                let version = version_of(
+                    &state.region,
+                    &record,
+                    qualifier_of(&given, query.qualifier.as_deref()),
+                )?;
+                version_configuration(&state.region, &api, &record, revision, version)
+            }
+            Found::File(file, lambda) => {
+                check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
+                file_configuration(&state.region, &file, &lambda)
+            }
         })
     }
     .await;
@@ -924,13 +1037,36 @@ async fn delete_function(
     let result = async {
         signed_body(&state, &method, &uri, &headers, body, 0, "DeleteFunction").await?;
         let api = control(&state)?;
-        check_qualifier(&state.region, &given, query.qualifier.as_deref())?;
-        let (record, _) = for_update(&state, &api, &given, None).await?;
-        api.registry
-            .delete(&record.function_name)
-            .await
-            .map_err(registry_error)?;
-        tracing::info!(function = %record.function_name, "function deleted through the lambda api");
+        let (mut record, revision) = for_update(&state, &api, &given, None).await?;
+        match qualifier_of(&given, query.qualifier.as_deref()) {
+            None | Some("$LATEST") => {
+                api.registry
+                    .delete(&record.function_name)
+                    .await
+                    .map_err(registry_error)?;
+                tracing::info!(function = %record.function_name, "function deleted through the lambda api");
+            }
+            Some(qualifier) => {
+                // One version: not while an alias routes to it.
+                let number: u32 = qualifier.parse().map_err(|_| invalid(format!("Qualifier {qualifier} is not a version number: delete an alias with DeleteAlias")))?;
+                if record.versions.remove(&number).is_none() {
+                    return Err(ApiError(
+                        StatusCode::NOT_FOUND,
+                        "ResourceNotFoundException",
+                        format!("Function not found: {}:{number}", function_arn(&state.region, &record.function_name)),
+                    ));
+                }
+                if let Some((alias, _)) = record.aliases.iter().find(|(_, alias)| alias.function_version == qualifier) {
+                    return Err(ApiError(
+                        StatusCode::CONFLICT,
+                        "ResourceConflictException",
+                        format!("Unable to delete version because the following aliases reference it: [{alias}]"),
+                    ));
+                }
+                api.registry.update(&record, revision).await.map_err(registry_error)?;
+                tracing::info!(function = %record.function_name, version = number, "function version deleted through the lambda api");
+            }
+        }
         Ok::<_, ApiError>(())
     }
     .await;
@@ -938,4 +1074,524 @@ async fn delete_function(
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(refusal) => refusal.into_response(),
     }
+}
+
+/// Runs `change` on the stored record of API function `given` and stores it (with
+/// a new `RevisionId`).
+async fn change_record(
+    state: &InvokeApiState,
+    api: &ApiFunctions,
+    given: &str,
+    revision_id: Option<&str>,
+    change: impl FnOnce(&mut FunctionRecord) -> Result<(), ApiError>,
+) -> Result<(FunctionRecord, u64), ApiError> {
+    let (mut record, revision) = for_update(state, api, given, revision_id).await?;
+    change(&mut record)?;
+    record.revision_id = uuid::Uuid::new_v4().to_string();
+    let revision_now = api
+        .registry
+        .update(&record, revision)
+        .await
+        .map_err(registry_error)?;
+    Ok((record, revision_now))
+}
+
+/// A signed request with a small JSON body, and the control plane.
+async fn small_request(
+    state: &InvokeApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+    operation: &str,
+) -> Result<(Bytes, Arc<ApiFunctions>), ApiError> {
+    let body = signed_body(state, method, uri, headers, body, 64 * 1024, operation).await?;
+    Ok((body, control(state)?))
+}
+
+/// `Null` answers `204 No Content`.
+fn respond(status: StatusCode, result: Result<Value, ApiError>) -> Response {
+    match result {
+        Ok(Value::Null) => StatusCode::NO_CONTENT.into_response(),
+        Ok(answer) => (status, axum::Json(answer)).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct PublishInput {
+    code_sha256: Option<String>,
+    description: Option<String>,
+    revision_id: Option<String>,
+}
+
+async fn publish_version(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) =
+            small_request(&state, &method, &uri, &headers, body, "PublishVersion").await?;
+        let input: PublishInput = if body.is_empty() {
+            PublishInput::default()
+        } else {
+            parse_json(&body)?
+        };
+        let mut published = 0;
+        let (record, revision) =
+            change_record(&state, &api, &given, input.revision_id.as_deref(), |record| {
+                if let Some(expected) = &input.code_sha256
+                    && *expected != record.code_sha256
+                {
+                    return Err(invalid(format!(
+                        "CodeSHA256 ({expected}) is different from current CodeSHA256 in $LATEST ({}). Please try again with the CodeSHA256 in $LATEST.",
+                        record.code_sha256
+                    )));
+                }
+                let mut latest = record.latest();
+                if let Some(description) = &input.description {
+                    latest.description = description.clone();
+                }
+                // Publishing unchanged code and settings again gives the same version.
+                let same = |version: &crate::registry::VersionRecord| {
+                    version.code_sha256 == latest.code_sha256
+                        && version.runtime == latest.runtime
+                        && version.handler == latest.handler
+                        && version.memory_size == latest.memory_size
+                        && version.timeout == latest.timeout
+                        && version.environment == latest.environment
+                };
+                if let Some((number, _)) = record
+                    .versions
+                    .iter()
+                    .next_back()
+                    .filter(|(_, version)| same(version))
+                {
+                    published = *number;
+                    return Ok(());
+                }
+                record.last_version += 1;
+                published = record.last_version;
+                latest.last_modified = now_lambda();
+                record.versions.insert(published, latest);
+                Ok(())
+            })
+            .await?;
+        tracing::info!(function = %record.function_name, version = published, "function version published through the lambda api");
+        Ok(version_configuration(
+            &state.region,
+            &api,
+            &record,
+            revision,
+            Some(published),
+        ))
+    }
+    .await;
+    respond(StatusCode::CREATED, result)
+}
+
+async fn list_versions(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "ListVersionsByFunction",
+        )
+        .await?;
+        match find(&state, &api, &given).await? {
+            Found::Api(record, revision) => {
+                let mut versions = vec![configuration(&state.region, &api, &record, revision)];
+                versions.extend(record.versions.keys().map(|number| {
+                    version_configuration(&state.region, &api, &record, revision, Some(*number))
+                }));
+                Ok(json!({ "Versions": versions }))
+            }
+            Found::File(file, lambda) => Ok(json!({
+                "Versions": [file_configuration(&state.region, &file, &lambda)]
+            })),
+        }
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+fn alias_configuration(
+    region: &str,
+    function: &str,
+    alias: &str,
+    record: &crate::registry::AliasRecord,
+) -> Value {
+    json!({
+        "AliasArn": format!("{}:{alias}", function_arn(region, function)),
+        "Name": alias,
+        "FunctionVersion": record.function_version,
+        "Description": record.description,
+        "RevisionId": record.revision_id,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AliasInput {
+    name: Option<String>,
+    function_version: Option<String>,
+    description: Option<String>,
+    revision_id: Option<String>,
+}
+
+/// An alias name as Lambda takes it: not only digits, 1 to 128 of `[a-zA-Z0-9-_]`.
+fn check_alias_name(alias: &str) -> Result<(), ApiError> {
+    let valid = !alias.is_empty()
+        && alias.len() <= 128
+        && !alias.bytes().all(|byte| byte.is_ascii_digit())
+        && alias.chars().all(|character| {
+            character.is_ascii_alphanumeric() || character == '-' || character == '_'
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(validation(
+            alias,
+            "name",
+            "Member must satisfy regular expression pattern: (?!^[0-9]+$)([a-zA-Z0-9-_]+)",
+        ))
+    }
+}
+
+/// An alias may route to `$LATEST` or a published version.
+fn check_target(region: &str, record: &FunctionRecord, version: &str) -> Result<(), ApiError> {
+    if version == "$LATEST" {
+        return Ok(());
+    }
+    match version.parse::<u32>() {
+        Ok(number) if record.versions.contains_key(&number) => Ok(()),
+        _ => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            format!(
+                "Function not found: {}:{version}",
+                function_arn(region, &record.function_name)
+            ),
+        )),
+    }
+}
+
+fn alias_not_found(region: &str, function: &str, alias: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        format!(
+            "Alias not found: {}:{alias}",
+            function_arn(region, function)
+        ),
+    )
+}
+
+async fn create_alias(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) =
+            small_request(&state, &method, &uri, &headers, body, "CreateAlias").await?;
+        let input: AliasInput = parse_json(&body)?;
+        let alias = input
+            .name
+            .clone()
+            .ok_or_else(|| invalid("Name is required"))?;
+        check_alias_name(&alias)?;
+        let version = input
+            .function_version
+            .clone()
+            .ok_or_else(|| invalid("FunctionVersion is required"))?;
+        let region = state.region.clone();
+        let (record, _) = change_record(&state, &api, &given, None, |record| {
+            if record.aliases.contains_key(&alias) {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    "ResourceConflictException",
+                    format!(
+                        "Alias already exists: {}:{alias}",
+                        function_arn(&region, &record.function_name)
+                    ),
+                ));
+            }
+            check_target(&region, record, &version)?;
+            record.aliases.insert(
+                alias.clone(),
+                crate::registry::AliasRecord {
+                    function_version: version.clone(),
+                    description: input.description.clone().unwrap_or_default(),
+                    revision_id: uuid::Uuid::new_v4().to_string(),
+                },
+            );
+            Ok(())
+        })
+        .await?;
+        tracing::info!(function = %record.function_name, %alias, %version, "alias created through the lambda api");
+        Ok(alias_configuration(
+            &state.region,
+            &record.function_name,
+            &alias,
+            &record.aliases[&alias],
+        ))
+    }
+    .await;
+    respond(StatusCode::CREATED, result)
+}
+
+async fn update_alias(
+    State(state): State<InvokeApiState>,
+    Path((given, alias)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) =
+            small_request(&state, &method, &uri, &headers, body, "UpdateAlias").await?;
+        let input: AliasInput = parse_json(&body)?;
+        let region = state.region.clone();
+        let (record, _) = change_record(&state, &api, &given, None, |record| {
+            let name = record.function_name.clone();
+            if let Some(version) = &input.function_version {
+                check_target(&region, record, version)?;
+            }
+            let target = record
+                .aliases
+                .get_mut(&alias)
+                .ok_or_else(|| alias_not_found(&region, &name, &alias))?;
+            if let Some(expected) = &input.revision_id
+                && *expected != target.revision_id
+            {
+                return Err(ApiError(
+                    StatusCode::PRECONDITION_FAILED,
+                    "PreconditionFailedException",
+                    "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".to_owned(),
+                ));
+            }
+            if let Some(version) = &input.function_version {
+                target.function_version = version.clone();
+            }
+            if let Some(description) = &input.description {
+                target.description = description.clone();
+            }
+            target.revision_id = uuid::Uuid::new_v4().to_string();
+            Ok(())
+        })
+        .await?;
+        Ok(alias_configuration(
+            &state.region,
+            &record.function_name,
+            &alias,
+            &record.aliases[&alias],
+        ))
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+async fn get_alias(
+    State(state): State<InvokeApiState>,
+    Path((given, alias)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(&state, &method, &uri, &headers, body, "GetAlias").await?;
+        let Found::Api(record, _) = find(&state, &api, &given).await? else {
+            return Err(alias_not_found(
+                &state.region,
+                function_name(&given),
+                &alias,
+            ));
+        };
+        let target = record
+            .aliases
+            .get(&alias)
+            .ok_or_else(|| alias_not_found(&state.region, &record.function_name, &alias))?;
+        Ok(alias_configuration(
+            &state.region,
+            &record.function_name,
+            &alias,
+            target,
+        ))
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+async fn list_aliases(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(&state, &method, &uri, &headers, body, "ListAliases").await?;
+        let aliases: Vec<Value> = match find(&state, &api, &given).await? {
+            Found::Api(record, _) => record
+                .aliases
+                .iter()
+                .map(|(alias, target)| {
+                    alias_configuration(&state.region, &record.function_name, alias, target)
+                })
+                .collect(),
+            Found::File(..) => Vec::new(),
+        };
+        Ok(json!({ "Aliases": aliases }))
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+async fn delete_alias(
+    State(state): State<InvokeApiState>,
+    Path((given, alias)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(&state, &method, &uri, &headers, body, "DeleteAlias").await?;
+        change_record(&state, &api, &given, None, |record| {
+            // Deleting an alias that is not there succeeds, as Lambda's does.
+            record.aliases.remove(&alias);
+            Ok(())
+        })
+        .await?;
+        Ok(Value::Null)
+    }
+    .await;
+    respond(StatusCode::NO_CONTENT, result)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ConcurrencyInput {
+    reserved_concurrent_executions: Option<i64>,
+}
+
+async fn put_concurrency(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) =
+            small_request(&state, &method, &uri, &headers, body, "PutFunctionConcurrency").await?;
+        let input: ConcurrencyInput = parse_json(&body)?;
+        let reserved = input
+            .reserved_concurrent_executions
+            .ok_or_else(|| invalid("ReservedConcurrentExecutions is required"))?;
+        if reserved < 0 {
+            return Err(validation(
+                &reserved.to_string(),
+                "reservedConcurrentExecutions",
+                "Member must have value greater than or equal to 0",
+            ));
+        }
+        if reserved == 0 {
+            return Err(invalid(
+                "ReservedConcurrentExecutions = 0 (throttle every invocation) is not supported by Switchyard: delete the function or its triggers instead",
+            ));
+        }
+        let reserved = u32::try_from(reserved)
+            .map_err(|_| invalid("ReservedConcurrentExecutions is too large"))?;
+        change_record(&state, &api, &given, None, |record| {
+            record.reserved_concurrency = Some(reserved);
+            Ok(())
+        })
+        .await?;
+        Ok(json!({ "ReservedConcurrentExecutions": reserved }))
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+async fn delete_concurrency(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "DeleteFunctionConcurrency",
+        )
+        .await?;
+        change_record(&state, &api, &given, None, |record| {
+            record.reserved_concurrency = None;
+            Ok(())
+        })
+        .await?;
+        Ok(Value::Null)
+    }
+    .await;
+    respond(StatusCode::NO_CONTENT, result)
+}
+
+async fn get_concurrency(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "GetFunctionConcurrency",
+        )
+        .await?;
+        Ok(match find(&state, &api, &given).await? {
+            Found::Api(record, _) => match record.reserved_concurrency {
+                Some(reserved) => json!({ "ReservedConcurrentExecutions": reserved }),
+                None => json!({}),
+            },
+            Found::File(..) => json!({}),
+        })
+    }
+    .await;
+    respond(StatusCode::OK, result)
 }

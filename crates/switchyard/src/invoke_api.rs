@@ -190,14 +190,52 @@ async fn invoke(
             "switchyard is starting",
         );
     };
-    let name = function_name(&name);
-    let arn = switchyard_workers::runtime_api::function_arn(&state.region, name);
-    let Some(target) = functions.get(name) else {
+    let given = name;
+    let name = function_name(&given);
+    // The version asked for: `?Qualifier=`, or the `:qualifier` of the name or ARN.
+    let query_qualifier = axum::extract::Query::<HashMap<String, String>>::try_from_uri(&uri)
+        .ok()
+        .and_then(|query| query.0.get("Qualifier").cloned());
+    let name_qualifier = crate::control_api::qualifier_of(&given, None);
+    if let (Some(query), Some(named)) = (&query_qualifier, name_qualifier)
+        && query != named
+    {
         return api_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            "The derived qualifier from the function name does not match the specified qualifier.",
+        );
+    }
+    let qualifier = query_qualifier.as_deref().or(name_qualifier);
+    let arn = match qualifier {
+        Some(qualifier) => format!(
+            "{}:{qualifier}",
+            switchyard_workers::runtime_api::function_arn(&state.region, name)
+        ),
+        None => switchyard_workers::runtime_api::function_arn(&state.region, name),
+    };
+    let not_found = || {
+        api_error(
             StatusCode::NOT_FOUND,
             "ResourceNotFoundException",
             &format!("Function not found: {arn}"),
-        );
+        )
+    };
+    // A version or alias of a function the control plane stored: the instance set
+    // the reconciler runs for that version (`name:N`).
+    let (internal, executed_version) = match qualifier {
+        None | Some("$LATEST") => (name.to_owned(), "$LATEST".to_owned()),
+        Some(_) => match state
+            .control
+            .get()
+            .and_then(|control| control.resolve(name, qualifier))
+        {
+            Some(resolved) => resolved,
+            None => return not_found(),
+        },
+    };
+    let Some(target) = functions.get(&internal) else {
+        return not_found();
     };
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let asynchronous = match header("x-amz-invocation-type").unwrap_or("RequestResponse") {
@@ -226,6 +264,13 @@ async fn invoke(
     }
     let request_id = uuid::Uuid::new_v4().to_string();
     if asynchronous {
+        if executed_version != "$LATEST" {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                "switchyard runs Event invocations of $LATEST only: invoke a version or alias with RequestResponse",
+            );
+        }
         return store_invocation(bus, name, request_id, payload).await;
     }
     // Lambda passes the client context (base64 JSON) to the runtime decoded.
@@ -298,7 +343,7 @@ async fn invoke(
     );
     response_headers.insert(
         "x-amz-executed-version",
-        HeaderValue::from_static("$LATEST"),
+        HeaderValue::from_str(&executed_version).expect("a version is a header value"),
     );
     insert_request_id(response_headers, &request_id);
     if function_error {

@@ -82,6 +82,38 @@ pub struct ApiFunctions {
     /// The file's `lambda` functions, for ListFunctions: name, handler, memory,
     /// timeout in seconds.
     pub file_lambdas: RwLock<Vec<(String, String, u32, u64)>>,
+    /// The aliases of the API functions this process runs: function, alias, and
+    /// the version it routes to (`$LATEST` or a number).
+    pub aliases: RwLock<HashMap<String, std::collections::BTreeMap<String, String>>>,
+}
+
+impl ApiFunctions {
+    /// What a qualified call (`Qualifier`, or `name:qualifier`) reaches here: the
+    /// function as the reconciler names it (`name`, or `name:N` for version N) and
+    /// the version it runs; `None` for an unknown alias.
+    pub fn resolve(&self, name: &str, qualifier: Option<&str>) -> Option<(String, String)> {
+        match qualifier {
+            None | Some("$LATEST") => Some((name.to_owned(), "$LATEST".to_owned())),
+            Some(number)
+                if !number.is_empty() && number.bytes().all(|byte| byte.is_ascii_digit()) =>
+            {
+                Some((format!("{name}:{number}"), number.to_owned()))
+            }
+            Some(alias) => {
+                let version = self
+                    .aliases
+                    .read()
+                    .expect("api lock")
+                    .get(name)?
+                    .get(alias)?
+                    .clone();
+                if version == alias {
+                    return None;
+                }
+                self.resolve(name, Some(&version))
+            }
+        }
+    }
 }
 
 impl ApiFunctions {
@@ -93,6 +125,7 @@ impl ApiFunctions {
             file_functions: RwLock::default(),
             runtimes: RwLock::default(),
             file_lambdas: RwLock::default(),
+            aliases: RwLock::default(),
         })
     }
 
@@ -513,6 +546,20 @@ impl Live {
         let Some(api) = &self.api else {
             return;
         };
+        *api.aliases.write().expect("api lock") = self
+            .api_records
+            .iter()
+            .map(|(name, (record, _))| {
+                (
+                    name.clone(),
+                    record
+                        .aliases
+                        .iter()
+                        .map(|(alias, target)| (alias.clone(), target.function_version.clone()))
+                        .collect(),
+                )
+            })
+            .collect();
         let failed = api.failed.read().expect("api lock").clone();
         *api.applied.write().expect("api lock") = self
             .api_records
@@ -535,7 +582,7 @@ impl Live {
     async fn code_directory(
         &self,
         api: &ApiFunctions,
-        record: &crate::registry::FunctionRecord,
+        record: &crate::registry::VersionRecord,
     ) -> anyhow::Result<std::path::PathBuf> {
         let directory = self.code_root().join(&record.code_key);
         if directory.is_dir() {
@@ -584,7 +631,7 @@ impl Live {
             if self
                 .api_records
                 .values()
-                .any(|(record, _)| record.code_key == name)
+                .any(|(record, _)| record.code_keys().any(|key| key == name))
             {
                 continue;
             }
@@ -612,22 +659,41 @@ impl Live {
                 tracing::warn!(function = %name, "a function defined through the lambda api has the name of one in the configuration file: the file's is used");
                 continue;
             }
-            let table = match self.api_function_table(&api, record, &runtimes).await {
-                Ok(table) => table,
-                Err(error) => {
-                    let reason = format!("{error:#}");
-                    tracing::error!(function = %name, %reason, "a function defined through the lambda api cannot run here");
-                    failed.insert(name.clone(), (*revision, reason));
-                    continue;
-                }
-            };
-            match toml::Value::Table(table.clone()).try_into::<FunctionConfig>() {
-                Ok(function) => {
-                    desired.functions.push(toml::Spanned::new(0..0, function));
-                    tables.push(toml::Value::Table(table));
-                }
-                Err(error) => {
-                    failed.insert(name.clone(), (*revision, error.to_string()));
+            // `$LATEST` as `name`, each published version as `name:N`.
+            let mut variants = vec![(name.clone(), record.latest())];
+            variants.extend(
+                record
+                    .versions
+                    .iter()
+                    .map(|(number, version)| (format!("{name}:{number}"), version.clone())),
+            );
+            for (variant, settings) in variants {
+                let table = match self
+                    .api_function_table(
+                        &api,
+                        &variant,
+                        &settings,
+                        record.reserved_concurrency,
+                        &runtimes,
+                    )
+                    .await
+                {
+                    Ok(table) => table,
+                    Err(error) => {
+                        let reason = format!("{error:#}");
+                        tracing::error!(function = %variant, %reason, "a function defined through the lambda api cannot run here");
+                        failed.insert(name.clone(), (*revision, reason));
+                        continue;
+                    }
+                };
+                match toml::Value::Table(table.clone()).try_into::<FunctionConfig>() {
+                    Ok(function) => {
+                        desired.functions.push(toml::Spanned::new(0..0, function));
+                        tables.push(toml::Value::Table(table));
+                    }
+                    Err(error) => {
+                        failed.insert(name.clone(), (*revision, error.to_string()));
+                    }
                 }
             }
         }
@@ -649,7 +715,9 @@ impl Live {
     async fn api_function_table(
         &self,
         api: &ApiFunctions,
-        record: &crate::registry::FunctionRecord,
+        name: &str,
+        record: &crate::registry::VersionRecord,
+        reserved_concurrency: Option<u32>,
         runtimes: &std::collections::BTreeMap<String, config::RuntimeConfig>,
     ) -> anyhow::Result<toml::Table> {
         let runtime = runtimes.get(&record.runtime).with_context(|| {
@@ -667,7 +735,10 @@ impl Live {
             .collect();
         let mut table = toml::Table::new();
         table.insert("type".into(), "lambda".into());
-        table.insert("name".into(), record.function_name.clone().into());
+        table.insert("name".into(), name.into());
+        if let Some(reserved) = reserved_concurrency {
+            table.insert("max_concurrency".into(), i64::from(reserved).into());
+        }
         table.insert("command".into(), toml::Value::Array(command));
         table.insert("handler".into(), record.handler.clone().into());
         table.insert("directory".into(), directory.display().to_string().into());

@@ -41,6 +41,75 @@ pub struct FunctionRecord {
     pub last_modified: String,
     /// Changes with every update (Lambda's `RevisionId`).
     pub revision_id: String,
+    /// Published versions (immutable), by number.
+    #[serde(default)]
+    pub versions: BTreeMap<u32, VersionRecord>,
+    /// The last version number given (numbers are never reused).
+    #[serde(default)]
+    pub last_version: u32,
+    /// Aliases, by name: each routes to a version or `$LATEST`.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, AliasRecord>,
+    /// PutFunctionConcurrency: the function's concurrency limit.
+    #[serde(default)]
+    pub reserved_concurrency: Option<u32>,
+}
+
+/// What a version fixes of a function: its code and settings when published.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct VersionRecord {
+    pub runtime: String,
+    pub handler: String,
+    #[serde(default)]
+    pub description: String,
+    pub memory_size: u32,
+    pub timeout: u32,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    pub code_sha256: String,
+    pub code_key: String,
+    pub code_size: u64,
+    pub last_modified: String,
+    pub revision_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AliasRecord {
+    /// A version number, or `$LATEST`.
+    pub function_version: String,
+    #[serde(default)]
+    pub description: String,
+    pub revision_id: String,
+}
+
+impl FunctionRecord {
+    /// `$LATEST`'s code and settings, as a version would fix them.
+    pub fn latest(&self) -> VersionRecord {
+        VersionRecord {
+            runtime: self.runtime.clone(),
+            handler: self.handler.clone(),
+            description: self.description.clone(),
+            memory_size: self.memory_size,
+            timeout: self.timeout,
+            environment: self.environment.clone(),
+            code_sha256: self.code_sha256.clone(),
+            code_key: self.code_key.clone(),
+            code_size: self.code_size,
+            last_modified: self.last_modified.clone(),
+            revision_id: self.revision_id.clone(),
+        }
+    }
+
+    /// Every package the function needs ($LATEST's and its versions').
+    pub fn code_keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.code_key.as_str()).chain(
+            self.versions
+                .values()
+                .map(|version| version.code_key.as_str()),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +196,8 @@ impl Registry {
         let used: std::collections::HashSet<String> = self
             .list()
             .await?
-            .into_iter()
-            .map(|(record, _)| record.code_key)
+            .iter()
+            .flat_map(|(record, _)| record.code_keys().map(str::to_owned))
             .collect();
         let mut list = self.code.list().await.map_err(store_error)?;
         let mut unused = Vec::new();

@@ -1004,12 +1004,17 @@ pub fn instance_environment(
     identity: &InstanceIdentity<'_>,
     user: &[(String, String)],
 ) -> Vec<(String, String)> {
+    // A published version runs as `name:N`.
+    let (function, version) = identity
+        .function
+        .split_once(':')
+        .unwrap_or((identity.function, "$LATEST"));
     let mut environment: Vec<(String, String)> = [
         ("AWS_LAMBDA_RUNTIME_API", identity.runtime_api.to_owned()),
         ("_HANDLER", identity.handler.to_owned()),
         ("LAMBDA_TASK_ROOT", identity.task_root.to_owned()),
-        ("AWS_LAMBDA_FUNCTION_NAME", identity.function.to_owned()),
-        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".to_owned()),
+        ("AWS_LAMBDA_FUNCTION_NAME", function.to_owned()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", version.to_owned()),
         (
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
             identity.memory_mb.to_string(),
@@ -1017,11 +1022,11 @@ pub fn instance_environment(
         ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand".to_owned()),
         (
             "AWS_LAMBDA_LOG_GROUP_NAME",
-            format!("/aws/lambda/{}", identity.function),
+            format!("/aws/lambda/{function}"),
         ),
         (
             "AWS_LAMBDA_LOG_STREAM_NAME",
-            format!("$LATEST/{}", identity.instance),
+            format!("{version}/{}", identity.instance),
         ),
         ("AWS_REGION", identity.region.to_owned()),
         ("AWS_DEFAULT_REGION", identity.region.to_owned()),
@@ -1053,6 +1058,33 @@ pub fn instance_environment(
 #[cfg(test)]
 mod environment_tests {
     use super::*;
+
+    #[test]
+    fn a_published_version_runs_under_its_functions_name_and_its_number() {
+        let identity = InstanceIdentity {
+            function: "thumbnails:3",
+            handler: "app.handler",
+            task_root: "/srv/thumbnails",
+            memory_mb: 256,
+            region: "eu-west-1",
+            runtime_api: "127.0.0.1:40123",
+            instance: "i-3",
+        };
+        let environment = instance_environment(&identity, &[]);
+        let get = |name: &str| {
+            environment
+                .iter()
+                .find(|(known, _)| known == name)
+                .map(|(_, value)| value.as_str())
+        };
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_NAME"), Some("thumbnails"));
+        assert_eq!(get("AWS_LAMBDA_FUNCTION_VERSION"), Some("3"));
+        assert_eq!(
+            get("AWS_LAMBDA_LOG_GROUP_NAME"),
+            Some("/aws/lambda/thumbnails")
+        );
+        assert_eq!(get("AWS_LAMBDA_LOG_STREAM_NAME"), Some("3/i-3"));
+    }
 
     #[test]
     fn an_instance_gets_what_the_runtime_clients_read_and_reserved_names_stay() {
