@@ -5,7 +5,11 @@
 # the Apache Kafka broker's jars from Maven Central; versitygw (an S3-compatible
 # store) built from its Go module; AWS's Lambda runtime interface clients for Python
 # and Node.js.
-# `install-deps.sh nats` installs only what the quick start needs.
+# `install-deps.sh nats` installs only nats-server; `install-deps.sh quickstart`
+# nats-server and the Python runtime client (what `[runtimes]`' defaults run).
+# Either way, the runtime clients installed are linked as
+# $SWITCHYARD_CACHE/bin/lambda-python and aws-lambda-ric, where Switchyard's default
+# `[runtimes]` look for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -60,7 +64,7 @@ fi
 # AWS's Lambda runtime interface client for Python (awslambdaric, from PyPI): the
 # managed-function tests run handlers through it, unchanged, as Lambda does; and
 # Powertools for AWS Lambda, whose parsers check the AWS-shaped events.
-if [ "$what" = all ] && ! { [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAMBDA_PYTHON_DIR/.complete" ]; }; then
+if { [ "$what" = all ] || [ "$what" = quickstart ]; } && ! { [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAMBDA_PYTHON_DIR/.complete" ]; }; then
     echo "installing awslambdaric $AWSLAMBDARIC_VERSION and aws-lambda-powertools $POWERTOOLS_VERSION into $LAMBDA_PYTHON_DIR" >&2
     rm -rf "$LAMBDA_PYTHON_DIR"
     python3 -m venv "$LAMBDA_PYTHON_DIR"
@@ -157,4 +161,14 @@ if [ "$bench" = true ] && [ ! -x "$SWITCHYARD_LAMBDA_RIE" ]; then
     mkdir -p "$RIE_DIR/bin"
     CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$RIE_DIR/bin" \
         go install -trimpath "github.com/aws/aws-lambda-runtime-interface-emulator/cmd/aws-lambda-rie@$RIE_VERSION"
+fi
+
+# The runtime clients where Switchyard's default `[runtimes]` find them (python3.x
+# runs `lambda-python -m awslambdaric`, nodejs*.x runs `aws-lambda-ric`).
+mkdir -p "$SWITCHYARD_CACHE/bin"
+if [ -x "$LAMBDA_PYTHON_DIR/bin/python" ] && [ -f "$LAMBDA_PYTHON_DIR/.complete" ]; then
+    ln -sfn "$LAMBDA_PYTHON_DIR/bin/python" "$SWITCHYARD_CACHE/bin/lambda-python"
+fi
+if [ -x "$SWITCHYARD_LAMBDA_NODE_RIC" ] && [ -f "$LAMBDA_NODE_DIR/.complete" ]; then
+    ln -sfn "$SWITCHYARD_LAMBDA_NODE_RIC" "$SWITCHYARD_CACHE/bin/aws-lambda-ric"
 fi

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-scripts/install-deps.sh nats
+scripts/install-deps.sh quickstart
 
 NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 export NATS_URL
