@@ -773,7 +773,20 @@ impl RunningDispatcher {
         destinations: Destinations,
     ) -> Result<(), DispatchError> {
         let slots = self.function_slots(&function).await?;
-        let runtime = build_trigger(
+        // The old loops stop before the consumers change: a loop still applying
+        // the old filters to what the changed consumers deliver would settle events
+        // the new trigger wants as filtered out. Events arriving meanwhile wait in
+        // the stream.
+        let previous = match self.inner.take_out(&trigger.name) {
+            Some(old) => {
+                for task in old.loops {
+                    let _ = task.await;
+                }
+                Some(old.runtime)
+            }
+            None => None,
+        };
+        match build_trigger(
             &self.inner.shared.bus,
             &self.inner.shared.metrics,
             &self.inner.stream,
@@ -785,14 +798,20 @@ impl RunningDispatcher {
                 slots,
             },
         )
-        .await?;
-        if let Some(old) = self.inner.take_out(&runtime.config.name) {
-            for task in old.loops {
-                let _ = task.await;
+        .await
+        {
+            Ok(runtime) => {
+                self.inner.launch(runtime);
+                Ok(())
+            }
+            Err(error) => {
+                // The trigger goes on as it was.
+                if let Some(previous) = previous {
+                    self.inner.launch(previous);
+                }
+                Err(error)
             }
         }
-        self.inner.launch(runtime);
-        Ok(())
     }
 
     /// Removes a trigger: it stops pulling, its invocations in flight finish and

@@ -240,6 +240,13 @@ pub(crate) struct Live {
     sources: Vec<(String, LiveSource)>,
     /// Parent of every source's own stop token.
     source_shutdown: CancellationToken,
+    /// Replaced or removed functions something may still call because part of an
+    /// apply failed (a trigger kept its old form, or a listener its old routes):
+    /// retired at the next apply without errors.
+    lingering: Vec<LiveFunction>,
+    /// Whether the last reload of the file applied without errors (a reload of the
+    /// same file after a failed one tries again).
+    clean: bool,
 }
 
 /// Tables whose change needs a restart, and what to do instead.
@@ -419,6 +426,8 @@ impl Live {
             triggers: HashMap::new(),
             sources: Vec::new(),
             source_shutdown: CancellationToken::new(),
+            lingering: Vec::new(),
+            clean: true,
         };
         let mut prepared = HashMap::new();
         for (name, (socket, interim)) in listeners {
@@ -471,7 +480,7 @@ impl Live {
         if !problems.is_empty() {
             return refused(current, problems);
         }
-        if config_sha256(&new) == config_sha256(&self.file) {
+        if self.clean && config_sha256(&new) == config_sha256(&self.file) {
             return ReloadOutcome {
                 result: "unchanged",
                 revision: current,
@@ -490,6 +499,7 @@ impl Live {
         self.file = new.clone();
         let desired = self.desired(&new).await;
         let (changes, errors) = self.apply(desired, prepared).await;
+        self.clean = errors.is_empty();
         self.note_applied();
         self.dispatcher.check_orphans().await;
         ReloadOutcome {
@@ -1044,11 +1054,25 @@ impl Live {
             self.triggers.remove(&name);
             changes.push(format!("trigger `{name}` removed"));
         }
+        // What each running trigger calls now: a trigger whose change fails goes
+        // on calling it, so it must not be retired.
+        let calling: HashMap<String, String> = self
+            .config
+            .all_triggers()
+            .into_iter()
+            .map(|trigger| (trigger.name, trigger.function))
+            .collect();
+        let mut still_called = std::collections::HashSet::new();
         for (trigger, fingerprint) in desired {
             if self.triggers.get(&trigger.name) == Some(&fingerprint) {
                 continue;
             }
             let Some(function) = self.functions.get(&trigger.function) else {
+                if self.triggers.contains_key(&trigger.name)
+                    && let Some(function) = calling.get(&trigger.name)
+                {
+                    still_called.insert(function.clone());
+                }
                 errors.push(format!(
                     "trigger `{}`: no function `{}`",
                     trigger.name, trigger.function
@@ -1075,7 +1099,14 @@ impl Live {
                     self.triggers.insert(name.clone(), fingerprint);
                     changes.push(format!("trigger `{name}` {verb}"));
                 }
-                Err(error) => errors.push(format!("trigger `{name}`: {error:#}")),
+                Err(error) => {
+                    if self.triggers.contains_key(&name)
+                        && let Some(function) = calling.get(&name)
+                    {
+                        still_called.insert(function.clone());
+                    }
+                    errors.push(format!("trigger `{name}`: {error:#}"));
+                }
             }
         }
         for name in removed {
@@ -1084,6 +1115,7 @@ impl Live {
                 retiring.push(old);
             }
         }
+        let trigger_errors = !errors.is_empty();
 
         // Synchronous calls reach the functions as they are now.
         let callable: HashMap<String, Arc<SyncFunction>> = self
@@ -1099,11 +1131,24 @@ impl Live {
         let (source_changes, source_errors) =
             self.apply_sources(&new, &callable, &mut prepared).await;
         changes.extend(source_changes);
+        let source_errors_empty = source_errors.is_empty();
         errors.extend(source_errors);
 
-        // Nothing new reaches the old functions now: let them finish and stop.
+        // Nothing new reaches the old functions now: let them finish and stop. When
+        // a listener kept its old routes, every replaced function may still be
+        // called; when a trigger kept its old form, the function it calls.
+        let routes_kept = !source_errors_empty;
         for old in retiring {
-            self.retire(old);
+            if routes_kept || (trigger_errors && still_called.contains(&old.runtime.name)) {
+                self.lingering.push(old);
+            } else {
+                self.retire(old);
+            }
+        }
+        if errors.is_empty() {
+            for old in std::mem::take(&mut self.lingering) {
+                self.retire(old);
+            }
         }
         let number = {
             let current = self.handles.revision.read().expect("revision lock");
