@@ -992,3 +992,257 @@ async fn versions_aliases_and_reserved_concurrency_work_as_lambdas() {
         .unwrap();
     assert_eq!(returned["version"], "v2", "{returned}");
 }
+
+/// A handler answering a function URL with what it was asked.
+const URL_HANDLER: &[u8] = br#"import json
+
+def handler(event, context):
+    return {
+        "statusCode": 201,
+        "headers": {"content-type": "application/json", "x-from": "function"},
+        "body": json.dumps({
+            "path": event["rawPath"],
+            "query": event.get("rawQueryString"),
+            "method": event["requestContext"]["http"]["method"],
+            "body": event.get("body"),
+        }),
+    }
+"#;
+
+/// A request signed for Lambda with the test's access key (botocore's SigV4Auth):
+/// status and body.
+async fn signed_request(method: &str, url: &str, body: &str) -> (u16, String) {
+    let python = installed("SWITCHYARD_AWS_PYTHON");
+    let script = r#"
+import sys, urllib.request, urllib.error
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+request = AWSRequest(method=method, url=url, data=body, headers={"content-type": "application/json"})
+SigV4Auth(Credentials("test", "test"), "lambda", "us-east-1").add_auth(request)
+prepared = request.prepare()
+try:
+    answer = urllib.request.urlopen(urllib.request.Request(url, data=body, headers=dict(prepared.headers), method=method))
+    print(answer.status); print(answer.read().decode())
+except urllib.error.HTTPError as error:
+    print(error.code); print(error.read().decode())
+"#;
+    let arguments = [method.to_owned(), url.to_owned(), body.to_owned()];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .args(arguments)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (status, body) = text.split_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_url_made_through_the_api_answers_with_the_function_as_lambdas_do() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path();
+    // Signed requests this time: the CLI and boto3 sign with test/test.
+    let file = dir.join("switchyard.toml");
+    let text = config(&nats, &random_name("u"), &dir.join("data")).replace(
+        "[invoke_api]\nlisten = \"127.0.0.1:0\"\n",
+        "[invoke_api]\nlisten = \"127.0.0.1:0\"\ncredentials = [{ access_key_id = \"test\", secret_access_key = \"test\" }]\n",
+    );
+    assert!(text.contains("credentials"));
+    std::fs::write(&file, text).unwrap();
+    let process = Process::start(&file, &[]);
+    let endpoint = format!(
+        "http://{}",
+        process
+            .wait_ready()
+            .await
+            .invoke_api
+            .expect("invoke api bound")
+    );
+    let endpoint = endpoint.as_str();
+    let function = random_name("web");
+    let code = package("v1", &[("url.py", URL_HANDLER)]);
+    let zip = dir.join("web.zip");
+    std::fs::write(&zip, &code).unwrap();
+    aws(&[
+        "lambda",
+        "create-function",
+        "--function-name",
+        &function,
+        "--runtime",
+        "python3.12",
+        "--handler",
+        "url.handler",
+        "--role",
+        "arn:aws:iam::000000000000:role/ignored",
+        "--zip-file",
+        &format!("fileb://{}", zip.display()),
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_for(endpoint, "function-active-v2", &function).await;
+
+    let created = aws(&[
+        "lambda",
+        "create-function-url-config",
+        "--function-name",
+        &function,
+        "--auth-type",
+        "NONE",
+        "--cors",
+        "AllowOrigins=https://example.com,AllowMethods=POST,MaxAge=60",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    let url = created["FunctionUrl"].as_str().unwrap().to_owned();
+    assert_eq!(
+        url,
+        format!("{endpoint}/lambda-url/{function}/"),
+        "{created}"
+    );
+    assert_eq!(created["AuthType"], "NONE", "{created}");
+    assert_eq!(created["Cors"]["AllowOrigins"][0], "https://example.com");
+    let again = aws(&[
+        "lambda",
+        "create-function-url-config",
+        "--function-name",
+        &function,
+        "--auth-type",
+        "NONE",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(again.contains("ResourceConflictException"), "{again}");
+
+    // Anyone may call it (AuthType NONE); the function sees the path after the URL.
+    let client = reqwest::Client::new();
+    let target = format!("{url}orders/7?expand=1");
+    let mut answered = None;
+    wait_until("the function URL answers", async || {
+        let Ok(response) = client
+            .post(&target)
+            .header("content-type", "application/json")
+            .body("{\"n\":1}")
+            .send()
+            .await
+        else {
+            return false;
+        };
+        if response.status() == 404 {
+            return false;
+        }
+        answered = Some(response);
+        true
+    })
+    .await;
+    let response = answered.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["x-from"], "function");
+    assert!(response.headers().contains_key("x-amzn-requestid"));
+    let seen: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(seen["path"], "/orders/7", "{seen}");
+    assert_eq!(seen["query"], "expand=1", "{seen}");
+    assert_eq!(seen["method"], "POST", "{seen}");
+    assert_eq!(seen["body"], "{\"n\":1}", "{seen}");
+    // A browser's preflight is answered with the CORS settings.
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, &target)
+        .header("origin", "https://example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://example.com"
+    );
+
+    // AWS_IAM: unsigned requests are refused, signed ones served.
+    let updated = aws(&[
+        "lambda",
+        "update-function-url-config",
+        "--function-name",
+        &function,
+        "--auth-type",
+        "AWS_IAM",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(updated["AuthType"], "AWS_IAM", "{updated}");
+    wait_until("unsigned calls are refused", async || {
+        client
+            .post(&target)
+            .body("{}")
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 403)
+    })
+    .await;
+    let (status, body) = signed_request("POST", &target, "{\"signed\":true}").await;
+    assert_eq!(status, 201, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["body"], "{\"signed\":true}", "{seen}");
+    let got = aws(&[
+        "lambda",
+        "get-function-url-config",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(got["AuthType"], "AWS_IAM", "{got}");
+    assert_eq!(got["FunctionUrl"], url.as_str(), "{got}");
+
+    // Deleted: the URL is gone, the function stays.
+    aws(&[
+        "lambda",
+        "delete-function-url-config",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_until("the deleted URL answers 404", async || {
+        client
+            .post(&target)
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 404)
+    })
+    .await;
+    let missing = aws(&[
+        "lambda",
+        "get-function-url-config",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(missing.contains("ResourceNotFoundException"), "{missing}");
+}

@@ -75,6 +75,13 @@ pub(crate) fn routes() -> Router<InvokeApiState> {
             "/2019-09-30/functions/{name}/concurrency",
             get(get_concurrency),
         )
+        .route(
+            "/2021-10-31/functions/{name}/url",
+            post(create_url_config)
+                .get(get_url_config)
+                .put(update_url_config)
+                .delete(delete_url_config),
+        )
 }
 
 /// A refusal, as Lambda words it.
@@ -692,6 +699,7 @@ async fn create(
         last_version: 0,
         aliases: BTreeMap::new(),
         reserved_concurrency: None,
+        url_config: None,
     };
     check_settings(&api, &record)?;
     if api
@@ -1594,4 +1602,277 @@ async fn get_concurrency(
     }
     .await;
     respond(StatusCode::OK, result)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UrlConfigInput {
+    auth_type: Option<String>,
+    cors: Option<crate::registry::UrlCors>,
+    invoke_mode: Option<String>,
+}
+
+/// Function URLs are of `$LATEST` here: a qualifier is refused.
+fn url_qualifier(uri: &Uri) -> Result<(), ApiError> {
+    let qualifier =
+        axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
+            .ok()
+            .and_then(|query| query.0.get("Qualifier").cloned());
+    match qualifier.as_deref() {
+        None | Some("$LATEST") => Ok(()),
+        Some(other) => Err(invalid(format!(
+            "switchyard serves function URLs of $LATEST only, not of `{other}`"
+        ))),
+    }
+}
+
+fn check_url_input(input: &UrlConfigInput) -> Result<(), ApiError> {
+    if let Some(auth_type) = &input.auth_type
+        && auth_type != "AWS_IAM"
+        && auth_type != "NONE"
+    {
+        return Err(invalid(format!(
+            "1 validation error detected: Value '{auth_type}' at 'authType' failed to satisfy constraint: Member must satisfy enum value set: [AWS_IAM, NONE]"
+        )));
+    }
+    if let Some(mode) = &input.invoke_mode
+        && mode != "BUFFERED"
+    {
+        return Err(invalid(format!(
+            "switchyard answers function URLs BUFFERED only, not `{mode}`"
+        )));
+    }
+    if let Some(cors) = &input.cors {
+        for method in cors.allow_methods.iter().flatten() {
+            if method != "*" && Method::from_bytes(method.as_bytes()).is_err() {
+                return Err(invalid(format!(
+                    "Cors.AllowMethods: `{method}` is not an HTTP method"
+                )));
+            }
+        }
+        if cors.max_age.is_some_and(|age| age > 86_400) {
+            return Err(invalid("Cors.MaxAge must be at most 86400"));
+        }
+    }
+    Ok(())
+}
+
+/// The URL a function answers at: `<scheme>://<host this request came to>/lambda-url/<name>/`.
+pub(crate) fn function_url(headers: &HeaderMap, https: bool, name: &str) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://{host}/lambda-url/{name}/")
+}
+
+fn url_configuration(
+    state: &InvokeApiState,
+    headers: &HeaderMap,
+    name: &str,
+    config: &crate::registry::UrlConfigRecord,
+) -> Value {
+    let mut answer = json!({
+        "FunctionUrl": function_url(headers, state.https, name),
+        "FunctionArn": function_arn(&state.region, name),
+        "AuthType": config.auth_type,
+        "CreationTime": config.creation_time,
+        "LastModifiedTime": config.last_modified_time,
+        "InvokeMode": "BUFFERED",
+    });
+    if let Some(cors) = &config.cors {
+        answer["Cors"] = serde_json::to_value(cors).expect("json");
+    }
+    answer
+}
+
+fn url_not_found(region: &str, name: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        format!(
+            "The resource you requested does not exist. (Service: Lambda, function URL of {})",
+            function_arn(region, name)
+        ),
+    )
+}
+
+async fn create_url_config(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "CreateFunctionUrlConfig",
+        )
+        .await?;
+        url_qualifier(&uri)?;
+        let input: UrlConfigInput = parse_json(&body)?;
+        check_url_input(&input)?;
+        let auth_type = input
+            .auth_type
+            .clone()
+            .ok_or_else(|| invalid("AuthType is required"))?;
+        let region = state.region.clone();
+        let (record, _) = change_record(&state, &api, &given, None, |record| {
+            if record.url_config.is_some() {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    "ResourceConflictException",
+                    format!(
+                        "Failed to create function url config for [functionArn = {}]. Error message:  FunctionUrlConfig exists for this Lambda function",
+                        function_arn(&region, &record.function_name)
+                    ),
+                ));
+            }
+            let now = now_lambda();
+            record.url_config = Some(crate::registry::UrlConfigRecord {
+                auth_type: auth_type.clone(),
+                cors: input.cors.clone(),
+                creation_time: now.clone(),
+                last_modified_time: now,
+            });
+            Ok(())
+        })
+        .await?;
+        tracing::info!(function = %record.function_name, %auth_type, "function url created through the lambda api");
+        let config = record.url_config.as_ref().expect("just set");
+        let mut answer = url_configuration(&state, &headers, &record.function_name, config);
+        if let Value::Object(fields) = &mut answer {
+            fields.remove("LastModifiedTime");
+        }
+        Ok(answer)
+    }
+    .await;
+    respond(StatusCode::CREATED, result)
+}
+
+async fn get_url_config(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "GetFunctionUrlConfig",
+        )
+        .await?;
+        url_qualifier(&uri)?;
+        let Found::Api(record, _) = find(&state, &api, &given).await? else {
+            return Err(url_not_found(&state.region, function_name(&given)));
+        };
+        let config = record
+            .url_config
+            .as_ref()
+            .ok_or_else(|| url_not_found(&state.region, &record.function_name))?;
+        Ok(url_configuration(
+            &state,
+            &headers,
+            &record.function_name,
+            config,
+        ))
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+async fn update_url_config(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "UpdateFunctionUrlConfig",
+        )
+        .await?;
+        url_qualifier(&uri)?;
+        let input: UrlConfigInput = parse_json(&body)?;
+        check_url_input(&input)?;
+        let region = state.region.clone();
+        let (record, _) = change_record(&state, &api, &given, None, |record| {
+            let name = record.function_name.clone();
+            let config = record
+                .url_config
+                .as_mut()
+                .ok_or_else(|| url_not_found(&region, &name))?;
+            if let Some(auth_type) = &input.auth_type {
+                config.auth_type = auth_type.clone();
+            }
+            if let Some(cors) = &input.cors {
+                config.cors = Some(cors.clone());
+            }
+            config.last_modified_time = now_lambda();
+            Ok(())
+        })
+        .await?;
+        let config = record.url_config.as_ref().expect("checked");
+        Ok(url_configuration(
+            &state,
+            &headers,
+            &record.function_name,
+            config,
+        ))
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+async fn delete_url_config(
+    State(state): State<InvokeApiState>,
+    Path(given): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "DeleteFunctionUrlConfig",
+        )
+        .await?;
+        url_qualifier(&uri)?;
+        let region = state.region.clone();
+        change_record(&state, &api, &given, None, |record| {
+            if record.url_config.take().is_none() {
+                return Err(url_not_found(&region, &record.function_name));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Value::Null)
+    }
+    .await;
+    respond(StatusCode::NO_CONTENT, result)
 }

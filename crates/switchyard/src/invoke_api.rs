@@ -29,7 +29,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{any, post};
 use switchyard_bus::Bus;
 use switchyard_event::{Event, PublishError};
 use switchyard_workers::Called;
@@ -55,6 +55,8 @@ pub struct InvokeApiState {
     pub(crate) keys: crate::sigv4::Keys,
     /// The control plane's view of functions, once the bus is set up.
     pub(crate) control: Arc<std::sync::OnceLock<Arc<crate::live::ApiFunctions>>>,
+    /// Whether the listener serves HTTPS (function URLs say so).
+    pub(crate) https: bool,
 }
 
 impl InvokeApiState {
@@ -65,7 +67,14 @@ impl InvokeApiState {
             max_wait,
             keys,
             control: Arc::default(),
+            https: false,
         }
+    }
+
+    /// The listener serves HTTPS.
+    pub fn with_https(mut self, https: bool) -> Self {
+        self.https = https;
+        self
     }
 
     /// Serves the control plane (CreateFunction, GetFunction, ...) from now on.
@@ -91,6 +100,9 @@ impl InvokeApiState {
 pub fn router(state: InvokeApiState) -> Router {
     Router::new()
         .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+        .route("/lambda-url/{name}", any(serve_function_url))
+        .route("/lambda-url/{name}/", any(serve_function_url))
+        .route("/lambda-url/{name}/{*rest}", any(serve_function_url))
         .merge(crate::control_api::routes())
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -410,6 +422,173 @@ async fn store_invocation(bus: &Bus, name: &str, request_id: String, payload: By
             response
         }
     }
+}
+
+/// A function URL of a function defined through the control plane:
+/// `/lambda-url/<name>/<path>` answers with the function, which sees `/<path>` as
+/// the request's path (Lambda's payload format 2.0, as a function URL sends it);
+/// `AuthType: AWS_IAM` needs the request signed with an `[invoke_api]` credential
+/// (when any are configured), `NONE` serves anyone; CORS preflights are answered
+/// before authentication, as browsers send them without credentials.
+async fn serve_function_url(
+    State(state): State<InvokeApiState>,
+    Path(params): Path<HashMap<String, String>>,
+    request: axum::extract::Request,
+) -> Response {
+    let name = params.get("name").cloned().unwrap_or_default();
+    let config = state
+        .control
+        .get()
+        .and_then(|control| control.urls.read().expect("api lock").get(&name).cloned());
+    let Some(config) = config else {
+        return crate::routes::refusal(
+            StatusCode::NOT_FOUND,
+            &format!("no function URL /lambda-url/{name}/"),
+        );
+    };
+    let path = format!("/{}", params.get("rest").map_or("", String::as_str));
+    let inner = tower::service_fn(move |request: axum::extract::Request| {
+        let (state, name, path, auth_type) = (
+            state.clone(),
+            name.clone(),
+            path.clone(),
+            config.auth_type.clone(),
+        );
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                function_url_call(state, name, path, auth_type == "AWS_IAM", request).await,
+            )
+        }
+    });
+    let answered = match &config.cors {
+        Some(cors) => {
+            tower::ServiceExt::oneshot(
+                tower::Layer::layer(&crate::routes::cors_layer(&cors.to_config()), inner),
+                request,
+            )
+            .await
+        }
+        None => tower::ServiceExt::oneshot(inner, request)
+            .await
+            .map(IntoResponse::into_response),
+    };
+    match answered {
+        Ok(response) => response.into_response(),
+        Err(never) => match never {},
+    }
+}
+
+async fn function_url_call(
+    state: InvokeApiState,
+    name: String,
+    path: String,
+    signed: bool,
+    request: axum::extract::Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    if signed
+        && !state.keys.is_empty()
+        && let Err(refusal) = state
+            .keys
+            .precheck(&parts.headers, time::OffsetDateTime::now_utc())
+    {
+        return crate::routes::refusal(StatusCode::FORBIDDEN, &refusal.message);
+    }
+    let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        MAX_PAYLOAD_BYTES,
+    ))
+    .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return crate::routes::refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request Entity Too Large",
+            );
+        }
+        Err(_) => {
+            return crate::routes::refusal(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            );
+        }
+    };
+    if signed
+        && !state.keys.is_empty()
+        && let Err(refusal) = state.keys.verify(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &body,
+            time::OffsetDateTime::now_utc(),
+        )
+    {
+        return crate::routes::refusal(StatusCode::FORBIDDEN, &refusal.message);
+    }
+    let function = state
+        .callable
+        .read()
+        .expect("callable lock")
+        .as_ref()
+        .and_then(|callable| callable.functions.get(&name).cloned());
+    let Some(target) = function else {
+        return crate::routes::refusal(
+            StatusCode::NOT_FOUND,
+            &format!("no function URL /lambda-url/{name}/"),
+        );
+    };
+    let CallKind::Lambda(function) = &target.kind else {
+        unreachable!("only lambda functions are listed")
+    };
+    let client_ip = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|axum::extract::ConnectInfo(address)| address.ip().to_string())
+        .unwrap_or_default();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let protocol = format!("{:?}", parts.version);
+    let event = switchyard_workers::aws::http_api_request(&switchyard_workers::aws::HttpRequest {
+        method: parts.method.as_str(),
+        path: &path,
+        query: parts.uri.query().unwrap_or_default(),
+        headers: &parts.headers,
+        body: &body,
+        protocol: &protocol,
+        source_ip: client_ip,
+        request_id: &request_id,
+        api_id: &name,
+        account_id: switchyard_workers::runtime_api::ACCOUNT_ID,
+        time: time::OffsetDateTime::now_utc(),
+    });
+    let event = Bytes::from(serde_json::to_vec(&event).expect("json"));
+    if event.len() > MAX_PAYLOAD_BYTES {
+        return crate::routes::refusal(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
+    }
+    let Some(budget) = target.take_budget(state.max_wait).await else {
+        let mut response =
+            crate::routes::refusal(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    // In a task of its own, holding the budget: a caller that goes away does not
+    // abandon the invocation midway.
+    let (function, id, timeout) = (function.clone(), request_id.clone(), target.timeout);
+    let call = tokio::spawn(async move {
+        let (called, _) = function.call(id, event, None, timeout, false).await;
+        drop(budget);
+        called
+    });
+    let mut response = match call.await {
+        Ok(called) => crate::routes::lambda_response("function-url", &name, called),
+        Err(_) => {
+            crate::routes::refusal(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+        }
+    };
+    insert_request_id(response.headers_mut(), &request_id);
+    response
 }
 
 #[cfg(test)]

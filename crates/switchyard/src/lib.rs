@@ -245,7 +245,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 credential.secret_access_key.expose_secret().to_owned(),
             )
         })),
-    );
+    )
+    .with_https(config.invoke_api.tls.is_some());
     let invoke_api_address = if config.invoke_api.listen.is_empty() {
         None
     } else {

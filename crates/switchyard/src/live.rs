@@ -85,6 +85,8 @@ pub struct ApiFunctions {
     /// The aliases of the API functions this process runs: function, alias, and
     /// the version it routes to (`$LATEST` or a number).
     pub aliases: RwLock<HashMap<String, std::collections::BTreeMap<String, String>>>,
+    /// The function URLs of the API functions this process runs, by function.
+    pub urls: RwLock<HashMap<String, crate::registry::UrlConfigRecord>>,
 }
 
 impl ApiFunctions {
@@ -126,6 +128,7 @@ impl ApiFunctions {
             runtimes: RwLock::default(),
             file_lambdas: RwLock::default(),
             aliases: RwLock::default(),
+            urls: RwLock::default(),
         })
     }
 
@@ -569,6 +572,12 @@ impl Live {
                         .collect(),
                 )
             })
+            .collect();
+        *api.urls.write().expect("api lock") = self
+            .api_records
+            .iter()
+            .filter(|(name, _)| self.functions.contains_key(name.as_str()))
+            .filter_map(|(name, (record, _))| Some((name.clone(), record.url_config.clone()?)))
             .collect();
         let failed = api.failed.read().expect("api lock").clone();
         *api.applied.write().expect("api lock") = self

@@ -53,6 +53,55 @@ pub struct FunctionRecord {
     /// PutFunctionConcurrency: the function's concurrency limit.
     #[serde(default)]
     pub reserved_concurrency: Option<u32>,
+    /// CreateFunctionUrlConfig: the function's URL (of `$LATEST`).
+    #[serde(default)]
+    pub url_config: Option<UrlConfigRecord>,
+}
+
+/// A function URL's settings, as Lambda's FunctionUrlConfig names them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct UrlConfigRecord {
+    /// `AWS_IAM` (requests signed with the `[invoke_api]` credentials) or `NONE`.
+    pub auth_type: String,
+    #[serde(default)]
+    pub cors: Option<UrlCors>,
+    pub creation_time: String,
+    pub last_modified_time: String,
+}
+
+/// A function URL's CORS settings (Lambda's `Cors`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct UrlCors {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_credentials: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_headers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_origins: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expose_headers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u32>,
+}
+
+impl UrlCors {
+    /// As an HTTP source route's CORS settings (the layer both use).
+    pub fn to_config(&self) -> switchyard_connector_http::CorsConfig {
+        switchyard_connector_http::CorsConfig {
+            allow_origins: self.allow_origins.clone().unwrap_or_default(),
+            allow_methods: self.allow_methods.clone().unwrap_or_default(),
+            allow_headers: self.allow_headers.clone().unwrap_or_default(),
+            expose_headers: self.expose_headers.clone().unwrap_or_default(),
+            max_age: self
+                .max_age
+                .map(|seconds| std::time::Duration::from_secs(u64::from(seconds))),
+            allow_credentials: self.allow_credentials.unwrap_or(false),
+        }
+    }
 }
 
 /// What a version fixes of a function: its code and settings when published.

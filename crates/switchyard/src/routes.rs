@@ -173,7 +173,7 @@ pub fn router(
 /// A function URL's CORS settings as tower-http's layer: it answers preflight
 /// requests itself (before authentication, as browsers send them without
 /// credentials) and adds the headers to every answer.
-fn cors_layer(cors: &CorsConfig) -> CorsLayer {
+pub(crate) fn cors_layer(cors: &CorsConfig) -> CorsLayer {
     let any = |values: &[String]| values.iter().any(|value| value == "*");
     let values = |values: &[String]| -> Vec<HeaderValue> {
         values
@@ -219,7 +219,7 @@ fn cors_layer(cors: &CorsConfig) -> CorsLayer {
 
 /// An answer of the route itself (not the function's), as API Gateway words them:
 /// `{"message": ...}`.
-fn refusal(status: StatusCode, message: &str) -> Response {
+pub(crate) fn refusal(status: StatusCode, message: &str) -> Response {
     (
         status,
         axum::Json(serde_json::json!({ "message": message })),
@@ -435,7 +435,7 @@ async fn answer(
             let (called, _) = function
                 .call(request_id.clone(), Bytes::from(event), None, timeout, false)
                 .await;
-            lambda_response(group, route, called)
+            lambda_response(&group.source, &route.function.name, called)
         }
         CallKind::Process(function) => match function.forward(forward(), timeout).await {
             Ok(forwarded) => forwarded_response(forwarded),
@@ -475,8 +475,9 @@ async fn answer(
     response
 }
 
-/// A `lambda` function's outcome as the HTTP answer.
-fn lambda_response(group: &RouteGroup, route: &Route, called: Called) -> Response {
+/// A `lambda` function's outcome as the HTTP answer (`source` and `function` name
+/// it in the log).
+pub(crate) fn lambda_response(source: &str, function: &str, called: Called) -> Response {
     match called {
         Called::Response { body, .. } => match http_api_response(&body) {
             Ok(answer) => {
@@ -501,7 +502,7 @@ fn lambda_response(group: &RouteGroup, route: &Route, called: Called) -> Respons
                             headers.insert(name, value);
                         }
                         _ => {
-                            tracing::warn!(source = %group.source, function = %route.function.name, header = %name, "the function answered a header that is not valid HTTP; left out");
+                            tracing::warn!(%source, %function, header = %name, "the function answered a header that is not valid HTTP; left out");
                         }
                     }
                 }
@@ -513,7 +514,7 @@ fn lambda_response(group: &RouteGroup, route: &Route, called: Called) -> Respons
                 response
             }
             Err(reason) => {
-                tracing::warn!(source = %group.source, function = %route.function.name, %reason, "the function's answer is not a function URL response");
+                tracing::warn!(%source, %function, %reason, "the function's answer is not a function URL response");
                 function_failed("Function.InvalidResponse")
             }
         },
@@ -526,7 +527,7 @@ fn lambda_response(group: &RouteGroup, route: &Route, called: Called) -> Respons
             error_type,
             message,
         } => {
-            tracing::warn!(source = %group.source, function = %route.function.name, %error_type, error = %message, "route call failed");
+            tracing::warn!(%source, %function, %error_type, error = %message, "route call failed");
             function_failed(&error_type)
         }
     }
