@@ -1246,3 +1246,287 @@ async fn a_function_url_made_through_the_api_answers_with_the_function_as_lambda
     .unwrap_err();
     assert!(missing.contains("ResourceNotFoundException"), "{missing}");
 }
+
+#[cfg(feature = "kafka")]
+/// A handler that writes each event it gets to a file of its own in `OUT_DIR`.
+const RECORDING_HANDLER: &[u8] = br#"import json, os, uuid
+
+def handler(event, context):
+    path = os.path.join(os.environ["OUT_DIR"], uuid.uuid4().hex)
+    with open(path + ".tmp", "w") as out:
+        json.dump(event, out)
+    os.rename(path + ".tmp", path + ".json")
+    return {}
+"#;
+
+#[cfg(feature = "kafka")]
+/// The record values (decoded) of every SelfManagedKafka event in `directory`.
+fn kafka_values(directory: &Path, bootstrap: &str) -> Vec<String> {
+    let mut values = Vec::new();
+    for entry in std::fs::read_dir(directory).unwrap().flatten() {
+        if entry
+            .path()
+            .extension()
+            .is_none_or(|extension| extension != "json")
+        {
+            continue;
+        }
+        let event: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
+        assert_eq!(event["eventSource"], "SelfManagedKafka", "{event}");
+        assert_eq!(event["bootstrapServers"], bootstrap, "{event}");
+        for records in event["records"].as_object().unwrap().values() {
+            for record in records.as_array().unwrap() {
+                let value = base64::engine::general_purpose::STANDARD
+                    .decode(record["value"].as_str().unwrap())
+                    .unwrap();
+                values.push(String::from_utf8(value).unwrap());
+            }
+        }
+    }
+    values.sort();
+    values
+}
+
+#[cfg(feature = "kafka")]
+async fn produce(broker: &switchyard_testkit::KafkaBroker, topic: &str, values: &[String]) {
+    use switchyard_connector_kafka::rdkafka::ClientConfig;
+    use switchyard_connector_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("message.timeout.ms", "120000")
+        .create()
+        .unwrap();
+    for value in values {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(topic).payload(value),
+                Duration::from_secs(120),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .unwrap();
+    }
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_event_source_mapping_feeds_the_function_lambdas_event_until_disabled_or_deleted() {
+    let broker = switchyard_testkit::KafkaBroker::start();
+    let topic = random_name("orders");
+    broker.create_topic(&topic, 2);
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path();
+    let (process, endpoint) = one_process(&nats, dir).await;
+    let endpoint = endpoint.as_str();
+    let out = dir.join("received");
+    std::fs::create_dir(&out).unwrap();
+    let function = random_name("consumer");
+    let zip = dir.join("consumer.zip");
+    std::fs::write(&zip, package("v1", &[("esm.py", RECORDING_HANDLER)])).unwrap();
+    aws(&[
+        "lambda",
+        "create-function",
+        "--function-name",
+        &function,
+        "--runtime",
+        "python3.12",
+        "--handler",
+        "esm.handler",
+        "--role",
+        "arn:aws:iam::000000000000:role/ignored",
+        "--zip-file",
+        &format!("fileb://{}", zip.display()),
+        "--environment",
+        &format!("Variables={{OUT_DIR={}}}", out.display()),
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    wait_for(endpoint, "function-active-v2", &function).await;
+
+    // Records produced before the mapping exists: TRIM_HORIZON reads them too.
+    let first: Vec<String> = (0..20).map(|number| format!("first-{number:02}")).collect();
+    produce(&broker, &topic, &first).await;
+    let source = format!(
+        "{{\"Endpoints\":{{\"KAFKA_BOOTSTRAP_SERVERS\":[\"{}\"]}}}}",
+        broker.bootstrap()
+    );
+    let created = aws(&[
+        "lambda",
+        "create-event-source-mapping",
+        "--function-name",
+        &function,
+        "--topics",
+        &topic,
+        "--starting-position",
+        "TRIM_HORIZON",
+        "--batch-size",
+        "10",
+        "--self-managed-event-source",
+        &source,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(created["State"], "Creating", "{created}");
+    assert_eq!(created["BatchSize"], 10, "{created}");
+    let uuid = created["UUID"].as_str().unwrap().to_owned();
+    let duplicate = aws(&[
+        "lambda",
+        "create-event-source-mapping",
+        "--function-name",
+        &function,
+        "--topics",
+        &topic,
+        "--starting-position",
+        "LATEST",
+        "--self-managed-event-source",
+        &source,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        duplicate.contains("ResourceConflictException"),
+        "{duplicate}"
+    );
+    wait_until("the records reach the function", async || {
+        kafka_values(&out, &broker.bootstrap()).len() >= first.len()
+    })
+    .await;
+    assert_eq!(kafka_values(&out, &broker.bootstrap()), first);
+    let listed = aws(&[
+        "lambda",
+        "list-event-source-mappings",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(listed["EventSourceMappings"][0]["UUID"], uuid.as_str());
+    assert_eq!(listed["EventSourceMappings"][0]["State"], "Enabled");
+
+    // Disabled: its source stops; records produced meanwhile come once enabled.
+    let admin = format!("http://{}/v1/sources", process.admin());
+    let source_name = format!("esm-{uuid}");
+    let source_running = async |admin: &str, name: &str| -> Option<bool> {
+        let body = reqwest::get(admin).await.ok()?.bytes().await.ok()?;
+        let listed: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        Some(
+            listed["sources"]
+                .as_array()?
+                .iter()
+                .any(|source| source["name"] == name),
+        )
+    };
+    assert_eq!(source_running(&admin, &source_name).await, Some(true));
+    let disabled = aws(&[
+        "lambda",
+        "update-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--no-enabled",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(disabled["State"], "Disabling", "{disabled}");
+    wait_until("the mapping's source stops", async || {
+        source_running(&admin, &source_name).await == Some(false)
+    })
+    .await;
+    let got = aws(&[
+        "lambda",
+        "get-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(got["State"], "Disabled", "{got}");
+    let second: Vec<String> = (0..5).map(|number| format!("second-{number:02}")).collect();
+    produce(&broker, &topic, &second).await;
+    aws(&[
+        "lambda",
+        "update-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--enabled",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    let everything: Vec<String> = first.iter().chain(&second).cloned().collect();
+    wait_until("the records produced while disabled arrive", async || {
+        kafka_values(&out, &broker.bootstrap()).len() >= everything.len()
+    })
+    .await;
+    // Each once: nothing lost, nothing repeated by the stop and start.
+    assert_eq!(kafka_values(&out, &broker.bootstrap()), everything);
+
+    // Deleted: gone from the API and its source stops.
+    let deleted = aws(&[
+        "lambda",
+        "delete-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(deleted["State"], "Deleting", "{deleted}");
+    let missing = aws(&[
+        "lambda",
+        "get-event-source-mapping",
+        "--uuid",
+        &uuid,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(missing.contains("ResourceNotFoundException"), "{missing}");
+    wait_until("the deleted mapping's source stops", async || {
+        source_running(&admin, &source_name).await == Some(false)
+    })
+    .await;
+
+    // What is not a self-managed Kafka source is refused with Lambda's error.
+    let refused = aws(&[
+        "lambda",
+        "create-event-source-mapping",
+        "--function-name",
+        &function,
+        "--event-source-arn",
+        "arn:aws:sqs:us-east-1:000000000000:queue",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("InvalidParameterValueException"),
+        "{refused}"
+    );
+    let listed = aws(&[
+        "lambda",
+        "list-event-source-mappings",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(listed["EventSourceMappings"], serde_json::json!([]));
+}

@@ -76,6 +76,18 @@ pub(crate) fn routes() -> Router<InvokeApiState> {
             get(get_concurrency),
         )
         .route(
+            "/2015-03-31/event-source-mappings",
+            post(create_mapping).get(list_mappings),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings/",
+            post(create_mapping).get(list_mappings),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings/{uuid}",
+            get(get_mapping).put(update_mapping).delete(delete_mapping),
+        )
+        .route(
             "/2021-10-31/functions/{name}/url",
             post(create_url_config)
                 .get(get_url_config)
@@ -700,6 +712,7 @@ async fn create(
         aliases: BTreeMap::new(),
         reserved_concurrency: None,
         url_config: None,
+        event_source_mappings: BTreeMap::new(),
     };
     check_settings(&api, &record)?;
     if api
@@ -1875,4 +1888,510 @@ async fn delete_url_config(
     }
     .await;
     respond(StatusCode::NO_CONTENT, result)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct MappingInput {
+    function_name: Option<String>,
+    event_source_arn: Option<String>,
+    self_managed_event_source: Option<SelfManagedSource>,
+    topics: Option<Vec<String>>,
+    starting_position: Option<String>,
+    starting_position_timestamp: Option<Value>,
+    batch_size: Option<i64>,
+    maximum_batching_window_in_seconds: Option<i64>,
+    enabled: Option<bool>,
+    self_managed_kafka_event_source_config: Option<KafkaSourceConfigInput>,
+    source_access_configurations: Option<Vec<Value>>,
+    filter_criteria: Option<Value>,
+    destination_config: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SelfManagedSource {
+    endpoints: Option<BTreeMap<String, Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct KafkaSourceConfigInput {
+    consumer_group_id: Option<String>,
+}
+
+/// How Lambda answers a mapping (`state`: `Creating`, `Enabled`, `Disabled`, ...).
+fn mapping_configuration(
+    region: &str,
+    function: &str,
+    uuid: &str,
+    mapping: &crate::registry::MappingRecord,
+    state: &str,
+) -> Value {
+    json!({
+        "UUID": uuid,
+        "FunctionArn": function_arn(region, function),
+        "SelfManagedEventSource": { "Endpoints": { "KAFKA_BOOTSTRAP_SERVERS": mapping.bootstrap_servers } },
+        "Topics": [mapping.topic],
+        "StartingPosition": mapping.starting_position,
+        "BatchSize": mapping.batch_size,
+        "MaximumBatchingWindowInSeconds": mapping.maximum_batching_window_in_seconds.unwrap_or(0),
+        "SelfManagedKafkaEventSourceConfig": { "ConsumerGroupId": mapping.consumer_group_id },
+        "State": state,
+        "StateTransitionReason": "USER_INITIATED",
+        "LastModified": mapping.last_modified,
+        "LastProcessingResult": "No records processed",
+    })
+}
+
+fn mapping_state(mapping: &crate::registry::MappingRecord) -> &'static str {
+    if mapping.enabled {
+        "Enabled"
+    } else {
+        "Disabled"
+    }
+}
+
+fn mapping_not_found(uuid: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        format!(
+            "The resource you requested does not exist. (Service: Lambda, event source mapping {uuid})"
+        ),
+    )
+}
+
+fn epoch_seconds() -> f64 {
+    let now = time::OffsetDateTime::now_utc();
+    (now.unix_timestamp_nanos() / 1_000_000) as f64 / 1000.0
+}
+
+fn check_batching(batch_size: Option<i64>, window: Option<i64>) -> Result<(), ApiError> {
+    if let Some(size) = batch_size
+        && !(1..=10_000).contains(&size)
+    {
+        return Err(invalid(format!(
+            "1 validation error detected: Value '{size}' at 'batchSize' failed to satisfy constraint: Member must have value between 1 and 10000"
+        )));
+    }
+    if let Some(window) = window
+        && !(0..=300).contains(&window)
+    {
+        return Err(invalid(format!(
+            "1 validation error detected: Value '{window}' at 'maximumBatchingWindowInSeconds' failed to satisfy constraint: Member must have value between 0 and 300"
+        )));
+    }
+    Ok(())
+}
+
+/// Every mapping of every API function: (function, uuid, mapping).
+async fn all_mappings(
+    api: &ApiFunctions,
+) -> Result<Vec<(String, String, crate::registry::MappingRecord)>, ApiError> {
+    let records = api.registry.list().await.map_err(registry_error)?;
+    Ok(records
+        .into_iter()
+        .flat_map(|(record, _)| {
+            let function = record.function_name.clone();
+            record
+                .event_source_mappings
+                .into_iter()
+                .map(move |(uuid, mapping)| (function.clone(), uuid, mapping))
+        })
+        .collect())
+}
+
+async fn create_mapping(
+    State(state): State<InvokeApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "CreateEventSourceMapping",
+        )
+        .await?;
+        let input: MappingInput = parse_json(&body)?;
+        let given = input
+            .function_name
+            .clone()
+            .ok_or_else(|| invalid("FunctionName is required"))?;
+        if qualifier_of(&given, None).is_some_and(|qualifier| qualifier != "$LATEST") {
+            return Err(invalid(
+                "switchyard maps event sources to $LATEST only: give the function's name without a qualifier",
+            ));
+        }
+        if input.event_source_arn.is_some() {
+            return Err(invalid(
+                "switchyard maps self-managed Kafka (SelfManagedEventSource) only; NATS, object-store and webhook events reach functions through [[sources]] and [[triggers]] in the configuration file (see CONFIG.md)",
+            ));
+        }
+        if input
+            .source_access_configurations
+            .as_ref()
+            .is_some_and(|list| !list.is_empty())
+        {
+            return Err(invalid(
+                "SourceAccessConfigurations (Secrets Manager, VPC) are not available here: define a kafka source with its `properties` (SASL, TLS) in the configuration file",
+            ));
+        }
+        if input
+            .filter_criteria
+            .as_ref()
+            .is_some_and(|criteria| criteria["Filters"].as_array().is_some_and(|filters| !filters.is_empty()))
+        {
+            return Err(invalid(
+                "FilterCriteria is not supported for event source mappings yet: use a trigger's `filter` in the configuration file",
+            ));
+        }
+        if input.destination_config.is_some() {
+            return Err(invalid(
+                "DestinationConfig is not supported for event source mappings yet: use a trigger's `on_failure` in the configuration file",
+            ));
+        }
+        let servers = input
+            .self_managed_event_source
+            .as_ref()
+            .and_then(|source| source.endpoints.as_ref())
+            .and_then(|endpoints| endpoints.get("KAFKA_BOOTSTRAP_SERVERS"))
+            .cloned()
+            .unwrap_or_default();
+        if servers.is_empty() {
+            return Err(invalid(
+                "SelfManagedEventSource.Endpoints.KAFKA_BOOTSTRAP_SERVERS is required",
+            ));
+        }
+        for server in &servers {
+            let valid = server
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                && !server.contains([',', ' ']);
+            if !valid {
+                return Err(invalid(format!(
+                    "KAFKA_BOOTSTRAP_SERVERS: `{server}` is not host:port"
+                )));
+            }
+        }
+        let topics = input.topics.clone().unwrap_or_default();
+        let [topic] = &topics[..] else {
+            return Err(invalid("Topics must name exactly one topic"));
+        };
+        if topic.is_empty()
+            || topic.len() > 249
+            || !topic
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        {
+            return Err(invalid(format!(
+                "Topics: `{topic}` is not a Kafka topic name (1-249 of letters, digits, `.`, `_` and `-`)"
+            )));
+        }
+        let starting_position = input
+            .starting_position
+            .clone()
+            .ok_or_else(|| invalid("StartingPosition is required for a Kafka event source"))?;
+        if starting_position != "TRIM_HORIZON" && starting_position != "LATEST" {
+            return Err(invalid(format!(
+                "StartingPosition `{starting_position}`: TRIM_HORIZON or LATEST (AT_TIMESTAMP is not supported for Kafka)"
+            )));
+        }
+        if input.starting_position_timestamp.is_some() {
+            return Err(invalid("StartingPositionTimestamp is not supported for Kafka"));
+        }
+        check_batching(input.batch_size, input.maximum_batching_window_in_seconds)?;
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let group = input
+            .self_managed_kafka_event_source_config
+            .as_ref()
+            .and_then(|config| config.consumer_group_id.clone())
+            .unwrap_or_else(|| uuid.clone());
+        if group.is_empty() || group.len() > 200 {
+            return Err(invalid("ConsumerGroupId must be 1 to 200 characters"));
+        }
+        let mapping = crate::registry::MappingRecord {
+            bootstrap_servers: servers,
+            topic: topic.clone(),
+            starting_position,
+            batch_size: input.batch_size.unwrap_or(100) as u32,
+            maximum_batching_window_in_seconds: input
+                .maximum_batching_window_in_seconds
+                .map(|seconds| seconds as u32),
+            enabled: input.enabled.unwrap_or(true),
+            consumer_group_id: group,
+            last_modified: epoch_seconds(),
+        };
+        let region = state.region.clone();
+        let (record, _) = change_record(&state, &api, &given, None, |record| {
+            if let Some((existing, _)) = record.event_source_mappings.iter().find(|(_, other)| {
+                other.topic == mapping.topic && other.bootstrap_servers == mapping.bootstrap_servers
+            }) {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    "ResourceConflictException",
+                    format!(
+                        "An event source mapping with event source ({}), function ({}) and topics ({}) already exists. Please update or delete the existing mapping with UUID {existing}",
+                        mapping.bootstrap_servers.join(","),
+                        function_arn(&region, &record.function_name),
+                        mapping.topic
+                    ),
+                ));
+            }
+            record
+                .event_source_mappings
+                .insert(uuid.clone(), mapping.clone());
+            Ok(())
+        })
+        .await?;
+        tracing::info!(function = %record.function_name, %uuid, topic = %mapping.topic, "event source mapping created through the lambda api");
+        let state_word = if mapping.enabled { "Creating" } else { "Disabled" };
+        Ok(mapping_configuration(
+            &state.region,
+            &record.function_name,
+            &uuid,
+            &mapping,
+            state_word,
+        ))
+    }
+    .await;
+    respond(StatusCode::ACCEPTED, result)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct MappingListQuery {
+    function_name: Option<String>,
+    event_source_arn: Option<String>,
+    marker: Option<String>,
+    max_items: Option<usize>,
+}
+
+async fn list_mappings(
+    State(state): State<InvokeApiState>,
+    Query(query): Query<MappingListQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "ListEventSourceMappings",
+        )
+        .await?;
+        let mut mappings = all_mappings(&api).await?;
+        if query.event_source_arn.is_some() {
+            // No ARN-named sources here: nothing matches.
+            mappings.clear();
+        }
+        if let Some(given) = &query.function_name {
+            let name = function_name(given);
+            mappings.retain(|(function, _, _)| function == name);
+        }
+        mappings.sort_by(|a, b| a.1.cmp(&b.1));
+        let start = query.marker.as_ref().map_or(0, |marker| {
+            mappings.partition_point(|(_, uuid, _)| uuid <= marker)
+        });
+        let size = query.max_items.unwrap_or(100).clamp(1, 10_000);
+        let page: Vec<Value> = mappings[start..]
+            .iter()
+            .take(size)
+            .map(|(function, uuid, mapping)| {
+                mapping_configuration(
+                    &state.region,
+                    function,
+                    uuid,
+                    mapping,
+                    mapping_state(mapping),
+                )
+            })
+            .collect();
+        let mut answer = json!({ "EventSourceMappings": page });
+        if start + size < mappings.len() {
+            answer["NextMarker"] = Value::from(mappings[start + size - 1].1.clone());
+        }
+        Ok(answer)
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+async fn get_mapping(
+    State(state): State<InvokeApiState>,
+    Path(uuid): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "GetEventSourceMapping",
+        )
+        .await?;
+        let (function, uuid, mapping) = all_mappings(&api)
+            .await?
+            .into_iter()
+            .find(|(_, id, _)| *id == uuid)
+            .ok_or_else(|| mapping_not_found(&uuid))?;
+        Ok(mapping_configuration(
+            &state.region,
+            &function,
+            &uuid,
+            &mapping,
+            mapping_state(&mapping),
+        ))
+    }
+    .await;
+    respond(StatusCode::OK, result)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct MappingUpdate {
+    function_name: Option<String>,
+    enabled: Option<bool>,
+    batch_size: Option<i64>,
+    maximum_batching_window_in_seconds: Option<i64>,
+    filter_criteria: Option<Value>,
+    destination_config: Option<Value>,
+    source_access_configurations: Option<Vec<Value>>,
+}
+
+async fn update_mapping(
+    State(state): State<InvokeApiState>,
+    Path(uuid): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (body, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "UpdateEventSourceMapping",
+        )
+        .await?;
+        let input: MappingUpdate = parse_json(&body)?;
+        check_batching(input.batch_size, input.maximum_batching_window_in_seconds)?;
+        if input.filter_criteria.is_some()
+            || input.destination_config.is_some()
+            || input.source_access_configurations.is_some()
+        {
+            return Err(invalid(
+                "FilterCriteria, DestinationConfig and SourceAccessConfigurations are not supported for event source mappings yet",
+            ));
+        }
+        let (function, _, _) = all_mappings(&api)
+            .await?
+            .into_iter()
+            .find(|(_, id, _)| *id == uuid)
+            .ok_or_else(|| mapping_not_found(&uuid))?;
+        if let Some(target) = &input.function_name
+            && function_name(target) != function
+        {
+            return Err(invalid(
+                "moving a mapping to another function is not supported: delete it and create one for that function",
+            ));
+        }
+        let (record, _) = change_record(&state, &api, &function, None, |record| {
+            let mapping = record
+                .event_source_mappings
+                .get_mut(&uuid)
+                .ok_or_else(|| mapping_not_found(&uuid))?;
+            if let Some(enabled) = input.enabled {
+                mapping.enabled = enabled;
+            }
+            if let Some(size) = input.batch_size {
+                mapping.batch_size = size as u32;
+            }
+            if let Some(window) = input.maximum_batching_window_in_seconds {
+                mapping.maximum_batching_window_in_seconds = Some(window as u32);
+            }
+            mapping.last_modified = epoch_seconds();
+            Ok(())
+        })
+        .await?;
+        let mapping = &record.event_source_mappings[&uuid];
+        let state_word = match input.enabled {
+            Some(true) => "Enabling",
+            Some(false) => "Disabling",
+            None => "Updating",
+        };
+        tracing::info!(function = %record.function_name, %uuid, enabled = mapping.enabled, "event source mapping updated through the lambda api");
+        Ok(mapping_configuration(
+            &state.region,
+            &record.function_name,
+            &uuid,
+            mapping,
+            state_word,
+        ))
+    }
+    .await;
+    respond(StatusCode::ACCEPTED, result)
+}
+
+async fn delete_mapping(
+    State(state): State<InvokeApiState>,
+    Path(uuid): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (_, api) = small_request(
+            &state,
+            &method,
+            &uri,
+            &headers,
+            body,
+            "DeleteEventSourceMapping",
+        )
+        .await?;
+        let (function, _, mapping) = all_mappings(&api)
+            .await?
+            .into_iter()
+            .find(|(_, id, _)| *id == uuid)
+            .ok_or_else(|| mapping_not_found(&uuid))?;
+        change_record(&state, &api, &function, None, |record| {
+            record
+                .event_source_mappings
+                .remove(&uuid)
+                .map(|_| ())
+                .ok_or_else(|| mapping_not_found(&uuid))
+        })
+        .await?;
+        tracing::info!(%function, %uuid, "event source mapping deleted through the lambda api");
+        Ok(mapping_configuration(
+            &state.region,
+            &function,
+            &uuid,
+            &mapping,
+            "Deleting",
+        ))
+    }
+    .await;
+    respond(StatusCode::ACCEPTED, result)
 }

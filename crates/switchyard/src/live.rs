@@ -262,6 +262,56 @@ const FIXED_TABLES: [(&str, &str); 6] = [
     ("workers", "the process-wide worker settings"),
 ];
 
+/// An event source mapping as a `[[sources]]` table (`type = "kafka"`, named
+/// `esm-<uuid>`, its consumer group the mapping's) and a `[[triggers]]` table
+/// handing its records to the function in batches, as Lambda's `SelfManagedKafka`
+/// event, from the first event the source stored.
+fn mapping_tables(
+    function: &str,
+    uuid: &str,
+    mapping: &crate::registry::MappingRecord,
+) -> (toml::Table, toml::Table) {
+    let name = format!("esm-{uuid}");
+    let mut source = toml::Table::new();
+    source.insert("type".into(), "kafka".into());
+    source.insert("name".into(), name.clone().into());
+    source.insert("brokers".into(), mapping.bootstrap_servers.join(",").into());
+    source.insert(
+        "topics".into(),
+        toml::Value::Array(vec![mapping.topic.clone().into()]),
+    );
+    source.insert("group_id".into(), mapping.consumer_group_id.clone().into());
+    let start = if mapping.starting_position == "TRIM_HORIZON" {
+        "earliest"
+    } else {
+        "latest"
+    };
+    source.insert("start".into(), start.into());
+    let window_ms = match mapping.maximum_batching_window_in_seconds {
+        None => 500,
+        Some(0) => 10,
+        Some(seconds) => u64::from(seconds) * 1000,
+    };
+    let mut trigger = toml::Table::new();
+    trigger.insert("name".into(), name.clone().into());
+    trigger.insert("function".into(), function.into());
+    let mut exact = toml::Table::new();
+    exact.insert(
+        "exact".into(),
+        format!("kafka://{name}/{}", mapping.topic).into(),
+    );
+    let mut filter = toml::Table::new();
+    filter.insert("source".into(), toml::Value::Table(exact));
+    trigger.insert("filter".into(), toml::Value::Table(filter));
+    trigger.insert("start".into(), "all".into());
+    trigger.insert("payload".into(), "aws".into());
+    let mut batch = toml::Table::new();
+    batch.insert("max_events".into(), i64::from(mapping.batch_size).into());
+    batch.insert("window".into(), format!("{window_ms}ms").into());
+    trigger.insert("batch".into(), toml::Value::Table(batch));
+    (source, trigger)
+}
+
 fn fingerprint_of(value: Option<&toml::Value>) -> String {
     value.map(|value| value.to_string()).unwrap_or_default()
 }
@@ -714,6 +764,57 @@ impl Live {
                         failed.insert(name.clone(), (*revision, error.to_string()));
                     }
                 }
+            }
+        }
+        // Event source mappings: a Kafka source and a trigger each, for functions
+        // that run.
+        let mut source_tables = Vec::new();
+        let mut trigger_tables = Vec::new();
+        for (name, (record, _)) in &self.api_records {
+            if file_names.contains(name) || failed.contains_key(name) {
+                continue;
+            }
+            for (uuid, mapping) in &record.event_source_mappings {
+                if !mapping.enabled {
+                    continue;
+                }
+                let (source, trigger) = mapping_tables(name, uuid, mapping);
+                let parsed = toml::Value::Table(source.clone())
+                    .try_into::<SourceConfig>()
+                    .map_err(|error| error.to_string())
+                    .and_then(|source| {
+                        toml::Value::Table(trigger.clone())
+                            .try_into::<TriggerConfig>()
+                            .map(|trigger| (source, trigger))
+                            .map_err(|error| error.to_string())
+                    });
+                match parsed {
+                    Ok((source_config, trigger_config)) => {
+                        desired
+                            .sources
+                            .push(toml::Spanned::new(0..0, source_config));
+                        desired
+                            .triggers
+                            .push(toml::Spanned::new(0..0, trigger_config));
+                        source_tables.push(toml::Value::Table(source));
+                        trigger_tables.push(toml::Value::Table(trigger));
+                    }
+                    Err(error) => {
+                        tracing::error!(function = %name, mapping = %uuid, %error, "an event source mapping cannot run here");
+                    }
+                }
+            }
+        }
+        for (array, entries) in [("sources", source_tables), ("triggers", trigger_tables)] {
+            if entries.is_empty() {
+                continue;
+            }
+            let list = desired
+                .document
+                .entry(array)
+                .or_insert_with(|| toml::Value::Array(Vec::new()));
+            if let Some(list) = list.as_array_mut() {
+                list.extend(entries);
             }
         }
         *api.failed.write().expect("api lock") = failed;
@@ -1380,6 +1481,7 @@ impl Live {
     }
 
     /// Starts a source that is not an HTTP listener.
+    #[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
     fn start_source(
         &self,
         config: &Config,

@@ -56,6 +56,28 @@ pub struct FunctionRecord {
     /// CreateFunctionUrlConfig: the function's URL (of `$LATEST`).
     #[serde(default)]
     pub url_config: Option<UrlConfigRecord>,
+    /// CreateEventSourceMapping: what feeds the function, by UUID.
+    #[serde(default)]
+    pub event_source_mappings: BTreeMap<String, MappingRecord>,
+}
+
+/// An event source mapping of a self-managed Kafka topic: a Kafka source and a
+/// batched trigger handing Lambda's `SelfManagedKafka` event to `$LATEST`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct MappingRecord {
+    pub bootstrap_servers: Vec<String>,
+    pub topic: String,
+    /// `TRIM_HORIZON` or `LATEST`.
+    pub starting_position: String,
+    pub batch_size: u32,
+    /// Seconds; `None`: Lambda's default for Kafka (500 ms).
+    #[serde(default)]
+    pub maximum_batching_window_in_seconds: Option<u32>,
+    pub enabled: bool,
+    pub consumer_group_id: String,
+    /// Seconds since the epoch, as Lambda answers `LastModified`.
+    pub last_modified: f64,
 }
 
 /// A function URL's settings, as Lambda's FunctionUrlConfig names them.
