@@ -1530,3 +1530,130 @@ async fn a_kafka_event_source_mapping_feeds_the_function_lambdas_event_until_dis
     .unwrap();
     assert_eq!(listed["EventSourceMappings"], serde_json::json!([]));
 }
+
+/// `switchyard deploy` with the test's credentials in its environment: success and
+/// what it printed (stdout, then stderr).
+async fn switchyard_deploy(arguments: Vec<String>) -> (bool, String, String) {
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("deploy")
+            .args(arguments)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_deploy_zips_a_directory_creates_or_updates_and_waits() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path();
+    let file = dir.join("switchyard.toml");
+    let text = config(&nats, &random_name("d"), &dir.join("data")).replace(
+        "[invoke_api]\nlisten = \"127.0.0.1:0\"\n",
+        "[invoke_api]\nlisten = \"127.0.0.1:0\"\ncredentials = [{ access_key_id = \"test\", secret_access_key = \"test\" }]\n",
+    );
+    std::fs::write(&file, text).unwrap();
+    let process = Process::start(&file, &[]);
+    let endpoint = format!(
+        "http://{}",
+        process
+            .wait_ready()
+            .await
+            .invoke_api
+            .expect("invoke api bound")
+    );
+    let function = random_name("deployed");
+    let code = dir.join("code");
+    std::fs::create_dir_all(code.join("lib")).unwrap();
+    let handler = |version: &str| {
+        format!(
+            "import os\nfrom lib import helper\n\ndef handler(event, context):\n    return {{\"version\": \"{version}\", \"helper\": helper.NAME, \"executable\": os.access(os.path.join(os.path.dirname(__file__), \"tool.sh\"), os.X_OK), \"greeting\": os.environ.get(\"GREETING\")}}\n"
+        )
+    };
+    std::fs::write(code.join("main.py"), handler("v1")).unwrap();
+    std::fs::write(code.join("lib/__init__.py"), "").unwrap();
+    std::fs::write(code.join("lib/helper.py"), "NAME = 'helper'\n").unwrap();
+    std::fs::write(code.join("tool.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(code.join("tool.sh"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut arguments = vec![
+            code.display().to_string(),
+            "--function-name".to_owned(),
+            function.clone(),
+            "--endpoint".to_owned(),
+            endpoint.clone(),
+        ];
+        arguments.extend(extra.iter().map(|argument| (*argument).to_owned()));
+        arguments
+    };
+
+    // A new function needs its runtime and handler.
+    let (ok, _, stderr) = switchyard_deploy(base(&[])).await;
+    assert!(!ok);
+    assert!(stderr.contains("--runtime and --handler"), "{stderr}");
+
+    let (ok, stdout, stderr) = switchyard_deploy(base(&[
+        "--runtime",
+        "python3.12",
+        "--handler",
+        "main.handler",
+        "--env",
+        "GREETING=hi",
+    ]))
+    .await;
+    assert!(ok, "{stderr}");
+    let deployed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(deployed["State"], "Active", "{deployed}");
+    // Active when the command returns: the first invocation answers.
+    let answer = invoke(&endpoint, &function, dir).await;
+    assert_eq!(answer["version"], "v1", "{answer}");
+    assert_eq!(answer["helper"], "helper", "{answer}");
+    assert_eq!(answer["executable"], true, "{answer}");
+    assert_eq!(answer["greeting"], "hi", "{answer}");
+
+    // New code: once the command returns, only the new code answers.
+    std::fs::write(code.join("main.py"), handler("v2")).unwrap();
+    let (ok, stdout, stderr) = switchyard_deploy(base(&["--memory", "256"])).await;
+    assert!(ok, "{stderr}");
+    let deployed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(deployed["MemorySize"], 256, "{deployed}");
+    assert_eq!(deployed["LastUpdateStatus"], "Successful", "{deployed}");
+    for _ in 0..3 {
+        let answer = invoke(&endpoint, &function, dir).await;
+        assert_eq!(answer["version"], "v2", "{answer}");
+    }
+
+    // Wrong credentials: refused, nothing changed.
+    std::fs::write(code.join("main.py"), handler("v3")).unwrap();
+    let arguments = base(&[]);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("deploy")
+            .args(arguments)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "wrong")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("403"), "{stderr}");
+    assert_eq!(invoke(&endpoint, &function, dir).await["version"], "v2");
+}

@@ -7,6 +7,7 @@ pub mod calls;
 pub mod code;
 pub mod config;
 pub mod control_api;
+pub mod deploy;
 pub mod dlq;
 pub mod invoke_api;
 pub mod live;

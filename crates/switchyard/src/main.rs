@@ -91,6 +91,44 @@ enum Command {
         #[arg(long)]
         invoke_api: Option<String>,
     },
+    /// Zip a directory and create or update a function through the running
+    /// process's Lambda control plane (`invoke_api.listen`), then wait until it is
+    /// active with the new code (as `aws lambda create-function` or
+    /// `update-function-code` and `aws lambda wait` do). Requests are signed with
+    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else the configuration's first
+    /// `invoke_api.credentials`.
+    Deploy {
+        /// The directory holding the function's code (its root is the package's).
+        directory: PathBuf,
+        /// The function's name.
+        #[arg(long = "function-name", short = 'n')]
+        function: String,
+        /// Lambda's runtime id (python3.12, nodejs22.x, provided.al2023, ...):
+        /// needed to create the function.
+        #[arg(long)]
+        runtime: Option<String>,
+        /// The handler (`main.handler`): needed to create the function.
+        #[arg(long)]
+        handler: Option<String>,
+        /// Memory in MB.
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Timeout in seconds.
+        #[arg(long)]
+        timeout: Option<u32>,
+        #[arg(long)]
+        description: Option<String>,
+        /// An environment variable, `NAME=VALUE` (repeatable; replaces the set).
+        #[arg(long = "env", value_parser = parse_variable)]
+        environment: Vec<(String, String)>,
+        /// The Lambda API to call (`http(s)://host:port`), instead of the
+        /// configuration's `invoke_api.listen`.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// How long to wait for the function to be active, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
     /// Show the functions whose instances Switchyard runs (`lambda`, `process`):
     /// instances starting, idle and busy, cold starts, the last init error, limits.
     /// Asks the running process's admin listener (`admin.listen`).
@@ -163,6 +201,80 @@ enum DlqAction {
         #[arg(long, conflicts_with = "sequences")]
         all: bool,
     },
+}
+
+fn parse_variable(given: &str) -> Result<(String, String), String> {
+    given
+        .split_once('=')
+        .filter(|(name, _)| !name.is_empty())
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("`{given}` is not NAME=VALUE"))
+}
+
+/// The Lambda API of the running process: `--endpoint`, or the configuration's
+/// `invoke_api.listen` (https when it has `tls`); signed with AWS_ACCESS_KEY_ID /
+/// AWS_SECRET_ACCESS_KEY, else the configuration's first credential; the region
+/// from AWS_REGION, else `workers.region`.
+fn lambda_client(
+    config_path: &std::path::Path,
+    endpoint: Option<String>,
+    flag: &str,
+) -> anyhow::Result<switchyard::deploy::LambdaClient> {
+    let loaded = if endpoint.is_none() || config_path.exists() {
+        Some(load(config_path)?)
+    } else {
+        None
+    };
+    let base = match endpoint {
+        Some(endpoint) if endpoint.starts_with("http://") || endpoint.starts_with("https://") => {
+            endpoint
+        }
+        Some(address) => format!("http://{address}"),
+        None => {
+            let loaded = loaded.as_ref().expect("loaded without --endpoint");
+            let listen = &loaded.invoke_api.listen;
+            if listen.is_empty() || listen.ends_with(":0") {
+                anyhow::bail!(
+                    "{} has no fixed Invoke API address (invoke_api.listen = `{listen}`): set one, or pass {flag} HOST:PORT",
+                    config_path.display()
+                );
+            }
+            let scheme = if loaded.invoke_api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let address = listen
+                .replace("0.0.0.0:", "127.0.0.1:")
+                .replace("[::]:", "[::1]:");
+            format!("{scheme}://{address}")
+        }
+    };
+    let from_environment = match (
+        std::env::var("AWS_ACCESS_KEY_ID"),
+        std::env::var("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Ok(key), Ok(secret)) if !key.is_empty() => Some((key, secret)),
+        _ => None,
+    };
+    let credentials = from_environment.or_else(|| {
+        use secrecy::ExposeSecret as _;
+        let credential = loaded.as_ref()?.invoke_api.credentials.first()?;
+        Some((
+            credential.access_key_id.clone(),
+            credential.secret_access_key.expose_secret().to_owned(),
+        ))
+    });
+    let region = std::env::var("AWS_REGION")
+        .ok()
+        .filter(|region| !region.is_empty())
+        .or_else(|| Some(loaded.as_ref()?.workers.region.clone()))
+        .unwrap_or_else(|| "us-east-1".to_owned());
+    Ok(switchyard::deploy::LambdaClient::new(
+        base,
+        region,
+        credentials,
+    ))
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<config::Config> {
@@ -360,20 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             asynchronous,
             invoke_api,
         } => {
-            let address = match invoke_api {
-                Some(address) => address,
-                None => {
-                    let loaded = load(&config)?;
-                    let listen = loaded.invoke_api.listen;
-                    if listen.is_empty() || listen.ends_with(":0") {
-                        anyhow::bail!(
-                            "{} has no fixed Invoke API address (invoke_api.listen = `{listen}`): set one, or pass --invoke-api HOST:PORT",
-                            config.display()
-                        );
-                    }
-                    listen
-                }
-            };
+            let client = lambda_client(&config, invoke_api, "--invoke-api")?;
             let payload = if data == "-" {
                 let mut read = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin(), &mut read)?;
@@ -383,36 +482,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 data.into_bytes()
             };
-            let base = if address.starts_with("http://") {
-                address.trim_end_matches('/').to_owned()
+            let path = format!("/2015-03-31/functions/{name}/invocations");
+            let invocation_type = if asynchronous {
+                "Event"
             } else {
-                format!("http://{address}")
+                "RequestResponse"
             };
-            let url = format!("{base}/2015-03-31/functions/{name}/invocations");
-            let response = reqwest::Client::new()
-                .post(&url)
-                .header(
-                    "x-amz-invocation-type",
-                    if asynchronous {
-                        "Event"
-                    } else {
-                        "RequestResponse"
-                    },
+            let (status, headers, body) = client
+                .send(
+                    reqwest::Method::POST,
+                    &path,
+                    &[("x-amz-invocation-type", invocation_type)],
+                    payload,
                 )
-                .body(payload)
-                .send()
                 .await
-                .with_context(|| {
-                    format!("calling {url} (is switchyard running with invoke_api.listen?)")
-                })?;
-            let status = response.status();
-            let failed = response.headers().contains_key("x-amz-function-error");
-            let request_id = response
-                .headers()
+                .context(
+                    "calling the Invoke API (is switchyard running with invoke_api.listen?)",
+                )?;
+            let url = path;
+            let failed = headers.contains_key("x-amz-function-error");
+            let request_id = headers
                 .get("x-amzn-requestid")
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_owned);
-            let body = response.bytes().await?;
             if !status.is_success() {
                 anyhow::bail!(
                     "{url} answered {status}: {}",
@@ -430,6 +522,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if failed {
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Command::Deploy {
+            directory,
+            function,
+            runtime,
+            handler,
+            memory,
+            timeout,
+            description,
+            environment,
+            endpoint,
+            wait,
+        } => {
+            let client = lambda_client(&config, endpoint, "--endpoint")?;
+            let deployed = switchyard::deploy::deploy(
+                &client,
+                &switchyard::deploy::Deploy {
+                    directory,
+                    function,
+                    runtime,
+                    handler,
+                    memory,
+                    timeout,
+                    description,
+                    environment,
+                    wait: std::time::Duration::from_secs(wait),
+                },
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&deployed)?);
             Ok(())
         }
         Command::Functions { admin, json } => {
