@@ -991,6 +991,88 @@ async fn versions_aliases_and_reserved_concurrency_work_as_lambdas() {
         .await
         .unwrap();
     assert_eq!(returned["version"], "v2", "{returned}");
+
+    // $LATEST is not deleted on its own; a qualified name does not change $LATEST.
+    let refused = aws(&[
+        "lambda",
+        "delete-function",
+        "--function-name",
+        &function,
+        "--qualifier",
+        "$LATEST",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("InvalidParameterValueException"),
+        "{refused}"
+    );
+    let v3 = dir.join("v3.zip");
+    std::fs::write(&v3, package("v3", &[])).unwrap();
+    let v3_uri = format!("fileb://{}", v3.display());
+    let refused = aws(&[
+        "lambda",
+        "update-function-code",
+        "--function-name",
+        &format!("{function}:2"),
+        "--zip-file",
+        &v3_uri,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("InvalidParameterValueException"),
+        "{refused}"
+    );
+    // --dry-run checks and answers, changing nothing.
+    let dry = aws(&[
+        "lambda",
+        "update-function-code",
+        "--function-name",
+        &function,
+        "--zip-file",
+        &v3_uri,
+        "--dry-run",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        dry["CodeSha256"],
+        base64::engine::general_purpose::STANDARD
+            .encode(sha2::Sha256::digest(std::fs::read(&v3).unwrap())),
+        "{dry}"
+    );
+    let (_, returned) = invoke_qualified(endpoint, &function, None, dir)
+        .await
+        .unwrap();
+    assert_eq!(returned["version"], "v2", "{returned}");
+    // --publish: the new code and a version of it (numbers are never reused).
+    let published = aws(&[
+        "lambda",
+        "update-function-code",
+        "--function-name",
+        &function,
+        "--zip-file",
+        &v3_uri,
+        "--publish",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(published["Version"], "3", "{published}");
+    wait_for(endpoint, "function-updated-v2", &function).await;
+    let (answer, returned) = invoke_qualified(endpoint, &function, Some("3"), dir)
+        .await
+        .unwrap();
+    assert_eq!(returned["version"], "v3", "{returned}");
+    assert_eq!(answer["ExecutedVersion"], "3", "{answer}");
 }
 
 /// A handler answering a function URL with what it was asked.
@@ -1656,4 +1738,93 @@ async fn switchyard_deploy_zips_a_directory_creates_or_updates_and_waits() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("403"), "{stderr}");
     assert_eq!(invoke(&endpoint, &function, dir).await["version"], "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_a_process_cannot_run_leaves_the_previous_form_running_there() {
+    let nats = NatsServer::start();
+    let prefix = random_name("k");
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path();
+    // Process A knows the runtime id `python-alt`; process B does not.
+    let mut endpoints = Vec::new();
+    let mut processes = Vec::new();
+    for (name, runtimes) in [
+        (
+            "a",
+            format!(
+                "\n[runtimes]\n\"python-alt\" = {{ command = [\"{}\", \"-m\", \"awslambdaric\", \"{{handler}}\"] }}\n",
+                installed("SWITCHYARD_LAMBDA_PYTHON")
+            ),
+        ),
+        ("b", String::new()),
+    ] {
+        let file = dir.join(format!("{name}.toml"));
+        let text = config(&nats, &prefix, &dir.join(format!("data-{name}"))) + &runtimes;
+        std::fs::write(&file, text).unwrap();
+        let process = Process::start(&file, &[]);
+        endpoints.push(format!(
+            "http://{}",
+            process
+                .wait_ready()
+                .await
+                .invoke_api
+                .expect("invoke api bound")
+        ));
+        processes.push(process);
+    }
+    let (a, b) = (endpoints[0].as_str(), endpoints[1].as_str());
+    let function = random_name("kept");
+    create(a, &function, &package("v1", &[]), dir).await;
+    wait_for(b, "function-active-v2", &function).await;
+    assert_eq!(invoke(b, &function, dir).await["version"], "v1");
+
+    // A runtime only A has, and a new environment: A runs it, B goes on running
+    // the previous form and says its last update failed.
+    let answer = boto3(
+        a,
+        serde_json::json!([{ "op": "update_function_configuration", "args": {
+            "FunctionName": function,
+            "Runtime": "python-alt",
+            "Environment": { "Variables": { "GREETING": "changed" } },
+        } }]),
+    )
+    .await;
+    assert!(answer[0].get("ok").is_some(), "{answer:?}");
+    wait_for(a, "function-updated-v2", &function).await;
+    assert_eq!(invoke(a, &function, dir).await["greeting"], "changed");
+    wait_until("B reports the failed update", async || {
+        let got = aws(&[
+            "lambda",
+            "get-function-configuration",
+            "--function-name",
+            &function,
+            "--endpoint-url",
+            b,
+        ])
+        .await
+        .unwrap();
+        got["LastUpdateStatus"] == "Failed"
+    })
+    .await;
+    let got = aws(&[
+        "lambda",
+        "get-function-configuration",
+        "--function-name",
+        &function,
+        "--endpoint-url",
+        b,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(got["State"], "Active", "{got}");
+    assert!(
+        got["LastUpdateStatusReason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("python-alt")),
+        "{got}"
+    );
+    let answer = invoke(b, &function, dir).await;
+    assert_eq!(answer["version"], "v1", "{answer}");
+    assert!(answer["greeting"].is_null(), "{answer}");
 }

@@ -677,8 +677,15 @@ pub fn default_runtimes() -> BTreeMap<String, RuntimeConfig> {
             .ok()
             .filter(|path| !path.is_empty())
             .or_else(|| {
-                let home = std::env::var_os("HOME")?;
-                let path = PathBuf::from(home).join(".cache/switchyard/bin").join(link);
+                // Where scripts/install-deps.sh links them: $SWITCHYARD_CACHE/bin,
+                // by default ~/.cache/switchyard/bin.
+                let cache = std::env::var_os("SWITCHYARD_CACHE")
+                    .filter(|cache| !cache.is_empty())
+                    .map(PathBuf::from)
+                    .or_else(|| {
+                        Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/switchyard"))
+                    })?;
+                let path = cache.join("bin").join(link);
                 path.exists().then(|| path.display().to_string())
             })
             .unwrap_or_else(|| fallback.to_owned())
@@ -1090,6 +1097,12 @@ pub fn parse(
         }
     };
     config.nats.files_relative_to(base);
+    // Absolute, as a function's directory: code unpacked there is the instances'
+    // `LAMBDA_TASK_ROOT`.
+    if let Some(data) = &mut config.workers.data_directory {
+        let joined = base.join(&*data);
+        *data = std::path::absolute(&joined).unwrap_or(joined);
+    }
     relative(&mut config.admin.tls);
     relative(&mut config.invoke_api.tls);
     for source in &mut config.sources {

@@ -470,7 +470,10 @@ struct CreateInput {
     #[serde(default)]
     architectures: Vec<String>,
     package_type: Option<String>,
-    // Accepted and ignored (CONFIG.md lists them): Publish, VpcConfig, Tags,
+    /// Also publish version 1 of it.
+    #[serde(default)]
+    publish: bool,
+    // Accepted and ignored (CONFIG.md lists them): VpcConfig, Tags,
     // Layers, KMSKeyArn, TracingConfig, DeadLetterConfig, EphemeralStorage...
 }
 
@@ -496,6 +499,12 @@ struct UpdateCodeInput {
     revision_id: Option<String>,
     #[serde(default)]
     architectures: Vec<String>,
+    /// Also publish a version of the new code.
+    #[serde(default)]
+    publish: bool,
+    /// Check the package and answer, changing nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -596,7 +605,8 @@ const RESERVED_VARIABLES: [&str; 13] = [
 ];
 
 /// Decodes, checks and stores a package; its digest and size.
-async fn store_code(api: &ApiFunctions, code: CodeInput) -> Result<crate::code::Package, ApiError> {
+/// The package of `code`, checked (Lambda's limits and rules), and its bytes.
+async fn check_package(code: CodeInput) -> Result<(Vec<u8>, crate::code::Package), ApiError> {
     if code.s3_bucket.is_some() || code.image_uri.is_some() {
         return Err(invalid(
             "Switchyard takes code as ZipFile only (no S3Bucket/S3Key, no container images): upload the zip in the request",
@@ -626,6 +636,12 @@ async fn store_code(api: &ApiFunctions, code: CodeInput) -> Result<crate::code::
         };
         ApiError(status, refusal.error_type, refusal.message)
     })?;
+    Ok((zip, package))
+}
+
+/// Checks the package and stores it in the code store (once per content).
+async fn store_code(api: &ApiFunctions, code: CodeInput) -> Result<crate::code::Package, ApiError> {
+    let (zip, package) = check_package(code).await?;
     let stored = api.registry.code_bytes().await.map_err(registry_error)?;
     if stored + package.size > CODE_STORAGE_BYTES {
         return Err(ApiError(
@@ -728,6 +744,7 @@ async fn create(
     record.code_sha256 = package.sha256;
     record.code_key = package.key;
     record.code_size = package.size;
+    let published = input.publish.then(|| publish_latest(&mut record, None));
     let revision = match api.registry.create(&record).await {
         Ok(revision) => revision,
         Err(RegistryError::Conflict) => return Err(already_exists(&name)),
@@ -736,7 +753,13 @@ async fn create(
     tracing::info!(function = %name, runtime = %record.runtime, code_sha256 = %record.code_sha256, "function created through the lambda api");
     Ok((
         StatusCode::CREATED,
-        axum::Json(configuration(&state.region, &api, &record, revision)),
+        axum::Json(version_configuration(
+            &state.region,
+            &api,
+            &record,
+            revision,
+            published,
+        )),
     )
         .into_response())
 }
@@ -969,16 +992,21 @@ async fn update_code(
         let body = signed_body(&state, &method, &uri, &headers, body, MAX_REQUEST_BYTES, "UpdateFunctionCode").await?;
         let api = control(&state)?;
         let input: UpdateCodeInput = parse_json(&body)?;
+        unqualified(&given, "UpdateFunctionCode")?;
         let (mut record, revision) = for_update(&state, &api, &given, input.revision_id.as_deref()).await?;
-        let package = store_code(
-            &api,
-            CodeInput {
-                zip_file: input.zip_file,
-                s3_bucket: input.s3_bucket,
-                image_uri: input.image_uri,
-            },
-        )
-        .await?;
+        let code = CodeInput {
+            zip_file: input.zip_file,
+            s3_bucket: input.s3_bucket,
+            image_uri: input.image_uri,
+        };
+        if input.dry_run {
+            // The package checked as a real update would, nothing stored.
+            let (_, package) = check_package(code).await?;
+            record.code_sha256 = package.sha256;
+            record.code_size = package.size;
+            return Ok(configuration(&state.region, &api, &record, revision));
+        }
+        let package = store_code(&api, code).await?;
         record.code_sha256 = package.sha256;
         record.code_key = package.key;
         record.code_size = package.size;
@@ -987,9 +1015,10 @@ async fn update_code(
         }
         record.last_modified = now_lambda();
         record.revision_id = uuid::Uuid::new_v4().to_string();
+        let published = input.publish.then(|| publish_latest(&mut record, None));
         let revision_now = api.registry.update(&record, revision).await.map_err(registry_error)?;
         tracing::info!(function = %record.function_name, code_sha256 = %record.code_sha256, "function code updated through the lambda api");
-        Ok::<_, ApiError>(configuration(&state.region, &api, &record, revision_now))
+        Ok::<_, ApiError>(version_configuration(&state.region, &api, &record, revision_now, published))
     }
     .await;
     match result {
@@ -1010,6 +1039,7 @@ async fn update_configuration(
         let body = signed_body(&state, &method, &uri, &headers, body, 64 * 1024, "UpdateFunctionConfiguration").await?;
         let api = control(&state)?;
         let input: UpdateConfigurationInput = parse_json(&body)?;
+        unqualified(&given, "UpdateFunctionConfiguration")?;
         let (mut record, revision) = for_update(&state, &api, &given, input.revision_id.as_deref()).await?;
         if let Some(runtime) = input.runtime {
             record.runtime = runtime;
@@ -1060,7 +1090,12 @@ async fn delete_function(
         let api = control(&state)?;
         let (mut record, revision) = for_update(&state, &api, &given, None).await?;
         match qualifier_of(&given, query.qualifier.as_deref()) {
-            None | Some("$LATEST") => {
+            Some("$LATEST") => {
+                return Err(invalid(
+                    "$LATEST version cannot be deleted without deleting the function.",
+                ));
+            }
+            None => {
                 api.registry
                     .delete(&record.function_name)
                     .await
@@ -1077,7 +1112,7 @@ async fn delete_function(
                         format!("Function not found: {}:{number}", function_arn(&state.region, &record.function_name)),
                     ));
                 }
-                if let Some((alias, _)) = record.aliases.iter().find(|(_, alias)| alias.function_version == qualifier) {
+                if let Some((alias, _)) = record.aliases.iter().find(|(_, alias)| alias.function_version.parse::<u32>() == Ok(number)) {
                     return Err(ApiError(
                         StatusCode::CONFLICT,
                         "ResourceConflictException",
@@ -1147,6 +1182,45 @@ struct PublishInput {
     revision_id: Option<String>,
 }
 
+/// Publishes `$LATEST` as a new version (or finds the last version, when it has
+/// the same code and settings, as Lambda does): its number.
+fn publish_latest(record: &mut FunctionRecord, description: Option<&str>) -> u32 {
+    let mut latest = record.latest();
+    if let Some(description) = description {
+        latest.description = description.to_owned();
+    }
+    let same = |version: &crate::registry::VersionRecord| {
+        version.code_sha256 == latest.code_sha256
+            && version.runtime == latest.runtime
+            && version.handler == latest.handler
+            && version.memory_size == latest.memory_size
+            && version.timeout == latest.timeout
+            && version.environment == latest.environment
+    };
+    if let Some((number, _)) = record
+        .versions
+        .iter()
+        .next_back()
+        .filter(|(_, version)| same(version))
+    {
+        return *number;
+    }
+    record.last_version += 1;
+    latest.last_modified = now_lambda();
+    record.versions.insert(record.last_version, latest);
+    record.last_version
+}
+
+/// Operations that change `$LATEST` take the function's name without a qualifier.
+fn unqualified(given: &str, operation: &str) -> Result<(), ApiError> {
+    match qualifier_of(given, None) {
+        None | Some("$LATEST") => Ok(()),
+        Some(qualifier) => Err(invalid(format!(
+            "{operation} changes $LATEST: give the function's name without the qualifier `{qualifier}`"
+        ))),
+    }
+}
+
 async fn publish_version(
     State(state): State<InvokeApiState>,
     Path(given): Path<String>,
@@ -1174,32 +1248,7 @@ async fn publish_version(
                         record.code_sha256
                     )));
                 }
-                let mut latest = record.latest();
-                if let Some(description) = &input.description {
-                    latest.description = description.clone();
-                }
-                // Publishing unchanged code and settings again gives the same version.
-                let same = |version: &crate::registry::VersionRecord| {
-                    version.code_sha256 == latest.code_sha256
-                        && version.runtime == latest.runtime
-                        && version.handler == latest.handler
-                        && version.memory_size == latest.memory_size
-                        && version.timeout == latest.timeout
-                        && version.environment == latest.environment
-                };
-                if let Some((number, _)) = record
-                    .versions
-                    .iter()
-                    .next_back()
-                    .filter(|(_, version)| same(version))
-                {
-                    published = *number;
-                    return Ok(());
-                }
-                record.last_version += 1;
-                published = record.last_version;
-                latest.last_modified = now_lambda();
-                record.versions.insert(published, latest);
+                published = publish_latest(record, input.description.as_deref());
                 Ok(())
             })
             .await?;

@@ -629,17 +629,20 @@ impl Live {
             .filter(|(name, _)| self.functions.contains_key(name.as_str()))
             .filter_map(|(name, (record, _))| Some((name.clone(), record.url_config.clone()?)))
             .collect();
+        // A function whose latest revision failed here keeps running the revision
+        // it ran before (if any): that one stays the applied one.
         let failed = api.failed.read().expect("api lock").clone();
+        let previous = api.applied.read().expect("api lock").clone();
         *api.applied.write().expect("api lock") = self
             .api_records
             .iter()
-            .filter(|(name, (_, revision))| {
-                self.functions.contains_key(name.as_str())
-                    && failed
-                        .get(name.as_str())
-                        .is_none_or(|(failed_revision, _)| failed_revision != revision)
+            .filter(|(name, _)| self.functions.contains_key(name.as_str()))
+            .filter_map(|(name, (_, revision))| match failed.get(name.as_str()) {
+                Some((failed_revision, _)) if failed_revision == revision => {
+                    previous.get(name).map(|applied| (name.clone(), *applied))
+                }
+                _ => Some((name.clone(), *revision)),
             })
-            .map(|(name, (_, revision))| (name.clone(), *revision))
             .collect();
     }
 
@@ -750,8 +753,16 @@ impl Live {
                     Ok(table) => table,
                     Err(error) => {
                         let reason = format!("{error:#}");
-                        tracing::error!(function = %variant, %reason, "a function defined through the lambda api cannot run here");
-                        failed.insert(name.clone(), (*revision, reason));
+                        failed.insert(name.clone(), (*revision, reason.clone()));
+                        // What runs now goes on running (Lambda keeps the last
+                        // good code when an update fails).
+                        if let Some((function, table)) = self.running_function(&variant) {
+                            tracing::error!(function = %variant, %reason, "a change of a function defined through the lambda api cannot run here; its previous form goes on running");
+                            desired.functions.push(function);
+                            tables.push(table);
+                        } else {
+                            tracing::error!(function = %variant, %reason, "a function defined through the lambda api cannot run here");
+                        }
                         continue;
                     }
                 };
@@ -770,8 +781,13 @@ impl Live {
         // that run.
         let mut source_tables = Vec::new();
         let mut trigger_tables = Vec::new();
+        let running: std::collections::HashSet<String> = desired
+            .functions
+            .iter()
+            .map(|function| function.get_ref().name().to_owned())
+            .collect();
         for (name, (record, _)) in &self.api_records {
-            if file_names.contains(name) || failed.contains_key(name) {
+            if file_names.contains(name) || !running.contains(name) {
                 continue;
             }
             for (uuid, mapping) in &record.event_source_mappings {
@@ -829,6 +845,17 @@ impl Live {
             }
         }
         desired
+    }
+
+    /// The function `name` as the running configuration has it, with its table.
+    fn running_function(&self, name: &str) -> Option<(toml::Spanned<FunctionConfig>, toml::Value)> {
+        let index = self
+            .config
+            .functions
+            .iter()
+            .position(|function| function.get_ref().name() == name)?;
+        let table = entry(&self.config.document, "functions", index)?.clone();
+        Some((self.config.functions[index].clone(), table))
     }
 
     /// An API function as a `[[functions]]` table of `type = "lambda"`.

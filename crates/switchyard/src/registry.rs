@@ -13,6 +13,10 @@ use switchyard_bus::Bus;
 use switchyard_bus::async_nats::jetstream::{kv, object_store};
 use tokio::io::AsyncReadExt as _;
 
+/// How long a stored package no definition names is kept (a create or update
+/// stores the package, then writes the definition).
+const UNNAMED_CODE_GRACE: time::Duration = time::Duration::minutes(10);
+
 /// A function as the control plane stored it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
@@ -274,7 +278,12 @@ impl Registry {
         let mut unused = Vec::new();
         while let Some(info) = list.next().await {
             let info = info.map_err(store_error)?;
-            if !used.contains(&info.name) {
+            // A package is stored before the definition naming it is written: one
+            // stored recently may be about to be named (by this process or another).
+            let settled = info.modified.is_some_and(|modified| {
+                time::OffsetDateTime::now_utc() - modified > UNNAMED_CODE_GRACE
+            });
+            if settled && !used.contains(&info.name) {
                 unused.push(info.name);
             }
         }
