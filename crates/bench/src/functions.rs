@@ -28,8 +28,8 @@ use switchyard_workers::runtime_api::{
 use crate::{Nats, config_header, free_port, milliseconds, percentile, rss_kib, wait_ready};
 
 /// A handler and the command that runs it.
-struct Handler {
-    name: &'static str,
+pub(crate) struct Handler {
+    pub(crate) name: &'static str,
     command: Vec<String>,
     directory: PathBuf,
     handler: &'static str,
@@ -49,7 +49,7 @@ fn installed(variable: &str) -> anyhow::Result<String> {
     Ok(path)
 }
 
-fn handlers() -> anyhow::Result<Vec<Handler>> {
+pub(crate) fn handlers() -> anyhow::Result<Vec<Handler>> {
     Ok(vec![
         Handler {
             name: "rust (lambda_runtime)",
@@ -104,7 +104,7 @@ fn entered_us(answer: &[u8]) -> anyhow::Result<u64> {
 
 /// Spawn to handler entered: the command started by hand against a Runtime API that
 /// already holds the event.
-async fn bare_start(handler: &Handler) -> anyhow::Result<Duration> {
+pub(crate) async fn bare_start(handler: &Handler) -> anyhow::Result<Duration> {
     let api = RuntimeApi::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();

@@ -18,6 +18,7 @@
 //! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
 
+mod deploy;
 mod dispatch;
 mod functions;
 mod kafka;
@@ -627,6 +628,10 @@ fn main() -> anyhow::Result<()> {
             functions::bench_sync_invoke(&nats, &binary, quick).await?;
             return Ok(());
         }
+        if arguments.iter().any(|argument| argument == "--deploy-only") {
+            deploy::bench_deploy(&nats, &binary, quick).await?;
+            return Ok(());
+        }
         if arguments.iter().any(|argument| argument == "--invoke-only") {
             functions::bench_sync_invoke(&nats, &binary, quick).await?;
             return Ok(());
@@ -655,6 +660,7 @@ fn main() -> anyhow::Result<()> {
         objects::bench_objects(&nats, notified, polled).await?;
         functions::bench_functions(&nats, &binary, quick).await?;
         functions::bench_sync_invoke(&nats, &binary, quick).await?;
+        deploy::bench_deploy(&nats, &binary, quick).await?;
         Ok(())
     })
 }

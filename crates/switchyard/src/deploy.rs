@@ -91,7 +91,7 @@ impl LambdaClient {
     }
 
     /// A control-plane call with a JSON body (or none): status and JSON answer.
-    async fn call(
+    pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
