@@ -1174,7 +1174,27 @@ impl Live {
             .cloned()
             .collect();
 
-        // Triggers: removed ones stop pulling first, then new and changed ones start.
+        // Synchronous calls of functions that ran before reach their new form at
+        // once (their `invoke-<name>` consumers exist already); new functions become
+        // callable once their triggers' consumers exist, below.
+        let existed: std::collections::HashSet<&str> = self
+            .config
+            .functions
+            .iter()
+            .map(|function| function.get_ref().name())
+            .collect();
+        let early: HashMap<String, Arc<SyncFunction>> = self
+            .functions
+            .iter()
+            .filter(|(name, _)| existed.contains(name.as_str()))
+            .filter_map(|(name, function)| Some((name.clone(), function.call.clone()?)))
+            .collect();
+        self.handles
+            .invoke_api_state
+            .set_functions(&early, self.handles.bus.clone());
+
+        // Triggers: removed ones stop pulling first, then new and changed ones start
+        // (each stop waits for its pull in flight to end: they stop together).
         let desired = trigger_fingerprints(&new);
         let wanted: std::collections::HashSet<&str> = desired
             .iter()
@@ -1186,8 +1206,9 @@ impl Live {
             .filter(|name| !wanted.contains(name.as_str()))
             .cloned()
             .collect();
+        let dispatcher = &self.dispatcher;
+        futures::future::join_all(gone.iter().map(|name| dispatcher.remove(name))).await;
         for name in gone {
-            self.dispatcher.remove(&name).await;
             self.triggers.remove(&name);
             changes.push(format!("trigger `{name}` removed"));
         }
@@ -1200,6 +1221,7 @@ impl Live {
             .map(|trigger| (trigger.name, trigger.function))
             .collect();
         let mut still_called = std::collections::HashSet::new();
+        let mut upserts = Vec::new();
         for (trigger, fingerprint) in desired {
             if self.triggers.get(&trigger.name) == Some(&fingerprint) {
                 continue;
@@ -1217,15 +1239,25 @@ impl Live {
                 continue;
             };
             let runtime = function.runtime.clone();
-            let name = trigger.name.clone();
-            let outcome = match self.destinations(&new, &trigger).await {
-                Ok(destinations) => self
-                    .dispatcher
-                    .upsert(trigger, runtime, destinations)
-                    .await
-                    .map_err(anyhow::Error::new),
-                Err(error) => Err(error),
-            };
+            let destinations = self.destinations(&new, &trigger).await;
+            upserts.push((trigger, fingerprint, runtime, destinations));
+        }
+        let dispatcher = &self.dispatcher;
+        let outcomes = futures::future::join_all(upserts.into_iter().map(
+            |(trigger, fingerprint, runtime, destinations)| async move {
+                let name = trigger.name.clone();
+                let outcome = match destinations {
+                    Ok(destinations) => dispatcher
+                        .upsert(trigger, runtime, destinations)
+                        .await
+                        .map_err(anyhow::Error::new),
+                    Err(error) => Err(error),
+                };
+                (name, fingerprint, outcome)
+            },
+        ))
+        .await;
+        for (name, fingerprint, outcome) in outcomes {
             match outcome {
                 Ok(()) => {
                     let verb = if self.triggers.contains_key(&name) {
