@@ -376,6 +376,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
         loop {
             tokio::select! {
+                // A stop comes before any change still queued.
+                biased;
                 () = task_shutdown.cancelled() => break,
                 Some(change) = api_changes.recv() => live.apply_api(change).await,
                 Some(request) = reload_requests.recv() => {
