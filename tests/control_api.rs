@@ -1271,6 +1271,23 @@ async fn a_function_url_made_through_the_api_answers_with_the_function_as_lambda
     .await
     .unwrap();
     assert_eq!(updated["AuthType"], "AWS_IAM", "{updated}");
+    // Credentials with `*` is what browsers refuse: refused here, nothing stored.
+    let refused = aws(&[
+        "lambda",
+        "update-function-url-config",
+        "--function-name",
+        &function,
+        "--cors",
+        "AllowOrigins=*,AllowCredentials=true",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("InvalidParameterValueException"),
+        "{refused}"
+    );
     wait_until("unsigned calls are refused", async || {
         client
             .post(&target)
@@ -1379,12 +1396,33 @@ async fn produce(broker: &switchyard_testkit::KafkaBroker, topic: &str, values: 
         .set("message.timeout.ms", "120000")
         .create()
         .unwrap();
+    use switchyard_connector_kafka::rdkafka::message::{Header, OwnedHeaders};
     for value in values {
+        let mut record = FutureRecord::<str, str>::to(topic).payload(value);
+        // Records a CloudEvents producer writes (binary mode) reach the function too.
+        if value.starts_with("ce-") {
+            record = record.headers(
+                OwnedHeaders::new()
+                    .insert(Header {
+                        key: "ce_specversion",
+                        value: Some("1.0"),
+                    })
+                    .insert(Header {
+                        key: "ce_id",
+                        value: Some(value.as_str()),
+                    })
+                    .insert(Header {
+                        key: "ce_source",
+                        value: Some("/producer"),
+                    })
+                    .insert(Header {
+                        key: "ce_type",
+                        value: Some("com.example.order"),
+                    }),
+            );
+        }
         producer
-            .send(
-                FutureRecord::<str, str>::to(topic).payload(value),
-                Duration::from_secs(120),
-            )
+            .send(record, Duration::from_secs(120))
             .await
             .map_err(|(error, _)| error)
             .unwrap();
@@ -1536,7 +1574,10 @@ async fn a_kafka_event_source_mapping_feeds_the_function_lambdas_event_until_dis
     .await
     .unwrap();
     assert_eq!(got["State"], "Disabled", "{got}");
-    let second: Vec<String> = (0..5).map(|number| format!("second-{number:02}")).collect();
+    let second: Vec<String> = (0..5)
+        .map(|number| format!("second-{number:02}"))
+        .chain((0..3).map(|number| format!("ce-{number:02}")))
+        .collect();
     produce(&broker, &topic, &second).await;
     aws(&[
         "lambda",
@@ -1549,7 +1590,8 @@ async fn a_kafka_event_source_mapping_feeds_the_function_lambdas_event_until_dis
     ])
     .await
     .unwrap();
-    let everything: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let mut everything: Vec<String> = first.iter().chain(&second).cloned().collect();
+    everything.sort();
     wait_until("the records produced while disabled arrive", async || {
         kafka_values(&out, &broker.bootstrap()).len() >= everything.len()
     })

@@ -17,6 +17,11 @@ pub struct KafkaSourceConfig {
     /// the file: set by Switchyard when a trigger has `payload = "aws"`.
     #[serde(skip)]
     pub keep_records: bool,
+    /// Every record is a plain record: its headers are never read as a
+    /// CloudEvent's attributes, so its events always have this source's `source`
+    /// (set for Lambda event source mappings, whose trigger selects that source).
+    #[serde(skip)]
+    pub plain: bool,
     /// Bootstrap brokers, `host:port` separated by commas.
     pub brokers: String,
     /// Topics to consume.

@@ -122,7 +122,9 @@ pub fn to_events(
 pub fn to_event(config: &KafkaSourceConfig, record: &Record<'_>) -> Result<Event, RecordError> {
     let payload = Bytes::copy_from_slice(record.payload.unwrap_or_default());
     let content_type = header(record, "content-type").map(text);
-    let mut event = if record
+    let mut event = if config.plain {
+        plain_event(config, record, payload, content_type)
+    } else if record
         .headers
         .iter()
         .any(|(name, _)| name.eq_ignore_ascii_case("ce_specversion"))
@@ -143,9 +145,19 @@ pub fn to_event(config: &KafkaSourceConfig, record: &Record<'_>) -> Result<Event
             .extensions
             .insert("partitionkey".to_owned(), text(key));
     }
+    // The sources of Lambda event source mappings are theirs alone.
+    if !config.plain && event.source.starts_with(MAPPING_SOURCE_PREFIX) {
+        return Err(RecordError::Binary(EventError::InvalidAttribute {
+            name: "source".to_owned(),
+            reason: format!("`{MAPPING_SOURCE_PREFIX}...` is reserved for event source mappings"),
+        }));
+    }
     event.validate()?;
     Ok(event)
 }
+
+/// What the `source` of every event of a Lambda event source mapping starts with.
+pub const MAPPING_SOURCE_PREFIX: &str = "kafka://esm-";
 
 fn binary_event(
     record: &Record<'_>,
@@ -344,6 +356,23 @@ mod tests {
         assert_eq!(event.attribute("kafkatype"), Some("shadow"));
         assert_eq!(event.attribute("bin"), Some("/wA="));
         assert_eq!(event.attribute("empty"), Some(""));
+    }
+
+    #[test]
+    fn a_mapping_source_takes_every_record_as_plain_and_others_cannot_claim_its_source() {
+        let headers = vec![
+            ("ce_specversion", Some(&b"1.0"[..])),
+            ("ce_id", Some(&b"e-1"[..])),
+            ("ce_source", Some(&b"kafka://esm-other/orders"[..])),
+            ("ce_type", Some(&b"order.created"[..])),
+        ];
+        let mut mapping = config();
+        mapping.plain = true;
+        let event = to_event(&mapping, &record(headers.clone(), b"{}")).unwrap();
+        assert_eq!(event.source, "kafka://main/orders");
+        assert_eq!(event.id, "orders-2-41");
+        let error = to_event(&config(), &record(headers, b"{}")).unwrap_err();
+        assert!(error.to_string().contains("reserved"), "{error}");
     }
 
     #[test]

@@ -643,7 +643,9 @@ async fn check_package(code: CodeInput) -> Result<(Vec<u8>, crate::code::Package
 async fn store_code(api: &ApiFunctions, code: CodeInput) -> Result<crate::code::Package, ApiError> {
     let (zip, package) = check_package(code).await?;
     let stored = api.registry.code_bytes().await.map_err(registry_error)?;
-    if stored + package.size > CODE_STORAGE_BYTES {
+    // A package stored already is replaced, not added.
+    let replaced = api.registry.code_size(&package.key).await.unwrap_or(0);
+    if stored.saturating_sub(replaced) + package.size > CODE_STORAGE_BYTES {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "CodeStorageExceededException",
@@ -1715,6 +1717,34 @@ fn check_url_input(input: &UrlConfigInput) -> Result<(), ApiError> {
         if cors.max_age.is_some_and(|age| age > 86_400) {
             return Err(invalid("Cors.MaxAge must be at most 86400"));
         }
+        let config = cors.to_config();
+        let wildcard = [
+            &config.allow_origins,
+            &config.allow_headers,
+            &config.allow_methods,
+            &config.expose_headers,
+        ]
+        .iter()
+        .any(|values| values.iter().any(|value| value == "*"));
+        if config.allow_credentials && wildcard {
+            return Err(invalid(
+                "Cors.AllowCredentials cannot go with `*` in AllowOrigins, AllowHeaders, AllowMethods or ExposeHeaders (browsers refuse it): list them",
+            ));
+        }
+        for origin in &config.allow_origins {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(invalid(format!(
+                    "Cors.AllowOrigins: `{origin}` is not a valid origin"
+                )));
+            }
+        }
+        for name in config.allow_headers.iter().chain(&config.expose_headers) {
+            if name != "*" && axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(invalid(format!(
+                    "Cors: `{name}` is not a valid header name"
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -2069,6 +2099,11 @@ async fn create_mapping(
         )
         .await?;
         let input: MappingInput = parse_json(&body)?;
+        if !cfg!(feature = "kafka") {
+            return Err(invalid(
+                "this build of switchyard has no Kafka support (the `kafka` feature): event source mappings cannot run",
+            ));
+        }
         let given = input
             .function_name
             .clone()

@@ -446,7 +446,22 @@ async fn serve_function_url(
             &format!("no function URL /lambda-url/{name}/"),
         );
     };
-    let path = format!("/{}", params.get("rest").map_or("", String::as_str));
+    // The path after the URL as the client sent it (still percent-encoded, as a
+    // function URL's `rawPath` is); `.` and `..` segments are refused, as routes do.
+    let path = match request
+        .uri()
+        .path()
+        .strip_prefix(&format!("/lambda-url/{name}"))
+    {
+        Some("") | None => "/".to_owned(),
+        Some(rest) => rest.to_owned(),
+    };
+    if crate::routes::has_dot_segment(&path) {
+        return crate::routes::refusal(
+            StatusCode::BAD_REQUEST,
+            "the path holds a `.` or `..` segment",
+        );
+    }
     let inner = tower::service_fn(move |request: axum::extract::Request| {
         let (state, name, path, auth_type) = (
             state.clone(),

@@ -707,6 +707,11 @@ fn reserved_sources(config: &config::Config) -> switchyard_connector_http::Reser
             switchyard_workers::aws::INVOKE_SOURCE_PREFIX,
             "the lambda invoke api".to_owned(),
         );
+        #[cfg(feature = "kafka")]
+        reserved.reserve_prefix(
+            switchyard_connector_kafka::record::MAPPING_SOURCE_PREFIX,
+            "lambda event source mappings".to_owned(),
+        );
     }
     for source in &config.sources {
         match source.get_ref() {

@@ -587,6 +587,8 @@ impl Live {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "applying a lambda api change failed");
+                // A removed URL or alias, or a URL's new AuthType, holds at once.
+                self.note_applied();
                 return;
             }
         };
@@ -609,9 +611,21 @@ impl Live {
         let Some(api) = &self.api else {
             return;
         };
-        *api.aliases.write().expect("api lock") = self
-            .api_records
+        // The file's functions are the file's: an API record of the same name
+        // (stored before the file named it, or by a process whose file does not)
+        // gives them no alias, URL or state.
+        let file_names: std::collections::HashSet<String> = self
+            .file
+            .functions
             .iter()
+            .map(|function| function.get_ref().name().to_owned())
+            .collect();
+        let api_records = || {
+            self.api_records
+                .iter()
+                .filter(|(name, _)| !file_names.contains(name.as_str()))
+        };
+        *api.aliases.write().expect("api lock") = api_records()
             .map(|(name, (record, _))| {
                 (
                     name.clone(),
@@ -623,9 +637,7 @@ impl Live {
                 )
             })
             .collect();
-        *api.urls.write().expect("api lock") = self
-            .api_records
-            .iter()
+        *api.urls.write().expect("api lock") = api_records()
             .filter(|(name, _)| self.functions.contains_key(name.as_str()))
             .filter_map(|(name, (record, _))| Some((name.clone(), record.url_config.clone()?)))
             .collect();
@@ -633,9 +645,7 @@ impl Live {
         // it ran before (if any): that one stays the applied one.
         let failed = api.failed.read().expect("api lock").clone();
         let previous = api.applied.read().expect("api lock").clone();
-        *api.applied.write().expect("api lock") = self
-            .api_records
-            .iter()
+        *api.applied.write().expect("api lock") = api_records()
             .filter(|(name, _)| self.functions.contains_key(name.as_str()))
             .filter_map(|(name, (_, revision))| match failed.get(name.as_str()) {
                 Some((failed_revision, _)) if failed_revision == revision => {
@@ -805,7 +815,11 @@ impl Live {
                             .map_err(|error| error.to_string())
                     });
                 match parsed {
-                    Ok((source_config, trigger_config)) => {
+                    Ok((mut source_config, trigger_config)) => {
+                        #[cfg(feature = "kafka")]
+                        if let SourceConfig::Kafka(kafka) = &mut source_config {
+                            kafka.plain = true;
+                        }
                         desired
                             .sources
                             .push(toml::Spanned::new(0..0, source_config));

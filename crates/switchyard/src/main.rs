@@ -552,6 +552,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
+            // Environment values may be secrets: printed as names only (CI logs).
+            let mut deployed = deployed;
+            if let Some(variables) = deployed
+                .pointer_mut("/Environment/Variables")
+                .and_then(serde_json::Value::as_object_mut)
+            {
+                for value in variables.values_mut() {
+                    *value = serde_json::Value::from("[REDACTED]");
+                }
+            }
             println!("{}", serde_json::to_string_pretty(&deployed)?);
             Ok(())
         }

@@ -17,6 +17,9 @@ use tokio::io::AsyncReadExt as _;
 /// stores the package, then writes the definition).
 const UNNAMED_CODE_GRACE: time::Duration = time::Duration::minutes(10);
 
+/// How a package's description says when an upload last named it.
+const REFERENCED_PREFIX: &str = "referenced at ";
+
 /// A function as the control plane stored it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
@@ -238,9 +241,32 @@ impl Registry {
         Ok(Registry { definitions, code })
     }
 
-    /// Stores a package unless one with its digest is there already.
+    /// The size of a stored package, if it is stored.
+    pub async fn code_size(&self, key: &str) -> Option<u64> {
+        self.code.info(key).await.ok().map(|info| info.size as u64)
+    }
+
+    /// Stores a package unless one with its digest is there already; either way
+    /// marks it referenced now (its description), so the cleanup's grace period
+    /// covers the definition about to name it. A stored package is never written
+    /// again: a process may be fetching it.
     pub async fn put_code(&self, key: &str, zip: &[u8]) -> Result<(), RegistryError> {
+        let marker = format!(
+            "{REFERENCED_PREFIX}{}",
+            time::OffsetDateTime::now_utc().unix_timestamp()
+        );
         if self.code.info(key).await.is_ok() {
+            self.code
+                .update_metadata(
+                    key,
+                    object_store::UpdateMetadata {
+                        name: key.to_owned(),
+                        description: Some(marker),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(store_error)?;
             return Ok(());
         }
         let mut reader = zip;
@@ -280,15 +306,36 @@ impl Registry {
             let info = info.map_err(store_error)?;
             // A package is stored before the definition naming it is written: one
             // stored recently may be about to be named (by this process or another).
-            let settled = info.modified.is_some_and(|modified| {
-                time::OffsetDateTime::now_utc() - modified > UNNAMED_CODE_GRACE
-            });
+            let now = time::OffsetDateTime::now_utc();
+            let referenced = info
+                .description
+                .as_deref()
+                .and_then(|description| description.strip_prefix(REFERENCED_PREFIX))
+                .and_then(|seconds| seconds.parse::<i64>().ok())
+                .and_then(|seconds| time::OffsetDateTime::from_unix_timestamp(seconds).ok());
+            let settled = [info.modified, referenced]
+                .iter()
+                .flatten()
+                .all(|at| now - *at > UNNAMED_CODE_GRACE)
+                && info.modified.is_some();
             if settled && !used.contains(&info.name) {
                 unused.push(info.name);
             }
         }
+        if unused.is_empty() {
+            return Ok(());
+        }
+        // Named meanwhile: kept.
+        let used_now: std::collections::HashSet<String> = self
+            .list()
+            .await?
+            .iter()
+            .flat_map(|(record, _)| record.code_keys().map(str::to_owned))
+            .collect();
         for name in unused {
-            let _ = self.code.delete(&name).await;
+            if !used_now.contains(&name) {
+                let _ = self.code.delete(&name).await;
+            }
         }
         Ok(())
     }

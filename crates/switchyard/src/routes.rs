@@ -250,7 +250,7 @@ fn takes(route: &Route, method: &Method) -> bool {
 
 /// Whether a path holds a `.` or `..` segment (also percent-encoded): such a path
 /// would leave the route's prefix once normalised, so it is refused.
-fn has_dot_segment(path: &str) -> bool {
+pub(crate) fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
         let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
         decoded == "." || decoded == ".."
