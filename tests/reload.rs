@@ -643,3 +643,99 @@ async fn a_reload_while_events_flow_changes_what_it_says_and_loses_nothing() {
         "steady's instance {steady_pid} was stopped"
     );
 }
+
+/// Two processes run one trigger; one reloads it with a filter on another event
+/// type while the other still runs the old filter: events of the new type, which
+/// the old filter does not take, are all delivered once (the process not reloaded
+/// hands them back instead of settling them as filtered out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_changed_in_one_process_loses_nothing_to_a_process_not_reloaded_yet() {
+    let nats = NatsServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("f");
+    let upper = prefix.to_uppercase();
+    let directory = tempfile::tempdir().unwrap();
+    let text = |ty: &str| {
+        format!(
+            r#"[nats]
+url = "{nats}"
+subject_prefix = "{prefix}"
+events_stream = {{ name = "{upper}_EVENTS", storage = "memory", duplicate_window = "1m" }}
+dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
+
+[admin]
+listen = "127.0.0.1:0"
+bearer_token = "{ADMIN_TOKEN}"
+
+[log]
+level = "${{SWITCHYARD_TEST_LOG:-warn}}"
+
+[[sources]]
+type = "http"
+name = "http"
+listen = "127.0.0.1:0"
+
+[[functions]]
+type = "http"
+name = "f"
+url = "{url}"
+
+[[triggers]]
+name = "typed"
+function = "f"
+max_concurrency = 8
+filter = {{ type = {{ exact = "{ty}" }} }}
+"#,
+            nats = nats.url(),
+            url = function.url,
+        )
+    };
+    let files: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let file = directory.path().join(format!("{name}.toml"));
+            std::fs::write(&file, text("com.example.old")).unwrap();
+            file
+        })
+        .collect();
+    let a = Process::start(&files[0], &[]);
+    let b = Process::start(&files[1], &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    std::fs::write(&files[0], text("com.example.new")).unwrap();
+    let (status, outcome) = post_reload(&a).await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["result"], "applied", "{outcome}");
+
+    // Events of the new type, through both processes' doors; B still runs the old
+    // filter on the consumer A changed.
+    let ids: Vec<String> = (0..40).map(|number| format!("new-{number}")).collect();
+    for (index, id) in ids.iter().enumerate() {
+        let door = if index % 2 == 0 { &a } else { &b };
+        let response =
+            common::post_event(&door.url("/v1/events"), id, "com.example.new", "x").await;
+        assert_eq!(response.status(), 202);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let received: HashSet<String> = function
+            .received()
+            .iter()
+            .map(|call| call.id().to_owned())
+            .collect();
+        if ids.iter().all(|id| received.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} events of the new type delivered",
+            ids.iter().filter(|id| received.contains(*id)).count(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in &ids {
+        assert_eq!(function.calls_for(id), 1, "{id} delivered more than once");
+    }
+}

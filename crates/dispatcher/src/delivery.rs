@@ -281,6 +281,22 @@ pub(crate) async fn prepare<'a>(
             return None;
         }
     };
+    if message.subject.as_str() != trigger.direct_subject
+        && !trigger.expects(message.subject.as_str())
+    {
+        // Another process changed this trigger's consumers to a new form this one
+        // does not run yet: handed back for a process that does, not settled as
+        // filtered out by the old filter.
+        tracing::debug!(trigger = %trigger.config.name, subject = %message.subject, "an event of a newer form of the trigger handed back");
+        Box::pin(crate::settle::hand_back(
+            trigger,
+            shared,
+            message,
+            Some(Duration::from_secs(1)),
+        ))
+        .await;
+        return None;
+    }
     let handling = Handling {
         trigger,
         shared,

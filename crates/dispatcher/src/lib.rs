@@ -146,7 +146,41 @@ struct TriggerRuntime {
     retrying: AtomicU64,
 }
 
+/// Whether NATS subject `subject` matches `filter` (`*` one token, `>` the rest);
+/// an empty filter matches everything.
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    if filter.is_empty() {
+        return true;
+    }
+    let mut tokens = subject.split('.');
+    for part in filter.split('.') {
+        match (part, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (part, Some(token)) if part == token => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
 impl TriggerRuntime {
+    /// Whether an event stored on `subject` is one this trigger's consumers, as
+    /// this process made them, deliver. One they do not was delivered by consumers
+    /// another process changed (its reload is ahead of this one's).
+    fn expects(&self, subject: &str) -> bool {
+        let configs = std::iter::once(&self.consumer_config)
+            .chain(&self.partition_configs)
+            .chain([&self.retry_consumer_config, &self.direct_consumer_config]);
+        configs.into_iter().any(|config| {
+            (config.filter_subjects.is_empty() && subject_matches(&config.filter_subject, subject))
+                || config
+                    .filter_subjects
+                    .iter()
+                    .any(|filter| subject_matches(filter, subject))
+        })
+    }
+
     /// The function as this trigger calls it.
     fn target(&self) -> &Arc<dyn switchyard_event::Target> {
         self.destinations
@@ -910,5 +944,23 @@ fn log_failure(
 ) {
     if failures.worth_logging() {
         tracing::warn!(trigger = %trigger.config.name, %error, failures = failures.failures(), stage, "trigger consumer failing, retrying");
+    }
+}
+
+#[cfg(test)]
+mod subject_tests {
+    use super::subject_matches;
+
+    #[test]
+    fn subjects_match_filters_as_nats_does() {
+        assert!(subject_matches("", "a.b"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.c"));
+        assert!(subject_matches("a.*.c", "a.x.c"));
+        assert!(!subject_matches("a.*.c", "a.x.y.c"));
+        assert!(subject_matches("a.>", "a.x.y"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+        assert!(!subject_matches("a.b.c", "a.b"));
     }
 }
