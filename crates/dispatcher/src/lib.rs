@@ -922,6 +922,16 @@ impl RunningDispatcher {
 
 fn warn_orphaned(orphaned: &[consumers::OrphanedConsumer]) {
     for orphan in orphaned {
+        if orphan.trigger.starts_with("esm-") {
+            // A Lambda event source mapping's trigger: disabled (its events wait for
+            // it to be enabled again) or deleted.
+            tracing::info!(
+                consumer = %orphan.consumer, trigger = %orphan.trigger, pending = orphan.pending,
+                "a disabled or deleted event source mapping's trigger holds events: enabling the mapping delivers them; for a deleted one `switchyard dlq drain --trigger {}` moves them to its dead letters",
+                orphan.trigger
+            );
+            continue;
+        }
         tracing::warn!(
             consumer = %orphan.consumer, trigger = %orphan.trigger, pending = orphan.pending, ack_pending = orphan.ack_pending,
             "a trigger no longer in the configuration still holds events: they will not be delivered; `switchyard dlq drain --trigger {}` moves them to its dead letters",
