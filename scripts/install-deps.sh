@@ -6,7 +6,8 @@
 # store) built from its Go module; AWS's Lambda runtime interface clients for Python
 # and Node.js.
 # `install-deps.sh nats` installs only nats-server; `install-deps.sh quickstart`
-# nats-server and the Python runtime client (what `[runtimes]`' defaults run).
+# nats-server and the runtime clients `[runtimes]`' defaults run (Python's; Node.js's
+# when the machine can build it).
 # Either way, the runtime clients installed are linked as
 # $SWITCHYARD_CACHE/bin/lambda-python and aws-lambda-ric, where Switchyard's default
 # `[runtimes]` look for them.
@@ -96,7 +97,19 @@ fi
 # install scripts build the AWS Lambda C++ runtime and libcurl from source, which
 # needs autoconf, automake and libtool besides cmake, make and g++: installed from
 # Debian's packages when missing (as root).
-if [ "$what" = all ] && [ ! -f "$LAMBDA_NODE_DIR/.complete" ]; then
+# The quick start installs it too when this machine can build it (npm, autoconf,
+# automake, libtool), so the nodejs runtimes work; otherwise it says how.
+node_ric=false
+if [ "$what" = all ]; then
+    node_ric=true
+elif [ "$what" = quickstart ] && [ ! -f "$LAMBDA_NODE_DIR/.complete" ]; then
+    if command -v npm >/dev/null 2>&1 && command -v autoreconf >/dev/null 2>&1 && command -v libtoolize >/dev/null 2>&1; then
+        node_ric=true
+    else
+        echo "note: the nodejs runtimes need aws-lambda-ric, which needs npm, autoconf, automake and libtool to build: install them and run scripts/install-deps.sh quickstart (python3.x and provided.* work now)" >&2
+    fi
+fi
+if [ "$node_ric" = true ] && [ ! -f "$LAMBDA_NODE_DIR/.complete" ]; then
     if ! command -v npm >/dev/null 2>&1; then
         echo "error: Node.js and npm are needed for the Node.js Lambda runtime client tests" >&2
         exit 1

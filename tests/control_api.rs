@@ -870,6 +870,25 @@ async fn versions_aliases_and_reserved_concurrency_work_as_lambdas() {
     .unwrap();
     assert_eq!(aliases["Aliases"][0]["Name"], "live", "{aliases}");
     assert_eq!(aliases["Aliases"][0]["FunctionVersion"], "2", "{aliases}");
+    // A weighted alias (a canary) is refused, not routed all to one version.
+    let refused = aws(&[
+        "lambda",
+        "update-alias",
+        "--function-name",
+        &function,
+        "--name",
+        "live",
+        "--routing-config",
+        r#"{"AdditionalVersionWeights": {"1": 0.1}}"#,
+        "--endpoint-url",
+        endpoint,
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("InvalidParameterValueException"),
+        "{refused}"
+    );
 
     // An Event invocation of a version is refused (Switchyard queues $LATEST only).
     let refused = aws(&[
@@ -1869,4 +1888,92 @@ async fn a_change_a_process_cannot_run_leaves_the_previous_form_running_there() 
     let answer = invoke(b, &function, dir).await;
     assert_eq!(answer["version"], "v1", "{answer}");
     assert!(answer["greeting"].is_null(), "{answer}");
+}
+
+/// Invokes `function` at `endpoint` with `payload` through the CLI: what it returned.
+async fn invoke_with(
+    endpoint: &str,
+    function: &str,
+    payload: &str,
+    directory: &Path,
+) -> serde_json::Value {
+    let out = directory.join(format!("{}.json", uuid::Uuid::new_v4().simple()));
+    let answer = aws(&[
+        "lambda",
+        "invoke",
+        "--function-name",
+        function,
+        "--payload",
+        payload,
+        "--endpoint-url",
+        endpoint,
+        out.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    assert!(answer.get("FunctionError").is_none(), "{answer}");
+    serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_runtimes_run_a_provided_bootstrap_and_a_node_handler_from_their_zips() {
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path();
+    let (_process, endpoint) = one_process(&nats, dir).await;
+    let endpoint = endpoint.as_str();
+    // provided.al2023: the zip's own `bootstrap` (a Rust lambda_runtime binary),
+    // executable because the zip says so.
+    let bootstrap = std::fs::read(installed("SWITCHYARD_LAMBDA_RUST")).unwrap();
+    let rust_zip = {
+        let mut buffer = std::io::Cursor::new(Vec::new());
+        let mut writer = zip::ZipWriter::new(&mut buffer);
+        let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+        writer.start_file("bootstrap", options).unwrap();
+        writer.write_all(&bootstrap).unwrap();
+        writer.finish().unwrap();
+        buffer.into_inner()
+    };
+    let node_zip = {
+        let mut buffer = std::io::Cursor::new(Vec::new());
+        let mut writer = zip::ZipWriter::new(&mut buffer);
+        let options = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
+        writer.start_file("index.mjs", options).unwrap();
+        writer
+            .write_all(&std::fs::read(test_functions().join("node/index.mjs")).unwrap())
+            .unwrap();
+        writer.finish().unwrap();
+        buffer.into_inner()
+    };
+    for (runtime, handler, code, language) in [
+        ("provided.al2023", "bootstrap", rust_zip, "rust"),
+        ("nodejs20.x", "index.handler", node_zip, "node"),
+    ] {
+        let function = random_name(language);
+        let file = dir.join(format!("{language}.zip"));
+        std::fs::write(&file, &code).unwrap();
+        aws(&[
+            "lambda",
+            "create-function",
+            "--function-name",
+            &function,
+            "--runtime",
+            runtime,
+            "--handler",
+            handler,
+            "--role",
+            "arn:aws:iam::000000000000:role/ignored",
+            "--zip-file",
+            &format!("fileb://{}", file.display()),
+            "--endpoint-url",
+            endpoint,
+        ])
+        .await
+        .unwrap();
+        wait_for(endpoint, "function-active-v2", &function).await;
+        let answer = invoke_with(endpoint, &function, r#"{"data": {"n": 7}}"#, dir).await;
+        assert_eq!(answer["runtime"], language, "{answer}");
+        assert_eq!(answer["echo"]["n"], 7, "{answer}");
+        assert_eq!(answer["function"], function.as_str(), "{answer}");
+    }
 }

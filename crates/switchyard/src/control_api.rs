@@ -1324,6 +1324,25 @@ struct AliasInput {
     function_version: Option<String>,
     description: Option<String>,
     revision_id: Option<String>,
+    routing_config: Option<Value>,
+}
+
+impl AliasInput {
+    /// Weighted aliases (a canary's `AdditionalVersionWeights`) are refused rather
+    /// than routed 100% to `FunctionVersion`.
+    fn check_routing(&self) -> Result<(), ApiError> {
+        let weighted = self.routing_config.as_ref().is_some_and(|routing| {
+            routing["AdditionalVersionWeights"]
+                .as_object()
+                .is_some_and(|weights| !weights.is_empty())
+        });
+        if weighted {
+            return Err(invalid(
+                "RoutingConfig.AdditionalVersionWeights is not supported: an alias routes to one version here",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An alias name as Lambda takes it: not only digits, 1 to 128 of `[a-zA-Z0-9-_]`.
@@ -1386,6 +1405,7 @@ async fn create_alias(
         let (body, api) =
             small_request(&state, &method, &uri, &headers, body, "CreateAlias").await?;
         let input: AliasInput = parse_json(&body)?;
+        input.check_routing()?;
         let alias = input
             .name
             .clone()
@@ -1443,6 +1463,7 @@ async fn update_alias(
         let (body, api) =
             small_request(&state, &method, &uri, &headers, body, "UpdateAlias").await?;
         let input: AliasInput = parse_json(&body)?;
+        input.check_routing()?;
         let region = state.region.clone();
         let (record, _) = change_record(&state, &api, &given, None, |record| {
             let name = record.function_name.clone();
