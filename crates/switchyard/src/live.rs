@@ -252,6 +252,9 @@ pub(crate) struct Live {
     clean: bool,
 }
 
+/// How long unpacked code no definition names is kept on disk.
+const UNPACKED_CODE_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Tables whose change needs a restart, and what to do instead.
 const FIXED_TABLES: [(&str, &str); 6] = [
     ("nats", "the NATS connection and streams"),
@@ -680,7 +683,11 @@ impl Live {
             if target.is_dir() {
                 return Ok(());
             }
-            crate::code::unpack(&zip, &target)
+            match crate::code::unpack(&zip, &target) {
+                // Another process sharing the directory unpacked it first.
+                Err(_) if target.is_dir() => Ok(()),
+                done => done,
+            }
         })
         .await
         .context("unpacking the code")?
@@ -707,14 +714,32 @@ impl Live {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             // Staging directories of an unpack in progress start with `.`.
-            if name.starts_with('.') || in_use.contains(&path) {
+            if name.starts_with('.') {
                 continue;
             }
-            if self
-                .api_records
-                .values()
-                .any(|(record, _)| record.code_keys().any(|key| key == name))
+            if in_use.contains(&path)
+                || self
+                    .api_records
+                    .values()
+                    .any(|(record, _)| record.code_keys().any(|key| key == name))
             {
+                // Still needed: its time says so to every process sharing the
+                // directory (the grace below counts from the last time it was).
+                if let Ok(directory) = std::fs::File::open(&path) {
+                    let _ = directory.set_modified(std::time::SystemTime::now());
+                }
+                continue;
+            }
+            // Another process sharing the directory may still run from it for a
+            // while (instances finishing, a previous form kept): unpacked code is
+            // removed once it has gone unnamed for a while.
+            let recent = entry
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_none_or(|age| age < UNPACKED_CODE_GRACE);
+            if recent {
                 continue;
             }
             let _ = std::fs::remove_dir_all(&path);
