@@ -322,14 +322,23 @@ fn describe_start(policy: DeliverPolicy) -> &'static str {
     }
 }
 
-/// Creates (or re-creates) a consumer, retrying until it works or shutdown.
+/// Opens a running trigger's consumer, re-creating it when it is gone, retrying until
+/// it works or shutdown. One that exists is taken as it is, never changed: another
+/// process may have changed it to a newer form of the trigger (a reload there), and
+/// setting its old filter back would make the server skip the events the new form
+/// wants. Consumers are made to match a trigger's configuration by [`ensure`] when
+/// the trigger is built.
 pub(crate) async fn open_consumer(
     trigger: &TriggerRuntime,
     config: &pull::Config,
     shutdown: &CancellationToken,
 ) -> Option<jetstream::consumer::Consumer<pull::Config>> {
     let mut failures = consumer_backoff();
+    let name = config.durable_name.clone().unwrap_or_default();
     loop {
+        if let Ok(existing) = trigger.stream.get_consumer::<pull::Config>(&name).await {
+            return Some(existing);
+        }
         match ensure(&trigger.stream, config, &trigger.positions).await {
             Ok(consumer) => return Some(consumer),
             Err(error) => {
