@@ -287,7 +287,12 @@ pub(crate) async fn prepare<'a>(
         // Another process changed this trigger's consumers to a new form this one
         // does not run yet: handed back for a process that does, not settled as
         // filtered out by the old filter.
-        tracing::debug!(trigger = %trigger.config.name, subject = %message.subject, "an event of a newer form of the trigger handed back");
+        if !trigger
+            .superseded
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::warn!(trigger = %trigger.config.name, subject = %message.subject, "another process changed this trigger's consumers to a newer form of it: this process stops pulling its events until it is reloaded with the same configuration");
+        }
         Box::pin(crate::settle::hand_back(
             trigger,
             shared,

@@ -144,6 +144,10 @@ struct TriggerRuntime {
     in_flight: AtomicI64,
     lag: AtomicU64,
     retrying: AtomicU64,
+    /// Another process changed this trigger's consumers to a newer form of it (its
+    /// reload is ahead of this one's): this process stops pulling its events, which
+    /// it could only hand back, until it runs the new form too.
+    superseded: std::sync::atomic::AtomicBool,
 }
 
 /// Whether NATS subject `subject` matches `filter` (`*` one token, `>` the rest);
@@ -436,6 +440,7 @@ async fn build_trigger(
         in_flight: AtomicI64::new(0),
         lag: AtomicU64::new(0),
         retrying: AtomicU64::new(0),
+        superseded: std::sync::atomic::AtomicBool::new(false),
     }))
 }
 

@@ -109,6 +109,11 @@ pub(crate) async fn pull_loop(
     // normal end), not by the recovery itself.
     let mut recovered = 0;
     loop {
+        // Superseded by a newer form of the trigger in another process: its events
+        // are that process's now (a reload here starts new loops).
+        if !direct && trigger.superseded.load(Ordering::SeqCst) {
+            break;
+        }
         if failures.failures() > recovered {
             // Whatever was asked for is in doubt: forget it (late events are handed
             // back when no permit waits for them).
