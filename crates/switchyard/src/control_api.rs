@@ -2102,6 +2102,18 @@ async fn all_mappings(
         .collect())
 }
 
+/// The mapping `uuid`: its function, UUID and record; `404` when there is none.
+async fn find_mapping(
+    api: &ApiFunctions,
+    uuid: &str,
+) -> Result<(String, String, crate::registry::MappingRecord), ApiError> {
+    all_mappings(api)
+        .await?
+        .into_iter()
+        .find(|(_, id, _)| id == uuid)
+        .ok_or_else(|| mapping_not_found(uuid))
+}
+
 async fn create_mapping(
     State(state): State<InvokeApiState>,
     method: Method,
@@ -2351,11 +2363,7 @@ async fn get_mapping(
             "GetEventSourceMapping",
         )
         .await?;
-        let (function, uuid, mapping) = all_mappings(&api)
-            .await?
-            .into_iter()
-            .find(|(_, id, _)| *id == uuid)
-            .ok_or_else(|| mapping_not_found(&uuid))?;
+        let (function, uuid, mapping) = find_mapping(&api, &uuid).await?;
         Ok(mapping_configuration(
             &state.region,
             &function,
@@ -2408,11 +2416,7 @@ async fn update_mapping(
                 "FilterCriteria, DestinationConfig and SourceAccessConfigurations are not supported for event source mappings yet",
             ));
         }
-        let (function, _, _) = all_mappings(&api)
-            .await?
-            .into_iter()
-            .find(|(_, id, _)| *id == uuid)
-            .ok_or_else(|| mapping_not_found(&uuid))?;
+        let (function, _, _) = find_mapping(&api, &uuid).await?;
         if let Some(target) = &input.function_name
             && function_name(target) != function
         {
@@ -2475,11 +2479,7 @@ async fn delete_mapping(
             "DeleteEventSourceMapping",
         )
         .await?;
-        let (function, _, mapping) = all_mappings(&api)
-            .await?
-            .into_iter()
-            .find(|(_, id, _)| *id == uuid)
-            .ok_or_else(|| mapping_not_found(&uuid))?;
+        let (function, _, mapping) = find_mapping(&api, &uuid).await?;
         change_record(&state, &api, &function, None, |record| {
             record
                 .event_source_mappings
