@@ -91,6 +91,11 @@ pub(crate) async fn batch_loop(
     };
     let mut failures = consumer_backoff();
     'pulling: loop {
+        // Superseded by a newer form of the trigger in another process: its events
+        // are that process's now (a reload here starts new loops).
+        if !direct && trigger.superseded.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
         if failures.failing()
             && !recover(&trigger, config, &failures, &shutdown, &mut consumer).await
         {

@@ -106,6 +106,9 @@ pub struct TriggerStatus {
     /// Failed events waiting for their retry.
     pub retrying: u64,
     pub function_concurrency_limit: usize,
+    /// Another process changed this trigger's consumers to a newer form of it: this
+    /// process has stopped pulling its events until it is reloaded with that form.
+    pub superseded: bool,
 }
 
 /// Metric handles of one trigger, resolved once.
@@ -242,6 +245,7 @@ impl DispatcherView {
                 lag: trigger.lag.load(Ordering::Relaxed),
                 retrying: trigger.retrying.load(Ordering::Relaxed),
                 function_concurrency_limit: trigger.function.limit.limit(),
+                superseded: trigger.superseded.load(Ordering::Relaxed),
             })
             .collect()
     }

@@ -105,7 +105,8 @@ pub(crate) async fn partition_loop(
             &trigger, &shared, index, &members, &tracker, &shutdown, &abandon,
         )
         .await;
-        if shutdown.is_cancelled() {
+        // Superseded: this form no longer pulls (a reload here starts new loops).
+        if shutdown.is_cancelled() || trigger.superseded.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
     }
@@ -165,6 +166,12 @@ async fn hold_partition(
             }
         };
         loop {
+            // Superseded by a newer form of the trigger in another process (an
+            // invocation found an event this form does not take): give the partition
+            // up; what waits here is handed back.
+            if trigger.superseded.load(std::sync::atomic::Ordering::SeqCst) {
+                break 'consuming;
+            }
             let can_start = settled_handover && !ready.is_empty();
             tokio::select! {
                 biased;
