@@ -880,3 +880,49 @@ environment = { token_file = "/run/secrets/not-read-by-switchyard" }
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A schedule's mistakes name their line and field: an expression that is no
+/// schedule, `?` in neither day field, an unknown time zone, an end before its
+/// start, a flexible window over 24 hours.
+#[test]
+fn schedule_mistakes_are_located_at_their_field() {
+    let text = r#"
+[[sources]]
+type = "schedule"
+name = "typo"
+expression = "rate(5 minits)"
+
+[[sources]]
+type = "schedule"
+name = "no-question-mark"
+expression = "cron(0 12 * * * *)"
+
+[[sources]]
+type = "schedule"
+name = "elsewhere"
+expression = "cron(0 12 * * ? *)"
+timezone = "Mars/Olympus"
+
+[[sources]]
+type = "schedule"
+name = "backwards"
+expression = "rate(1 hour)"
+start = "2027-06-01T00:00:00Z"
+end = "2027-01-01T00:00:00Z"
+flexible_window = "2d"
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:5:1: field `expression`: rate(`5 minits`)",
+        "DIR/broken.toml:10:1: field `expression`: cron(`0 12 * * * *`)",
+        "DIR/broken.toml:16:1: field `timezone`: time zone `Mars/Olympus` is not an IANA time zone",
+        "DIR/broken.toml:23:1: field `end`:",
+        "DIR/broken.toml:24:1: field `flexible_window`: must be at most 24h",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

@@ -16,6 +16,8 @@
 //! time that a daylight-saving change skips fires once at the first instant after
 //! the gap, a time it repeats fires once (the first time).
 
+pub mod source;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, TimeZone, Utc};
@@ -153,7 +155,7 @@ impl Schedule {
 
 /// The first instant of wall-clock time `local` in `timezone`: in a gap, the first
 /// instant after it.
-fn first_instant(timezone: Tz, local: NaiveDateTime) -> Option<DateTime<Utc>> {
+pub(crate) fn first_instant(timezone: Tz, local: NaiveDateTime) -> Option<DateTime<Utc>> {
     let mut probe = local;
     for _ in 0..=(24 * 60) {
         if let Some(instant) = timezone.from_local_datetime(&probe).earliest() {
@@ -175,9 +177,20 @@ fn next_cron(
     after: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
     let mut from = after.with_timezone(&timezone);
-    // Bounded: each round either returns or moves to a later allowed year.
-    for _ in 0..300 {
+    // Bounded: each round returns, moves past a repeated wall-clock time (at most 60
+    // in a repeated hour for a cron firing every minute) or moves to a later allowed
+    // year.
+    for _ in 0..400 {
         let next = cron.find_next_occurrence(&from, false).ok()?;
+        // A wall-clock time the clocks going back repeat fires the first time only
+        // (croner fires a pattern with a wildcard hour in both passes).
+        if let chrono::LocalResult::Ambiguous(first, _) =
+            timezone.from_local_datetime(&next.naive_local())
+            && first != next
+        {
+            from = next;
+            continue;
+        }
         let Some(years) = years else {
             return Some(next.with_timezone(&Utc));
         };

@@ -893,6 +893,28 @@ impl Bus {
         self.subjects.event(bucket, &event.source, &event.ty)
     }
 
+    /// The newest event the events stream holds with this `source` and `ty` and no
+    /// partition key (all such events share one subject), if it still holds one.
+    pub async fn last_event(&self, source: &str, ty: &str) -> Result<Option<Event>, BusError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .jetstream
+            .get_stream(self.events_stream())
+            .await
+            .map_err(|error| BusError::operation("open the events stream", error))?;
+        let subject = self.subjects.event(0, source, ty);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => event_from_message(Some(&message.headers), message.payload)
+                .map(Some)
+                .map_err(|error| BusError::operation("read the last event of a subject", error)),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(BusError::operation(
+                "read the last event of a subject",
+                error,
+            )),
+        }
+    }
+
     /// Why `event` cannot be stored, if it cannot (see [`Bus::send_event`]); nothing is
     /// sent.
     pub fn check_event(&self, event: &Event) -> Result<(), PublishError> {

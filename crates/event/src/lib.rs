@@ -22,4 +22,9 @@ pub use json::{
 };
 pub use sink::{DedupHorizon, Destination, EventSink, PropertyValue, PublishError, PublishReceipt};
 pub use source::{Source, SourceHealth};
+
+/// What the CloudEvents source of every schedule's firings starts with
+/// (`/schedules/<name>`): with `payload = "aws"` such an event is EventBridge's
+/// "Scheduled Event".
+pub const SCHEDULE_SOURCE_PREFIX: &str = "/schedules/";
 pub use target::{BatchOutcome, Enricher, Failure, FunctionAnswer, Outcome, Reservation, Target};

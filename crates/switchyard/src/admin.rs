@@ -3,7 +3,7 @@
 //! `/v1/triggers` (a read-only JSON view of each trigger with its lag and in-flight
 //! count), `/v1/sources` (each source's state, restarts and last error) and
 //! `/v1/functions` (each managed function's instances, cold starts, last init error
-//! and limits), and with a bearer token the dead letters: `GET
+//! and limits), `/v1/schedules` (each schedule's last firing and next ones), and with a bearer token the dead letters: `GET
 //! /v1/dead-letters/{trigger}` (a page), `GET /v1/dead-letters/{trigger}/{sequence}`,
 //! `POST /v1/dead-letters/{trigger}/replay` and `POST
 //! /v1/dead-letters/{trigger}/purge`, so operators need no NATS credentials.
@@ -34,6 +34,9 @@ pub struct AdminState {
     ready: Arc<AtomicBool>,
     running: Arc<OnceLock<(DispatcherView, Bus)>>,
     sources: Arc<std::sync::RwLock<Vec<Arc<SourceCell>>>>,
+    /// The schedules configured now (replaced at every reload).
+    schedules:
+        Arc<std::sync::RwLock<Vec<switchyard_connector_schedule::source::ScheduleSourceConfig>>>,
     /// Made when the first managed function is.
     workers: Arc<OnceLock<Arc<switchyard_workers::Workers>>>,
     /// The state this process runs.
@@ -68,6 +71,7 @@ impl AdminState {
             reloads,
             running: Arc::new(OnceLock::new()),
             sources: Arc::default(),
+            schedules: Arc::default(),
             tokens: Arc::new(Vec::new()),
             stream_check: Arc::default(),
             connect_problem: Arc::default(),
@@ -118,6 +122,14 @@ impl AdminState {
         *self.sources.write().expect("sources lock") = sources;
     }
 
+    /// The schedules configured now.
+    pub fn set_schedules(
+        &self,
+        schedules: Vec<switchyard_connector_schedule::source::ScheduleSourceConfig>,
+    ) {
+        *self.schedules.write().expect("schedules lock") = schedules;
+    }
+
     fn source_statuses(&self) -> Vec<SourceStatus> {
         self.sources
             .read()
@@ -142,6 +154,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/triggers", get(triggers))
         .route("/v1/sources", get(sources))
         .route("/v1/functions", get(functions))
+        .route("/v1/schedules", get(schedules))
         .route("/v1/reload", post(reload))
         .route("/v1/dead-letters/{trigger}", get(dead_letters))
         .route("/v1/dead-letters/{trigger}/{sequence}", get(dead_letter))
@@ -539,6 +552,25 @@ async fn triggers(State(state): State<AdminState>) -> Response {
         // Triggers no longer configured whose consumers still held events at start:
         // `switchyard dlq drain --trigger <name>` moves them to its dead letters.
         "orphaned_consumers": orphaned,
+    }))
+    .into_response()
+}
+
+/// Each schedule with the newest time it fired across the cluster and its next
+/// firing times.
+async fn schedules(State(state): State<AdminState>) -> Response {
+    let Some((_, bus)) = state.running.get() else {
+        return Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to nats yet".to_owned(),
+        )
+        .into_response();
+    };
+    let configs = state.schedules.read().expect("schedules lock").clone();
+    let statuses = switchyard_connector_schedule::source::statuses(bus, &configs).await;
+    axum::Json(serde_json::json!({
+        "revision": state.revision(),
+        "schedules": statuses,
     }))
     .into_response()
 }

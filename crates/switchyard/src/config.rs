@@ -19,6 +19,7 @@ use switchyard_connector_nats::NatsSourceConfig;
 #[cfg(feature = "s3")]
 use switchyard_connector_s3::poll::S3PollSourceConfig;
 pub use switchyard_connector_s3::store::StoreConfig;
+pub use switchyard_connector_schedule::source::ScheduleSourceConfig;
 use switchyard_dispatcher::{DispatcherConfig, TriggerConfig};
 use toml::Spanned;
 
@@ -208,6 +209,8 @@ pub enum SourceConfig {
     /// Buckets of an object store, listed at an interval.
     #[cfg(feature = "s3")]
     S3(S3PollSourceConfig),
+    /// A cron, rate or at schedule firing once per time across the cluster.
+    Schedule(ScheduleSourceConfig),
 }
 
 impl SourceConfig {
@@ -219,6 +222,7 @@ impl SourceConfig {
             SourceConfig::Kafka(config) => &config.name,
             #[cfg(feature = "s3")]
             SourceConfig::S3(config) => &config.name,
+            SourceConfig::Schedule(config) => &config.name,
         }
     }
 }
@@ -2337,6 +2341,11 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
                             }
                         ),
                     );
+                }
+            }
+            SourceConfig::Schedule(schedule) => {
+                for (field, message) in schedule.problems() {
+                    check.error(span.clone(), field, message);
                 }
             }
             SourceConfig::Nats(nats) => {

@@ -736,6 +736,10 @@ fn reserved_sources(config: &config::Config) -> switchyard_connector_http::Reser
             config::SourceConfig::Nats(nats) => {
                 reserved.reserve(nats.source(), format!("nats source `{}`", nats.name));
             }
+            // A forged firing would take the real one's place in the duplicate window.
+            config::SourceConfig::Schedule(schedule) => {
+                reserved.reserve(schedule.source(), format!("schedule `{}`", schedule.name));
+            }
             #[cfg(feature = "kafka")]
             config::SourceConfig::Kafka(kafka) => reserved.reserve_prefix(
                 kafka.event_source(""),

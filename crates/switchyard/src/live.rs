@@ -1490,6 +1490,15 @@ impl Live {
                 .map(|(_, source)| source.cell.clone())
                 .collect(),
         );
+        self.handles.admin_state.set_schedules(
+            new.sources
+                .iter()
+                .filter_map(|source| match source.get_ref() {
+                    SourceConfig::Schedule(schedule) => Some(schedule.clone()),
+                    _ => None,
+                })
+                .collect(),
+        );
         (changes, errors)
     }
 
@@ -1608,6 +1617,16 @@ impl Live {
                     self.handles.kafka_metrics.clone(),
                 ))
             }
+            SourceConfig::Schedule(schedule) => {
+                tracing::info!(source = %schedule.name, expression = %schedule.expression, timezone = %schedule.timezone, "schedule started");
+                Arc::new(
+                    switchyard_connector_schedule::source::ScheduleSource::new(
+                        schedule.clone(),
+                        bus,
+                    )
+                    .map_err(|error| anyhow::anyhow!(error))?,
+                )
+            }
             #[cfg(feature = "s3")]
             SourceConfig::S3(poll) => {
                 let store = config
@@ -1656,6 +1675,7 @@ fn source_kind(source: &SourceConfig) -> &'static str {
         SourceConfig::Kafka(_) => "kafka",
         #[cfg(feature = "s3")]
         SourceConfig::S3(_) => "s3_poll",
+        SourceConfig::Schedule(_) => "schedule",
     }
 }
 

@@ -140,6 +140,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the schedules (`type = "schedule"` sources) of the configuration: the
+    /// newest time each fired across the cluster (read from NATS) and its next
+    /// firing times.
+    Schedules {
+        /// Print JSON (as `GET /v1/schedules`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running process to re-read its configuration file and apply what
     /// changed (as SIGHUP does): prints what changed, or the located mistakes of a
     /// refused file (the running configuration then stays) and exits 1.
@@ -600,6 +608,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reload { admin, token } => reload_command(&config, admin, token).await,
+        Command::Schedules { json } => {
+            let loaded = load(&config)?;
+            let schedules: Vec<_> = loaded
+                .sources
+                .iter()
+                .filter_map(|source| match source.get_ref() {
+                    config::SourceConfig::Schedule(schedule) => Some(schedule.clone()),
+                    _ => None,
+                })
+                .collect();
+            let bus = connect(&loaded).await?;
+            let statuses = switchyard_connector_schedule::source::statuses(&bus, &schedules).await;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "schedules": statuses }))?
+                );
+                return Ok(());
+            }
+            if statuses.is_empty() {
+                println!("{} has no schedules", config.display());
+                return Ok(());
+            }
+            println!(
+                "{:<24}  {:<28}  {:<16}  {:<26}  next",
+                "schedule", "expression", "timezone", "fired through"
+            );
+            for status in &statuses {
+                println!(
+                    "{:<24}  {:<28}  {:<16}  {:<26}  {}",
+                    status.name,
+                    status.expression,
+                    status.timezone,
+                    status.fired_through.as_deref().unwrap_or("-"),
+                    status.next.first().map_or("never again", String::as_str),
+                );
+                if let Some(error) = &status.error {
+                    eprintln!("{}: {error}", status.name);
+                }
+            }
+            Ok(())
+        }
         Command::Dlq { action } => {
             let loaded = load(&config)?;
             let bus = connect(&loaded).await?;

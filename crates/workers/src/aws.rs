@@ -3,7 +3,8 @@
 //!
 //! An Invoke API `Event` invocation (type [`INVOKE_TYPE`]) is its payload, as given;
 //! an object event of the S3 connector an S3 notification (`{"Records": [...]}`); a
-//! webhook's request API Gateway's payload format 2.0. Anything else is the
+//! webhook's request API Gateway's payload format 2.0; a schedule's firing
+//! EventBridge's "Scheduled Event". Anything else is the
 //! structured CloudEvent, as with `payload = "cloudevent"`.
 //!
 //! Function URLs use [`http_api_request`] and [`http_api_response`]: API Gateway's
@@ -55,6 +56,8 @@ enum Origin {
     Hook,
     /// A plain Kafka record (it kept itself in `kafkarecord`).
     Kafka,
+    /// A schedule's firing.
+    Schedule,
     /// Anything else: the structured CloudEvent.
     Other,
 }
@@ -69,6 +72,11 @@ fn origin(event: &Event) -> Origin {
         Origin::Kafka
     } else if event.extensions.contains_key("httppath") {
         Origin::Hook
+    } else if event
+        .source
+        .starts_with(switchyard_event::SCHEDULE_SOURCE_PREFIX)
+    {
+        Origin::Schedule
     } else {
         Origin::Other
     }
@@ -81,8 +89,44 @@ pub fn render(event: &Event) -> Bytes {
         Origin::S3 => json_bytes(&json!({ "Records": [s3_record(event)] })),
         Origin::Hook => json_bytes(&hook_request(event)),
         Origin::Kafka => json_bytes(&kafka_event(std::slice::from_ref(event))),
+        Origin::Schedule => json_bytes(&scheduled_event(event)),
         Origin::Other => Bytes::from(to_structured_json(event)),
     }
+}
+
+/// EventBridge's "Scheduled Event" for a schedule's firing, as a rule with a
+/// schedule expression sends it to Lambda: `time` is the scheduled time, `resources`
+/// names the schedule as a rule ARN (account `000000000000`, region `us-east-1`),
+/// `detail` is the schedule's `input` (a JSON text as its value, other text as a
+/// string), `{}` without one; `id` is a UUID derived from the firing, the same on
+/// every attempt.
+fn scheduled_event(event: &Event) -> Value {
+    let name = event
+        .source
+        .strip_prefix(switchyard_event::SCHEDULE_SOURCE_PREFIX)
+        .unwrap_or_default();
+    let detail = if event.data.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&event.data)
+            .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&event.data).into_owned()))
+    };
+    let id = uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("{}#{}", event.source, event.id).as_bytes(),
+    );
+    let account = crate::runtime_api::ACCOUNT_ID;
+    json!({
+        "version": "0",
+        "id": id.to_string(),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": account,
+        "time": event.time.as_deref().unwrap_or(event.id.as_str()),
+        "region": "us-east-1",
+        "resources": [format!("arn:aws:events:us-east-1:{account}:rule/{name}")],
+        "detail": detail,
+    })
 }
 
 /// The extension a plain Kafka record's event keeps the record in (written by the

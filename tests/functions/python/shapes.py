@@ -13,6 +13,7 @@ from aws_lambda_powertools.utilities.batch import (
 )
 from aws_lambda_powertools.utilities.data_classes import (
     APIGatewayProxyEventV2,
+    EventBridgeEvent,
     S3Event,
 )
 from aws_lambda_powertools.utilities.data_classes.kafka_event import KafkaEventRecord
@@ -98,3 +99,20 @@ def hook(event, context):
         }
     )
     return {"statusCode": 200}
+
+
+def scheduled(event, context):
+    parsed = EventBridgeEvent(event)
+    _seen(
+        {
+            "id": parsed.get_id,
+            "version": parsed.version,
+            "account": parsed.account,
+            "time": parsed.time,
+            "region": parsed.region,
+            "resources": parsed.resources,
+            "source": parsed.source,
+            "detail_type": parsed.detail_type,
+            "detail": parsed.detail,
+        }
+    )
