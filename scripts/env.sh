@@ -46,3 +46,14 @@ export SWITCHYARD_AWS_CLI="${SWITCHYARD_AWS_CLI:-$AWS_CLIENTS_DIR/bin/aws}"
 STANDARDWEBHOOKS_VERSION="1.1.0"
 WEBHOOK_CLIENTS_DIR="$SWITCHYARD_CACHE/standardwebhooks-$STANDARDWEBHOOKS_VERSION"
 export SWITCHYARD_WEBHOOK_PYTHON="${SWITCHYARD_WEBHOOK_PYTHON:-$WEBHOOK_CLIENTS_DIR/bin/python}"
+# The SQS-compatible server of the SQS source's tests: ElasticMQ's jars from Maven
+# Central; tests run `java -cp "$SWITCHYARD_ELASTICMQ_LIB/*" org.elasticmq.server.Main`.
+ELASTICMQ_VERSION="1.7.1"
+ELASTICMQ_DIR="$SWITCHYARD_CACHE/elasticmq-$ELASTICMQ_VERSION"
+export SWITCHYARD_ELASTICMQ_LIB="${SWITCHYARD_ELASTICMQ_LIB:-$ELASTICMQ_DIR/lib}"
+# The official clients the queue tests publish with: pika (RabbitMQ) and paho-mqtt
+# (PyPI). boto3 (SQS) is in the AWS clients' virtualenv.
+PIKA_VERSION="1.4.4"
+PAHO_MQTT_VERSION="2.2.0"
+QUEUE_CLIENTS_DIR="$SWITCHYARD_CACHE/queue-clients-pika-$PIKA_VERSION-paho-$PAHO_MQTT_VERSION"
+export SWITCHYARD_QUEUE_PYTHON="${SWITCHYARD_QUEUE_PYTHON:-$QUEUE_CLIENTS_DIR/bin/python}"

@@ -4,7 +4,8 @@
 # binary (if PyPI is unreachable, built from its Go module with the machine's Go);
 # the Apache Kafka broker's jars from Maven Central; versitygw (an S3-compatible
 # store) built from its Go module; AWS's Lambda runtime interface clients for Python
-# and Node.js.
+# and Node.js; ElasticMQ (SQS) from Maven Central, RabbitMQ and mosquitto from
+# Debian's packages, and the queue clients (pika, paho-mqtt) from PyPI.
 # `install-deps.sh nats` installs only nats-server; `install-deps.sh quickstart`
 # nats-server and the runtime clients `[runtimes]`' defaults run (Python's; Node.js's
 # when the machine can build it).
@@ -165,6 +166,70 @@ if [ "$what" = all ] && [ ! -f "$KAFKA_DIR/.complete" ]; then
 POM
     (cd "$KAFKA_DIR" && mvn -q -B dependency:copy-dependencies -DoutputDirectory="$KAFKA_DIR/lib" -DincludeScope=runtime)
     touch "$KAFKA_DIR/.complete"
+fi
+
+# ElasticMQ (an SQS-compatible server) for the SQS source's tests: its jars from Maven
+# Central through Maven, pinned and cached, as the Kafka broker's.
+if [ "$what" = all ] && [ ! -f "$ELASTICMQ_DIR/.complete" ]; then
+    if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+        echo "error: Maven and Java 17 are needed to install ElasticMQ for the tests" >&2
+        exit 1
+    fi
+    echo "installing the ElasticMQ $ELASTICMQ_VERSION server into $ELASTICMQ_DIR" >&2
+    rm -rf "$ELASTICMQ_DIR"
+    mkdir -p "$ELASTICMQ_DIR"
+    cat > "$ELASTICMQ_DIR/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.switchyard</groupId>
+  <artifactId>elasticmq-server</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.elasticmq</groupId><artifactId>elasticmq-server_2.13</artifactId><version>$ELASTICMQ_VERSION</version></dependency>
+  </dependencies>
+</project>
+POM
+    (cd "$ELASTICMQ_DIR" && mvn -q -B dependency:copy-dependencies -DoutputDirectory="$ELASTICMQ_DIR/lib" -DincludeScope=runtime)
+    touch "$ELASTICMQ_DIR/.complete"
+fi
+
+# RabbitMQ and mosquitto from Debian's packages for the AMQP and MQTT sources' tests
+# (the tests start private instances as plain processes; the packaged daemons are
+# not started: policy-rc.d refuses them while installing).
+if [ "$what" = all ]; then
+    missing=""
+    for package in rabbitmq-server mosquitto; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $package"
+    done
+    if [ -n "$missing" ]; then
+        if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+            echo "error:$missing needed for the queue tests: apt-get install$missing (as root)" >&2
+            exit 1
+        fi
+        echo "installing$missing from Debian's packages" >&2
+        created_policy=false
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+            chmod 755 /usr/sbin/policy-rc.d
+            created_policy=true
+        fi
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2 \
+            || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2; }
+        if [ "$created_policy" = true ]; then
+            rm -f /usr/sbin/policy-rc.d
+        fi
+    fi
+fi
+
+# The official clients the queue tests publish with: pika and paho-mqtt (PyPI).
+if [ "$what" = all ] && [ ! -f "$QUEUE_CLIENTS_DIR/.complete" ]; then
+    echo "installing pika $PIKA_VERSION and paho-mqtt $PAHO_MQTT_VERSION into $QUEUE_CLIENTS_DIR" >&2
+    rm -rf "$QUEUE_CLIENTS_DIR"
+    python3 -m venv "$QUEUE_CLIENTS_DIR"
+    "$QUEUE_CLIENTS_DIR/bin/pip" install --quiet --disable-pip-version-check "pika==$PIKA_VERSION" "paho-mqtt==$PAHO_MQTT_VERSION"
+    touch "$QUEUE_CLIENTS_DIR/.complete"
 fi
 
 # AWS's Lambda Runtime Interface Emulator, built from its Go module: the benchmark

@@ -10,6 +10,7 @@
 
 pub mod dead_letter;
 pub mod horizon;
+pub mod ingest;
 pub mod limits;
 pub mod retry_state;
 pub mod subject;

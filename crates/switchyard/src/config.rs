@@ -211,6 +211,12 @@ pub enum SourceConfig {
     S3(S3PollSourceConfig),
     /// A cron, rate or at schedule firing once per time across the cluster.
     Schedule(ScheduleSourceConfig),
+    /// An SQS queue, long-polled.
+    #[cfg(feature = "sqs")]
+    Sqs(switchyard_connector_sqs::SqsSourceConfig),
+    /// An AMQP 0-9-1 (RabbitMQ) queue.
+    #[cfg(feature = "amqp")]
+    Amqp(switchyard_connector_amqp::AmqpSourceConfig),
 }
 
 impl SourceConfig {
@@ -223,6 +229,10 @@ impl SourceConfig {
             #[cfg(feature = "s3")]
             SourceConfig::S3(config) => &config.name,
             SourceConfig::Schedule(config) => &config.name,
+            #[cfg(feature = "sqs")]
+            SourceConfig::Sqs(config) => &config.name,
+            #[cfg(feature = "amqp")]
+            SourceConfig::Amqp(config) => &config.name,
         }
     }
 }
@@ -2345,6 +2355,18 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             }
             SourceConfig::Schedule(schedule) => {
                 for (field, message) in schedule.problems() {
+                    check.error(span.clone(), field, message);
+                }
+            }
+            #[cfg(feature = "sqs")]
+            SourceConfig::Sqs(sqs) => {
+                for (field, message) in sqs.problems() {
+                    check.error(span.clone(), field, message);
+                }
+            }
+            #[cfg(feature = "amqp")]
+            SourceConfig::Amqp(amqp) => {
+                for (field, message) in amqp.problems() {
                     check.error(span.clone(), field, message);
                 }
             }

@@ -740,6 +740,16 @@ fn reserved_sources(config: &config::Config) -> switchyard_connector_http::Reser
             config::SourceConfig::Schedule(schedule) => {
                 reserved.reserve(schedule.source(), format!("schedule `{}`", schedule.name));
             }
+            // Events keep their message id: a forged one would take a real message's
+            // place in the duplicate window.
+            #[cfg(feature = "sqs")]
+            config::SourceConfig::Sqs(sqs) => {
+                reserved.reserve_prefix("arn:aws:sqs:", format!("sqs source `{}`", sqs.name));
+            }
+            #[cfg(feature = "amqp")]
+            config::SourceConfig::Amqp(amqp) => {
+                reserved.reserve(amqp.source(), format!("amqp source `{}`", amqp.name));
+            }
             #[cfg(feature = "kafka")]
             config::SourceConfig::Kafka(kafka) => reserved.reserve_prefix(
                 kafka.event_source(""),

@@ -414,6 +414,10 @@ fn source_fingerprint(config: &Config, index: usize) -> String {
     match config.sources[index].get_ref() {
         #[cfg(feature = "kafka")]
         SourceConfig::Kafka(_) => format!("{own}|keep_records={}", any_aws_payload(config)),
+        #[cfg(feature = "sqs")]
+        SourceConfig::Sqs(_) => format!("{own}|keep_records={}", any_aws_payload(config)),
+        #[cfg(feature = "amqp")]
+        SourceConfig::Amqp(_) => format!("{own}|keep_records={}", any_aws_payload(config)),
         #[cfg(feature = "s3")]
         SourceConfig::S3(poll) => {
             format!(
@@ -1617,6 +1621,20 @@ impl Live {
                     self.handles.kafka_metrics.clone(),
                 ))
             }
+            #[cfg(feature = "sqs")]
+            SourceConfig::Sqs(sqs) => {
+                // Messages keep their SQS fields only when a trigger may hand them to
+                // a handler as Lambda's SQS event.
+                let mut sqs = sqs.clone();
+                sqs.keep_records = any_aws_payload(config);
+                Arc::new(switchyard_connector_sqs::SqsSource::new(sqs, bus))
+            }
+            #[cfg(feature = "amqp")]
+            SourceConfig::Amqp(amqp) => {
+                let mut amqp = amqp.clone();
+                amqp.keep_records = any_aws_payload(config);
+                Arc::new(switchyard_connector_amqp::AmqpSource::new(amqp, bus))
+            }
             SourceConfig::Schedule(schedule) => {
                 tracing::info!(source = %schedule.name, expression = %schedule.expression, timezone = %schedule.timezone, "schedule started");
                 Arc::new(
@@ -1676,6 +1694,10 @@ fn source_kind(source: &SourceConfig) -> &'static str {
         #[cfg(feature = "s3")]
         SourceConfig::S3(_) => "s3_poll",
         SourceConfig::Schedule(_) => "schedule",
+        #[cfg(feature = "sqs")]
+        SourceConfig::Sqs(_) => "sqs",
+        #[cfg(feature = "amqp")]
+        SourceConfig::Amqp(_) => "amqp",
     }
 }
 

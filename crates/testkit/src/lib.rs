@@ -3,6 +3,7 @@
 //! install, and an S3-compatible object store ([`object_store`]).
 
 pub mod object_store;
+pub mod queues;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

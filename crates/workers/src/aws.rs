@@ -4,7 +4,7 @@
 //! An Invoke API `Event` invocation (type [`INVOKE_TYPE`]) is its payload, as given;
 //! an object event of the S3 connector an S3 notification (`{"Records": [...]}`); a
 //! webhook's request API Gateway's payload format 2.0; a schedule's firing
-//! EventBridge's "Scheduled Event". Anything else is the
+//! EventBridge's "Scheduled Event"; an SQS message Lambda's SQS event. Anything else is the
 //! structured CloudEvent, as with `payload = "cloudevent"`.
 //!
 //! Function URLs use [`http_api_request`] and [`http_api_response`]: API Gateway's
@@ -58,6 +58,8 @@ enum Origin {
     Kafka,
     /// A schedule's firing.
     Schedule,
+    /// An SQS message (it kept its SQS fields in `sqsmessage`).
+    Sqs,
     /// Anything else: the structured CloudEvent.
     Other,
 }
@@ -70,6 +72,8 @@ fn origin(event: &Event) -> Origin {
         Origin::S3
     } else if event.extensions.contains_key(KAFKA_RECORD) {
         Origin::Kafka
+    } else if event.extensions.contains_key(SQS_MESSAGE) {
+        Origin::Sqs
     } else if event.extensions.contains_key("httppath") {
         Origin::Hook
     } else if event
@@ -90,6 +94,7 @@ pub fn render(event: &Event) -> Bytes {
         Origin::Hook => json_bytes(&hook_request(event)),
         Origin::Kafka => json_bytes(&kafka_event(std::slice::from_ref(event))),
         Origin::Schedule => json_bytes(&scheduled_event(event)),
+        Origin::Sqs => json_bytes(&json!({ "Records": [sqs_record(event)] })),
         Origin::Other => Bytes::from(to_structured_json(event)),
     }
 }
@@ -127,6 +132,53 @@ fn scheduled_event(event: &Event) -> Value {
         "resources": [format!("arn:aws:events:us-east-1:{account}:rule/{name}")],
         "detail": detail,
     })
+}
+
+/// The extension an SQS message's event keeps the message's SQS fields in (written
+/// by the SQS connector).
+const SQS_MESSAGE: &str = "sqsmessage";
+
+/// Lambda's SQS event record for an SQS message's event: the kept SQS fields
+/// (`messageId`, `receiptHandle`, `attributes`, `messageAttributes`, `md5OfBody`,
+/// `eventSource`, `eventSourceARN`, `awsRegion`) with the event's data as `body`.
+fn sqs_record(event: &Event) -> Value {
+    let mut record: Value = event
+        .extensions
+        .get(SQS_MESSAGE)
+        .and_then(|kept| serde_json::from_str(kept).ok())
+        .unwrap_or_else(|| json!({}));
+    if let Value::Object(fields) = &mut record {
+        fields.insert(
+            "body".to_owned(),
+            Value::from(String::from_utf8_lossy(&event.data).into_owned()),
+        );
+        // `md5OfMessageAttributes` is in Lambda's record only when there are some.
+        if fields
+            .get("md5OfMessageAttributes")
+            .is_some_and(Value::is_null)
+        {
+            fields.remove("md5OfMessageAttributes");
+        }
+    }
+    record
+}
+
+/// The event an SQS `itemIdentifier` (a message id) names: its own id, or the one
+/// of the event whose SQS message had that id (a structured CloudEvent's keeps its
+/// own id).
+fn sqs_identifier(events: &[Event], identifier: &Value) -> Result<String, String> {
+    if let Some(message_id) = identifier.as_str()
+        && let Some(event) = events.iter().find(|event| {
+            event
+                .extensions
+                .get(SQS_MESSAGE)
+                .and_then(|kept| serde_json::from_str::<Value>(kept).ok())
+                .is_some_and(|kept| kept["messageId"] == message_id)
+        })
+    {
+        return Ok(event.id.clone());
+    }
+    switchyard_targets::event_id_identifier(events, identifier)
 }
 
 /// The extension a plain Kafka record's event keeps the record in (written by the
@@ -234,6 +286,10 @@ pub fn render_batch(events: &[Event]) -> Bytes {
     }
     if !events.is_empty() && events.iter().all(|event| origin(event) == Origin::Kafka) {
         return json_bytes(&kafka_event(events));
+    }
+    if !events.is_empty() && events.iter().all(|event| origin(event) == Origin::Sqs) {
+        let records: Vec<Value> = events.iter().map(sqs_record).collect();
+        return json_bytes(&json!({ "Records": records }));
     }
     let mut array = Vec::with_capacity(events.iter().map(|event| event.data.len() + 256).sum());
     array.push(b'[');
@@ -725,7 +781,7 @@ impl Target for AwsPayloads {
                 switchyard_targets::classify_batch_answer_with(200, Ok(&body), &|identifier| {
                     match identifier {
                         Value::Object(_) => kafka_identifier(events, identifier),
-                        _ => switchyard_targets::event_id_identifier(events, identifier),
+                        _ => sqs_identifier(events, identifier),
                     }
                 })
             }

@@ -116,3 +116,34 @@ def scheduled(event, context):
             "detail": parsed.detail,
         }
     )
+
+
+def _sqs_record(record):
+    _seen(
+        {
+            "batch_size": _batch_size,
+            "message_id": record.message_id,
+            "receipt_handle": record.receipt_handle,
+            "body": record.body,
+            "receive_count": record.attributes.approximate_receive_count,
+            "sent_timestamp": record.attributes.sent_timestamp,
+            "group": record.attributes.message_group_id,
+            "content_type": record.message_attributes["content-type"].string_value,
+            "event_source": record.event_source,
+            "event_source_arn": record.event_source_arn,
+            "aws_region": record.aws_region,
+        }
+    )
+    if "poison" in record.body:
+        raise ValueError("this message fails")
+
+
+sqs_processor = BatchProcessor(event_type=EventType.SQS)
+
+
+def sqs(event, context):
+    global _batch_size
+    _batch_size = len(event["Records"])
+    return process_partial_response(
+        event=event, record_handler=_sqs_record, processor=sqs_processor, context=context
+    )
