@@ -12,7 +12,8 @@
 //! A delivery becomes an event with `id` = its `message-id` property (set it, and a
 //! redelivery after a crash is dropped by the duplicate window; without one each
 //! delivery gets a new id, so a redelivered message may be stored twice), `source`
-//! `amqp://<host>/<vhost>/<queue>`, `type` = `event_type` (or the `type` property),
+//! `amqp://<host>:<port>/<vhost, URL-encoded>/<queue>`, `type` = `event_type` (or the
+//! `type` property),
 //! `time` = the `timestamp` property, `datacontenttype` = `content-type`, data = the
 //! body byte for byte. A delivery in the CloudEvents AMQP binding keeps its
 //! attributes: binary mode (`cloudEvents:`/`cloudEvents_` application properties) or
@@ -117,35 +118,23 @@ impl AmqpSourceConfig {
         problems
     }
 
-    /// The broker as events and logs name it: no credentials.
+    /// The broker as events and logs name it, without credentials:
+    /// `amqp://host:port/<vhost, URL-encoded>`.
     pub fn broker(&self) -> String {
         match self.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
             Ok(uri) => format!(
                 "amqp://{}:{}/{}",
-                uri.authority.host, uri.authority.port, uri.vhost
+                uri.authority.host,
+                uri.authority.port,
+                uri.vhost.replace('%', "%25").replace('/', "%2f")
             ),
             Err(_) => "amqp://unknown".to_owned(),
         }
     }
 
-    /// The CloudEvents `source` of its deliveries.
+    /// The CloudEvents `source` of its deliveries: `<broker>/<queue>`.
     pub fn source(&self) -> String {
-        let vhost = match self.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
-            Ok(uri) => uri.vhost,
-            Err(_) => "/".to_owned(),
-        };
-        let host = self
-            .broker()
-            .trim_start_matches("amqp://")
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        format!(
-            "amqp://{host}/{}/{}",
-            vhost.trim_start_matches('/'),
-            self.queue
-        )
+        format!("{}/{}", self.broker(), self.queue)
     }
 }
 
@@ -356,9 +345,14 @@ fn kept_delivery(
             )
         })
         .unwrap_or(serde_json::Value::Null);
+    let vhost = match config.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => uri.vhost,
+        Err(_) => "/".to_owned(),
+    };
     serde_json::json!({
         "queue": config.queue,
-        "broker": config.broker(),
+        "vhost": vhost,
+        "source": config.name,
         "basicProperties": {
             "contentType": text(properties.content_type()),
             "contentEncoding": text(properties.content_encoding()),

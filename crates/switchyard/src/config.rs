@@ -217,6 +217,9 @@ pub enum SourceConfig {
     /// An AMQP 0-9-1 (RabbitMQ) queue.
     #[cfg(feature = "amqp")]
     Amqp(switchyard_connector_amqp::AmqpSourceConfig),
+    /// MQTT topics, with a persistent session.
+    #[cfg(feature = "mqtt")]
+    Mqtt(switchyard_connector_mqtt::MqttSourceConfig),
 }
 
 impl SourceConfig {
@@ -233,6 +236,8 @@ impl SourceConfig {
             SourceConfig::Sqs(config) => &config.name,
             #[cfg(feature = "amqp")]
             SourceConfig::Amqp(config) => &config.name,
+            #[cfg(feature = "mqtt")]
+            SourceConfig::Mqtt(config) => &config.name,
         }
     }
 }
@@ -2367,6 +2372,12 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
             #[cfg(feature = "amqp")]
             SourceConfig::Amqp(amqp) => {
                 for (field, message) in amqp.problems() {
+                    check.error(span.clone(), field, message);
+                }
+            }
+            #[cfg(feature = "mqtt")]
+            SourceConfig::Mqtt(mqtt) => {
+                for (field, message) in mqtt.problems() {
                     check.error(span.clone(), field, message);
                 }
             }

@@ -641,8 +641,14 @@ fn build_destination(
 /// Installs the log subscriber described by the configuration.
 pub fn init_logging(config: &config::LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter =
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    // Libraries whose debug and trace lines carry credentials, whatever level is
+    // asked for: amq-protocol-tcp traces the AMQP URL with its password, lapin traces
+    // frames (the connection's start-ok holds the SASL credentials).
+    for quiet in ["amq_protocol_tcp=info", "lapin=info"] {
+        filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+    }
     // Colours only for a terminal: a file or a log collector gets plain text.
     use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
@@ -749,6 +755,10 @@ fn reserved_sources(config: &config::Config) -> switchyard_connector_http::Reser
             #[cfg(feature = "amqp")]
             config::SourceConfig::Amqp(amqp) => {
                 reserved.reserve(amqp.source(), format!("amqp source `{}`", amqp.name));
+            }
+            #[cfg(feature = "mqtt")]
+            config::SourceConfig::Mqtt(mqtt) => {
+                reserved.reserve(mqtt.source(), format!("mqtt source `{}`", mqtt.name));
             }
             #[cfg(feature = "kafka")]
             config::SourceConfig::Kafka(kafka) => reserved.reserve_prefix(

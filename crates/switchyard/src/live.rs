@@ -1635,6 +1635,11 @@ impl Live {
                 amqp.keep_records = any_aws_payload(config);
                 Arc::new(switchyard_connector_amqp::AmqpSource::new(amqp, bus))
             }
+            #[cfg(feature = "mqtt")]
+            SourceConfig::Mqtt(mqtt) => Arc::new(switchyard_connector_mqtt::MqttSource::new(
+                mqtt.clone(),
+                bus,
+            )),
             SourceConfig::Schedule(schedule) => {
                 tracing::info!(source = %schedule.name, expression = %schedule.expression, timezone = %schedule.timezone, "schedule started");
                 Arc::new(
@@ -1698,6 +1703,8 @@ fn source_kind(source: &SourceConfig) -> &'static str {
         SourceConfig::Sqs(_) => "sqs",
         #[cfg(feature = "amqp")]
         SourceConfig::Amqp(_) => "amqp",
+        #[cfg(feature = "mqtt")]
+        SourceConfig::Mqtt(_) => "mqtt",
     }
 }
 

@@ -226,3 +226,103 @@ fn amqp_answers(port: u16) -> bool {
     let mut frame = [0u8; 11];
     stream.read_exact(&mut frame).is_ok() && frame[0] == 1 && frame[7..11] == [0, 10, 0, 10]
 }
+
+/// A mosquitto broker (Debian's) on a free port, persistent (its sessions and queued
+/// messages survive a restart), users `switchyard`/`mqtt-secret` required when
+/// started with [`MosquittoServer::start_with_password`]; stopped on drop.
+pub struct MosquittoServer {
+    server: crate::ServerProcess,
+    pub port: u16,
+    _directory: tempfile::TempDir,
+}
+
+impl MosquittoServer {
+    /// Anonymous clients allowed.
+    pub fn start() -> MosquittoServer {
+        Self::start_inner(false)
+    }
+
+    /// Only `switchyard` with password `mqtt-secret` (and `producer`/`producer`).
+    pub fn start_with_password() -> MosquittoServer {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(passwords: bool) -> MosquittoServer {
+        let directory = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let data = directory.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let mut text = format!(
+            "user root\n\
+             listener {port} 127.0.0.1\n\
+             persistence true\n\
+             persistence_location {}/\n\
+             autosave_interval 1\n\
+             max_queued_messages 20000\n\
+             max_inflight_messages 20\n\
+             log_dest file {}\n\
+             log_type error\n\
+             log_type warning\n",
+            data.display(),
+            directory.path().join("mosquitto.log").display(),
+        );
+        if passwords {
+            let file = directory.path().join("passwords");
+            for (user, password) in [("switchyard", "mqtt-secret"), ("producer", "producer")] {
+                let mut command = Command::new("mosquitto_passwd");
+                if !file.exists() {
+                    command.arg("-c");
+                }
+                let status = command
+                    .arg("-b")
+                    .arg(&file)
+                    .args([user, password])
+                    .status()
+                    .expect("running mosquitto_passwd");
+                assert!(status.success(), "mosquitto_passwd failed");
+            }
+            text.push_str(&format!(
+                "allow_anonymous false\npassword_file {}\n",
+                file.display()
+            ));
+        } else {
+            text.push_str("allow_anonymous true\n");
+        }
+        let config = directory.path().join("mosquitto.conf");
+        std::fs::write(&config, text).unwrap();
+        let server =
+            crate::ServerProcess::start("mosquitto", port, Duration::from_secs(30), move || {
+                let mut command = Command::new("/usr/sbin/mosquitto");
+                command
+                    .arg("-c")
+                    .arg(&config)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                command
+            });
+        MosquittoServer {
+            server,
+            port,
+            _directory: directory,
+        }
+    }
+
+    /// Stops the broker (SIGTERM: it saves its sessions and queued messages) and
+    /// starts it again on the same port with its data.
+    pub fn restart(&mut self) {
+        if let Some(pid) = self.server.pid() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.server.restart();
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}

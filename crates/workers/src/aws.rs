@@ -4,7 +4,8 @@
 //! An Invoke API `Event` invocation (type [`INVOKE_TYPE`]) is its payload, as given;
 //! an object event of the S3 connector an S3 notification (`{"Records": [...]}`); a
 //! webhook's request API Gateway's payload format 2.0; a schedule's firing
-//! EventBridge's "Scheduled Event"; an SQS message Lambda's SQS event. Anything else is the
+//! EventBridge's "Scheduled Event"; an SQS message Lambda's SQS event; an AMQP
+//! delivery Lambda's Amazon MQ for RabbitMQ event. Anything else is the
 //! structured CloudEvent, as with `payload = "cloudevent"`.
 //!
 //! Function URLs use [`http_api_request`] and [`http_api_response`]: API Gateway's
@@ -60,6 +61,8 @@ enum Origin {
     Schedule,
     /// An SQS message (it kept its SQS fields in `sqsmessage`).
     Sqs,
+    /// An AMQP delivery (it kept its AMQP fields in `amqpmessage`).
+    Amqp,
     /// Anything else: the structured CloudEvent.
     Other,
 }
@@ -74,6 +77,8 @@ fn origin(event: &Event) -> Origin {
         Origin::Kafka
     } else if event.extensions.contains_key(SQS_MESSAGE) {
         Origin::Sqs
+    } else if event.extensions.contains_key(AMQP_MESSAGE) {
+        Origin::Amqp
     } else if event.extensions.contains_key("httppath") {
         Origin::Hook
     } else if event
@@ -95,6 +100,7 @@ pub fn render(event: &Event) -> Bytes {
         Origin::Kafka => json_bytes(&kafka_event(std::slice::from_ref(event))),
         Origin::Schedule => json_bytes(&scheduled_event(event)),
         Origin::Sqs => json_bytes(&json!({ "Records": [sqs_record(event)] })),
+        Origin::Amqp => json_bytes(&rabbitmq_event(std::slice::from_ref(event))),
         Origin::Other => Bytes::from(to_structured_json(event)),
     }
 }
@@ -161,6 +167,64 @@ fn sqs_record(event: &Event) -> Value {
         }
     }
     record
+}
+
+/// The extension an AMQP delivery's event keeps the delivery's AMQP fields in
+/// (written by the AMQP connector).
+const AMQP_MESSAGE: &str = "amqpmessage";
+
+/// Lambda's event for Amazon MQ for RabbitMQ: `eventSource` `aws:rmq`,
+/// `eventSourceArn` (a broker ARN naming the source, account `000000000000`), and the
+/// messages by `<queue>::<vhost>`, each with its `basicProperties` (as Lambda writes
+/// them: string headers as `{"bytes": [...]}`, the `timestamp` as `Jan 1, 1970,
+/// 12:33:41 AM`), `redelivered` and the data in base64.
+fn rabbitmq_event(events: &[Event]) -> Value {
+    let mut by_queue: Map<String, Value> = Map::new();
+    let mut source = String::new();
+    for event in events {
+        let kept: Value = event
+            .extensions
+            .get(AMQP_MESSAGE)
+            .and_then(|kept| serde_json::from_str(kept).ok())
+            .unwrap_or_default();
+        if source.is_empty() {
+            source = kept["source"].as_str().unwrap_or_default().to_owned();
+        }
+        let mut properties = kept["basicProperties"].clone();
+        if let Some(seconds) = properties["timestamp"].as_i64()
+            && let Ok(at) = time::OffsetDateTime::from_unix_timestamp(seconds)
+        {
+            let format = time::macros::format_description!(
+                "[month repr:short] [day padding:none], [year], [hour repr:12 padding:none]:[minute]:[second] [period]"
+            );
+            properties["timestamp"] = at.format(format).map(Value::from).unwrap_or(Value::Null);
+        }
+        let message = json!({
+            "basicProperties": properties,
+            "redelivered": kept["redelivered"].as_bool().unwrap_or(false),
+            "data": base64::engine::general_purpose::STANDARD.encode(&event.data),
+        });
+        let key = format!(
+            "{}::{}",
+            kept["queue"].as_str().unwrap_or_default(),
+            kept["vhost"].as_str().unwrap_or("/")
+        );
+        match by_queue
+            .entry(key)
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
+            Value::Array(list) => list.push(message),
+            _ => unreachable!("inserted as a list"),
+        }
+    }
+    json!({
+        "eventSource": "aws:rmq",
+        "eventSourceArn": format!(
+            "arn:aws:mq:us-east-1:{}:broker:{source}:b-switchyard-{source}",
+            crate::runtime_api::ACCOUNT_ID
+        ),
+        "rmqMessagesByQueue": by_queue,
+    })
 }
 
 /// The event an SQS `itemIdentifier` (a message id) names: its own id, or the one
@@ -286,6 +350,9 @@ pub fn render_batch(events: &[Event]) -> Bytes {
     }
     if !events.is_empty() && events.iter().all(|event| origin(event) == Origin::Kafka) {
         return json_bytes(&kafka_event(events));
+    }
+    if !events.is_empty() && events.iter().all(|event| origin(event) == Origin::Amqp) {
+        return json_bytes(&rabbitmq_event(events));
     }
     if !events.is_empty() && events.iter().all(|event| origin(event) == Origin::Sqs) {
         let records: Vec<Value> = events.iter().map(sqs_record).collect();

@@ -17,6 +17,7 @@ from aws_lambda_powertools.utilities.data_classes import (
     S3Event,
 )
 from aws_lambda_powertools.utilities.data_classes.kafka_event import KafkaEventRecord
+from aws_lambda_powertools.utilities.data_classes.rabbit_mq_event import RabbitMQEvent
 
 
 def _seen(line):
@@ -147,3 +148,25 @@ def sqs(event, context):
     return process_partial_response(
         event=event, record_handler=_sqs_record, processor=sqs_processor, context=context
     )
+
+
+def rabbitmq(event, context):
+    parsed = RabbitMQEvent(event)
+    for queue, messages in parsed.rmq_messages_by_queue.items():
+        for message in messages:
+            properties = message.basic_properties
+            _seen(
+                {
+                    "event_source": parsed.event_source,
+                    "event_source_arn": parsed.event_source_arn,
+                    "queue": queue,
+                    "batch_size": len(messages),
+                    "data": message.decoded_data,
+                    "redelivered": message.redelivered,
+                    "content_type": properties.content_type,
+                    "message_id": properties.message_id,
+                    "delivery_mode": properties.delivery_mode,
+                    "headers": properties.headers,
+                    "body_size": properties.body_size,
+                }
+            )

@@ -1,0 +1,90 @@
+"""pika against a RabbitMQ node, for the AMQP source's tests and benchmark.
+
+    amqp_client.py PORT publish QUEUE COUNT [--prefix P] [--no-message-id]
+                   [--header-bytes B] [--garbage] [--binary-mode]
+    amqp_client.py PORT depth QUEUE      prints the messages ready + unacknowledged
+
+`publish` declares QUEUE (durable) and publishes COUNT persistent messages with
+publisher confirms, bodies `<prefix>-<n>`, `message_id` `<prefix>-<n>` (unless
+--no-message-id), content type `text/plain`, a `tenant` header and a nested one;
+--header-bytes adds a header of that many bytes; --garbage marks the bodies as
+structured CloudEvents although they are not; --binary-mode sends them in the
+CloudEvents AMQP binding's binary mode (`cloudEvents:` application properties).
+"""
+
+import argparse
+
+import pika
+
+
+def connect(port):
+    parameters = pika.ConnectionParameters(
+        host="127.0.0.1",
+        port=port,
+        credentials=pika.PlainCredentials("guest", "guest"),
+        heartbeat=30,
+        blocked_connection_timeout=30,
+    )
+    return pika.BlockingConnection(parameters)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", type=int)
+    commands = parser.add_subparsers(dest="command", required=True)
+    publish = commands.add_parser("publish")
+    publish.add_argument("queue")
+    publish.add_argument("count", type=int)
+    publish.add_argument("--prefix", default="m")
+    publish.add_argument("--no-message-id", action="store_true")
+    publish.add_argument("--header-bytes", type=int, default=0)
+    publish.add_argument("--garbage", action="store_true")
+    publish.add_argument("--binary-mode", action="store_true")
+    depth = commands.add_parser("depth")
+    depth.add_argument("queue")
+    arguments = parser.parse_args()
+    connection = connect(arguments.port)
+    channel = connection.channel()
+    channel.queue_declare(queue=arguments.queue, durable=True)
+
+    if arguments.command == "publish":
+        channel.confirm_delivery()
+        for number in range(arguments.count):
+            name = f"{arguments.prefix}-{number}"
+            headers = {"tenant": "acme", "nested": {"list": [1, "two", {"flag": True}]}}
+            if arguments.header_bytes:
+                headers["big"] = "x" * arguments.header_bytes
+            content_type = "text/plain"
+            if arguments.garbage:
+                content_type = "application/cloudevents+json"
+            if arguments.binary_mode:
+                headers.update(
+                    {
+                        "cloudEvents:specversion": "1.0",
+                        "cloudEvents:id": f"ce-{name}",
+                        "cloudEvents:source": "/producers/pika",
+                        "cloudEvents:type": "com.example.binary",
+                        "cloudEvents:subject": name,
+                    }
+                )
+            properties = pika.BasicProperties(
+                content_type=content_type,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=None if arguments.no_message_id else name,
+                headers=headers,
+            )
+            channel.basic_publish(
+                exchange="",
+                routing_key=arguments.queue,
+                body=name.encode(),
+                properties=properties,
+                mandatory=True,
+            )
+    elif arguments.command == "depth":
+        declared = channel.queue_declare(queue=arguments.queue, durable=True, passive=True)
+        print(declared.method.message_count)
+    connection.close()
+
+
+if __name__ == "__main__":
+    main()

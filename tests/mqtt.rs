@@ -1,0 +1,343 @@
+//! The MQTT source against a real mosquitto broker (Debian's, started by the
+//! testkit) and a real nats-server, with messages published by paho-mqtt: wildcard
+//! subscriptions with a username and password, structured CloudEvents kept, what
+//! cannot be stored dead-lettered, messages published while Switchyard is down
+//! delivered when it returns (persistent session), and nothing lost while Switchyard
+//! is killed (SIGKILL) three times during 5,000 messages.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{FunctionServer, NatsServer, Process, Reply, installed, random_name};
+use nix::sys::signal::Signal;
+use switchyard_testkit::queues::MosquittoServer;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Runs tests/functions/mqtt_client.py with paho-mqtt.
+fn mqtt_client(server: &MosquittoServer, arguments: &[&str]) {
+    let output = Command::new(installed("SWITCHYARD_QUEUE_PYTHON"))
+        .arg(common::test_functions().join("mqtt_client.py"))
+        .arg(server.port.to_string())
+        .args(arguments)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "mqtt_client.py {arguments:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn config(nats: &NatsServer, prefix: &str, rest: &str) -> String {
+    let upper = prefix.to_uppercase();
+    format!(
+        r#"[nats]
+url = "{nats}"
+subject_prefix = "{prefix}"
+events_stream = {{ name = "{upper}_EVENTS", storage = "memory" }}
+dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "${{SWITCHYARD_TEST_LOG:-warn}}"
+{rest}"#,
+        nats = nats.url(),
+    )
+}
+
+/// How many times the function got each body.
+fn counts(function: &FunctionServer) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for call in function.received() {
+        *counts
+            .entry(String::from_utf8_lossy(&call.body).trim_end().to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Waits until the function got every one of `bodies` at least once.
+async fn wait_all(function: &FunctionServer, bodies: &[String]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let counts = counts(function);
+        let missing = bodies
+            .iter()
+            .filter(|body| !counts.contains_key(*body))
+            .count();
+        if missing == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} messages not delivered",
+            bodies.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until source `name` is subscribed (`/v1/sources` says running).
+async fn wait_running(process: &Process, name: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let body = reqwest::get(format!("http://{}/v1/sources", process.admin()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let sources: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let source = sources["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|source| source["name"] == name)
+            .cloned()
+            .unwrap_or_default();
+        if source["state"] == "running" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "source {name}: {source}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn bus_of(file: &Path) -> switchyard_bus::Bus {
+    let text = std::fs::read_to_string(file).unwrap();
+    let config = switchyard::config::parse(file, &text, &|name| match name {
+        "MQTT_TEST_PASSWORD" => Some("mqtt-secret".to_owned()),
+        _ => std::env::var(name).ok(),
+    })
+    .unwrap();
+    switchyard_bus::Bus::connect(&config.nats).await.unwrap()
+}
+
+fn function_and_trigger(function: &FunctionServer) -> String {
+    format!(
+        r#"
+[[functions]]
+type = "http"
+name = "f"
+url = "{url}"
+
+[[triggers]]
+name = "all"
+function = "f"
+max_concurrency = 16
+"#,
+        url = function.url
+    )
+}
+
+/// Wildcard subscriptions with a username and a password (from the environment):
+/// messages on matching topics become events with the topic as subject, others are
+/// not received, structured CloudEvents keep their attributes, a JSON object with a
+/// `specversion` that is no CloudEvent and a payload over the bus's limit are
+/// dead-lettered under the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribed_topics_become_events_and_bad_messages_are_dead_lettered() {
+    let nats = NatsServer::start();
+    let server = MosquittoServer::start_with_password();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("mqtt");
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let rest = format!(
+        r#"
+[[sources]]
+type = "mqtt"
+name = "sensors"
+url = "{url}"
+topics = ["sensors/+/temperature", "alerts/#"]
+username = "switchyard"
+password = "${{MQTT_TEST_PASSWORD}}"
+{function}"#,
+        url = server.url(),
+        function = function_and_trigger(&function),
+    );
+    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    let process = Process::start(&file, &[("MQTT_TEST_PASSWORD", "mqtt-secret".to_owned())]);
+    process.wait_ready().await;
+    wait_running(&process, "sensors").await;
+
+    let auth = ["--user", "producer", "--password", "producer"];
+    let publish = |topic: &str, count: &str, more: &[&str]| {
+        let mut arguments = vec!["publish", topic, count];
+        arguments.extend_from_slice(more);
+        arguments.extend_from_slice(&auth);
+        mqtt_client(&server, &arguments);
+    };
+    publish("sensors/kitchen/temperature", "100", &["--prefix", "t"]);
+    publish("alerts/fire/floor-1", "50", &["--prefix", "a"]);
+    publish("sensors/kitchen/humidity", "20", &["--prefix", "h"]);
+    publish(
+        "alerts/structured",
+        "10",
+        &["--prefix", "s", "--structured"],
+    );
+    publish("alerts/garbage", "3", &["--prefix", "g", "--garbage"]);
+    // Over nats-server's 1 MiB max_payload.
+    publish(
+        "alerts/huge",
+        "1",
+        &["--prefix", "huge", "--bytes", "1500000"],
+    );
+    let bodies: Vec<String> = (0..100)
+        .map(|number| format!("t-{number}"))
+        .chain((0..50).map(|number| format!("a-{number}")))
+        .chain((0..10).map(|number| format!("s-{number}")))
+        .collect();
+    wait_all(&function, &bodies).await;
+    let bus = bus_of(&file).await;
+    let dead = common::wait_for_dead_letters(&bus, "source:sensors", 4, WAIT).await;
+    let mut reasons: Vec<&str> = dead
+        .iter()
+        .map(|entry| entry.dead_letter.reason.as_str())
+        .collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        ["malformed", "malformed", "malformed", "too_large"],
+        "{dead:?}"
+    );
+
+    let received = function.received();
+    let temperature = received
+        .iter()
+        .find(|call| call.body.starts_with(b"t-"))
+        .unwrap();
+    assert_eq!(
+        temperature.header("ce-subject"),
+        Some("sensors/kitchen/temperature")
+    );
+    assert_eq!(
+        temperature.header("ce-type"),
+        Some("dev.switchyard.mqtt.message")
+    );
+    assert_eq!(
+        temperature.header("ce-source"),
+        Some(format!("mqtt://127.0.0.1:{}", server.port).as_str())
+    );
+    let structured = received
+        .iter()
+        .find(|call| call.body.starts_with(b"s-"))
+        .unwrap();
+    assert_eq!(structured.header("ce-type"), Some("com.example.structured"));
+    assert_eq!(structured.header("ce-source"), Some("/producers/paho"));
+    assert!(structured.header("ce-id").unwrap().starts_with("ce-s-"));
+    // Not subscribed: never received.
+    assert!(!received.iter().any(|call| call.body.starts_with(b"h-")));
+    let counts = counts(&function);
+    for body in &bodies {
+        assert_eq!(counts[body], 1, "{body} delivered more than once");
+    }
+}
+
+/// The session persists: messages published while Switchyard is stopped arrive when
+/// it starts again (and a broker restart in between loses none of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_while_switchyard_is_down_arrive_when_it_returns() {
+    let nats = NatsServer::start();
+    let mut server = MosquittoServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("mqtt");
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let rest = format!(
+        r#"
+[[sources]]
+type = "mqtt"
+name = "session"
+url = "{url}"
+topics = ["jobs/#"]
+{function}"#,
+        url = server.url(),
+        function = function_and_trigger(&function),
+    );
+    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    let mut process = Process::start(&file, &[]);
+    process.wait_ready().await;
+    wait_running(&process, "session").await;
+    process.signal(Signal::SIGTERM);
+    assert!(process.wait_exit().await);
+
+    mqtt_client(&server, &["publish", "jobs/a", "500", "--prefix", "d"]);
+    // Saved every second: published before the restart, kept through it.
+    server.restart();
+    let process = Process::start(&file, &[]);
+    process.wait_ready().await;
+    let bodies: Vec<String> = (0..500).map(|number| format!("d-{number}")).collect();
+    wait_all(&function, &bodies).await;
+    let counts = counts(&function);
+    for body in &bodies {
+        assert_eq!(counts[body], 1, "{body} delivered more than once");
+    }
+}
+
+/// 5,000 messages published by paho while Switchyard is killed (SIGKILL) three times
+/// and started again: every message is delivered (the broker keeps what was not
+/// acknowledged for the session); duplicate deliveries (messages delivered again
+/// after a kill, before their PUBACK: MQTT 3.1.1 has no id to drop them by) are
+/// counted and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_while_switchyard_is_killed_three_times() {
+    let nats = NatsServer::start();
+    let server = MosquittoServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("mqtt");
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let rest = format!(
+        r#"
+[[sources]]
+type = "mqtt"
+name = "kills"
+url = "{url}"
+topics = ["load/#"]
+{function}"#,
+        url = server.url(),
+        function = function_and_trigger(&function),
+    );
+    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    let mut process = Process::start(&file, &[]);
+    process.wait_ready().await;
+    wait_running(&process, "kills").await;
+
+    let mut producer = Command::new(installed("SWITCHYARD_QUEUE_PYTHON"))
+        .arg(common::test_functions().join("mqtt_client.py"))
+        .arg(server.port.to_string())
+        .args(["publish", "load/x", "5000", "--prefix", "k"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let bodies: Vec<String> = (0..5000).map(|number| format!("k-{number}")).collect();
+    for kill in 1..=3 {
+        let deadline = Instant::now() + WAIT;
+        let before = function.received().len();
+        while function.received().len() < before + 300 {
+            assert!(Instant::now() < deadline, "no progress before kill {kill}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        process.signal(Signal::SIGKILL);
+        let _ = process.wait_exit().await;
+        process = Process::start(&file, &[]);
+        process.wait_ready().await;
+    }
+    assert!(producer.wait().unwrap().success(), "the producer failed");
+    wait_all(&function, &bodies).await;
+    let counts = counts(&function);
+    let duplicates: usize = counts.values().map(|count| count - 1).sum();
+    eprintln!(
+        "mqtt kills: 5000 messages, {} delivered, {duplicates} duplicate deliveries",
+        counts.len()
+    );
+    assert_eq!(counts.len(), 5000);
+}
