@@ -89,19 +89,30 @@ fn default_event_type() -> String {
 }
 
 impl AmqpSourceConfig {
+    /// The broker's URI. amq-protocol-uri takes the host from the URL's domain, so an
+    /// IP address (`amqp://10.0.0.5/`) would become `localhost`: the host is taken
+    /// from the URL here instead.
+    pub fn uri(&self) -> Result<lapin::uri::AMQPUri, String> {
+        let text = self.url.expose_secret();
+        let mut uri: lapin::uri::AMQPUri = text.parse().map_err(|error: String| {
+            // The library's message may quote the whole URL, password included.
+            error.replace(text, "<url>")
+        })?;
+        let parsed = url::Url::parse(text).map_err(|error| error.to_string())?;
+        if let Some(host) = parsed.host_str() {
+            uri.authority.host = host.to_owned();
+        }
+        Ok(uri)
+    }
+
     /// Mistakes `validate` reports, as (field, message).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
-        let url = self.url.expose_secret();
-        match url.parse::<lapin::uri::AMQPUri>() {
-            Ok(_) => {}
-            Err(error) => problems.push((
+        if let Err(error) = self.uri() {
+            problems.push((
                 "url",
-                format!(
-                    "not an AMQP URL like amqp://user:password@host:5672/%2f ({})",
-                    redact(&error, url)
-                ),
-            )),
+                format!("not an AMQP URL like amqp://user:password@host:5672/%2f ({error})"),
+            ));
         }
         if self.queue.is_empty() || self.queue.len() > 255 {
             problems.push(("queue", "must be 1 to 255 bytes".to_owned()));
@@ -121,7 +132,7 @@ impl AmqpSourceConfig {
     /// The broker as events and logs name it, without credentials:
     /// `amqp://host:port/<vhost, URL-encoded>`.
     pub fn broker(&self) -> String {
-        match self.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
+        match self.uri() {
             Ok(uri) => format!(
                 "amqp://{}:{}/{}",
                 uri.authority.host,
@@ -138,15 +149,16 @@ impl AmqpSourceConfig {
     }
 }
 
-/// An error's text with the URL's password taken out, should it quote the URL.
+/// An error's text with the URL (and its password) taken out, should it quote them.
 fn redact(error: &dyn std::fmt::Display, url: &str) -> String {
-    let text = error.to_string();
-    match url.parse::<lapin::uri::AMQPUri>() {
-        Ok(uri) if !uri.authority.userinfo.password.is_empty() => {
-            text.replace(&uri.authority.userinfo.password, "***")
-        }
-        _ => text,
+    let mut text = error.to_string().replace(url, "<url>");
+    if let Ok(parsed) = url::Url::parse(url)
+        && let Some(password) = parsed.password()
+        && !password.is_empty()
+    {
+        text = text.replace(password, "***");
     }
+    text
 }
 
 /// An AMQP value as JSON: strings as text (bytes that are not UTF-8 in base64),
@@ -345,7 +357,7 @@ fn kept_delivery(
             )
         })
         .unwrap_or(serde_json::Value::Null);
-    let vhost = match config.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
+    let vhost = match config.uri() {
         Ok(uri) => uri.vhost,
         Err(_) => "/".to_owned(),
     };
@@ -413,8 +425,9 @@ impl Source for AmqpSource {
         let config = &self.config;
         let url = config.url.expose_secret();
         let broker = config.broker();
+        let uri = config.uri()?;
         let connection = tokio::select! {
-            connection = Connection::connect(url, ConnectionProperties::default()) => connection
+            connection = Connection::connect_uri(uri, ConnectionProperties::default()) => connection
                 .map_err(|error| format!("connecting to {broker} failed: {}", redact(&error, url)))?,
             () = shutdown.cancelled() => return Ok(()),
         };
@@ -472,18 +485,25 @@ impl Source for AmqpSource {
         let _drain = {
             let (shutdown, abandoned) = (shutdown.clone(), abandoned.clone());
             let guard = abandoned.clone().drop_guard();
+            // Ends with the run too (the guard cancels `abandoned` when it returns).
             tokio::spawn(async move {
-                shutdown.cancelled().await;
-                tokio::time::sleep(DRAIN).await;
-                abandoned.cancel();
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = abandoned.cancelled() => return,
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(DRAIN) => abandoned.cancel(),
+                    () = abandoned.cancelled() => {}
+                }
             });
             guard
         };
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let first = tokio::select! {
-                next = consumer.next() => next,
+                biased;
                 () = shutdown.cancelled() => break,
+                next = consumer.next() => next,
             };
             let Some(first) = first else {
                 return Err(format!(
@@ -516,11 +536,15 @@ impl Source for AmqpSource {
             }
             // Everything up to the last one, in one ack.
             let last = batch.last().expect("not empty");
-            last.ack(BasicAckOptions { multiple: true })
+            let acknowledged = last
+                .ack(BasicAckOptions { multiple: true })
                 .await
                 .map_err(|error| {
                     format!("acknowledging stored deliveries failed (they come back and are deduplicated by message-id): {error}")
                 })?;
+            if !acknowledged {
+                return Err("acknowledging stored deliveries failed: the channel is closed (they come back and are deduplicated by message-id)".to_owned());
+            }
             batch.clear();
         }
         let _ = channel.close(200, "switchyard stopping".into()).await;

@@ -303,6 +303,13 @@ impl Source for MqttSource {
                     {
                         break Err("the broker refused a subscription".to_owned());
                     }
+                    // QoS 0 would be at most once, with nothing to acknowledge and no
+                    // bound on what the broker sends.
+                    if ack.return_codes.iter().any(|code| {
+                        matches!(code, rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce))
+                    }) {
+                        break Err("the broker granted a subscription at QoS 0 only (at most once): allow QoS 1 for this client".to_owned());
+                    }
                     health.up();
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
@@ -327,7 +334,19 @@ impl Source for MqttSource {
         };
         drop(sender);
         abandoned.cancel();
-        let _ = storing.await;
+        // The event loop goes on being polled while the storing task ends: it sends
+        // the acks the task queues (which would wait for room otherwise).
+        let mut storing = storing;
+        loop {
+            tokio::select! {
+                _ = &mut storing => break,
+                polled = eventloop.poll() => if polled.is_err() {
+                    // No connection to send acks on: the task's acks fail and it ends.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut storing).await;
+                    break;
+                },
+            }
+        }
         let _ = client.try_disconnect();
         // Let the disconnect go out.
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -349,6 +368,10 @@ async fn store_and_ack(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     while receiver.recv_many(&mut batch, BATCH).await > 0 {
+        if abandoned.is_cancelled() {
+            // Not stored, not acknowledged: the broker delivers them again.
+            return;
+        }
         let inputs: Vec<Input> = batch
             .iter()
             .map(|publish| to_input(&config, &source, publish))
@@ -362,7 +385,7 @@ async fn store_and_ack(
         }
         tracing::trace!(source = %config.name, messages = batch.len(), "messages stored; acknowledging");
         for publish in batch.drain(..) {
-            if client.ack(&publish).await.is_err() {
+            if client.try_ack(&publish).is_err() && client.ack(&publish).await.is_err() {
                 return;
             }
         }

@@ -307,14 +307,19 @@ pub fn plan(
         }
         after = oldest;
     }
+    // In time order, stopping at the first time not due yet; once one time is on
+    // time, every later one is too. (With a flexible window a later time's firing
+    // instant can come before an earlier one's: it waits for the earlier, so no time
+    // is ever fired, or skipped, before an earlier one.)
     let mut on_time = Vec::new();
     while let Some(time) = schedule.next_after(after) {
         let fires_at = time + config.delay(time);
         if fires_at > now {
+            // Not due yet: nothing after it fires before it.
             break;
         }
         after = time;
-        if first_look && now - fires_at > MISSED_AFTER {
+        if first_look && on_time.is_empty() && now - fires_at > MISSED_AFTER {
             missed.push_back(time);
             // Only the newest `catch_up_limit` matter.
             if missed.len() > config.catch_up_limit
@@ -452,7 +457,12 @@ pub struct ScheduleStatus {
 /// The status of each schedule: its progress in the cluster's bucket and its next
 /// firing times after now.
 pub async fn statuses(bus: &Bus, configs: &[ScheduleSourceConfig]) -> Vec<ScheduleStatus> {
-    let store = open_bucket(bus).await.map_err(|error| error.to_string());
+    // Looked up, not created: no schedule has run yet when it does not exist.
+    let store = bus
+        .jetstream()
+        .get_key_value(format!("{}_SCHEDULES", bus.events_stream()))
+        .await
+        .map_err(|error| error.to_string());
     let now = Utc::now();
     let mut statuses = Vec::with_capacity(configs.len());
     for config in configs {
@@ -505,6 +515,8 @@ pub struct ScheduleSource {
     config: ScheduleSourceConfig,
     schedule: Schedule,
     bus: Bus,
+    /// A run has looked for missed times already.
+    looked: std::sync::atomic::AtomicBool,
 }
 
 impl ScheduleSource {
@@ -517,6 +529,7 @@ impl ScheduleSource {
             config,
             schedule,
             bus,
+            looked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -524,6 +537,7 @@ impl ScheduleSource {
     /// the bus is unavailable. `Ok(false)`: shutdown came first.
     async fn publish(
         &self,
+        store: &kv::Store,
         time: DateTime<Utc>,
         shutdown: &CancellationToken,
     ) -> Result<bool, String> {
@@ -545,6 +559,14 @@ impl ScheduleSource {
                     tokio::select! {
                         () = tokio::time::sleep(backoff.delay()) => {}
                         () = shutdown.cancelled() => return Ok(false),
+                    }
+                    // Another process may have fired it meanwhile: publishing it after
+                    // the duplicate window would store it twice.
+                    if read(store, &self.config.name)
+                        .await
+                        .is_ok_and(|(fired, _)| fired.is_some_and(|fired| fired >= time))
+                    {
+                        return Ok(true);
                     }
                 }
                 Err(error) => {
@@ -589,14 +611,19 @@ impl Source for ScheduleSource {
             .last_event(&self.config.source(), &self.config.event_type)
             .await
             .map_err(|error| error.to_string())?
-            .and_then(|event| event.time)
-            .and_then(|time| DateTime::parse_from_rfc3339(&time).ok())
-            .map(|time| time.with_timezone(&Utc));
+            // A firing's id is its time; anything else under the schedule's source,
+            // or a time still to come, is not a firing of this schedule.
+            .filter(|event| event.time.as_deref() == Some(event.id.as_str()))
+            .and_then(|event| DateTime::parse_from_rfc3339(&event.id).ok())
+            .map(|time| time.with_timezone(&Utc))
+            .filter(|time| *time <= Utc::now() + chrono::Duration::seconds(5));
         if let Some(stored) = stored {
             advance(&store, name, stored).await?;
         }
         health.up();
-        let mut first_look = true;
+        // Missed times are only looked for once per process: a run of this source
+        // started again after a NATS outage sees late times, not missed ones.
+        let mut first_look = !self.looked.swap(true, std::sync::atomic::Ordering::SeqCst);
         loop {
             let now = Utc::now();
             let fired_through = match read(&store, name).await? {
@@ -618,6 +645,10 @@ impl Source for ScheduleSource {
                 tracing::info!(schedule = %name, firing = plan.fire.len(), "firing times missed while no process ran this schedule");
             }
             first_look = false;
+            let mut last_fired = plan
+                .skipped_through
+                .unwrap_or(fired_through)
+                .max(fired_through);
             for time in plan.fire {
                 if shutdown.is_cancelled() {
                     return Ok(());
@@ -630,16 +661,19 @@ impl Source for ScheduleSource {
                 {
                     continue;
                 }
-                if !self.publish(time, &shutdown).await? {
+                if !self.publish(&store, time, &shutdown).await? {
                     return Ok(());
                 }
                 advance(&store, name, time).await?;
+                last_fired = time;
             }
             // Until the next firing instant (or a while, to notice clock changes).
             let now = Utc::now();
+            // The first time not fired yet: the plan stops at it, whatever the
+            // flexible window does to later ones.
             let next = self
                 .schedule
-                .next_after(fired_through.max(now - MISSED_AFTER))
+                .next_after(last_fired)
                 .map(|time| time + self.config.delay(time));
             let wait = next
                 .map(|at| (at - now).to_std().unwrap_or(Duration::ZERO))
@@ -836,6 +870,36 @@ mod tests {
             false,
         );
         assert_eq!(after.fire, [time]);
+    }
+
+    #[test]
+    fn with_a_flexible_window_times_fire_in_order_and_none_is_skipped() {
+        let mut config = config("rate(1 minute)", "UTC");
+        config.flexible_window = Some(Duration::from_secs(10 * 60));
+        config.catch_up = CatchUp::None;
+        let schedule = config.schedule().unwrap();
+        let fired_through = utc("2027-01-01T00:00:00Z");
+        for minutes in [1, 5, 9, 13, 30] {
+            let now = fired_through + chrono::Duration::minutes(minutes);
+            for first_look in [false, true] {
+                let plan = plan(&config, &schedule, fired_through, now, first_look);
+                // What fires, and what is skipped before it, is a run of consecutive
+                // minutes from the first after `fired_through`.
+                let mut expected = fired_through;
+                if let Some(through) = plan.skipped_through {
+                    assert_eq!(
+                        through,
+                        fired_through + chrono::Duration::minutes(plan.skipped as i64),
+                        "{plan:?}"
+                    );
+                    expected = through;
+                }
+                for time in &plan.fire {
+                    expected += chrono::Duration::minutes(1);
+                    assert_eq!(*time, expected, "out of order or a gap: {plan:?}");
+                }
+            }
+        }
     }
 
     #[test]

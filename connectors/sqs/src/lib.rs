@@ -133,8 +133,11 @@ impl SqsSourceConfig {
         if !(1..=10).contains(&self.max_messages) {
             problems.push(("max_messages", "must be 1 to 10 (SQS's limit)".to_owned()));
         }
-        if self.wait_time > Duration::from_secs(20) {
-            problems.push(("wait_time", "must be at most 20s (SQS's limit)".to_owned()));
+        if !(Duration::from_secs(1)..=Duration::from_secs(20)).contains(&self.wait_time) {
+            problems.push((
+                "wait_time",
+                "must be 1s to 20s (SQS's long polling; shorter would poll an empty queue in a loop)".to_owned(),
+            ));
         }
         if let Some(timeout) = self.visibility_timeout
             && !(Duration::from_secs(1)..=Duration::from_secs(12 * 60 * 60)).contains(&timeout)

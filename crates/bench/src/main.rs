@@ -9,6 +9,8 @@
 //!     real `switchyard` binary as its own process;
 //! (d) that process's RSS at idle and under the load of (c);
 //! (e) Kafka -> function beside bare rdkafka loops (see `kafka.rs`), with `--kafka`;
+//! (j) SQS, RabbitMQ and MQTT -> function beside bare client-to-HTTP bridges (see
+//! `queues.rs`), with `--queues-only` alone;
 //! (f) object store -> function (see `objects.rs`);
 //! (g) managed lambda functions: cold start beside a bare start, warm invocations
 //!     beside AWS's Runtime Interface Emulator, idle memory (see `functions.rs`);
@@ -23,6 +25,7 @@ mod dispatch;
 mod functions;
 mod kafka;
 mod objects;
+mod queues;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -636,6 +639,15 @@ fn main() -> anyhow::Result<()> {
             functions::bench_sync_invoke(&nats, &binary, quick).await?;
             return Ok(());
         }
+        if arguments.iter().any(|argument| argument == "--queues-only") {
+            let (sqs, others) = if quick {
+                (1_000, 2_000)
+            } else {
+                (5_000, 20_000)
+            };
+            queues::bench_queues(&nats, sqs, others).await?;
+            return Ok(());
+        }
         if arguments.iter().any(|argument| argument == "--kafka-only") {
             kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
             return Ok(());
@@ -658,6 +670,12 @@ fn main() -> anyhow::Result<()> {
         kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
         let (notified, polled) = if quick { (500, 2_000) } else { (2_000, 20_000) };
         objects::bench_objects(&nats, notified, polled).await?;
+        let (sqs, others) = if quick {
+            (1_000, 2_000)
+        } else {
+            (5_000, 20_000)
+        };
+        queues::bench_queues(&nats, sqs, others).await?;
         functions::bench_functions(&nats, &binary, quick).await?;
         functions::bench_sync_invoke(&nats, &binary, quick).await?;
         deploy::bench_deploy(&nats, &binary, quick).await?;

@@ -139,6 +139,21 @@ async fn dead_letter(
             .await
         {
             Ok(()) => return Some(()),
+            Err(PublishError::TooLarge(failure)) if !event.extensions.is_empty() => {
+                // Its attributes do not fit even cut short: the dead letter keeps the
+                // core attributes and the data, and says what it dropped.
+                tracing::warn!(source, event_id = %event.id, error = %failure, "the dead letter of an input is too large with its extension attributes; storing it without them");
+                let dropped = event.extensions.len();
+                let mut stripped = event.clone();
+                stripped.extensions.clear();
+                let error = format!(
+                    "{error} (its {dropped} extension attributes were dropped to fit the dead letter)"
+                );
+                return Box::pin(dead_letter(
+                    bus, source, stripped, reason, &error, abandoned,
+                ))
+                .await;
+            }
             Err(PublishError::TooLarge(failure)) => {
                 tracing::error!(source, event_id = %event.id, error = %failure, "the dead letter of an input is itself too large; input skipped");
                 return Some(());

@@ -750,7 +750,12 @@ fn reserved_sources(config: &config::Config) -> switchyard_connector_http::Reser
             // place in the duplicate window.
             #[cfg(feature = "sqs")]
             config::SourceConfig::Sqs(sqs) => {
-                reserved.reserve_prefix("arn:aws:sqs:", format!("sqs source `{}`", sqs.name));
+                for partition in ["aws", "aws-cn", "aws-us-gov"] {
+                    reserved.reserve_prefix(
+                        format!("arn:{partition}:sqs:"),
+                        format!("sqs source `{}`", sqs.name),
+                    );
+                }
             }
             #[cfg(feature = "amqp")]
             config::SourceConfig::Amqp(amqp) => {
