@@ -4,11 +4,12 @@
 //!   each message, POSTs it to the no-op function (64 in flight) and only then
 //!   deletes / acknowledges it: the loop anyone would write by hand, without
 //!   durability;
-//! - Switchyard: the source -> JetStream (file storage) -> trigger -> the same
-//!   function, one message per invocation;
+//! - Switchyard: the source -> JetStream (file storage), alone (counted as stored);
+//!   then with a trigger to the same function, one message per invocation; then
+//!   with a trigger batching up to 100;
 //!
-//! each over its own copy of the messages (two queues, or two MQTT sessions), in one
-//! run. The rate counts from the first message at the function.
+//! each over its own copy of the messages (four queues, or four MQTT sessions), in
+//! one run. The rate counts from the first message at the function (or stored).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -19,18 +20,43 @@ use switchyard_testkit::queues::{MosquittoServer, RabbitServer, SqsServer};
 
 use crate::{Nats, NoopFunction, PAYLOAD, client, config_header, free_port};
 
-/// Runs Switchyard with `source` (a `[[sources]]` table) feeding the no-op function
-/// until it got `count` calls; the time from the first.
+/// How a Switchyard run is measured.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// The source alone: events stored in JetStream, no trigger.
+    Stored,
+    /// A trigger making one invocation per event.
+    Single,
+    /// A trigger making invocations of up to 100 events.
+    Batched,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Stored, Mode::Single, Mode::Batched];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Mode::Stored => "stored",
+            Mode::Single => "single",
+            Mode::Batched => "batched",
+        }
+    }
+}
+
+/// Runs Switchyard with `source` (a `[[sources]]` table) until `count` events are
+/// stored (`Mode::Stored`) or the no-op function got `count` events; the time from
+/// the first.
 async fn run_switchyard(
     nats: &Nats,
     name: &str,
     source: &str,
     function: &NoopFunction,
     count: usize,
+    mode: Mode,
 ) -> anyhow::Result<Duration> {
-    let text = config_header(&nats.url(), &format!("benchq{name}"), free_port())
-        + source
-        + &format!(
+    let trigger = match mode {
+        Mode::Stored => String::new(),
+        Mode::Single => format!(
             r#"
 [[functions]]
 type = "http"
@@ -44,12 +70,53 @@ function = "noop"
 max_concurrency = 64
 "#,
             url = function.url()
-        );
+        ),
+        Mode::Batched => format!(
+            r#"
+[[functions]]
+type = "http"
+name = "noop"
+url = "{url}"
+max_concurrency = 64
+concurrency_scope = "process"
+[[triggers]]
+name = "bench"
+function = "noop"
+max_concurrency = 8
+batch = {{ max_events = 100, window = "20ms" }}
+"#,
+            url = function.url()
+        ),
+    };
+    let prefix = format!("benchq{name}{}", mode.suffix());
+    let text = config_header(&nats.url(), &prefix, free_port()) + source + &trigger;
     let config = switchyard::config::parse(Path::new("bench.toml"), &text, &|_| None)
         .map_err(|errors| anyhow::anyhow!("{errors}"))?;
     function.count.store(0, Ordering::SeqCst);
+    let bus = switchyard_bus::Bus::connect(&config.nats).await?;
     let running = switchyard::start(config).await?;
-    let elapsed = time_calls(function, count).await;
+    let elapsed = match mode {
+        Mode::Stored => {
+            let stored = || async {
+                match bus.jetstream().get_stream(bus.events_stream()).await {
+                    Ok(mut stream) => stream.info().await.map_or(0, |info| info.state.messages),
+                    Err(_) => 0,
+                }
+            };
+            while stored().await == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let started = Instant::now();
+            let first = stored().await as usize;
+            while (stored().await as usize) < count {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            started
+                .elapsed()
+                .mul_f64(count as f64 / (count - first).max(1) as f64)
+        }
+        Mode::Single | Mode::Batched => time_calls(function, count).await,
+    };
     running.stop().await?;
     Ok(elapsed)
 }
@@ -86,13 +153,20 @@ async fn post(http: &reqwest::Client, url: &str, id: &str, body: Vec<u8>) {
         .await;
 }
 
-fn print_row(queue: &str, count: usize, bridge: Duration, switchyard: Duration) {
+fn print_row(queue: &str, count: usize, bridge: Duration, switchyard: &[Duration]) {
     let rate = |elapsed: Duration| count as f64 / elapsed.as_secs_f64();
+    let [stored, single, batched] = switchyard else {
+        unreachable!("one figure per mode")
+    };
     println!(
-        "| {queue} | {count} | {:.0} | {:.0} | **{:.0}%** |",
+        "| {queue} | {count} | {:.0} | {:.0} ({:.0}%) | {:.0} | **{:.0}%** | {:.0} | **{:.0}%** |",
         rate(bridge),
-        rate(switchyard),
-        100.0 * rate(switchyard) / rate(bridge)
+        rate(*stored),
+        100.0 * rate(*stored) / rate(bridge),
+        rate(*single),
+        100.0 * rate(*single) / rate(bridge),
+        rate(*batched),
+        100.0 * rate(*batched) / rate(bridge),
     );
 }
 
@@ -153,7 +227,10 @@ receivers = 4
     ))?;
     let sqs = config.client().await;
     let bridge_url = sqs_queue(&sqs, "bridge", count).await?;
-    let switchyard_url = sqs_queue(&sqs, "switchyard", count).await?;
+    let mut switchyard_urls = Vec::new();
+    for mode in Mode::ALL {
+        switchyard_urls.push(sqs_queue(&sqs, mode.suffix(), count).await?);
+    }
 
     // Bare bridge: 4 receivers (as the source's), each receives 10, POSTs them
     // concurrently, deletes them in one batch; 64 POSTs in flight in all at most.
@@ -177,11 +254,11 @@ receivers = 4
                     .await
                     .expect("receiving");
                 let messages = received.messages.unwrap_or_default();
-                let url = function.url();
+                let function_url = function.url();
                 let calls = messages.iter().map(|message| {
                     post(
                         &http,
-                        &url,
+                        &function_url,
                         message.message_id().unwrap_or_default(),
                         message.body().unwrap_or_default().as_bytes().to_vec(),
                     )
@@ -214,8 +291,10 @@ receivers = 4
         let (elapsed, _) = tokio::join!(timing, futures::future::join_all(receivers));
         elapsed
     };
-    let source = format!(
-        r#"
+    let mut switchyard = Vec::new();
+    for (mode, switchyard_url) in Mode::ALL.into_iter().zip(&switchyard_urls) {
+        let source = format!(
+            r#"
 [[sources]]
 type = "sqs"
 name = "sqs"
@@ -225,13 +304,14 @@ secret_access_key = "bench"
 wait_time = "1s"
 receivers = 4
 "#
-    );
-    let switchyard = run_switchyard(nats, "sqs", &source, function, count).await?;
+        );
+        switchyard.push(run_switchyard(nats, "sqs", &source, function, count, mode).await?);
+    }
     print_row(
         "SQS (ElasticMQ 1.7.1), 4 receivers of 10",
         count,
         bridge,
-        switchyard,
+        &switchyard,
     );
     Ok(())
 }
@@ -284,7 +364,9 @@ async fn bench_amqp(nats: &Nats, function: &NoopFunction, count: usize) -> anyho
         lapin::Connection::connect(&server.url(), lapin::ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     amqp_queue(&channel, "bridge", count).await?;
-    amqp_queue(&channel, "switchyard", count).await?;
+    for mode in Mode::ALL {
+        amqp_queue(&channel, mode.suffix(), count).await?;
+    }
 
     // Bare bridge: consume with the source's prefetch (256), POST each (64 in flight),
     // acknowledge each after its POST.
@@ -325,22 +407,26 @@ async fn bench_amqp(nats: &Nats, function: &NoopFunction, count: usize) -> anyho
         .buffer_unordered(64)
         .for_each(|()| async {});
     let (bridge, ()) = tokio::join!(time_calls(function, count), bridging);
-    let source = format!(
-        r#"
+    let mut switchyard = Vec::new();
+    for mode in Mode::ALL {
+        let source = format!(
+            r#"
 [[sources]]
 type = "amqp"
 name = "amqp"
 url = "{url}"
-queue = "switchyard"
+queue = "{queue}"
 "#,
-        url = server.url()
-    );
-    let switchyard = run_switchyard(nats, "amqp", &source, function, count).await?;
+            url = server.url(),
+            queue = mode.suffix()
+        );
+        switchyard.push(run_switchyard(nats, "amqp", &source, function, count, mode).await?);
+    }
     print_row(
         "RabbitMQ (Debian 3.10), prefetch 256",
         count,
         bridge,
-        switchyard,
+        &switchyard,
     );
     let _ = connection.close(200, "done".into()).await;
     Ok(())
@@ -367,7 +453,9 @@ async fn mqtt_session(port: u16, client_id: &str) -> anyhow::Result<()> {
 async fn bench_mqtt(nats: &Nats, function: &NoopFunction, count: usize) -> anyhow::Result<()> {
     let server = tokio::task::spawn_blocking(MosquittoServer::start).await?;
     mqtt_session(server.port, "bridge").await?;
-    mqtt_session(server.port, "switchyard-mqtt").await?;
+    for mode in Mode::ALL {
+        mqtt_session(server.port, mode.suffix()).await?;
+    }
     // Publish once: both sessions get a copy queued.
     {
         let options = rumqttc::MqttOptions::new("publisher", "127.0.0.1", server.port);
@@ -449,22 +537,27 @@ async fn bench_mqtt(nats: &Nats, function: &NoopFunction, count: usize) -> anyho
         elapsed
     };
     let (bridge, (), ()) = tokio::join!(measuring, polling, bridging);
-    let source = format!(
-        r#"
+    let mut switchyard = Vec::new();
+    for mode in Mode::ALL {
+        let source = format!(
+            r#"
 [[sources]]
 type = "mqtt"
 name = "mqtt"
 url = "{url}"
+client_id = "{client_id}"
 topics = ["bench/#"]
 "#,
-        url = server.url()
-    );
-    let switchyard = run_switchyard(nats, "mqtt", &source, function, count).await?;
+            url = server.url(),
+            client_id = mode.suffix()
+        );
+        switchyard.push(run_switchyard(nats, "mqtt", &source, function, count, mode).await?);
+    }
     print_row(
         "MQTT 3.1.1 (mosquitto 2.0), QoS 1, persistent session",
         count,
         bridge,
-        switchyard,
+        &switchyard,
     );
     Ok(())
 }
@@ -482,7 +575,7 @@ pub async fn bench_queues(nats: &Nats, sqs_count: usize, count: usize) -> anyhow
         PAYLOAD.len()
     );
     println!(
-        "| queue | messages | bare bridge msgs/s | switchyard msgs/s | switchyard / bridge |\n|---|---|---|---|---|"
+        "| queue | messages | bare bridge msgs/s | source alone, stored (vs bridge) | switchyard, one per invocation | vs bridge | switchyard, batches of up to 100 | vs bridge |\n|---|---|---|---|---|---|---|---|"
     );
     bench_sqs(nats, &function, sqs_count).await?;
     bench_amqp(nats, &function, count).await?;
