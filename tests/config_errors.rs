@@ -926,3 +926,38 @@ flexible_window = "2d"
         );
     }
 }
+
+/// An MQTT source's mistakes name their line and field: TLS settings on a plain
+/// `mqtt://` URL, a certificate file that is not there, a key without its
+/// certificate, a topic filter with `#` before its end.
+#[test]
+fn mqtt_mistakes_are_located_at_their_field() {
+    let text = r#"
+[[sources]]
+type = "mqtt"
+name = "plain"
+url = "mqtt://127.0.0.1:1883"
+topics = ["a/#"]
+tls = { ca_file = "/nonexistent/ca.pem" }
+
+[[sources]]
+type = "mqtt"
+name = "half"
+url = "mqtts://broker.example:8883"
+topics = ["a/#/b"]
+tls = { key_file = "/nonexistent/key.pem" }
+"#;
+    let (ok, output) = validate(text);
+    assert!(!ok);
+    for expected in [
+        "DIR/broken.toml:7:1: field `tls`: TLS settings need an mqtts:// url",
+        "DIR/broken.toml:7:1: field `tls`: `/nonexistent/ca.pem`: No such file",
+        "DIR/broken.toml:13:1: field `topics`: `a/#/b` is not an MQTT topic filter",
+        "DIR/broken.toml:14:1: field `tls`: `cert_file` and `key_file` go together",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing `{expected}` in:\n{output}"
+        );
+    }
+}

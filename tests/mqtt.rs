@@ -341,3 +341,164 @@ topics = ["load/#"]
     );
     assert_eq!(counts.len(), 5000);
 }
+
+/// Waits until source `name` failed at least once; its `/v1/sources` entry.
+async fn wait_failed(process: &Process, name: &str) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let body = reqwest::get(format!("http://{}/v1/sources", process.admin()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let sources: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let source = sources["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|source| source["name"] == name)
+            .cloned()
+            .unwrap_or_default();
+        if source["last_error"].is_string() {
+            return source;
+        }
+        assert!(Instant::now() < deadline, "source {name}: {source}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// TLS to a broker that requires client certificates: the broker's certificate is
+/// checked against a private CA and a configured name, Switchyard presents its own,
+/// and messages flow. Beside it, sources without a client certificate, trusting
+/// another CA, expecting another name, or with a wrong password fail with their
+/// reason (and are retried) without stopping the first; the password is in no
+/// error and in no log line, even with every library at trace level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates_works_and_refusals_are_reported() {
+    const WRONG_PASSWORD: &str = "not-the-secret-7731";
+    let certs = tempfile::tempdir().unwrap();
+    let authority = common::authority();
+    std::fs::write(certs.path().join("ca.pem"), authority.cert.pem()).unwrap();
+    common::issue_files(&authority, certs.path(), "server", "mqtt.test");
+    common::issue_files(&authority, certs.path(), "client", "switchyard.client");
+    std::fs::write(
+        certs.path().join("stranger.pem"),
+        common::authority().cert.pem(),
+    )
+    .unwrap();
+    let nats = NatsServer::start();
+    let server = MosquittoServer::start_tls(certs.path());
+    let guarded = MosquittoServer::start_with_password();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("mqtt");
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let tls_url = format!("mqtts://127.0.0.1:{}", server.tls_port.unwrap());
+    let dir = certs.path().display();
+    let rest = format!(
+        r#"
+[[sources]]
+type = "mqtt"
+name = "secure"
+url = "{tls_url}"
+topics = ["secure/#"]
+tls = {{ ca_file = "{dir}/ca.pem", cert_file = "{dir}/client.pem", key_file = "{dir}/client-key.pem", server_name = "mqtt.test" }}
+
+[[sources]]
+type = "mqtt"
+name = "no-certificate"
+url = "{tls_url}"
+topics = ["secure/#"]
+tls = {{ ca_file = "{dir}/ca.pem", server_name = "mqtt.test" }}
+
+[[sources]]
+type = "mqtt"
+name = "other-ca"
+url = "{tls_url}"
+topics = ["secure/#"]
+tls = {{ ca_file = "{dir}/stranger.pem", cert_file = "{dir}/client.pem", key_file = "{dir}/client-key.pem", server_name = "mqtt.test" }}
+
+[[sources]]
+type = "mqtt"
+name = "other-name"
+url = "{tls_url}"
+topics = ["secure/#"]
+tls = {{ ca_file = "{dir}/ca.pem", cert_file = "{dir}/client.pem", key_file = "{dir}/client-key.pem", server_name = "elsewhere.test" }}
+
+[[sources]]
+type = "mqtt"
+name = "wrong-password"
+url = "{guarded_url}"
+topics = ["secure/#"]
+username = "switchyard"
+password = "${{MQTT_WRONG_PASSWORD}}"
+{function}"#,
+        guarded_url = guarded.url(),
+        function = function_and_trigger(&function),
+    );
+    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    let log = directory.path().join("switchyard.log");
+    let process = Process::start_logged(
+        &file,
+        &[
+            ("MQTT_WRONG_PASSWORD", WRONG_PASSWORD.to_owned()),
+            ("SWITCHYARD_TEST_LOG", "trace".to_owned()),
+        ],
+        &log,
+    );
+    process.wait_ready().await;
+    wait_running(&process, "secure").await;
+
+    // Published on the broker's plain listener, received over TLS.
+    mqtt_client(
+        &server,
+        &["publish", "secure/readings", "20", "--prefix", "tls"],
+    );
+    let bodies: Vec<String> = (0..20).map(|number| format!("tls-{number}")).collect();
+    wait_all(&function, &bodies).await;
+    assert_eq!(
+        function.received()[0].header("ce-source"),
+        Some(tls_url.as_str())
+    );
+
+    let mut errors = Vec::new();
+    for name in ["no-certificate", "other-ca", "other-name", "wrong-password"] {
+        let source = wait_failed(&process, name).await;
+        assert_ne!(source["state"], "running", "{source}");
+        errors.push(source["last_error"].as_str().unwrap().to_owned());
+    }
+    let all = errors.join("\n");
+    assert!(
+        errors[0].contains(&tls_url) && errors[0].contains("CertificateRequired"),
+        "no client certificate: {all}"
+    );
+    // The stranger CA has the same name as the real one: its signature is wrong.
+    assert!(
+        errors[1].contains("invalid peer certificate"),
+        "another CA: {all}"
+    );
+    assert!(
+        errors[2].contains("not valid for name \"elsewhere.test\""),
+        "another name: {all}"
+    );
+    assert!(
+        errors[3].contains("refused") && errors[3].contains("NotAuthorized"),
+        "wrong password: {all}"
+    );
+    assert!(!all.contains(WRONG_PASSWORD), "{all}");
+    let counts = counts(&function);
+    for body in &bodies {
+        assert_eq!(counts[body], 1, "{body} delivered more than once");
+    }
+    drop(process);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("wrong-password") && logged.contains("TRACE"),
+        "the log holds the sources' failures, at trace level"
+    );
+    assert!(
+        !logged.contains(WRONG_PASSWORD),
+        "the password reached the log"
+    );
+}

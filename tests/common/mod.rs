@@ -63,6 +63,16 @@ pub struct Bound {
 
 impl Process {
     pub fn start(config: &Path, env: &[(&str, String)]) -> Process {
+        Self::start_inner(config, env, None)
+    }
+
+    /// [`Process::start`], its stdout and stderr written to `log` (for tests that
+    /// read what it logged).
+    pub fn start_logged(config: &Path, env: &[(&str, String)], log: &Path) -> Process {
+        Self::start_inner(config, env, Some(log))
+    }
+
+    fn start_inner(config: &Path, env: &[(&str, String)], log: Option<&Path>) -> Process {
         let directory = tempfile::tempdir().unwrap();
         let ready_file = directory.path().join("ready.json");
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
@@ -73,7 +83,12 @@ impl Process {
             .arg("--ready-file")
             .arg(&ready_file)
             .stdout(Stdio::null());
-        if std::env::var_os("SWITCHYARD_TEST_LOG").is_none() {
+        if let Some(log) = log {
+            let file = std::fs::File::create(log).unwrap();
+            command
+                .stdout(file.try_clone().unwrap())
+                .stderr(Stdio::from(file));
+        } else if std::env::var_os("SWITCHYARD_TEST_LOG").is_none() {
             command.stderr(Stdio::null());
         }
         for (name, value) in env {
@@ -645,6 +660,12 @@ pub fn binary_event(
 pub fn authority() -> rcgen::CertifiedKey {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    // Subjects differ from the certificates it issues (OpenSSL takes a certificate
+    // whose subject is its issuer's for self-signed).
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Switchyard test CA");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let cert = params.self_signed(&key).unwrap();
     rcgen::CertifiedKey {
@@ -656,7 +677,11 @@ pub fn authority() -> rcgen::CertifiedKey {
 /// A certificate for `dns_name` issued by `ca`: its PEM and its key's PEM.
 pub fn issue(ca: &rcgen::CertifiedKey, dns_name: &str) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, dns_name);
     let cert = params.signed_by(&key, &ca.cert, &ca.key_pair).unwrap();
     (cert.pem(), key.serialize_pem())
 }

@@ -33,9 +33,13 @@ use tokio_util::sync::CancellationToken;
 pub struct MqttSourceConfig {
     /// Name of the source, in logs and in `source:<name>` dead letters.
     pub name: String,
-    /// The broker: `mqtt://host:1883`, or `mqtts://host:8883` for TLS (the system's
-    /// root certificates).
+    /// The broker: `mqtt://host:1883`, or `mqtts://host:8883` for TLS (checked
+    /// against the system's root certificates unless `tls.ca_file` says otherwise).
     pub url: String,
+    /// TLS settings for an `mqtts://` broker: `ca_file`, a client certificate
+    /// (`cert_file`, `key_file`), `server_name`.
+    #[serde(default)]
+    pub tls: Option<switchyard_bus::tls::ClientTls>,
     /// Topic filters subscribed to (`+` and `#` wildcards).
     pub topics: Vec<String>,
     /// The session's client id: one process at a time may hold it.
@@ -113,6 +117,18 @@ impl MqttSourceConfig {
                 ));
             }
         }
+        if let Some(tls) = &self.tls {
+            if !self.url.starts_with("mqtts://") {
+                problems.push((
+                    "tls",
+                    "TLS settings need an mqtts:// url (this one would connect without TLS)"
+                        .to_owned(),
+                ));
+            }
+            for problem in tls.problems() {
+                problems.push(("tls", problem));
+            }
+        }
         if self.username.is_none() && self.password.is_some() {
             problems.push(("password", "a password needs a username".to_owned()));
         }
@@ -153,7 +169,10 @@ impl MqttSourceConfig {
             // limit, and dead-letters what is over it).
             .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024);
         if tls {
-            options.set_transport(Transport::tls_with_default_config());
+            let config = self.tls.clone().unwrap_or_default().rustls_config()?;
+            options.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+            ));
         }
         if let Some(username) = &self.username {
             options.set_credentials(

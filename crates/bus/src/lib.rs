@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod limits;
 pub mod retry_state;
 pub mod subject;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,24 +189,13 @@ impl BusConfig {
             problems.push(("creds_file", format!("`{}`: {error}", path.display())));
         }
         if let Some(tls) = &self.tls {
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                problems.push(("tls", "`cert_file` and `key_file` go together".to_owned()));
-            }
-            for path in [&tls.ca_file, &tls.cert_file, &tls.key_file]
-                .into_iter()
-                .flatten()
-            {
-                if let Err(error) = std::fs::metadata(path) {
-                    problems.push(("tls", format!("`{}`: {error}", path.display())));
-                }
-            }
-            if let Some(name) = &tls.server_name
-                && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
-            {
-                problems.push((
-                    "tls",
-                    format!("server_name `{name}` is not a DNS name or IP address"),
-                ));
+            for problem in tls::problems(
+                tls.ca_file.as_deref(),
+                tls.cert_file.as_deref(),
+                tls.key_file.as_deref(),
+                tls.server_name.as_deref(),
+            ) {
+                problems.push(("tls", problem));
             }
         }
         problems
@@ -227,109 +217,17 @@ impl BusConfig {
     }
 }
 
-/// Checks the server's certificate against a configured name rather than the host
-/// the client connected to.
-#[derive(Debug)]
-struct NamedServer {
-    name: rustls_pki_types::ServerName<'static>,
-    inner: Arc<tokio_rustls::rustls::client::WebPkiServerVerifier>,
-}
-
-impl tokio_rustls::rustls::client::danger::ServerCertVerifier for NamedServer {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls_pki_types::CertificateDer<'_>,
-        intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _server_name: &rustls_pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls_pki_types::UnixTime,
-    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
-    {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 /// A rustls client configuration checking the servers against `server_name`.
 fn tls_with_server_name(
     tls: &NatsTls,
     server_name: &str,
 ) -> Result<tokio_rustls::rustls::ClientConfig, String> {
-    use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca_file {
-        Some(path) => {
-            for certificate in CertificateDer::pem_file_iter(path)
-                .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?
-            {
-                let certificate = certificate
-                    .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?;
-                roots
-                    .add(certificate)
-                    .map_err(|error| format!("ca_file `{}`: {error}", path.display()))?;
-            }
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
+    tls::client_config(
+        tls.ca_file.as_deref(),
+        tls.cert_file.as_deref(),
+        tls.key_file.as_deref(),
+        Some(server_name),
     )
-    .build()
-    .map_err(|error| error.to_string())?;
-    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
-        .map_err(|error| format!("server_name `{server_name}`: {error}"))?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| error.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NamedServer { name, inner }));
-    match (&tls.cert_file, &tls.key_file) {
-        (Some(cert_file), Some(key_file)) => {
-            let chain = CertificateDer::pem_file_iter(cert_file)
-                .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
-                .map_err(|error| format!("cert_file `{}`: {error}", cert_file.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key_file)
-                .map_err(|error| format!("key_file `{}`: {error}", key_file.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|error| error.to_string())
-        }
-        _ => Ok(builder.with_no_client_auth()),
-    }
 }
 
 impl Default for BusConfig {

@@ -1125,8 +1125,15 @@ pub fn parse(
     relative(&mut config.admin.tls);
     relative(&mut config.invoke_api.tls);
     for source in &mut config.sources {
-        if let SourceConfig::Http(http) = source.get_mut() {
-            relative(&mut http.tls);
+        match source.get_mut() {
+            SourceConfig::Http(http) => relative(&mut http.tls),
+            #[cfg(feature = "mqtt")]
+            SourceConfig::Mqtt(mqtt) => {
+                if let Some(tls) = &mut mqtt.tls {
+                    tls.files_relative_to(base);
+                }
+            }
+            _ => {}
         }
     }
     for function in &mut config.functions {

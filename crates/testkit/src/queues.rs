@@ -233,21 +233,30 @@ fn amqp_answers(port: u16) -> bool {
 pub struct MosquittoServer {
     server: crate::ServerProcess,
     pub port: u16,
+    /// The TLS listener's port, when started with [`MosquittoServer::start_tls`].
+    pub tls_port: Option<u16>,
     _directory: tempfile::TempDir,
 }
 
 impl MosquittoServer {
     /// Anonymous clients allowed.
     pub fn start() -> MosquittoServer {
-        Self::start_inner(false)
+        Self::start_inner(false, None)
     }
 
     /// Only `switchyard` with password `mqtt-secret` (and `producer`/`producer`).
     pub fn start_with_password() -> MosquittoServer {
-        Self::start_inner(true)
+        Self::start_inner(true, None)
     }
 
-    fn start_inner(passwords: bool) -> MosquittoServer {
+    /// Anonymous clients allowed, on the plain port and on a second, TLS listener
+    /// (`tls_port`) serving `certs/server.pem` (key `certs/server-key.pem`) and
+    /// requiring a client certificate issued by a CA of `certs/ca.pem`.
+    pub fn start_tls(certs: &std::path::Path) -> MosquittoServer {
+        Self::start_inner(false, Some(certs))
+    }
+
+    fn start_inner(passwords: bool, certs: Option<&std::path::Path>) -> MosquittoServer {
         let directory = tempfile::tempdir().unwrap();
         let port = free_port();
         let data = directory.path().join("data");
@@ -288,6 +297,21 @@ impl MosquittoServer {
         } else {
             text.push_str("allow_anonymous true\n");
         }
+        // Listener options apply to the listener above them: this one goes last.
+        let tls_port = certs.map(|certs| {
+            let tls_port = free_port();
+            text.push_str(&format!(
+                "listener {tls_port} 127.0.0.1\n\
+                 cafile {ca}\n\
+                 certfile {cert}\n\
+                 keyfile {key}\n\
+                 require_certificate true\n",
+                ca = certs.join("ca.pem").display(),
+                cert = certs.join("server.pem").display(),
+                key = certs.join("server-key.pem").display(),
+            ));
+            tls_port
+        });
         let config = directory.path().join("mosquitto.conf");
         std::fs::write(&config, text).unwrap();
         let server =
@@ -303,6 +327,7 @@ impl MosquittoServer {
         MosquittoServer {
             server,
             port,
+            tls_port,
             _directory: directory,
         }
     }
