@@ -444,3 +444,110 @@ max_concurrency = 16
     );
     assert_eq!(counts.len(), 5000);
 }
+
+/// While NATS is away, the messages a receiver holds stay invisible past their
+/// queue's visibility timeout (2 s) because the source extends it: no other receiver
+/// gets them, and SQS counts them in flight. When NATS returns they are stored,
+/// delivered once and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visibility_is_extended_while_nats_is_away() {
+    let mut nats = NatsServer::start();
+    let server = SqsServer::start();
+    let queue = sqs_client(
+        &server,
+        &["create", &random_name("away"), "--visibility", "2"],
+    )[0]
+    .clone();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("sqs");
+    let upper = prefix.to_uppercase();
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    // File storage: the stream outlives the NATS restart.
+    let text = format!(
+        r#"[nats]
+url = "{nats}"
+subject_prefix = "{prefix}"
+events_stream = {{ name = "{upper}_EVENTS" }}
+dead_letter_stream = {{ name = "{upper}_DLQ" }}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "warn,switchyard_connector_sqs=debug"
+{source}
+[[functions]]
+type = "http"
+name = "f"
+url = "{function}"
+
+[[triggers]]
+name = "all"
+function = "f"
+"#,
+        nats = nats.url(),
+        source = sqs_source("away", &queue),
+        function = function.url,
+    );
+    std::fs::write(&file, text).unwrap();
+    let log = directory.path().join("switchyard.log");
+    let process = Process::start_logged(&file, &[], &log);
+    process.wait_ready().await;
+
+    nats.stop();
+    let bodies: Vec<String> = (0..20).map(|number| format!("away-{number}")).collect();
+    sqs_client(&server, &["send", &queue, "20", "--prefix", "away"]);
+    // The receivers hold what they received (the others stay in the queue, visible:
+    // every receiver is busy storing). Once one extended, count what is visible;
+    // ten extensions later (each receiver extends every half timeout, so more than
+    // a whole timeout has passed) none of the held messages came back.
+    let extensions = |at_least: usize| {
+        let (log, process) = (&log, &process);
+        async move {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let logged = std::fs::read_to_string(log).unwrap_or_default();
+                let count = logged.matches("visibility extended").count();
+                if count >= at_least {
+                    return count;
+                }
+                process.assert_running();
+                assert!(
+                    Instant::now() < deadline,
+                    "no visibility extended while NATS is away:\n{logged}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let first = extensions(1).await;
+    let visible = || -> usize {
+        sqs_client(&server, &["visible", &queue])[0]
+            .parse()
+            .unwrap()
+    };
+    let held = 20 - visible();
+    assert!(held > 0, "no message received");
+    extensions(first + 10).await;
+    assert_eq!(
+        20 - visible(),
+        held,
+        "held messages came back to the queue while being stored"
+    );
+    let depth: usize = sqs_client(&server, &["depth", &queue])[0].parse().unwrap();
+    assert_eq!(depth, 20);
+
+    nats.restart();
+    wait_all(&function, &bodies).await;
+    wait_empty(&server, &queue).await;
+    let counts = counts(&function);
+    for body in &bodies {
+        assert_eq!(counts[body], 1, "{body} delivered more than once");
+    }
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("extending the visibility of some messages failed"),
+        "{logged}"
+    );
+}

@@ -141,11 +141,12 @@ impl Process {
         }
     }
 
-    fn assert_running(&self) {
+    /// Panics if the process has exited.
+    pub fn assert_running(&self) {
         if let Some(child) = self.child.lock().unwrap().as_mut()
             && let Ok(Some(status)) = child.try_wait()
         {
-            panic!("switchyard process exited before it was ready: {status}");
+            panic!("switchyard process exited: {status}");
         }
     }
 

@@ -4,6 +4,7 @@
     sqs_client.py ENDPOINT send URL COUNT [--prefix P] [--groups N] [--attributes N]
                                       [--attribute-bytes B] [--cloudevent-garbage]
     sqs_client.py ENDPOINT depth URL     prints visible + in-flight messages
+    sqs_client.py ENDPOINT visible URL   prints visible messages (not in flight)
 
 `send` sends COUNT messages in batches of 10 with bodies `<prefix>-<n>`; with
 --groups (a FIFO queue) message n is in group `g<n % groups>`; every message has a
@@ -45,6 +46,8 @@ def main():
     send.add_argument("--cloudevent-garbage", action="store_true")
     depth = commands.add_parser("depth")
     depth.add_argument("url")
+    visible = commands.add_parser("visible")
+    visible.add_argument("url")
     arguments = parser.parse_args()
     sqs = client(arguments.endpoint)
 
@@ -96,6 +99,11 @@ def main():
             int(attributes["ApproximateNumberOfMessages"])
             + int(attributes["ApproximateNumberOfMessagesNotVisible"])
         )
+    elif arguments.command == "visible":
+        attributes = sqs.get_queue_attributes(
+            QueueUrl=arguments.url, AttributeNames=["ApproximateNumberOfMessages"]
+        )["Attributes"]
+        print(int(attributes["ApproximateNumberOfMessages"]))
 
 
 if __name__ == "__main__":
