@@ -929,7 +929,8 @@ flexible_window = "2d"
 
 /// An MQTT source's mistakes name their line and field: TLS settings on a plain
 /// `mqtt://` URL, a certificate file that is not there, a key without its
-/// certificate, a topic filter with `#` before its end.
+/// certificate, a topic filter with `#` before its end, a session expiry on MQTT
+/// 3.1.1.
 #[test]
 fn mqtt_mistakes_are_located_at_their_field() {
     let text = r#"
@@ -946,6 +947,13 @@ name = "half"
 url = "mqtts://broker.example:8883"
 topics = ["a/#/b"]
 tls = { key_file = "/nonexistent/key.pem" }
+
+[[sources]]
+type = "mqtt"
+name = "old"
+url = "mqtt://127.0.0.1:1883"
+topics = ["a"]
+session_expiry = "1d"
 "#;
     let (ok, output) = validate(text);
     assert!(!ok);
@@ -954,6 +962,7 @@ tls = { key_file = "/nonexistent/key.pem" }
         "DIR/broken.toml:7:1: field `tls`: `/nonexistent/ca.pem`: No such file",
         "DIR/broken.toml:13:1: field `topics`: `a/#/b` is not an MQTT topic filter",
         "DIR/broken.toml:14:1: field `tls`: `cert_file` and `key_file` go together",
+        "DIR/broken.toml:21:1: field `session_expiry`: is MQTT 5's",
     ] {
         assert!(
             output.contains(expected),

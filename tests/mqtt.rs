@@ -502,3 +502,96 @@ password = "${{MQTT_WRONG_PASSWORD}}"
         "the password reached the log"
     );
 }
+
+/// MQTT 5 (`protocol = "5"`), published by paho as MQTT 5: binary-mode CloudEvents
+/// (attributes as User Properties, Content Type as `datacontenttype`) keep their
+/// attributes, plain messages keep their Content Type, binary-mode events without
+/// an id and a payload over the bus's limit are dead-lettered (the broker sends it:
+/// Switchyard's maximum packet size is MQTT's), and the session outlives the
+/// connection (a session expiry is set): what is published while Switchyard is
+/// stopped arrives when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_5_binary_mode_events_and_a_persistent_session() {
+    let nats = NatsServer::start();
+    let server = MosquittoServer::start();
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("mqtt");
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let rest = format!(
+        r#"
+[[sources]]
+type = "mqtt"
+name = "five"
+url = "{url}"
+protocol = "5"
+topics = ["v5/#"]
+{function}"#,
+        url = server.url(),
+        function = function_and_trigger(&function),
+    );
+    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    let mut process = Process::start(&file, &[]);
+    process.wait_ready().await;
+    wait_running(&process, "five").await;
+
+    let publish = |topic: &str, count: &str, more: &[&str]| {
+        let mut arguments = vec!["publish", topic, count, "--v5"];
+        arguments.extend_from_slice(more);
+        mqtt_client(&server, &arguments);
+    };
+    publish("v5/binary", "20", &["--prefix", "b", "--binary-ce"]);
+    publish(
+        "v5/plain",
+        "10",
+        &["--prefix", "p", "--content-type", "application/json"],
+    );
+    publish("v5/garbage", "3", &["--prefix", "g", "--binary-garbage"]);
+    publish("v5/huge", "1", &["--prefix", "huge", "--bytes", "1500000"]);
+    let bodies: Vec<String> = (0..20)
+        .map(|number| format!("b-{number}"))
+        .chain((0..10).map(|number| format!("p-{number}")))
+        .collect();
+    wait_all(&function, &bodies).await;
+    let bus = bus_of(&file).await;
+    let dead = common::wait_for_dead_letters(&bus, "source:five", 4, WAIT).await;
+    let mut reasons: Vec<&str> = dead
+        .iter()
+        .map(|entry| entry.dead_letter.reason.as_str())
+        .collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        ["malformed", "malformed", "malformed", "too_large"],
+        "{dead:?}"
+    );
+    let received = function.received();
+    let binary = received
+        .iter()
+        .find(|call| &call.body[..] == b"b-7")
+        .expect("b-7 delivered");
+    assert_eq!(binary.header("ce-id"), Some("ce-b-7"));
+    assert_eq!(binary.header("ce-type"), Some("com.example.binary"));
+    assert_eq!(binary.header("ce-source"), Some("/producers/paho"));
+    assert_eq!(binary.header("ce-sensorid"), Some("s1"));
+    assert_eq!(binary.header("content-type"), Some("text/plain"));
+    let plain = received
+        .iter()
+        .find(|call| &call.body[..] == b"p-3")
+        .expect("p-3 delivered");
+    assert_eq!(plain.header("ce-subject"), Some("v5/plain"));
+    assert_eq!(plain.header("content-type"), Some("application/json"));
+
+    // Stopped, the session stays: messages published meanwhile wait for it.
+    process.signal(Signal::SIGTERM);
+    assert!(process.wait_exit().await);
+    publish("v5/later", "200", &["--prefix", "later"]);
+    let process = Process::start(&file, &[]);
+    process.wait_ready().await;
+    let later: Vec<String> = (0..200).map(|number| format!("later-{number}")).collect();
+    wait_all(&function, &later).await;
+    let counts = counts(&function);
+    for body in bodies.iter().chain(&later) {
+        assert_eq!(counts[body], 1, "{body} delivered more than once");
+    }
+}

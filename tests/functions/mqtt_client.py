@@ -2,17 +2,24 @@
 
     mqtt_client.py PORT publish TOPIC COUNT [--prefix P] [--user U --password W]
                    [--structured] [--garbage] [--bytes N]
+                   [--v5 [--binary-ce] [--binary-garbage] [--content-type T]]
 
 Publishes COUNT QoS 1 messages with payloads `<prefix>-<n>` and waits until the
 broker acknowledged each; --structured sends them as structured CloudEvents (id
 `ce-<prefix>-<n>`, type com.example.structured), --garbage as JSON objects with a
 `specversion` that are not valid CloudEvents, --bytes pads each payload to N bytes.
+--v5 speaks MQTT 5: --binary-ce sends binary-mode CloudEvents (attributes as User
+Properties: id `ce-<prefix>-<n>`, type com.example.binary, extension `sensorid`,
+Content Type text/plain), --binary-garbage ones without an id, --content-type sets
+the Content Type property.
 """
 
 import argparse
 import json
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 def main():
@@ -28,12 +35,16 @@ def main():
     publish.add_argument("--structured", action="store_true")
     publish.add_argument("--garbage", action="store_true")
     publish.add_argument("--bytes", type=int, default=0)
+    publish.add_argument("--v5", action="store_true")
+    publish.add_argument("--binary-ce", action="store_true")
+    publish.add_argument("--binary-garbage", action="store_true")
+    publish.add_argument("--content-type")
     arguments = parser.parse_args()
 
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"producer-{arguments.prefix}",
-        protocol=mqtt.MQTTv311,
+        protocol=mqtt.MQTTv5 if arguments.v5 else mqtt.MQTTv311,
     )
     if arguments.user:
         client.username_pw_set(arguments.user, arguments.password)
@@ -61,7 +72,26 @@ def main():
             payload = name.encode()
             if arguments.bytes > len(payload):
                 payload += b" " * (arguments.bytes - len(payload))
-        pending.append(client.publish(arguments.topic, payload, qos=1))
+        properties = None
+        if arguments.v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            if arguments.content_type:
+                properties.ContentType = arguments.content_type
+            if arguments.binary_ce or arguments.binary_garbage:
+                properties.ContentType = "text/plain"
+                user = [
+                    ("specversion", "1.0"),
+                    ("source", "/producers/paho"),
+                    ("type", "com.example.binary"),
+                    ("sensorid", f"s{number % 3}"),
+                    ("X-Not-An-Attribute", "kept out"),
+                ]
+                if arguments.binary_ce:
+                    user.append(("id", f"ce-{name}"))
+                properties.UserProperty = user
+        pending.append(
+            client.publish(arguments.topic, payload, qos=1, properties=properties)
+        )
     for info in pending:
         info.wait_for_publish(timeout=60)
         if not info.is_published():

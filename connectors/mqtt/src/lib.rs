@@ -1,26 +1,30 @@
-//! The MQTT source (`type = "mqtt"`, MQTT 3.1.1): messages on subscribed topics
-//! (wildcards allowed) become CloudEvents in the events stream.
+//! The MQTT source (`type = "mqtt"`, MQTT 3.1.1 or 5): messages on subscribed
+//! topics (wildcards allowed) become CloudEvents in the events stream.
 //!
-//! The source keeps a persistent session (`clean_session = false`, a fixed client
-//! id), subscribes with QoS 1 and acknowledges each message (PUBACK, in the order they
-//! came) only once its event is stored: the broker keeps what was not acknowledged,
-//! and what is published while Switchyard is away, and delivers it when the source
-//! is back. A lost connection fails the source, and its supervisor reconnects with
-//! the shared backoff (the session is resumed).
+//! The source keeps a persistent session (3.1.1: `clean_session = false`; 5:
+//! `clean_start = false` with a session expiry; a fixed client id), subscribes with
+//! QoS 1 and acknowledges each message (PUBACK, in the order they came) only once
+//! its event is stored: the broker keeps what was not acknowledged, and what is
+//! published while Switchyard is away, and delivers it when the source is back. A
+//! lost connection fails the source, and its supervisor reconnects with the shared
+//! backoff (the session is resumed).
 //!
-//! A message becomes an event with a new `id` (MQTT 3.1.1 carries no message id: a
+//! A message becomes an event with a new `id` (MQTT carries no message id: a
 //! message the broker delivers again after a crash, before its PUBACK, may be stored
 //! twice), `source` `mqtt://<host>:<port>`, `subject` = its topic, `type` =
-//! `event_type`, data = the payload byte for byte. A payload that is a structured
-//! CloudEvent (a JSON object with `specversion`, the CloudEvents MQTT binding's mode
-//! for 3.1.1) keeps its attributes.
+//! `event_type`, data = the payload byte for byte; one that is a CloudEvent in the
+//! binding's structured mode, or MQTT 5's binary mode, keeps its attributes (see
+//! [`to_input`]).
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transport};
+mod session;
+
+use rumqttc::Transport;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
+pub use session::Received;
+use session::{Client, EventLoop, Polled};
 use switchyard_bus::Bus;
 use switchyard_bus::ingest::{Input, store_inputs};
 use switchyard_event::{Event, Source, SourceHealth};
@@ -42,6 +46,13 @@ pub struct MqttSourceConfig {
     pub tls: Option<switchyard_bus::tls::ClientTls>,
     /// Topic filters subscribed to (`+` and `#` wildcards).
     pub topics: Vec<String>,
+    /// `"3.1.1"` or `"5"`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// MQTT 5: how long the broker keeps the session (and queues for it) after the
+    /// connection ends; it never expires when unset.
+    #[serde(default, with = "humantime_serde")]
+    pub session_expiry: Option<Duration>,
     /// The session's client id: one process at a time may hold it.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -56,6 +67,25 @@ pub struct MqttSourceConfig {
     #[serde(default = "default_event_type")]
     pub event_type: String,
 }
+
+/// The MQTT version spoken to the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5", alias = "5.0")]
+    V5,
+}
+
+/// MQTT 5: how many unacknowledged messages the broker may send at once (its own
+/// limit may be lower: mosquitto's `max_inflight_messages`).
+const RECEIVE_MAXIMUM: u16 = 1024;
+
+/// The largest packet MQTT allows: the broker sends every message, and what is over
+/// the bus's limit is dead-lettered (MQTT 5 brokers drop, unseen, messages over a
+/// client's maximum).
+const MAX_PACKET: u32 = 268_435_455;
 
 fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
@@ -129,6 +159,20 @@ impl MqttSourceConfig {
                 problems.push(("tls", problem));
             }
         }
+        if let Some(expiry) = self.session_expiry {
+            if self.protocol != Protocol::V5 {
+                problems.push((
+                    "session_expiry",
+                    "is MQTT 5's (set protocol = \"5\"); a 3.1.1 session lasts until the broker expires it".to_owned(),
+                ));
+            }
+            if expiry.as_secs() >= u64::from(u32::MAX) {
+                problems.push((
+                    "session_expiry",
+                    "must be under 136 years (leave it out: the session never expires)".to_owned(),
+                ));
+            }
+        }
         if self.username.is_none() && self.password.is_some() {
             problems.push(("password", "a password needs a username".to_owned()));
         }
@@ -158,67 +202,140 @@ impl MqttSourceConfig {
         }
     }
 
-    fn options(&self) -> Result<MqttOptions, String> {
+    /// A client and its event loop, not connected yet (the first poll connects).
+    fn connect(&self) -> Result<(Client, EventLoop), String> {
         let (tls, host, port) = parse_url(&self.url)?;
-        let mut options = MqttOptions::new(self.client_id(), host, port);
-        options
-            .set_keep_alive(self.keep_alive)
-            .set_clean_session(false)
-            .set_manual_acks(true)
-            // Payloads up to what a broker commonly allows (the bus checks its own
-            // limit, and dead-letters what is over it).
-            .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024);
-        if tls {
+        let transport = if tls {
             let config = self.tls.clone().unwrap_or_default().rustls_config()?;
-            options.set_transport(Transport::tls_with_config(
+            Some(Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
-            ));
+            ))
+        } else {
+            None
+        };
+        let password = || {
+            self.password
+                .as_ref()
+                .map(|password| password.expose_secret().to_owned())
+                .unwrap_or_default()
+        };
+        // The event loop is never kept waiting (it also sends the acks: waiting for
+        // room in a bounded channel while the storing task waits to ack deadlocks,
+        // seen when a resumed session brings thousands of messages at once). What is
+        // held is bounded by the broker's in-flight window for the session.
+        match self.protocol {
+            Protocol::V311 => {
+                let mut options = rumqttc::MqttOptions::new(self.client_id(), host, port);
+                options
+                    .set_keep_alive(self.keep_alive)
+                    .set_clean_session(false)
+                    .set_manual_acks(true)
+                    .set_max_packet_size(MAX_PACKET as usize, MAX_PACKET as usize);
+                if let Some(transport) = transport {
+                    options.set_transport(transport);
+                }
+                if let Some(username) = &self.username {
+                    options.set_credentials(username.clone(), password());
+                }
+                let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
+                Ok((Client::V311(client), EventLoop::V311(Box::new(eventloop))))
+            }
+            Protocol::V5 => {
+                let mut options = rumqttc::v5::MqttOptions::new(self.client_id(), host, port);
+                options
+                    .set_keep_alive(self.keep_alive)
+                    .set_clean_start(false)
+                    .set_manual_acks(true)
+                    .set_session_expiry_interval(Some(
+                        self.session_expiry.map_or(u32::MAX, |expiry| {
+                            u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX - 1)
+                        }),
+                    ))
+                    .set_receive_maximum(Some(RECEIVE_MAXIMUM))
+                    .set_max_packet_size(Some(MAX_PACKET));
+                if let Some(transport) = transport {
+                    options.set_transport(transport);
+                }
+                if let Some(username) = &self.username {
+                    options.set_credentials(username.clone(), password());
+                }
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 1024);
+                Ok((Client::V5(client), EventLoop::V5(Box::new(eventloop))))
+            }
         }
-        if let Some(username) = &self.username {
-            options.set_credentials(
-                username.clone(),
-                self.password
-                    .as_ref()
-                    .map(|password| password.expose_secret().to_owned())
-                    .unwrap_or_default(),
-            );
-        }
-        Ok(options)
     }
 }
 
 /// The event of one message, or why it cannot become one (with what could be read
 /// of it, for its dead letter).
-pub fn to_input(config: &MqttSourceConfig, source: &str, publish: &rumqttc::Publish) -> Input {
+///
+/// The CloudEvents MQTT binding: in structured mode the payload is the event (MQTT
+/// 5 says so with the Content Type `application/cloudevents+json`; a 3.1.1 message,
+/// or a 5 one without a content type, is taken as one when it is a JSON object with
+/// `specversion`); in MQTT 5's binary mode the attributes are User Properties
+/// (`specversion`, `id`, ...: other User Properties, whose names are no CloudEvents
+/// attribute names, are left out), the Content Type is `datacontenttype` and the
+/// payload is the data. Any other message gets a new id, `source`, its topic as
+/// `subject`, and MQTT 5's Content Type as `datacontenttype`.
+pub fn to_input(config: &MqttSourceConfig, source: &str, message: &Received) -> Input {
     let id = uuid::Uuid::now_v7().to_string();
+    let payload = message.payload();
     let mut fallback = Event::new(id, source.to_owned(), config.event_type.clone());
-    fallback.subject = Some(publish.topic.clone());
-    fallback.data = Bytes::copy_from_slice(&publish.payload);
-    let structured = publish.payload.first() == Some(&b'{')
-        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&publish.payload)
-            .is_ok_and(|object| object.contains_key("specversion"));
-    let event = if structured {
-        match switchyard_event::parse_structured(&fallback.data) {
+    fallback.subject = Some(message.topic().into_owned());
+    fallback.data = payload.clone();
+    fallback.datacontenttype = message.content_type().map(str::to_owned);
+    let malformed = |fallback: Event, error: String| Input::Invalid {
+        event: Box::new(fallback),
+        reason: "malformed",
+        error,
+    };
+    let content_type = message.content_type().unwrap_or_default();
+    let user_properties = message.user_properties();
+    let event = if content_type.starts_with("application/cloudevents+json")
+        || (content_type.is_empty()
+            && payload.first() == Some(&b'{')
+            && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload)
+                .is_ok_and(|object| object.contains_key("specversion")))
+    {
+        match switchyard_event::parse_structured(payload) {
             Ok(event) => event,
             Err(error) => {
-                return Input::Invalid {
-                    event: Box::new(fallback),
-                    reason: "malformed",
-                    error: format!(
-                        "the message is a JSON object with `specversion` but not a valid structured CloudEvent: {error}"
+                return malformed(
+                    fallback,
+                    format!(
+                        "the message is a structured CloudEvent by its content type or its `specversion`, but not a valid one: {error}"
                     ),
-                };
+                );
             }
         }
+    } else if user_properties
+        .iter()
+        .any(|(name, _)| name == "specversion")
+    {
+        let mut event = Event::new(String::new(), String::new(), String::new());
+        event.datacontenttype = message.content_type().map(str::to_owned);
+        event.data = payload.clone();
+        for (name, value) in user_properties {
+            let attribute = switchyard_event::CORE_ATTRIBUTES.contains(&name.as_str())
+                || switchyard_event::is_valid_extension_name(name);
+            if !attribute || name == "datacontenttype" {
+                continue;
+            }
+            if let Err(error) = event.set_attribute(name, value.clone()) {
+                return malformed(
+                    fallback,
+                    format!(
+                        "the message is a binary-mode CloudEvent (a `specversion` User Property) but not a valid one: {error}"
+                    ),
+                );
+            }
+        }
+        event
     } else {
         fallback.clone()
     };
     if let Err(error) = event.validate() {
-        return Input::Invalid {
-            event: Box::new(fallback),
-            reason: "malformed",
-            error: error.to_string(),
-        };
+        return malformed(fallback, error.to_string());
     }
     Input::Events(vec![event])
 }
@@ -260,25 +377,12 @@ impl Source for MqttSource {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         let config = &self.config;
-        let options = config.options()?;
+        let (client, mut eventloop) = config.connect()?;
         let source = config.source();
-        // The event loop is never kept waiting (it also sends the acks: waiting for
-        // room in a bounded channel while the storing task waits to ack deadlocks,
-        // seen when a resumed session brings thousands of messages at once). What
-        // is held is bounded by the broker's in-flight window for the session.
-        let (client, mut eventloop) = AsyncClient::new(options, 1024);
-        let filters: Vec<rumqttc::SubscribeFilter> = config
-            .topics
-            .iter()
-            .map(|topic| rumqttc::SubscribeFilter::new(topic.clone(), QoS::AtLeastOnce))
-            .collect();
-        client
-            .subscribe_many(filters)
-            .await
-            .map_err(|error| format!("subscribing failed: {error}"))?;
+        client.subscribe(&config.topics).await?;
         // Received messages go to the storing task, which acknowledges them once
         // stored; the event loop keeps being polled meanwhile (it sends the acks).
-        let (sender, receiver) = mpsc::unbounded_channel::<rumqttc::Publish>();
+        let (sender, receiver) = mpsc::unbounded_channel::<Received>();
         let abandoned = CancellationToken::new();
         let storing = tokio::spawn(store_and_ack(
             config.clone(),
@@ -302,44 +406,26 @@ impl Source for MqttSource {
             {
                 break Ok(());
             }
-            let event = tokio::select! {
-                event = eventloop.poll() => event,
+            let polled = tokio::select! {
+                polled = eventloop.poll() => polled,
                 () = shutdown.cancelled(), if drain_until.is_none() => continue,
                 () = tokio::time::sleep(Duration::from_millis(100)), if drain_until.is_some() => continue,
             };
-            match event {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
-                    if ack.code != rumqttc::ConnectReturnCode::Success {
-                        break Err(format!("the broker refused the connection: {:?}", ack.code));
-                    }
-                    tracing::info!(source = %config.name, broker = %config.source(), session_present = ack.session_present, "mqtt source connected");
+            match polled {
+                Ok(Polled::Connected { session_present }) => {
+                    tracing::info!(source = %config.name, broker = %config.source(), session_present, "mqtt source connected");
                 }
-                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure))
-                    {
-                        break Err("the broker refused a subscription".to_owned());
-                    }
-                    // QoS 0 would be at most once, with nothing to acknowledge and no
-                    // bound on what the broker sends.
-                    if ack.return_codes.iter().any(|code| {
-                        matches!(code, rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce))
-                    }) {
-                        break Err("the broker granted a subscription at QoS 0 only (at most once): allow QoS 1 for this client".to_owned());
-                    }
-                    health.up();
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
-                    tracing::trace!(source = %config.name, topic = %publish.topic, pkid = publish.pkid, dup = publish.dup, "message received");
+                Ok(Polled::Subscribed(Ok(()))) => health.up(),
+                Ok(Polled::Subscribed(Err(error))) => break Err(error),
+                Ok(Polled::Message(message)) => {
+                    tracing::trace!(source = %config.name, topic = %message.topic(), pkid = message.pkid(), dup = message.dup(), "message received");
                     if let Some(sender) = &sender
-                        && sender.send(publish).is_err()
+                        && sender.send(message).is_err()
                     {
                         break Err("the storing task ended".to_owned());
                     }
                 }
-                Ok(_) => {}
+                Ok(Polled::Other) => {}
                 Err(error) => {
                     if drain_until.is_some() {
                         break Ok(());
@@ -366,7 +452,7 @@ impl Source for MqttSource {
                 },
             }
         }
-        let _ = client.try_disconnect();
+        client.try_disconnect();
         // Let the disconnect go out.
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             while eventloop.poll().await.is_ok() {}
@@ -380,9 +466,9 @@ impl Source for MqttSource {
 async fn store_and_ack(
     config: MqttSourceConfig,
     bus: Bus,
-    client: AsyncClient,
+    client: Client,
     source: String,
-    mut receiver: mpsc::UnboundedReceiver<rumqttc::Publish>,
+    mut receiver: mpsc::UnboundedReceiver<Received>,
     abandoned: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -403,10 +489,134 @@ async fn store_and_ack(
             return;
         }
         tracing::trace!(source = %config.name, messages = batch.len(), "messages stored; acknowledging");
-        for publish in batch.drain(..) {
-            if client.try_ack(&publish).is_err() && client.ack(&publish).await.is_err() {
+        for message in batch.drain(..) {
+            if !client.ack(&message).await {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+
+    fn config() -> MqttSourceConfig {
+        toml::from_str(
+            r##"name = "sensors"
+url = "mqtt://127.0.0.1:1883"
+topics = ["#"]
+protocol = "5"
+"##,
+        )
+        .unwrap()
+    }
+
+    fn v5(payload: &str, content_type: Option<&str>, properties: &[(&str, &str)]) -> Received {
+        Received::V5(Publish::new(
+            "sensors/kitchen",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            payload.to_owned(),
+            Some(PublishProperties {
+                content_type: content_type.map(str::to_owned),
+                user_properties: properties
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                    .collect(),
+                ..Default::default()
+            }),
+        ))
+    }
+
+    fn event(input: Input) -> Event {
+        match input {
+            Input::Events(mut events) => events.remove(0),
+            Input::Invalid { error, .. } => panic!("invalid: {error}"),
+        }
+    }
+
+    #[test]
+    fn binary_mode_takes_attributes_from_user_properties() {
+        let event = event(to_input(
+            &config(),
+            "mqtt://127.0.0.1:1883",
+            &v5(
+                "21.5",
+                Some("text/plain"),
+                &[
+                    ("specversion", "1.0"),
+                    ("id", "reading-1"),
+                    ("source", "/sensors/kitchen"),
+                    ("type", "com.example.reading"),
+                    (
+                        "traceparent",
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                    ),
+                    ("App-Header", "not an attribute name"),
+                ],
+            ),
+        ));
+        assert_eq!(event.id, "reading-1");
+        assert_eq!(event.source, "/sensors/kitchen");
+        assert_eq!(event.ty, "com.example.reading");
+        assert_eq!(event.subject, None);
+        assert_eq!(event.datacontenttype.as_deref(), Some("text/plain"));
+        assert_eq!(&event.data[..], b"21.5");
+        assert_eq!(event.extensions.keys().collect::<Vec<_>>(), ["traceparent"]);
+    }
+
+    #[test]
+    fn structured_mode_by_content_type_and_plain_messages() {
+        let structured = event(to_input(
+            &config(),
+            "mqtt://127.0.0.1:1883",
+            &v5(
+                r#"{"specversion":"1.0","id":"s-1","source":"/s","type":"t","data":1}"#,
+                Some("application/cloudevents+json; charset=utf-8"),
+                &[],
+            ),
+        ));
+        assert_eq!(structured.id, "s-1");
+        let plain = event(to_input(
+            &config(),
+            "mqtt://127.0.0.1:1883",
+            &v5(
+                r#"{"celsius":21.5}"#,
+                Some("application/json"),
+                &[("unit", "c")],
+            ),
+        ));
+        assert_eq!(plain.source, "mqtt://127.0.0.1:1883");
+        assert_eq!(plain.subject.as_deref(), Some("sensors/kitchen"));
+        assert_eq!(plain.datacontenttype.as_deref(), Some("application/json"));
+        assert!(plain.extensions.is_empty());
+    }
+
+    #[test]
+    fn a_binary_mode_event_without_an_id_or_of_another_version_is_malformed() {
+        for properties in [
+            &[("specversion", "1.0"), ("source", "/s"), ("type", "t")][..],
+            &[
+                ("specversion", "0.3"),
+                ("id", "1"),
+                ("source", "/s"),
+                ("type", "t"),
+            ][..],
+        ] {
+            match to_input(&config(), "mqtt://h:1", &v5("x", None, properties)) {
+                Input::Invalid { reason, event, .. } => {
+                    assert_eq!(reason, "malformed");
+                    assert_eq!(&event.data[..], b"x");
+                }
+                Input::Events(events) => panic!("accepted: {events:?}"),
+            }
+        }
+        let structured = to_input(
+            &config(),
+            "mqtt://h:1",
+            &v5("not json", Some("application/cloudevents+json"), &[]),
+        );
+        assert!(matches!(structured, Input::Invalid { .. }));
     }
 }
