@@ -194,6 +194,99 @@ max_concurrency = 8
     }
 }
 
+/// The source declares its queue and binds it to an exchange with a routing key
+/// pattern: what the exchange routes there arrives, what it does not never does;
+/// bodies that are not UTF-8 arrive byte for byte with their content type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_queue_bound_to_an_exchange_and_bodies_that_are_not_text() {
+    let nats = NatsServer::start();
+    let server = RabbitServer::start();
+    let queue = random_name("orders");
+    let exchange = random_name("events");
+    amqp_client(&server, &["exchange", &exchange]);
+    let function = FunctionServer::start(|_, _| Reply::ok()).await;
+    let prefix = random_name("amqp");
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let rest = format!(
+        r#"
+[[sources]]
+type = "amqp"
+name = "orders"
+url = "{url}"
+queue = "{queue}"
+exchange = "{exchange}"
+routing_keys = ["order.*"]
+
+[[functions]]
+type = "http"
+name = "f"
+url = "{function}"
+
+[[triggers]]
+name = "all"
+function = "f"
+"#,
+        url = server.url(),
+        function = function.url,
+    );
+    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    let process = Process::start(&file, &[]);
+    process.wait_ready().await;
+    common::wait_source_running(&process, "orders").await;
+
+    let via = |routing_key: &str, more: &[&str]| {
+        let mut arguments = vec![
+            "publish",
+            &queue,
+            "5",
+            "--exchange",
+            &exchange,
+            "--routing-key",
+            routing_key,
+        ];
+        arguments.extend_from_slice(more);
+        amqp_client(&server, &arguments);
+    };
+    // Not routed to the queue: published first, so had they been routed they would
+    // be there before the others.
+    via("invoice.paid", &["--prefix", "invoice"]);
+    via("order.created", &["--prefix", "order"]);
+    via("order.raw", &["--prefix", "raw", "--raw-body"]);
+    let bodies: Vec<String> = (0..5).map(|number| format!("order-{number}")).collect();
+    wait_all(&function, &bodies).await;
+    let deadline = Instant::now() + WAIT;
+    let raw: Vec<Vec<u8>> = (0..5)
+        .map(|number| [&b"\xff\xfe"[..], format!("raw-{number}").as_bytes()].concat())
+        .collect();
+    loop {
+        let received = function.received();
+        if raw
+            .iter()
+            .all(|body| received.iter().any(|call| call.body[..] == body[..]))
+        {
+            let call = received
+                .iter()
+                .find(|call| call.body[..] == raw[0][..])
+                .unwrap();
+            assert_eq!(
+                call.header("content-type"),
+                Some("application/octet-stream")
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "raw bodies not delivered intact");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = function.received();
+    assert_eq!(received.len(), 10, "only the routed messages arrive");
+    assert!(
+        !received
+            .iter()
+            .any(|call| call.body.starts_with(b"invoice"))
+    );
+}
+
 /// With `payload = "aws"` and batches, a Lambda handler reads Lambda's RabbitMQ event
 /// with Powertools' RabbitMQEvent; a delivery whose AMQP fields exceed the bus's
 /// header limit once kept is dead-lettered under the source as too large.

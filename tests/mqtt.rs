@@ -84,32 +84,6 @@ async fn wait_all(function: &FunctionServer, bodies: &[String]) {
     }
 }
 
-/// Waits until source `name` is subscribed (`/v1/sources` says running).
-async fn wait_running(process: &Process, name: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let body = reqwest::get(format!("http://{}/v1/sources", process.admin()))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let sources: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        let source = sources["sources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|source| source["name"] == name)
-            .cloned()
-            .unwrap_or_default();
-        if source["state"] == "running" {
-            return;
-        }
-        assert!(Instant::now() < deadline, "source {name}: {source}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn bus_of(file: &Path) -> switchyard_bus::Bus {
     let text = std::fs::read_to_string(file).unwrap();
     let config = switchyard::config::parse(file, &text, &|name| match name {
@@ -166,7 +140,7 @@ password = "${{MQTT_TEST_PASSWORD}}"
     std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
     let process = Process::start(&file, &[("MQTT_TEST_PASSWORD", "mqtt-secret".to_owned())]);
     process.wait_ready().await;
-    wait_running(&process, "sensors").await;
+    common::wait_source_running(&process, "sensors").await;
 
     let auth = ["--user", "producer", "--password", "producer"];
     let publish = |topic: &str, count: &str, more: &[&str]| {
@@ -265,7 +239,7 @@ topics = ["jobs/#"]
     std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
-    wait_running(&process, "session").await;
+    common::wait_source_running(&process, "session").await;
     process.signal(Signal::SIGTERM);
     assert!(process.wait_exit().await);
 
@@ -309,7 +283,7 @@ topics = ["load/#"]
     std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
-    wait_running(&process, "kills").await;
+    common::wait_source_running(&process, "kills").await;
 
     let mut producer = Command::new(installed("SWITCHYARD_QUEUE_PYTHON"))
         .arg(common::test_functions().join("mqtt_client.py"))
@@ -448,7 +422,7 @@ password = "${{MQTT_WRONG_PASSWORD}}"
         &log,
     );
     process.wait_ready().await;
-    wait_running(&process, "secure").await;
+    common::wait_source_running(&process, "secure").await;
 
     // Published on the broker's plain listener, received over TLS.
     mqtt_client(
@@ -533,7 +507,7 @@ topics = ["v5/#"]
     std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
-    wait_running(&process, "five").await;
+    common::wait_source_running(&process, "five").await;
 
     let publish = |topic: &str, count: &str, more: &[&str]| {
         let mut arguments = vec!["publish", topic, count, "--v5"];

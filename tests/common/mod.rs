@@ -693,3 +693,30 @@ pub fn issue_files(ca: &rcgen::CertifiedKey, directory: &Path, name: &str, dns_n
     std::fs::write(directory.join(format!("{name}.pem")), cert).unwrap();
     std::fs::write(directory.join(format!("{name}-key.pem")), key).unwrap();
 }
+
+/// Waits until source `name` of `process` runs (`/v1/sources` says so: connected,
+/// subscribed or consuming).
+pub async fn wait_source_running(process: &Process, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let body = reqwest::get(format!("http://{}/v1/sources", process.admin()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let sources: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let source = sources["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|source| source["name"] == name)
+            .cloned()
+            .unwrap_or_default();
+        if source["state"] == "running" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "source {name}: {source}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

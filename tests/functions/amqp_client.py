@@ -2,7 +2,9 @@
 
     amqp_client.py PORT publish QUEUE COUNT [--prefix P] [--no-message-id]
                    [--header-bytes B] [--garbage] [--binary-mode]
+                   [--exchange X --routing-key K] [--raw-body]
     amqp_client.py PORT depth QUEUE      prints the messages ready + unacknowledged
+    amqp_client.py PORT exchange NAME    declares a durable topic exchange
 
 `publish` declares QUEUE (durable) and publishes COUNT persistent messages with
 publisher confirms, bodies `<prefix>-<n>`, `message_id` `<prefix>-<n>` (unless
@@ -10,6 +12,10 @@ publisher confirms, bodies `<prefix>-<n>`, `message_id` `<prefix>-<n>` (unless
 --header-bytes adds a header of that many bytes; --garbage marks the bodies as
 structured CloudEvents although they are not; --binary-mode sends them in the
 CloudEvents AMQP binding's binary mode (`cloudEvents:` application properties).
+With --exchange the messages go to that exchange with routing key K (QUEUE is not
+declared, and unroutable messages are dropped by the broker); --raw-body sends
+bodies that are not UTF-8 (bytes 0xff 0xfe, then `<prefix>-<n>`), content type
+application/octet-stream.
 """
 
 import argparse
@@ -40,12 +46,22 @@ def main():
     publish.add_argument("--header-bytes", type=int, default=0)
     publish.add_argument("--garbage", action="store_true")
     publish.add_argument("--binary-mode", action="store_true")
+    publish.add_argument("--exchange", default="")
+    publish.add_argument("--routing-key")
+    publish.add_argument("--raw-body", action="store_true")
     depth = commands.add_parser("depth")
     depth.add_argument("queue")
+    exchange = commands.add_parser("exchange")
+    exchange.add_argument("name")
     arguments = parser.parse_args()
     connection = connect(arguments.port)
     channel = connection.channel()
-    channel.queue_declare(queue=arguments.queue, durable=True)
+    if arguments.command == "exchange":
+        channel.exchange_declare(
+            exchange=arguments.name, exchange_type="topic", durable=True
+        )
+    elif arguments.command == "depth" or not arguments.exchange:
+        channel.queue_declare(queue=arguments.queue, durable=True)
 
     if arguments.command == "publish":
         channel.confirm_delivery()
@@ -55,6 +71,10 @@ def main():
             if arguments.header_bytes:
                 headers["big"] = "x" * arguments.header_bytes
             content_type = "text/plain"
+            body = name.encode()
+            if arguments.raw_body:
+                content_type = "application/octet-stream"
+                body = b"\xff\xfe" + body
             if arguments.garbage:
                 content_type = "application/cloudevents+json"
             if arguments.binary_mode:
@@ -74,11 +94,11 @@ def main():
                 headers=headers,
             )
             channel.basic_publish(
-                exchange="",
-                routing_key=arguments.queue,
-                body=name.encode(),
+                exchange=arguments.exchange,
+                routing_key=arguments.routing_key or arguments.queue,
+                body=body,
                 properties=properties,
-                mandatory=True,
+                mandatory=not arguments.exchange,
             )
     elif arguments.command == "depth":
         declared = channel.queue_declare(queue=arguments.queue, durable=True, passive=True)
