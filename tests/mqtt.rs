@@ -480,8 +480,9 @@ password = "${{MQTT_WRONG_PASSWORD}}"
 /// MQTT 5 (`protocol = "5"`), published by paho as MQTT 5: binary-mode CloudEvents
 /// (attributes as User Properties, Content Type as `datacontenttype`) keep their
 /// attributes, plain messages keep their Content Type, binary-mode events without
-/// an id and a payload over the bus's limit are dead-lettered (the broker sends it:
-/// Switchyard's maximum packet size is MQTT's), and the session outlives the
+/// an id, events claiming a schedule's source (forged firings) and a payload over
+/// the bus's limit are dead-lettered (the broker sends it: Switchyard's maximum
+/// packet size is MQTT's), and the session outlives the
 /// connection (a session expiry is set): what is published while Switchyard is
 /// stopped arrives when it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,6 +501,11 @@ name = "five"
 url = "{url}"
 protocol = "5"
 topics = ["v5/#"]
+
+[[sources]]
+type = "schedule"
+name = "nightly"
+expression = "cron(0 3 * * ? *)"
 {function}"#,
         url = server.url(),
         function = function_and_trigger(&function),
@@ -522,13 +528,24 @@ topics = ["v5/#"]
     );
     publish("v5/garbage", "3", &["--prefix", "g", "--binary-garbage"]);
     publish("v5/huge", "1", &["--prefix", "huge", "--bytes", "1500000"]);
+    publish(
+        "v5/forged",
+        "2",
+        &[
+            "--prefix",
+            "forged",
+            "--binary-ce",
+            "--ce-source",
+            "/schedules/nightly",
+        ],
+    );
     let bodies: Vec<String> = (0..20)
         .map(|number| format!("b-{number}"))
         .chain((0..10).map(|number| format!("p-{number}")))
         .collect();
     wait_all(&function, &bodies).await;
     let bus = bus_of(&file).await;
-    let dead = common::wait_for_dead_letters(&bus, "source:five", 4, WAIT).await;
+    let dead = common::wait_for_dead_letters(&bus, "source:five", 6, WAIT).await;
     let mut reasons: Vec<&str> = dead
         .iter()
         .map(|entry| entry.dead_letter.reason.as_str())
@@ -536,7 +553,14 @@ topics = ["v5/#"]
     reasons.sort_unstable();
     assert_eq!(
         reasons,
-        ["malformed", "malformed", "malformed", "too_large"],
+        [
+            "malformed",
+            "malformed",
+            "malformed",
+            "reserved_source",
+            "reserved_source",
+            "too_large"
+        ],
         "{dead:?}"
     );
     let received = function.received();

@@ -103,16 +103,22 @@ async fn each_second_fires_once_across_three_processes_killed_and_restarted() {
     let prefix = random_name("sch");
     let directory = tempfile::tempdir().unwrap();
     let file = directory.path().join("switchyard.toml");
-    std::fs::write(
-        &file,
-        config(
-            &nats,
-            &prefix,
-            "expression = \"rate(1 second)\"\ncatch_up = \"all\"",
-            "",
-        ),
+    // A short duplicate window (the stream's default is 2 minutes, longer than the
+    // test): a second fired again more than 3 s later would be stored twice, so only
+    // the schedule's own bookkeeping (the KV bucket) keeps it once.
+    let text = config(
+        &nats,
+        &prefix,
+        "expression = \"rate(1 second)\"\ncatch_up = \"all\"",
+        "",
     )
-    .unwrap();
+    .replacen(
+        "storage = \"memory\" }",
+        "storage = \"memory\", duplicate_window = \"3s\" }",
+        1,
+    );
+    assert!(text.contains("duplicate_window = \"3s\""));
+    std::fs::write(&file, text).unwrap();
     let mut processes: Vec<Process> = (0..3).map(|_| Process::start(&file, &[])).collect();
     for process in &processes {
         process.wait_ready().await;

@@ -10,8 +10,8 @@ broker acknowledged each; --structured sends them as structured CloudEvents (id
 `specversion` that are not valid CloudEvents, --bytes pads each payload to N bytes.
 --v5 speaks MQTT 5: --binary-ce sends binary-mode CloudEvents (attributes as User
 Properties: id `ce-<prefix>-<n>`, type com.example.binary, extension `sensorid`,
-Content Type text/plain), --binary-garbage ones without an id, --content-type sets
-the Content Type property.
+Content Type text/plain; --ce-source sets their `source`), --binary-garbage ones
+without an id, --content-type sets the Content Type property.
 """
 
 import argparse
@@ -39,6 +39,7 @@ def main():
     publish.add_argument("--binary-ce", action="store_true")
     publish.add_argument("--binary-garbage", action="store_true")
     publish.add_argument("--content-type")
+    publish.add_argument("--ce-source", default="/producers/paho")
     arguments = parser.parse_args()
 
     client = mqtt.Client(
@@ -81,7 +82,7 @@ def main():
                 properties.ContentType = "text/plain"
                 user = [
                     ("specversion", "1.0"),
-                    ("source", "/producers/paho"),
+                    ("source", arguments.ce_source),
                     ("type", "com.example.binary"),
                     ("sensorid", f"s{number % 3}"),
                     ("X-Not-An-Attribute", "kept out"),

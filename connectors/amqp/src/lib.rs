@@ -34,7 +34,7 @@ use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use switchyard_bus::Bus;
-use switchyard_bus::ingest::{Input, store_inputs};
+use switchyard_bus::ingest::{Claims, Input, store_inputs};
 use switchyard_event::{Event, Source, SourceHealth};
 use tokio_util::sync::CancellationToken;
 
@@ -230,10 +230,12 @@ pub fn to_input(
         .map(|id| id.as_str().to_owned())
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    // An empty content type says nothing.
     let content_type = properties
         .content_type()
         .as_ref()
-        .map(|value| value.as_str().to_owned());
+        .map(|value| value.as_str().to_owned())
+        .filter(|value| !value.is_empty());
     let data = Bytes::copy_from_slice(&delivery.data);
     let ty = properties
         .kind()
@@ -390,11 +392,17 @@ fn kept_delivery(
 pub struct AmqpSource {
     config: AmqpSourceConfig,
     bus: Bus,
+    claims: Claims,
 }
 
 impl AmqpSource {
-    pub fn new(config: AmqpSourceConfig, bus: Bus) -> Self {
-        AmqpSource { config, bus }
+    /// `claims`: what the source may not produce (the other doors' sources).
+    pub fn new(config: AmqpSourceConfig, bus: Bus, claims: Claims) -> Self {
+        AmqpSource {
+            config,
+            bus,
+            claims,
+        }
     }
 }
 
@@ -526,7 +534,7 @@ impl Source for AmqpSource {
                 .iter()
                 .map(|delivery| to_input(config, &source, delivery))
                 .collect();
-            if store_inputs(&self.bus, &config.name, inputs, &abandoned)
+            if store_inputs(&self.bus, &config.name, &self.claims, inputs, &abandoned)
                 .await
                 .is_none()
             {

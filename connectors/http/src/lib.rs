@@ -73,40 +73,7 @@ impl HttpSourceMetrics {
     }
 }
 
-/// Event sources that belong to a door of their own (a webhook, a connector, a
-/// polled bucket). `POST /v1/events` refuses events that claim one, so nobody can
-/// forge an event of an authenticated webhook, nor spend its id first to make the
-/// real delivery a "duplicate".
-#[derive(Debug, Clone, Default)]
-pub struct ReservedSources {
-    exact: HashMap<String, String>,
-    prefixes: Vec<(String, String)>,
-}
-
-impl ReservedSources {
-    /// `source` belongs to `owner` (said in refusals, e.g. "webhook `github`").
-    pub fn reserve(&mut self, source: impl Into<String>, owner: impl Into<String>) {
-        self.exact
-            .entry(source.into())
-            .or_insert_with(|| owner.into());
-    }
-
-    /// Every source starting with `prefix` belongs to `owner`.
-    pub fn reserve_prefix(&mut self, prefix: impl Into<String>, owner: impl Into<String>) {
-        self.prefixes.push((prefix.into(), owner.into()));
-    }
-
-    /// Who `source` belongs to, if it is reserved.
-    pub fn owner(&self, source: &str) -> Option<&str> {
-        if let Some(owner) = self.exact.get(source) {
-            return Some(owner);
-        }
-        self.prefixes
-            .iter()
-            .find(|(prefix, _)| source.starts_with(prefix.as_str()))
-            .map(|(_, owner)| owner.as_str())
-    }
-}
+pub use switchyard_event::ReservedSources;
 
 struct SourceState {
     config: HttpSourceConfig,

@@ -16,6 +16,7 @@
 //! binding's structured mode, or MQTT 5's binary mode, keeps its attributes (see
 //! [`to_input`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 mod session;
@@ -26,7 +27,7 @@ use serde::Deserialize;
 pub use session::Received;
 use session::{Client, EventLoop, Polled};
 use switchyard_bus::Bus;
-use switchyard_bus::ingest::{Input, store_inputs};
+use switchyard_bus::ingest::{Claims, Input, store_inputs};
 use switchyard_event::{Event, Source, SourceHealth};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -97,6 +98,13 @@ fn default_event_type() -> String {
 
 /// The parts of `url`: TLS or not, host, port.
 fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
+    // A URL with user info holds a password: never quoted.
+    if url.contains('@') {
+        return Err(
+            "write the broker as mqtt://host:port (or mqtts://); credentials go in username and password, not in the URL"
+                .to_owned(),
+        );
+    }
     let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("mqtt://") {
@@ -107,18 +115,34 @@ fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
         ));
     };
     let authority = rest.trim_end_matches('/');
-    if authority.contains('@') || authority.contains('/') {
+    if authority.contains('/') {
         return Err(format!(
-            "`{url}`: write the broker as mqtt://host:port; credentials go in username and password"
+            "`{url}`: write the broker as mqtt://host:port, without a path"
         ));
     }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse()
-                .map_err(|_| format!("`{url}`: `{port}` is not a port"))?,
-        ),
-        None => (authority, if tls { 8883 } else { 1883 }),
+    // An IPv6 address is written in brackets: `mqtt://[::1]:1883`.
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: `[` without `]`"))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(port) => port
+            .parse()
+            .map_err(|_| format!("`{url}`: `{port}` is not a port"))?,
+        None => {
+            if tls {
+                8883
+            } else {
+                1883
+            }
+        }
     };
     if host.is_empty() {
         return Err(format!("`{url}` names no host"));
@@ -166,6 +190,12 @@ impl MqttSourceConfig {
                     "is MQTT 5's (set protocol = \"5\"); a 3.1.1 session lasts until the broker expires it".to_owned(),
                 ));
             }
+            if expiry.as_secs() == 0 {
+                problems.push((
+                    "session_expiry",
+                    "must be more than 0s: with 0 the broker drops the session, and the messages not acknowledged yet, whenever the connection ends".to_owned(),
+                ));
+            }
             if expiry.as_secs() >= u64::from(u32::MAX) {
                 problems.push((
                     "session_expiry",
@@ -179,10 +209,23 @@ impl MqttSourceConfig {
         if self.keep_alive < Duration::from_secs(5) {
             problems.push(("keep_alive", "must be at least 5s".to_owned()));
         }
+        if self.client_id.as_deref() == Some("") {
+            problems.push((
+                "client_id",
+                "must not be empty (a broker would give each connection a new id, and no session would be resumed)".to_owned(),
+            ));
+        }
         if self.event_type.is_empty() {
             problems.push(("event_type", "must not be empty".to_owned()));
         }
         problems
+    }
+
+    /// MQTT 5: the session expiry asked for, in seconds (`u32::MAX`: never).
+    fn session_expiry_seconds(&self) -> u32 {
+        self.session_expiry.map_or(u32::MAX, |expiry| {
+            u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX - 1)
+        })
     }
 
     /// The session's client id.
@@ -196,7 +239,12 @@ impl MqttSourceConfig {
     pub fn source(&self) -> String {
         match parse_url(&self.url) {
             Ok((tls, host, port)) => {
-                format!("{}://{host}:{port}", if tls { "mqtts" } else { "mqtt" })
+                let scheme = if tls { "mqtts" } else { "mqtt" };
+                if host.contains(':') {
+                    format!("{scheme}://[{host}]:{port}")
+                } else {
+                    format!("{scheme}://{host}:{port}")
+                }
             }
             Err(_) => format!("mqtt://{}", self.name),
         }
@@ -246,11 +294,7 @@ impl MqttSourceConfig {
                     .set_keep_alive(self.keep_alive)
                     .set_clean_start(false)
                     .set_manual_acks(true)
-                    .set_session_expiry_interval(Some(
-                        self.session_expiry.map_or(u32::MAX, |expiry| {
-                            u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX - 1)
-                        }),
-                    ))
+                    .set_session_expiry_interval(Some(self.session_expiry_seconds()))
                     .set_receive_maximum(Some(RECEIVE_MAXIMUM))
                     .set_max_packet_size(Some(MAX_PACKET));
                 if let Some(transport) = transport {
@@ -344,11 +388,21 @@ pub fn to_input(config: &MqttSourceConfig, source: &str, message: &Received) -> 
 pub struct MqttSource {
     config: MqttSourceConfig,
     bus: Bus,
+    claims: Claims,
+    /// Connected once already: a later connection without a session is worth a
+    /// warning.
+    connected_before: AtomicBool,
 }
 
 impl MqttSource {
-    pub fn new(config: MqttSourceConfig, bus: Bus) -> Self {
-        MqttSource { config, bus }
+    /// `claims`: what the source may not produce (the other doors' sources).
+    pub fn new(config: MqttSourceConfig, bus: Bus, claims: Claims) -> Self {
+        MqttSource {
+            config,
+            bus,
+            claims,
+            connected_before: AtomicBool::new(false),
+        }
     }
 }
 
@@ -384,9 +438,10 @@ impl Source for MqttSource {
         // stored; the event loop keeps being polled meanwhile (it sends the acks).
         let (sender, receiver) = mpsc::unbounded_channel::<Received>();
         let abandoned = CancellationToken::new();
-        let storing = tokio::spawn(store_and_ack(
+        let mut storing = tokio::spawn(store_and_ack(
             config.clone(),
             self.bus.clone(),
+            self.claims.clone(),
             client.clone(),
             source,
             receiver,
@@ -394,6 +449,10 @@ impl Source for MqttSource {
         ));
         let mut sender = Some(sender);
         let mut drain_until: Option<tokio::time::Instant> = None;
+        // Set once the connection failed: rumqttc reconnects at the next poll, and
+        // the acks still queued must not go out on a new connection (the broker may
+        // have given their packet ids to other messages meanwhile).
+        let mut lost = false;
         let outcome = loop {
             if shutdown.is_cancelled() && drain_until.is_none() {
                 // Stop taking messages (the broker keeps them for the session); go on
@@ -412,8 +471,20 @@ impl Source for MqttSource {
                 () = tokio::time::sleep(Duration::from_millis(100)), if drain_until.is_some() => continue,
             };
             match polled {
-                Ok(Polled::Connected { session_present }) => {
+                Ok(Polled::Connected {
+                    session_present,
+                    session_expiry,
+                }) => {
+                    let resumed = self.connected_before.swap(true, Ordering::SeqCst);
                     tracing::info!(source = %config.name, broker = %config.source(), session_present, "mqtt source connected");
+                    if resumed && !session_present {
+                        tracing::warn!(source = %config.name, client_id = %config.client_id(), "the broker kept no session for this client id: what was published while the source was away was not queued for it (the session expired, the broker lost it, or another client took the id)");
+                    }
+                    if let Some(granted) = session_expiry
+                        && granted < config.session_expiry_seconds()
+                    {
+                        tracing::warn!(source = %config.name, granted_seconds = granted, "the broker keeps the session for less than asked after a disconnect: messages published while the source is away longer are lost to it");
+                    }
                 }
                 Ok(Polled::Subscribed(Ok(()))) => health.up(),
                 Ok(Polled::Subscribed(Err(error))) => break Err(error),
@@ -425,8 +496,9 @@ impl Source for MqttSource {
                         break Err("the storing task ended".to_owned());
                     }
                 }
-                Ok(Polled::Other) => {}
+                Ok(Polled::Disconnected | Polled::Other) => {}
                 Err(error) => {
+                    lost = true;
                     if drain_until.is_some() {
                         break Ok(());
                     }
@@ -439,25 +511,39 @@ impl Source for MqttSource {
         };
         drop(sender);
         abandoned.cancel();
-        // The event loop goes on being polled while the storing task ends: it sends
-        // the acks the task queues (which would wait for room otherwise).
-        let mut storing = storing;
-        loop {
-            tokio::select! {
-                _ = &mut storing => break,
-                polled = eventloop.poll() => if polled.is_err() {
-                    // No connection to send acks on: the task's acks fail and it ends.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut storing).await;
-                    break;
-                },
+        if !lost {
+            // The event loop goes on being polled while the storing task ends: it
+            // sends the acks the task queues (which would wait for room otherwise).
+            // A failure or a reconnect ends that: unacknowledged, the messages come
+            // again.
+            loop {
+                tokio::select! {
+                    _ = &mut storing => break,
+                    polled = eventloop.poll() => if matches!(polled, Err(_) | Ok(Polled::Connected { .. })) {
+                        lost = true;
+                        break;
+                    },
+                }
             }
         }
-        client.try_disconnect();
-        // Let the disconnect go out.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while eventloop.poll().await.is_ok() {}
-        })
-        .await;
+        if !storing.is_finished() {
+            storing.abort();
+        }
+        // Ended (or aborted: not acknowledged, delivered again), so nothing it did
+        // overlaps the next run's storing.
+        let _ = (&mut storing).await;
+        if !lost {
+            // The acks queued go out before the DISCONNECT (one channel, in order).
+            client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Ok(polled) = eventloop.poll().await {
+                    if matches!(polled, Polled::Disconnected | Polled::Connected { .. }) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
         outcome
     }
 }
@@ -466,6 +552,7 @@ impl Source for MqttSource {
 async fn store_and_ack(
     config: MqttSourceConfig,
     bus: Bus,
+    claims: Claims,
     client: Client,
     source: String,
     mut receiver: mpsc::UnboundedReceiver<Received>,
@@ -481,7 +568,7 @@ async fn store_and_ack(
             .iter()
             .map(|publish| to_input(&config, &source, publish))
             .collect();
-        if store_inputs(&bus, &config.name, inputs, &abandoned)
+        if store_inputs(&bus, &config.name, &claims, inputs, &abandoned)
             .await
             .is_none()
         {

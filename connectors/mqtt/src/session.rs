@@ -28,14 +28,15 @@ impl Received {
         }
     }
 
-    /// MQTT 5's Content Type property.
+    /// MQTT 5's Content Type property (an empty one counts as none).
     pub fn content_type(&self) -> Option<&str> {
         match self {
             Received::V311(_) => None,
             Received::V5(publish) => publish
                 .properties
                 .as_ref()
-                .and_then(|properties| properties.content_type.as_deref()),
+                .and_then(|properties| properties.content_type.as_deref())
+                .filter(|content_type| !content_type.is_empty()),
         }
     }
 
@@ -67,10 +68,14 @@ impl Received {
 
 /// What polling the connection brought.
 pub enum Polled {
-    /// The broker accepted the connection.
+    /// The broker accepted the connection (MQTT 5: and said how long it keeps the
+    /// session, when that is not what was asked for).
     Connected {
         session_present: bool,
+        session_expiry: Option<u32>,
     },
+    /// The DISCONNECT asked for went out.
+    Disconnected,
     /// The subscriptions were granted (`Err`: refused, or granted at QoS 0 only).
     Subscribed(Result<(), String>),
     Message(Received),
@@ -100,7 +105,15 @@ impl Client {
                 .map_err(|error| error.to_string()),
             Client::V5(client) => client
                 .subscribe_many(topics.iter().map(|topic| {
-                    v5_packets::Filter::new(topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                    let mut filter = v5_packets::Filter::new(
+                        topic.clone(),
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    );
+                    // A resumed session's subscription does not bring the retained
+                    // messages again (3.1.1 has no such option: they come at every
+                    // subscribe).
+                    filter.retain_forward_rule = v5_packets::RetainForwardRule::OnNewSubscribe;
+                    filter
                 }))
                 .await
                 .map_err(|error| error.to_string()),
@@ -145,8 +158,10 @@ impl EventLoop {
                         }
                         Ok(Polled::Connected {
                             session_present: ack.session_present,
+                            session_expiry: None,
                         })
                     }
+                    Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Polled::Disconnected),
                     Event::Incoming(Packet::SubAck(ack)) => Ok(Polled::Subscribed(granted(
                         ack.return_codes.iter().map(|code| match code {
                             SubscribeReasonCode::Success(QoS::AtMostOnce) => Grant::AtMostOnce,
@@ -173,8 +188,13 @@ impl EventLoop {
                         }
                         Ok(Polled::Connected {
                             session_present: ack.session_present,
+                            session_expiry: ack
+                                .properties
+                                .as_ref()
+                                .and_then(|properties| properties.session_expiry_interval),
                         })
                     }
+                    Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Polled::Disconnected),
                     Event::Incoming(Packet::SubAck(ack)) => Ok(Polled::Subscribed(granted(
                         ack.return_codes.iter().map(|code| match code {
                             SubscribeReasonCode::Success(

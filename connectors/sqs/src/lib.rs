@@ -30,7 +30,7 @@ use bytes::Bytes;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use switchyard_bus::Bus;
-use switchyard_bus::ingest::{Input, store_inputs};
+use switchyard_bus::ingest::{Claims, Input, store_inputs};
 use switchyard_event::backoff::Backoff;
 use switchyard_event::{Event, Source, SourceHealth};
 use tokio_util::sync::CancellationToken;
@@ -128,6 +128,12 @@ impl SqsSourceConfig {
             problems.push((
                 "access_key_id",
                 "set both access_key_id and secret_access_key, or neither (then the standard AWS chain is used)".to_owned(),
+            ));
+        }
+        if self.session_token.is_some() && self.access_key_id.is_none() {
+            problems.push((
+                "session_token",
+                "goes with access_key_id and secret_access_key (without them the standard AWS chain is used, and brings its own)".to_owned(),
             ));
         }
         if !(1..=10).contains(&self.max_messages) {
@@ -346,11 +352,17 @@ fn kept_message(queue: &Queue, message: &Message) -> serde_json::Value {
 pub struct SqsSource {
     config: SqsSourceConfig,
     bus: Bus,
+    claims: Claims,
 }
 
 impl SqsSource {
-    pub fn new(config: SqsSourceConfig, bus: Bus) -> Self {
-        SqsSource { config, bus }
+    /// `claims`: what the source may not produce (the other doors' sources).
+    pub fn new(config: SqsSourceConfig, bus: Bus, claims: Claims) -> Self {
+        SqsSource {
+            config,
+            bus,
+            claims,
+        }
     }
 }
 
@@ -423,7 +435,17 @@ impl Source for SqsSource {
             })
         };
         let receivers: Vec<_> = (0..config.receivers)
-            .map(|_| receive_loop(config, &self.bus, &client, &queue, &shutdown, &abandoned))
+            .map(|_| {
+                receive_loop(
+                    config,
+                    &self.bus,
+                    &self.claims,
+                    &client,
+                    &queue,
+                    &shutdown,
+                    &abandoned,
+                )
+            })
             .collect();
         futures::future::join_all(receivers).await;
         drain.abort();
@@ -435,6 +457,7 @@ impl Source for SqsSource {
 async fn receive_loop(
     config: &SqsSourceConfig,
     bus: &Bus,
+    claims: &Claims,
     client: &aws_sdk_sqs::Client,
     queue: &Queue,
     shutdown: &CancellationToken,
@@ -482,7 +505,7 @@ async fn receive_loop(
             .map(|message| to_input(config, queue, message))
             .collect();
         // Store, extending the messages' visibility while that takes long.
-        let storing = store_inputs(bus, &config.name, inputs, abandoned);
+        let storing = store_inputs(bus, &config.name, claims, inputs, abandoned);
         tokio::pin!(storing);
         let mut extend = tokio::time::interval_at(
             tokio::time::Instant::now() + queue.visibility / 2,

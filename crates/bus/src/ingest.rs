@@ -1,15 +1,16 @@
 //! Storing what a queue source received (SQS messages, AMQP deliveries, MQTT
 //! publishes) before it acknowledges them upstream: the events in the order they
 //! came, retried while the bus is unavailable; an input that can never be stored
-//! (not a valid event, larger than the bus takes) dead-lettered under
-//! `source:<name>` with why. Only once [`store_inputs`] returns `Some` may the
+//! (not a valid event, larger than the bus takes, claiming another door's `source`)
+//! dead-lettered under `source:<name>` with why. Only once [`store_inputs`] returns `Some` may the
 //! source acknowledge (delete, ack) the inputs: each is then stored or a dead
 //! letter.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use switchyard_event::backoff::Backoff;
-use switchyard_event::{Event, PublishError};
+use switchyard_event::{Event, PublishError, ReservedSources};
 use tokio_util::sync::CancellationToken;
 
 use crate::Bus;
@@ -20,12 +21,49 @@ pub enum Input {
     /// The events it became, stored in order.
     Events(Vec<Event>),
     /// It cannot become an event: `event` keeps what could be read of it, for its
-    /// dead letter (`reason`: `malformed`, `too_large`).
+    /// dead letter (`reason`: `malformed`, `too_large`, `reserved_source`).
     Invalid {
         event: Box<Event>,
         reason: &'static str,
         error: String,
     },
+}
+
+/// The reserved event sources of the running configuration, replaced on every
+/// reload.
+pub type SharedReserved = Arc<RwLock<Arc<ReservedSources>>>;
+
+/// Who a source is, to tell its own events from forged ones: an event whose
+/// `source` belongs to another door (a webhook, a schedule, another queue source)
+/// is dead-lettered as `reserved_source` instead of stored, so nobody who can write
+/// to a queue can forge another door's event or spend its id first.
+#[derive(Clone, Default)]
+pub struct Claims {
+    reserved: SharedReserved,
+    /// How the reserved sources name this source (e.g. "sqs source `orders`").
+    owner: String,
+}
+
+impl Claims {
+    pub fn new(reserved: SharedReserved, owner: impl Into<String>) -> Claims {
+        Claims {
+            reserved,
+            owner: owner.into(),
+        }
+    }
+
+    /// Why `event` may not be stored by this source, if it may not.
+    fn refusal(&self, event: &Event) -> Option<String> {
+        let reserved = self.reserved.read().expect("reserved sources lock").clone();
+        reserved
+            .other_owner(&event.source, &self.owner)
+            .map(|owner| {
+                format!(
+                    "the event's source `{}` belongs to {owner}; only it produces events with that source",
+                    event.source
+                )
+            })
+    }
 }
 
 /// What [`store_inputs`] did.
@@ -49,6 +87,7 @@ fn bus_backoff() -> Backoff {
 pub async fn store_inputs(
     bus: &Bus,
     source: &str,
+    claims: &Claims,
     inputs: Vec<Input>,
     abandoned: &CancellationToken,
 ) -> Option<Stored> {
@@ -56,7 +95,14 @@ pub async fn store_inputs(
     let mut invalid = Vec::new();
     for input in inputs {
         match input {
-            Input::Events(mut more) => events.append(&mut more),
+            Input::Events(more) => {
+                for event in more {
+                    match claims.refusal(&event) {
+                        None => events.push(event),
+                        Some(error) => invalid.push((event, "reserved_source", error)),
+                    }
+                }
+            }
             Input::Invalid {
                 event,
                 reason,

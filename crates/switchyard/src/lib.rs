@@ -347,6 +347,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             admin_state,
             invoke_api_state,
             revision,
+            reserved: Default::default(),
         };
         let triggers = config.triggers.len();
         let source_count = config.sources.len();
@@ -750,7 +751,16 @@ fn reserved_sources(config: &config::Config) -> switchyard_connector_http::Reser
             // place in the duplicate window.
             #[cfg(feature = "sqs")]
             config::SourceConfig::Sqs(sqs) => {
-                for partition in ["aws", "aws-cn", "aws-us-gov"] {
+                for partition in [
+                    "aws",
+                    "aws-cn",
+                    "aws-us-gov",
+                    "aws-iso",
+                    "aws-iso-b",
+                    "aws-iso-e",
+                    "aws-iso-f",
+                    "aws-eusc",
+                ] {
                     reserved.reserve_prefix(
                         format!("arn:{partition}:sqs:"),
                         format!("sqs source `{}`", sqs.name),

@@ -185,6 +185,9 @@ pub(crate) struct Handles {
     pub(crate) admin_state: admin::AdminState,
     pub(crate) invoke_api_state: invoke_api::InvokeApiState,
     pub(crate) revision: Arc<RwLock<Revision>>,
+    /// The sources only their own door may produce, as the running configuration
+    /// says: the queue sources dead-letter events claiming another's.
+    pub(crate) reserved: switchyard_bus::ingest::SharedReserved,
 }
 
 /// A function as it runs.
@@ -1396,6 +1399,11 @@ impl Live {
         let bus = self.handles.bus.clone();
         let sink: Arc<dyn EventSink> = Arc::new(bus.clone());
         let reserved = Arc::new(crate::reserved_sources(new));
+        *self
+            .handles
+            .reserved
+            .write()
+            .expect("reserved sources lock") = reserved.clone();
         let keep_requests = any_aws_payload(new);
         let mut running: HashMap<String, LiveSource> = self.sources.drain(..).collect();
         let mut next = Vec::new();
@@ -1591,6 +1599,15 @@ impl Live {
         }
     }
 
+    /// What a queue source named `owner` in the reserved sources may not produce.
+    #[cfg_attr(
+        not(any(feature = "sqs", feature = "amqp", feature = "mqtt")),
+        allow(dead_code)
+    )]
+    fn claims(&self, owner: String) -> switchyard_bus::ingest::Claims {
+        switchyard_bus::ingest::Claims::new(self.handles.reserved.clone(), owner)
+    }
+
     /// Starts a source that is not an HTTP listener.
     #[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
     fn start_source(
@@ -1627,18 +1644,23 @@ impl Live {
                 // a handler as Lambda's SQS event.
                 let mut sqs = sqs.clone();
                 sqs.keep_records = any_aws_payload(config);
-                Arc::new(switchyard_connector_sqs::SqsSource::new(sqs, bus))
+                let claims = self.claims(format!("sqs source `{}`", sqs.name));
+                Arc::new(switchyard_connector_sqs::SqsSource::new(sqs, bus, claims))
             }
             #[cfg(feature = "amqp")]
             SourceConfig::Amqp(amqp) => {
                 let mut amqp = amqp.clone();
                 amqp.keep_records = any_aws_payload(config);
-                Arc::new(switchyard_connector_amqp::AmqpSource::new(amqp, bus))
+                let claims = self.claims(format!("amqp source `{}`", amqp.name));
+                Arc::new(switchyard_connector_amqp::AmqpSource::new(
+                    amqp, bus, claims,
+                ))
             }
             #[cfg(feature = "mqtt")]
             SourceConfig::Mqtt(mqtt) => Arc::new(switchyard_connector_mqtt::MqttSource::new(
                 mqtt.clone(),
                 bus,
+                self.claims(format!("mqtt source `{}`", mqtt.name)),
             )),
             SourceConfig::Schedule(schedule) => {
                 tracing::info!(source = %schedule.name, expression = %schedule.expression, timezone = %schedule.timezone, "schedule started");
