@@ -86,6 +86,9 @@ pub struct BusConfig {
     /// The stream dead letters are stored in.
     #[serde(default)]
     pub dead_letter_stream: StreamSettings,
+    /// The stream function log lines are stored in (oldest dropped past its limits).
+    #[serde(default)]
+    pub logs_stream: StreamSettings,
 }
 
 /// TLS to the NATS servers.
@@ -245,6 +248,7 @@ impl Default for BusConfig {
             publish_timeout: default_publish_timeout(),
             events_stream: StreamSettings::default(),
             dead_letter_stream: StreamSettings::default(),
+            logs_stream: StreamSettings::default(),
         }
     }
 }
@@ -396,6 +400,7 @@ pub struct Bus {
     subjects: Subjects,
     events_stream: String,
     dead_letter_stream: String,
+    logs_stream: String,
     config: BusConfig,
     /// Bounds publishes awaiting their PubAck. A batch takes its permits all at once,
     /// so concurrent batches can never hold part of the budget each and wait on each
@@ -413,6 +418,8 @@ pub const DEAD_LETTER_HEADROOM: usize = 8 * 1024;
 const DEFAULT_EVENTS_STREAM: &str = "SWITCHYARD_EVENTS";
 const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_DEAD_LETTER_STREAM: &str = "SWITCHYARD_DLQ";
+const DEFAULT_LOGS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+const DEFAULT_LOGS_MAX_BYTES: i64 = 1 << 30;
 
 impl Bus {
     /// Connects to NATS. The client keeps reconnecting on its own afterwards; while it
@@ -563,6 +570,21 @@ impl Bus {
                 .name
                 .clone()
                 .unwrap_or_else(|| DEFAULT_DEAD_LETTER_STREAM.to_owned()),
+            logs_stream: config.logs_stream.name.clone().unwrap_or_else(|| {
+                // One per subject prefix (one cluster), like the subjects it takes.
+                let prefix: String = config
+                    .subject_prefix
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                format!("{prefix}_LOGS")
+            }),
             config: config.clone(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
             atomic_batches: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -630,7 +652,25 @@ impl Bus {
             Duration::from_secs(30 * 24 * 3600),
             vec![self.subjects.all_dead_letters()],
         );
-        for config in [events, dead_letters] {
+        let mut logs = self.config.logs_stream.to_stream_config(
+            &self.logs_stream,
+            DEFAULT_LOGS_MAX_AGE,
+            vec![self.subjects.all_logs()],
+        );
+        // Log lines are not events: the oldest make room, none is refused.
+        logs.discard = stream::DiscardPolicy::Old;
+        logs.allow_atomic_publish = false;
+        logs.max_bytes = self
+            .config
+            .logs_stream
+            .max_bytes
+            .unwrap_or(DEFAULT_LOGS_MAX_BYTES);
+        logs.num_replicas = self
+            .config
+            .logs_stream
+            .replicas
+            .unwrap_or_else(|| self.replicas());
+        for config in [events, dead_letters, logs] {
             let name = config.name.clone();
             let replicas = config.num_replicas;
             let created = self
@@ -645,6 +685,8 @@ impl Bus {
                     if text.contains("replicas") {
                         let field = if name == self.events_stream {
                             "events_stream"
+                        } else if name == self.logs_stream {
+                            "logs_stream"
                         } else {
                             "dead_letter_stream"
                         };
@@ -676,6 +718,11 @@ impl Bus {
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.jetstream
+    }
+
+    /// The stream function log lines are stored in.
+    pub fn logs_stream(&self) -> &str {
+        &self.logs_stream
     }
 
     pub fn subjects(&self) -> &Subjects {

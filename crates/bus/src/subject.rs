@@ -115,6 +115,16 @@ impl Subjects {
         format!("{}.dlq.>", self.prefix)
     }
 
+    /// The subject function `function`'s log lines are stored under.
+    pub fn logs(&self, function: &str) -> String {
+        format!("{}.logs.{function}", self.prefix)
+    }
+
+    /// Every function's log lines.
+    pub fn all_logs(&self) -> String {
+        format!("{}.logs.>", self.prefix)
+    }
+
     /// The narrowest server-side filter that still matches every event in key bucket
     /// `bucket` (any when `None`) with the given exact source (if any) and a type that
     /// equals `type_exact` or starts with `type_prefix`. The dispatcher applies the

@@ -155,6 +155,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/sources", get(sources))
         .route("/v1/functions", get(functions))
         .route("/v1/schedules", get(schedules))
+        .route("/v1/functions/{name}/logs", get(function_logs))
         .route("/v1/reload", post(reload))
         .route("/v1/dead-letters/{trigger}", get(dead_letters))
         .route("/v1/dead-letters/{trigger}/{sequence}", get(dead_letter))
@@ -573,6 +574,74 @@ async fn schedules(State(state): State<AdminState>) -> Response {
         "schedules": statuses,
     }))
     .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsParams {
+    /// How far back, as `10m`, `2h` (default `10m`).
+    since: Option<String>,
+    request_id: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A function's stored log lines as JSON lines (`application/x-ndjson`), oldest
+/// first; with `follow=true` the answer goes on with new lines.
+async fn function_logs(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Query(params): Query<LogsParams>,
+) -> Response {
+    use futures::StreamExt as _;
+    let Some((_, bus)) = state.running.get() else {
+        return Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to nats yet".to_owned(),
+        )
+        .into_response();
+    };
+    if !crate::function_logs::valid_function_name(&name) {
+        return Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("`{name}` is not a function name"),
+        )
+        .into_response();
+    }
+    let since = match params.since.as_deref().map(humantime::parse_duration) {
+        None => std::time::Duration::from_secs(600),
+        Some(Ok(since)) => since,
+        Some(Err(error)) => {
+            return Refusal(
+                StatusCode::BAD_REQUEST,
+                format!("since: {error} (write it as 10m, 2h, 1d)"),
+            )
+            .into_response();
+        }
+    };
+    let query = crate::function_logs::LogQuery {
+        since,
+        request_id: params.request_id,
+        follow: params.follow,
+    };
+    match crate::function_logs::read(bus, &name, query).await {
+        Ok(lines) => {
+            let body = lines.map(|line| {
+                let mut text = serde_json::to_vec(&line).unwrap_or_default();
+                text.push(b'\n');
+                Ok::<_, std::convert::Infallible>(bytes::Bytes::from(text))
+            });
+            (
+                [(header::CONTENT_TYPE, "application/x-ndjson")],
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
+        }
+        Err(error) => Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("reading the logs stream failed: {error}"),
+        )
+        .into_response(),
+    }
 }
 
 async fn sources(State(state): State<AdminState>) -> Response {

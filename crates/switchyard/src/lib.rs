@@ -9,6 +9,7 @@ pub mod config;
 pub mod control_api;
 pub mod deploy;
 pub mod dlq;
+pub mod function_logs;
 pub mod invoke_api;
 pub mod live;
 pub mod registry;

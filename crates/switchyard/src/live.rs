@@ -1010,10 +1010,14 @@ impl Live {
         self.handles
             .workers
             .get_or_init(|| {
-                Arc::new(Workers::new(
+                let workers = Workers::new(
                     self.handles.workers_settings.clone(),
                     self.handles.worker_metrics.clone(),
-                ))
+                );
+                workers.set_log_sink(crate::function_logs::StreamedLogs::start(
+                    self.handles.bus.clone(),
+                ));
+                Arc::new(workers)
             })
             .clone()
     }

@@ -148,6 +148,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a function's log lines (what its instances printed, and START, END and
+    /// REPORT around each Lambda invocation) from every host, read from the logs
+    /// stream.
+    Logs {
+        /// The function.
+        function: String,
+        /// Go on printing new lines as they come.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// From how long ago (`10m`, `2h`, `1d`).
+        #[arg(long, default_value = "10m")]
+        since: humantime::Duration,
+        /// Only the lines of this invocation.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Print JSON lines (as `GET /v1/functions/{name}/logs`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running process to re-read its configuration file and apply what
     /// changed (as SIGHUP does): prints what changed, or the located mistakes of a
     /// refused file (the running configuration then stays) and exits 1.
@@ -608,6 +627,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reload { admin, token } => reload_command(&config, admin, token).await,
+        Command::Logs {
+            function,
+            follow,
+            since,
+            request_id,
+            json,
+        } => {
+            use futures::StreamExt as _;
+            let loaded = load(&config)?;
+            let bus = connect(&loaded).await?;
+            let query = switchyard::function_logs::LogQuery {
+                since: since.into(),
+                request_id,
+                follow,
+            };
+            let mut lines = switchyard::function_logs::read(&bus, &function, query).await?;
+            while let Some(line) = lines.next().await {
+                if json {
+                    println!("{}", serde_json::to_string(&line)?);
+                } else {
+                    println!("{}  {}  {}", line.time, line.instance, line.message);
+                }
+            }
+            Ok(())
+        }
         Command::Schedules { json } => {
             let loaded = load(&config)?;
             let schedules: Vec<_> = loaded

@@ -4,6 +4,7 @@
 //! (`Sandbox.Timedout`), an exit during an invocation as `Runtime.ExitError`, a
 //! reported error as a failed attempt with its `errorType` and `errorMessage`.
 
+use crate::logs::{LogLine, report_line};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -246,18 +247,46 @@ pub(crate) async fn call(
     if collect {
         instance.process.start_log(&request_id);
     }
+    let logs = pool.shared.logs.get().cloned();
+    let start_line = format!("START RequestId: {request_id} Version: $LATEST");
+    if let Some(logs) = &logs {
+        logs.line(LogLine::new(
+            &pool.spec.name,
+            &instance.label,
+            Some(&request_id),
+            "platform",
+            start_line.clone(),
+        ));
+    }
     let started = std::time::Instant::now();
     let called = run(pool, lease, &request_id, payload, client_context, timeout).await;
+    let duration = started.elapsed().as_secs_f64() * 1000.0;
+    let end_line = format!("END RequestId: {request_id}");
+    let report = report_line(&request_id, duration, pool.spec.memory_mb, None);
+    if let Some(logs) = logs {
+        // After what the handler printed (read from its pipes), without keeping the
+        // answer waiting for it.
+        let (instance, function, request_id) =
+            (instance.clone(), pool.spec.name.clone(), request_id.clone());
+        let (end_line, report) = (end_line.clone(), report.clone());
+        tokio::spawn(async move {
+            instance.process.drained().await;
+            for line in [end_line, report] {
+                logs.line(LogLine::new(
+                    &function,
+                    &instance.label,
+                    Some(&request_id),
+                    "platform",
+                    line,
+                ));
+            }
+        });
+    }
     if !collect {
         return (called, None);
     }
     let printed = instance.process.finish_log().await;
-    let duration = started.elapsed().as_secs_f64() * 1000.0;
-    let log = format!(
-        "START RequestId: {request_id} Version: $LATEST\n{printed}END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\t\n",
-        duration.ceil() as u64,
-        pool.spec.memory_mb
-    );
+    let log = format!("{start_line}\n{printed}{end_line}\n{report}\n");
     (called, Some(log))
 }
 

@@ -17,6 +17,7 @@
 //! lifecycle and what is promised.
 
 pub mod guard;
+pub mod logs;
 pub mod process;
 pub mod runtime_api;
 
@@ -132,6 +133,8 @@ pub(crate) struct Shared {
     pub(crate) http: reqwest::Client,
     /// Where instances get their resource limits (or why they get none).
     pub(crate) cgroups: cgroup::Cgroups,
+    /// Where function log lines go besides Switchyard's log, once set.
+    pub(crate) logs: std::sync::OnceLock<Arc<dyn logs::LogSink>>,
 }
 
 /// The managed functions of this process.
@@ -176,11 +179,19 @@ impl Workers {
                 metrics,
                 http: switchyard_targets::http_client(),
                 cgroups,
+                logs: std::sync::OnceLock::new(),
             }),
             functions: Mutex::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
             generations: Mutex::default(),
         }
+    }
+
+    /// Sends every function log line (instances' output, and `START` / `END` /
+    /// `REPORT` around each Lambda invocation) to `sink` too, from the next instance
+    /// started on. Set once; later calls change nothing.
+    pub fn set_log_sink(&self, sink: Arc<dyn logs::LogSink>) {
+        let _ = self.shared.logs.set(sink);
     }
 
     /// Adds a function; its warm floor (`min_instances`) starts now.

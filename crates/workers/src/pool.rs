@@ -663,6 +663,7 @@ impl Pool {
                 environment,
                 function: &spec.name,
                 instance: label,
+                logs: self.shared.logs.get().cloned(),
             },
             cgroup,
             &self.shared.tasks,

@@ -68,6 +68,8 @@ pub struct Launch<'a> {
     pub function: &'a str,
     /// The instance's name in logs (`<function>-<n>`).
     pub instance: &'a str,
+    /// Where its output lines go besides Switchyard's log.
+    pub logs: Option<Arc<dyn crate::logs::LogSink>>,
 }
 
 /// A started instance process.
@@ -84,6 +86,8 @@ pub struct InstanceProcess {
 
 /// The request an instance is working on (tags its log lines) and its last output.
 struct Output {
+    /// Where output lines go besides Switchyard's log.
+    logs: Option<Arc<dyn crate::logs::LogSink>>,
     request: Mutex<Option<String>>,
     tail: Mutex<VecDeque<String>>,
     /// The log of one invocation being collected (for Lambda's `LogType: Tail`): its
@@ -213,6 +217,7 @@ impl InstanceProcess {
             }
         };
         let output = Arc::new(Output {
+            logs: launch.logs.clone(),
             request: Mutex::new(None),
             tail: Mutex::new(VecDeque::new()),
             invocation: Mutex::new(None),
@@ -315,6 +320,19 @@ impl InstanceProcess {
     /// What the instance printed for the invocation of [`Self::start_log`]: waits
     /// (at most 100 ms) until what it wrote before answering has been read.
     pub async fn finish_log(&self) -> String {
+        self.drained().await;
+        self.output
+            .invocation
+            .lock()
+            .expect("output lock")
+            .take()
+            .map(|(_, log)| log)
+            .unwrap_or_default()
+    }
+
+    /// Waits (at most 100 ms) until what the instance wrote so far has been read
+    /// and handled.
+    pub async fn drained(&self) {
         let streams: Vec<Arc<StreamProgress>> =
             self.output.streams.lock().expect("output lock").clone();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
@@ -323,13 +341,6 @@ impl InstanceProcess {
         {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        self.output
-            .invocation
-            .lock()
-            .expect("output lock")
-            .take()
-            .map(|(_, log)| log)
-            .unwrap_or_default()
     }
 
     /// The instance's last lines of output, oldest first.
@@ -495,6 +506,15 @@ async fn capture(
         let request = output.request.lock().expect("output lock").clone();
         for part in text.split('\r') {
             tracing::info!(target: "switchyard::function", function = %function, instance = %instance, request_id = request.as_deref().unwrap_or(""), stream = name, "{part}");
+            if let Some(logs) = &output.logs {
+                logs.line(crate::logs::LogLine::new(
+                    &function,
+                    &instance,
+                    request.as_deref(),
+                    name,
+                    part.to_owned(),
+                ));
+            }
         }
         if let Some((collecting, log)) = output.invocation.lock().expect("output lock").as_mut()
             && request.as_deref() == Some(collecting.as_str())
@@ -683,6 +703,7 @@ mod tests {
             environment,
             function: "test",
             instance: "test-1",
+            logs: None,
         }
     }
 
@@ -780,6 +801,7 @@ mod tests {
                 environment: &[],
                 function: "test",
                 instance: "test-1",
+                logs: None,
             },
             None,
             &TaskTracker::new(),
