@@ -193,3 +193,142 @@ function = "hello"
         .unwrap();
     assert_eq!(refused.status(), 400);
 }
+
+/// A function printing as fast as it can (60,000 lines of about 130 bytes) beside a
+/// quiet one: every invocation of the quiet one answers and every line it printed
+/// is stored, the logs stream stays within its `max_bytes` by dropping its oldest
+/// lines, and the noisy function's lines are counted (stored, and left out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_function_does_not_push_out_the_lines_of_a_quiet_one() {
+    const MAX_BYTES: u64 = 4 * 1024 * 1024;
+    let nats = NatsServer::start();
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let text = common::base_config(&nats.url(), 0, 0).replacen(
+        "\n[admin]",
+        &format!("logs_stream = {{ max_bytes = {MAX_BYTES} }}\n\n[admin]"),
+        1,
+    );
+    assert!(text.contains("logs_stream"));
+    let python = installed("SWITCHYARD_LAMBDA_PYTHON");
+    let handlers = common::test_functions().join("python");
+    let mut text = text;
+    text.push_str(&format!(
+        r#"
+[[sources.hooks]]
+name = "jobs"
+event_type = "com.example.job"
+id_header = "Idempotency-Key"
+
+[[sources.hooks]]
+name = "noise"
+event_type = "com.example.noise"
+id_header = "Idempotency-Key"
+
+[[functions]]
+type = "lambda"
+name = "hello"
+command = ["{python}", "-m", "awslambdaric", "app.handler"]
+handler = "app.handler"
+directory = "{handlers}"
+
+[[functions]]
+type = "lambda"
+name = "noisy"
+command = ["{python}", "-m", "awslambdaric", "app.handler"]
+handler = "app.handler"
+directory = "{handlers}"
+timeout = "60s"
+
+[[triggers]]
+name = "jobs"
+function = "hello"
+filter = {{ type = {{ exact = "com.example.job" }} }}
+
+[[triggers]]
+name = "noise"
+function = "noisy"
+filter = {{ type = {{ exact = "com.example.noise" }} }}
+"#,
+        handlers = handlers.display(),
+    ));
+    std::fs::write(&file, text).unwrap();
+    let process = Process::start(&file, &[]);
+    process.wait_ready().await;
+
+    let client = reqwest::Client::new();
+    for id in ["noise-1", "noise-2", "noise-3"] {
+        let response = client
+            .post(process.url("/hooks/noise"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", id)
+            .body(r#"{"action":"spam","lines":20000}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let jobs: Vec<String> = (0..10).map(|number| format!("job-{number}")).collect();
+    for id in &jobs {
+        post_job(&process, id).await;
+    }
+    let lines = wait_reports(&process, jobs.len()).await;
+    let printed = messages(&lines);
+    for id in &jobs {
+        assert!(
+            printed.contains(&format!("echoing {id}")),
+            "{id}'s line was not stored: {printed:?}"
+        );
+    }
+
+    // The noisy invocations end (their REPORT lines are not held to its share).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = reqwest::get(admin(&process, "/v1/functions/noisy/logs?since=10m"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if response.matches("REPORT RequestId: ").count() >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the noisy invocations did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = admin(&process, "/metrics");
+    let stored = common::metric_at(
+        &metrics,
+        "switchyard_function_log_lines_total{function=\"noisy\"}",
+    )
+    .await;
+    let dropped = common::metric_at(
+        &metrics,
+        "switchyard_function_log_lines_dropped_total{function=\"noisy\"}",
+    )
+    .await;
+    // 60,000 printed lines and 9 of Lambda's.
+    assert!(
+        stored + dropped >= 60_009.0,
+        "stored {stored} + dropped {dropped}"
+    );
+    // The stream kept within its limit, dropping its oldest lines.
+    let bus = {
+        let config = switchyard::config::load(&file).unwrap();
+        switchyard_bus::Bus::connect(&config.nats).await.unwrap()
+    };
+    let mut stream = bus.jetstream().get_stream(bus.logs_stream()).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert!(state.bytes <= MAX_BYTES, "{} bytes stored", state.bytes);
+    // Each stored line takes more than 150 bytes (its JSON): more than the limit's
+    // worth stored means the oldest went.
+    if stored * 150.0 > MAX_BYTES as f64 {
+        assert!(
+            state.first_sequence > 1,
+            "nothing was dropped to keep within the limit: {state:?}"
+        );
+    }
+}

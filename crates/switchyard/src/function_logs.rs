@@ -1,58 +1,113 @@
 //! Function log lines into the logs stream (`nats.logs_stream`): every host's lines
 //! in one place, read by `GET /v1/functions/{name}/logs` and `switchyard logs`.
 //!
-//! Lines are handed over without waiting (a bounded buffer of [`BUFFER`] lines) and
-//! published by one task; a function printing faster than they can be stored loses
-//! lines from its stored log (counted and logged), never slows its instance, other
-//! functions or Switchyard's own log. The stream drops its oldest lines past its
+//! Lines are handed over without waiting (a bounded buffer of [`BUFFER`] lines, a
+//! quarter of it at most for one function's output) and published by one task; a
+//! function printing faster than they can be stored loses lines from its stored log
+//! (counted in `switchyard_function_log_lines_dropped_total` and logged), never
+//! slows its instance, and cannot push other functions' lines out. The stream drops its oldest lines past its
 //! limits (7 days, 1 GiB by default).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use switchyard_bus::Bus;
+use switchyard_workers::FunctionLabels;
+use switchyard_workers::WorkerMetrics;
 use switchyard_workers::logs::{LogLine, LogSink};
 use tokio::sync::mpsc;
 
 /// Lines waiting to be published, at most.
 const BUFFER: usize = 16 * 1024;
+/// Of which one function's output lines, at most: a function printing faster than
+/// lines are stored cannot take the room of the others' (its `START` / `END` /
+/// `REPORT` lines are not held to it).
+const SHARE: usize = BUFFER / 4;
 
 /// Publishes function log lines to the logs stream.
 pub struct StreamedLogs {
     sender: mpsc::Sender<LogLine>,
-    dropped: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+}
+
+/// Lines published and dropped, and waiting by function.
+struct Counts {
+    dropped: AtomicU64,
+    metrics: WorkerMetrics,
+    waiting: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Counts {
+    /// One line of `function` less waiting.
+    fn published(&self, function: &str) {
+        let mut waiting = self.waiting.lock().expect("log counts lock");
+        if let Some(count) = waiting.get_mut(function) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                waiting.remove(function);
+            }
+        }
+    }
 }
 
 impl StreamedLogs {
     /// Starts the publishing task (it ends when the sink is dropped).
-    pub fn start(bus: Bus) -> Arc<StreamedLogs> {
+    pub fn start(bus: Bus, metrics: WorkerMetrics) -> Arc<StreamedLogs> {
         let (sender, receiver) = mpsc::channel(BUFFER);
-        let dropped = Arc::new(AtomicU64::new(0));
-        tokio::spawn(publish(bus, receiver, dropped.clone()));
-        Arc::new(StreamedLogs { sender, dropped })
+        let counts = Arc::new(Counts {
+            dropped: AtomicU64::new(0),
+            metrics,
+            waiting: std::sync::Mutex::default(),
+        });
+        tokio::spawn(publish(bus, receiver, counts.clone()));
+        Arc::new(StreamedLogs { sender, counts })
     }
 }
 
-fn count_dropped(dropped: &AtomicU64) {
-    let count = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+fn count_dropped(counts: &Counts, function: &str) {
+    counts
+        .metrics
+        .function_log_lines_dropped
+        .get_or_create(&FunctionLabels {
+            function: function.to_owned(),
+        })
+        .inc();
+    let count = counts.dropped.fetch_add(1, Ordering::Relaxed) + 1;
     if switchyard_event::backoff::worth_logging(count) {
         tracing::warn!(
             dropped = count,
-            "function log lines are printed faster than the logs stream stores them: some are left out of it (they are still in switchyard's own log)"
+            "function log lines are printed faster than the logs stream stores them: some are left out of it (switchyard's own log carries every line at level info)"
         );
     }
 }
 
 impl LogSink for StreamedLogs {
     fn line(&self, line: LogLine) {
-        if self.sender.try_send(line).is_err() {
-            count_dropped(&self.dropped);
+        {
+            let mut waiting = self.counts.waiting.lock().expect("log counts lock");
+            let count = waiting.entry(line.function.clone()).or_default();
+            if *count >= SHARE && line.stream != "platform" {
+                drop(waiting);
+                count_dropped(&self.counts, &line.function);
+                return;
+            }
+            *count += 1;
+        }
+        if let Err(error) = self.sender.try_send(line) {
+            let line = match error {
+                mpsc::error::TrySendError::Full(line) | mpsc::error::TrySendError::Closed(line) => {
+                    line
+                }
+            };
+            self.counts.published(&line.function);
+            count_dropped(&self.counts, &line.function);
         }
     }
 }
 
-async fn publish(bus: Bus, mut receiver: mpsc::Receiver<LogLine>, dropped: Arc<AtomicU64>) {
+async fn publish(bus: Bus, mut receiver: mpsc::Receiver<LogLine>, counts: Arc<Counts>) {
     while let Some(line) = receiver.recv().await {
+        counts.published(&line.function);
         let subject = bus.subjects().logs(&line.function);
         let Ok(payload) = serde_json::to_vec(&line) else {
             continue;
@@ -61,7 +116,15 @@ async fn publish(bus: Bus, mut receiver: mpsc::Receiver<LogLine>, dropped: Arc<A
         // wait for (log lines are not events: a line lost while NATS is away is
         // still in switchyard's own log).
         if bus.client().publish(subject, payload.into()).await.is_err() {
-            count_dropped(&dropped);
+            count_dropped(&counts, &line.function);
+        } else {
+            counts
+                .metrics
+                .function_log_lines
+                .get_or_create(&FunctionLabels {
+                    function: line.function,
+                })
+                .inc();
         }
     }
 }

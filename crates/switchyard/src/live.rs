@@ -1016,6 +1016,7 @@ impl Live {
                 );
                 workers.set_log_sink(crate::function_logs::StreamedLogs::start(
                     self.handles.bus.clone(),
+                    self.handles.worker_metrics.clone(),
                 ));
                 Arc::new(workers)
             })

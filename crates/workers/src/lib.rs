@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use lambda::Called;
-pub use metrics::WorkerMetrics;
+pub use metrics::{FunctionLabels, WorkerMetrics};
 pub use pool::ManagedFunction;
 pub use web::CallFailure;
 

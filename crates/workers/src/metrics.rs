@@ -33,6 +33,9 @@ pub struct WorkerMetrics {
     pub function_timeouts: Family<FunctionLabels, Counter>,
     pub function_crashes: Family<FunctionLabels, Counter>,
     pub function_oom_kills: Family<FunctionLabels, Counter>,
+    /// Function log lines handed to the logs stream, and left out of it.
+    pub function_log_lines: Family<FunctionLabels, Counter>,
+    pub function_log_lines_dropped: Family<FunctionLabels, Counter>,
 }
 
 impl Default for WorkerMetrics {
@@ -46,6 +49,8 @@ impl Default for WorkerMetrics {
             function_timeouts: Family::default(),
             function_crashes: Family::default(),
             function_oom_kills: Family::default(),
+            function_log_lines: Family::default(),
+            function_log_lines_dropped: Family::default(),
         }
     }
 }
@@ -91,6 +96,16 @@ impl WorkerMetrics {
             "function_oom_kills",
             "instances killed for using more than their memory",
             self.function_oom_kills.clone(),
+        );
+        registry.register(
+            "function_log_lines",
+            "function log lines published to the logs stream",
+            self.function_log_lines.clone(),
+        );
+        registry.register(
+            "function_log_lines_dropped",
+            "function log lines left out of the logs stream (printed faster than stored, or nats away); they are still in switchyard's own log",
+            self.function_log_lines_dropped.clone(),
         );
     }
 }

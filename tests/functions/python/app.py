@@ -34,6 +34,11 @@ def handler(event, context):
             "pid": os.getpid(),
             "entered_us": entered_us,
         }
+    if action == "spam":
+        # Prints as fast as it can (the noisy neighbour of the function-log tests).
+        for number in range(int(data["lines"])):
+            print(f"spam {event.get('id')} {number} " + "x" * 100)
+        return {"printed": data["lines"]}
     if action == "raise":
         raise ValueError(f"bad input: {data.get('value')}")
     if action == "sleep":
