@@ -310,6 +310,9 @@ struct FunctionState {
     in_flight: AtomicUsize,
     peak: AtomicUsize,
     behaviour: Mutex<Behaviour>,
+    /// A call delayed longer counts as in flight only this long (its caller gave up
+    /// on it at its timeout).
+    counted_for: Mutex<Option<Duration>>,
 }
 
 /// A real HTTP function server that records every call, its concurrency and peak.
@@ -333,7 +336,7 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    let _guard = InFlightGuard(state.clone());
+    let mut guard = Some(InFlightGuard(state.clone()));
     state.peak.fetch_max(now, Ordering::SeqCst);
     let received = Received {
         headers,
@@ -348,8 +351,15 @@ async fn handle(
     };
     let behaviour = state.behaviour.lock().unwrap().clone();
     let reply = behaviour(&received, calls);
-    if !reply.delay.is_zero() {
-        tokio::time::sleep(reply.delay).await;
+    let counted_for = *state.counted_for.lock().unwrap();
+    match counted_for {
+        Some(limit) if reply.delay > limit => {
+            tokio::time::sleep(limit).await;
+            drop(guard.take());
+            tokio::time::sleep(reply.delay - limit).await;
+        }
+        _ if !reply.delay.is_zero() => tokio::time::sleep(reply.delay).await,
+        _ => {}
     }
     state.received.lock().unwrap().push(received);
     if reply.abort {
@@ -373,6 +383,7 @@ impl FunctionServer {
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             behaviour: Mutex::new(Arc::new(behaviour)),
+            counted_for: Mutex::new(None),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -386,6 +397,13 @@ impl FunctionServer {
             url: format!("http://{address}/"),
             state,
         }
+    }
+
+    /// Counts a call delayed longer than `limit` as in flight for `limit` only: the
+    /// caller gave up on it at its timeout (a little over `limit`), and its slot is
+    /// free for another call while this server still sleeps on the abandoned one.
+    pub fn count_in_flight_for(&self, limit: Duration) {
+        *self.state.counted_for.lock().unwrap() = Some(limit);
     }
 
     pub fn set_behaviour(
