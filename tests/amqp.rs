@@ -38,25 +38,6 @@ fn amqp_client(server: &RabbitServer, arguments: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn config(nats: &NatsServer, prefix: &str, rest: &str) -> String {
-    let upper = prefix.to_uppercase();
-    format!(
-        r#"[nats]
-url = "{nats}"
-subject_prefix = "{prefix}"
-events_stream = {{ name = "{upper}_EVENTS", storage = "memory" }}
-dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-level = "${{SWITCHYARD_TEST_LOG:-warn}}"
-{rest}"#,
-        nats = nats.url(),
-    )
-}
-
 fn amqp_source(name: &str, server: &RabbitServer, queue: &str) -> String {
     format!(
         r#"
@@ -69,38 +50,6 @@ prefetch = 100
 "#,
         url = server.url(),
     )
-}
-
-/// How many times the function got each body.
-fn counts(function: &FunctionServer) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for call in function.received() {
-        *counts
-            .entry(String::from_utf8_lossy(&call.body).into_owned())
-            .or_insert(0) += 1;
-    }
-    counts
-}
-
-/// Waits until the function got every one of `bodies` at least once.
-async fn wait_all(function: &FunctionServer, bodies: &[String]) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let counts = counts(function);
-        let missing = bodies
-            .iter()
-            .filter(|body| !counts.contains_key(*body))
-            .count();
-        if missing == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} messages not delivered",
-            bodies.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn bus_of(file: &Path) -> switchyard_bus::Bus {
@@ -136,7 +85,7 @@ max_concurrency = 8
         source = amqp_source("jobs", &server, &queue),
         function = function.url,
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
 
@@ -153,7 +102,7 @@ max_concurrency = 8
         .map(|number| format!("a-{number}"))
         .chain((0..20).map(|number| format!("b-{number}")))
         .collect();
-    wait_all(&function, &first).await;
+    common::wait_bodies(&function, &first, WAIT).await;
     let bus = bus_of(&file).await;
     let dead = common::wait_for_dead_letters(&bus, "source:jobs", 3, WAIT).await;
     for entry in &dead {
@@ -181,14 +130,14 @@ max_concurrency = 8
     server.restart();
     amqp_client(&server, &["publish", &queue, "100", "--prefix", "c"]);
     let second: Vec<String> = (0..100).map(|number| format!("c-{number}")).collect();
-    wait_all(&function, &second).await;
+    common::wait_bodies(&function, &second, WAIT).await;
 
     // Stopped gracefully: everything stored was acknowledged.
     process.signal(Signal::SIGTERM);
     assert!(process.wait_exit().await);
     let ready: usize = amqp_client(&server, &["depth", &queue])[0].parse().unwrap();
     assert_eq!(ready, 0, "messages left in the queue");
-    let counts = counts(&function);
+    let counts = common::body_counts(&function);
     for body in first.iter().chain(&second) {
         assert_eq!(counts[body], 1, "{body} delivered more than once");
     }
@@ -230,7 +179,7 @@ function = "f"
         url = server.url(),
         function = function.url,
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let process = Process::start(&file, &[]);
     process.wait_ready().await;
     common::wait_source_running(&process, "orders").await;
@@ -254,7 +203,7 @@ function = "f"
     via("order.created", &["--prefix", "order"]);
     via("order.raw", &["--prefix", "raw", "--raw-body"]);
     let bodies: Vec<String> = (0..5).map(|number| format!("order-{number}")).collect();
-    wait_all(&function, &bodies).await;
+    common::wait_bodies(&function, &bodies, WAIT).await;
     let deadline = Instant::now() + WAIT;
     let raw: Vec<Vec<u8>> = (0..5)
         .map(|number| [&b"\xff\xfe"[..], format!("raw-{number}").as_bytes()].concat())
@@ -321,7 +270,7 @@ batch = {{ max_events = 10, window = "300ms" }}
         handlers = common::test_functions().join("python").display(),
         seen = seen.display(),
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let process = Process::start(&file, &[]);
     process.wait_ready().await;
 
@@ -426,7 +375,7 @@ max_concurrency = 16
         source = amqp_source("kills", &server, &queue),
         function = function.url,
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
 
@@ -451,8 +400,8 @@ max_concurrency = 16
         process.wait_ready().await;
     }
     assert!(producer.wait().unwrap().success(), "the producer failed");
-    wait_all(&function, &bodies).await;
-    let counts = counts(&function);
+    common::wait_bodies(&function, &bodies, WAIT).await;
+    let counts = common::body_counts(&function);
     let duplicates: usize = counts.values().map(|count| count - 1).sum();
     eprintln!(
         "amqp kills: 5000 messages, {} delivered, {duplicates} duplicate deliveries",

@@ -33,57 +33,6 @@ fn mqtt_client(server: &MosquittoServer, arguments: &[&str]) {
     );
 }
 
-fn config(nats: &NatsServer, prefix: &str, rest: &str) -> String {
-    let upper = prefix.to_uppercase();
-    format!(
-        r#"[nats]
-url = "{nats}"
-subject_prefix = "{prefix}"
-events_stream = {{ name = "{upper}_EVENTS", storage = "memory" }}
-dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-level = "${{SWITCHYARD_TEST_LOG:-warn}}"
-{rest}"#,
-        nats = nats.url(),
-    )
-}
-
-/// How many times the function got each body.
-fn counts(function: &FunctionServer) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for call in function.received() {
-        *counts
-            .entry(String::from_utf8_lossy(&call.body).trim_end().to_owned())
-            .or_insert(0) += 1;
-    }
-    counts
-}
-
-/// Waits until the function got every one of `bodies` at least once.
-async fn wait_all(function: &FunctionServer, bodies: &[String]) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let counts = counts(function);
-        let missing = bodies
-            .iter()
-            .filter(|body| !counts.contains_key(*body))
-            .count();
-        if missing == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} messages not delivered",
-            bodies.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn bus_of(file: &Path) -> switchyard_bus::Bus {
     let text = std::fs::read_to_string(file).unwrap();
     let config = switchyard::config::parse(file, &text, &|name| match name {
@@ -137,7 +86,7 @@ password = "${{MQTT_TEST_PASSWORD}}"
         url = server.url(),
         function = function_and_trigger(&function),
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let process = Process::start(&file, &[("MQTT_TEST_PASSWORD", "mqtt-secret".to_owned())]);
     process.wait_ready().await;
     common::wait_source_running(&process, "sensors").await;
@@ -169,7 +118,7 @@ password = "${{MQTT_TEST_PASSWORD}}"
         .chain((0..50).map(|number| format!("a-{number}")))
         .chain((0..10).map(|number| format!("s-{number}")))
         .collect();
-    wait_all(&function, &bodies).await;
+    common::wait_bodies(&function, &bodies, WAIT).await;
     let bus = bus_of(&file).await;
     let dead = common::wait_for_dead_letters(&bus, "source:sensors", 4, WAIT).await;
     let mut reasons: Vec<&str> = dead
@@ -209,7 +158,7 @@ password = "${{MQTT_TEST_PASSWORD}}"
     assert!(structured.header("ce-id").unwrap().starts_with("ce-s-"));
     // Not subscribed: never received.
     assert!(!received.iter().any(|call| call.body.starts_with(b"h-")));
-    let counts = counts(&function);
+    let counts = common::body_counts(&function);
     for body in &bodies {
         assert_eq!(counts[body], 1, "{body} delivered more than once");
     }
@@ -236,7 +185,7 @@ topics = ["jobs/#"]
         url = server.url(),
         function = function_and_trigger(&function),
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
     common::wait_source_running(&process, "session").await;
@@ -249,8 +198,8 @@ topics = ["jobs/#"]
     let process = Process::start(&file, &[]);
     process.wait_ready().await;
     let bodies: Vec<String> = (0..500).map(|number| format!("d-{number}")).collect();
-    wait_all(&function, &bodies).await;
-    let counts = counts(&function);
+    common::wait_bodies(&function, &bodies, WAIT).await;
+    let counts = common::body_counts(&function);
     for body in &bodies {
         assert_eq!(counts[body], 1, "{body} delivered more than once");
     }
@@ -280,7 +229,7 @@ topics = ["load/#"]
         url = server.url(),
         function = function_and_trigger(&function),
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
     common::wait_source_running(&process, "kills").await;
@@ -306,8 +255,8 @@ topics = ["load/#"]
         process.wait_ready().await;
     }
     assert!(producer.wait().unwrap().success(), "the producer failed");
-    wait_all(&function, &bodies).await;
-    let counts = counts(&function);
+    common::wait_bodies(&function, &bodies, WAIT).await;
+    let counts = common::body_counts(&function);
     let duplicates: usize = counts.values().map(|count| count - 1).sum();
     eprintln!(
         "mqtt kills: 5000 messages, {} delivered, {duplicates} duplicate deliveries",
@@ -411,7 +360,7 @@ password = "${{MQTT_WRONG_PASSWORD}}"
         guarded_url = guarded.url(),
         function = function_and_trigger(&function),
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let log = directory.path().join("switchyard.log");
     let process = Process::start_logged(
         &file,
@@ -430,7 +379,7 @@ password = "${{MQTT_WRONG_PASSWORD}}"
         &["publish", "secure/readings", "20", "--prefix", "tls"],
     );
     let bodies: Vec<String> = (0..20).map(|number| format!("tls-{number}")).collect();
-    wait_all(&function, &bodies).await;
+    common::wait_bodies(&function, &bodies, WAIT).await;
     assert_eq!(
         function.received()[0].header("ce-source"),
         Some(tls_url.as_str())
@@ -461,7 +410,7 @@ password = "${{MQTT_WRONG_PASSWORD}}"
         "wrong password: {all}"
     );
     assert!(!all.contains(WRONG_PASSWORD), "{all}");
-    let counts = counts(&function);
+    let counts = common::body_counts(&function);
     for body in &bodies {
         assert_eq!(counts[body], 1, "{body} delivered more than once");
     }
@@ -510,7 +459,7 @@ expression = "cron(0 3 * * ? *)"
         url = server.url(),
         function = function_and_trigger(&function),
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
     common::wait_source_running(&process, "five").await;
@@ -543,7 +492,7 @@ expression = "cron(0 3 * * ? *)"
         .map(|number| format!("b-{number}"))
         .chain((0..10).map(|number| format!("p-{number}")))
         .collect();
-    wait_all(&function, &bodies).await;
+    common::wait_bodies(&function, &bodies, WAIT).await;
     let bus = bus_of(&file).await;
     let dead = common::wait_for_dead_letters(&bus, "source:five", 6, WAIT).await;
     let mut reasons: Vec<&str> = dead
@@ -587,8 +536,8 @@ expression = "cron(0 3 * * ? *)"
     let process = Process::start(&file, &[]);
     process.wait_ready().await;
     let later: Vec<String> = (0..200).map(|number| format!("later-{number}")).collect();
-    wait_all(&function, &later).await;
-    let counts = counts(&function);
+    common::wait_bodies(&function, &later, WAIT).await;
+    let counts = common::body_counts(&function);
     for body in bodies.iter().chain(&later) {
         assert_eq!(counts[body], 1, "{body} delivered more than once");
     }

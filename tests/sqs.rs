@@ -37,25 +37,6 @@ fn sqs_client(server: &SqsServer, arguments: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn config(nats: &NatsServer, prefix: &str, rest: &str) -> String {
-    let upper = prefix.to_uppercase();
-    format!(
-        r#"[nats]
-url = "{nats}"
-subject_prefix = "{prefix}"
-events_stream = {{ name = "{upper}_EVENTS", storage = "memory" }}
-dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-level = "${{SWITCHYARD_TEST_LOG:-warn}}"
-{rest}"#,
-        nats = nats.url(),
-    )
-}
-
 fn sqs_source(name: &str, url: &str) -> String {
     format!(
         r#"
@@ -69,38 +50,6 @@ wait_time = "2s"
 receivers = 2
 "#
     )
-}
-
-/// How many times the function got each body.
-fn counts(function: &FunctionServer) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for call in function.received() {
-        *counts
-            .entry(String::from_utf8_lossy(&call.body).into_owned())
-            .or_insert(0) += 1;
-    }
-    counts
-}
-
-/// Waits until the function got every one of `bodies` at least once.
-async fn wait_all(function: &FunctionServer, bodies: &[String]) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let counts = counts(function);
-        let missing = bodies
-            .iter()
-            .filter(|body| !counts.contains_key(*body))
-            .count();
-        if missing == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} messages not delivered",
-            bodies.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Waits until the queue holds nothing (visible or in flight).
@@ -165,7 +114,7 @@ filter = {{ partitionkey = {{ prefix = "g" }} }}
         function = function.url,
         ordered = ordered.url,
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let process = Process::start(&file, &[]);
     process.wait_ready().await;
 
@@ -187,8 +136,8 @@ filter = {{ partitionkey = {{ prefix = "g" }} }}
     );
     let plain_bodies: Vec<String> = (0..250).map(|number| format!("p-{number}")).collect();
     let fifo_bodies: Vec<String> = (0..60).map(|number| format!("o-{number}")).collect();
-    wait_all(&function, &plain_bodies).await;
-    wait_all(&ordered, &fifo_bodies).await;
+    common::wait_bodies(&function, &plain_bodies, WAIT).await;
+    common::wait_bodies(&ordered, &fifo_bodies, WAIT).await;
     let bus = bus_of(&file).await;
     let dead = common::wait_for_dead_letters(&bus, "source:plain", 3, WAIT).await;
     for entry in &dead {
@@ -201,7 +150,7 @@ filter = {{ partitionkey = {{ prefix = "g" }} }}
     wait_empty(&server, &plain).await;
     wait_empty(&server, &fifo).await;
 
-    let counts = counts(&function);
+    let counts = common::body_counts(&function);
     for body in &plain_bodies {
         assert_eq!(counts[body], 1, "{body} delivered more than once");
     }
@@ -262,7 +211,7 @@ retry = {{ policy = "fixed", initial = "100ms", attempts = 2 }}
         handlers = common::test_functions().join("python").display(),
         seen = seen.display(),
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let process = Process::start(&file, &[]);
     process.wait_ready().await;
 
@@ -406,7 +355,7 @@ max_concurrency = 16
         source = sqs_source("kills", &queue),
         function = function.url,
     );
-    std::fs::write(&file, config(&nats, &prefix, &rest)).unwrap();
+    std::fs::write(&file, common::queue_test_config(&nats, &prefix, &rest)).unwrap();
     let mut process = Process::start(&file, &[]);
     process.wait_ready().await;
 
@@ -434,9 +383,9 @@ max_concurrency = 16
     }
     let mut producer = producer;
     assert!(producer.wait().unwrap().success(), "the producer failed");
-    wait_all(&function, &bodies).await;
+    common::wait_bodies(&function, &bodies, WAIT).await;
     wait_empty(&server, &queue).await;
-    let counts = counts(&function);
+    let counts = common::body_counts(&function);
     let duplicates: usize = counts.values().map(|count| count - 1).sum();
     eprintln!(
         "sqs kills: 5000 messages, {} delivered, {duplicates} duplicate deliveries",
@@ -539,9 +488,9 @@ function = "f"
     assert_eq!(depth, 20);
 
     nats.restart();
-    wait_all(&function, &bodies).await;
+    common::wait_bodies(&function, &bodies, WAIT).await;
     wait_empty(&server, &queue).await;
-    let counts = counts(&function);
+    let counts = common::body_counts(&function);
     for body in &bodies {
         assert_eq!(counts[body], 1, "{body} delivered more than once");
     }

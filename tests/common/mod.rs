@@ -738,3 +738,58 @@ pub async fn wait_source_running(process: &Process, name: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The configuration head of the queue-source tests (SQS, RabbitMQ, MQTT): memory
+/// streams named after `prefix`, an admin listener on any port, then `rest`.
+pub fn queue_test_config(nats: &NatsServer, prefix: &str, rest: &str) -> String {
+    let upper = prefix.to_uppercase();
+    format!(
+        r#"[nats]
+url = "{nats}"
+subject_prefix = "{prefix}"
+events_stream = {{ name = "{upper}_EVENTS", storage = "memory" }}
+dead_letter_stream = {{ name = "{upper}_DLQ", storage = "memory" }}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "${{SWITCHYARD_TEST_LOG:-warn}}"
+{rest}"#,
+        nats = nats.url(),
+    )
+}
+
+/// How many times the function got each body (trailing whitespace, the padding of
+/// large test messages, left out).
+pub fn body_counts(function: &FunctionServer) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for call in function.received() {
+        *counts
+            .entry(String::from_utf8_lossy(&call.body).trim_end().to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Waits until the function got every one of `bodies` at least once; panics after
+/// `wait`.
+pub async fn wait_bodies(function: &FunctionServer, bodies: &[String], wait: Duration) {
+    let deadline = Instant::now() + wait;
+    loop {
+        let counts = body_counts(function);
+        let missing = bodies
+            .iter()
+            .filter(|body| !counts.contains_key(*body))
+            .count();
+        if missing == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} messages not delivered",
+            bodies.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
