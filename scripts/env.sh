@@ -57,3 +57,9 @@ PIKA_VERSION="1.4.4"
 PAHO_MQTT_VERSION="2.2.0"
 QUEUE_CLIENTS_DIR="$SWITCHYARD_CACHE/queue-clients-pika-$PIKA_VERSION-paho-$PAHO_MQTT_VERSION"
 export SWITCHYARD_QUEUE_PYTHON="${SWITCHYARD_QUEUE_PYTHON:-$QUEUE_CLIENTS_DIR/bin/python}"
+# The tracing backend of the telemetry tests: Jaeger v2 (an OpenTelemetry Collector
+# distribution with an OTLP receiver, an in-memory store and a query API), built from
+# its Go module.
+JAEGER_VERSION="1.75.0"
+JAEGER_DIR="$SWITCHYARD_CACHE/jaeger-$JAEGER_VERSION"
+export SWITCHYARD_JAEGER="${SWITCHYARD_JAEGER:-$JAEGER_DIR/bin/jaeger}"

@@ -5,7 +5,8 @@
 # the Apache Kafka broker's jars from Maven Central; versitygw (an S3-compatible
 # store) built from its Go module; AWS's Lambda runtime interface clients for Python
 # and Node.js; ElasticMQ (SQS) from Maven Central, RabbitMQ and mosquitto from
-# Debian's packages, and the queue clients (pika, paho-mqtt) from PyPI.
+# Debian's packages, the queue clients (pika, paho-mqtt) from PyPI, and Jaeger (the
+# tracing backend) built from its Go module.
 # `install-deps.sh nats` installs only nats-server; `install-deps.sh quickstart`
 # nats-server and the runtime clients `[runtimes]`' defaults run (Python's; Node.js's
 # when the machine can build it).
@@ -230,6 +231,23 @@ if [ "$what" = all ] && [ ! -f "$QUEUE_CLIENTS_DIR/.complete" ]; then
     python3 -m venv "$QUEUE_CLIENTS_DIR"
     "$QUEUE_CLIENTS_DIR/bin/pip" install --quiet --disable-pip-version-check "pika==$PIKA_VERSION" "paho-mqtt==$PAHO_MQTT_VERSION"
     touch "$QUEUE_CLIENTS_DIR/.complete"
+fi
+
+# Jaeger v2, the OpenTelemetry backend the telemetry tests send traces to, built from
+# its Go module (`go install` refuses it for its replace directives, so it is added as a
+# tool of a module of its own and built from there).
+if [ "$what" = all ] && [ ! -x "$JAEGER_DIR/bin/jaeger" ]; then
+    echo "building jaeger $JAEGER_VERSION into $JAEGER_DIR" >&2
+    rm -rf "$JAEGER_DIR/module"
+    mkdir -p "$JAEGER_DIR/module" "$JAEGER_DIR/bin"
+    (
+        cd "$JAEGER_DIR/module"
+        go mod init switchyard-jaeger >/dev/null 2>&1
+        go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@v$JAEGER_VERSION"
+        CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
+            go build -trimpath -o "$JAEGER_DIR/bin/jaeger.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
+    )
+    mv "$JAEGER_DIR/bin/jaeger.tmp" "$JAEGER_DIR/bin/jaeger"
 fi
 
 # AWS's Lambda Runtime Interface Emulator, built from its Go module: the benchmark

@@ -28,6 +28,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use switchyard_connector_s3::sns::{SnsError, SnsVerifier};
+use switchyard_event::telemetry::{self, SpanKind, TraceSpan};
 use switchyard_event::timestamp::now_rfc3339;
 use switchyard_event::{
     DedupHorizon, Event, EventSink, PublishError, parse_batch, parse_structured,
@@ -823,16 +824,40 @@ async fn accept_notification(
     publish(state, events).await
 }
 
-async fn publish(state: &SourceState, events: Vec<Event>) -> Result<Response, ApiError> {
+async fn publish(state: &SourceState, mut events: Vec<Event>) -> Result<Response, ApiError> {
     let count = events.len() as u64;
     state
         .metrics
         .events_received
         .get_or_create(&state.labels)
         .inc_by(count);
+    // Each event's ingest span, a child of the trace context it came with; its
+    // `traceparent` becomes the span's (see switchyard_event::telemetry).
+    let mut spans: Vec<TraceSpan> = if telemetry::enabled() {
+        events
+            .iter_mut()
+            .map(|event| {
+                telemetry::start_ingest(
+                    event,
+                    format!("ingest {}", state.config.name),
+                    SpanKind::Server,
+                    &state.config.name,
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     // All or none: a batch (or a notification with several records) is one atomic
     // batch on the bus.
-    let receipts = state.sink.publish_atomically(events).await.map_err(|error| match error {
+    let published = state.sink.publish_atomically(events).await;
+    if let Err(error) = &published {
+        for span in &mut spans {
+            span.fail(error.to_string());
+        }
+    }
+    drop(spans);
+    let receipts = published.map_err(|error| match error {
         PublishError::Unavailable(reason) => {
             tracing::warn!(source = %state.config.name, error = %reason, stage = "publish", "event bus unavailable");
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("event bus unavailable, retry later: {reason}"))

@@ -641,6 +641,12 @@ async fn publish(
             }
         }
         let mut too_large = Vec::new();
+        let _spans = switchyard_event::telemetry::start_ingests(
+            &mut events,
+            &format!("ingest {}", config.name),
+            switchyard_event::telemetry::SpanKind::Consumer,
+            &config.name,
+        );
         if !persist(bus, reporter, &events, &mut too_large, abandoned).await {
             return;
         }

@@ -411,6 +411,13 @@ async fn forward_jetstream(
             .await;
         }
     };
+    let mut events = events;
+    let _spans = switchyard_event::telemetry::start_ingests(
+        &mut events,
+        &format!("ingest {}", config.name),
+        switchyard_event::telemetry::SpanKind::Consumer,
+        &config.name,
+    );
     match bus.publish_all(events.clone()).await {
         Ok(_) => {
             let _ = message.ack().await;

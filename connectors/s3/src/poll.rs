@@ -703,10 +703,16 @@ impl Poller {
 
     /// Persists events, retrying while the bus is unavailable. An event larger than
     /// the bus accepts is stored as a dead letter; the others go on.
-    async fn persist(&self, events: Vec<Event>) -> Result<(), ScanError> {
+    async fn persist(&self, mut events: Vec<Event>) -> Result<(), ScanError> {
         if events.is_empty() {
             return Ok(());
         }
+        let _spans = switchyard_event::telemetry::start_ingests(
+            &mut events,
+            &format!("ingest {}", self.config.name),
+            switchyard_event::telemetry::SpanKind::Consumer,
+            &self.config.name,
+        );
         let count = events.len() as u64;
         match self.publish_retrying(&events).await? {
             Ok(()) => {}

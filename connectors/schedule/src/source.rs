@@ -541,7 +541,13 @@ impl ScheduleSource {
         time: DateTime<Utc>,
         shutdown: &CancellationToken,
     ) -> Result<bool, String> {
-        let event = self.config.event(time);
+        let mut event = self.config.event(time);
+        let _span = switchyard_event::telemetry::start_ingest(
+            &mut event,
+            format!("schedule {}", self.config.name),
+            switchyard_event::telemetry::SpanKind::Producer,
+            &self.config.name,
+        );
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match self.bus.publish_events(std::slice::from_ref(&event)).await {

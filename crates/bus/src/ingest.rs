@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use switchyard_event::backoff::Backoff;
+use switchyard_event::telemetry;
 use switchyard_event::{Event, PublishError, ReservedSources};
 use tokio_util::sync::CancellationToken;
 
@@ -93,12 +94,25 @@ pub async fn store_inputs(
 ) -> Option<Stored> {
     let mut events = Vec::new();
     let mut invalid = Vec::new();
+    // Each stored event's ingest span (see switchyard_event::telemetry), ended when
+    // this returns.
+    let mut spans = Vec::new();
     for input in inputs {
         match input {
             Input::Events(more) => {
-                for event in more {
+                for mut event in more {
                     match claims.refusal(&event) {
-                        None => events.push(event),
+                        None => {
+                            if telemetry::enabled() {
+                                spans.push(telemetry::start_ingest(
+                                    &mut event,
+                                    format!("ingest {source}"),
+                                    telemetry::SpanKind::Consumer,
+                                    source,
+                                ));
+                            }
+                            events.push(event);
+                        }
                         Some(error) => invalid.push((event, "reserved_source", error)),
                     }
                 }
@@ -131,6 +145,7 @@ pub async fn store_inputs(
         dead_letter(bus, source, event, reason, &error, abandoned).await?;
         stored.dead_lettered += 1;
     }
+    drop(spans);
     Some(stored)
 }
 

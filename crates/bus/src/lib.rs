@@ -1158,6 +1158,53 @@ pub fn event_from_message(
     )
 }
 
+/// The store span of each event that carries a `traceparent` (a child of it): the
+/// time until its PubAck.
+fn store_spans(bus: &Bus, events: &[Event]) -> Vec<switchyard_event::telemetry::TraceSpan> {
+    use switchyard_event::telemetry::{KeyValue, SpanKind, TraceSpan, event_context};
+    events
+        .iter()
+        .map(|event| {
+            // An event with no trace context had no ingest span: no trace of its own.
+            let Some(parent) = event_context(event) else {
+                return TraceSpan::none();
+            };
+            TraceSpan::start("store", SpanKind::Producer, Some(&parent), || {
+                vec![
+                    KeyValue::new("messaging.system", "nats"),
+                    KeyValue::new("messaging.destination.name", bus.event_subject(event)),
+                    KeyValue::new("messaging.message.id", message_id(event)),
+                    KeyValue::new("switchyard.stream", bus.events_stream().to_owned()),
+                ]
+            })
+        })
+        .collect()
+}
+
+fn end_store_spans(
+    spans: &mut [switchyard_event::telemetry::TraceSpan],
+    result: &Result<Vec<PublishReceipt>, PublishError>,
+) {
+    use switchyard_event::telemetry::KeyValue;
+    match result {
+        Ok(receipts) => {
+            for (span, receipt) in spans.iter_mut().zip(receipts) {
+                span.set(|| {
+                    vec![
+                        KeyValue::new("switchyard.sequence", receipt.sequence as i64),
+                        KeyValue::new("switchyard.duplicate", receipt.duplicate),
+                    ]
+                });
+            }
+        }
+        Err(error) => {
+            for span in spans.iter_mut() {
+                span.fail(error.to_string());
+            }
+        }
+    }
+}
+
 /// Events of one batch sent before their PubAcks are awaited.
 const PUBLISH_CHUNK: usize = 256;
 
@@ -1202,6 +1249,19 @@ impl Bus {
         if events.len() < 2 {
             return self.publish_events(events).await;
         }
+        if !switchyard_event::telemetry::enabled() {
+            return self.publish_atomically_untraced(events).await;
+        }
+        let mut spans = store_spans(self, events);
+        let result = self.publish_atomically_untraced(events).await;
+        end_store_spans(&mut spans, &result);
+        result
+    }
+
+    async fn publish_atomically_untraced(
+        &self,
+        events: &[Event],
+    ) -> Result<Vec<PublishReceipt>, PublishError> {
         let mut first_of: std::collections::HashMap<String, usize> =
             std::collections::HashMap::new();
         let mut unique = Vec::with_capacity(events.len());
@@ -1255,7 +1315,7 @@ impl Bus {
                     .iter()
                     .map(|(index, _)| events[*index].clone())
                     .collect();
-                self.publish_events(&singles)
+                self.publish_untraced(&singles)
                     .await?
                     .into_iter()
                     .zip(unique.iter().map(|(index, _)| *index))
@@ -1394,6 +1454,20 @@ impl Bus {
     /// [`EventSink::publish_all`] on borrowed events, so a caller that may have to
     /// publish them again keeps them without a copy.
     pub async fn publish_events(
+        &self,
+        events: &[Event],
+    ) -> Result<Vec<PublishReceipt>, PublishError> {
+        if !switchyard_event::telemetry::enabled() {
+            return self.publish_untraced(events).await;
+        }
+        let mut spans = store_spans(self, events);
+        let result = self.publish_untraced(events).await;
+        end_store_spans(&mut spans, &result);
+        result
+    }
+
+    /// [`Bus::publish_events`] without store spans (its caller has them).
+    async fn publish_untraced(
         &self,
         events: &[Event],
     ) -> Result<Vec<PublishReceipt>, PublishError> {

@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use switchyard_bus::async_nats::jetstream::{self, AckKind};
+use switchyard_event::telemetry::{self, KeyValue, SpanKind, TraceSpan};
 use switchyard_event::timestamp::rfc3339;
-use switchyard_event::{Failure, Outcome, PublishError};
+use switchyard_event::{Event, Failure, Outcome, PublishError};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::prepare;
@@ -126,6 +127,18 @@ pub(crate) async fn handle(
         return Settled::Done;
     };
     let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
+    // The attempt's span (a child of the event's trace context) and the invocation's
+    // (the attempt's child, whose context the function gets): nothing while traces
+    // are off.
+    let (mut attempt_span, mut invoke_span) = if telemetry::enabled() {
+        start_spans(trigger, &event, handling.delivery.attempt)
+    } else {
+        (TraceSpan::none(), TraceSpan::none())
+    };
+    let traced = invoke_span
+        .traceparent()
+        .map(|traceparent| with_traceparent(&event, traceparent));
+    let called = traced.as_ref().unwrap_or(&event);
     // Capacity first (a function whose instances Switchyard runs may cold-start one):
     // waiting for it is not an attempt, and the event stays unacknowledged meanwhile.
     let reserved = if trigger.target().reserves() {
@@ -158,11 +171,11 @@ pub(crate) async fn handle(
             None => {
                 trigger
                     .target()
-                    .invoke_reserved(reservation, &event, timeout)
+                    .invoke_reserved(reservation, called, timeout)
                     .await
             }
             Some(enricher) => {
-                let mut enriched = event.clone();
+                let mut enriched = called.clone();
                 if let Err(failure) = enricher.enrich(&mut enriched).await {
                     return Outcome::RetryLater {
                         not_before: None,
@@ -190,6 +203,9 @@ pub(crate) async fn handle(
     else {
         // Called, outcome unknown: recorded as an attempt.
         let failure = Failure::new(None, "invocation abandoned at shutdown (grace period over)");
+        invoke_span.fail(failure.error.clone());
+        attempt_span.set(|| vec![KeyValue::new("switchyard.outcome", "abandoned")]);
+        attempt_span.fail(failure.error.clone());
         Box::pin(handling.hand_back_recorded(
             None,
             Some(&failure),
@@ -246,7 +262,103 @@ pub(crate) async fn handle(
         }
         other => other,
     };
+    if attempt_span.is_recording() {
+        end_spans(
+            trigger,
+            handling.delivery.attempt,
+            &outcome,
+            attempt_span,
+            invoke_span,
+        );
+    }
     handling
         .settle(event, outcome, attempt_started_at, in_place)
         .await
+}
+
+/// The spans of one delivery attempt: the attempt (a child of the event's
+/// `traceparent`, or a new trace) and its invocation.
+fn start_spans(trigger: &TriggerRuntime, event: &Event, attempt: u64) -> (TraceSpan, TraceSpan) {
+    let attempt_span = TraceSpan::start(
+        format!("deliver {}", trigger.config.name),
+        SpanKind::Consumer,
+        telemetry::event_context(event).as_ref(),
+        || {
+            vec![
+                KeyValue::new("switchyard.trigger", trigger.config.name.clone()),
+                KeyValue::new("switchyard.function", trigger.function.name.clone()),
+                KeyValue::new("switchyard.attempt", attempt as i64),
+                KeyValue::new("cloudevents.event_id", event.id.clone()),
+                KeyValue::new("cloudevents.event_source", event.source.clone()),
+                KeyValue::new("cloudevents.event_type", event.ty.clone()),
+            ]
+        },
+    );
+    let invoke_span = TraceSpan::start(
+        format!("invoke {}", trigger.function.name),
+        SpanKind::Client,
+        attempt_span.context(),
+        || {
+            vec![
+                KeyValue::new("faas.invoked_name", trigger.function.name.clone()),
+                KeyValue::new("switchyard.attempt", attempt as i64),
+            ]
+        },
+    );
+    (attempt_span, invoke_span)
+}
+
+/// Ends an attempt's spans with what came of it: `delivered`, `retry`, or
+/// `dead_letter` (out of attempts, or rejected).
+fn end_spans(
+    trigger: &TriggerRuntime,
+    attempt: u64,
+    outcome: &Outcome,
+    mut attempt_span: TraceSpan,
+    mut invoke_span: TraceSpan,
+) {
+    let (label, failure, reason) = match outcome {
+        Outcome::Delivered { .. } => ("delivered", None, None),
+        Outcome::RetryLater { failure, .. } if attempt >= trigger.config.retry.max_attempts() => (
+            "dead_letter",
+            Some(failure),
+            Some(switchyard_bus::dead_letter::REASON_ATTEMPTS_EXHAUSTED),
+        ),
+        Outcome::RetryLater { failure, .. } => ("retry", Some(failure), None),
+        Outcome::Rejected { failure } => (
+            "dead_letter",
+            Some(failure),
+            Some(switchyard_bus::dead_letter::REASON_REJECTED),
+        ),
+    };
+    if let Some(failure) = failure {
+        invoke_span.set(|| {
+            failure.status.map_or_else(Vec::new, |status| {
+                vec![KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                )]
+            })
+        });
+        invoke_span.fail(failure.error.clone());
+        attempt_span.fail(failure.error.clone());
+    }
+    attempt_span.set(|| {
+        let mut attributes = vec![KeyValue::new("switchyard.outcome", label)];
+        if let Some(reason) = reason {
+            attributes.push(KeyValue::new("switchyard.dead_letter.reason", reason));
+        }
+        attributes
+    });
+    invoke_span.end();
+    attempt_span.end();
+}
+
+/// A copy of `event` carrying `traceparent` (the invocation's context).
+fn with_traceparent(event: &Event, traceparent: String) -> Event {
+    let mut traced = event.clone();
+    traced
+        .extensions
+        .insert("traceparent".to_owned(), traceparent);
+    traced
 }

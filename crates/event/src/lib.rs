@@ -13,6 +13,7 @@ mod json;
 mod sink;
 mod source;
 mod target;
+pub mod telemetry;
 pub mod timestamp;
 
 pub use binary::{BinaryHeaders, decode_header_value, encode_header_value};

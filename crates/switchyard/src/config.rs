@@ -35,6 +35,9 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Traces over OTLP (off unless `otlp_endpoint` is set).
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     #[serde(default)]
     pub dispatcher: DispatcherConfig,
     /// Settings shared by the functions whose instances Switchyard runs.
@@ -2504,6 +2507,11 @@ fn validate(file: &Path, text: &str, config: &Config) -> Vec<ConfigError> {
         check
             .errors
             .push(section_error(file, text, "nats", field, problem));
+    }
+    for (field, problem) in config.telemetry.problems() {
+        check
+            .errors
+            .push(section_error(file, text, "telemetry", field, problem));
     }
     let admin_tokens = config.admin.tokens();
     for (field, problem) in auth_secret_problems(&admin_tokens, None) {

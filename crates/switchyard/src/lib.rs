@@ -16,6 +16,7 @@ pub mod registry;
 pub mod routes;
 pub mod sigv4;
 pub mod sources;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -259,11 +259,12 @@ pub(crate) struct Live {
 const UNPACKED_CODE_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Tables whose change needs a restart, and what to do instead.
-const FIXED_TABLES: [(&str, &str); 6] = [
+const FIXED_TABLES: [(&str, &str); 7] = [
     ("nats", "the NATS connection and streams"),
     ("admin", "the admin listener"),
     ("invoke_api", "the Invoke API listener"),
     ("log", "logging"),
+    ("telemetry", "exporting traces"),
     ("dispatcher", "the process-wide dispatch limits"),
     ("workers", "the process-wide worker settings"),
 ];

@@ -382,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let loaded = load(&config)?;
             switchyard::init_logging(&loaded.log);
             tracing::info!(config = %config.display(), nats = %switchyard_bus::redact_url(&loaded.nats.url), "starting switchyard");
+            let telemetry = switchyard::telemetry::start(&loaded.telemetry)?;
             let running = switchyard::start(loaded).await?;
             if let Some(admin) = running.admin {
                 tracing::info!(%admin, "admin listening (/healthz /readyz /metrics /v1/triggers)");
@@ -405,13 +406,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let reloads = running.reloads.clone();
             let mut task = running.task;
             tokio::spawn(reload_on_hangup(reloads));
-            tokio::select! {
-                result = &mut task => return result.context("switchyard task panicked")?,
-                () = shutdown_signal() => {}
+            let result = tokio::select! {
+                result = &mut task => result,
+                () = shutdown_signal() => {
+                    tracing::info!("signal received, shutting down");
+                    shutdown.cancel();
+                    task.await
+                }
+            };
+            if let Some(telemetry) = telemetry {
+                telemetry.shutdown().await;
             }
-            tracing::info!("signal received, shutting down");
-            shutdown.cancel();
-            task.await.context("switchyard task panicked")?
+            result.context("switchyard task panicked")?
         }
         Command::Validate { check_nats } => {
             let loaded = load(&config)?;

@@ -8,6 +8,7 @@ use crate::logs::{LogLine, report_line};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use switchyard_event::telemetry::{self, SpanContext};
 use switchyard_event::{Failure, FunctionAnswer, Outcome, parse_structured};
 use tokio_util::task::AbortOnDropHandle;
 
@@ -94,6 +95,7 @@ pub(crate) async fn start(
                 api,
                 _server: server,
             },
+            cold: Default::default(),
         }),
         Err(failure) => {
             process.kill();
@@ -220,18 +222,23 @@ pub(crate) async fn invoke(
     request_id: Option<String>,
     payload: Bytes,
     timeout: Duration,
+    trace: Option<SpanContext>,
 ) -> Outcome {
-    call(pool, lease, request_id, payload, None, timeout, false)
-        .await
-        .0
-        .into_outcome()
+    call(
+        pool, lease, request_id, payload, None, timeout, false, trace,
+    )
+    .await
+    .0
+    .into_outcome()
 }
 
 /// Runs one invocation with `payload` as the event (as Lambda's Invoke API passes
 /// its request body) on the leased instance; with `log`, also returns its log as
 /// Lambda's `LogType: Tail` shows it (`START`, what the handler printed, `END`,
 /// `REPORT`), when the instance takes one invocation at a time. The request id is
-/// `request_id`, or a new one.
+/// `request_id`, or a new one. With `trace` (the invocation's span context), the
+/// handler's `_X_AMZN_TRACE_ID` is that trace and a cold start is traced under it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn call(
     pool: &Pool,
     lease: Lease,
@@ -240,9 +247,11 @@ pub(crate) async fn call(
     client_context: Option<String>,
     timeout: Duration,
     log: bool,
+    trace: Option<SpanContext>,
 ) -> (Called, Option<String>) {
     let collect = log && pool.spec.instance_concurrency <= 1;
     let instance = lease.instance.clone();
+    let cold = pool.cold_start(&instance, trace.as_ref());
     let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     if collect {
         instance.process.start_log(&request_id);
@@ -259,10 +268,24 @@ pub(crate) async fn call(
         ));
     }
     let started = std::time::Instant::now();
-    let called = run(pool, lease, &request_id, payload, client_context, timeout).await;
+    let called = run(
+        pool,
+        lease,
+        &request_id,
+        payload,
+        client_context,
+        timeout,
+        trace.as_ref(),
+    )
+    .await;
     let duration = started.elapsed().as_secs_f64() * 1000.0;
     let end_line = format!("END RequestId: {request_id}");
-    let report = report_line(&request_id, duration, pool.spec.memory_mb, None);
+    let report = report_line(
+        &request_id,
+        duration,
+        pool.spec.memory_mb,
+        cold.map(|cold| cold.init.as_secs_f64() * 1000.0),
+    );
     if let Some(logs) = logs {
         // After what the handler printed (read from its pipes), without keeping the
         // answer waiting for it.
@@ -297,6 +320,7 @@ async fn run(
     payload: Bytes,
     client_context: Option<String>,
     timeout: Duration,
+    trace: Option<&SpanContext>,
 ) -> Called {
     let request_id = request_id.to_owned();
     let Endpoint::Lambda { api, .. } = &lease.instance.endpoint else {
@@ -311,7 +335,7 @@ async fn run(
             .unwrap_or_default()
             .as_millis() as u64,
         function_arn: pool.arn.clone(),
-        trace_id: Some(trace_id()),
+        trace_id: Some(trace.map_or_else(trace_id, telemetry::xray_header)),
         client_context,
         cognito_identity: None,
     };

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use switchyard_event::backoff::Backoff;
+use switchyard_event::telemetry::{self, KeyValue, SpanContext, SpanKind, TraceSpan};
 use switchyard_event::timestamp::now_rfc3339;
 use switchyard_event::{Event, Failure, Outcome, Reservation, Target};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -28,6 +29,45 @@ pub(crate) struct Instance {
     pub(crate) label: String,
     pub(crate) process: InstanceProcess,
     pub(crate) endpoint: Endpoint,
+    /// The instance's init, until its first invocation takes it (REPORT's Init
+    /// Duration and the cold start's span).
+    pub(crate) cold: Mutex<Option<ColdStart>>,
+}
+
+/// When an instance's init began and how long it took.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ColdStart {
+    pub(crate) started: std::time::SystemTime,
+    pub(crate) init: Duration,
+}
+
+impl Pool {
+    /// The init of `instance` if this is its first invocation, traced as a span
+    /// (`init <function>`) under `trace`, the invocation's context, when given.
+    pub(crate) fn cold_start(
+        &self,
+        instance: &Instance,
+        trace: Option<&SpanContext>,
+    ) -> Option<ColdStart> {
+        let cold = instance.cold.lock().expect("cold lock").take()?;
+        if let Some(parent) = trace {
+            let span = TraceSpan::start_at(
+                format!("init {}", self.spec.name),
+                SpanKind::Internal,
+                Some(parent),
+                Some(cold.started),
+                || {
+                    vec![
+                        KeyValue::new("faas.coldstart", true),
+                        KeyValue::new("faas.name", self.spec.name.clone()),
+                        KeyValue::new("faas.instance", instance.label.clone()),
+                    ]
+                },
+            );
+            span.end_at(cold.started + cold.init);
+        }
+        Some(cold)
+    }
 }
 
 /// How invocations reach an instance.
@@ -503,6 +543,7 @@ impl Pool {
                 format!("{}-v{}-{id}", pool.spec.name, pool.generation)
             };
             let started = Instant::now();
+            let wall_started = std::time::SystemTime::now();
             let result = tokio::select! {
                 result = pool.start_instance(&label) => result,
                 () = pool.shared.shutdown.cancelled() => Err(StartFailure {
@@ -520,6 +561,10 @@ impl Pool {
                         .get_or_create(&pool.labels)
                         .observe(started.elapsed().as_secs_f64());
                     tracing::info!(function = %pool.spec.name, instance = %label, pid = instance.process.pid(), init_ms = started.elapsed().as_millis() as u64, "instance ready");
+                    *instance.cold.lock().expect("cold lock") = Some(ColdStart {
+                        started: wall_started,
+                        init: started.elapsed(),
+                    });
                     let instance = Arc::new(instance);
                     let closed = {
                         let mut state = pool.state.lock().expect("pool lock");
@@ -829,6 +874,7 @@ impl ManagedFunction {
                     client_context,
                     timeout,
                     log,
+                    None,
                 )
                 .await;
                 self.pool.observe_invocation(started);
@@ -869,6 +915,8 @@ impl ManagedFunction {
                 message: failure.message,
             })?;
         let started = Instant::now();
+        // A forwarded request is untraced: it only uses up the instance's cold start.
+        self.pool.cold_start(&lease.instance, None);
         let answer = crate::web::forward(&self.pool, lease, request, timeout).await;
         self.pool.observe_invocation(started);
         answer
@@ -939,6 +987,9 @@ impl ManagedFunction {
                     crate::aws::request_id(event),
                     render(event),
                     timeout,
+                    telemetry::enabled()
+                        .then(|| telemetry::event_context(event))
+                        .flatten(),
                 )
                 .await
             }

@@ -79,6 +79,7 @@ pub(crate) async fn start(
         endpoint: Endpoint::Http {
             target: HttpTarget::new(spec.name.clone(), url, pool.shared.http.clone()),
         },
+        cold: Default::default(),
     })
 }
 
@@ -123,6 +124,13 @@ pub(crate) async fn invoke(
         unreachable!("a process instance has an HTTP endpoint")
     };
     let started = Instant::now();
+    pool.cold_start(
+        &lease.instance,
+        switchyard_event::telemetry::enabled()
+            .then(|| switchyard_event::telemetry::event_context(event))
+            .flatten()
+            .as_ref(),
+    );
     let process = &lease.instance.process;
     // Retired until an outcome: dropped midway (the dispatcher gave up), the instance
     // may still be working on the event.

@@ -39,6 +39,15 @@ def handler(event, context):
         for number in range(int(data["lines"])):
             print(f"spam {event.get('id')} {number} " + "x" * 100)
         return {"printed": data["lines"]}
+    if action == "fail_once":
+        # Prints the trace header Lambda passes (_X_AMZN_TRACE_ID); the first attempt
+        # fails, the retry answers.
+        print(f"trace {os.environ.get('_X_AMZN_TRACE_ID')}")
+        marker = data["marker"]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("failing once")
+        return {"trace": os.environ.get("_X_AMZN_TRACE_ID")}
     if action == "raise":
         raise ValueError(f"bad input: {data.get('value')}")
     if action == "sleep":
