@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{NatsServer, Process, installed};
+use common::{FunctionServer, NatsServer, Process, Reply, installed};
 use switchyard_testkit::jaeger::JaegerServer;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -22,6 +22,8 @@ struct Span {
     id: String,
     name: String,
     parent: Option<String>,
+    /// The spans this one is linked to (OTLP links, Jaeger's FOLLOWS_FROM).
+    links: Vec<String>,
     tags: HashMap<String, serde_json::Value>,
     service: String,
 }
@@ -63,6 +65,16 @@ async fn spans(jaeger: &JaegerServer, trace_id: &str) -> Vec<Span> {
                         .find(|reference| reference["refType"] == "CHILD_OF")
                         .map(|reference| reference["spanID"].as_str().unwrap().to_owned())
                 }),
+                links: span["references"]
+                    .as_array()
+                    .map(|references| {
+                        references
+                            .iter()
+                            .filter(|reference| reference["refType"] == "FOLLOWS_FROM")
+                            .map(|reference| reference["spanID"].as_str().unwrap().to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 tags: span["tags"]
                     .as_array()
                     .unwrap()
@@ -390,4 +402,153 @@ async fn a_zero_sampling_ratio_records_no_new_trace_but_keeps_a_sampled_callers(
         spans(&jaeger, &unsampled_trace).await.is_empty(),
         "an unsampled trace was stored"
     );
+}
+
+/// POSTs a binary-mode event to `/v1/events` with `traceparent`.
+async fn post_event(process: &Process, id: &str, ty: &str, traceparent: &str) {
+    let response = reqwest::Client::new()
+        .post(process.url("/v1/events"))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-source", "/orders")
+        .header("ce-type", ty)
+        .header("traceparent", traceparent)
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_functions_get_the_invocations_traceparent_dead_letters_and_batches_are_traced() {
+    let jaeger = JaegerServer::start();
+    let nats = NatsServer::start();
+    // Always fails: out of attempts after two, dead-lettered.
+    let failing = FunctionServer::start(|_, _| Reply::status(500)).await;
+    let batched = FunctionServer::start(|_, _| Reply::ok()).await;
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("switchyard.toml");
+    let mut text = common::base_config(&nats.url(), 0, 0);
+    text.push_str(&format!(
+        r#"
+[[functions]]
+type = "http"
+name = "failing"
+url = "{failing}"
+
+[[functions]]
+type = "http"
+name = "batched"
+url = "{batched}"
+
+[[triggers]]
+name = "poison"
+function = "failing"
+filter = {{ type = {{ exact = "com.example.poison" }} }}
+retry = {{ initial = "100ms", max = "100ms", attempts = 2 }}
+
+[[triggers]]
+name = "orders"
+function = "batched"
+filter = {{ type = {{ exact = "com.example.order" }} }}
+batch = {{ max_events = 3, window = "10s" }}
+
+[telemetry]
+otlp_endpoint = "{endpoint}"
+"#,
+        failing = failing.url,
+        batched = batched.url,
+        endpoint = jaeger.otlp_endpoint(),
+    ));
+    std::fs::write(&file, text).unwrap();
+    let process = Process::start(&file, &[]);
+    process.wait_ready().await;
+
+    // A poison event: two failed attempts, then a dead letter.
+    let trace_id = random_hex(16);
+    post_event(
+        &process,
+        "poison-1",
+        "com.example.poison",
+        &format!("00-{trace_id}-{}-01", random_hex(8)),
+    )
+    .await;
+    let calls = failing.wait_for(2, WAIT).await;
+    // ingest, store, 2 x (deliver, invoke).
+    let spans = wait_spans(&jaeger, &trace_id, 6).await;
+    let mut attempts: Vec<&Span> = spans
+        .iter()
+        .filter(|span| span.name == "deliver poison")
+        .collect();
+    attempts.sort_by_key(|span| span.tag("switchyard.attempt").and_then(|n| n.as_i64()));
+    assert_eq!(attempts.len(), 2, "{spans:#?}");
+    assert_eq!(attempts[0].text("switchyard.outcome"), "retry");
+    assert_eq!(attempts[1].text("switchyard.outcome"), "dead_letter");
+    assert_eq!(
+        attempts[1].text("switchyard.dead_letter.reason"),
+        "attempts_exhausted"
+    );
+    // Each call carried its invocation span as `traceparent`.
+    for (call, attempt) in calls.iter().zip(&attempts) {
+        let invocation = spans
+            .iter()
+            .find(|span| {
+                span.name == "invoke failing" && span.parent.as_deref() == Some(attempt.id.as_str())
+            })
+            .unwrap_or_else(|| panic!("no invocation under {attempt:#?}"));
+        assert_eq!(
+            invocation.tag("http.response.status_code"),
+            Some(&serde_json::json!(500))
+        );
+        let expected = format!("00-{trace_id}-{}-01", invocation.id);
+        assert_eq!(call.header("traceparent"), Some(expected.as_str()));
+        assert_eq!(call.header("ce-traceparent"), Some(expected.as_str()));
+    }
+
+    // A batch of three events of three traces: each event's attempt in its own trace,
+    // one invocation linked to all three.
+    let traces: Vec<String> = (0..3).map(|_| random_hex(16)).collect();
+    for (index, trace) in traces.iter().enumerate() {
+        post_event(
+            &process,
+            &format!("order-{index}"),
+            "com.example.order",
+            &format!("00-{trace}-{}-01", random_hex(8)),
+        )
+        .await;
+    }
+    let batches = batched.wait_for(1, WAIT).await;
+    let batch: Vec<serde_json::Value> = serde_json::from_slice(&batches[0].body).unwrap();
+    assert_eq!(batch.len(), 3, "{batch:?}");
+    let mut attempt_ids = Vec::new();
+    let mut invocations = Vec::new();
+    for trace in &traces {
+        // ingest, store, deliver (and in one of them the invocation).
+        let spans = wait_spans(&jaeger, trace, 3).await;
+        let attempt = spans
+            .iter()
+            .find(|span| span.name == "deliver orders")
+            .unwrap_or_else(|| panic!("no attempt: {spans:#?}"));
+        assert_eq!(attempt.text("switchyard.outcome"), "delivered");
+        attempt_ids.push(attempt.id.clone());
+        invocations.extend(
+            spans
+                .into_iter()
+                .filter(|span| span.name == "invoke batched"),
+        );
+    }
+    // The invocation span ends before the attempts, so it is stored by now.
+    assert_eq!(invocations.len(), 1, "{invocations:#?}");
+    let invocation = &invocations[0];
+    assert_eq!(
+        invocation.tag("switchyard.batch_size"),
+        Some(&serde_json::json!(3))
+    );
+    let mut related: Vec<String> = invocation.links.clone();
+    related.extend(invocation.parent.clone());
+    related.sort();
+    attempt_ids.sort();
+    assert_eq!(related, attempt_ids, "{invocation:#?}");
 }

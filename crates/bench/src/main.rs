@@ -15,7 +15,9 @@
 //! (g) managed lambda functions: cold start beside a bare start, warm invocations
 //!     beside AWS's Runtime Interface Emulator, idle memory (see `functions.rs`);
 //! (h) synchronous invocation through the Lambda Invoke API beside the emulator's
-//!     invoke endpoint, at 1, 8 and 64 callers (`--invoke-only`).
+//!     invoke endpoint, at 1, 8 and 64 callers (`--invoke-only`);
+//! (k) traces off vs on at 10% and 100% sampling, ingest and dispatch (see
+//!     `telemetry.rs`; `--telemetry-only`).
 //!
 //! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
@@ -26,6 +28,7 @@ mod functions;
 mod kafka;
 mod objects;
 mod queues;
+mod telemetry;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -648,6 +651,13 @@ fn main() -> anyhow::Result<()> {
             queues::bench_queues(&nats, sqs, others).await?;
             return Ok(());
         }
+        if arguments
+            .iter()
+            .any(|argument| argument == "--telemetry-only")
+        {
+            telemetry::bench_telemetry(&nats, &binary, count, rounds).await?;
+            return Ok(());
+        }
         if arguments.iter().any(|argument| argument == "--kafka-only") {
             kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
             return Ok(());
@@ -679,6 +689,7 @@ fn main() -> anyhow::Result<()> {
         functions::bench_functions(&nats, &binary, quick).await?;
         functions::bench_sync_invoke(&nats, &binary, quick).await?;
         deploy::bench_deploy(&nats, &binary, quick).await?;
+        telemetry::bench_telemetry(&nats, &binary, count, rounds).await?;
         Ok(())
     })
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::Deserialize;
 use switchyard_bus::async_nats::jetstream::{self, AckKind};
+use switchyard_event::telemetry::{self, KeyValue, SpanKind, TraceSpan};
 use switchyard_event::{BatchOutcome, Event, Failure, Outcome};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::consumers::{open_consumer, recover};
 use crate::delivery::prepare;
-use crate::invoke::{InFlight, bounded};
+use crate::invoke::{InFlight, attempt_span, bounded, end_attempt_span};
 use crate::permits::acquire_shared_permits;
 use crate::{Shared, TriggerRuntime, consumer_backoff, log_failure};
 
@@ -165,6 +166,9 @@ pub(crate) async fn batch_loop(
     }
 }
 
+/// Most links of a batch's invocation span (to the other events' attempts).
+const MAX_LINKS: usize = 128;
+
 async fn handle_batch(
     trigger: Arc<TriggerRuntime>,
     shared: Arc<Shared>,
@@ -203,6 +207,31 @@ async fn handle_batch(
             return;
         }
         let events: Vec<Event> = prepared.iter().map(|(_, event)| event.clone()).collect();
+        // Each event's attempt span (in its own trace), and one span of the batch's
+        // invocation: a child of the first event's attempt, linked to the others'.
+        let (mut attempt_spans, mut invoke_span) = if telemetry::enabled() {
+            let spans: Vec<TraceSpan> = prepared
+                .iter()
+                .map(|(handling, event)| attempt_span(&trigger, event, handling.delivery.attempt))
+                .collect();
+            let mut contexts = spans.iter().filter_map(|span| span.context().cloned());
+            let parent = contexts.next();
+            let invoke = TraceSpan::start_linked(
+                format!("invoke {}", trigger.function.name),
+                SpanKind::Client,
+                parent.as_ref(),
+                contexts.take(MAX_LINKS).collect(),
+                || {
+                    vec![
+                        KeyValue::new("faas.invoked_name", trigger.function.name.clone()),
+                        KeyValue::new("switchyard.batch_size", events.len() as i64),
+                    ]
+                },
+            );
+            (spans, invoke)
+        } else {
+            (Vec::new(), TraceSpan::none())
+        };
         let timeout = trigger.config.timeout.unwrap_or(trigger.function.timeout);
         trigger.metrics.dispatched.inc_by(events.len() as u64);
         tracing::debug!(trigger = %trigger.config.name, function = %trigger.function.name, events = events.len(), "invoking function with a batch");
@@ -254,6 +283,14 @@ async fn handle_batch(
             .metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
+        if let BatchOutcome::All(
+            Outcome::RetryLater { failure, .. } | Outcome::Rejected { failure },
+        ) = &outcome
+        {
+            invoke_span.fail(failure.error.clone());
+        }
+        invoke_span.end();
+        let mut attempt_spans = attempt_spans.drain(..);
         for (handling, event) in prepared {
             let outcome = match &outcome {
                 BatchOutcome::All(outcome) => outcome.clone(),
@@ -268,6 +305,9 @@ async fn handle_batch(
                 }
                 BatchOutcome::Partial { .. } => Outcome::delivered(),
             };
+            if let Some(span) = attempt_spans.next() {
+                end_attempt_span(&trigger, handling.delivery.attempt, &outcome, span);
+            }
             handling
                 .settle(event, outcome, attempt_started_at, None)
                 .await;

@@ -279,21 +279,7 @@ pub(crate) async fn handle(
 /// The spans of one delivery attempt: the attempt (a child of the event's
 /// `traceparent`, or a new trace) and its invocation.
 fn start_spans(trigger: &TriggerRuntime, event: &Event, attempt: u64) -> (TraceSpan, TraceSpan) {
-    let attempt_span = TraceSpan::start(
-        format!("deliver {}", trigger.config.name),
-        SpanKind::Consumer,
-        telemetry::event_context(event).as_ref(),
-        || {
-            vec![
-                KeyValue::new("switchyard.trigger", trigger.config.name.clone()),
-                KeyValue::new("switchyard.function", trigger.function.name.clone()),
-                KeyValue::new("switchyard.attempt", attempt as i64),
-                KeyValue::new("cloudevents.event_id", event.id.clone()),
-                KeyValue::new("cloudevents.event_source", event.source.clone()),
-                KeyValue::new("cloudevents.event_type", event.ty.clone()),
-            ]
-        },
-    );
+    let attempt_span = attempt_span(trigger, event, attempt);
     let invoke_span = TraceSpan::start(
         format!("invoke {}", trigger.function.name),
         SpanKind::Client,
@@ -308,30 +294,35 @@ fn start_spans(trigger: &TriggerRuntime, event: &Event, attempt: u64) -> (TraceS
     (attempt_span, invoke_span)
 }
 
+/// The span of one delivery attempt of `event`, a child of its `traceparent`.
+pub(crate) fn attempt_span(trigger: &TriggerRuntime, event: &Event, attempt: u64) -> TraceSpan {
+    TraceSpan::start(
+        format!("deliver {}", trigger.config.name),
+        SpanKind::Consumer,
+        telemetry::event_context(event).as_ref(),
+        || {
+            vec![
+                KeyValue::new("switchyard.trigger", trigger.config.name.clone()),
+                KeyValue::new("switchyard.function", trigger.function.name.clone()),
+                KeyValue::new("switchyard.attempt", attempt as i64),
+                KeyValue::new("cloudevents.event_id", event.id.clone()),
+                KeyValue::new("cloudevents.event_source", event.source.clone()),
+                KeyValue::new("cloudevents.event_type", event.ty.clone()),
+            ]
+        },
+    )
+}
+
 /// Ends an attempt's spans with what came of it: `delivered`, `retry`, or
 /// `dead_letter` (out of attempts, or rejected).
 fn end_spans(
     trigger: &TriggerRuntime,
     attempt: u64,
     outcome: &Outcome,
-    mut attempt_span: TraceSpan,
+    attempt_span: TraceSpan,
     mut invoke_span: TraceSpan,
 ) {
-    let (label, failure, reason) = match outcome {
-        Outcome::Delivered { .. } => ("delivered", None, None),
-        Outcome::RetryLater { failure, .. } if attempt >= trigger.config.retry.max_attempts() => (
-            "dead_letter",
-            Some(failure),
-            Some(switchyard_bus::dead_letter::REASON_ATTEMPTS_EXHAUSTED),
-        ),
-        Outcome::RetryLater { failure, .. } => ("retry", Some(failure), None),
-        Outcome::Rejected { failure } => (
-            "dead_letter",
-            Some(failure),
-            Some(switchyard_bus::dead_letter::REASON_REJECTED),
-        ),
-    };
-    if let Some(failure) = failure {
+    if let Some(failure) = outcome_failure(outcome) {
         invoke_span.set(|| {
             failure.status.map_or_else(Vec::new, |status| {
                 vec![KeyValue::new(
@@ -341,17 +332,48 @@ fn end_spans(
             })
         });
         invoke_span.fail(failure.error.clone());
-        attempt_span.fail(failure.error.clone());
     }
-    attempt_span.set(|| {
+    invoke_span.end();
+    end_attempt_span(trigger, attempt, outcome, attempt_span);
+}
+
+fn outcome_failure(outcome: &Outcome) -> Option<&Failure> {
+    match outcome {
+        Outcome::Delivered { .. } => None,
+        Outcome::RetryLater { failure, .. } | Outcome::Rejected { failure } => Some(failure),
+    }
+}
+
+/// Ends an attempt's span with its outcome (see [`end_spans`]).
+pub(crate) fn end_attempt_span(
+    trigger: &TriggerRuntime,
+    attempt: u64,
+    outcome: &Outcome,
+    mut span: TraceSpan,
+) {
+    let (label, reason) = match outcome {
+        Outcome::Delivered { .. } => ("delivered", None),
+        Outcome::RetryLater { .. } if attempt >= trigger.config.retry.max_attempts() => (
+            "dead_letter",
+            Some(switchyard_bus::dead_letter::REASON_ATTEMPTS_EXHAUSTED),
+        ),
+        Outcome::RetryLater { .. } => ("retry", None),
+        Outcome::Rejected { .. } => (
+            "dead_letter",
+            Some(switchyard_bus::dead_letter::REASON_REJECTED),
+        ),
+    };
+    if let Some(failure) = outcome_failure(outcome) {
+        span.fail(failure.error.clone());
+    }
+    span.set(|| {
         let mut attributes = vec![KeyValue::new("switchyard.outcome", label)];
         if let Some(reason) = reason {
             attributes.push(KeyValue::new("switchyard.dead_letter.reason", reason));
         }
         attributes
     });
-    invoke_span.end();
-    attempt_span.end();
+    span.end();
 }
 
 /// A copy of `event` carrying `traceparent` (the invocation's context).

@@ -131,7 +131,7 @@ impl TraceSpan {
     }
 
     /// Starts a span of `kind` named `name`, a child of `parent` (a new trace when
-    /// `None`).
+    /// `None`), with `attributes` when it records.
     pub fn start(
         name: impl Into<Cow<'static, str>>,
         kind: SpanKind,
@@ -150,20 +150,56 @@ impl TraceSpan {
         started: Option<SystemTime>,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> TraceSpan {
+        TraceSpan::start_full(name, kind, parent, started, Vec::new(), attributes)
+    }
+
+    /// [`TraceSpan::start`] with links to other spans (the events of a batch).
+    pub fn start_linked(
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        parent: Option<&SpanContext>,
+        links: Vec<SpanContext>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> TraceSpan {
+        TraceSpan::start_full(name, kind, parent, None, links, attributes)
+    }
+
+    fn start_full(
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        parent: Option<&SpanContext>,
+        started: Option<SystemTime>,
+        links: Vec<SpanContext>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> TraceSpan {
         let Some(tracer) = TRACER.get() else {
             return TraceSpan(None);
         };
-        let mut builder = SpanBuilder::from_name(name)
-            .with_kind(kind)
-            .with_attributes(attributes());
+        // Attributes are built only for a span that records (most are not sampled).
+        let mut builder = SpanBuilder::from_name(name).with_kind(kind);
         if let Some(started) = started {
             builder = builder.with_start_time(started);
+        }
+        if !links.is_empty() {
+            builder = builder.with_links(
+                links
+                    .into_iter()
+                    .map(|context| opentelemetry::trace::Link::with_context(context))
+                    .collect(),
+            );
         }
         let parent_cx = match parent {
             Some(parent) => opentelemetry::Context::new().with_remote_span_context(parent.clone()),
             None => opentelemetry::Context::new(),
         };
-        TraceSpan(Some(tracer.build_with_context(builder, &parent_cx)))
+        let mut span = tracer.build_with_context(builder, &parent_cx);
+        {
+            use opentelemetry::trace::Span as _;
+            if span.is_recording() {
+                span.set_attributes(attributes());
+            }
+        }
+        TraceSpan(Some(span))
     }
 
     /// This span's context (`None` when traces are off).
