@@ -184,7 +184,7 @@ impl TraceSpan {
             builder = builder.with_links(
                 links
                     .into_iter()
-                    .map(|context| opentelemetry::trace::Link::with_context(context))
+                    .map(opentelemetry::trace::Link::with_context)
                     .collect(),
             );
         }
