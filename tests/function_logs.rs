@@ -146,10 +146,19 @@ function = "hello"
     assert!(
         one[3].starts_with(&format!("REPORT RequestId: {request_id}\tDuration: "))
             && one[3].contains("\tBilled Duration: ")
-            && one[3].ends_with("\tMemory Size: 256 MB\t"),
+            && one[3].contains("\tMemory Size: 256 MB\tMax Memory Used: "),
         "{}",
         one[3]
     );
+    // What the instance has used at most: a python runtime takes some MB, never
+    // more than the machine has.
+    let used: u64 = one[3]
+        .split("Max Memory Used: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" MB").next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("{}", one[3]));
+    assert!((1..64 * 1024).contains(&used), "{}", one[3]);
 
     // The open answer got the lines as they were stored.
     let mut received = String::new();
@@ -253,7 +262,13 @@ filter = {{ type = {{ exact = "com.example.noise" }} }}
         handlers = handlers.display(),
     ));
     std::fs::write(&file, text).unwrap();
-    let process = Process::start(&file, &[]);
+    // Switchyard's own log, at level info: it carries every line functions print.
+    let own_log = directory.path().join("switchyard.log");
+    let process = Process::start_logged(
+        &file,
+        &[("SWITCHYARD_TEST_LOG", "info".to_owned())],
+        &own_log,
+    );
     process.wait_ready().await;
 
     let client = reqwest::Client::new();
@@ -331,4 +346,106 @@ filter = {{ type = {{ exact = "com.example.noise" }} }}
             "nothing was dropped to keep within the limit: {state:?}"
         );
     }
+
+    // Switchyard's own log lost nothing: every line both functions printed (also
+    // those left out of the stream), and its own lines (instances ready, the lines
+    // left out counted).
+    drop(process);
+    let own = std::fs::read_to_string(&own_log).unwrap();
+    // Each printed line `spam <id> <number> xxx...` once.
+    let mut noisy_lines = std::collections::HashSet::new();
+    for line in own.lines() {
+        if let Some(rest) = line.split("spam noise-").nth(1) {
+            let mut words = rest.split(' ');
+            let (id, number) = (words.next().unwrap(), words.next().unwrap());
+            assert!(
+                noisy_lines.insert(format!("noise-{id} {number}")),
+                "logged twice: {line}"
+            );
+        }
+    }
+    for id in ["noise-1", "noise-2", "noise-3"] {
+        for number in 0..20_000 {
+            let line = format!("{id} {number}");
+            assert!(
+                noisy_lines.contains(&line),
+                "`spam {line}` is not in switchyard's log"
+            );
+        }
+    }
+    assert_eq!(noisy_lines.len(), 60_000);
+    for id in &jobs {
+        assert!(own.contains(&format!("echoing {id}")), "{id}");
+    }
+    for function in ["hello", "noisy"] {
+        assert!(
+            own.lines()
+                .any(|line| line.contains("instance ready") && line.contains(function)),
+            "no `instance ready` of {function} in switchyard's log"
+        );
+    }
+    if dropped > 0.0 {
+        assert!(
+            own.contains("function log lines are printed faster than the logs stream stores them")
+        );
+    }
+}
+
+/// Lines are stored in NATS, not on the host that ran the function: a second
+/// Switchyard process that runs no function reads what the first one's instances
+/// printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_reads_the_lines_another_hosts_functions_printed() {
+    let nats = NatsServer::start();
+    let prefix = common::random_name("t");
+    let directory = tempfile::tempdir().unwrap();
+    let runner_file = directory.path().join("runner.toml");
+    let mut runner = common::base_config_prefixed(&nats.url(), &prefix, 0, 0);
+    runner.push_str(&format!(
+        r#"
+[[sources.hooks]]
+name = "jobs"
+event_type = "com.example.job"
+id_header = "Idempotency-Key"
+
+[[functions]]
+type = "lambda"
+name = "hello"
+command = ["{python}", "-m", "awslambdaric", "app.handler"]
+handler = "app.handler"
+directory = "{handlers}"
+
+[[triggers]]
+name = "jobs"
+function = "hello"
+"#,
+        python = installed("SWITCHYARD_LAMBDA_PYTHON"),
+        handlers = common::test_functions().join("python").display(),
+    ));
+    std::fs::write(&runner_file, runner).unwrap();
+    let reader_file = directory.path().join("reader.toml");
+    std::fs::write(
+        &reader_file,
+        common::base_config_prefixed(&nats.url(), &prefix, 0, 0),
+    )
+    .unwrap();
+    let running = Process::start(&runner_file, &[]);
+    running.wait_ready().await;
+    let reading = Process::start(&reader_file, &[]);
+    reading.wait_ready().await;
+
+    for id in ["job-a", "job-b"] {
+        post_job(&running, id).await;
+    }
+    // Read through the process that runs nothing.
+    let lines = wait_reports(&reading, 2).await;
+    let printed = messages(&lines);
+    for id in ["job-a", "job-b"] {
+        assert!(printed.contains(&format!("echoing {id}")), "{printed:?}");
+    }
+    let request_ids: std::collections::HashSet<&str> = lines
+        .iter()
+        .filter_map(|line| line["request_id"].as_str())
+        .collect();
+    assert_eq!(request_ids.len(), 2, "{lines:?}");
 }

@@ -437,6 +437,16 @@ pub(crate) struct InstanceCgroup {
 }
 
 impl InstanceCgroup {
+    /// The file with the most memory the instance's processes used together, in
+    /// bytes (`memory.peak` in v2, `memory.max_usage_in_bytes` in v1).
+    pub(crate) fn peak_file(&self) -> PathBuf {
+        self.memory.join(if self.v2 {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        })
+    }
+
     /// Moves the calling process into the instance's cgroups. Called in the forked
     /// child before exec: only async-signal-safe calls (open, write, close), on paths
     /// prepared before the fork.

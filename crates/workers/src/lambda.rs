@@ -284,6 +284,7 @@ pub(crate) async fn call(
         &request_id,
         duration,
         pool.spec.memory_mb,
+        instance.process.peak_memory(),
         cold.map(|cold| cold.init.as_secs_f64() * 1000.0),
     );
     if let Some(logs) = logs {

@@ -54,12 +54,19 @@ pub fn report_line(
     request_id: &str,
     duration_ms: f64,
     memory_mb: u32,
+    max_memory_used_bytes: Option<u64>,
     init_duration_ms: Option<f64>,
 ) -> String {
     let mut line = format!(
         "REPORT RequestId: {request_id}\tDuration: {duration_ms:.2} ms\tBilled Duration: {} ms\tMemory Size: {memory_mb} MB\t",
         duration_ms.ceil().max(1.0) as u64
     );
+    if let Some(bytes) = max_memory_used_bytes {
+        line.push_str(&format!(
+            "Max Memory Used: {} MB\t",
+            bytes.div_ceil(1024 * 1024)
+        ));
+    }
     if let Some(init) = init_duration_ms {
         line.push_str(&format!("Init Duration: {init:.2} ms\t"));
     }
@@ -73,12 +80,12 @@ mod tests {
     #[test]
     fn report_lines_are_lambdas() {
         assert_eq!(
-            report_line("r-1", 3.412, 256, None),
+            report_line("r-1", 3.412, 256, None, None),
             "REPORT RequestId: r-1\tDuration: 3.41 ms\tBilled Duration: 4 ms\tMemory Size: 256 MB\t"
         );
         assert_eq!(
-            report_line("r-2", 0.2, 128, Some(101.5)),
-            "REPORT RequestId: r-2\tDuration: 0.20 ms\tBilled Duration: 1 ms\tMemory Size: 128 MB\tInit Duration: 101.50 ms\t"
+            report_line("r-2", 0.2, 128, Some(39 * 1024 * 1024 + 1), Some(101.5)),
+            "REPORT RequestId: r-2\tDuration: 0.20 ms\tBilled Duration: 1 ms\tMemory Size: 128 MB\tMax Memory Used: 40 MB\tInit Duration: 101.50 ms\t"
         );
     }
 }

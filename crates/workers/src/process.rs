@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,6 +82,8 @@ pub struct InstanceProcess {
     guard: Option<std::os::unix::net::UnixStream>,
     exit: watch::Receiver<Option<Exit>>,
     output: Arc<Output>,
+    /// The instance's cgroup file of its peak memory, when it has a cgroup.
+    memory_peak: Option<PathBuf>,
 }
 
 /// The request an instance is working on (tags its log lines) and its last output.
@@ -158,6 +160,7 @@ impl InstanceProcess {
             program.to_owned()
         };
         let cgroup = cgroup.map(Arc::new);
+        let memory_peak = cgroup.as_ref().map(|cgroup| cgroup.peak_file());
         let (mut command, guard) = match crate::guard::program() {
             Some(guard_program) => {
                 let (command, ours, theirs) =
@@ -282,11 +285,35 @@ impl InstanceProcess {
             guard,
             exit,
             output,
+            memory_peak,
         })
     }
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The most memory the instance has used since it started, in bytes (Lambda's
+    /// "Max Memory Used"): its cgroup's peak, every process of it together, when it
+    /// has a cgroup; else its main process's peak resident size (`VmHWM`).
+    pub fn peak_memory(&self) -> Option<u64> {
+        if let Some(bytes) = self
+            .memory_peak
+            .as_ref()
+            .and_then(|file| std::fs::read_to_string(file).ok())
+            .and_then(|text| text.trim().parse().ok())
+        {
+            return Some(bytes);
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
     }
 
     /// How the process ended, once it has.
