@@ -112,8 +112,8 @@ async fn wait_spans(jaeger: &JaegerServer, trace_id: &str, wanted: usize) -> Vec
     }
 }
 
-/// The messages of the function's stored log lines.
-async fn log_messages(process: &Process, function: &str) -> Vec<String> {
+/// The function's stored log lines.
+async fn log_lines(process: &Process, function: &str) -> Vec<serde_json::Value> {
     let response = reqwest::get(format!(
         "http://{}/v1/functions/{function}/logs?since=10m",
         process.admin()
@@ -126,10 +126,16 @@ async fn log_messages(process: &Process, function: &str) -> Vec<String> {
         .await
         .unwrap()
         .lines()
-        .map(|line| {
-            let line: serde_json::Value = serde_json::from_str(line).unwrap();
-            line["message"].as_str().unwrap().to_owned()
-        })
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// The messages of the function's stored log lines.
+async fn log_messages(process: &Process, function: &str) -> Vec<String> {
+    log_lines(process, function)
+        .await
+        .iter()
+        .map(|line| line["message"].as_str().unwrap().to_owned())
         .collect()
 }
 
@@ -351,13 +357,29 @@ async fn a_retried_lambda_invocation_is_one_trace_from_the_webhook_to_the_handle
         assert_eq!(parent, invocation.id, "{header}");
         assert_eq!(sampled, "1", "{header}");
     }
-    // The first invocation of the new instance reports its init, as Lambda does.
-    let reports: Vec<&String> = messages
+    // The first invocation of the new instance reports its init, as Lambda does (the
+    // REPORT lines are matched by request id: they may be stored in either order).
+    let lines = log_lines(&process, "traced").await;
+    let request_of_trace: Vec<&str> = lines
         .iter()
-        .filter(|message| message.starts_with("REPORT "))
+        .filter(|line| line["message"].as_str().unwrap().starts_with("trace "))
+        .map(|line| line["request_id"].as_str().unwrap())
         .collect();
-    assert!(reports[0].contains("\tInit Duration: "), "{reports:?}");
-    assert!(!reports[1].contains("Init Duration"), "{reports:?}");
+    assert_eq!(request_of_trace.len(), 2, "{lines:#?}");
+    let report_of = |request_id: &str| -> String {
+        lines
+            .iter()
+            .map(|line| line["message"].as_str().unwrap())
+            .find(|message| message.starts_with(&format!("REPORT RequestId: {request_id}\t")))
+            .unwrap_or_else(|| panic!("no REPORT of {request_id}: {lines:#?}"))
+            .to_owned()
+    };
+    let (first_report, second_report) = (
+        report_of(request_of_trace[0]),
+        report_of(request_of_trace[1]),
+    );
+    assert!(first_report.contains("\tInit Duration: "), "{first_report}");
+    assert!(!second_report.contains("Init Duration"), "{second_report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,13 +266,25 @@ async fn send_core(
     String,
 > {
     let id = uuid::Uuid::now_v7().to_string();
-    let events = normalize_all(
+    let mut events = normalize_all(
         config,
         message.subject.as_str(),
         message.headers.as_ref(),
         message.payload.clone(),
         id,
     )?;
+    // Ingest spans, ended once the events are sent (their PubAcks are awaited by the
+    // caller).
+    let _spans = if switchyard_event::telemetry::enabled() {
+        switchyard_event::telemetry::start_ingests(
+            &mut events,
+            &format!("ingest {}", config.name),
+            switchyard_event::telemetry::SpanKind::Consumer,
+            &config.name,
+        )
+    } else {
+        Vec::new()
+    };
     for event in &events {
         bus.check_event(event).map_err(|error| error.to_string())?;
     }
@@ -412,12 +424,16 @@ async fn forward_jetstream(
         }
     };
     let mut events = events;
-    let _spans = switchyard_event::telemetry::start_ingests(
-        &mut events,
-        &format!("ingest {}", config.name),
-        switchyard_event::telemetry::SpanKind::Consumer,
-        &config.name,
-    );
+    let _spans = if switchyard_event::telemetry::enabled() {
+        switchyard_event::telemetry::start_ingests(
+            &mut events,
+            &format!("ingest {}", config.name),
+            switchyard_event::telemetry::SpanKind::Consumer,
+            &config.name,
+        )
+    } else {
+        Vec::new()
+    };
     match bus.publish_all(events.clone()).await {
         Ok(_) => {
             let _ = message.ack().await;

@@ -17,7 +17,9 @@
 //! (h) synchronous invocation through the Lambda Invoke API beside the emulator's
 //!     invoke endpoint, at 1, 8 and 64 callers (`--invoke-only`);
 //! (k) traces off vs on at 10% and 100% sampling, ingest and dispatch (see
-//!     `telemetry.rs`; `--telemetry-only`).
+//!     `telemetry.rs`; `--telemetry-only`);
+//! (l) a quiet function's calls beside one printing 10,000 lines/s (see `logs.rs`;
+//!     `--logs-only`).
 //!
 //! Everything runs on 127.0.0.1 against a real nats-server with file storage. Run it
 //! with `scripts/bench.sh`; the method is in docs/BENCHMARKS.md.
@@ -26,6 +28,7 @@ mod deploy;
 mod dispatch;
 mod functions;
 mod kafka;
+mod logs;
 mod objects;
 mod queues;
 mod telemetry;
@@ -660,6 +663,10 @@ fn main() -> anyhow::Result<()> {
             telemetry::bench_telemetry(&nats, &binary, count, if quick { 1 } else { 5 }).await?;
             return Ok(());
         }
+        if arguments.iter().any(|argument| argument == "--logs-only") {
+            logs::bench_logs(&nats, &binary, quick).await?;
+            return Ok(());
+        }
         if arguments.iter().any(|argument| argument == "--kafka-only") {
             kafka::bench_kafka(&nats, if quick { 5_000 } else { 100_000 }).await?;
             return Ok(());
@@ -692,6 +699,7 @@ fn main() -> anyhow::Result<()> {
         functions::bench_sync_invoke(&nats, &binary, quick).await?;
         deploy::bench_deploy(&nats, &binary, quick).await?;
         telemetry::bench_telemetry(&nats, &binary, count, if quick { 1 } else { 5 }).await?;
+        logs::bench_logs(&nats, &binary, quick).await?;
         Ok(())
     })
 }

@@ -214,8 +214,18 @@ async fn handle_batch(
                 .iter()
                 .map(|(handling, event)| attempt_span(&trigger, event, handling.delivery.attempt))
                 .collect();
-            let mut contexts = spans.iter().filter_map(|span| span.context().cloned());
-            let parent = contexts.next();
+            // The first recorded attempt is the parent (an unrecorded parent would
+            // leave the invocation unrecorded for every event).
+            let mut contexts: Vec<_> = spans
+                .iter()
+                .filter_map(|span| span.context().cloned())
+                .collect();
+            let first = contexts
+                .iter()
+                .position(|context| context.is_sampled())
+                .unwrap_or(0);
+            let parent = (!contexts.is_empty()).then(|| contexts.remove(first));
+            let contexts = contexts.into_iter();
             let invoke = TraceSpan::start_linked(
                 format!("invoke {}", trigger.function.name),
                 SpanKind::Client,

@@ -305,9 +305,12 @@ pub(crate) fn attempt_span(trigger: &TriggerRuntime, event: &Event, attempt: u64
                 KeyValue::new("switchyard.trigger", trigger.config.name.clone()),
                 KeyValue::new("switchyard.function", trigger.function.name.clone()),
                 KeyValue::new("switchyard.attempt", attempt as i64),
-                KeyValue::new("cloudevents.event_id", event.id.clone()),
-                KeyValue::new("cloudevents.event_source", event.source.clone()),
-                KeyValue::new("cloudevents.event_type", event.ty.clone()),
+                KeyValue::new("cloudevents.event_id", telemetry::attribute(&event.id)),
+                KeyValue::new(
+                    "cloudevents.event_source",
+                    telemetry::attribute(&event.source),
+                ),
+                KeyValue::new("cloudevents.event_type", telemetry::attribute(&event.ty)),
             ]
         },
     )

@@ -202,10 +202,13 @@ impl TraceSpan {
         TraceSpan(Some(span))
     }
 
-    /// This span's context (`None` when traces are off).
+    /// This span's context (`None` when traces are off, or the tracer is shut down).
     pub fn context(&self) -> Option<&SpanContext> {
         use opentelemetry::trace::Span as _;
-        self.0.as_ref().map(|span| span.span_context())
+        self.0
+            .as_ref()
+            .map(|span| span.span_context())
+            .filter(|context| context.is_valid())
     }
 
     /// This span as a `traceparent` value.
@@ -265,15 +268,33 @@ pub fn start_ingest(
     let span = TraceSpan::start(name, kind, parent.as_ref(), || {
         vec![
             KeyValue::new("switchyard.source", door.to_owned()),
-            KeyValue::new("cloudevents.event_id", event.id.clone()),
-            KeyValue::new("cloudevents.event_source", event.source.clone()),
-            KeyValue::new("cloudevents.event_type", event.ty.clone()),
+            KeyValue::new("cloudevents.event_id", attribute(&event.id)),
+            KeyValue::new("cloudevents.event_source", attribute(&event.source)),
+            KeyValue::new("cloudevents.event_type", attribute(&event.ty)),
         ]
     });
     if let Some(value) = span.traceparent() {
         event.extensions.insert("traceparent".to_owned(), value);
+        if parent.is_none() {
+            // A new trace: a `tracestate` of another (or of an invalid traceparent)
+            // does not belong to it (W3C Trace Context).
+            event.extensions.remove("tracestate");
+        }
     }
     span
+}
+
+/// Longest attribute value taken from an event (ids and sources are the sender's).
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+
+/// `value` cut to [`MAX_ATTRIBUTE_BYTES`] (at a character boundary), as a span
+/// attribute of an event's id, source or type.
+pub fn attribute(value: &str) -> String {
+    let mut end = value.len().min(MAX_ATTRIBUTE_BYTES);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value[..end].to_owned()
 }
 
 /// [`start_ingest`] for each of `events`; empty while traces are off.

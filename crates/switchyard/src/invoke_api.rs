@@ -398,6 +398,12 @@ async fn store_invocation(bus: &Bus, name: &str, request_id: String, payload: By
     event.time = Some(switchyard_event::timestamp::now_rfc3339());
     event.datacontenttype = Some("application/json".to_owned());
     event.data = payload;
+    let _span = switchyard_event::telemetry::start_ingest(
+        &mut event,
+        format!("invoke-api {name}"),
+        switchyard_event::telemetry::SpanKind::Server,
+        "invoke_api",
+    );
     match bus.publish_events(std::slice::from_ref(&event)).await {
         Ok(_) => {
             let mut response = StatusCode::ACCEPTED.into_response();

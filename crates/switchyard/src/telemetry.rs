@@ -72,10 +72,14 @@ impl TelemetryConfig {
         if let Some(endpoint) = &self.otlp_endpoint {
             match reqwest::Url::parse(endpoint) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
-                    if !url.username().is_empty() || url.password().is_some() {
+                    if !url.username().is_empty()
+                        || url.password().is_some()
+                        || url.query().is_some()
+                        || url.fragment().is_some()
+                    {
                         problems.push((
                             "otlp_endpoint",
-                            "must not carry credentials; put them in telemetry.headers".to_owned(),
+                            "must not carry credentials, a query or a fragment; put keys in telemetry.headers".to_owned(),
                         ));
                     }
                 }
@@ -94,9 +98,18 @@ impl TelemetryConfig {
         if self.service_name.trim().is_empty() {
             problems.push(("service_name", "must not be empty".to_owned()));
         }
-        for name in self.headers.keys() {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                problems.push(("headers", format!("`{name}` is not a header name")));
+        {
+            use secrecy::ExposeSecret as _;
+            for (name, value) in &self.headers {
+                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    problems.push(("headers", format!("`{name}` is not a header name")));
+                } else if reqwest::header::HeaderValue::from_str(value.expose_secret()).is_err() {
+                    // The value itself is a secret: not quoted.
+                    problems.push((
+                        "headers",
+                        format!("the value of `{name}` is not a valid header value (a line break, a control character?)"),
+                    ));
+                }
             }
         }
         if self.export_timeout.is_zero() {
@@ -151,23 +164,30 @@ pub fn start(config: &TelemetryConfig) -> anyhow::Result<Option<Telemetry>> {
     let Some(url) = config.traces_url() else {
         return Ok(None);
     };
+    // No redirects: the headers (API keys) go to the endpoint and nowhere else.
     let client = reqwest::Client::builder()
         .timeout(config.export_timeout)
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
+    // The headers are added by the client below, marked sensitive, exactly as
+    // written (the exporter's own would percent-decode them).
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in &config.headers {
+        let mut value = reqwest::header::HeaderValue::from_str(value.expose_secret())?;
+        value.set_sensitive(true);
+        headers.insert(
+            reqwest::header::HeaderName::from_bytes(name.as_bytes())?,
+            value,
+        );
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_endpoint(url.clone())
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .with_timeout(config.export_timeout)
-        .with_headers(
-            config
-                .headers
-                .iter()
-                .map(|(name, value)| (name.clone(), value.expose_secret().to_owned()))
-                .collect(),
-        )
         .with_http_client(Exporting {
             client,
+            headers,
             runtime: tokio::runtime::Handle::current(),
             failing: std::sync::atomic::AtomicBool::new(false),
         })
@@ -216,6 +236,8 @@ pub fn start(config: &TelemetryConfig) -> anyhow::Result<Option<Telemetry>> {
 #[derive(Debug)]
 struct Exporting {
     client: reqwest::Client,
+    /// `telemetry.headers`, sensitive (left out of Debug output).
+    headers: reqwest::header::HeaderMap,
     runtime: tokio::runtime::Handle,
     failing: std::sync::atomic::AtomicBool,
 }
@@ -232,10 +254,12 @@ impl opentelemetry_http::HttpClient for Exporting {
     > {
         use std::sync::atomic::Ordering;
         let client = self.client.clone();
+        let headers = self.headers.clone();
         let sent = self
             .runtime
             .spawn(async move {
-                let request = reqwest::Request::try_from(request)?;
+                let mut request = reqwest::Request::try_from(request)?;
+                request.headers_mut().extend(headers);
                 let response = client.execute(request).await?;
                 let mut answer = opentelemetry_http::Response::builder().status(response.status());
                 for (name, value) in response.headers() {

@@ -561,10 +561,15 @@ impl Pool {
                         .get_or_create(&pool.labels)
                         .observe(started.elapsed().as_secs_f64());
                     tracing::info!(function = %pool.spec.name, instance = %label, pid = instance.process.pid(), init_ms = started.elapsed().as_millis() as u64, "instance ready");
-                    *instance.cold.lock().expect("cold lock") = Some(ColdStart {
-                        started: wall_started,
-                        init: started.elapsed(),
-                    });
+                    // A cold start only when an invocation waits for it; an instance
+                    // started for the warm floor (`min_instances`) is provisioned,
+                    // and its first invocation reports no init, as on Lambda.
+                    if pool.state.lock().expect("pool lock").waiting > 0 {
+                        *instance.cold.lock().expect("cold lock") = Some(ColdStart {
+                            started: wall_started,
+                            init: started.elapsed(),
+                        });
+                    }
                     let instance = Arc::new(instance);
                     let closed = {
                         let mut state = pool.state.lock().expect("pool lock");

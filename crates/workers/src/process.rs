@@ -305,6 +305,10 @@ impl InstanceProcess {
         {
             return Some(bytes);
         }
+        // Once the process has ended (and been reaped) its pid may be another's.
+        if self.exit().is_some() {
+            return None;
+        }
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
         let kib: u64 = status
             .lines()

@@ -48,6 +48,22 @@ def handler(event, context):
             open(marker, "w").close()
             raise RuntimeError("failing once")
         return {"trace": os.environ.get("_X_AMZN_TRACE_ID")}
+    if action == "print_rate":
+        # Prints `rate` lines a second (100 at a time) for `seconds`.
+        rate, seconds = int(data["rate"]), float(data["seconds"])
+        started = time.monotonic()
+        printed = 0
+        while time.monotonic() - started < seconds:
+            due = int((time.monotonic() - started) * rate)
+            while printed < due:
+                for _ in range(min(100, due - printed)):
+                    print(f"noise {event.get('id')} {printed} " + "x" * 100)
+                    printed += 1
+            time.sleep(0.005)
+        while printed < int(rate * seconds):
+            print(f"noise {event.get('id')} {printed} " + "x" * 100)
+            printed += 1
+        return {"printed": printed}
     if action == "raise":
         raise ValueError(f"bad input: {data.get('value')}")
     if action == "sleep":
