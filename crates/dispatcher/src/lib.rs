@@ -888,9 +888,15 @@ impl RunningDispatcher {
                 state.slots.values().cloned().collect::<Vec<_>>(),
             )
         };
-        for pull in loops {
-            let _ = pull.await;
-        }
+        // Every step is bounded: with NATS unreachable a step waiting on it could wait
+        // forever, and a stop must end (what is not acknowledged comes back after
+        // `ack_wait`).
+        stopping(
+            "the pull loops",
+            inner.config.shutdown_grace,
+            futures::future::join_all(loops),
+        )
+        .await;
         let tracker = &inner.tracker;
         tracker.close();
         let in_flight = tracker.len();
@@ -915,17 +921,37 @@ impl RunningDispatcher {
         // Leaving the members only now: partitions were released above.
         inner.members_shutdown.cancel();
         if let Some((_, task)) = members {
-            let _ = task.await;
+            stopping("leaving the members", STOP_STEP, task).await;
         }
         inner.slots_shutdown.cancel();
-        for task in slot_tasks {
-            let _ = task.await;
-        }
+        stopping(
+            "the slot tasks",
+            STOP_STEP,
+            futures::future::join_all(slot_tasks),
+        )
+        .await;
         // Only now that nothing can lease or use a slot: give them all back, so other
         // processes need not wait out the lease timeout.
-        for slots in &slots {
-            slots.return_all().await;
-        }
+        stopping("returning the slots", STOP_STEP, async {
+            for slots in &slots {
+                slots.return_all().await;
+            }
+        })
+        .await;
+    }
+}
+
+/// How long a step of stopping that talks to NATS may take after the grace period.
+const STOP_STEP: Duration = Duration::from_secs(10);
+
+/// Waits for `step` of a stop at most `limit`; says so when it gave up.
+async fn stopping<T>(what: &str, limit: Duration, step: impl std::future::Future<Output = T>) {
+    if tokio::time::timeout(limit, step).await.is_err() {
+        tracing::warn!(
+            step = what,
+            limit_ms = limit.as_millis() as u64,
+            "stopping the dispatcher: a step did not end in time (is nats reachable?); going on, unacknowledged events come back after ack_wait"
+        );
     }
 }
 
