@@ -97,12 +97,14 @@ timeout = "120s"
     std::fs::write(&config, text)?;
     let own_log = directory.path().join("switchyard.log");
     let log_file = std::fs::File::create(&own_log)?;
-    let mut child = Command::new(binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log_file))
-        .spawn()?;
+    let mut child = Stopped(
+        Command::new(binary)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .spawn()?,
+    );
     wait_ready(format!("127.0.0.1:{admin_port}").parse()?).await;
     let client = reqwest::Client::new();
     let invoke = |function: &str| {
@@ -171,7 +173,7 @@ timeout = "120s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let _ = terminate(&mut child);
+    let _ = terminate(&mut child.0);
     let own = std::fs::read_to_string(&own_log)?;
     let in_own_log = own.matches("noise noise ").count();
 
@@ -204,6 +206,16 @@ timeout = "120s"
         rate * seconds
     );
     Ok(())
+}
+
+/// The `switchyard` process, killed if the bench ends early (an error).
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// SIGTERM, then wait (the log file is complete once the process is gone).
