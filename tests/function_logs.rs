@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{NatsServer, Process, installed};
+use common::{NatsServer, Process};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -84,20 +84,13 @@ name = "jobs"
 event_type = "com.example.job"
 id_header = "Idempotency-Key"
 
-[[functions]]
-type = "lambda"
-name = "hello"
-command = ["{python}", "-m", "awslambdaric", "app.handler"]
-handler = "app.handler"
-directory = "{handlers}"
-memory = 256
+{hello}
 
 [[triggers]]
 name = "jobs"
 function = "hello"
 "#,
-        python = installed("SWITCHYARD_LAMBDA_PYTHON"),
-        handlers = common::test_functions().join("python").display(),
+        hello = common::python_lambda("hello", "memory = 256"),
     ));
     std::fs::write(&file, text).unwrap();
     let process = Process::start(&file, &[]);
@@ -219,8 +212,6 @@ async fn a_noisy_function_does_not_push_out_the_lines_of_a_quiet_one() {
         1,
     );
     assert!(text.contains("logs_stream"));
-    let python = installed("SWITCHYARD_LAMBDA_PYTHON");
-    let handlers = common::test_functions().join("python");
     let mut text = text;
     text.push_str(&format!(
         r#"
@@ -234,20 +225,9 @@ name = "noise"
 event_type = "com.example.noise"
 id_header = "Idempotency-Key"
 
-[[functions]]
-type = "lambda"
-name = "hello"
-command = ["{python}", "-m", "awslambdaric", "app.handler"]
-handler = "app.handler"
-directory = "{handlers}"
+{hello}
 
-[[functions]]
-type = "lambda"
-name = "noisy"
-command = ["{python}", "-m", "awslambdaric", "app.handler"]
-handler = "app.handler"
-directory = "{handlers}"
-timeout = "60s"
+{noisy}
 
 [[triggers]]
 name = "jobs"
@@ -259,7 +239,8 @@ name = "noise"
 function = "noisy"
 filter = {{ type = {{ exact = "com.example.noise" }} }}
 "#,
-        handlers = handlers.display(),
+        hello = common::python_lambda("hello", ""),
+        noisy = common::python_lambda("noisy", "timeout = \"60s\""),
     ));
     std::fs::write(&file, text).unwrap();
     // Switchyard's own log, at level info: it carries every line functions print.
@@ -408,19 +389,13 @@ name = "jobs"
 event_type = "com.example.job"
 id_header = "Idempotency-Key"
 
-[[functions]]
-type = "lambda"
-name = "hello"
-command = ["{python}", "-m", "awslambdaric", "app.handler"]
-handler = "app.handler"
-directory = "{handlers}"
+{hello}
 
 [[triggers]]
 name = "jobs"
 function = "hello"
 "#,
-        python = installed("SWITCHYARD_LAMBDA_PYTHON"),
-        handlers = common::test_functions().join("python").display(),
+        hello = common::python_lambda("hello", ""),
     ));
     std::fs::write(&runner_file, runner).unwrap();
     let reader_file = directory.path().join("reader.toml");

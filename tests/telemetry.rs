@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{FunctionServer, NatsServer, Process, Reply, installed};
+use common::{FunctionServer, NatsServer, Process, Reply};
 use switchyard_testkit::jaeger::JaegerServer;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -170,12 +170,7 @@ name = "jobs"
 event_type = "com.example.job"
 id_header = "Idempotency-Key"
 
-[[functions]]
-type = "lambda"
-name = "traced"
-command = ["{python}", "-m", "awslambdaric", "app.handler"]
-handler = "app.handler"
-directory = "{handlers}"
+{traced}
 
 [[triggers]]
 name = "jobs"
@@ -187,8 +182,7 @@ otlp_endpoint = "{endpoint}"
 sampling_ratio = {ratio:?}
 service_name = "switchyard-test"
 "#,
-        python = installed("SWITCHYARD_LAMBDA_PYTHON"),
-        handlers = common::test_functions().join("python").display(),
+        traced = common::python_lambda("traced", ""),
         endpoint = jaeger.otlp_endpoint(),
     ));
     text

@@ -42,6 +42,17 @@ pub fn test_functions() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/functions")
 }
 
+/// A `[[functions]]` table: the Lambda function `name` running the Python test
+/// handlers (tests/functions/python/app.py) under awslambdaric, with `extra` lines.
+#[allow(dead_code)]
+pub fn python_lambda(name: &str, extra: &str) -> String {
+    format!(
+        "\n[[functions]]\ntype = \"lambda\"\nname = \"{name}\"\ncommand = [\"{python}\", \"-m\", \"awslambdaric\", \"app.handler\"]\nhandler = \"app.handler\"\ndirectory = \"{handlers}\"\n{extra}\n",
+        python = installed("SWITCHYARD_LAMBDA_PYTHON"),
+        handlers = test_functions().join("python").display(),
+    )
+}
+
 /// A `switchyard run` process, killed on drop. It binds the ports its configuration
 /// names (port 0: any free one) and reports them in its `--ready-file` once ready, so
 /// no port is chosen here and freed before the process takes it.

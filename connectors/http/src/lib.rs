@@ -28,7 +28,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use switchyard_connector_s3::sns::{SnsError, SnsVerifier};
-use switchyard_event::telemetry::{self, SpanKind, TraceSpan};
+use switchyard_event::telemetry::{self, SpanKind};
 use switchyard_event::timestamp::now_rfc3339;
 use switchyard_event::{
     DedupHorizon, Event, EventSink, PublishError, parse_batch, parse_structured,
@@ -833,21 +833,7 @@ async fn publish(state: &SourceState, mut events: Vec<Event>) -> Result<Response
         .inc_by(count);
     // Each event's ingest span, a child of the trace context it came with; its
     // `traceparent` becomes the span's (see switchyard_event::telemetry).
-    let mut spans: Vec<TraceSpan> = if telemetry::enabled() {
-        events
-            .iter_mut()
-            .map(|event| {
-                telemetry::start_ingest(
-                    event,
-                    format!("ingest {}", state.config.name),
-                    SpanKind::Server,
-                    &state.config.name,
-                )
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let mut spans = telemetry::start_ingests(&mut events, SpanKind::Server, &state.config.name);
     // All or none: a batch (or a notification with several records) is one atomic
     // batch on the bus.
     let published = state.sink.publish_atomically(events).await;

@@ -641,16 +641,11 @@ async fn publish(
             }
         }
         let mut too_large = Vec::new();
-        let _spans = if switchyard_event::telemetry::enabled() {
-            switchyard_event::telemetry::start_ingests(
-                &mut events,
-                &format!("ingest {}", config.name),
-                switchyard_event::telemetry::SpanKind::Consumer,
-                &config.name,
-            )
-        } else {
-            Vec::new()
-        };
+        let _spans = switchyard_event::telemetry::start_ingests(
+            &mut events,
+            switchyard_event::telemetry::SpanKind::Consumer,
+            &config.name,
+        );
         if !persist(bus, reporter, &events, &mut too_large, abandoned).await {
             return;
         }

@@ -275,16 +275,11 @@ async fn send_core(
     )?;
     // Ingest spans, ended once the events are sent (their PubAcks are awaited by the
     // caller).
-    let _spans = if switchyard_event::telemetry::enabled() {
-        switchyard_event::telemetry::start_ingests(
-            &mut events,
-            &format!("ingest {}", config.name),
-            switchyard_event::telemetry::SpanKind::Consumer,
-            &config.name,
-        )
-    } else {
-        Vec::new()
-    };
+    let _spans = switchyard_event::telemetry::start_ingests(
+        &mut events,
+        switchyard_event::telemetry::SpanKind::Consumer,
+        &config.name,
+    );
     for event in &events {
         bus.check_event(event).map_err(|error| error.to_string())?;
     }
@@ -424,16 +419,11 @@ async fn forward_jetstream(
         }
     };
     let mut events = events;
-    let _spans = if switchyard_event::telemetry::enabled() {
-        switchyard_event::telemetry::start_ingests(
-            &mut events,
-            &format!("ingest {}", config.name),
-            switchyard_event::telemetry::SpanKind::Consumer,
-            &config.name,
-        )
-    } else {
-        Vec::new()
-    };
+    let _spans = switchyard_event::telemetry::start_ingests(
+        &mut events,
+        switchyard_event::telemetry::SpanKind::Consumer,
+        &config.name,
+    );
     match bus.publish_all(events.clone()).await {
         Ok(_) => {
             let _ = message.ack().await;

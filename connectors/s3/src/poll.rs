@@ -707,16 +707,11 @@ impl Poller {
         if events.is_empty() {
             return Ok(());
         }
-        let _spans = if switchyard_event::telemetry::enabled() {
-            switchyard_event::telemetry::start_ingests(
-                &mut events,
-                &format!("ingest {}", self.config.name),
-                switchyard_event::telemetry::SpanKind::Consumer,
-                &self.config.name,
-            )
-        } else {
-            Vec::new()
-        };
+        let _spans = switchyard_event::telemetry::start_ingests(
+            &mut events,
+            switchyard_event::telemetry::SpanKind::Consumer,
+            &self.config.name,
+        );
         let count = events.len() as u64;
         match self.publish_retrying(&events).await? {
             Ok(()) => {}

@@ -297,19 +297,16 @@ pub fn attribute(value: &str) -> String {
     value[..end].to_owned()
 }
 
-/// [`start_ingest`] for each of `events`; empty while traces are off.
-pub fn start_ingests(
-    events: &mut [Event],
-    name: &str,
-    kind: SpanKind,
-    door: &str,
-) -> Vec<TraceSpan> {
+/// [`start_ingest`] for each of `events`, spans named `ingest <door>`; empty (and
+/// nothing formatted) while traces are off.
+pub fn start_ingests(events: &mut [Event], kind: SpanKind, door: &str) -> Vec<TraceSpan> {
     if !enabled() {
         return Vec::new();
     }
+    let name = format!("ingest {door}");
     events
         .iter_mut()
-        .map(|event| start_ingest(event, name.to_owned(), kind.clone(), door))
+        .map(|event| start_ingest(event, name.clone(), kind.clone(), door))
         .collect()
 }
 
