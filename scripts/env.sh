@@ -63,3 +63,7 @@ export SWITCHYARD_QUEUE_PYTHON="${SWITCHYARD_QUEUE_PYTHON:-$QUEUE_CLIENTS_DIR/bi
 JAEGER_VERSION="1.75.0"
 JAEGER_DIR="$SWITCHYARD_CACHE/jaeger-$JAEGER_VERSION"
 export SWITCHYARD_JAEGER="${SWITCHYARD_JAEGER:-$JAEGER_DIR/bin/jaeger}"
+# Debian's Chromium and ChromeDriver (packages chromium, chromium-driver), for the web
+# console's browser test.
+export SWITCHYARD_CHROMEDRIVER="${SWITCHYARD_CHROMEDRIVER:-/usr/bin/chromedriver}"
+export SWITCHYARD_CHROMIUM="${SWITCHYARD_CHROMIUM:-/usr/bin/chromium}"

@@ -197,15 +197,16 @@ fi
 
 # RabbitMQ and mosquitto from Debian's packages for the AMQP and MQTT sources' tests
 # (the tests start private instances as plain processes; the packaged daemons are
-# not started: policy-rc.d refuses them while installing).
+# not started: policy-rc.d refuses them while installing), and Chromium with its
+# ChromeDriver for the web console's browser test.
 if [ "$what" = all ]; then
     missing=""
-    for package in rabbitmq-server mosquitto; do
+    for package in rabbitmq-server mosquitto chromium chromium-driver; do
         dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $package"
     done
     if [ -n "$missing" ]; then
         if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-            echo "error:$missing needed for the queue tests: apt-get install$missing (as root)" >&2
+            echo "error:$missing needed for the queue and console tests: apt-get install$missing (as root)" >&2
             exit 1
         fi
         echo "installing$missing from Debian's packages" >&2

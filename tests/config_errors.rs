@@ -974,13 +974,14 @@ session_expiry = "1d"
 #[test]
 fn telemetry_mistakes_name_file_line_and_field_and_never_quote_a_header_value() {
     let (ok, output) = validate(
-        "[telemetry]\notlp_endpoint = \"http://user:pass@collector:4318/?key=k3y\"\nsampling_ratio = 1.5\nheaders = { \"x-api-key\" = \"s3cret\\n\" }\n",
+        "[telemetry]\notlp_endpoint = \"http://user:pass@collector:4318/?key=k3y\"\nsampling_ratio = 1.5\nheaders = { \"x-api-key\" = \"s3cret\\n\" }\ntrace_url = \"http://jaeger:16686/trace/\"\n",
     );
     assert!(!ok);
     for expected in [
         "DIR/broken.toml:2:1: field `telemetry.otlp_endpoint`: must not carry credentials, a query or a fragment",
         "DIR/broken.toml:3:1: field `telemetry.sampling_ratio`: must be between 0.0 and 1.0, not 1.5",
         "DIR/broken.toml:4:1: field `telemetry.headers`: the value of `x-api-key` is not a valid header value",
+        "DIR/broken.toml:5:1: field `telemetry.trace_url`: must hold `{trace_id}` where the trace's id goes",
     ] {
         assert!(output.contains(expected), "{expected}\n{output}");
     }

@@ -153,6 +153,70 @@ function = "hello"
         .unwrap_or_else(|| panic!("{}", one[3]));
     assert!((1..64 * 1024).contains(&used), "{}", one[3]);
 
+    // The process's own record of the invocations, newest first: the same request
+    // ids, each a success, one cold start among them.
+    let invocations: serde_json::Value = serde_json::from_str(
+        &reqwest::get(admin(&process, "/v1/functions/hello/invocations"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let invocations = invocations["invocations"].as_array().unwrap();
+    assert_eq!(invocations.len(), 3, "{invocations:?}");
+    assert!(
+        invocations
+            .iter()
+            .all(|invocation| invocation["status"] == "success"
+                && invocation["instance"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("hello-")
+                && invocation["duration_ms"].as_f64().unwrap() > 0.0
+                && invocation.get("trace_id").is_none()),
+        "{invocations:?}"
+    );
+    assert!(
+        invocations
+            .iter()
+            .any(|invocation| invocation["request_id"] == request_id.as_str()),
+        "{invocations:?}"
+    );
+    let functions: serde_json::Value = serde_json::from_str(
+        &reqwest::get(admin(&process, "/v1/functions"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let hello = &functions["functions"][0];
+    assert_eq!(
+        (&hello["invocations"], &hello["errors"]),
+        (&3.into(), &0.into())
+    );
+    // The first invocation waited for an instance's init; none waited for more
+    // inits than were made.
+    let waited = invocations
+        .iter()
+        .filter(|invocation| invocation.get("init_duration_ms").is_some())
+        .count() as u64;
+    assert!(
+        (1..=hello["cold_starts"].as_u64().unwrap()).contains(&waited),
+        "{invocations:?}"
+    );
+    assert!(hello["recent_duration_ms"]["p50"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        reqwest::get(admin(&process, "/v1/functions/nothing/invocations"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
     // The open answer got the lines as they were stored.
     let mut received = String::new();
     let deadline = Instant::now() + WAIT;

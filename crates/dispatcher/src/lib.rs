@@ -109,6 +109,14 @@ pub struct TriggerStatus {
     /// Another process changed this trigger's consumers to a newer form of it: this
     /// process has stopped pulling its events until it is reloaded with that form.
     pub superseded: bool,
+    /// Since this process started (its `switchyard_events_dispatched_total`,
+    /// `_dispatch_succeeded_total`, `_dispatch_retried_total` and
+    /// `_dispatch_rejected_total`): attempts made, delivered, failed and retried,
+    /// failed for good.
+    pub dispatched: u64,
+    pub succeeded: u64,
+    pub retried: u64,
+    pub rejected: u64,
 }
 
 /// Metric handles of one trigger, resolved once.
@@ -246,6 +254,10 @@ impl DispatcherView {
                 retrying: trigger.retrying.load(Ordering::Relaxed),
                 function_concurrency_limit: trigger.function.limit.limit(),
                 superseded: trigger.superseded.load(Ordering::Relaxed),
+                dispatched: trigger.metrics.dispatched.get(),
+                succeeded: trigger.metrics.succeeded.get(),
+                retried: trigger.metrics.retried.get(),
+                rejected: trigger.metrics.rejected.get(),
             })
             .collect()
     }

@@ -2,8 +2,11 @@
 //! the events stream answers, every source is up), `/metrics` (Prometheus text format),
 //! `/v1/triggers` (a read-only JSON view of each trigger with its lag and in-flight
 //! count), `/v1/sources` (each source's state, restarts and last error) and
-//! `/v1/functions` (each managed function's instances, cold starts, last init error
-//! and limits), `/v1/schedules` (each schedule's last firing and next ones), and with a bearer token the dead letters: `GET
+//! `/v1/functions` (each managed function's instances, cold starts, invocations,
+//! durations, last init error and limits), `/v1/functions/{name}/invocations` (its
+//! last invocations here), `/v1/functions/{name}/logs` (its stored log lines),
+//! `/v1/console` (what the web console needs), the web console itself at
+//! `/console/` (public page; its data comes from the guarded API), `/v1/schedules` (each schedule's last firing and next ones), and with a bearer token the dead letters: `GET
 //! /v1/dead-letters/{trigger}` (a page), `GET /v1/dead-letters/{trigger}/{sequence}`,
 //! `POST /v1/dead-letters/{trigger}/replay` and `POST
 //! /v1/dead-letters/{trigger}/purge`, so operators need no NATS credentials.
@@ -50,6 +53,8 @@ pub struct AdminState {
     /// Why the last attempt to connect to NATS failed, when the server said why
     /// (refused credentials): `/readyz` tells it; no secret is in it.
     connect_problem: Arc<std::sync::Mutex<Option<String>>>,
+    /// What `/v1/console` tells the web console.
+    console: Arc<crate::console::ConsoleInfo>,
 }
 
 /// When the events stream was last asked for, and what it answered.
@@ -75,7 +80,15 @@ impl AdminState {
             tokens: Arc::new(Vec::new()),
             stream_check: Arc::default(),
             connect_problem: Arc::default(),
+            console: Arc::default(),
         }
+    }
+
+    /// What the web console is told of this process (the dead-letter flag follows
+    /// the tokens).
+    pub fn with_console(mut self, info: crate::console::ConsoleInfo) -> Self {
+        self.console = Arc::new(info);
+        self
     }
 
     /// What `/readyz` says while connecting: why the server refused, or none.
@@ -156,6 +169,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/functions", get(functions))
         .route("/v1/schedules", get(schedules))
         .route("/v1/functions/{name}/logs", get(function_logs))
+        .route("/v1/functions/{name}/invocations", get(invocations))
+        .route("/v1/console", get(console_info))
         .route("/v1/reload", post(reload))
         .route("/v1/dead-letters/{trigger}", get(dead_letters))
         .route("/v1/dead-letters/{trigger}/{sequence}", get(dead_letter))
@@ -168,6 +183,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(crate::console::router())
         .merge(guarded)
         .with_state(state)
 }
@@ -438,6 +454,33 @@ async fn functions(State(state): State<AdminState>) -> Response {
         "functions": functions,
     }))
     .into_response()
+}
+
+/// The last invocations of a managed function in this process, newest first
+/// (`404` when this process runs no managed function of that name).
+async fn invocations(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    match state
+        .workers
+        .get()
+        .and_then(|workers| workers.invocations(&name))
+    {
+        Some(invocations) => axum::Json(json!({
+            "function": name,
+            "invocations": invocations,
+        }))
+        .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!("this process runs no managed function `{name}`"),
+        ),
+    }
+}
+
+/// What the web console needs to know of this process.
+async fn console_info(State(state): State<AdminState>) -> Response {
+    let mut info = (*state.console).clone();
+    info.dead_letters = !state.tokens.is_empty();
+    axum::Json(info).into_response()
 }
 
 /// Re-reads the configuration file and applies what changed: `200` with what

@@ -134,7 +134,7 @@ async fn publish(bus: Bus, mut receiver: mpsc::Receiver<LogLine>, counts: Arc<Co
 pub struct LogQuery {
     /// From this long ago.
     pub since: std::time::Duration,
-    /// Only the lines of this invocation.
+    /// Only the lines of this invocation; the read ends with its `REPORT` line.
     pub request_id: Option<String>,
     /// Go on with new lines as they come, instead of ending at the newest.
     pub follow: bool,
@@ -183,10 +183,13 @@ pub async fn read(
     let messages = consumer.messages().await?;
     let follow = query.follow;
     let request_id = query.request_id;
+    let wanted = request_id.clone();
     // Ends right after the newest line stored when the read started (without
-    // follow), without waiting for one more; a failed consumer ends it too.
-    let lines =
-        futures::stream::unfold((messages, false), move |(mut messages, done)| async move {
+    // follow), or after the wanted invocation's REPORT (its last line), without
+    // waiting for one more; a failed consumer ends it too.
+    let lines = futures::stream::unfold((messages, false), move |(mut messages, done)| {
+        let wanted = wanted.clone();
+        async move {
             if done {
                 return None;
             }
@@ -195,17 +198,24 @@ pub async fn read(
                 .info()
                 .map(|info| info.stream_sequence)
                 .unwrap_or_default();
-            let done = !follow && last.is_some_and(|last| sequence >= last);
             let line = serde_json::from_slice::<LogLine>(&message.payload).ok();
-            Some((line, (messages, done)))
-        })
-        .filter_map(move |line| {
-            let keep = line.filter(|line| {
-                request_id
-                    .as_deref()
-                    .is_none_or(|wanted| line.request_id.as_deref() == Some(wanted))
+            let reported = line.as_ref().is_some_and(|line| {
+                wanted.is_some()
+                    && line.request_id == wanted
+                    && line.stream == "platform"
+                    && line.message.starts_with("REPORT ")
             });
-            futures::future::ready(keep)
+            let done = reported || (!follow && last.is_some_and(|last| sequence >= last));
+            Some((line, (messages, done)))
+        }
+    })
+    .filter_map(move |line| {
+        let keep = line.filter(|line| {
+            request_id
+                .as_deref()
+                .is_none_or(|wanted| line.request_id.as_deref() == Some(wanted))
         });
+        futures::future::ready(keep)
+    });
     Ok(lines.boxed())
 }

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod calls;
 pub mod code;
 pub mod config;
+pub mod console;
 pub mod control_api;
 pub mod deploy;
 pub mod dlq;
@@ -238,7 +239,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         revision.clone(),
         reloadable.then(|| reload_sender.clone()),
     )
-    .with_tokens(config.admin.tokens().into_iter().cloned().collect());
+    .with_tokens(config.admin.tokens().into_iter().cloned().collect())
+    .with_console(console::ConsoleInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        telemetry: config.telemetry.otlp_endpoint.is_some(),
+        trace_url: config.telemetry.trace_url.clone(),
+        dead_letters: false,
+    });
     let invoke_api_state = invoke_api::InvokeApiState::new(
         config.workers.region.clone(),
         config.invoke_api.max_wait,

@@ -33,6 +33,11 @@ pub struct TelemetryConfig {
     /// How long one export may take.
     #[serde(default = "default_export_timeout", with = "humantime_serde")]
     pub export_timeout: Duration,
+    /// Where a trace is seen, with `{trace_id}` standing for its id (Jaeger:
+    /// `http://jaeger:16686/trace/{trace_id}`): the web console links each traced
+    /// invocation there. Unset: the console shows the trace id without a link.
+    #[serde(default)]
+    pub trace_url: Option<String>,
 }
 
 impl Default for TelemetryConfig {
@@ -43,6 +48,7 @@ impl Default for TelemetryConfig {
             service_name: default_service_name(),
             headers: BTreeMap::new(),
             export_timeout: default_export_timeout(),
+            trace_url: None,
         }
     }
 }
@@ -110,6 +116,20 @@ impl TelemetryConfig {
                         format!("the value of `{name}` is not a valid header value (a line break, a control character?)"),
                     ));
                 }
+            }
+        }
+        if let Some(trace_url) = &self.trace_url {
+            let parsed = reqwest::Url::parse(&trace_url.replace("{trace_id}", "0"));
+            if !trace_url.contains("{trace_id}") {
+                problems.push((
+                    "trace_url",
+                    "must hold `{trace_id}` where the trace's id goes, as in http://jaeger:16686/trace/{trace_id}".to_owned(),
+                ));
+            } else if !parsed.is_ok_and(|url| matches!(url.scheme(), "http" | "https")) {
+                problems.push((
+                    "trace_url",
+                    "must be an http:// or https:// URL such as http://jaeger:16686/trace/{trace_id}".to_owned(),
+                ));
             }
         }
         if self.export_timeout.is_zero() {

@@ -2,6 +2,7 @@
 //! single-node Apache Kafka broker in KRaft mode, from the jars the project's scripts
 //! install, and an S3-compatible object store ([`object_store`]).
 
+pub mod browser;
 pub mod jaeger;
 pub mod object_store;
 pub mod queues;

@@ -267,6 +267,7 @@ pub(crate) async fn call(
             start_line.clone(),
         ));
     }
+    let started_at = switchyard_event::timestamp::now_rfc3339();
     let started = std::time::Instant::now();
     let called = run(
         pool,
@@ -279,6 +280,21 @@ pub(crate) async fn call(
     )
     .await;
     let duration = started.elapsed().as_secs_f64() * 1000.0;
+    let (status, error_type) = match &called {
+        Called::Response { .. } => ("success", None),
+        Called::FunctionError { error_type, .. } => ("error", Some(error_type.clone())),
+        Called::Failed { error_type, .. } => ("failed", Some(error_type.clone())),
+    };
+    pool.recent.record(crate::recent::Invocation {
+        request_id: request_id.clone(),
+        instance: instance.label.clone(),
+        started: started_at,
+        duration_ms: duration,
+        init_duration_ms: cold.map(|cold| cold.init.as_secs_f64() * 1000.0),
+        status,
+        error_type,
+        trace_id: crate::recent::Invocation::sampled_trace_id(trace.as_ref()),
+    });
     let end_line = format!("END RequestId: {request_id}");
     let report = report_line(
         &request_id,

@@ -19,6 +19,7 @@
 pub mod guard;
 pub mod logs;
 pub mod process;
+pub mod recent;
 pub mod runtime_api;
 
 pub mod aws;
@@ -256,6 +257,17 @@ impl Workers {
         &self.shared.cgroups.description
     }
 
+    /// The last invocations of function `name` in this process, newest first; none
+    /// when this process runs no managed function of that name.
+    pub fn invocations(&self, name: &str) -> Option<Vec<recent::Invocation>> {
+        self.functions
+            .lock()
+            .expect("functions lock")
+            .iter()
+            .find(|function| function.pool.spec.name == name)
+            .map(|function| function.pool.recent.newest_first())
+    }
+
     /// What `/v1/functions` shows.
     pub fn status(&self) -> Vec<FunctionStatus> {
         self.functions
@@ -291,6 +303,13 @@ pub struct FunctionStatus {
     pub instances: InstanceCounts,
     /// Instances started since Switchyard started (each a cold start).
     pub cold_starts: u64,
+    /// Invocations finished in this process since it started, and how many of them
+    /// did not succeed.
+    pub invocations: u64,
+    pub errors: u64,
+    /// Durations of the last invocations (at most [`recent::KEPT`]); none before
+    /// the first.
+    pub recent_duration_ms: Option<recent::Durations>,
     pub init_failures: u64,
     /// The last init failure, while the function is failing to start.
     pub last_init_error: Option<InitError>,

@@ -113,6 +113,8 @@ pub(crate) struct Pool {
     /// included: instance labels (and cgroups) of a replaced definition never clash
     /// with its successor's.
     generation: u64,
+    /// The last invocations and counts, for the console.
+    pub(crate) recent: crate::recent::Recent,
 }
 
 struct State {
@@ -214,6 +216,7 @@ impl ManagedFunction {
         let pool = Arc::new(Pool {
             arn: crate::runtime_api::function_arn(&shared.settings.region, &spec.name),
             starts: Arc::new(Semaphore::new(spec.max_cold_starts.max(1))),
+            recent: crate::recent::Recent::default(),
             state: Mutex::new(State {
                 instances: BTreeMap::new(),
                 next_id: 1,
@@ -287,11 +290,15 @@ impl ManagedFunction {
             retry_at: state.init.retry_at.as_ref().map(|(_, at)| at.clone()),
         });
         let spec = &pool.spec;
+        let (invocations, errors, durations) = pool.recent.summary();
         FunctionStatus {
             name: spec.name.clone(),
             kind: spec.kind.name(),
             instances: state.counts(),
             cold_starts: state.cold_starts,
+            invocations,
+            errors,
+            recent_duration_ms: durations,
             init_failures: state.init_failures,
             last_init_error,
             limits: Limits {

@@ -114,23 +114,56 @@ async fn wait_ready(client: &reqwest::Client, port: u16, readiness_path: Option<
 
 /// One invocation: the event POSTed in binary mode, classified as for `http`
 /// functions; past `timeout` the attempt fails and the instance is retired.
-pub(crate) async fn invoke(
+pub(crate) async fn invoke(pool: &Pool, lease: Lease, event: &Event, timeout: Duration) -> Outcome {
+    let started_at = switchyard_event::timestamp::now_rfc3339();
+    let started = Instant::now();
+    let instance = lease.instance.label.clone();
+    let trace = switchyard_event::telemetry::enabled()
+        .then(|| switchyard_event::telemetry::event_context(event))
+        .flatten();
+    let cold = pool.cold_start(&lease.instance, trace.as_ref());
+    let outcome = invoke_leased(pool, lease, event, timeout, started).await;
+    let (status, error_type) = match &outcome {
+        Outcome::Delivered { .. } => ("success", None),
+        // An answer the function gave (a 4xx/5xx) is its error; no answer (timeout,
+        // exit) a failure around it.
+        Outcome::RetryLater { failure, .. } | Outcome::Rejected { failure } => (
+            if failure.status.is_some() {
+                "error"
+            } else {
+                "failed"
+            },
+            failure
+                .error
+                .split_once(':')
+                .filter(|(kind, _)| kind.contains('.'))
+                .map(|(kind, _)| kind.to_owned())
+                .or_else(|| failure.status.map(|status| format!("HTTP {status}"))),
+        ),
+    };
+    pool.recent.record(crate::recent::Invocation {
+        request_id: event.id.clone(),
+        instance,
+        started: started_at,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        init_duration_ms: cold.map(|cold| cold.init.as_secs_f64() * 1000.0),
+        status,
+        error_type,
+        trace_id: crate::recent::Invocation::sampled_trace_id(trace.as_ref()),
+    });
+    outcome
+}
+
+async fn invoke_leased(
     pool: &Pool,
     mut lease: Lease,
     event: &Event,
     timeout: Duration,
+    started: Instant,
 ) -> Outcome {
     let Endpoint::Http { target } = &lease.instance.endpoint else {
         unreachable!("a process instance has an HTTP endpoint")
     };
-    let started = Instant::now();
-    pool.cold_start(
-        &lease.instance,
-        switchyard_event::telemetry::enabled()
-            .then(|| switchyard_event::telemetry::event_context(event))
-            .flatten()
-            .as_ref(),
-    );
     let process = &lease.instance.process;
     // Retired until an outcome: dropped midway (the dispatcher gave up), the instance
     // may still be working on the event.
