@@ -120,7 +120,7 @@ async fn an_operator_signs_in_sees_an_invocation_and_replays_a_dead_letter() {
             if accept.load(Ordering::SeqCst) {
                 Reply::ok()
             } else {
-                Reply::status(422).with_body("order 17 has no customer")
+                Reply::status(422).with_body("<img src=x onerror=alert(1)>order 17 has no customer")
             }
         })
         .await
@@ -329,11 +329,20 @@ trace_url = "{trace_url}"
         .click()
         .await
         .unwrap();
+    // END and REPORT are stored a moment after the invocation is listed: a read that
+    // ended before them is asked again.
     let log = wait_for(
         &client,
         &process,
         "the invocation's log",
-        "document.getElementById('log').textContent.includes('REPORT RequestId') && document.getElementById('log').textContent",
+        &format!(
+            "(() => {{
+                const text = document.getElementById('log').textContent;
+                if (text.includes('REPORT RequestId')) return text;
+                if (!text.startsWith('Reading')) document.querySelector(\"button[aria-label='Show the log of invocation {request_id}']\").click();
+                return null;
+            }})()"
+        ),
     )
     .await;
     let log = log.as_str().unwrap();
@@ -385,6 +394,13 @@ trace_url = "{trace_url}"
         .click()
         .await
         .unwrap();
+    wait_for(
+        &client,
+        &process,
+        "the trigger choice",
+        "document.querySelector('#dead-letter-trigger option[value=orders]') !== null",
+    )
+    .await;
     client
         .find(Locator::Css("#dead-letter-trigger"))
         .await
@@ -403,6 +419,24 @@ trace_url = "{trace_url}"
     )
     .await;
     assert_eq!(letter[2], "rejected", "{letter}");
+    // What the function answered is shown as the text it is, never as markup.
+    assert!(
+        letter[4]
+            .as_str()
+            .unwrap()
+            .contains("<img src=x onerror=alert(1)>"),
+        "{letter}"
+    );
+    assert_eq!(
+        client
+            .execute(
+                "return document.querySelectorAll('#dead-letters img').length;",
+                vec![]
+            )
+            .await
+            .unwrap(),
+        0
+    );
     assert!(letter[4].as_str().unwrap().starts_with("422"), "{letter}");
     let sequence = letter[0].as_str().unwrap().to_owned();
     client
@@ -480,7 +514,7 @@ trace_url = "{trace_url}"
         &client,
         &process,
         "the purge's result",
-        "document.getElementById('action-result').textContent === 'Purged 1 dead letter of orders.' && !document.getElementById('dead-letters-empty').hidden",
+        "document.getElementById('action-result').textContent === 'Purged 1 dead letter of orders.' && !document.getElementById('dead-letters-empty').hidden && document.getElementById('dead-letter').hidden",
     )
     .await;
     screenshot(&client, "6-purged").await;

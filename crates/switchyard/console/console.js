@@ -33,9 +33,10 @@ async function api(path, options = {}) {
       const body = await response.json();
       if (body && body.error) message = body.error;
     } catch (_) { /* not JSON */ }
-    // A refused dead-letter call without tokens configured is not a sign-in problem.
-    if (response.status === 403 && path.startsWith("/v1/dead-letters")) throw new Error(message);
-    throw new Refused(message);
+    // The token guard says so with WWW-Authenticate; a dead-letter call refused
+    // because no token is configured is not a sign-in problem.
+    if (response.headers.get("WWW-Authenticate")) throw new Refused(message);
+    throw new Error(message);
   }
   return response;
 }
@@ -69,7 +70,10 @@ function el(tag, attributes = {}, text) {
 // cell once, when the row is made.
 function renderRows(tbody, items, key, cells, actions) {
   const existing = new Map();
-  for (const row of Array.from(tbody.rows)) existing.set(row.dataset.key, row);
+  for (const row of Array.from(tbody.rows)) {
+    if (existing.has(row.dataset.key)) row.remove();
+    else existing.set(row.dataset.key, row);
+  }
   const wanted = new Set();
   let previous = null;
   for (const item of items) {
@@ -96,7 +100,8 @@ function renderRows(tbody, items, key, cells, actions) {
           cell.replaceChildren(spec.node);
           cell.dataset.value = text;
         }
-      } else if (cell.textContent !== text) {
+      } else if (cell.dataset.value !== undefined || cell.textContent !== text) {
+        delete cell.dataset.value;
         cell.textContent = text;
       }
       const className = spec.className || "";
@@ -108,6 +113,11 @@ function renderRows(tbody, items, key, cells, actions) {
     previous = row;
   }
   for (const [id, row] of existing) if (!wanted.has(id)) row.remove();
+}
+
+// Listed by name, so rows keep their places whatever order the API gives.
+function byName(items) {
+  return items.slice().sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
 
 function number(value) {
@@ -132,7 +142,7 @@ function when(rfc3339) {
 
 async function showOverview() {
   const [sources, triggers] = await Promise.all([apiJson("/v1/sources"), apiJson("/v1/triggers")]);
-  renderRows($("sources").tBodies[0], sources.sources, (s) => s.name, (s) => [
+  renderRows($("sources").tBodies[0], byName(sources.sources), (s) => s.name, (s) => [
     s.name,
     s.kind,
     { text: s.state, className: "state-" + s.state },
@@ -141,7 +151,7 @@ async function showOverview() {
     { text: s.last_error || "", className: "wrap" },
   ]);
   const now = performance.now();
-  renderRows($("triggers").tBodies[0], triggers.triggers, (t) => t.name, (t) => {
+  renderRows($("triggers").tBodies[0], byName(triggers.triggers), (t) => t.name, (t) => {
     const errors = t.retried + t.rejected;
     const last = state.samples.get(t.name);
     let delivered = null;
@@ -167,16 +177,20 @@ async function showOverview() {
   });
 }
 
+function decoded(text) {
+  try { return decodeURIComponent(text); } catch (_) { return null; }
+}
+
 function selectedFunction() {
   const match = location.hash.match(/^#\/functions\/(.+)$/);
-  return match ? decodeURIComponent(match[1]) : null;
+  return match ? decoded(match[1]) : null;
 }
 
 async function showFunctions() {
   const body = await apiJson("/v1/functions");
   const selected = selectedFunction();
   const tbody = $("functions").tBodies[0];
-  renderRows(tbody, body.functions, (f) => f.name, (f) => {
+  renderRows(tbody, byName(body.functions), (f) => f.name, (f) => {
     const link = el("a", { href: "#/functions/" + encodeURIComponent(f.name) }, f.name);
     if (f.name === selected) link.setAttribute("aria-current", "true");
     const durations = f.recent_duration_ms;
@@ -209,7 +223,8 @@ async function showFunctions() {
   } catch (problem) {
     if (problem instanceof Refused) throw problem;
   }
-  renderRows($("invocations").tBodies[0], invocations, (i) => i.request_id, (i) => [
+  // A retried event's attempts share its request id.
+  renderRows($("invocations").tBodies[0], invocations, (i) => i.request_id + "@" + i.started, (i) => [
     when(i.started),
     i.request_id,
     { text: i.error_type ? i.status + " (" + i.error_type + ")" : i.status, className: "status-" + i.status },
@@ -228,7 +243,7 @@ function traceCell(traceId) {
   if (!traceId) return state.info && state.info.telemetry ? "not sampled" : "";
   if (state.info && state.info.trace_url) {
     const link = el("a", {
-      href: state.info.trace_url.split("{trace_id}").join(traceId),
+      href: state.info.trace_url.split("{trace_id}").join(encodeURIComponent(traceId)),
       target: "_blank",
       rel: "noopener noreferrer",
       title: "Trace " + traceId,
@@ -240,19 +255,16 @@ function traceCell(traceId) {
 }
 
 async function showLog(functionName, invocation) {
-  const started = Date.parse(invocation.started);
-  // From a little before it started (clocks of browser and server may differ); the
-  // read ends with the invocation's REPORT line.
-  const seconds = Math.max(60, Math.ceil((Date.now() - started) / 1000) + 300);
   const pre = $("log");
+  const key = invocation.request_id + "@" + invocation.started;
   $("log-title").hidden = false;
   $("log-request").textContent = invocation.request_id;
   pre.hidden = false;
   pre.textContent = "Reading…";
-  state.shownLog = invocation.request_id;
+  state.shownLog = key;
   try {
     const response = await api("/v1/functions/" + encodeURIComponent(functionName) + "/logs?request_id=" +
-      encodeURIComponent(invocation.request_id) + "&since=" + seconds + "s");
+      encodeURIComponent(invocation.request_id) + "&start=" + encodeURIComponent(invocation.started));
     const text = await response.text();
     if (!response.ok) throw new Error(text);
     const lines = text.split("\n").filter((line) => line).map((line) => {
@@ -261,18 +273,18 @@ async function showLog(functionName, invocation) {
         return parsed.time + "  " + parsed.stream.padEnd(8) + " " + parsed.message;
       } catch (_) { return line; }
     });
-    if (state.shownLog === invocation.request_id) {
+    if (state.shownLog === key) {
       pre.textContent = lines.length ? lines.join("\n") : "No stored lines for this invocation (yet).";
     }
   } catch (problem) {
     if (problem instanceof Refused) return signOut(problem.message);
-    pre.textContent = "Reading the log failed: " + problem.message;
+    if (state.shownLog === key) pre.textContent = "Reading the log failed: " + problem.message;
   }
 }
 
 function selectedTrigger() {
   const match = location.hash.match(/^#\/dead-letters\/(.+)$/);
-  return match ? decodeURIComponent(match[1]) : null;
+  return match ? decoded(match[1]) : null;
 }
 
 async function showDeadLetters() {
@@ -280,7 +292,7 @@ async function showDeadLetters() {
   $("dead-letters-off").hidden = !off;
   $("dead-letter-pick").hidden = off;
   if (off) return;
-  const triggers = (await apiJson("/v1/triggers")).triggers.map((t) => t.name);
+  const triggers = byName((await apiJson("/v1/triggers")).triggers).map((t) => t.name);
   const select = $("dead-letter-trigger");
   const names = Array.from(select.options).map((option) => option.value);
   if (names.join("\n") !== triggers.join("\n")) {
@@ -288,7 +300,10 @@ async function showDeadLetters() {
   }
   let trigger = selectedTrigger() || state.deadLetterTrigger || triggers[0] || null;
   if (trigger && !triggers.includes(trigger) && !trigger.startsWith("source:")) trigger = triggers[0] || null;
-  if (trigger !== state.deadLetterTrigger) state.deadLetterAfter = 0;
+  if (trigger !== state.deadLetterTrigger) {
+    state.deadLetterAfter = 0;
+    hideDeadLetter();
+  }
   state.deadLetterTrigger = trigger;
   if (trigger && select.value !== trigger && triggers.includes(trigger)) select.value = trigger;
   if (!trigger) {
@@ -323,6 +338,12 @@ async function showDeadLetters() {
   });
 }
 
+function hideDeadLetter() {
+  $("dead-letter-title").hidden = true;
+  $("dead-letter").hidden = true;
+  $("dead-letter").textContent = "";
+}
+
 async function showDeadLetter(trigger, sequence) {
   const pre = $("dead-letter");
   $("dead-letter-title").hidden = false;
@@ -348,6 +369,7 @@ async function act(trigger, action, selection, what) {
       body: JSON.stringify(selection),
     });
     const count = action === "replay" ? body.replayed : body.purged;
+    if (action === "purge") hideDeadLetter();
     result.textContent = (action === "replay" ? "Replayed " : "Purged ") + count + " dead letter" + (count === 1 ? "" : "s") + " of " + trigger + ".";
   } catch (problem) {
     if (problem instanceof Refused) return signOut(problem.message);
@@ -362,13 +384,19 @@ const VIEWS = { overview: showOverview, functions: showFunctions, "dead-letters"
 
 function currentView() {
   const name = (location.hash.match(/^#\/([a-z-]+)/) || [])[1];
-  return VIEWS[name] ? name : "overview";
+  if (VIEWS[name]) state.view = name;
+  return state.view || "overview";
 }
 
 let refreshing = null;
+let again = false;
 async function refresh() {
   if (!state.info) return;
-  if (refreshing) return refreshing;
+  // Asked while one runs (a click, a new section): once more when it ends.
+  if (refreshing) {
+    again = true;
+    return refreshing;
+  }
   const view = currentView();
   refreshing = (async () => {
     try {
@@ -383,6 +411,10 @@ async function refresh() {
       $("problem").textContent = "Could not read " + view + ": " + problem.message;
     } finally {
       refreshing = null;
+      if (again) {
+        again = false;
+        refresh();
+      }
     }
   })();
   return refreshing;
@@ -469,13 +501,21 @@ async function start() {
     if (state.deadLetterNext) { state.deadLetterAfter = state.deadLetterNext; refresh(); }
   });
   $("dead-letters-first").addEventListener("click", () => { state.deadLetterAfter = 0; refresh(); });
-  window.addEventListener("hashchange", showView);
+  // Only the console's own places (#/...); the skip link's #main is not one.
+  window.addEventListener("hashchange", () => { if (location.hash.startsWith("#/")) showView(); });
   document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
   try {
     // With a token kept from before, or none when the admin listener needs none.
     enter(await apiJson("/v1/console"));
   } catch (problem) {
-    signOut(state.token && problem instanceof Refused ? "The kept token was refused; sign in again." : "");
+    if (problem instanceof Refused) {
+      signOut(state.token ? "The kept token was refused; sign in again." : "");
+    } else {
+      // Switchyard unreachable or restarting: the kept token stays for the next try.
+      const kept = state.token;
+      signOut("Could not reach the admin API (" + problem.message + "); try again.");
+      if (kept) sessionStorage.setItem(TOKEN_KEY, kept);
+    }
   }
 }
 

@@ -623,6 +623,8 @@ async fn schedules(State(state): State<AdminState>) -> Response {
 struct LogsParams {
     /// How far back, as `10m`, `2h` (default `10m`).
     since: Option<String>,
+    /// From this time on (RFC 3339), instead of `since`: an invocation's `started`.
+    start: Option<String>,
     request_id: Option<String>,
     #[serde(default)]
     follow: bool,
@@ -650,6 +652,19 @@ async fn function_logs(
         )
         .into_response();
     }
+    let start = match params.start.as_deref().map(|start| {
+        time::OffsetDateTime::parse(start, &time::format_description::well_known::Rfc3339)
+    }) {
+        None => None,
+        Some(Ok(start)) => Some(start),
+        Some(Err(error)) => {
+            return Refusal(
+                StatusCode::BAD_REQUEST,
+                format!("start: {error} (write it as RFC 3339, 2026-12-06T10:00:00Z)"),
+            )
+            .into_response();
+        }
+    };
     let since = match params.since.as_deref().map(humantime::parse_duration) {
         None => std::time::Duration::from_secs(600),
         Some(Ok(since)) => since,
@@ -663,6 +678,7 @@ async fn function_logs(
     };
     let query = crate::function_logs::LogQuery {
         since,
+        start,
         request_id: params.request_id,
         follow: params.follow,
     };

@@ -134,6 +134,8 @@ async fn publish(bus: Bus, mut receiver: mpsc::Receiver<LogLine>, counts: Arc<Co
 pub struct LogQuery {
     /// From this long ago.
     pub since: std::time::Duration,
+    /// From this time on, instead of `since` (an invocation's start).
+    pub start: Option<time::OffsetDateTime>,
     /// Only the lines of this invocation; the read ends with its `REPORT` line.
     pub request_id: Option<String>,
     /// Go on with new lines as they come, instead of ending at the newest.
@@ -164,7 +166,12 @@ pub async fn read(
     );
     let subject = bus.subjects().logs(function);
     let stream = bus.jetstream().get_stream(bus.logs_stream()).await?;
-    let start = time::OffsetDateTime::now_utc() - query.since;
+    // A few milliseconds before a given start: the stream stamps a line when it
+    // stores it, on its own clock.
+    let start = query.start.map_or_else(
+        || time::OffsetDateTime::now_utc() - query.since,
+        |start| start - std::time::Duration::from_millis(5),
+    );
     // Without follow, the read ends at the newest line stored now (none: nothing).
     let last = match stream.get_last_raw_message_by_subject(&subject).await {
         Ok(last) if last.time >= start => Some(last.sequence),

@@ -645,6 +645,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bus = connect(&loaded).await?;
             let query = switchyard::function_logs::LogQuery {
                 since: since.into(),
+                start: None,
                 request_id,
                 follow,
             };

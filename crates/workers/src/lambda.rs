@@ -256,6 +256,8 @@ pub(crate) async fn call(
     if collect {
         instance.process.start_log(&request_id);
     }
+    // Before the START line: reading the log from this time on finds it.
+    let started_at = switchyard_event::timestamp::now_rfc3339();
     let logs = pool.shared.logs.get().cloned();
     let start_line = format!("START RequestId: {request_id} Version: $LATEST");
     if let Some(logs) = &logs {
@@ -267,7 +269,6 @@ pub(crate) async fn call(
             start_line.clone(),
         ));
     }
-    let started_at = switchyard_event::timestamp::now_rfc3339();
     let started = std::time::Instant::now();
     let called = run(
         pool,
