@@ -72,23 +72,6 @@ fn table_rows(id: &str) -> String {
     )
 }
 
-async fn click(client: &Client, locator: Locator<'_>) {
-    client.find(locator).await.unwrap().click().await.unwrap();
-}
-
-/// Posts `body` to webhook `hook` with idempotency key `id`; it is stored (202).
-async fn post_hook(process: &Process, hook: &str, id: &str, body: &'static str) {
-    let response = reqwest::Client::new()
-        .post(process.url(&format!("/hooks/{hook}")))
-        .header("content-type", "application/json")
-        .header("idempotency-key", id)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-}
-
 /// Every form control and button has a name a screen reader says, every table has
 /// column headers, and the page declares its language: the problems found.
 const ACCESSIBILITY: &str = r#"
@@ -234,7 +217,8 @@ trace_url = "{trace_url}"
     )
     .await;
     assert_eq!(
-        click(&client, Locator::Css("label[for=token]"))
+        client
+            .find(Locator::Css("label[for=token]"))
             .await
             .unwrap()
             .text()
@@ -279,7 +263,13 @@ trace_url = "{trace_url}"
     screenshot(&client, "2-overview").await;
 
     // A webhook; its invocation appears on the function's page without a reload.
-    client.find(Locator::LinkText("Functions")).await;
+    client
+        .find(Locator::LinkText("Functions"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for(
         &client,
         &process,
@@ -290,8 +280,22 @@ trace_url = "{trace_url}"
         ),
     )
     .await;
-    post_hook(&process, "jobs", "job-41", r#"{"action":"echo"}"#).await;
-    click(&client, Locator::LinkText("hello")).await;
+    let response = reqwest::Client::new()
+        .post(process.url("/hooks/jobs"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "job-41")
+        .body(r#"{"action":"echo"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    client
+        .find(Locator::LinkText("hello"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     let invocation = wait_for(
         &client,
         &process,
@@ -316,13 +320,15 @@ trace_url = "{trace_url}"
     .await;
     // One cold start; the instance is idle or busy now, not starting.
     assert_eq!(counts[5], "1", "{counts}");
-    click(
-        &client,
-        Locator::Css(&format!(
+    client
+        .find(Locator::Css(&format!(
             "button[aria-label='Show the log of invocation {request_id}']"
-        )),
-    )
-    .await;
+        )))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     // END and REPORT are stored a moment after the invocation is listed: a read that
     // ended before them is asked again.
     let log = wait_for(
@@ -348,16 +354,16 @@ trace_url = "{trace_url}"
     screenshot(&client, "3-function").await;
 
     // Its trace link leads to the trace, which holds the invocation.
-    let trace = click(
-        &client,
-        Locator::Css("#invocations tbody tr a[aria-label^='Trace ']"),
-    )
-    .await
-    .unwrap()
-    .attr("href")
-    .await
-    .unwrap()
-    .unwrap();
+    let trace = client
+        .find(Locator::Css(
+            "#invocations tbody tr a[aria-label^='Trace ']",
+        ))
+        .await
+        .unwrap()
+        .attr("href")
+        .await
+        .unwrap()
+        .unwrap();
     let deadline = Instant::now() + WAIT;
     loop {
         let response = reqwest::get(&trace).await.unwrap();
@@ -371,9 +377,23 @@ trace_url = "{trace_url}"
 
     // An order is refused: a dead letter, shown, replayed with the keyboard and
     // delivered.
-    post_hook(&process, "orders", "order-17", r#"{"order":17}"#).await;
+    let response = reqwest::Client::new()
+        .post(process.url("/hooks/orders"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "order-17")
+        .body(r#"{"order":17}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
     orders.wait_for(1, WAIT).await;
-    client.find(Locator::LinkText("Dead letters")).await;
+    client
+        .find(Locator::LinkText("Dead letters"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for(
         &client,
         &process,
@@ -381,7 +401,8 @@ trace_url = "{trace_url}"
         "document.querySelector('#dead-letter-trigger option[value=orders]') !== null",
     )
     .await;
-    click(&client, Locator::Css("#dead-letter-trigger"))
+    client
+        .find(Locator::Css("#dead-letter-trigger"))
         .await
         .unwrap()
         .select_by_value("orders")
@@ -422,7 +443,11 @@ trace_url = "{trace_url}"
         .find(Locator::Css(&format!(
             "button[aria-label='Show dead letter {sequence}']"
         )))
-        .await;
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     let shown = wait_for(
         &client,
         &process,
@@ -435,17 +460,15 @@ trace_url = "{trace_url}"
     screenshot(&client, "4-dead-letter").await;
 
     accept.store(true, Ordering::SeqCst);
-    click(
-        &client,
-        Locator::Css(&format!(
+    client
+        .find(Locator::Css(&format!(
             "button[aria-label='Replay dead letter {sequence}']"
-        )),
-    )
-    .await
-    .unwrap()
-    .send_keys(ENTER)
-    .await
-    .unwrap();
+        )))
+        .await
+        .unwrap()
+        .send_keys(ENTER)
+        .await
+        .unwrap();
     let question = client.get_alert_text().await.unwrap();
     assert_eq!(
         question,
@@ -477,7 +500,11 @@ trace_url = "{trace_url}"
         .find(Locator::Css(&format!(
             "button[aria-label='Purge dead letter {sequence}']"
         )))
-        .await;
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     assert_eq!(
         client.get_alert_text().await.unwrap(),
         format!("Purge dead letter {sequence} of trigger orders?")
@@ -492,7 +519,13 @@ trace_url = "{trace_url}"
     .await;
     screenshot(&client, "6-purged").await;
     // The trigger's page counts the delivery, live.
-    click(&client, Locator::LinkText("Sources & triggers")).await;
+    client
+        .find(Locator::LinkText("Sources & triggers"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for(
         &client,
         &process,
@@ -511,7 +544,13 @@ trace_url = "{trace_url}"
         ("Functions", "functions", "8-narrow-functions"),
         ("Dead letters", "dead-letters", "9-narrow-dead-letters"),
     ] {
-        click(&client, Locator::LinkText(link)).await;
+        client
+            .find(Locator::LinkText(link))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
         wait_for(
             &client,
             &process,
@@ -527,7 +566,13 @@ trace_url = "{trace_url}"
     }
 
     // Signing out forgets the token.
-    click(&client, Locator::Css("#sign-out")).await;
+    client
+        .find(Locator::Css("#sign-out"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for(
         &client,
         &process,

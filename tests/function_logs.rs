@@ -32,12 +32,6 @@ fn admin(process: &Process, path: &str) -> String {
     format!("http://{}{path}", process.admin())
 }
 
-async fn admin_json(process: &Process, path: &str) -> serde_json::Value {
-    let response = reqwest::get(admin(process, path)).await.unwrap();
-    assert_eq!(response.status(), 200);
-    serde_json::from_str(&response.text().await.unwrap()).unwrap()
-}
-
 fn messages(lines: &[serde_json::Value]) -> Vec<String> {
     lines
         .iter()
@@ -161,8 +155,15 @@ function = "hello"
 
     // The process's own record of the invocations, newest first: the same request
     // ids, each a success, one cold start among them.
-    let invocations: serde_json::Value =
-        admin_json(&process, "/v1/functions/hello/invocations").await;
+    let invocations: serde_json::Value = serde_json::from_str(
+        &reqwest::get(admin(&process, "/v1/functions/hello/invocations"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     let invocations = invocations["invocations"].as_array().unwrap();
     assert_eq!(invocations.len(), 3, "{invocations:?}");
     assert!(
@@ -183,7 +184,15 @@ function = "hello"
             .any(|invocation| invocation["request_id"] == request_id.as_str()),
         "{invocations:?}"
     );
-    let functions: serde_json::Value = admin_json(&process, "/v1/functions").await;
+    let functions: serde_json::Value = serde_json::from_str(
+        &reqwest::get(admin(&process, "/v1/functions"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     let hello = &functions["functions"][0];
     assert_eq!(
         (&hello["invocations"], &hello["errors"]),
